@@ -1,0 +1,111 @@
+"""Edge client settings from flags and environment (Greengrass passes them as either)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sfl.config import FederationConfig
+from sfl.layout import validate_client_id
+
+_DEFAULTS = FederationConfig()
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    client_id: str
+    models_bucket: str
+    updates_bucket: str
+    clients_table: str
+    data_dir: Path
+    task: str = _DEFAULTS.task
+    endpoint_url: str | None = None
+    region: str | None = None
+    poll_seconds: float = _DEFAULTS.poll_seconds
+    heartbeat_seconds: float = _DEFAULTS.heartbeat_seconds
+    active_window_seconds: float = _DEFAULTS.active_window_seconds
+    ewma_b: float = _DEFAULTS.ewma_b
+    max_backoff_seconds: float = 300.0
+    max_rounds: int | None = None  # stop after answering this many rounds (tests, demos)
+
+
+def _env(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        if env.get(name):
+            return env[name]
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m edge_client",
+        description="Federated-learning edge client: trains locally when picked for a round.",
+    )
+    p.add_argument("--client-id", help="defaults to $SFL_CLIENT_ID, then $AWS_IOT_THING_NAME")
+    p.add_argument("--models-bucket", help="defaults to $SFL_MODELS_BUCKET")
+    p.add_argument("--updates-bucket", help="defaults to $SFL_UPDATES_BUCKET")
+    p.add_argument("--clients-table", help="defaults to $SFL_CLIENTS_TABLE")
+    p.add_argument("--data-dir", type=Path, help="defaults to $SFL_DATA_DIR")
+    p.add_argument("--task", help=f"task name or import path (default {_DEFAULTS.task})")
+    p.add_argument("--endpoint-url", help="AWS endpoint (local emulator); default: AWS")
+    p.add_argument("--region", help="AWS region (default from the environment)")
+    p.add_argument("--poll-seconds", type=float)
+    p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument("--ewma-b", type=float)
+    p.add_argument("--max-rounds", type=int)
+    return p
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ClientSettings:
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    def need(value: str | None, flag: str, *names: str) -> str:
+        found = value or _env(env, *names)
+        if not found:
+            parser.error(f"{flag} is required (or set {' or '.join(names)})")
+        return found
+
+    client_id = need(args.client_id, "--client-id", "SFL_CLIENT_ID", "AWS_IOT_THING_NAME")
+    try:
+        validate_client_id(client_id)
+    except ValueError as e:
+        parser.error(str(e))
+    data_dir = args.data_dir or (Path(env["SFL_DATA_DIR"]) if env.get("SFL_DATA_DIR") else None)
+    if data_dir is None:
+        parser.error("--data-dir is required (or set SFL_DATA_DIR)")
+
+    def number(value: float | None, name: str, default: float) -> float:
+        if value is not None:
+            return value
+        raw = env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            parser.error(f"{name}={raw!r} is not a number")
+            raise  # unreachable: parser.error exits
+
+    return ClientSettings(
+        client_id=client_id,
+        models_bucket=need(args.models_bucket, "--models-bucket", "SFL_MODELS_BUCKET"),
+        updates_bucket=need(args.updates_bucket, "--updates-bucket", "SFL_UPDATES_BUCKET"),
+        clients_table=need(args.clients_table, "--clients-table", "SFL_CLIENTS_TABLE"),
+        data_dir=data_dir,
+        task=args.task or env.get("SFL_TASK") or _DEFAULTS.task,
+        endpoint_url=args.endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
+        region=args.region or _env(env, "AWS_REGION", "AWS_DEFAULT_REGION"),
+        poll_seconds=number(args.poll_seconds, "SFL_POLL_SECONDS", _DEFAULTS.poll_seconds),
+        heartbeat_seconds=number(
+            args.heartbeat_seconds, "SFL_HEARTBEAT_SECONDS", _DEFAULTS.heartbeat_seconds
+        ),
+        ewma_b=number(args.ewma_b, "SFL_EWMA_B", _DEFAULTS.ewma_b),
+        max_rounds=args.max_rounds,
+    )

@@ -1,0 +1,166 @@
+"""Packaging the initiator's zip on this machine: no Docker, no network, no torch.
+
+The zip holds the handler, the modules of the core package it imports (found by following
+its imports, inside functions too), and the pure-Python distributions its
+``requirements.txt`` pins, copied from the environment that runs ``cdk synth`` after
+checking each installed version against its pin. boto3 comes with the Lambda runtime.
+Bundling fails, naming the importer, if the handler reaches a heavy dependency (torch) or a
+core module that does not exist.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import modulefinder
+import re
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsii
+from aws_cdk import ILocalBundling
+
+# Never in the initiator: it is boto3-only, and these would not import on the runtime anyway.
+FORBIDDEN_IMPORTS = frozenset(
+    {"torch", "torchvision", "numpy", "safetensors", "sklearn", "matplotlib", "moto"}
+)
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)\s*(?:#.*)?$")
+
+
+class BundlingError(RuntimeError):
+    """The initiator cannot be packaged as a torch-free zip."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    version: str
+
+
+def read_pins(requirements: Path) -> list[Pin]:
+    """``name==version`` lines of a requirements file; anything looser is an error."""
+    pins = []
+    for number, raw in enumerate(requirements.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _PIN.match(line)
+        if match is None:
+            raise BundlingError(f"{requirements}:{number}: {line!r} is not pinned as 'name==version'")
+        pins.append(Pin(match["name"], match["version"]))
+    return pins
+
+
+def core_modules(handler: Path, *, source_root: Path, package: str) -> dict[str, Path]:
+    """Module name -> file of every ``package`` module the handler imports, transitively."""
+    finder = modulefinder.ModuleFinder(path=[str(source_root), str(handler.parent)])
+    finder.run_script(str(handler))
+    forbidden = {
+        name: sorted(importers)
+        for name, importers in finder.badmodules.items()
+        if name.split(".")[0] in FORBIDDEN_IMPORTS
+    }
+    if forbidden:
+        detail = "; ".join(f"{name} (imported by {', '.join(by)})" for name, by in forbidden.items())
+        raise BundlingError(f"{handler} must stay torch-free but reaches: {detail}")
+    missing, _maybe_attributes = finder.any_missing_maybe()
+    unresolved = [name for name in missing if name.split(".")[0] == package]
+    if unresolved:
+        raise BundlingError(f"{handler} imports {package} modules that do not exist: {unresolved}")
+    root = source_root / package
+    return {
+        name: Path(module.__file__)
+        for name, module in finder.modules.items()
+        if module.__file__ and Path(module.__file__).resolve().is_relative_to(root.resolve())
+    }
+
+
+def vendor_distribution(pin: Pin, output_dir: Path) -> list[Path]:
+    """Copy an installed pure-Python distribution's files, after checking it matches its pin."""
+    try:
+        dist = importlib.metadata.distribution(pin.name)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise BundlingError(
+            f"{pin.name}=={pin.version} is pinned for the initiator but not installed in "
+            f"{sys.prefix}; install the initiator's requirements.txt there"
+        ) from e
+    if dist.version != pin.version:
+        raise BundlingError(
+            f"{pin.name} {dist.version} is installed in {sys.prefix} but the initiator pins "
+            f"{pin.version}; install the initiator's requirements.txt there"
+        )
+    copied = []
+    for file in dist.files or ():
+        parts = Path(file).parts
+        if parts[0] == ".." or "__pycache__" in parts or file.suffix == ".pyc":
+            continue  # console scripts outside site-packages; bytecode of this interpreter
+        if file.suffix in {".so", ".pyd", ".dylib"}:
+            raise BundlingError(
+                f"{pin.name} ships compiled code ({file}); it cannot be copied from this "
+                "machine into a Lambda zip"
+            )
+        source = Path(str(dist.locate_file(file)))
+        target = output_dir / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
+def bundle(
+    *,
+    handler: Path,
+    requirements: Path,
+    source_root: Path,
+    package: str,
+    output_dir: Path,
+) -> list[str]:
+    """Write the zip's contents into output_dir; returns the core modules it holds."""
+    modules = core_modules(handler, source_root=source_root, package=package)
+    shutil.copyfile(handler, output_dir / handler.name)
+    for path in _with_package_inits(modules.values(), source_root / package):
+        target = output_dir / path.relative_to(source_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    for pin in read_pins(requirements):
+        vendor_distribution(pin, output_dir)
+    return sorted(modules)
+
+
+def _with_package_inits(files: Iterable[Path], package_dir: Path) -> set[Path]:
+    """The files plus every ``__init__.py`` between them and the package root."""
+    result = set(files)
+    for file in list(result):
+        parent = file.parent
+        while parent.resolve().is_relative_to(package_dir.resolve()):
+            init = parent / "__init__.py"
+            if init.exists():
+                result.add(init)
+            if parent.resolve() == package_dir.resolve():
+                break
+            parent = parent.parent
+    return result
+
+
+@jsii.implements(ILocalBundling)
+class InitiatorBundling:
+    """CDK local bundling for the initiator's zip (CDK never falls back to Docker)."""
+
+    def __init__(self, *, handler: Path, requirements: Path, source_root: Path, package: str):
+        self.handler = handler
+        self.requirements = requirements
+        self.source_root = source_root
+        self.package = package
+
+    def try_bundle(self, output_dir: str, **_options: Any) -> bool:
+        bundle(
+            handler=self.handler,
+            requirements=self.requirements,
+            source_root=self.source_root,
+            package=self.package,
+            output_dir=Path(output_dir),
+        )
+        return True

@@ -1,0 +1,130 @@
+"""The buckets: global models (versioned), client updates (expiring), and their access logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from infra.compliance import acknowledge_nag, skip_checkov
+from sfl import layout
+from sfl.resources import MODELS_BUCKET, UPDATES_BUCKET, BucketSpec
+
+
+class FederationStorage(Construct):
+    """Models bucket, updates bucket and access-logs bucket, all private, SSL-only, encrypted.
+
+    Attributes: ``models_bucket``, ``updates_bucket``, ``logs_bucket``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        update_expiry_days: int,
+        log_retention_days: int,
+        retain_data: bool,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self._retain = retain_data
+
+        self.logs_bucket = s3.Bucket(
+            self,
+            "AccessLogsBucket",
+            **self._common(),
+            # Server access log delivery supports SSE-S3 only.
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    id="ExpireAccessLogs", expiration=Duration.days(log_retention_days)
+                )
+            ],
+        )
+        acknowledge_nag(
+            self.logs_bucket,
+            "AwsSolutions-S1",
+            "This is the access-log destination of the other buckets; logging it into "
+            "itself would log its own log deliveries.",
+        )
+        skip_checkov(
+            self.logs_bucket,
+            "CKV_AWS_18",
+            "Access-log destination bucket; logging it into itself would log its own writes.",
+        )
+        skip_checkov(
+            self.logs_bucket,
+            "CKV_AWS_21",
+            "Access logs are written once and expire; versioning would only keep deleted logs.",
+        )
+
+        self.models_bucket = self._bucket(
+            MODELS_BUCKET,
+            lifecycle_rules=[
+                # The assignment is overwritten every round; its old versions are history
+                # nobody reads. Model versions have their own keys and are all kept.
+                s3.LifecycleRule(
+                    id="ExpireOldAssignments",
+                    prefix=layout.ASSIGNMENT_KEY.rsplit("/", 1)[0] + "/",
+                    noncurrent_version_expiration=Duration.days(update_expiry_days),
+                ),
+                s3.LifecycleRule(
+                    id="AbortIncompleteUploads",
+                    abort_incomplete_multipart_upload_after=Duration.days(1),
+                ),
+            ],
+        )
+        self.updates_bucket = self._bucket(
+            UPDATES_BUCKET,
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    id="ExpireOldUpdates",
+                    prefix=layout.UPDATES_PREFIX,
+                    expiration=Duration.days(update_expiry_days),
+                ),
+                s3.LifecycleRule(
+                    id="AbortIncompleteUploads",
+                    abort_incomplete_multipart_upload_after=Duration.days(1),
+                ),
+            ],
+        )
+        skip_checkov(
+            self.updates_bucket,
+            "CKV_AWS_21",
+            "Updates are written once per client and round, never overwritten (the key names "
+            "both), and expire by lifecycle; versioning would only keep expired updates.",
+        )
+
+    def _common(self) -> dict[str, Any]:
+        return {
+            "block_public_access": s3.BlockPublicAccess.BLOCK_ALL,
+            "enforce_ssl": True,
+            "minimum_tls_version": 1.2,
+            "removal_policy": RemovalPolicy.RETAIN if self._retain else RemovalPolicy.DESTROY,
+            "auto_delete_objects": not self._retain,
+        }
+
+    def _bucket(self, spec: BucketSpec, *, lifecycle_rules: list[s3.LifecycleRule]) -> s3.Bucket:
+        bucket = s3.Bucket(
+            self,
+            spec.logical_id,
+            **self._common(),
+            # SSE-S3, not KMS: devices and Lambdas then need no key grants, and an idle
+            # stack pays nothing for a customer-managed key.
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            versioned=spec.versioned,
+            server_access_logs_bucket=self.logs_bucket,
+            server_access_logs_prefix=f"{spec.logical_id}/",
+            lifecycle_rules=lifecycle_rules,
+        )
+        skip_checkov(
+            bucket,
+            "CKV_AWS_145",
+            "Encrypted at rest with SSE-S3 (AES-256); a KMS key would add a per-key monthly "
+            "cost and key grants on every device role for no change in who can read the data.",
+        )
+        return bucket

@@ -1,0 +1,90 @@
+"""Averager Lambda: accept client updates (S3 events) and aggregate rounds that reach quorum.
+
+Also takes ``{"sfl": "tick"}`` (the schedule's watchdog: deadlines, expired leases) and
+``{"sfl": "bootstrap"}`` (write global model version 0 if it is missing). Bad updates are
+recorded and answered with a result; only AWS errors raise, so Lambda retries those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import lru_cache
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from sfl.averager import Averager, bootstrap_model
+from sfl.aws import RETRY_CONFIG, AwsClients, make_clients
+from sfl.config import FederationConfig
+from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
+from sfl.resources import ResourceNames
+from sfl.rounds import Round
+
+logger = Logger(service="sfl-averager")
+metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-averager")
+
+INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
+
+
+@lru_cache(maxsize=8)
+def _services(
+    env_key: tuple[tuple[str, str], ...],
+) -> tuple[AwsClients, ResourceNames, FederationConfig]:
+    env = dict(env_key)
+    core_logger = logging.getLogger("sfl")
+    if not core_logger.handlers:  # route the core's logs through Powertools' JSON formatter
+        for handler in logger.handlers:
+            core_logger.addHandler(handler)
+        core_logger.setLevel(logger.log_level)
+    return make_clients(), ResourceNames.from_env(env), FederationConfig.from_env(env)
+
+
+def services() -> tuple[AwsClients, ResourceNames, FederationConfig]:
+    keys = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SFL_") or k in keys))
+    return _services(env)
+
+
+def chain_initiator(finished: Round) -> None:
+    """Start the next round right away instead of waiting for the schedule."""
+    function = os.environ.get(INITIATOR_FUNCTION_ENV)
+    if not function:
+        return
+    boto3.client("lambda", config=RETRY_CONFIG).invoke(
+        FunctionName=function,
+        InvocationType="Event",
+        Payload=json.dumps({"source": "sfl.averager", "finished_round": finished.round}).encode(),
+    )
+
+
+@metrics.log_metrics
+@logger.inject_lambda_context
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    aws, names, config = services()
+    averager = Averager(aws, names, config, on_round_finished=chain_initiator)
+    action = control_action(event)
+    if action == BOOTSTRAP:
+        from sfl.tasks import load_task
+
+        model = load_task(config.task).build_model(seed=config.seed)
+        wrote = bootstrap_model(aws, names, model.state_dict(), seed=config.seed)
+        return {"bootstrap": "written" if wrote else "already present"}
+    if action == TICK:
+        tick = averager.tick()
+        return {"tick": tick.action, "round": tick.round, "status": tick.status}
+    if action is not None:
+        raise ValueError(f"unknown control event {action!r}; expected {TICK!r} or {BOOTSTRAP!r}")
+
+    outcomes = [averager.handle_update(update) for update in s3_updates(event)]
+    for outcome in outcomes:
+        name = {"accepted": "UpdatesAccepted", "rejected": "UpdatesRejected"}.get(outcome.result)
+        if name:
+            metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+        if outcome.finished_round is not None:
+            metrics.add_metric(name="RoundsFinished", unit=MetricUnit.Count, value=1)
+    return {"outcomes": [o.to_dict() for o in outcomes]}

@@ -1,0 +1,397 @@
+"""Accepting client updates and turning a round's accepted updates into the next model.
+
+Driven by S3 ObjectCreated events (at least once, out of order, possibly concurrent) and by
+a periodic tick. Every decision is a conditional write on the round record, so duplicated
+events are no-ops, a client answers a round once, and exactly one invocation aggregates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from sfl import layout
+from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
+from sfl.aws import AwsClients, error_code, is_not_found
+from sfl.codec import Header, decode, encode_model, header_length, parse_header
+from sfl.config import FederationConfig
+from sfl.events import UpdateEvent
+from sfl.resources import ResourceNames
+from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
+from sfl.strategies.aggregation import get_aggregator
+from sfl.strategies.quorum import QuorumView, get_quorum_policy
+
+logger = logging.getLogger(__name__)
+
+# Model versions never change once written, so their headers are cached per container.
+_BASE_HEADERS: dict[tuple[str, int], Header] = {}
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    key: str
+    result: str  # accepted | rejected | duplicate | ignored
+    reason: str = ""
+    client_id: str = ""
+    round: int | None = None
+    finished_round: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+
+
+@dataclass(frozen=True)
+class TickOutcome:
+    round: int | None
+    status: str
+    action: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+class Averager:
+    def __init__(
+        self,
+        aws: AwsClients,
+        names: ResourceNames,
+        config: FederationConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        owner: str | None = None,
+        on_round_finished: Callable[[Round], None] | None = None,
+    ) -> None:
+        self.aws = aws
+        self.names = names
+        self.config = config
+        self.clock = clock
+        self.owner = owner or uuid.uuid4().hex
+        self.rounds = RoundStore(aws.dynamodb, names.rounds_table)
+        self.on_round_finished = on_round_finished
+
+    # --- updates --------------------------------------------------------------------------
+
+    def handle_update(self, event: UpdateEvent) -> UpdateOutcome:
+        try:
+            key = layout.parse_update_key(event.key)
+        except layout.MalformedKeyError as e:
+            logger.warning(
+                "update rejected",
+                extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
+            )
+            return UpdateOutcome(event.key, "rejected", "malformed_key")
+        if event.bucket != self.names.updates_bucket:
+            logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
+            return UpdateOutcome(event.key, "ignored", "wrong_bucket")
+        client, number = key.client_id, key.round
+        log = {"round": number, "client_id": client, "key": event.key}
+        round_ = self.rounds.get(self.config.experiment, number)
+        if round_ is None:
+            logger.warning("update rejected", extra={**log, "reason": "unknown_round"})
+            return UpdateOutcome(event.key, "rejected", "unknown_round", client, number)
+
+        existing = round_.answers.get(client)
+        if existing is not None and event.etag and existing.etag == _etag(event.etag):
+            logger.info("duplicate delivery ignored", extra=log)
+            return self._after_answer(
+                round_, UpdateOutcome(event.key, "duplicate", "", client, number)
+            )
+        if client not in round_.selected:
+            return self._reject_other(
+                round_, event, client, "not_selected", "client was not selected for this round"
+            )
+        if existing is not None:
+            return self._reject_other(
+                round_, event, client, "duplicate", "client already answered this round"
+            )
+        if round_.status is not RoundState.OPEN:
+            return self._reject_other(
+                round_, event, client, "round_not_open", f"round is {round_.status}"
+            )
+
+        answer = self._judge(round_, event, client)
+        if answer is None:  # the object is gone (deleted before we got to it)
+            return UpdateOutcome(event.key, "ignored", "object_missing", client, number)
+        recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
+        if recorded.result is RecordResult.RECORDED and recorded.round is not None:
+            level = logging.INFO if answer.outcome is Outcome.ACCEPTED else logging.WARNING
+            logger.log(
+                level, f"update {answer.outcome.value}", extra={**log, "reason": answer.reason}
+            )
+            outcome = UpdateOutcome(event.key, answer.outcome.value, answer.reason, client, number)
+            return self._after_answer(recorded.round, outcome)
+        current = recorded.round or round_
+        if recorded.result is RecordResult.ALREADY_ANSWERED:
+            if current.answers[client].etag == answer.etag:
+                return self._after_answer(
+                    current, UpdateOutcome(event.key, "duplicate", "", client, number)
+                )
+            return self._reject_other(
+                current, event, client, "duplicate", "client already answered this round"
+            )
+        return self._reject_other(
+            current, event, client, "round_not_open", f"round is {current.status}"
+        )
+
+    def _judge(self, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
+        """Download and validate one update; an Answer either way (None if it vanished)."""
+        received_at = self.clock()
+        common: dict[str, Any] = {"key": event.key, "size": event.size, "received_at": received_at}
+        try:
+            check_size(event.size, self.config.max_update_bytes)
+            try:
+                obj = self.aws.s3.get_object(Bucket=event.bucket, Key=event.key)
+            except ClientError as e:
+                if is_not_found(e):
+                    return None
+                raise
+            common["etag"] = _etag(obj["ETag"])
+            common["size"] = int(obj["ContentLength"])
+            check_size(common["size"], self.config.max_update_bytes)
+            data = obj["Body"].read()
+            expected = Expected(
+                round=round_.round,
+                client_id=client,
+                base_version=round_.base_version,
+                base_header=self.base_header(round_.base_version),
+                max_bytes=self.config.max_update_bytes,
+                max_num_examples=self.config.max_num_examples,
+            )
+            accepted = validate_update(data, expected)
+        except UpdateRejected as e:
+            common.setdefault("etag", _etag(event.etag))
+            return Answer(
+                outcome=Outcome.REJECTED, reason=f"{e.reason}: {e.detail}"[:500], **common
+            )
+        meta = accepted.metadata
+        timings = dict(meta.timings)
+        if meta.upload_started_at:
+            timings["upload_s"] = max(0.0, received_at - meta.upload_started_at)
+        return Answer(
+            outcome=Outcome.ACCEPTED,
+            num_examples=meta.num_examples,
+            metrics=dict(meta.metrics),
+            timings=timings,
+            bytes_down=meta.bytes_down,
+            **common,
+        )
+
+    def _reject_other(
+        self, round_: Round, event: UpdateEvent, client: str, reason: str, detail: str
+    ) -> UpdateOutcome:
+        rejection = {
+            "client_id": client,
+            "key": event.key,
+            "etag": _etag(event.etag),
+            "reason": reason,
+            "detail": detail,
+            "at": self.clock(),
+        }
+        already = any(
+            r.get("client_id") == client
+            and r.get("etag") == rejection["etag"]
+            and r.get("reason") == reason
+            for r in round_.other_rejections
+        )
+        if not already:
+            self.rounds.record_other_rejection(round_.experiment, round_.round, rejection)
+        logger.warning(
+            "update rejected",
+            extra={
+                "round": round_.round,
+                "client_id": client,
+                "key": event.key,
+                "reason": reason,
+                "detail": detail,
+            },
+        )
+        outcome = UpdateOutcome(event.key, "rejected", reason, client, round_.round)
+        return self._after_answer(round_, outcome) if reason != "round_not_open" else outcome
+
+    def _after_answer(self, round_: Round, outcome: UpdateOutcome) -> UpdateOutcome:
+        finished = self.advance(round_)
+        if finished is not None:
+            return UpdateOutcome(**{**outcome.__dict__, "finished_round": finished.round})
+        return outcome
+
+    # --- quorum, aggregation ---------------------------------------------------------------
+
+    def quorum_view(self, round_: Round) -> QuorumView:
+        answered = [c for c in round_.selected if c in round_.answers]
+        return QuorumView(
+            selected=len(round_.selected),
+            answered=len(answered),
+            accepted=len(round_.accepted),
+            now=self.clock(),
+            created_at=round_.created_at,
+            deadline_at=round_.deadline_at,
+        )
+
+    def advance(self, round_: Round) -> Round | None:
+        """Move a round on if it can: aggregate at quorum, abandon past its deadline.
+
+        Returns the finished round when this call finished it.
+        """
+        now = self.clock()
+        if round_.status is RoundState.AGGREGATING:
+            if round_.lease_expires_at >= now:
+                return None  # someone holds the lease
+        elif round_.status is not RoundState.OPEN:
+            return None
+        view = self.quorum_view(round_)
+        quorum = get_quorum_policy(self.config.quorum)(view, self.config)
+        if round_.status is RoundState.OPEN and not quorum:
+            if view.past_deadline:
+                reason = f"deadline passed with {view.answered} of {view.selected} answered"
+                if self.rounds.abandon(round_.experiment, round_.round, reason, now):
+                    return self._finished(round_.round)
+            return None
+        won = self.rounds.begin_aggregation(
+            round_.experiment, round_.round, self.owner, now, self.config.aggregation_lease_seconds
+        )
+        if won is None:
+            return None
+        if not won.accepted:
+            reason = "no acceptable update: every answer was rejected"
+            if self.rounds.abandon(
+                won.experiment, won.round, reason, self.clock(), owner=self.owner
+            ):
+                return self._finished(won.round)
+            return None
+        if self.aggregate(won):
+            return self._finished(won.round)
+        return None
+
+    def _finished(self, number: int) -> Round | None:
+        finished = self.rounds.get(self.config.experiment, number)
+        if finished is not None:
+            logger.info(
+                "round finished",
+                extra={
+                    "round": number,
+                    "status": str(finished.status),
+                    "reason": finished.abandon_reason,
+                },
+            )
+            if self.on_round_finished is not None:
+                self.on_round_finished(finished)
+        return finished
+
+    def aggregate(self, round_: Round) -> bool:
+        """Stream the accepted updates into the next model version and close the round."""
+        started = self.clock()
+        aggregator = get_aggregator(self.config.aggregation)()
+        excluded: dict[str, str] = {}
+        used: list[tuple[str, Answer]] = []
+        for client, answer in round_.accepted.items():
+            try:
+                obj = self.aws.s3.get_object(
+                    Bucket=self.names.updates_bucket, Key=answer.key, IfMatch=answer.etag
+                )
+                tensors = decode(obj["Body"].read())
+            except ClientError as e:
+                if is_not_found(e) or error_code(e) in {"PreconditionFailed", "412"}:
+                    excluded[client] = "update changed or vanished after it was accepted"
+                    continue
+                raise
+            aggregator.add(tensors, float(answer.num_examples))
+            used.append((client, answer))
+            del tensors
+        result = aggregator.result()
+        if result is None:
+            reason = "no accepted update could be read back for aggregation"
+            return self.rounds.abandon(
+                round_.experiment, round_.round, reason, self.clock(), owner=self.owner
+            )
+        version = round_.base_version + 1
+        body = encode_model(result, version=version, round=round_.round, participants=len(used))
+        self.aws.s3.put_object(
+            Bucket=self.names.models_bucket, Key=layout.model_key(version), Body=body
+        )
+        finished = self.clock()
+        total_examples = sum(a.num_examples for _, a in used)
+        summary = {
+            "participants": len(used),
+            "num_examples": total_examples,
+            "client_loss": _weighted(used, "loss"),
+            "client_accuracy": _weighted(used, "accuracy"),
+            "aggregate_seconds": finished - started,
+            "model_bytes": len(body),
+            "bytes_up": sum(a.size for a in round_.answers.values()),
+            "bytes_down": sum(a.bytes_down for a in round_.answers.values()),
+            "excluded": excluded,
+        }
+        closed = self.rounds.close(
+            round_.experiment, round_.round, self.owner, version, finished, summary
+        )
+        logger.info(
+            "round aggregated",
+            extra={
+                "round": round_.round,
+                "model_version": version,
+                "closed": closed,
+                **{k: v for k, v in summary.items() if k != "excluded"},
+            },
+        )
+        return closed
+
+    def base_header(self, version: int) -> Header:
+        cache_key = (self.names.models_bucket, version)
+        header = _BASE_HEADERS.get(cache_key)
+        if header is None:
+            key = layout.model_key(version)
+            first = self.aws.s3.get_object(
+                Bucket=self.names.models_bucket, Key=key, Range="bytes=0-7"
+            )
+            total = int(first["ContentRange"].rsplit("/", 1)[1])
+            length = header_length(first["Body"].read())
+            rest = self.aws.s3.get_object(
+                Bucket=self.names.models_bucket, Key=key, Range=f"bytes=0-{7 + length}"
+            )["Body"].read()
+            header = parse_header(rest, total_size=total)
+            _BASE_HEADERS[cache_key] = header
+        return header
+
+    # --- tick -----------------------------------------------------------------------------
+
+    def tick(self) -> TickOutcome:
+        """The scheduled watchdog: advance the latest round (deadline, quorum, lost lease)."""
+        latest = self.rounds.latest(self.config.experiment)
+        if latest is None:
+            return TickOutcome(None, "", "no rounds yet")
+        if latest.status.finished:
+            return TickOutcome(latest.round, str(latest.status), "nothing to do")
+        finished = self.advance(latest)
+        if finished is not None:
+            return TickOutcome(latest.round, str(finished.status), "finished")
+        return TickOutcome(latest.round, str(latest.status), "waiting")
+
+
+def _weighted(used: list[tuple[str, Answer]], metric: str) -> float | None:
+    pairs = [(a.num_examples, a.metrics[metric]) for _, a in used if metric in a.metrics]
+    total = sum(n for n, _ in pairs)
+    return sum(n * v for n, v in pairs) / total if total else None
+
+
+def bootstrap_model(
+    aws: AwsClients, names: ResourceNames, state: dict[str, Any], *, seed: int
+) -> bool:
+    """Write global model version 0 unless it exists; True if this call wrote it."""
+    body = encode_model(state, version=0, seed=seed)
+    try:
+        aws.s3.put_object(
+            Bucket=names.models_bucket, Key=layout.model_key(0), Body=body, IfNoneMatch="*"
+        )
+    except ClientError as e:
+        if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+            return False
+        raise
+    return True

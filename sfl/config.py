@@ -1,0 +1,218 @@
+"""The federation's configuration: every knob, its typed default and what values it allows.
+
+One definition feeds the CDK stack (``cdk.json`` context key ``sfl``), the Lambdas'
+environment (``SFL_*`` variables), the Greengrass component's default configuration and the
+local simulation. A bad value fails early with the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTEXT_KEY = "sfl"
+ENV_PREFIX = "SFL_"
+
+SELECTION_STRATEGIES = ("fast_clients", "random", "all")
+AGGREGATION_STRATEGIES = ("fedavg",)
+QUORUM_POLICIES = ("all_answered", "min_fraction")
+BUILTIN_TASKS = ("digits", "mnist")
+
+# A custom strategy or task is named by import path: "package.module:attribute".
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+def _one_of(names: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (
+        lambda v: v in names or bool(IMPORT_PATH.match(v)),
+        f"one of {', '.join(names)}, or an import path 'package.module:attribute'",
+    )
+
+
+def _range(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: lo <= v <= hi, f"a number from {lo:g} to {hi:g}")
+
+
+def _spec(check: tuple[Callable[[Any], bool], str], doc: str) -> dict[str, Any]:
+    return {"check": check[0], "allowed": check[1], "doc": doc}
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How rounds run. Field metadata holds each key's check, allowed values and meaning."""
+
+    experiment: str = field(
+        default="default",
+        metadata=_spec(
+            (lambda v: bool(EXPERIMENT_NAME.match(v)), "1-64 letters, digits, '_' or '-'"),
+            "name of the training run; rounds are numbered per experiment",
+        ),
+    )
+    task: str = field(
+        default="digits",
+        metadata=_spec(_one_of(BUILTIN_TASKS), "training task (model, data, train, evaluate)"),
+    )
+    selection: str = field(
+        default="fast_clients",
+        metadata=_spec(_one_of(SELECTION_STRATEGIES), "how the initiator picks clients"),
+    )
+    aggregation: str = field(
+        default="fedavg",
+        metadata=_spec(_one_of(AGGREGATION_STRATEGIES), "how updates become the next model"),
+    )
+    quorum: str = field(
+        default="all_answered",
+        metadata=_spec(_one_of(QUORUM_POLICIES), "when a round may aggregate"),
+    )
+    fraction: float = field(
+        default=1.0,
+        metadata=_spec(_range(0.01, 1.0), "share of active clients picked per round"),
+    )
+    clients_per_round: int = field(
+        default=0,
+        metadata=_spec(_range(0, 10_000), "clients picked per round; 0 means use 'fraction'"),
+    )
+    min_clients: int = field(
+        default=1,
+        metadata=_spec(_range(1, 10_000), "fewest active clients needed to start a round"),
+    )
+    min_answered_fraction: float = field(
+        default=0.5,
+        metadata=_spec(_range(0.0, 1.0), "'min_fraction' quorum: share that must answer"),
+    )
+    ewma_b: float = field(
+        default=0.8,
+        metadata=_spec(_range(0.0, 0.999), "weight of the past in each client's turnaround EWMA"),
+    )
+    round_deadline_seconds: int = field(
+        default=900,
+        metadata=_spec(_range(5, 86_400), "seconds a round stays open before it is abandoned"),
+    )
+    aggregation_lease_seconds: int = field(
+        default=300,
+        metadata=_spec(_range(5, 3_600), "seconds an aggregation may run before others retry it"),
+    )
+    active_window_seconds: int = field(
+        default=1_800,
+        metadata=_spec(_range(5, 604_800), "a client is active if it heartbeated this recently"),
+    )
+    heartbeat_seconds: int = field(
+        default=60,
+        metadata=_spec(_range(1, 86_400), "how often an edge client heartbeats"),
+    )
+    poll_seconds: float = field(
+        default=10.0,
+        metadata=_spec(_range(0.05, 3_600), "how often an idle edge client polls for a round"),
+    )
+    local_epochs: int = field(
+        default=2,
+        metadata=_spec(_range(1, 1_000), "epochs each client trains per round"),
+    )
+    lr: float = field(
+        default=0.05,
+        metadata=_spec(_range(1e-7, 10.0), "clients' learning rate"),
+    )
+    batch_size: int = field(
+        default=16,
+        metadata=_spec(_range(1, 65_536), "clients' minibatch size"),
+    )
+    max_update_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_spec(_range(1_024, 5 * 1024**3), "largest update object accepted"),
+    )
+    max_num_examples: int = field(
+        default=10_000_000,
+        metadata=_spec(_range(1, 10**12), "largest num_examples a client may claim"),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_spec(_range(0, 2**31 - 1), "seed for the initial model and client selection"),
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _field_type(f)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                value = float(value)
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ConfigError(
+                    f"config key {f.name!r}: {value!r} is not a {expected.__name__}; "
+                    f"allowed: {f.metadata['allowed']}"
+                )
+            if not f.metadata["check"](value):
+                raise ConfigError(
+                    f"config key {f.name!r}: {value!r} is not allowed; "
+                    f"allowed: {f.metadata['allowed']}"
+                )
+
+    # --- sources -------------------------------------------------------------------------
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> FederationConfig:
+        """Build from a mapping (cdk.json context, JSON file); unknown keys are errors."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(values))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FederationConfig:
+        """Build from ``SFL_*`` environment variables (how the Lambdas receive it)."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    # --- sinks ---------------------------------------------------------------------------
+
+    def to_env(self) -> dict[str, str]:
+        """The ``SFL_*`` environment variables that ``from_env`` reads back."""
+        return {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> FederationConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    return {"str": str, "int": int, "float": float}[str(f.type)]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f)
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise ConfigError(
+            f"config key {f.name!r} (env {ENV_PREFIX + f.name.upper()}): {raw!r} is not a "
+            f"{kind.__name__}; allowed: {f.metadata['allowed']}"
+        ) from e
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(key, default, allowed, meaning) for every key, for docs and ``sfl config``."""
+    return [
+        (f.name, repr(f.default), f.metadata["allowed"], f.metadata["doc"])
+        for f in dataclasses.fields(FederationConfig)
+    ]

@@ -1,0 +1,143 @@
+"""Starting rounds: pick clients and publish the assignment. boto3 only, no torch.
+
+Safe to run any number of times, concurrently: a new round is created only when the latest
+is finished (a conditional write), and a tick while a round is open only re-publishes that
+round's assignment, so a crash between the two writes heals on the next tick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from botocore.exceptions import ClientError
+
+from sfl import layout
+from sfl.aws import AwsClients, is_not_found
+from sfl.config import FederationConfig
+from sfl.registry import ClientRegistry
+from sfl.resources import ResourceNames
+from sfl.rounds import Round, RoundState, RoundStore
+from sfl.strategies.selection import Candidate, clients_to_pick, get_selection_strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitiatorResult:
+    started: bool
+    round: int | None
+    reason: str
+    selected: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "started": self.started,
+            "round": self.round,
+            "reason": self.reason,
+            "selected": list(self.selected),
+        }
+
+
+def publish_assignment(aws: AwsClients, names: ResourceNames, round_: Round) -> None:
+    body = json.dumps(round_.assignment(layout.model_key(round_.base_version)), sort_keys=True)
+    aws.s3.put_object(
+        Bucket=names.models_bucket,
+        Key=layout.ASSIGNMENT_KEY,
+        Body=body.encode(),
+        ContentType="application/json",
+        CacheControl="no-cache",
+    )
+
+
+def model_exists(aws: AwsClients, names: ResourceNames, version: int) -> bool:
+    try:
+        aws.s3.head_object(Bucket=names.models_bucket, Key=layout.model_key(version))
+    except ClientError as e:
+        if is_not_found(e):
+            return False
+        raise
+    return True
+
+
+def start_round(
+    aws: AwsClients,
+    names: ResourceNames,
+    config: FederationConfig,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> InitiatorResult:
+    """Start the next round if the latest one is finished; otherwise say why not."""
+    rounds = RoundStore(aws.dynamodb, names.rounds_table)
+    latest = rounds.latest(config.experiment)
+    if latest is not None and not latest.status.finished:
+        if latest.status is RoundState.OPEN:
+            publish_assignment(aws, names, latest)
+        return InitiatorResult(False, latest.round, f"round {latest.round} is {latest.status}")
+
+    if latest is None:
+        base_version, number = 0, 1
+    elif latest.status is RoundState.CLOSED and latest.model_version is not None:
+        base_version, number = latest.model_version, latest.round + 1
+    else:  # abandoned: the next round starts from the same model
+        base_version, number = latest.base_version, latest.round + 1
+
+    if not model_exists(aws, names, base_version):
+        return InitiatorResult(
+            False, None, f"global model version {base_version} is not in the models bucket yet"
+        )
+
+    started = clock()
+    active = ClientRegistry(aws.dynamodb, names.clients_table).active(
+        now=started, active_window_seconds=config.active_window_seconds
+    )
+    if len(active) < max(1, config.min_clients):
+        return InitiatorResult(
+            False,
+            None,
+            f"{len(active)} active client(s), fewer than min_clients={config.min_clients}",
+        )
+    k = clients_to_pick(
+        len(active), fraction=config.fraction, clients_per_round=config.clients_per_round
+    )
+    strategy = get_selection_strategy(config.selection)
+    rng = random.Random(f"{config.seed}/{config.experiment}/{number}")
+    candidates = [Candidate(c.client_id, c.ewma_turnaround) for c in active]
+    selected = tuple(strategy(candidates, k, rng))
+    if not selected:
+        return InitiatorResult(False, None, f"selection {config.selection!r} picked nobody")
+    unknown = set(selected) - {c.client_id for c in active}
+    if unknown:
+        raise ValueError(f"selection {config.selection!r} picked inactive clients {unknown}")
+
+    now = clock()
+    new = Round(
+        experiment=config.experiment,
+        round=number,
+        status=RoundState.OPEN,
+        base_version=base_version,
+        selected=selected,
+        created_at=now,
+        deadline_at=now + config.round_deadline_seconds,
+        train_config={
+            "task": config.task,
+            "local_epochs": config.local_epochs,
+            "lr": config.lr,
+            "batch_size": config.batch_size,
+            "seed": config.seed + number,
+        },
+        candidates=len(active),
+        select_seconds=now - started,
+    )
+    if not rounds.create(new, latest):
+        return InitiatorResult(False, number, f"round {number} was started by another initiator")
+    publish_assignment(aws, names, new)
+    logger.info(
+        "round started",
+        extra={"round": number, "selected": list(selected), "base_version": base_version},
+    )
+    return InitiatorResult(True, number, "started", selected)

@@ -1,0 +1,75 @@
+"""Where everything lives in the two buckets: the one definition of every key.
+
+models bucket (versioned; every object version kept)
+    models/global/v000000.safetensors   the global model, one key per version
+    rounds/current.json                 the current assignment, polled by clients
+updates bucket
+    updates/<client_id>/round-000001.safetensors   one update per client and round
+
+Updates sit under a per-client prefix so a device's IAM policy can allow writes under
+``updates/${credentials-iot:ThingName}/`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MODELS_PREFIX = "models/global/"
+ASSIGNMENT_KEY = "rounds/current.json"
+UPDATES_PREFIX = "updates/"
+UPDATE_SUFFIX = ".safetensors"
+
+# AWS IoT thing names: letters, digits, ':', '_', '-' (at most 128 characters).
+CLIENT_ID = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
+_UPDATE_KEY = re.compile(
+    r"^"
+    + re.escape(UPDATES_PREFIX)
+    + r"(?P<client>[^/]+)/round-(?P<round>\d{6,12})"
+    + re.escape(UPDATE_SUFFIX)
+    + r"$"
+)
+
+
+class MalformedKeyError(ValueError):
+    """An object key does not follow the bucket layout."""
+
+
+@dataclass(frozen=True)
+class UpdateKey:
+    client_id: str
+    round: int
+
+
+def model_key(version: int) -> str:
+    if version < 0:
+        raise ValueError(f"model version must be >= 0, got {version}")
+    return f"{MODELS_PREFIX}v{version:06d}.safetensors"
+
+
+def update_key(client_id: str, round_number: int) -> str:
+    validate_client_id(client_id)
+    if round_number < 1:
+        raise ValueError(f"round numbers start at 1, got {round_number}")
+    return f"{UPDATES_PREFIX}{client_id}/round-{round_number:06d}{UPDATE_SUFFIX}"
+
+
+def parse_update_key(key: str) -> UpdateKey:
+    """Client and round named by an (already URL-decoded) update key."""
+    match = _UPDATE_KEY.match(key)
+    if match is None:
+        raise MalformedKeyError(
+            f"key {key!r} is not '{UPDATES_PREFIX}<client_id>/round-<NNNNNN>{UPDATE_SUFFIX}'"
+        )
+    client_id = match["client"]
+    if not CLIENT_ID.match(client_id):
+        raise MalformedKeyError(
+            f"key {key!r}: client id {client_id!r} is not 1-128 of [A-Za-z0-9:_-]"
+        )
+    return UpdateKey(client_id=client_id, round=int(match["round"]))
+
+
+def validate_client_id(client_id: str) -> str:
+    if not CLIENT_ID.match(client_id):
+        raise ValueError(f"client id {client_id!r} is not 1-128 of [A-Za-z0-9:_-]")
+    return client_id

@@ -1,0 +1,90 @@
+"""Delivers S3 events from the emulator's queue to the averager handler, as Lambda would.
+
+At least once and concurrently: a message is deleted only after the handler returns; if it
+raises, the message becomes visible again and is redelivered. ``extra_deliveries`` repeats
+each event to exercise idempotency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class S3EventDispatcher:
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        invoke: Callable[[dict[str, Any]], Any],
+        *,
+        concurrency: int = 4,
+        extra_deliveries: int = 0,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._invoke = invoke
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="averager")
+        self._extra = extra_deliveries
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="s3-dispatcher", daemon=True)
+        self._lock = threading.Lock()
+        self.invocations = 0
+        self.failures = 0
+
+    def start(self) -> S3EventDispatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                messages = self._sqs.receive_message(
+                    QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                ).get("Messages", [])
+            except Exception:
+                if self._stop.is_set():
+                    return
+                logger.exception("receiving S3 events failed")
+                self._stop.wait(0.5)
+                continue
+            if not messages:
+                self._stop.wait(0.05)
+            for message in messages:
+                event = json.loads(message["Body"])
+                if "Records" not in event:  # s3:TestEvent when the notification is configured
+                    self._delete(message)
+                    continue
+                self._pool.submit(self._deliver, event, message)
+                for _ in range(self._extra):
+                    self._pool.submit(self._deliver, event, None)
+
+    def _deliver(self, event: dict[str, Any], message: dict[str, Any] | None) -> None:
+        with self._lock:
+            self.invocations += 1
+        try:
+            self._invoke(event)
+        except Exception:
+            with self._lock:
+                self.failures += 1
+            logger.exception("averager invocation failed; the event will be redelivered")
+            return
+        if message is not None:
+            self._delete(message)
+
+    def _delete(self, message: dict[str, Any]) -> None:
+        try:
+            self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
+        except Exception:
+            logger.exception("deleting a delivered S3 event failed")

@@ -1,0 +1,44 @@
+"""Calling the real Lambda handlers in-process, as the Lambda service would."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+LAMBDAS_DIR = Path(__file__).resolve().parents[2] / "lambdas"
+
+
+@dataclass
+class LocalContext:
+    """The parts of Lambda's context object that Powertools reads."""
+
+    function_name: str
+    memory_limit_in_mb: int = 1024
+    aws_request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:000000000000:function:{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 900_000
+
+
+def load_handler(name: str) -> ModuleType:
+    """Import ``lambdas/<name>/handler.py`` under a unique module name."""
+    module_name = f"sfl_lambda_{name}_handler"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = LAMBDAS_DIR / name / "handler.py"
+    if not path.exists():
+        raise FileNotFoundError(f"no handler at {path} (local mode runs from a source checkout)")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,312 @@
+"""``sfl simulate``: N edge clients, the two Lambda handlers, S3 and DynamoDB on one machine.
+
+The initiator runs on this module's own clock (EventBridge rules never fire in the
+emulator) and is chained as soon as a round finishes; S3 events reach the averager through
+the emulator's queue and ``S3EventDispatcher``; the clients are real ``EdgeClient`` loops.
+Each new global model is scored on the task's held-out test split.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_client.client import EdgeClient
+from edge_client.settings import ClientSettings
+from sfl import codec, layout
+from sfl.config import FederationConfig
+from sfl.local.dispatcher import S3EventDispatcher
+from sfl.local.emulator import LocalAws, lambda_environment, provision
+from sfl.local.lambdas import LocalContext, load_handler
+from sfl.registry import ClientRegistry
+from sfl.rounds import Round, RoundState, RoundStore
+from sfl.splits import default_client_ids, write_client_splits
+from sfl.tasks import load_task
+from sfl.tasks.base import ArrayDataset, TrainingTask
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run to the end (clients never registered, a round hung)."""
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    out: Path
+    clients: int = 10
+    rounds: int = 15
+    task: str = "digits"
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    labels_per_client: int = 2
+    fraction: float = 1.0
+    selection: str = "fast_clients"
+    local_epochs: int = 2
+    lr: float = 0.05
+    batch_size: int = 16
+    seed: int = 0
+    poll_seconds: float = 0.1
+    tick_seconds: float = 1.0
+    round_timeout_seconds: int = 120
+    averager_concurrency: int = 4
+    duplicate_deliveries: int = 0
+
+    def federation_config(self) -> FederationConfig:
+        return FederationConfig(
+            task=self.task,
+            selection=self.selection,
+            fraction=self.fraction,
+            local_epochs=self.local_epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            poll_seconds=self.poll_seconds,
+            heartbeat_seconds=5,
+            round_deadline_seconds=self.round_timeout_seconds,
+            aggregation_lease_seconds=60,
+        )
+
+
+@dataclass
+class SimulationResult:
+    rounds: list[dict[str, Any]]
+    history_path: Path
+    plot_path: Path | None
+    initial_accuracy: float
+    wall_seconds: float
+    invocations: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def final_accuracy(self) -> float | None:
+        closed = [r["accuracy"] for r in self.rounds if r["accuracy"] is not None]
+        return closed[-1] if closed else None
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def run_simulation(options: SimulationOptions, progress: ProgressFn | None = None) -> SimulationResult:
+    torch.set_num_threads(1)  # many clients share two cores: no intra-op oversubscription
+    wall_start = time.time()
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    task = load_task(options.task)
+    test = task.load_central_data().test
+    client_ids = default_client_ids(options.clients)
+    write_client_splits(
+        task,
+        out / "data",
+        options.clients,
+        options.partition,
+        options.seed,
+        alpha=options.alpha,
+        labels_per_client=options.labels_per_client,
+        client_ids=client_ids,
+    )
+    config = options.federation_config()
+
+    with LocalAws() as aws:
+        deployment = provision(aws)
+        names = deployment.names
+        env = {
+            **aws.env(),
+            **names.to_env(),
+            **config.to_env(),
+            "POWERTOOLS_METRICS_DISABLED": "true",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+        }
+        with lambda_environment(env):
+            return _run(options, task, test, client_ids, config, aws, deployment, progress, wall_start)
+
+
+def _run(
+    options: SimulationOptions,
+    task: TrainingTask,
+    test: ArrayDataset,
+    client_ids: list[str],
+    config: FederationConfig,
+    aws: LocalAws,
+    deployment: Any,
+    progress: ProgressFn | None,
+    wall_start: float,
+) -> SimulationResult:
+    names = deployment.names
+    initiator = load_handler("initiator")
+    averager = load_handler("averager")
+    initiator_ctx = LocalContext("sfl-initiator")
+    averager_ctx = LocalContext("sfl-averager")
+    averager.lambda_handler({"sfl": "bootstrap"}, averager_ctx)
+
+    control = aws.clients()
+    store = RoundStore(control.dynamodb, names.rounds_table)
+    dispatcher = S3EventDispatcher(
+        aws.client("sqs"),
+        deployment.queue_url,
+        lambda event: averager.lambda_handler(event, averager_ctx),
+        concurrency=options.averager_concurrency,
+        extra_deliveries=options.duplicate_deliveries,
+    ).start()
+
+    stop = threading.Event()
+    threads = []
+    for cid in client_ids:
+        settings = ClientSettings(
+            client_id=cid,
+            models_bucket=names.models_bucket,
+            updates_bucket=names.updates_bucket,
+            clients_table=names.clients_table,
+            data_dir=options.out / "data" / cid,
+            task=options.task,
+            poll_seconds=options.poll_seconds,
+            heartbeat_seconds=config.heartbeat_seconds,
+            active_window_seconds=config.active_window_seconds,
+            ewma_b=config.ewma_b,
+        )
+        client = EdgeClient(settings, aws.clients(), task, stop=stop)
+        thread = threading.Thread(target=client.run, name=cid, daemon=True)
+        thread.start()
+        threads.append(thread)
+
+    rows: list[dict[str, Any]] = []
+    initial_accuracy = _evaluate_version(task, control, names.models_bucket, 0, test)["accuracy"]
+    try:
+        _wait_for_clients(control, names.clients_table, len(client_ids), config)
+        while len(rows) < options.rounds:
+            result = initiator.lambda_handler({"source": "sfl.local"}, initiator_ctx)
+            if not result["started"] and result["round"] is None:
+                raise SimulationError(f"the initiator could not start a round: {result['reason']}")
+            number = result["round"]
+            finished = _wait_for_round(store, config, number, averager, averager_ctx, options)
+            row = history_row(finished)
+            if finished.status is RoundState.CLOSED and finished.model_version is not None:
+                scores = _evaluate_version(task, control, names.models_bucket, finished.model_version, test)
+                row.update(accuracy=scores["accuracy"], loss=scores["loss"])
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        dispatcher.stop()
+
+    history = {
+        "task": options.task,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+        "config": config.to_dict(),
+        "initial_accuracy": initial_accuracy,
+        "wall_seconds": time.time() - wall_start,
+        "averager_invocations": dispatcher.invocations,
+        "averager_failures": dispatcher.failures,
+        "rounds": rows,
+    }
+    history_path = options.out / "history.json"
+    history_path.write_text(json.dumps(history, indent=2) + "\n")
+    plot_path: Path | None = options.out / "rounds.png"
+    from sfl.local.plot import plot_history
+
+    plot_history(history, plot_path)
+    return SimulationResult(
+        rounds=rows,
+        history_path=history_path,
+        plot_path=plot_path,
+        initial_accuracy=initial_accuracy,
+        wall_seconds=history["wall_seconds"],
+        invocations={"averager": dispatcher.invocations, "failures": dispatcher.failures},
+    )
+
+
+def _wait_for_clients(control: Any, table: str, expected: int, config: FederationConfig) -> None:
+    registry = ClientRegistry(control.dynamodb, table)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        active = registry.active(now=time.time(), active_window_seconds=config.active_window_seconds)
+        if len(active) >= expected:
+            return
+        time.sleep(0.05)
+    raise SimulationError(f"only {len(active)} of {expected} clients registered within 60 s")
+
+
+def _wait_for_round(
+    store: RoundStore,
+    config: FederationConfig,
+    number: int,
+    averager: Any,
+    ctx: LocalContext,
+    options: SimulationOptions,
+) -> Round:
+    """Wait for a round to finish, ticking the averager's watchdog on our own clock."""
+    next_tick = time.time() + options.tick_seconds
+    hard_stop = time.time() + options.round_timeout_seconds + 60
+    while time.time() < hard_stop:
+        current = store.get(config.experiment, number)
+        if current is not None and current.status.finished:
+            return current
+        if time.time() >= next_tick:
+            averager.lambda_handler({"sfl": "tick"}, ctx)
+            next_tick = time.time() + options.tick_seconds
+        time.sleep(0.02)
+    raise SimulationError(f"round {number} did not finish within {options.round_timeout_seconds + 60} s")
+
+
+def _evaluate_version(
+    task: TrainingTask, control: Any, bucket: str, version: int, test: ArrayDataset
+) -> dict[str, float]:
+    body = control.s3.get_object(Bucket=bucket, Key=layout.model_key(version))["Body"].read()
+    model = task.build_model()
+    model.load_state_dict(codec.decode(body))
+    scores = task.evaluate(model, test)
+    return {"accuracy": scores.accuracy, "loss": scores.loss}
+
+
+def history_row(r: Round) -> dict[str, Any]:
+    """One round of ``history.json``: who took part, what happened, how long each phase took."""
+    accepted = r.accepted
+    summary = dict(r.summary)
+
+    def slowest(phase: str) -> float | None:
+        values = [a.timings[phase] for a in accepted.values() if phase in a.timings]
+        return max(values) if values else None
+
+    total = (r.finished_at - r.created_at) if r.finished_at else None
+    slowest_train = slowest("train_s")
+    return {
+        "round": r.round,
+        "status": str(r.status),
+        "base_version": r.base_version,
+        "model_version": r.model_version,
+        "selected": list(r.selected),
+        "candidates": r.candidates,
+        "accepted": list(accepted),
+        "rejected": [
+            {"client_id": c, "reason": a.reason} for c, a in r.rejected.items()
+        ]
+        + [
+            {"client_id": x.get("client_id"), "reason": x.get("reason"), "counted": False}
+            for x in r.other_rejections
+        ],
+        "abandon_reason": r.abandon_reason or None,
+        "accuracy": None,
+        "loss": None,
+        "client_accuracy": summary.get("client_accuracy"),
+        "client_loss": summary.get("client_loss"),
+        "num_examples": summary.get("num_examples", 0),
+        "timings": {
+            "select": r.select_seconds,
+            "download": slowest("download_s"),
+            "train": slowest_train,
+            "upload": slowest("upload_s"),
+            "aggregate": summary.get("aggregate_seconds"),
+            "total": total,
+        },
+        "overhead_seconds": (total - slowest_train) if total is not None and slowest_train is not None else None,
+        "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
+        "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
+        "aggregation_attempts": r.aggregation_attempts,
+    }

@@ -1,0 +1,104 @@
+"""The stack's stateful resources, defined once.
+
+The CDK constructs build their tables and buckets from these specs, the local mode creates
+the same tables and buckets in the emulator from them, and the Lambdas and clients find the
+deployed names through ``ResourceNames`` (environment variables or flags), never hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sfl import layout
+
+
+@dataclass(frozen=True)
+class KeyAttribute:
+    name: str
+    type: str  # "S" | "N"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    logical_id: str
+    partition_key: KeyAttribute
+    sort_key: KeyAttribute | None = None
+    ttl_attribute: str | None = None
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    logical_id: str
+    versioned: bool
+    notify_prefix: str | None = None
+    notify_suffix: str | None = None
+
+
+# Client registry: one item per client; heartbeats refresh last_seen and push expires_at.
+CLIENTS_TABLE = TableSpec(
+    logical_id="ClientsTable",
+    partition_key=KeyAttribute("client_id", "S"),
+    ttl_attribute="expires_at",
+)
+# Round records: one item per (experiment, round); the newest round is a reverse query.
+ROUNDS_TABLE = TableSpec(
+    logical_id="RoundsTable",
+    partition_key=KeyAttribute("experiment", "S"),
+    sort_key=KeyAttribute("round", "N"),
+)
+TABLES = (CLIENTS_TABLE, ROUNDS_TABLE)
+
+MODELS_BUCKET = BucketSpec(logical_id="ModelsBucket", versioned=True)
+UPDATES_BUCKET = BucketSpec(
+    logical_id="UpdatesBucket",
+    versioned=False,
+    notify_prefix=layout.UPDATES_PREFIX,
+    notify_suffix=layout.UPDATE_SUFFIX,
+)
+BUCKETS = (MODELS_BUCKET, UPDATES_BUCKET)
+
+
+@dataclass(frozen=True)
+class ResourceNames:
+    """Deployed names of the buckets and tables (they differ per stack and per account)."""
+
+    models_bucket: str
+    updates_bucket: str
+    clients_table: str
+    rounds_table: str
+
+    ENV = {
+        "models_bucket": "SFL_MODELS_BUCKET",
+        "updates_bucket": "SFL_UPDATES_BUCKET",
+        "clients_table": "SFL_CLIENTS_TABLE",
+        "rounds_table": "SFL_ROUNDS_TABLE",
+    }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ResourceNames:
+        env = os.environ if env is None else env
+        missing = [var for var in cls.ENV.values() if not env.get(var)]
+        if missing:
+            raise KeyError(f"environment variable(s) not set: {', '.join(missing)}")
+        return cls(**{attr: env[var] for attr, var in cls.ENV.items()})
+
+    def to_env(self) -> dict[str, str]:
+        return {var: getattr(self, attr) for attr, var in self.ENV.items()}
+
+
+def create_table_request(spec: TableSpec, table_name: str) -> dict[str, Any]:
+    """The DynamoDB CreateTable request for a spec (on-demand billing, as deployed)."""
+    keys = [(spec.partition_key, "HASH")]
+    if spec.sort_key is not None:
+        keys.append((spec.sort_key, "RANGE"))
+    return {
+        "TableName": table_name,
+        "BillingMode": "PAY_PER_REQUEST",
+        "KeySchema": [{"AttributeName": k.name, "KeyType": kind} for k, kind in keys],
+        "AttributeDefinitions": [
+            {"AttributeName": k.name, "AttributeType": k.type} for k, _ in keys
+        ],
+    }

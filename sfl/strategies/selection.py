@@ -1,0 +1,65 @@
+"""Client selection: who trains in the next round. Pure functions over candidates.
+
+``fast_clients`` is the seed's rule: every active client may be picked, with a probability
+that favours a low turnaround EWMA (weight 1/EWMA; clients with no history count as the
+fastest known, so newcomers get a chance). Never picks nobody when anyone is active.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sfl.strategies import resolve
+
+
+@dataclass(frozen=True)
+class Candidate:
+    client_id: str
+    ewma_turnaround: float | None = None
+
+
+SelectionStrategy = Callable[[Sequence[Candidate], int, random.Random], list[str]]
+
+
+def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int) -> int:
+    """How many to pick: a fixed count if configured, else a fraction; at least one."""
+    if num_active <= 0:
+        return 0
+    wanted = clients_per_round if clients_per_round > 0 else math.ceil(fraction * num_active)
+    return max(1, min(num_active, wanted))
+
+
+def select_all(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:
+    return sorted(c.client_id for c in candidates)
+
+
+def select_random(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:
+    return sorted(rng.sample([c.client_id for c in candidates], k))
+
+
+def select_fast_clients(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:
+    """Weighted sampling without replacement, weight = 1 / turnaround EWMA."""
+    known = [c.ewma_turnaround for c in candidates if c.ewma_turnaround is not None]
+    fastest = min((t for t in known if t > 0), default=1.0)
+    keyed = []
+    for c in candidates:
+        turnaround = c.ewma_turnaround if c.ewma_turnaround and c.ewma_turnaround > 0 else fastest
+        weight = 1.0 / turnaround
+        # Efraimidis-Spirakis: the k largest u ** (1 / w) are a weighted sample.
+        keyed.append((rng.random() ** (1.0 / weight), c.client_id))
+    keyed.sort(reverse=True)
+    return sorted(client for _, client in keyed[:k])
+
+
+SELECTION_STRATEGIES: dict[str, SelectionStrategy] = {
+    "fast_clients": select_fast_clients,
+    "random": select_random,
+    "all": select_all,
+}
+
+
+def get_selection_strategy(name: str) -> SelectionStrategy:
+    return resolve(name, SELECTION_STRATEGIES, "selection")
