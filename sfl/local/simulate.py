@@ -24,7 +24,7 @@ from sfl import codec, layout
 from sfl.config import FederationConfig
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, lambda_environment, provision
-from sfl.local.lambdas import LocalContext, load_handler
+from sfl.local.lambdas import LocalFunction
 from sfl.registry import ClientRegistry
 from sfl.rounds import Round, RoundState, RoundStore
 from sfl.splits import default_client_ids, write_client_splits
@@ -137,18 +137,16 @@ def _run(
     wall_start: float,
 ) -> SimulationResult:
     names = deployment.names
-    initiator = load_handler("initiator")
-    averager = load_handler("averager")
-    initiator_ctx = LocalContext("sfl-initiator")
-    averager_ctx = LocalContext("sfl-averager")
-    averager.lambda_handler({"sfl": "bootstrap"}, averager_ctx)
+    initiator = LocalFunction("initiator")
+    averager = LocalFunction("averager")
+    averager.invoke({"sfl": "bootstrap"})
 
     control = aws.clients()
     store = RoundStore(control.dynamodb, names.rounds_table)
     dispatcher = S3EventDispatcher(
         aws.client("sqs"),
         deployment.queue_url,
-        lambda event: averager.lambda_handler(event, averager_ctx),
+        averager.invoke,
         concurrency=options.averager_concurrency,
         extra_deliveries=options.duplicate_deliveries,
     ).start()
@@ -178,11 +176,11 @@ def _run(
     try:
         _wait_for_clients(control, names.clients_table, len(client_ids), config)
         while len(rows) < options.rounds:
-            result = initiator.lambda_handler({"source": "sfl.local"}, initiator_ctx)
+            result = initiator.invoke({"source": "sfl.local"})
             if not result["started"] and result["round"] is None:
                 raise SimulationError(f"the initiator could not start a round: {result['reason']}")
             number = result["round"]
-            finished = _wait_for_round(store, config, number, averager, averager_ctx, options)
+            finished = _wait_for_round(store, config, number, averager, options)
             row = history_row(finished)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
                 scores = _evaluate_version(task, control, names.models_bucket, finished.model_version, test)
@@ -237,8 +235,7 @@ def _wait_for_round(
     store: RoundStore,
     config: FederationConfig,
     number: int,
-    averager: Any,
-    ctx: LocalContext,
+    averager: LocalFunction,
     options: SimulationOptions,
 ) -> Round:
     """Wait for a round to finish, ticking the averager's watchdog on our own clock."""
@@ -249,7 +246,7 @@ def _wait_for_round(
         if current is not None and current.status.finished:
             return current
         if time.time() >= next_tick:
-            averager.lambda_handler({"sfl": "tick"}, ctx)
+            averager.invoke({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
         time.sleep(0.02)
     raise SimulationError(f"round {number} did not finish within {options.round_timeout_seconds + 60} s")
