@@ -36,8 +36,11 @@ def _simulate(args: argparse.Namespace) -> int:
         f"{options.partition} partition, local AWS endpoint (moto) on 127.0.0.1",
         flush=True,
     )
-    print(f"{'round':>5} {'status':>9} {'clients':>8} {'accuracy':>9} {'loss':>7} "
-          f"{'client acc':>10} {'time s':>7} {'overhead s':>10}", flush=True)
+    print(
+        f"{'round':>5} {'status':>9} {'clients':>8} {'accuracy':>9} {'loss':>7} "
+        f"{'client acc':>10} {'time s':>7} {'overhead s':>10}",
+        flush=True,
+    )
 
     def show(row: dict[str, Any]) -> None:
         def fmt(value: float | None, spec: str) -> str:
@@ -86,7 +89,12 @@ def _split_dataset(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     rows = describe()
     if args.json:
-        print(json.dumps([dict(zip(("key", "default", "allowed", "meaning"), r, strict=True)) for r in rows], indent=2))
+        print(
+            json.dumps(
+                [dict(zip(("key", "default", "allowed", "meaning"), r, strict=True)) for r in rows],
+                indent=2,
+            )
+        )
         return 0
     for key, default, allowed, meaning in rows:
         print(f"{key:<26} {default:<14} {meaning}\n{'':<26} allowed: {allowed}")
@@ -108,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--task", default="digits", help=f"{', '.join(BUILTIN_TASKS)} or pkg.module:Task")
+        p.add_argument(
+            "--task", default="digits", help=f"{', '.join(BUILTIN_TASKS)} or pkg.module:Task"
+        )
         p.add_argument("--clients", type=int, default=10)
         p.add_argument("--partition", default="dirichlet", choices=("iid", "dirichlet", "shards"))
         p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-        p.add_argument("--labels-per-client", type=int, default=2, help="labels per client for 'shards'")
+        p.add_argument(
+            "--labels-per-client", type=int, default=2, help="labels per client for 'shards'"
+        )
         p.add_argument("--seed", type=int, default=0)
 
     sim = sub.add_parser("simulate", help="run the whole system locally against moto's server")
@@ -123,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--local-epochs", type=int, default=2)
     sim.add_argument("--lr", type=float, default=0.05)
     sim.add_argument("--batch-size", type=int, default=16)
-    sim.add_argument("--duplicate-deliveries", type=int, default=0, help="extra copies of each S3 event")
+    sim.add_argument(
+        "--duplicate-deliveries", type=int, default=0, help="extra copies of each S3 event"
+    )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
     sim.set_defaults(func=_simulate)
 

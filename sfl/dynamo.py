@@ -36,7 +36,7 @@ def _from_dynamo(value: Any) -> Any:
 
 def serialize(value: Any) -> dict[str, Any]:
     """One attribute value (``{"S": ...}``, ``{"M": ...}``, ...)."""
-    return _serializer.serialize(_to_dynamo(value))  # type: ignore[no-any-return]
+    return dict(_serializer.serialize(_to_dynamo(value)))
 
 
 def to_item(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -251,7 +251,7 @@ class RoundStore:
             if previous is None:
                 if new.round != 1:
                     raise ValueError("the first round of an experiment is round 1")
-                self._ddb.put_item(**put)  # type: ignore[arg-type]
+                self._ddb.put_item(**put)
             else:
                 if new.round != previous.round + 1:
                     raise ValueError(f"round {new.round} cannot follow round {previous.round}")
@@ -269,7 +269,7 @@ class RoundStore:
                                 },
                             }
                         },
-                        {"Put": put},  # type: ignore[typeddict-item]
+                        {"Put": put},
                     ]
                 )
         except ClientError as e:
@@ -303,7 +303,7 @@ class RoundStore:
         except ClientError as e:
             if error_code(e) != "ConditionalCheckFailedException":
                 raise
-            old = e.response.get("Item")  # type: ignore[typeddict-item]
+            old: Any = e.response.get("Item")
             current = Round.from_item(old) if old else self.get(experiment, number)
             if current is None:
                 return RecordOutcome(RecordResult.NO_SUCH_ROUND, None)

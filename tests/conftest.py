@@ -102,7 +102,11 @@ def s3_event(bucket: str, key: str, size: int, etag: str) -> dict[str, Any]:
                 "eventName": "ObjectCreated:Put",
                 "s3": {
                     "bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"},
-                    "object": {"key": quote_plus(key, safe="/"), "size": size, "eTag": etag.strip('"')},
+                    "object": {
+                        "key": quote_plus(key, safe="/"),
+                        "size": size,
+                        "eTag": etag.strip('"'),
+                    },
                 },
             }
         ]

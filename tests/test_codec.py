@@ -98,17 +98,26 @@ def test_header_lying_about_offsets_is_rejected() -> None:
         codec.decode(data)
 
 
+BASE_META = {
+    "format": "sfl-update/1",
+    "round": "1",
+    "client_id": "c",
+    "base_version": "0",
+    "num_examples": "2",
+}
+
+
 @pytest.mark.parametrize(
     ("metadata", "reason"),
     [
         ({}, "metadata_missing"),
         ({"format": "sfl-update/1", "round": "1"}, "metadata_missing"),
         (
-            {"format": "sfl-update/1", "round": "1", "client_id": "c", "base_version": "0", "num_examples": "1.5"},
+            {**BASE_META, "num_examples": "1.5"},
             "metadata_malformed",
         ),
         (
-            {"format": "sfl-update/1", "round": "x", "client_id": "c", "base_version": "0", "num_examples": "2"},
+            {**BASE_META, "round": "x"},
             "metadata_malformed",
         ),
         (

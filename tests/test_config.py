@@ -15,14 +15,23 @@ def test_defaults_round_trip_through_lambda_environment() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"quorum": "most"}, "config key 'quorum': 'most' is not allowed; allowed: one of all_answered, min_fraction"),
-        ({"fraction": 1.5}, "config key 'fraction': 1.5 is not allowed; allowed: a number from 0.01 to 1"),
+        (
+            {"quorum": "most"},
+            "config key 'quorum': 'most' is not allowed; "
+            "allowed: one of all_answered, min_fraction",
+        ),
+        (
+            {"fraction": 1.5},
+            "config key 'fraction': 1.5 is not allowed; allowed: a number from 0.01 to 1",
+        ),
         ({"local_epochs": "two"}, "config key 'local_epochs': 'two' is not a int"),
         ({"experiment": "a/b"}, "config key 'experiment'"),
         ({"local_epoch": 2}, "unknown config key(s) 'local_epoch'"),
     ],
 )
-def test_bad_values_name_the_key_value_and_what_is_allowed(values: dict[str, object], message: str) -> None:
+def test_bad_values_name_the_key_value_and_what_is_allowed(
+    values: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError) as caught:
         FederationConfig.from_mapping(values, source="cdk.json context 'sfl'")
     assert message in str(caught.value)

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfl.strategies.aggregation import AggregationError, FedAvg, fedavg, get_aggregator
 from sfl.strategies import StrategyError
+from sfl.strategies.aggregation import AggregationError, FedAvg, fedavg, get_aggregator
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -81,9 +81,15 @@ def test_strategy_lookup_by_name_and_import_path() -> None:
         max_size=12,
     )
 )
-def test_streaming_equals_weighted_mean_in_any_order(updates: list[tuple[list[float], int]]) -> None:
-    pairs = [({"w": torch.tensor(v, dtype=torch.float32).reshape(2, 2)}, float(n)) for v, n in updates]
-    expected = sum(torch.tensor(v, dtype=torch.float64) * n for v, n in updates) / sum(n for _, n in updates)
+def test_streaming_equals_weighted_mean_in_any_order(
+    updates: list[tuple[list[float], int]],
+) -> None:
+    pairs = [
+        ({"w": torch.tensor(v, dtype=torch.float32).reshape(2, 2)}, float(n)) for v, n in updates
+    ]
+    expected = sum(torch.tensor(v, dtype=torch.float64) * n for v, n in updates) / sum(
+        n for _, n in updates
+    )
 
     forward = fedavg(pairs)
     backward = fedavg(list(reversed(pairs)))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 import threading
 from pathlib import Path
-
-import subprocess
 
 from sfl import layout
 from sfl.initiator import start_round
@@ -26,7 +25,9 @@ def test_first_round_picks_registered_clients_and_publishes_the_assignment(stack
 
     assert result.started and result.round == 1
     assignment = json.loads(
-        stack.clients.s3.get_object(Bucket=stack.names.models_bucket, Key=layout.ASSIGNMENT_KEY)["Body"].read()
+        stack.clients.s3.get_object(Bucket=stack.names.models_bucket, Key=layout.ASSIGNMENT_KEY)[
+            "Body"
+        ].read()
     )
     assert assignment["round"] == 1 and assignment["status"] == "OPEN"
     assert sorted(assignment["selected"]) == ["c1", "c2", "c3"]
@@ -41,7 +42,10 @@ def test_no_model_or_no_clients_means_no_round_and_a_reason(stack: Stack) -> Non
     no_clients = start_round(stack.clients, stack.names, stack.config.replace(min_clients=5))
 
     assert not no_model.started and "version 0" in no_model.reason
-    assert not no_clients.started and "1 active client(s), fewer than min_clients=5" in no_clients.reason
+    assert (
+        not no_clients.started
+        and "1 active client(s), fewer than min_clients=5" in no_clients.reason
+    )
     assert RoundStore(stack.clients.dynamodb, stack.names.rounds_table).latest("test") is None
 
 
@@ -95,8 +99,8 @@ def test_initiator_handler_imports_no_torch() -> None:
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('h', {str(handler)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "heavy = sorted(n for n in sys.modules if n.split('.')[0] in {'torch', 'numpy', 'safetensors'})\n"
-        "print(','.join(heavy))\n"
+        "heavy = {'torch', 'numpy', 'safetensors'}\n"
+        "print(','.join(sorted(n for n in sys.modules if n.split('.')[0] in heavy)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -23,7 +23,12 @@ def _round(number: int, selected: tuple[str, ...] = ("a", "b"), base: int = 0) -
 
 
 def _answer(client: str) -> Answer:
-    return Answer(outcome=Outcome.ACCEPTED, key=f"updates/{client}/round-000001.safetensors", etag="e1", num_examples=5)
+    return Answer(
+        outcome=Outcome.ACCEPTED,
+        key=f"updates/{client}/round-000001.safetensors",
+        etag="e1",
+        num_examples=5,
+    )
 
 
 def test_round_one_is_created_once(stack: Stack) -> None:

@@ -85,6 +85,8 @@ class S3EventDispatcher:
 
     def _delete(self, message: dict[str, Any]) -> None:
         try:
-            self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
+            self._sqs.delete_message(
+                QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"]
+            )
         except Exception:
             logger.exception("deleting a delivered S3 event failed")

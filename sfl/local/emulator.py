@@ -20,7 +20,7 @@ from sfl.aws import AwsClients, make_clients
 
 REGION = "us-east-1"
 # moto accepts any credentials; these never leave this machine.
-_LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}  # noqa: S105
+_LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
 
 
 class LocalAws:
@@ -47,7 +47,11 @@ class LocalAws:
             self._server = None
 
     def session(self) -> boto3.session.Session:
-        return boto3.session.Session(region_name=self.region, **_LOCAL_CREDENTIALS)
+        return boto3.session.Session(
+            aws_access_key_id=_LOCAL_CREDENTIALS["aws_access_key_id"],
+            aws_secret_access_key=_LOCAL_CREDENTIALS["aws_secret_access_key"],
+            region_name=self.region,
+        )
 
     def clients(self) -> AwsClients:
         """Fresh S3 + DynamoDB clients on their own session (one per thread)."""
@@ -104,9 +108,7 @@ def provision(aws: LocalAws, *, prefix: str = "sfl-local") -> LocalDeployment:
         name = bucket_names[bucket.logical_id]
         s3.create_bucket(Bucket=name)
         if bucket.versioned:
-            s3.put_bucket_versioning(
-                Bucket=name, VersioningConfiguration={"Status": "Enabled"}
-            )
+            s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     sqs = aws.client("sqs")
     queue_url = sqs.create_queue(
         QueueName=f"{prefix}-update-events-{suffix}",
@@ -115,8 +117,11 @@ def provision(aws: LocalAws, *, prefix: str = "sfl-local") -> LocalDeployment:
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
         "Attributes"
     ]["QueueArn"]
-    spec = resources.UPDATES_BUCKET
-    rules = [{"Name": "prefix", "Value": spec.notify_prefix}, {"Name": "suffix", "Value": spec.notify_suffix}]
+    updates = resources.UPDATES_BUCKET
+    rules = [
+        {"Name": "prefix", "Value": updates.notify_prefix},
+        {"Name": "suffix", "Value": updates.notify_suffix},
+    ]
     s3.put_bucket_notification_configuration(
         Bucket=names.updates_bucket,
         NotificationConfiguration={

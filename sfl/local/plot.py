@@ -17,7 +17,9 @@ def plot_history(history: dict[str, Any], path: Path) -> Path:
     fig, (acc_ax, time_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     acc = [r["accuracy"] for r in rounds]
     client_acc = [r["client_accuracy"] for r in rounds]
-    acc_ax.plot([0, *xs], [history["initial_accuracy"], *acc], marker="o", label="global model, test split")
+    acc_ax.plot(
+        [0, *xs], [history["initial_accuracy"], *acc], marker="o", label="global model, test split"
+    )
     acc_ax.plot(xs, client_acc, marker=".", linestyle="--", label="clients' local eval (weighted)")
     acc_ax.set_ylabel("accuracy")
     acc_ax.set_ylim(0, 1.02)

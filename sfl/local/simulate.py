@@ -91,7 +91,9 @@ class SimulationResult:
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-def run_simulation(options: SimulationOptions, progress: ProgressFn | None = None) -> SimulationResult:
+def run_simulation(
+    options: SimulationOptions, progress: ProgressFn | None = None
+) -> SimulationResult:
     torch.set_num_threads(1)  # many clients share two cores: no intra-op oversubscription
     wall_start = time.time()
     out = options.out
@@ -122,7 +124,9 @@ def run_simulation(options: SimulationOptions, progress: ProgressFn | None = Non
             "POWERTOOLS_LOG_LEVEL": "WARNING",
         }
         with lambda_environment(env):
-            return _run(options, task, test, client_ids, config, aws, deployment, progress, wall_start)
+            return _run(
+                options, task, test, client_ids, config, aws, deployment, progress, wall_start
+            )
 
 
 def _run(
@@ -183,7 +187,9 @@ def _run(
             finished = _wait_for_round(store, config, number, averager, options)
             row = history_row(finished)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
-                scores = _evaluate_version(task, control, names.models_bucket, finished.model_version, test)
+                scores = _evaluate_version(
+                    task, control, names.models_bucket, finished.model_version, test
+                )
                 row.update(accuracy=scores["accuracy"], loss=scores["loss"])
             rows.append(row)
             if progress is not None:
@@ -194,19 +200,20 @@ def _run(
             thread.join(timeout=30)
         dispatcher.stop()
 
-    history = {
+    wall_seconds = time.time() - wall_start
+    history: dict[str, Any] = {
         "task": options.task,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "config": config.to_dict(),
         "initial_accuracy": initial_accuracy,
-        "wall_seconds": time.time() - wall_start,
+        "wall_seconds": wall_seconds,
         "averager_invocations": dispatcher.invocations,
         "averager_failures": dispatcher.failures,
         "rounds": rows,
     }
     history_path = options.out / "history.json"
     history_path.write_text(json.dumps(history, indent=2) + "\n")
-    plot_path: Path | None = options.out / "rounds.png"
+    plot_path = options.out / "rounds.png"
     from sfl.local.plot import plot_history
 
     plot_history(history, plot_path)
@@ -215,7 +222,7 @@ def _run(
         history_path=history_path,
         plot_path=plot_path,
         initial_accuracy=initial_accuracy,
-        wall_seconds=history["wall_seconds"],
+        wall_seconds=wall_seconds,
         invocations={"averager": dispatcher.invocations, "failures": dispatcher.failures},
     )
 
@@ -224,7 +231,9 @@ def _wait_for_clients(control: Any, table: str, expected: int, config: Federatio
     registry = ClientRegistry(control.dynamodb, table)
     deadline = time.time() + 60
     while time.time() < deadline:
-        active = registry.active(now=time.time(), active_window_seconds=config.active_window_seconds)
+        active = registry.active(
+            now=time.time(), active_window_seconds=config.active_window_seconds
+        )
         if len(active) >= expected:
             return
         time.sleep(0.05)
@@ -249,7 +258,9 @@ def _wait_for_round(
             averager.invoke({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
         time.sleep(0.02)
-    raise SimulationError(f"round {number} did not finish within {options.round_timeout_seconds + 60} s")
+    raise SimulationError(
+        f"round {number} did not finish within {options.round_timeout_seconds + 60} s"
+    )
 
 
 def _evaluate_version(
@@ -281,9 +292,7 @@ def history_row(r: Round) -> dict[str, Any]:
         "selected": list(r.selected),
         "candidates": r.candidates,
         "accepted": list(accepted),
-        "rejected": [
-            {"client_id": c, "reason": a.reason} for c, a in r.rejected.items()
-        ]
+        "rejected": [{"client_id": c, "reason": a.reason} for c, a in r.rejected.items()]
         + [
             {"client_id": x.get("client_id"), "reason": x.get("reason"), "counted": False}
             for x in r.other_rejections
@@ -302,7 +311,9 @@ def history_row(r: Round) -> dict[str, Any]:
             "aggregate": summary.get("aggregate_seconds"),
             "total": total,
         },
-        "overhead_seconds": (total - slowest_train) if total is not None and slowest_train is not None else None,
+        "overhead_seconds": (total - slowest_train)
+        if total is not None and slowest_train is not None
+        else None,
         "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
         "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
         "aggregation_attempts": r.aggregation_attempts,

@@ -1,0 +1,213 @@
+"""Acceptance is idempotent, bad updates are recorded and skipped, one aggregation per round."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import pytest
+import torch
+
+from sfl import codec, layout
+from sfl.initiator import start_round
+from sfl.local.lambdas import LocalFunction
+from sfl.rounds import RoundState, RoundStore
+from tests.conftest import TINY_MODEL, Stack
+
+
+@pytest.fixture
+def averager() -> LocalFunction:
+    return LocalFunction("averager")
+
+
+def _open_round(stack: Stack, *clients: str) -> RoundStore:
+    stack.put_model(0, TINY_MODEL)
+    stack.register(*clients)
+    assert start_round(stack.clients, stack.names, stack.config).started
+    return RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+
+
+def _model_versions(stack: Stack, version: int) -> int:
+    """How many times the key of this model version was written (the bucket is versioned)."""
+    listing = stack.clients.s3.list_object_versions(
+        Bucket=stack.names.models_bucket, Prefix=layout.model_key(version)
+    )
+    return len(listing.get("Versions", []))
+
+
+def _scaled(factor: float) -> dict[str, torch.Tensor]:
+    return {name: t * factor for name, t in TINY_MODEL.items()}
+
+
+def test_same_update_delivered_three_times_is_accepted_once(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    store = _open_round(stack, "a", "b")
+    event = stack.upload_update("a", 1, _scaled(2.0))
+
+    results = [averager.invoke(event)["outcomes"][0]["result"] for _ in range(3)]
+
+    assert results == ["accepted", "duplicate", "duplicate"]
+    round_ = store.get("test", 1)
+    assert round_ is not None and list(round_.answers) == ["a"] and round_.other_rejections == ()
+    assert round_.status is RoundState.OPEN  # b has not answered yet
+
+
+def test_quorum_closes_the_round_with_the_weighted_average(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    store = _open_round(stack, "a", "b")
+    averager.invoke(
+        stack.upload_update(
+            "a", 1, _scaled(1.0), num_examples=10, metrics={"loss": 1.0, "accuracy": 0.2}
+        )
+    )
+    averager.invoke(
+        stack.upload_update(
+            "b", 1, _scaled(3.0), num_examples=30, metrics={"loss": 0.2, "accuracy": 0.6}
+        )
+    )
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED and round_.model_version == 1
+    body = stack.clients.s3.get_object(Bucket=stack.names.models_bucket, Key=layout.model_key(1))[
+        "Body"
+    ].read()
+    model = codec.decode(body)
+    # (10 * 1x + 30 * 3x) / 40 = 2.5x
+    assert torch.allclose(model["w"], TINY_MODEL["w"] * 2.5)
+    assert torch.allclose(model["b"], TINY_MODEL["b"] * 2.5)
+    assert round_.summary["num_examples"] == 40
+    assert round_.summary["client_accuracy"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+
+
+def test_twenty_concurrent_invocations_at_quorum_write_one_model_version(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    clients = [f"c{i:02d}" for i in range(4)]
+    store = _open_round(stack, *clients)
+    events = [stack.upload_update(c, 1, _scaled(i + 1.0)) for i, c in enumerate(clients)]
+    # The first three land normally; the last one's event is delivered 20 times at once.
+    for event in events[:3]:
+        averager.invoke(event)
+    barrier = threading.Barrier(20)
+    errors: list[BaseException] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        try:
+            averager.invoke(events[3])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=deliver) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert round_.aggregation_attempts == 1
+    assert _model_versions(stack, 1) == 1
+    assert sorted(round_.accepted) == clients
+
+
+def _pickle_payload() -> bytes:
+    return pickle.dumps({k: v.numpy() for k, v in TINY_MODEL.items()})
+
+
+def test_bad_updates_are_recorded_and_the_round_closes_on_the_honest_clients(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    store = _open_round(stack, "honest", "shapes", "nan", "pickle")
+    stack.register("stranger")  # registered after selection: not in this round
+
+    outcomes = {}
+    outcomes["stranger"] = averager.invoke(stack.upload_update("stranger", 1, _scaled(9.0)))
+    outcomes["shapes"] = averager.invoke(
+        stack.upload_update("shapes", 1, {"w": torch.ones(3, 3), "b": torch.ones(2)})
+    )
+    nan = {"w": torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), "b": torch.zeros(2)}
+    outcomes["nan"] = averager.invoke(stack.upload_update("nan", 1, nan))
+    outcomes["pickle"] = averager.invoke(
+        stack.upload_update("pickle", 1, {}, body=_pickle_payload())
+    )
+    averager.invoke(stack.upload_update("honest", 1, _scaled(4.0)))
+
+    reasons = {c: o["outcomes"][0]["reason"].split(":")[0] for c, o in outcomes.items()}
+    assert reasons == {
+        "stranger": "not_selected",
+        "shapes": "tensor_shape",
+        "nan": "non_finite",
+        "pickle": "not_safetensors",
+    }
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert list(round_.accepted) == ["honest"]
+    assert {c: a.reason.split(":")[0] for c, a in round_.rejected.items()} == {
+        "shapes": "tensor_shape",
+        "nan": "non_finite",
+        "pickle": "not_safetensors",
+    }
+    assert [r["client_id"] for r in round_.other_rejections] == ["stranger"]
+    model = codec.decode(
+        stack.clients.s3.get_object(Bucket=stack.names.models_bucket, Key=layout.model_key(1))[
+            "Body"
+        ].read()
+    )
+    assert torch.allclose(model["w"], TINY_MODEL["w"] * 4.0)  # only the honest update
+
+
+def test_round_where_every_answer_is_rejected_is_abandoned_and_the_model_kept(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    store = _open_round(stack, "a")
+    averager.invoke(stack.upload_update("a", 1, {}, body=b"not a model"))
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.ABANDONED
+    assert "every answer was rejected" in round_.abandon_reason
+    assert _model_versions(stack, 1) == 0
+    # the next round starts from the same model
+    stack.register("a")
+    nxt = start_round(stack.clients, stack.names, stack.config)
+    assert nxt.started and store.get("test", 2).base_version == 0  # type: ignore[union-attr]
+
+
+def test_update_for_a_wrong_round_or_malformed_key_is_rejected(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    _open_round(stack, "a")
+    wrong_round = averager.invoke(stack.upload_update("a", 7, _scaled(1.0)))
+    event = stack.upload_update("a", 1, _scaled(1.0))
+    event["Records"][0]["s3"]["object"]["key"] = "updates/a/model.pt"
+    malformed = averager.invoke(event)
+
+    assert wrong_round["outcomes"][0]["reason"] == "unknown_round"
+    assert malformed["outcomes"][0]["reason"] == "malformed_key"
+
+
+def test_tick_abandons_a_round_past_its_deadline(stack: Stack, averager: LocalFunction) -> None:
+    stack.config = stack.config.replace(round_deadline_seconds=5)
+    from sfl.local.emulator import lambda_environment
+
+    with lambda_environment(stack.env()):
+        store = _open_round(stack, "a", "silent")
+        averager.invoke(stack.upload_update("a", 1, _scaled(1.0)))
+        assert averager.invoke({"sfl": "tick"})["tick"] == "waiting"
+        time.sleep(5.2)
+        tick = averager.invoke({"sfl": "tick"})
+
+    assert tick == {"tick": "finished", "round": 1, "status": "ABANDONED"}
+    assert "1 of 2 answered" in store.get("test", 1).abandon_reason  # type: ignore[union-attr]
+
+
+def test_bootstrap_writes_version_zero_once(stack: Stack, averager: LocalFunction) -> None:
+    first = averager.invoke({"sfl": "bootstrap"})
+    second = averager.invoke({"sfl": "bootstrap"})
+
+    assert first == {"bootstrap": "written"} and second == {"bootstrap": "already present"}
+    assert _model_versions(stack, 0) == 1

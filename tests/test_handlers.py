@@ -1,0 +1,73 @@
+"""The Lambda handlers take events in AWS's own shapes (fixtures in tests/events/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sfl.events import control_action, s3_updates
+from sfl.initiator import start_round
+from sfl.local.lambdas import LocalFunction
+from sfl.rounds import RoundState, RoundStore
+from tests.conftest import TINY_MODEL, Stack
+
+EVENTS = Path(__file__).parent / "events"
+
+
+def _fixture(name: str, **replace: str) -> dict[str, Any]:
+    text = (EVENTS / name).read_text()
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+def test_s3_records_are_url_decoded() -> None:
+    updates = s3_updates(_fixture("s3_put_two_records.json"))
+    assert [u.key for u in updates] == [
+        "updates/device:a/round-000001.safetensors",
+        "updates/device-b/round-000001.safetensors",
+    ]
+    assert s3_updates(_fixture("s3_test_event.json")) == []
+
+
+def test_schedule_event_is_a_tick() -> None:
+    assert control_action(_fixture("scheduled_tick.json")) == "tick"
+    assert control_action({"sfl": "bootstrap"}) == "bootstrap"
+    assert control_action(_fixture("s3_put_two_records.json")) is None
+
+
+def test_one_event_with_two_records_answers_for_both_clients(stack: Stack) -> None:
+    stack.put_model(0, TINY_MODEL)
+    stack.register("device:a", "device-b")
+    start_round(stack.clients, stack.names, stack.config)
+    etag_a = stack.upload_update("device:a", 1, TINY_MODEL)["Records"][0]["s3"]["object"]["eTag"]
+    etag_b = stack.upload_update("device-b", 1, TINY_MODEL)["Records"][0]["s3"]["object"]["eTag"]
+    event = _fixture(
+        "s3_put_two_records.json", BUCKET=stack.names.updates_bucket, ETAG_A=etag_a, ETAG_B=etag_b
+    )
+
+    result = LocalFunction("averager").invoke(event)
+
+    assert [o["result"] for o in result["outcomes"]] == ["accepted", "accepted"]
+    assert result["outcomes"][1]["finished_round"] == 1
+    round_ = RoundStore(stack.clients.dynamodb, stack.names.rounds_table).get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+
+
+def test_scheduled_tick_with_nothing_to_do(stack: Stack) -> None:
+    result = LocalFunction("averager").invoke(_fixture("scheduled_tick.json"))
+    assert result == {"tick": "no rounds yet", "round": None, "status": ""}
+
+
+def test_unknown_control_event_is_an_error(stack: Stack) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown control event 'reboot'"):
+        LocalFunction("averager").invoke({"sfl": "reboot"})
+
+
+def test_initiator_handler_returns_why_it_did_not_start(stack: Stack) -> None:
+    result = LocalFunction("initiator").invoke(_fixture("scheduled_tick.json"))
+    assert result["started"] is False
+    assert "global model version 0 is not in the models bucket" in result["reason"]
