@@ -1,0 +1,81 @@
+# Two commands on a fresh machine:  make demo  |  make test
+# Everything installs into .venv (and .venv-checkov, node_modules) inside this repository.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# pip prints a harmless "Location ... is ignored" line per local wheel here.
+QUIET := sed -u '/is ignored/d'
+export CDK_DISABLE_VERSION_CHECK := 1
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
+
+.PHONY: help setup dev demo test lint typecheck pytest fast synth checkov deploy destroy constraints clean
+
+help:
+	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
+	@echo "make test     set up .venv + dev tools, then lint, type-check and run every test"
+	@echo "make fast     the tests not marked slow (during development)"
+	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
+	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
+	@echo "make destroy  cdk destroy the stack"
+
+$(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/runtime.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt
+	$(PIP) install -q -r requirements/dev.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.runtime
+
+dev: $(VENV)/.dev node_modules/.installed
+	bash scripts/checkov.sh --install-only
+
+demo: setup
+	$(VENV)/bin/sfl simulate --clients 10 --rounds 20 --partition dirichlet --alpha 0.5 --out runs/demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(VENV)/bin/mypy
+
+pytest: dev
+	$(PY) -m pytest
+
+test: dev lint typecheck pytest
+
+fast: $(VENV)/.dev
+	$(PY) -m pytest -m "not slow"
+
+synth: dev
+	npx cdk synth --quiet
+
+checkov: synth
+	bash scripts/checkov.sh
+
+deploy: dev
+	npx cdk deploy --require-approval broadening
+
+destroy: dev
+	npx cdk destroy --force
+
+constraints: $(VENV)/.dev
+	{ echo '# Every package of the project venv, pinned (pip freeze); regenerate with `make constraints`.'; \
+	  $(PIP) freeze --exclude-editable | grep -v serverless-federated; } > requirements/constraints.txt
+
+clean:
+	rm -rf cdk.out runs .pytest_cache .mypy_cache .ruff_cache
