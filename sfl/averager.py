@@ -232,6 +232,7 @@ class Averager:
             accepted=len(round_.accepted),
             now=self.clock(),
             created_at=round_.created_at,
+            soft_deadline_at=round_.soft_deadline_at or round_.deadline_at,
             deadline_at=round_.deadline_at,
         )
 
@@ -313,9 +314,7 @@ class Averager:
             )
         version = round_.base_version + 1
         body = encode_model(result, version=version, round=round_.round, participants=len(used))
-        self.aws.s3.put_object(
-            Bucket=self.names.models_bucket, Key=layout.model_key(version), Body=body
-        )
+        rewritten = not self._put_once(layout.model_key(version), body)
         finished = self.clock()
         total_examples = sum(a.num_examples for _, a in used)
         summary = {
@@ -328,6 +327,7 @@ class Averager:
             "bytes_up": sum(a.size for a in round_.answers.values()),
             "bytes_down": sum(a.bytes_down for a in round_.answers.values()),
             "excluded": excluded,
+            "model_already_written": rewritten,
         }
         closed = self.rounds.close(
             round_.experiment, round_.round, self.owner, version, finished, summary
@@ -342,6 +342,20 @@ class Averager:
             },
         )
         return closed
+
+    def _put_once(self, key: str, body: bytes) -> bool:
+        """Write a model version only if absent: a retried aggregation of the same accepted
+        updates computes the same model, so an existing object is kept, never overwritten."""
+        try:
+            self.aws.s3.put_object(
+                Bucket=self.names.models_bucket, Key=key, Body=body, IfNoneMatch="*"
+            )
+        except ClientError as e:
+            if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                logger.warning("model version already written; keeping it", extra={"key": key})
+                return False
+            raise
+        return True
 
     def base_header(self, version: int) -> Header:
         cache_key = (self.names.models_bucket, version)
@@ -369,10 +383,47 @@ class Averager:
             return TickOutcome(None, "", "no rounds yet")
         if latest.status.finished:
             return TickOutcome(latest.round, str(latest.status), "nothing to do")
-        finished = self.advance(latest)
+        recovered = self.recover_lost_updates(latest) if latest.status is RoundState.OPEN else []
+        current = self.rounds.get(latest.experiment, latest.round) or latest
+        if current.status.finished:
+            return TickOutcome(
+                latest.round, str(current.status), "finished", {"recovered": recovered}
+            )
+        finished = self.advance(current)
         if finished is not None:
-            return TickOutcome(latest.round, str(finished.status), "finished")
-        return TickOutcome(latest.round, str(latest.status), "waiting")
+            return TickOutcome(
+                latest.round, str(finished.status), "finished", {"recovered": recovered}
+            )
+        return TickOutcome(latest.round, str(current.status), "waiting", {"recovered": recovered})
+
+    def recover_lost_updates(self, round_: Round) -> list[str]:
+        """Find uploads whose S3 event never arrived: look for each silent client's key."""
+        recovered = []
+        for client in round_.selected:
+            if client in round_.answers:
+                continue
+            key = layout.update_key(client, round_.round)
+            listing = self.aws.s3.list_objects_v2(
+                Bucket=self.names.updates_bucket, Prefix=key, MaxKeys=1
+            )
+            for obj in listing.get("Contents", []):
+                if obj["Key"] != key:
+                    continue
+                logger.warning(
+                    "update found without its S3 event",
+                    extra={"round": round_.round, "client_id": client, "key": key},
+                )
+                event = UpdateEvent(
+                    bucket=self.names.updates_bucket,
+                    key=key,
+                    size=int(obj["Size"]),
+                    etag=str(obj.get("ETag", "")),
+                )
+                outcome = self.handle_update(event)
+                recovered.append(f"{client}:{outcome.result}")
+                if outcome.finished_round is not None:
+                    return recovered
+        return recovered
 
 
 def _weighted(used: list[tuple[str, Answer]], metric: str) -> float | None:

@@ -69,7 +69,7 @@ class FederationConfig:
         metadata=_spec(_one_of(AGGREGATION_STRATEGIES), "how updates become the next model"),
     )
     quorum: str = field(
-        default="all_answered",
+        default="min_fraction",
         metadata=_spec(_one_of(QUORUM_POLICIES), "when a round may aggregate"),
     )
     fraction: float = field(
@@ -86,15 +86,32 @@ class FederationConfig:
     )
     min_answered_fraction: float = field(
         default=0.5,
-        metadata=_spec(_range(0.0, 1.0), "'min_fraction' quorum: share that must answer"),
+        metadata=_spec(
+            _range(0.0, 1.0),
+            "'min_fraction' quorum: share of selected clients whose accepted updates suffice "
+            "once the soft deadline has passed",
+        ),
+    )
+    min_accepted: int = field(
+        default=1,
+        metadata=_spec(_range(1, 10_000), "'min_fraction' quorum: fewest accepted updates"),
     )
     ewma_b: float = field(
         default=0.8,
         metadata=_spec(_range(0.0, 0.999), "weight of the past in each client's turnaround EWMA"),
     )
+    round_soft_deadline_seconds: int = field(
+        default=600,
+        metadata=_spec(
+            _range(1, 86_400),
+            "seconds after which a round may aggregate without every selected client",
+        ),
+    )
     round_deadline_seconds: int = field(
         default=900,
-        metadata=_spec(_range(5, 86_400), "seconds a round stays open before it is abandoned"),
+        metadata=_spec(
+            _range(1, 86_400), "hard deadline: a round still without quorum is abandoned"
+        ),
     )
     aggregation_lease_seconds: int = field(
         default=300,
@@ -154,6 +171,12 @@ class FederationConfig:
                     f"config key {f.name!r}: {value!r} is not allowed; "
                     f"allowed: {f.metadata['allowed']}"
                 )
+        if self.round_soft_deadline_seconds > self.round_deadline_seconds:
+            raise ConfigError(
+                f"config key 'round_soft_deadline_seconds': {self.round_soft_deadline_seconds} "
+                f"is after round_deadline_seconds={self.round_deadline_seconds}; "
+                "allowed: a number no larger than round_deadline_seconds"
+            )
 
     # --- sources -------------------------------------------------------------------------
 

@@ -123,6 +123,7 @@ def start_round(
         selected=selected,
         created_at=now,
         deadline_at=now + config.round_deadline_seconds,
+        soft_deadline_at=now + config.round_soft_deadline_seconds,
         train_config={
             "task": config.task,
             "local_epochs": config.local_epochs,

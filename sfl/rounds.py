@@ -100,6 +100,7 @@ class Round:
     deadline_at: float
     train_config: Mapping[str, Any]
     answers: Mapping[str, Answer] = field(default_factory=dict)
+    soft_deadline_at: float = 0.0  # 0: same as deadline_at
     other_rejections: tuple[Mapping[str, Any], ...] = ()
     candidates: int = 0
     select_seconds: float = 0.0
@@ -129,6 +130,7 @@ class Round:
                 "selected": list(self.selected),
                 "created_at": self.created_at,
                 "deadline_at": self.deadline_at,
+                "soft_deadline_at": self.soft_deadline_at or self.deadline_at,
                 "train_config": dict(self.train_config),
                 "answers": {c: a.to_dict() for c, a in self.answers.items()},
                 "other_rejections": [dict(r) for r in self.other_rejections],
@@ -149,6 +151,7 @@ class Round:
             selected=tuple(d.get("selected", [])),
             created_at=float(d["created_at"]),
             deadline_at=float(d["deadline_at"]),
+            soft_deadline_at=float(d.get("soft_deadline_at", d["deadline_at"])),
             train_config=d.get("train_config", {}),
             answers={c: Answer.from_dict(a) for c, a in d.get("answers", {}).items()},
             other_rejections=tuple(d.get("other_rejections", [])),

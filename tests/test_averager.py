@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import threading
-import time
 
 import pytest
 import torch
@@ -188,21 +187,6 @@ def test_update_for_a_wrong_round_or_malformed_key_is_rejected(
 
     assert wrong_round["outcomes"][0]["reason"] == "unknown_round"
     assert malformed["outcomes"][0]["reason"] == "malformed_key"
-
-
-def test_tick_abandons_a_round_past_its_deadline(stack: Stack, averager: LocalFunction) -> None:
-    stack.config = stack.config.replace(round_deadline_seconds=5)
-    from sfl.local.emulator import lambda_environment
-
-    with lambda_environment(stack.env()):
-        store = _open_round(stack, "a", "silent")
-        averager.invoke(stack.upload_update("a", 1, _scaled(1.0)))
-        assert averager.invoke({"sfl": "tick"})["tick"] == "waiting"
-        time.sleep(5.2)
-        tick = averager.invoke({"sfl": "tick"})
-
-    assert tick == {"tick": "finished", "round": 1, "status": "ABANDONED"}
-    assert "1 of 2 answered" in store.get("test", 1).abandon_reason  # type: ignore[union-attr]
 
 
 def test_bootstrap_writes_version_zero_once(stack: Stack, averager: LocalFunction) -> None:

@@ -53,6 +53,7 @@ class SimulationOptions:
     seed: int = 0
     poll_seconds: float = 0.1
     tick_seconds: float = 1.0
+    soft_deadline_seconds: int = 60
     round_timeout_seconds: int = 120
     averager_concurrency: int = 4
     duplicate_deliveries: int = 0
@@ -68,6 +69,7 @@ class SimulationOptions:
             seed=self.seed,
             poll_seconds=self.poll_seconds,
             heartbeat_seconds=5,
+            round_soft_deadline_seconds=min(self.soft_deadline_seconds, self.round_timeout_seconds),
             round_deadline_seconds=self.round_timeout_seconds,
             aggregation_lease_seconds=60,
         )

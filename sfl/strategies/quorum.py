@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,12 @@ class QuorumView:
     accepted: int
     now: float
     created_at: float
+    soft_deadline_at: float
     deadline_at: float
+
+    @property
+    def past_soft_deadline(self) -> bool:
+        return self.now >= self.soft_deadline_at
 
     @property
     def past_deadline(self) -> bool:
@@ -32,12 +38,12 @@ def all_answered(view: QuorumView, config: FederationConfig) -> bool:
 
 
 def min_fraction(view: QuorumView, config: FederationConfig) -> bool:
-    """Everyone answered, or at the deadline at least ``min_answered_fraction`` accepted."""
+    """Everyone answered; or, past the soft deadline, enough accepted updates: at least
+    ``min_accepted`` and ``min_answered_fraction`` of the selected clients."""
     if all_answered(view, config):
         return True
-    return view.past_deadline and view.accepted >= max(
-        1.0, config.min_answered_fraction * view.selected
-    )
+    needed = max(config.min_accepted, math.ceil(config.min_answered_fraction * view.selected))
+    return view.past_soft_deadline and view.accepted >= needed
 
 
 QUORUM_POLICIES: dict[str, QuorumPolicy] = {

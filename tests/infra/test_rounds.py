@@ -1,0 +1,379 @@
+"""The round machinery: the two Lambdas, their schedule, failure handling, the bootstrap call.
+
+Also the initiator's packaging: a torch-free zip built on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk import Stack, assertions
+from stack_template import REPO_ROOT, Synthesized, actions_of, arn_of, bare_app_stack, logical_id
+
+from infra.bundling import BundlingError, bundle, core_modules, read_pins
+from infra.rounds import (
+    BOOTSTRAP_EVENT,
+    INITIATOR_FUNCTION_ENV,
+    TICK_EVENT,
+    FederationRounds,
+    FunctionSettings,
+)
+
+ENVIRONMENT = {"SFL_MODELS_BUCKET": "models", "SFL_LR": "0.05"}
+
+
+def build(
+    stack: Stack, *, initiator_reserved: int = 0, schedule_enabled: bool = True
+) -> FederationRounds:
+    return FederationRounds(
+        stack,
+        "Rounds",
+        source_root=REPO_ROOT,
+        python_version="3.14",
+        environment=ENVIRONMENT,
+        initiator=FunctionSettings(
+            memory_mb=256, timeout_seconds=60, reserved_concurrency=initiator_reserved
+        ),
+        averager=FunctionSettings(memory_mb=2048, timeout_seconds=300, reserved_concurrency=0),
+        schedule_minutes=7,
+        schedule_enabled=schedule_enabled,
+        log_retention_days=14,
+    )
+
+
+@pytest.fixture(scope="module")
+def rounds() -> tuple[FederationRounds, assertions.Template, dict[str, Any]]:
+    stack = bare_app_stack("RoundsUnderTest")
+    construct = build(stack)
+    template = assertions.Template.from_stack(stack)
+    return construct, template, template.to_json()
+
+
+def function_json(template_json: dict[str, Any], function: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = template_json["Resources"][logical_id(function)]
+    return resource
+
+
+# --- the functions ---------------------------------------------------------------------------
+
+
+def test_initiator_is_a_python_zip_with_the_configured_size(rounds):
+    construct, _, template_json = rounds
+    props = function_json(template_json, construct.initiator)["Properties"]
+    assert props["Runtime"] == "python3.14"
+    assert props["Handler"] == "handler.lambda_handler"
+    assert props["Architectures"] == ["arm64"]
+    assert props["Code"]["S3Key"].endswith(".zip")
+    assert props["MemorySize"] == 256
+    assert props["Timeout"] == 60
+    assert "ReservedConcurrentExecutions" not in props
+
+
+def test_averager_is_a_container_image_with_the_configured_size(rounds):
+    construct, _, template_json = rounds
+    props = function_json(template_json, construct.averager)["Properties"]
+    assert props["PackageType"] == "Image"
+    assert "ImageUri" in props["Code"]
+    assert props["Architectures"] == ["x86_64"]
+    assert props["MemorySize"] == 2048
+    assert props["Timeout"] == 300
+
+
+def test_both_functions_get_the_environment_and_powertools_names(rounds):
+    construct, _, template_json = rounds
+    for function, service in (
+        (construct.initiator, "sfl-initiator"),
+        (construct.averager, "sfl-averager"),
+    ):
+        env = function_json(template_json, function)["Properties"]["Environment"]["Variables"]
+        assert env["SFL_MODELS_BUCKET"] == "models"
+        assert env["SFL_LR"] == "0.05"
+        assert env["POWERTOOLS_SERVICE_NAME"] == service
+        assert env["POWERTOOLS_METRICS_NAMESPACE"] == "ServerlessFederatedLearning"
+
+
+def test_averager_knows_the_initiator_by_name(rounds):
+    construct, _, template_json = rounds
+    env = function_json(template_json, construct.averager)["Properties"]["Environment"]["Variables"]
+    assert env[INITIATOR_FUNCTION_ENV] == {"Ref": logical_id(construct.initiator)}
+
+
+def test_reserved_concurrency_is_set_only_when_configured(bare_stack):
+    construct = build(bare_stack, initiator_reserved=2)
+    template_json = assertions.Template.from_stack(bare_stack).to_json()
+    props = function_json(template_json, construct.initiator)["Properties"]
+    assert props["ReservedConcurrentExecutions"] == 2
+    skips = function_json(template_json, construct.initiator)["Metadata"]["checkov"]["skip"]
+    assert "CKV_AWS_115" not in {s["id"] for s in skips}
+
+
+def test_each_function_logs_to_its_own_group_with_retention(rounds):
+    construct, _, template_json = rounds
+    for function, log_group in (
+        (construct.initiator, construct.initiator_log_group),
+        (construct.averager, construct.averager_log_group),
+    ):
+        props = function_json(template_json, function)["Properties"]
+        assert props["LoggingConfig"] == {"LogGroup": {"Ref": logical_id(log_group)}}
+        group = template_json["Resources"][logical_id(log_group)]
+        assert group["Properties"]["RetentionInDays"] == 14
+        assert group["DeletionPolicy"] == "Delete"
+
+
+def test_execution_roles_start_with_logs_only_and_no_managed_policy(rounds):
+    construct, _, template_json = rounds
+    for function, log_group in (
+        (construct.initiator, construct.initiator_log_group),
+        (construct.averager, construct.averager_log_group),
+    ):
+        role = template_json["Resources"][logical_id(function.role)]
+        assert "ManagedPolicyArns" not in role["Properties"]
+        assert role["Properties"]["AssumeRolePolicyDocument"]["Statement"] == [
+            {
+                "Action": "sts:AssumeRole",
+                "Effect": "Allow",
+                "Principal": {"Service": "lambda.amazonaws.com"},
+            }
+        ]
+        policy_id = logical_id(function.role.node.find_child("DefaultPolicy"))
+        statements = template_json["Resources"][policy_id]["Properties"]["PolicyDocument"][
+            "Statement"
+        ]
+        by_actions = {tuple(actions_of(s)): s["Resource"] for s in statements}
+        assert by_actions[("logs:CreateLogStream", "logs:PutLogEvents")] == arn_of(
+            logical_id(log_group)
+        )
+        queue_arn = arn_of(logical_id(construct.failure_queue))
+        assert by_actions[("sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:SendMessage")] == (
+            queue_arn
+        )
+        assert len(statements) == 2  # everything else is granted by the stack
+
+
+# --- failures, schedule, bootstrap -----------------------------------------------------------
+
+
+def test_failed_async_invocations_go_to_the_encrypted_failure_queue(rounds):
+    construct, template, _ = rounds
+    queue_arn = arn_of(logical_id(construct.failure_queue))
+    for function in (construct.initiator, construct.averager):
+        template.has_resource_properties(
+            "AWS::Lambda::EventInvokeConfig",
+            {
+                "FunctionName": {"Ref": logical_id(function)},
+                "DestinationConfig": {"OnFailure": {"Destination": queue_arn}},
+                "MaximumRetryAttempts": 2,
+                "MaximumEventAgeInSeconds": 3600,
+            },
+        )
+    template.has_resource_properties(
+        "AWS::SQS::Queue", {"SqsManagedSseEnabled": True, "MessageRetentionPeriod": 1_209_600}
+    )
+    template.has_resource_properties(
+        "AWS::SQS::QueuePolicy",
+        {
+            "PolicyDocument": {
+                "Statement": assertions.Match.array_with(
+                    [
+                        assertions.Match.object_like(
+                            {
+                                "Effect": "Deny",
+                                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                            }
+                        )
+                    ]
+                )
+            }
+        },
+    )
+
+
+def test_one_schedule_ticks_both_functions(rounds):
+    construct, template, _ = rounds
+    template.resource_count_is("AWS::Events::Rule", 1)
+    rule = next(iter(template.find_resources("AWS::Events::Rule").values()))["Properties"]
+    assert rule["ScheduleExpression"] == "rate(7 minutes)"
+    assert rule["State"] == "ENABLED"
+    queue_arn = arn_of(logical_id(construct.failure_queue))
+    targets = {t["Arn"]["Fn::GetAtt"][0]: t for t in rule["Targets"]}
+    assert set(targets) == {logical_id(construct.initiator), logical_id(construct.averager)}
+    for target in targets.values():
+        assert json.loads(target["Input"]) == TICK_EVENT
+        assert target["DeadLetterConfig"] == {"Arn": queue_arn}
+        assert target["RetryPolicy"] == {
+            "MaximumEventAgeInSeconds": 3600,
+            "MaximumRetryAttempts": 2,
+        }
+
+
+def test_schedule_can_be_deployed_disabled(bare_stack):
+    build(bare_stack, schedule_enabled=False)
+    template = assertions.Template.from_stack(bare_stack)
+    template.has_resource_properties("AWS::Events::Rule", {"State": "DISABLED"})
+
+
+def test_deploy_asks_the_averager_once_for_model_version_zero(rounds):
+    construct, template, template_json = rounds
+    resources = template.find_resources("Custom::AWS")
+    assert len(resources) == 1
+    props = next(iter(resources.values()))["Properties"]
+    # The request is JSON joined around the averager's name: put a placeholder there.
+    joined = props["Create"]["Fn::Join"][1]
+    text = "".join(p if isinstance(p, str) else "<" + p["Ref"] + ">" for p in joined)
+    request = json.loads(text)
+    assert request["service"] == "Lambda"
+    assert request["action"] == "invoke"
+    assert request["parameters"]["FunctionName"] == f"<{logical_id(construct.averager)}>"
+    assert request["parameters"]["InvocationType"] == "Event"
+    assert json.loads(request["parameters"]["Payload"]) == BOOTSTRAP_EVENT
+    assert props["InstallLatestAwsSdk"] is False
+    # Its caller may invoke the averager and nothing else.
+    policy = template_json["Resources"][
+        logical_id(construct.initial_model.node.find_child("CustomResourcePolicy"))
+    ]
+    assert policy["Properties"]["PolicyDocument"]["Statement"] == [
+        {
+            "Action": "lambda:InvokeFunction",
+            "Effect": "Allow",
+            "Resource": arn_of(logical_id(construct.averager)),
+        }
+    ]
+
+
+# --- the initiator's zip ---------------------------------------------------------------------
+
+
+def initiator_asset(synthesized: Synthesized) -> Path:
+    code = function_json(synthesized.template_json, synthesized.stack.rounds.initiator)
+    key = code["Properties"]["Code"]["S3Key"]
+    return synthesized.assembly_dir / f"asset.{key.removesuffix('.zip')}"
+
+
+def test_initiator_zip_holds_the_handler_core_modules_and_pins_only(synthesized):
+    asset = initiator_asset(synthesized)
+    top = {p.name for p in asset.iterdir()}
+    assert top == {
+        "handler.py",
+        "sfl",
+        "aws_lambda_powertools",
+        "aws_lambda_powertools-3.37.0.dist-info",
+        "typing_extensions.py",
+        "typing_extensions-4.16.0.dist-info",
+    }
+    modules = {p.relative_to(asset).as_posix() for p in (asset / "sfl").rglob("*.py")}
+    assert {"sfl/__init__.py", "sfl/config.py", "sfl/layout.py", "sfl/resources.py"} <= modules
+    # The heavy half of the core stays out.
+    assert not modules & {"sfl/codec.py", "sfl/averager.py", "sfl/strategies/aggregation.py"}
+    assert not any(m.startswith(("sfl/tasks/", "sfl/local/")) for m in modules)
+    assert not list(asset.rglob("*.pyc"))
+
+
+def test_initiator_zip_imports_its_handler_with_torch_unavailable(synthesized):
+    asset = initiator_asset(synthesized)
+    probe = textwrap.dedent(
+        """
+        import sys
+        for heavy in ("torch", "numpy", "safetensors"):
+            sys.modules[heavy] = None  # any import of these now fails
+        import handler, sfl
+        assert sfl.__file__.startswith(sys.argv[1]), sfl.__file__
+        assert callable(handler.lambda_handler)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(asset)],
+        cwd=asset,
+        env={"PYTHONPATH": str(asset), "PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_bundling_refuses_a_handler_that_reaches_torch(tmp_path):
+    package = tmp_path / "corepkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "light.py").write_text("from corepkg import heavy\n")
+    (package / "heavy.py").write_text("def f():\n    import torch\n")
+    handler = tmp_path / "lambda_dir" / "handler.py"
+    handler.parent.mkdir()
+    handler.write_text("from corepkg import light\n")
+    with pytest.raises(BundlingError, match=r"torch \(imported by corepkg\.heavy\)"):
+        core_modules(handler, source_root=tmp_path, package="corepkg")
+
+
+def test_bundling_refuses_a_missing_core_module(tmp_path):
+    package = tmp_path / "corepkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    handler = tmp_path / "lambda_dir" / "handler.py"
+    handler.parent.mkdir()
+    handler.write_text("import corepkg.gone\n")
+    with pytest.raises(BundlingError, match="do not exist"):
+        core_modules(handler, source_root=tmp_path, package="corepkg")
+
+
+def test_bundling_copies_only_what_the_handler_imports(tmp_path):
+    package = tmp_path / "corepkg"
+    (package / "sub").mkdir(parents=True)
+    for name in ("__init__.py", "used.py", "unused.py", "sub/__init__.py", "sub/deep.py"):
+        (package / name).write_text("")
+    (package / "used.py").write_text("from corepkg.sub import deep\n")
+    handler = tmp_path / "lambda_dir" / "handler.py"
+    handler.parent.mkdir()
+    handler.write_text("from corepkg import used\n")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing vendored\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    bundle(
+        handler=handler,
+        requirements=requirements,
+        source_root=tmp_path,
+        package="corepkg",
+        output_dir=out,
+    )
+    copied = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.py"))
+    assert copied == [
+        "corepkg/__init__.py",
+        "corepkg/sub/__init__.py",
+        "corepkg/sub/deep.py",
+        "corepkg/used.py",
+        "handler.py",
+    ]
+
+
+def test_bundling_rejects_a_version_other_than_the_pin(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("aws-lambda-powertools==0.0.1\n")
+    handler = tmp_path / "handler.py"
+    handler.write_text("")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(BundlingError, match=r"pins 0\.0\.1"):
+        bundle(
+            handler=handler,
+            requirements=requirements,
+            source_root=tmp_path,
+            package="corepkg",
+            output_dir=out,
+        )
+
+
+def test_requirements_must_be_exact_pins(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nboto3>=1.30\n")
+    with pytest.raises(BundlingError, match="not pinned"):
+        read_pins(requirements)
+    assert [p.name for p in read_pins(REPO_ROOT / "lambdas/initiator/requirements.txt")] == [
+        "aws-lambda-powertools",
+        "typing-extensions",
+    ]

@@ -1,0 +1,313 @@
+"""The whole stack: each role's exact access, the wiring, one config source, the outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stack_template import (
+    Synthesized,
+    actions_of,
+    arn_of,
+    cdk_context,
+    logical_id,
+    object_arn,
+    resources_of,
+    statements_of,
+    synthesize,
+)
+
+from infra.config import InfraConfig, StackConfig
+from sfl.config import ConfigError, FederationConfig
+from sfl.resources import UPDATES_BUCKET, ResourceNames
+
+
+def role_statements(synthesized: Synthesized, role: Any) -> list[dict[str, Any]]:
+    return statements_of(
+        synthesized.template_json, logical_id(role.node.find_child("DefaultPolicy"))
+    )
+
+
+def grants(statements: list[dict[str, Any]]) -> dict[tuple[str, ...], list[Any]]:
+    """actions -> resources, with the logging and failure-queue grants every function has."""
+    return {tuple(actions_of(s)): resources_of(s) for s in statements}
+
+
+def common_grants(synthesized: Synthesized, log_group: Any) -> dict[tuple[str, ...], list[Any]]:
+    queue = logical_id(synthesized.stack.rounds.failure_queue)
+    return {
+        ("logs:CreateLogStream", "logs:PutLogEvents"): [arn_of(logical_id(log_group))],
+        ("sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:SendMessage"): [arn_of(queue)],
+    }
+
+
+# --- each role's exact access ----------------------------------------------------------------
+
+
+def test_initiator_role_has_exactly_its_grants(synthesized):
+    stack = synthesized.stack
+    models = logical_id(stack.storage.models_bucket)
+    rounds_table = logical_id(stack.state.rounds_table)
+    clients_table = logical_id(stack.state.clients_table)
+    items = ("dynamodb:ConditionCheckItem", "dynamodb:GetItem", "dynamodb:PutItem")
+    assert grants(role_statements(synthesized, stack.rounds.initiator.role)) == {
+        **common_grants(synthesized, stack.rounds.initiator_log_group),
+        ("s3:GetObject",): [object_arn(models, "models/global/*")],
+        ("s3:PutObject",): [object_arn(models, "rounds/current.json")],
+        ("s3:ListBucket",): [arn_of(models)],
+        (*items, "dynamodb:Query", "dynamodb:UpdateItem"): [arn_of(rounds_table)],
+        (*items, "dynamodb:Query", "dynamodb:Scan", "dynamodb:UpdateItem"): [arn_of(clients_table)],
+    }
+
+
+def test_averager_role_has_exactly_its_grants(synthesized):
+    stack = synthesized.stack
+    models = logical_id(stack.storage.models_bucket)
+    updates = logical_id(stack.storage.updates_bucket)
+    assert grants(role_statements(synthesized, stack.rounds.averager.role)) == {
+        **common_grants(synthesized, stack.rounds.averager_log_group),
+        ("s3:GetObject",): [object_arn(updates, "updates/*")],
+        ("s3:GetObject", "s3:PutObject"): [
+            object_arn(models, "models/global/*"),
+            object_arn(models, "rounds/current.json"),
+        ],
+        ("s3:ListBucket",): [arn_of(models), arn_of(updates)],
+        ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"): [
+            arn_of(logical_id(stack.state.rounds_table))
+        ],
+        ("dynamodb:GetItem", "dynamodb:UpdateItem"): [
+            arn_of(logical_id(stack.state.clients_table))
+        ],
+        # The version-less ARN: it may chain the initiator, no alias or version of it.
+        ("lambda:InvokeFunction",): [arn_of(logical_id(stack.rounds.initiator))],
+    }
+
+
+def all_policy_statements(template_json: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for logical, resource in template_json["Resources"].items():
+        props = resource.get("Properties", {})
+        documents = [props.get("PolicyDocument"), props.get("AssumeRolePolicyDocument")]
+        documents += [p["PolicyDocument"] for p in props.get("Policies", [])]
+        for document in filter(None, documents):
+            found += [(logical, s) for s in document["Statement"]]
+    return found
+
+
+def test_no_policy_allows_every_action_of_a_service(synthesized):
+    for logical, statement in all_policy_statements(synthesized.template_json):
+        if statement["Effect"] != "Allow":
+            continue
+        for action in actions_of(statement):
+            assert action != "*" and not action.endswith(":*"), (logical, action)
+
+
+def test_no_identity_policy_uses_a_wildcard_action(synthesized):
+    identity_types = {"AWS::IAM::Policy", "AWS::IAM::Role", "AWS::IAM::ManagedPolicy"}
+    resources = synthesized.template_json["Resources"]
+    for logical, statement in all_policy_statements(synthesized.template_json):
+        if resources[logical]["Type"] in identity_types:
+            assert not any("*" in a for a in actions_of(statement)), (logical, statement)
+
+
+def test_only_cdk_handlers_use_a_managed_policy_and_it_is_basic_execution(synthesized):
+    roles = synthesized.resources("AWS::IAM::Role")
+    ours = {
+        logical_id(r)
+        for r in (
+            synthesized.stack.rounds.initiator.role,
+            synthesized.stack.rounds.averager.role,
+            synthesized.stack.edge.device_role,
+        )
+    }
+    for logical, role in roles.items():
+        managed = role["Properties"].get("ManagedPolicyArns", [])
+        if logical in ours:
+            assert managed == []
+        for arn in managed:
+            text = json.dumps(arn)
+            assert "FullAccess" not in text
+            assert ":iam::aws:policy/service-role/AWSLambdaBasicExecutionRole" in text, text
+
+
+def test_nothing_is_named_by_hand(synthesized):
+    named = {
+        "AWS::S3::Bucket": "BucketName",
+        "AWS::DynamoDB::Table": "TableName",
+        "AWS::Lambda::Function": "FunctionName",
+        "AWS::IAM::Role": "RoleName",
+        "AWS::SQS::Queue": "QueueName",
+        "AWS::Logs::LogGroup": "LogGroupName",
+        "AWS::IoT::RoleAlias": "RoleAlias",
+        "AWS::IoT::ThingGroup": "ThingGroupName",
+        "AWS::Events::Rule": "Name",
+    }
+    for resource_type, name_property in named.items():
+        for logical, resource in synthesized.resources(resource_type).items():
+            assert name_property not in resource.get("Properties", {}), logical
+
+
+# --- wiring ----------------------------------------------------------------------------------
+
+
+def test_updates_bucket_notifies_the_averager_of_new_updates_only(synthesized):
+    stack = synthesized.stack
+    updates = logical_id(stack.storage.updates_bucket)
+    averager = logical_id(stack.rounds.averager)
+    (notifications,) = synthesized.resources("Custom::S3BucketNotifications").values()
+    props = notifications["Properties"]
+    assert props["BucketName"] == {"Ref": updates}
+    assert props["NotificationConfiguration"] == {
+        "LambdaFunctionConfigurations": [
+            {
+                "Events": ["s3:ObjectCreated:*"],
+                "Filter": {
+                    "Key": {
+                        "FilterRules": [
+                            {"Name": "suffix", "Value": UPDATES_BUCKET.notify_suffix},
+                            {"Name": "prefix", "Value": UPDATES_BUCKET.notify_prefix},
+                        ]
+                    }
+                },
+                "LambdaFunctionArn": arn_of(averager),
+            }
+        ]
+    }
+    synthesized.template.has_resource_properties(
+        "AWS::Lambda::Permission",
+        {
+            "Action": "lambda:InvokeFunction",
+            "FunctionName": arn_of(averager),
+            "Principal": "s3.amazonaws.com",
+            "SourceArn": arn_of(updates),
+            "SourceAccount": {"Ref": "AWS::AccountId"},
+        },
+    )
+
+
+def test_lambdas_and_devices_read_one_configuration(synthesized):
+    stack = synthesized.stack
+    expected_names = ResourceNames(
+        models_bucket={"Ref": logical_id(stack.storage.models_bucket)},  # type: ignore[arg-type]
+        updates_bucket={"Ref": logical_id(stack.storage.updates_bucket)},  # type: ignore[arg-type]
+        clients_table={"Ref": logical_id(stack.state.clients_table)},  # type: ignore[arg-type]
+        rounds_table={"Ref": logical_id(stack.state.rounds_table)},  # type: ignore[arg-type]
+    ).to_env()
+    federation = FederationConfig.from_mapping(cdk_context()["sfl"]).to_env()
+    for function in (stack.rounds.initiator, stack.rounds.averager):
+        env = synthesized.template_json["Resources"][logical_id(function)]["Properties"][
+            "Environment"
+        ]["Variables"]
+        assert {k: env[k] for k in expected_names} == expected_names
+        assert {k: env[k] for k in federation} == federation
+    # The component's default configuration is the same mapping (as JSON with CFN refs).
+    (component,) = synthesized.resources("AWS::GreengrassV2::ComponentVersion").values()
+    parts = component["Properties"]["InlineRecipe"]["Fn::Join"][1]
+    text = "".join(p if isinstance(p, str) else json.dumps(p).replace('"', "'") for p in parts)
+    configuration = json.loads(text)["ComponentConfiguration"]["DefaultConfiguration"]
+    assert {k: configuration[k] for k in federation} == federation
+    for variable, ref in expected_names.items():
+        assert configuration[variable] == json.dumps(ref).replace('"', "'")
+
+
+def test_outputs_name_everything_an_operator_needs(synthesized):
+    outputs = synthesized.template_json["Outputs"]
+    assert set(outputs) == {
+        "ModelsBucketName",
+        "UpdatesBucketName",
+        "ClientsTableName",
+        "RoundsTableName",
+        "InitiatorFunctionName",
+        "AveragerFunctionName",
+        "FailedInvocationsQueueUrl",
+        "TokenExchangeRoleName",
+        "TokenExchangeRoleAliasName",
+        "ThingGroupName",
+        "ComponentName",
+        "ComponentVersion",
+        "DeviceSetupCommand",
+    }
+    edge = synthesized.stack.edge
+    assert outputs["TokenExchangeRoleAliasName"]["Value"] == {"Ref": logical_id(edge.role_alias)}
+    assert outputs["ComponentVersion"]["Value"] == edge.component_version
+    command = outputs["DeviceSetupCommand"]["Value"]["Fn::Join"][1]
+    text = "".join(p if isinstance(p, str) else "<" + json.dumps(p) + ">" for p in command)
+    for flag in (
+        "--thing-name <THING_NAME>",
+        f'--thing-group-name <{{"Ref": "{logical_id(edge.thing_group)}"}}>',
+        f'--tes-role-alias-name <{{"Ref": "{logical_id(edge.role_alias)}"}}>',
+        f'--tes-role-name <{{"Ref": "{logical_id(edge.device_role)}"}}>',
+        "--provision true",
+    ):
+        assert flag in text
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_context_overrides_reach_the_resources(tmp_path: Path):
+    context = cdk_context()
+    context["sfl"] = {**context["sfl"], "lr": 0.1, "task": "mnist"}
+    context["sfl_infra"] = {
+        **context["sfl_infra"],
+        "stack_prefix": "Other",
+        "schedule_minutes": 10,
+        "averager_memory_mb": 4096,
+        "retain_data": True,
+    }
+    stack, assembly_dir = synthesize(tmp_path, context)
+    assert stack.stack_name == "Other-Federation"
+    template = json.loads((assembly_dir / stack.template_file).read_text())
+    resources = template["Resources"]
+    averager = resources[logical_id(stack.rounds.averager)]["Properties"]
+    assert averager["MemorySize"] == 4096
+    assert averager["Environment"]["Variables"]["SFL_LR"] == "0.1"
+    assert averager["Environment"]["Variables"]["SFL_TASK"] == "mnist"
+    (rule,) = [r for r in resources.values() if r["Type"] == "AWS::Events::Rule"]
+    assert rule["Properties"]["ScheduleExpression"] == "rate(10 minutes)"
+    kept = [
+        r for r in resources.values() if r["Type"] in {"AWS::S3::Bucket", "AWS::DynamoDB::Table"}
+    ]
+    assert {r["DeletionPolicy"] for r in kept} == {"Retain"}
+    assert stack.edge.component_name == "Other.EdgeClient"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("sfl_infra", {"schedule_minutes": 0}, r"schedule_minutes.*0.*an integer from 1 to 1440"),
+        ("sfl_infra", {"log_retention_days": 31}, r"log_retention_days.*31.*one of 1, 3, 5"),
+        ("sfl_infra", {"retain_data": "yes"}, r"retain_data.*'yes' is not a bool.*true or false"),
+        ("sfl_infra", {"averager_memory_mb": True}, r"averager_memory_mb.*True is not a int"),
+        ("sfl_infra", {"stack_prefix": "9lives"}, r"stack_prefix.*'9lives'.*a letter"),
+        ("sfl_infra", {"memory": 1}, r"unknown config key\(s\) 'memory'"),
+        ("sfl", {"lr": -1}, r"'lr'.*-1.*allowed"),
+        ("sfl", {"selection": "nobody"}, r"'selection'.*'nobody'.*fast_clients"),
+        ("sfl", "not json", r"context 'sfl'.*not a JSON object"),
+    ],
+)
+def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(key, value, message):
+    context = {"sfl": {}, "sfl_infra": {}, key: value}
+    with pytest.raises(ConfigError, match=message):
+        StackConfig.from_context(context.get)
+
+
+def test_averager_may_not_outlive_the_aggregation_lease():
+    context = {"sfl": {"aggregation_lease_seconds": 120}, "sfl_infra": {}}
+    with pytest.raises(ConfigError, match=r"averager_timeout_seconds.*300.*at most.*120"):
+        StackConfig.from_context(context.get)
+
+
+def test_context_given_on_the_command_line_as_json_is_read():
+    context = {"sfl": '{"lr": 0.2}', "sfl_infra": '{"schedule_minutes": 3}'}
+    config = StackConfig.from_context(context.get)
+    assert config.federation.lr == 0.2
+    assert config.infra.schedule_minutes == 3
+
+
+def test_missing_context_means_defaults():
+    config = StackConfig.from_context({}.get)
+    assert config.infra == InfraConfig()
+    assert config.federation == FederationConfig()

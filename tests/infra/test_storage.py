@@ -1,0 +1,146 @@
+"""The buckets: private, SSL-only, encrypted, logged; models versioned; updates expire."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aws_cdk import Stack, assertions
+from stack_template import logical_id
+
+from infra.storage import FederationStorage
+from sfl import layout
+
+
+def build(stack: Stack, *, retain_data: bool = False) -> FederationStorage:
+    return FederationStorage(
+        stack, "Storage", update_expiry_days=7, log_retention_days=90, retain_data=retain_data
+    )
+
+
+@pytest.fixture
+def storage(bare_stack: Stack) -> tuple[FederationStorage, assertions.Template, dict[str, Any]]:
+    construct = build(bare_stack)
+    template = assertions.Template.from_stack(bare_stack)
+    return construct, template, template.to_json()
+
+
+def bucket_json(stack_template: dict[str, Any], construct: Any) -> dict[str, Any]:
+    resource: dict[str, Any] = stack_template["Resources"][logical_id(construct)]
+    return resource
+
+
+def test_three_buckets_all_block_public_access_and_encrypt(storage):
+    _, template, _ = storage
+    template.resource_count_is("AWS::S3::Bucket", 3)
+    buckets = template.find_resources("AWS::S3::Bucket")
+    for bucket in buckets.values():
+        props = bucket["Properties"]
+        assert props["PublicAccessBlockConfiguration"] == {
+            "BlockPublicAcls": True,
+            "BlockPublicPolicy": True,
+            "IgnorePublicAcls": True,
+            "RestrictPublicBuckets": True,
+        }
+        assert props["BucketEncryption"] == {
+            "ServerSideEncryptionConfiguration": [
+                {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+            ]
+        }
+        assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+
+
+def test_every_bucket_policy_denies_requests_without_tls(storage):
+    construct, template, _ = storage
+    policies = template.find_resources("AWS::S3::BucketPolicy")
+    assert len(policies) == 3
+    for bucket in (construct.logs_bucket, construct.models_bucket, construct.updates_bucket):
+        bucket_ref = Stack.of(bucket).resolve(bucket.bucket_name)
+        template.has_resource_properties(
+            "AWS::S3::BucketPolicy",
+            {
+                "Bucket": bucket_ref,
+                "PolicyDocument": {
+                    "Statement": assertions.Match.array_with(
+                        [
+                            assertions.Match.object_like(
+                                {
+                                    "Effect": "Deny",
+                                    "Action": "s3:*",
+                                    "Principal": {"AWS": "*"},
+                                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                                }
+                            ),
+                            assertions.Match.object_like(
+                                {
+                                    "Effect": "Deny",
+                                    "Action": "s3:*",
+                                    "Condition": {"NumericLessThan": {"s3:TlsVersion": 1.2}},
+                                }
+                            ),
+                        ]
+                    )
+                },
+            },
+        )
+
+
+def test_models_bucket_keeps_every_version(storage):
+    construct, _, template_json = storage
+    models = bucket_json(template_json, construct.models_bucket)["Properties"]
+    assert models["VersioningConfiguration"] == {"Status": "Enabled"}
+    rules = {rule["Id"]: rule for rule in models["LifecycleConfiguration"]["Rules"]}
+    # Nothing ever expires a model; only old versions of the assignment object go.
+    assert all("ExpirationInDays" not in rule for rule in rules.values())
+    assert rules["ExpireOldAssignments"]["Prefix"] == "rounds/"
+    assert layout.ASSIGNMENT_KEY.startswith(rules["ExpireOldAssignments"]["Prefix"])
+    assert rules["ExpireOldAssignments"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": 7}
+
+
+def test_updates_bucket_expires_updates_after_the_configured_days(storage):
+    construct, _, template_json = storage
+    updates = bucket_json(template_json, construct.updates_bucket)["Properties"]
+    assert "VersioningConfiguration" not in updates
+    rules = {rule["Id"]: rule for rule in updates["LifecycleConfiguration"]["Rules"]}
+    assert rules["ExpireOldUpdates"] == {
+        "Id": "ExpireOldUpdates",
+        "Prefix": layout.UPDATES_PREFIX,
+        "ExpirationInDays": 7,
+        "Status": "Enabled",
+    }
+    assert rules["AbortIncompleteUploads"]["AbortIncompleteMultipartUpload"] == {
+        "DaysAfterInitiation": 1
+    }
+
+
+def test_models_and_updates_log_access_to_the_logs_bucket(storage):
+    construct, _, template_json = storage
+    stack = Stack.of(construct)
+    logs_ref = stack.resolve(construct.logs_bucket.bucket_name)
+    for bucket, prefix in (
+        (construct.models_bucket, "ModelsBucket/"),
+        (construct.updates_bucket, "UpdatesBucket/"),
+    ):
+        assert bucket_json(template_json, bucket)["Properties"]["LoggingConfiguration"] == {
+            "DestinationBucketName": logs_ref,
+            "LogFilePrefix": prefix,
+        }
+    logs = bucket_json(template_json, construct.logs_bucket)["Properties"]
+    assert "LoggingConfiguration" not in logs
+    assert logs["LifecycleConfiguration"]["Rules"][0]["ExpirationInDays"] == 90
+
+
+def test_destroy_removes_buckets_and_their_objects_by_default(storage):
+    _, template, _ = storage
+    for bucket in template.find_resources("AWS::S3::Bucket").values():
+        assert bucket["DeletionPolicy"] == "Delete"
+        assert bucket["UpdateReplacePolicy"] == "Delete"
+    template.resource_count_is("Custom::S3AutoDeleteObjects", 3)
+
+
+def test_retain_flag_keeps_buckets_and_objects(bare_stack):
+    build(bare_stack, retain_data=True)
+    template = assertions.Template.from_stack(bare_stack)
+    for bucket in template.find_resources("AWS::S3::Bucket").values():
+        assert bucket["DeletionPolicy"] == "Retain"
+    template.resource_count_is("Custom::S3AutoDeleteObjects", 0)

@@ -1,0 +1,155 @@
+"""Deadlines on a controlled clock: quorum relaxes at the soft deadline, rounds without
+quorum are abandoned at the hard one, late updates are recorded and ignored, lost S3 events
+are recovered by the tick, and an aggregation that died is taken over when its lease expires."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sfl import layout
+from sfl.averager import Averager
+from sfl.events import UpdateEvent
+from sfl.initiator import start_round
+from sfl.rounds import RoundState, RoundStore
+from sfl.strategies.aggregation import FedAvg
+from tests.conftest import TINY_MODEL, Stack
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _setup(stack: Stack, *clients: str, **config: object) -> tuple[Averager, Clock, RoundStore]:
+    stack.config = stack.config.replace(
+        round_soft_deadline_seconds=60, round_deadline_seconds=120, **config
+    )
+    clock = Clock()
+    stack.put_model(0, TINY_MODEL)
+    stack.register(*clients)
+    assert start_round(stack.clients, stack.names, stack.config, clock=clock).started
+    averager = Averager(stack.clients, stack.names, stack.config, clock=clock)
+    return averager, clock, RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+
+
+def _deliver(averager: Averager, event: dict[str, object]) -> str:
+    record = event["Records"][0]["s3"]  # type: ignore[index]
+    update = UpdateEvent(
+        bucket=record["bucket"]["name"],
+        key=layout.update_key(*_client_round(record["object"]["key"])),
+        size=record["object"]["size"],
+        etag=record["object"]["eTag"],
+    )
+    return averager.handle_update(update).result
+
+
+def _client_round(encoded_key: str) -> tuple[str, int]:
+    from urllib.parse import unquote_plus
+
+    parsed = layout.parse_update_key(unquote_plus(encoded_key))
+    return parsed.client_id, parsed.round
+
+
+def test_min_fraction_aggregates_at_the_soft_deadline(stack: Stack) -> None:
+    averager, clock, store = _setup(
+        stack, "a", "b", "dead", quorum="min_fraction", min_answered_fraction=0.5
+    )
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    _deliver(averager, stack.upload_update("b", 1, TINY_MODEL))
+
+    assert averager.tick().action == "waiting"  # before the soft deadline: wait for "dead"
+    clock.now += 61
+    tick = averager.tick()
+
+    assert tick.action == "finished" and tick.status == "CLOSED"
+    closed = store.get("test", 1)
+    assert (
+        closed is not None and sorted(closed.accepted) == ["a", "b"] and closed.model_version == 1
+    )
+
+
+def test_all_answered_abandons_at_the_hard_deadline_and_the_next_round_reuses_the_model(
+    stack: Stack,
+) -> None:
+    averager, clock, store = _setup(stack, "a", "dead", quorum="all_answered")
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    clock.now += 61
+    assert averager.tick().action == "waiting"
+    clock.now += 60
+
+    tick = averager.tick()
+
+    assert tick.status == "ABANDONED"
+    abandoned = store.get("test", 1)
+    assert abandoned is not None and "1 of 2 answered" in abandoned.abandon_reason
+    stack.register("a", "dead")
+    nxt = start_round(stack.clients, stack.names, stack.config, clock=clock)
+    assert nxt.started and store.get("test", 2).base_version == 0  # type: ignore[union-attr]
+
+
+def test_a_late_update_is_recorded_and_ignored(stack: Stack) -> None:
+    averager, clock, store = _setup(
+        stack, "a", "late", quorum="min_fraction", min_answered_fraction=0.5
+    )
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    clock.now += 61
+    averager.tick()  # closes on "a"
+    late = _deliver(averager, stack.upload_update("late", 1, TINY_MODEL))
+
+    round_ = store.get("test", 1)
+    assert late == "rejected"
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert [(r["client_id"], r["reason"]) for r in round_.other_rejections] == [
+        ("late", "round_not_open")
+    ]
+    assert list(round_.accepted) == ["a"]
+
+
+def test_tick_recovers_an_update_whose_event_was_lost(stack: Stack) -> None:
+    averager, _, store = _setup(stack, "a", "b", quorum="all_answered")
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    stack.upload_update("b", 1, TINY_MODEL)  # its S3 event is never delivered
+
+    tick = averager.tick()
+
+    assert tick.details["recovered"] == ["b:accepted"]
+    assert tick.status == "CLOSED"
+    assert sorted(store.get("test", 1).accepted) == ["a", "b"]  # type: ignore[union-attr]
+
+
+class _CrashingFedAvg(FedAvg):
+    def result(self) -> dict[str, torch.Tensor] | None:
+        raise RuntimeError("averager crashed mid-aggregation")
+
+
+def test_a_crashed_aggregation_is_taken_over_after_its_lease(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    averager, clock, store = _setup(stack, "a", quorum="all_answered", aggregation_lease_seconds=30)
+    import sfl.strategies.aggregation as aggregation
+
+    monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", _CrashingFedAvg)
+    with pytest.raises(RuntimeError, match="mid-aggregation"):
+        _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", FedAvg)
+    stuck = store.get("test", 1)
+    assert stuck is not None and stuck.status is RoundState.AGGREGATING
+
+    assert averager.tick().action == "waiting"  # lease still held by the crashed invocation
+    clock.now += 31
+    rescuer = Averager(stack.clients, stack.names, stack.config, clock=clock)
+    tick = rescuer.tick()
+
+    assert tick.status == "CLOSED"
+    closed = store.get("test", 1)
+    assert closed is not None and closed.aggregation_attempts == 2 and closed.model_version == 1
+    versions = stack.clients.s3.list_object_versions(
+        Bucket=stack.names.models_bucket, Prefix=layout.model_key(1)
+    )
+    assert len(versions["Versions"]) == 1
