@@ -50,11 +50,20 @@ class Assignment:
         )
 
 
+def _no_hook(assignment: Assignment, train_seconds: float) -> None:
+    return None
+
+
 @dataclass
 class RoundHooks:
-    """Seams for the simulator's heterogeneous speeds and failures; no-ops by default."""
+    """Seams for the simulator's heterogeneous speeds and failures; no-ops by default.
 
-    before_upload: Callable[[int], None] = lambda round_number: None
+    ``before_upload(assignment, train_seconds)`` runs after local training and evaluation,
+    just before the update is uploaded; it may sleep (slow device, straggler) or raise
+    (a crash: the update is never uploaded).
+    """
+
+    before_upload: Callable[[Assignment, float], None] = _no_hook
 
 
 class EdgeClient:
@@ -78,7 +87,7 @@ class EdgeClient:
         self.ewma: float | None = None
         self.rounds_answered = 0
         self._assignment_etag: str | None = None
-        self._last_round_seen = 0
+        self._last_round_seen = 0  # rounds up to this one are never answered (again)
         self._next_heartbeat = 0.0
         self._data: ClientData | None = None
 
@@ -195,7 +204,7 @@ class EdgeClient:
         trained = self.clock()
         local_eval = self.task.evaluate(model, self._data.eval)
         evaluated = self.clock()
-        self.hooks.before_upload(a.round)
+        self.hooks.before_upload(a, trained - downloaded)
         if self.stop.is_set():
             raise RoundInterrupted
         metadata = codec.UpdateMetadata(

@@ -195,14 +195,7 @@ class Averager:
             "detail": detail,
             "at": self.clock(),
         }
-        already = any(
-            r.get("client_id") == client
-            and r.get("etag") == rejection["etag"]
-            and r.get("reason") == reason
-            for r in round_.other_rejections
-        )
-        if not already:
-            self.rounds.record_other_rejection(round_.experiment, round_.round, rejection)
+        self.rounds.record_other_rejection(round_.experiment, round_.round, rejection)
         logger.warning(
             "update rejected",
             extra={

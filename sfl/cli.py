@@ -30,6 +30,13 @@ def _simulate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         duplicate_deliveries=args.duplicate_deliveries,
+        drop_events=args.drop_events,
+        crash_rate=args.crash_rate,
+        straggler_rate=args.straggler_rate,
+        slow_clients=args.slow_clients,
+        averager_crash=args.averager_crash,
+        soft_deadline_seconds=args.soft_deadline,
+        round_timeout_seconds=args.deadline,
     )
     print(
         f"sfl simulate: {options.clients} clients, {options.rounds} rounds, task {options.task}, "
@@ -135,8 +142,31 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--local-epochs", type=int, default=2)
     sim.add_argument("--lr", type=float, default=0.05)
     sim.add_argument("--batch-size", type=int, default=16)
-    sim.add_argument(
+    sim.add_argument("--soft-deadline", type=int, default=60, help="seconds (quorum relaxes)")
+    sim.add_argument("--deadline", type=int, default=120, help="hard deadline, seconds")
+    faults = sim.add_argument_group("fault injection")
+    faults.add_argument(
         "--duplicate-deliveries", type=int, default=0, help="extra copies of each S3 event"
+    )
+    faults.add_argument("--drop-events", type=float, default=0.0, help="share of S3 events lost")
+    faults.add_argument(
+        "--crash-rate", type=float, default=0.0, help="chance a picked client dies mid-round"
+    )
+    faults.add_argument(
+        "--straggler-rate",
+        type=float,
+        default=0.0,
+        help="chance a client answers after the deadline",
+    )
+    faults.add_argument(
+        "--slow-clients",
+        type=float,
+        default=0.0,
+        metavar="SIGMA",
+        help="heterogeneous speeds: per-client log-normal slowdown with this sigma",
+    )
+    faults.add_argument(
+        "--averager-crash", action="store_true", help="the averager dies mid-aggregation once"
     )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
     sim.set_defaults(func=_simulate)

@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 MAX_OTHER_REJECTIONS = 100
 
 
+def rejection_key(rejection: Mapping[str, Any]) -> str:
+    return f"{rejection.get('client_id')}|{rejection.get('reason')}|{rejection.get('etag')}"
+
+
 class RoundState(enum.StrEnum):
     OPEN = "OPEN"
     AGGREGATING = "AGGREGATING"
@@ -133,7 +137,7 @@ class Round:
                 "soft_deadline_at": self.soft_deadline_at or self.deadline_at,
                 "train_config": dict(self.train_config),
                 "answers": {c: a.to_dict() for c, a in self.answers.items()},
-                "other_rejections": [dict(r) for r in self.other_rejections],
+                "other_rejections": {rejection_key(r): dict(r) for r in self.other_rejections},
                 "candidates": self.candidates,
                 "select_seconds": self.select_seconds,
                 "aggregation_attempts": self.aggregation_attempts,
@@ -154,7 +158,9 @@ class Round:
             soft_deadline_at=float(d.get("soft_deadline_at", d["deadline_at"])),
             train_config=d.get("train_config", {}),
             answers={c: Answer.from_dict(a) for c, a in d.get("answers", {}).items()},
-            other_rejections=tuple(d.get("other_rejections", [])),
+            other_rejections=tuple(
+                sorted(d.get("other_rejections", {}).values(), key=lambda r: r.get("at", 0.0))
+            ),
             candidates=int(d.get("candidates", 0)),
             select_seconds=float(d.get("select_seconds", 0.0)),
             lease_owner=d.get("lease_owner", ""),
@@ -320,16 +326,20 @@ class RoundStore:
     def record_other_rejection(
         self, experiment: str, number: int, rejection: dict[str, Any]
     ) -> bool:
-        """Keep a rejection that is not a selected client's answer (bounded list)."""
+        """Keep a rejection that is not a selected client's answer, once per client, object
+        and reason (repeated deliveries of one object add nothing), up to a bound."""
         try:
             self._ddb.update_item(
                 TableName=self._table,
                 Key=self._key(experiment, number),
-                UpdateExpression="SET other_rejections = list_append(other_rejections, :r)",
-                ConditionExpression="attribute_exists(#r) AND size(other_rejections) < :cap",
-                ExpressionAttributeNames={"#r": "round"},
+                UpdateExpression="SET other_rejections.#k = :r",
+                ConditionExpression=(
+                    "attribute_exists(#r) AND attribute_not_exists(other_rejections.#k) "
+                    "AND size(other_rejections) < :cap"
+                ),
+                ExpressionAttributeNames={"#r": "round", "#k": rejection_key(rejection)},
                 ExpressionAttributeValues={
-                    ":r": {"L": [serialize(rejection)]},
+                    ":r": serialize(rejection),
                     ":cap": {"N": str(MAX_OTHER_REJECTIONS)},
                 },
             )

@@ -2,13 +2,15 @@
 
 At least once and concurrently: a message is deleted only after the handler returns; if it
 raises, the message becomes visible again and is redelivered. ``extra_deliveries`` repeats
-each event to exercise idempotency.
+each event to exercise idempotency; ``drop_rate`` loses a share of events for good, as S3
+very rarely does (the averager's tick finds those updates by listing).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +28,19 @@ class S3EventDispatcher:
         *,
         concurrency: int = 4,
         extra_deliveries: int = 0,
+        drop_rate: float = 0.0,
+        seed: int = 0,
     ) -> None:
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"drop rate {drop_rate} is not in [0, 1]")
         self._sqs = sqs
         self._queue_url = queue_url
         self._invoke = invoke
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="averager")
         self._extra = extra_deliveries
+        self._drop_rate = drop_rate
+        self._rng = random.Random(seed)
+        self.dropped: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="s3-dispatcher", daemon=True)
         self._lock = threading.Lock()
@@ -64,6 +73,10 @@ class S3EventDispatcher:
             for message in messages:
                 event = json.loads(message["Body"])
                 if "Records" not in event:  # s3:TestEvent when the notification is configured
+                    self._delete(message)
+                    continue
+                if self._drop_rate and self._rng.random() < self._drop_rate:
+                    self.dropped.extend(r["s3"]["object"]["key"] for r in event["Records"])
                     self._delete(message)
                     continue
                 self._pool.submit(self._deliver, event, message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import uuid
 import warnings
@@ -49,16 +50,22 @@ def load_handler(name: str) -> ModuleType:
 class LocalFunction:
     """A handler invoked in-process, many at once, like one Lambda function."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, log_path: Path | None = None) -> None:
+        """``log_path``: append the handler's JSON log lines there instead of stdout."""
         self.name = name
         self.module = load_handler(name)
+        # Powertools warns when an invocation adds no metric (ticks, duplicates); locally
+        # metrics are disabled anyway.
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
+        if log_path is not None:
+            stream = log_path.open("a", encoding="utf-8")
+            handler = self.module.logger.registered_handler
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(stream)
 
     def invoke(self, event: dict[str, Any]) -> Any:
-        with warnings.catch_warnings():
-            # Powertools warns when an invocation adds no metric (ticks, duplicates).
-            warnings.filterwarnings("ignore", message="No application metrics to publish")
-            try:
-                return self.module.lambda_handler(event, LocalContext(self.name))
-            finally:
-                # Metrics are disabled locally; drop what Powertools would otherwise buffer.
-                self.module.metrics.clear_metrics()
+        try:
+            return self.module.lambda_handler(event, LocalContext(self.name))
+        finally:
+            # Metrics are disabled locally; drop what Powertools would otherwise buffer.
+            self.module.metrics.clear_metrics()

@@ -24,6 +24,7 @@ from sfl import codec, layout
 from sfl.config import FederationConfig
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, lambda_environment, provision
+from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
 from sfl.local.lambdas import LocalFunction
 from sfl.registry import ClientRegistry
 from sfl.rounds import Round, RoundState, RoundStore
@@ -55,8 +56,14 @@ class SimulationOptions:
     tick_seconds: float = 1.0
     soft_deadline_seconds: int = 60
     round_timeout_seconds: int = 120
+    lease_seconds: int = 5
     averager_concurrency: int = 4
     duplicate_deliveries: int = 0
+    drop_events: float = 0.0
+    crash_rate: float = 0.0
+    straggler_rate: float = 0.0
+    slow_clients: float = 0.0
+    averager_crash: bool = False
 
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
@@ -71,7 +78,16 @@ class SimulationOptions:
             heartbeat_seconds=5,
             round_soft_deadline_seconds=min(self.soft_deadline_seconds, self.round_timeout_seconds),
             round_deadline_seconds=self.round_timeout_seconds,
-            aggregation_lease_seconds=60,
+            aggregation_lease_seconds=self.lease_seconds,
+            aggregation="sfl.local.faults:CrashOnceFedAvg" if self.averager_crash else "fedavg",
+        )
+
+    def fault_plan(self) -> FaultPlan:
+        return FaultPlan(
+            crash_rate=self.crash_rate,
+            straggler_rate=self.straggler_rate,
+            slow_sigma=self.slow_clients,
+            seed=self.seed,
         )
 
 
@@ -98,6 +114,8 @@ def run_simulation(
 ) -> SimulationResult:
     torch.set_num_threads(1)  # many clients share two cores: no intra-op oversubscription
     wall_start = time.time()
+    plan = options.fault_plan()
+    reset_averager_crash()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(options.task)
@@ -127,7 +145,7 @@ def run_simulation(
         }
         with lambda_environment(env):
             return _run(
-                options, task, test, client_ids, config, aws, deployment, progress, wall_start
+                options, task, test, client_ids, config, aws, deployment, progress, wall_start, plan
             )
 
 
@@ -141,10 +159,12 @@ def _run(
     deployment: Any,
     progress: ProgressFn | None,
     wall_start: float,
+    plan: FaultPlan,
 ) -> SimulationResult:
     names = deployment.names
-    initiator = LocalFunction("initiator")
-    averager = LocalFunction("averager")
+    log_path = options.out / "lambda-logs.jsonl"
+    initiator = LocalFunction("initiator", log_path=log_path)
+    averager = LocalFunction("averager", log_path=log_path)
     averager.invoke({"sfl": "bootstrap"})
 
     control = aws.clients()
@@ -155,9 +175,13 @@ def _run(
         averager.invoke,
         concurrency=options.averager_concurrency,
         extra_deliveries=options.duplicate_deliveries,
+        drop_rate=options.drop_events,
+        seed=options.seed,
     ).start()
 
     stop = threading.Event()
+    faults = FaultLog()
+    slowdowns: dict[str, float] = {}
     threads = []
     for cid in client_ids:
         settings = ClientSettings(
@@ -172,8 +196,13 @@ def _run(
             active_window_seconds=config.active_window_seconds,
             ewma_b=config.ewma_b,
         )
-        client = EdgeClient(settings, aws.clients(), task, stop=stop)
-        thread = threading.Thread(target=client.run, name=cid, daemon=True)
+        hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
+        thread = threading.Thread(
+            target=_run_client,
+            args=(settings, aws, task, stop, hooks, config.round_deadline_seconds),
+            name=cid,
+            daemon=True,
+        )
         thread.start()
         threads.append(thread)
 
@@ -188,6 +217,7 @@ def _run(
             number = result["round"]
             finished = _wait_for_round(store, config, number, averager, options)
             row = history_row(finished)
+            row["faults"] = faults.for_round(number)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
                 scores = _evaluate_version(
                     task, control, names.models_bucket, finished.model_version, test
@@ -202,6 +232,14 @@ def _run(
             thread.join(timeout=30)
         dispatcher.stop()
 
+    # Rebuild each row from the final round record: late uploads are recorded after a
+    # round finished, and belong in its history too.
+    final = {r.round: r for r in store.history(config.experiment)}
+    for i, row in enumerate(rows):
+        if row["round"] in final:
+            rebuilt = history_row(final[row["round"]])
+            rebuilt.update(accuracy=row["accuracy"], loss=row["loss"], faults=row["faults"])
+            rows[i] = rebuilt
     wall_seconds = time.time() - wall_start
     history: dict[str, Any] = {
         "task": options.task,
@@ -211,6 +249,9 @@ def _run(
         "wall_seconds": wall_seconds,
         "averager_invocations": dispatcher.invocations,
         "averager_failures": dispatcher.failures,
+        "events_dropped": sorted(dispatcher.dropped),
+        "client_slowdowns": slowdowns,
+        "model_writes": _model_writes(control, names.models_bucket),
         "rounds": rows,
     }
     history_path = options.out / "history.json"
@@ -227,6 +268,38 @@ def _run(
         wall_seconds=wall_seconds,
         invocations={"averager": dispatcher.invocations, "failures": dispatcher.failures},
     )
+
+
+def _run_client(
+    settings: ClientSettings,
+    aws: LocalAws,
+    task: TrainingTask,
+    stop: threading.Event,
+    hooks: Any,
+    restart_after: float,
+) -> None:
+    """One device: an EdgeClient that, when it crashes, is restarted like a Greengrass
+    component, having lost the round it was working on."""
+    resume_after_round = 0
+    while not stop.is_set():
+        client = EdgeClient(settings, aws.clients(), task, stop=stop, hooks=hooks)
+        client._last_round_seen = resume_after_round
+        try:
+            client.run()
+            return
+        except SimulatedCrash:
+            resume_after_round = client._last_round_seen
+            stop.wait(min(restart_after, 2.0))
+
+
+def _model_writes(control: Any, bucket: str) -> dict[str, int]:
+    """How many times each global model version's key was written (the bucket is versioned)."""
+    counts: dict[str, int] = {}
+    paginator = control.s3.get_paginator("list_object_versions")
+    for page in paginator.paginate(Bucket=bucket, Prefix=layout.MODELS_PREFIX):
+        for version in page.get("Versions", []):
+            counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _wait_for_clients(control: Any, table: str, expected: int, config: FederationConfig) -> None:
@@ -286,6 +359,7 @@ def history_row(r: Round) -> dict[str, Any]:
 
     total = (r.finished_at - r.created_at) if r.finished_at else None
     slowest_train = slowest("train_s")
+    answered = set(r.answers)
     return {
         "round": r.round,
         "status": str(r.status),
@@ -298,6 +372,10 @@ def history_row(r: Round) -> dict[str, Any]:
         + [
             {"client_id": x.get("client_id"), "reason": x.get("reason"), "counted": False}
             for x in r.other_rejections
+        ],
+        "missing": [c for c in r.selected if c not in answered],
+        "late": [
+            x.get("client_id") for x in r.other_rejections if x.get("reason") == "round_not_open"
         ],
         "abandon_reason": r.abandon_reason or None,
         "accuracy": None,
