@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -41,9 +41,10 @@ class UpdateOutcome:
     client_id: str = ""
     round: int | None = None
     finished_round: int | None = None
+    finished: Round | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, "")}
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "") and k != "finished"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class TickOutcome:
     status: str
     action: str
     details: dict[str, Any] = field(default_factory=dict)
+    finished: Round | None = None
 
 
 def _etag(value: str) -> str:
@@ -212,7 +214,7 @@ class Averager:
     def _after_answer(self, round_: Round, outcome: UpdateOutcome) -> UpdateOutcome:
         finished = self.advance(round_)
         if finished is not None:
-            return UpdateOutcome(**{**outcome.__dict__, "finished_round": finished.round})
+            return replace(outcome, finished_round=finished.round, finished=finished)
         return outcome
 
     # --- quorum, aggregation ---------------------------------------------------------------

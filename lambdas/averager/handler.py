@@ -14,16 +14,16 @@ from functools import lru_cache
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger, Metrics, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sfl.averager import Averager, bootstrap_model
+from sfl.averager import Averager, UpdateOutcome, bootstrap_model
 from sfl.aws import RETRY_CONFIG, AwsClients, make_clients
 from sfl.config import FederationConfig
 from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
 from sfl.resources import ResourceNames
-from sfl.rounds import Round
+from sfl.rounds import Round, RoundState
 
 logger = Logger(service="sfl-averager")
 metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-averager")
@@ -76,15 +76,61 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return {"bootstrap": "written" if wrote else "already present"}
     if action == TICK:
         tick = averager.tick()
+        if tick.finished is not None:
+            record_round_metrics(tick.finished)
+        recovered = tick.details.get("recovered", [])
+        if recovered:
+            metrics.add_metric(name="UpdatesRecovered", unit=MetricUnit.Count, value=len(recovered))
         return {"tick": tick.action, "round": tick.round, "status": tick.status}
     if action is not None:
         raise ValueError(f"unknown control event {action!r}; expected {TICK!r} or {BOOTSTRAP!r}")
 
-    outcomes = [averager.handle_update(update) for update in s3_updates(event)]
-    for outcome in outcomes:
-        name = {"accepted": "UpdatesAccepted", "rejected": "UpdatesRejected"}.get(outcome.result)
-        if name:
-            metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
-        if outcome.finished_round is not None:
-            metrics.add_metric(name="RoundsFinished", unit=MetricUnit.Count, value=1)
+    outcomes = []
+    for update in s3_updates(event):
+        logger.append_keys(key=update.key)
+        outcome = averager.handle_update(update)
+        outcomes.append(outcome)
+        record_update_metrics(outcome)
+        if outcome.finished is not None:
+            record_round_metrics(outcome.finished)
+    logger.remove_keys(["key"])
     return {"outcomes": [o.to_dict() for o in outcomes]}
+
+
+def record_update_metrics(outcome: UpdateOutcome) -> None:
+    if outcome.result == "accepted":
+        metrics.add_metric(name="UpdatesAccepted", unit=MetricUnit.Count, value=1)
+    elif outcome.result == "duplicate":
+        metrics.add_metric(name="DuplicateDeliveries", unit=MetricUnit.Count, value=1)
+    elif outcome.result == "rejected":
+        metrics.add_metric(name="UpdatesRejected", unit=MetricUnit.Count, value=1)
+        # one extra data point per reason, so alarms and dashboards can split by it
+        with single_metric(
+            name="UpdatesRejectedByReason",
+            unit=MetricUnit.Count,
+            value=1,
+            namespace=metrics.namespace,
+            default_dimensions=metrics.default_dimensions,
+        ) as metric:
+            metric.add_dimension(name="reason", value=outcome.reason.split(":")[0])
+
+
+def record_round_metrics(finished: Round) -> None:
+    name = "RoundsClosed" if finished.status is RoundState.CLOSED else "RoundsAbandoned"
+    metrics.add_metric(name=name, unit=MetricUnit.Count, value=1)
+    if finished.finished_at is not None:
+        metrics.add_metric(
+            name="RoundDuration",
+            unit=MetricUnit.Seconds,
+            value=finished.finished_at - finished.created_at,
+        )
+    summary = finished.summary
+    if "aggregate_seconds" in summary:
+        metrics.add_metric(
+            name="AggregationTime", unit=MetricUnit.Seconds, value=summary["aggregate_seconds"]
+        )
+        metrics.add_metric(name="UpdateBytes", unit=MetricUnit.Bytes, value=summary["bytes_up"])
+        metrics.add_metric(name="ModelBytes", unit=MetricUnit.Bytes, value=summary["model_bytes"])
+        metrics.add_metric(
+            name="Participants", unit=MetricUnit.Count, value=summary["participants"]
+        )
