@@ -60,6 +60,14 @@ def header_length(prefix: bytes) -> int:
     return int(length)
 
 
+def _looks_like(data: bytes) -> str | None:
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5:
+        return "this looks like a Python pickle, which is never loaded"
+    if data[:4] == b"PK\x03\x04":
+        return "this looks like a zip archive (torch.save?)"
+    return None
+
+
 def parse_header(
     data: bytes, *, total_size: int | None = None, max_header_bytes: int = MAX_HEADER_BYTES
 ) -> Header:
@@ -67,12 +75,26 @@ def parse_header(
 
     ``data`` may hold only the beginning of the file; ``total_size`` is then the file size.
     """
+    try:
+        return _parse_header(data, total_size, max_header_bytes)
+    except CodecError as e:
+        kind = _looks_like(data)
+        if kind is None:
+            raise
+        raise CodecError("not_safetensors", f"{kind}; only safetensors is accepted") from e
+
+
+def _parse_header(data: bytes, total_size: int | None, max_header_bytes: int) -> Header:
     size = len(data) if total_size is None else total_size
     length = header_length(data)
-    if length > max_header_bytes:
+    if length > size:
         raise CodecError(
             "not_safetensors",
-            f"header length {length} exceeds {max_header_bytes} bytes (not a safetensors file?)",
+            f"header length {length} is larger than the {size}-byte file (not safetensors)",
+        )
+    if length > max_header_bytes:
+        raise CodecError(
+            "header_too_large", f"header length {length} exceeds {max_header_bytes} bytes"
         )
     if 8 + length > len(data):
         raise CodecError("truncated", f"header of {length} bytes runs past the data")

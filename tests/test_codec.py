@@ -74,7 +74,7 @@ def _torch_save_bytes() -> bytes:
         pytest.param(b"hello", "truncated", id="five-bytes"),
         pytest.param(b"", "truncated", id="empty"),
         pytest.param(struct.pack("<Q", 2**40) + b"{}", "not_safetensors", id="huge-header-length"),
-        pytest.param(struct.pack("<Q", 100) + b"{}", "truncated", id="header-past-end"),
+        pytest.param(struct.pack("<Q", 100) + b"{}", "not_safetensors", id="header-past-end"),
         pytest.param(struct.pack("<Q", 4) + b"[1] ", "not_safetensors", id="header-not-object"),
         pytest.param(struct.pack("<Q", 3) + b"\xff\xfe{", "not_safetensors", id="header-not-utf8"),
     ],
@@ -83,6 +83,13 @@ def test_non_safetensors_bytes_are_rejected(payload: bytes, reason: str) -> None
     with pytest.raises(codec.CodecError) as caught:
         codec.decode(payload)
     assert caught.value.reason == reason
+
+
+def test_header_over_the_limit_is_rejected_before_parsing() -> None:
+    data = _update()
+    with pytest.raises(codec.CodecError) as caught:
+        codec.decode(data, max_header_bytes=64)
+    assert caught.value.reason == "header_too_large"
 
 
 def test_truncated_tensor_data_is_rejected() -> None:
