@@ -60,3 +60,38 @@ def test_small_simulation_learns_and_writes_history_and_plot(tmp_path: Path) -> 
     assert first["bytes_up"] > 0 and first["bytes_down"] > 0
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "accuracy" in proc.stdout  # the live table's header
+
+
+@pytest.mark.slow
+def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_once(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "faults"
+    args = [
+        *("--clients", "8", "--rounds", "5", "--soft-deadline", "3", "--deadline", "6"),
+        *("--crash-rate", "0.15", "--straggler-rate", "0.1", "--slow-clients", "0.5"),
+        *("--duplicate-deliveries", "2", "--drop-events", "0.25", "--averager-crash"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    history = json.loads((out / "history.json").read_text())
+    rounds = history["rounds"]
+    assert len(rounds) == 5
+    assert all(r["status"] in ("CLOSED", "ABANDONED") for r in rounds)
+    assert set(history["model_writes"].values()) == {1}
+    closed = sum(r["status"] == "CLOSED" for r in rounds)
+    assert len(history["model_writes"]) == closed + 1  # v0 plus one per closed round
+    assert history["averager_failures"] >= 1  # the injected crash happened...
+    assert max(r["aggregation_attempts"] for r in rounds) >= 2  # ...and was retried
+    assert history["events_dropped"]  # some events were lost and their updates still counted
+    faults = [f for r in rounds for f in r["faults"]]
+    for fault in faults:  # whoever crashed or straggled did not count for that round
+        row = next(r for r in rounds if any(f is fault for f in r["faults"]))
+        assert fault["client_id"] not in row["accepted"]
