@@ -33,6 +33,7 @@ class InitiatorResult:
     round: int | None
     reason: str
     selected: tuple[str, ...] = ()
+    open_for_seconds: float | None = None  # age of a round still unfinished, for alarms
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -40,6 +41,7 @@ class InitiatorResult:
             "round": self.round,
             "reason": self.reason,
             "selected": list(self.selected),
+            "open_for_seconds": self.open_for_seconds,
         }
 
 
@@ -77,7 +79,12 @@ def start_round(
     if latest is not None and not latest.status.finished:
         if latest.status is RoundState.OPEN:
             publish_assignment(aws, names, latest)
-        return InitiatorResult(False, latest.round, f"round {latest.round} is {latest.status}")
+        return InitiatorResult(
+            False,
+            latest.round,
+            f"round {latest.round} is {latest.status}",
+            open_for_seconds=clock() - latest.created_at,
+        )
 
     if latest is None:
         base_version, number = 0, 1

@@ -79,6 +79,7 @@ def test_while_a_round_is_open_a_tick_starts_nothing(stack: Stack) -> None:
     again = start_round(stack.clients, stack.names, stack.config)
 
     assert not again.started and again.reason == "round 1 is OPEN"
+    assert again.open_for_seconds is not None and again.open_for_seconds >= 0
 
 
 def test_fast_clients_favours_low_turnaround_and_never_picks_nobody() -> None:

@@ -49,5 +49,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     aws, names, config = services()
     result = start_round(aws, names, config)
     metrics.add_metric(name="RoundsStarted", unit=MetricUnit.Count, value=int(result.started))
+    # 0 when no round is running; alarms fire when a round outlives its hard deadline,
+    # which only happens if the averager's watchdog tick is not doing its job
+    metrics.add_metric(
+        name="OpenRoundAge", unit=MetricUnit.Seconds, value=result.open_for_seconds or 0.0
+    )
     logger.info("initiator finished", extra=result.to_dict())
     return result.to_dict()
