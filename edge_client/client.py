@@ -96,6 +96,12 @@ class EdgeClient:
     def run(self) -> int:
         """Poll and answer until stopped (or max_rounds answered). Returns an exit code."""
         self._data = self.task.load_client_data(self.settings.data_dir)
+        try:  # a restarted device keeps its turnaround history
+            known = self.registry.get(self.settings.client_id)
+            if known is not None and self.ewma is None:
+                self.ewma = known.ewma_turnaround
+        except (ClientError, BotoCoreError) as e:
+            logger.warning("registry unreachable at start", extra={"error": str(e)})
         logger.info(
             "client started",
             extra={"client_id": self.settings.client_id, "train_examples": len(self._data.train)},

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,3 +125,16 @@ def test_device_process_answers_a_round_and_exits_cleanly_on_sigterm(
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "client stopped" in err
+
+
+def test_a_restarted_client_keeps_its_turnaround_average(stack: Stack, tmp_path: Path) -> None:
+    task = load_task("digits")
+    write_client_splits(task, tmp_path, 1, "iid", seed=0, client_ids=["device-9"])
+    stack.register("device-9", ewma=4.25)
+    settings = parse_settings([], _client_env(stack, "device-9", tmp_path / "device-9"))
+    stop = threading.Event()
+    stop.set()  # start, read state, stop at once
+    client = EdgeClient(settings, stack.clients, task, stop=stop)
+
+    assert client.run() == 0
+    assert client.ewma == 4.25
