@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="AWS region (default from the environment)")
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument(
+        "--active-window-seconds",
+        type=float,
+        help="the federation's active window; sets how long the registry keeps this client",
+    )
     p.add_argument("--ewma-b", type=float)
     p.add_argument("--max-rounds", type=int)
     return p
@@ -105,6 +110,11 @@ def parse_settings(
         poll_seconds=number(args.poll_seconds, "SFL_POLL_SECONDS", _DEFAULTS.poll_seconds),
         heartbeat_seconds=number(
             args.heartbeat_seconds, "SFL_HEARTBEAT_SECONDS", _DEFAULTS.heartbeat_seconds
+        ),
+        active_window_seconds=number(
+            args.active_window_seconds,
+            "SFL_ACTIVE_WINDOW_SECONDS",
+            _DEFAULTS.active_window_seconds,
         ),
         ewma_b=number(args.ewma_b, "SFL_EWMA_B", _DEFAULTS.ewma_b),
         max_rounds=args.max_rounds,

@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", type=Path, required=True)
     init.set_defaults(func=_initial_model)
+
+    from sfl.recipes_cli import add_parser as add_recipes_parser
+
+    add_recipes_parser(sub)
     return parser
 
 

@@ -1,0 +1,231 @@
+"""The edge client's Greengrass artifact: a deterministic zip of the code a device runs.
+
+It holds ``edge_client/``, the ``sfl`` modules the client imports (found by following its
+imports, so ``sfl.local``, the Lambdas and the tests never ship to a device) and
+``requirements-edge.txt``, whose pins are taken from ``requirements/runtime.txt`` so a device
+runs the versions the tests ran. Same sources, same bytes: entries are sorted, timestamps and
+permissions fixed and nothing is compressed, so the SHA-256 changes only when code or pins do.
+Building it needs a source checkout (it reads ``requirements/runtime.txt``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_REQUIREMENTS = Path("requirements") / "runtime.txt"
+ARCHIVE_NAME = "sfl-edge-client.zip"
+REQUIREMENTS_FILE = "requirements-edge.txt"
+
+CLIENT_PACKAGE = "edge_client"
+# Tasks are loaded by name at run time (``sfl.tasks.load_task``), so every built-in task ships.
+ROOT_PACKAGES = (CLIENT_PACKAGE, "sfl.tasks")
+# Never on a device: the local mode (moto, simulation), the CLI and the Lambda-side modules.
+FORBIDDEN_MODULES = ("sfl.local", "sfl.cli", "sfl.recipes_cli", "sfl.averager", "sfl.initiator")
+
+# Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
+# provides them. A new third-party import must be added here, or the build fails.
+EDGE_DISTRIBUTIONS = {
+    "boto3": "boto3",
+    "botocore": "boto3",
+    "numpy": "numpy",
+    "safetensors": "safetensors",
+    "sklearn": "scikit-learn",
+    "torch": "torch",
+}
+
+_FIXED_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold
+_FILE_MODE = 0o644
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(?P<version>\S+)$")
+
+
+class ArtifactError(ValueError):
+    """The client artifact cannot be built as specified (a forbidden import, a missing pin)."""
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """A built artifact: where the zip is and the SHA-256 (hex) of its bytes."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def archive_name(self) -> str:
+        """The file name; Greengrass unpacks the zip into a folder named after its stem."""
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class _Imports:
+    modules: frozenset[str]  # every dotted name imported (``a.b`` for ``from a import b`` too)
+    top_level: frozenset[str]
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path) -> _Imports:
+    """Names a module imports at run time (``if TYPE_CHECKING:`` blocks are skipped)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for statement in node.body:
+                typing_only.update(id(n) for n in ast.walk(statement))
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or node.module is None:
+                raise ArtifactError(f"{path}: relative import; the client uses absolute ones")
+            modules.add(node.module)
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return _Imports(frozenset(modules), frozenset(m.partition(".")[0] for m in modules))
+
+
+def _module_file(source_root: Path, dotted: str) -> Path | None:
+    base = source_root.joinpath(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_files(source_root: Path, dotted: str) -> list[Path]:
+    return sorted(source_root.joinpath(*dotted.split(".")).glob("*.py"))
+
+
+def _dotted(source_root: Path, path: Path) -> str:
+    parts = path.relative_to(source_root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def client_files(source_root: Path = SOURCE_ROOT) -> list[Path]:
+    """The client's source files: its packages plus every ``sfl`` module they import."""
+    ours = {CLIENT_PACKAGE, "sfl"}
+    pending = [p for package in ROOT_PACKAGES for p in _package_files(source_root, package)]
+    seen: set[Path] = set()
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        dotted = _dotted(source_root, path)
+        # A module needs its parent packages' __init__.py to import.
+        parts = dotted.split(".")
+        for i in range(1, len(parts)):
+            init = _module_file(source_root, ".".join(parts[:i]))
+            if init is not None:
+                pending.append(init)
+        for name in _imports(path).modules:
+            if name.partition(".")[0] not in ours:
+                continue
+            found = _module_file(source_root, name)
+            if found is not None:
+                pending.append(found)
+    for path in seen:
+        dotted = _dotted(source_root, path)
+        for forbidden in FORBIDDEN_MODULES:
+            if dotted == forbidden or dotted.startswith(forbidden + "."):
+                raise ArtifactError(
+                    f"the edge client imports {dotted!r}, which must not ship to devices "
+                    f"(forbidden: {', '.join(FORBIDDEN_MODULES)})"
+                )
+    return sorted(seen)
+
+
+def third_party_imports(source_root: Path = SOURCE_ROOT) -> set[str]:
+    """Top-level names the client imports that are neither ours nor the standard library."""
+    names: set[str] = set()
+    for path in client_files(source_root):
+        names |= _imports(path).top_level
+    return {
+        n for n in names if n not in sys.stdlib_module_names and n not in {CLIENT_PACKAGE, "sfl"}
+    }
+
+
+def _runtime_pins(source_root: Path) -> dict[str, str]:
+    path = source_root / RUNTIME_REQUIREMENTS
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} not found: the client artifact is built from a source checkout"
+        )
+    pins: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        match = _PIN.match(line)
+        if match:
+            pins[match["name"].lower().replace("_", "-")] = match["version"]
+    return pins
+
+
+def edge_requirements(source_root: Path = SOURCE_ROOT) -> str:
+    """``requirements-edge.txt``: the client's distributions, pinned as in runtime.txt."""
+    unknown = sorted(third_party_imports(source_root) - set(EDGE_DISTRIBUTIONS))
+    if unknown:
+        raise ArtifactError(
+            f"the edge client imports {', '.join(unknown)}: add the distribution(s) to "
+            "sfl.artifact.EDGE_DISTRIBUTIONS and pin them in requirements/runtime.txt"
+        )
+    pins = _runtime_pins(source_root)
+    needed = sorted({EDGE_DISTRIBUTIONS[n] for n in third_party_imports(source_root)})
+    missing = [name for name in needed if name not in pins]
+    if missing:
+        raise ArtifactError(
+            f"{RUNTIME_REQUIREMENTS} pins no version of {', '.join(missing)} (needed on devices)"
+        )
+    lines = [
+        "# The edge client's dependencies, pinned as in requirements/runtime.txt",
+        "# (written by sfl.artifact; the component's Install step pip-installs this file).",
+        "# torch: pip picks the wheel for the device's platform; for a CPU-only x86-64 wheel or",
+        "# NVIDIA's Jetson build see docs/greengrass.md (pipOptions, systemSitePackages).",
+        *(f"{name}=={pins[name]}" for name in needed),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=_FIXED_TIMESTAMP)
+    info.compress_type = zipfile.ZIP_STORED
+    info.create_system = 3  # Unix, so external_attr holds the file mode
+    info.external_attr = (0o100000 | _FILE_MODE) << 16
+    return info
+
+
+def client_artifact(source_root: Path = SOURCE_ROOT) -> tuple[bytes, str]:
+    """The artifact's bytes and their SHA-256 (hex)."""
+    entries = {
+        path.relative_to(source_root).as_posix(): path.read_bytes()
+        for path in client_files(source_root)
+    }
+    entries[REQUIREMENTS_FILE] = edge_requirements(source_root).encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name in sorted(entries):
+            archive.writestr(_entry(name), entries[name])
+    data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def build_client_artifact(path: Path, *, source_root: Path = SOURCE_ROOT) -> ArtifactInfo:
+    """Write the artifact zip to ``path`` (e.g. ``.../sfl-edge-client.zip``) for an S3 asset."""
+    if path.suffix != ".zip":
+        raise ArtifactError(f"{path}: the artifact must be a .zip (the recipe unpacks it as ZIP)")
+    data, digest = client_artifact(source_root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return ArtifactInfo(path=path, sha256=digest)
