@@ -49,13 +49,16 @@ def read_pins(requirements: Path) -> list[Pin]:
             continue
         match = _PIN.match(line)
         if match is None:
-            raise BundlingError(f"{requirements}:{number}: {line!r} is not pinned as 'name==version'")
+            raise BundlingError(
+                f"{requirements}:{number}: {line!r} is not pinned as 'name==version'"
+            )
         pins.append(Pin(match["name"], match["version"]))
     return pins
 
 
 def core_modules(handler: Path, *, source_root: Path, package: str) -> dict[str, Path]:
-    """Module name -> file of every ``package`` module the handler imports, transitively."""
+    """Module name -> file of every module the handler imports, transitively, from ``package``
+    or from the handler's own folder; everything else must come from the runtime or a pin."""
     finder = modulefinder.ModuleFinder(path=[str(source_root), str(handler.parent)])
     finder.run_script(str(handler))
     forbidden = {
@@ -64,18 +67,25 @@ def core_modules(handler: Path, *, source_root: Path, package: str) -> dict[str,
         if name.split(".")[0] in FORBIDDEN_IMPORTS
     }
     if forbidden:
-        detail = "; ".join(f"{name} (imported by {', '.join(by)})" for name, by in forbidden.items())
+        detail = "; ".join(
+            f"{name} (imported by {', '.join(by)})" for name, by in forbidden.items()
+        )
         raise BundlingError(f"{handler} must stay torch-free but reaches: {detail}")
     missing, _maybe_attributes = finder.any_missing_maybe()
     unresolved = [name for name in missing if name.split(".")[0] == package]
     if unresolved:
         raise BundlingError(f"{handler} imports {package} modules that do not exist: {unresolved}")
-    root = source_root / package
-    return {
-        name: Path(module.__file__)
-        for name, module in finder.modules.items()
-        if module.__file__ and Path(module.__file__).resolve().is_relative_to(root.resolve())
-    }
+    root = (source_root / package).resolve()
+    own_folder = handler.parent.resolve()
+    found = {}
+    for name, module in finder.modules.items():
+        file = getattr(module, "__file__", None)
+        if name == "__main__" or not file:
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(root) or path.parent == own_folder:
+            found[name] = Path(file)
+    return found
 
 
 def vendor_distribution(pin: Pin, output_dir: Path) -> list[Path]:
@@ -119,13 +129,17 @@ def bundle(
     output_dir: Path,
 ) -> list[str]:
     """Write the zip's contents into output_dir; returns the core modules it holds."""
+    pins = read_pins(requirements)
     modules = core_modules(handler, source_root=source_root, package=package)
     shutil.copyfile(handler, output_dir / handler.name)
-    for path in _with_package_inits(modules.values(), source_root / package):
+    package_files = {p for p in modules.values() if p.resolve().parent != handler.parent.resolve()}
+    for path in set(modules.values()) - package_files:  # the handler's own helper modules
+        shutil.copyfile(path, output_dir / path.name)
+    for path in _with_package_inits(package_files, source_root / package):
         target = output_dir / path.relative_to(source_root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    for pin in read_pins(requirements):
+    for pin in pins:
         vendor_distribution(pin, output_dir)
     return sorted(modules)
 
@@ -155,7 +169,8 @@ class InitiatorBundling:
         self.source_root = source_root
         self.package = package
 
-    def try_bundle(self, output_dir: str, **_options: Any) -> bool:
+    def try_bundle(self, output_dir: str, *_options: Any, **_kw_options: Any) -> bool:
+        # jsii passes the BundlingOptions struct positionally; local bundling ignores it.
         bundle(
             handler=self.handler,
             requirements=self.requirements,

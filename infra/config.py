@@ -53,7 +53,10 @@ class InfraConfig:
     stack_prefix: str = field(
         default="Sfl",
         metadata=_spec(
-            (lambda v: bool(_STACK_PREFIX.match(v)), "a letter, then up to 31 letters, digits, '-'"),
+            (
+                lambda v: bool(_STACK_PREFIX.match(v)),
+                "a letter, then up to 31 letters, digits, '-'",
+            ),
             "the stack is named '<stack_prefix>-Federation'; change it to deploy a second copy",
         ),
     )
@@ -95,8 +98,11 @@ class InfraConfig:
     log_retention_days: int = field(
         default=30,
         metadata=_spec(
-            (lambda v: v in LOG_RETENTION_DAYS, f"one of {', '.join(map(str, LOG_RETENTION_DAYS))}"),
-            "days the Lambdas' CloudWatch logs are kept",
+            (
+                lambda v: v in LOG_RETENTION_DAYS,
+                f"one of {', '.join(map(str, LOG_RETENTION_DAYS))}",
+            ),
+            "days the Lambdas' CloudWatch logs and the buckets' access logs are kept",
         ),
     )
     update_expiry_days: int = field(

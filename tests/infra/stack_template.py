@@ -91,3 +91,19 @@ def logical_id(construct: IConstruct) -> str:
 def bare_app_stack(name: str = "ConstructUnderTest") -> Stack:
     """An empty stack in its own app (with cdk.json's context), to build one construct in."""
     return Stack(App(context=cdk_context()), name)
+
+
+def render(value: Any) -> str:
+    """A CloudFormation string value as text, each intrinsic shown as ``<Kind:arg>``.
+
+    ``{"Fn::Join": ["", ["s3://", {"Ref": "B"}, "/k"]]}`` renders as ``s3://<Ref:B>/k``;
+    placeholders hold no quotes, so rendered JSON stays parseable.
+    """
+    if isinstance(value, str):
+        return value
+    ((kind, arg),) = value.items()
+    if kind == "Fn::Join":
+        return str(arg[0]).join(render(part) for part in arg[1])
+    if kind == "Fn::GetAtt":
+        return f"<GetAtt:{arg[0]}.{arg[1]}>"
+    return f"<{kind.removeprefix('Fn::')}:{arg}>"

@@ -1,4 +1,5 @@
-"""Devices: certificate-based credentials through a role alias, access to their own keys only."""
+"""Devices: certificate-based credentials through a role alias, access to their own keys only,
+and the edge client's Greengrass component built by ``sfl.recipes``."""
 
 from __future__ import annotations
 
@@ -8,34 +9,51 @@ from typing import Any
 import pytest
 from aws_cdk import Stack, assertions
 from stack_template import (
+    REPO_ROOT,
     Synthesized,
     actions_of,
     arn_of,
+    bare_app_stack,
     logical_id,
     object_arn,
+    render,
     resources_of,
     statements_of,
 )
 
-from infra.edge import FederationEdge, component_version, edge_client_recipe
+from infra.edge import FederationEdge
+from sfl import recipes
+from sfl.config import FederationConfig
+from sfl.resources import ResourceNames
 
-CONFIGURATION = {"SFL_MODELS_BUCKET": "models-bucket", "SFL_LR": "0.05"}
+NAMES = ResourceNames(
+    models_bucket="models-bucket",
+    updates_bucket="updates-bucket",
+    clients_table="clients-table",
+    rounds_table="rounds-table",
+)
+
+
+def build(stack: Stack, federation: FederationConfig | None = None) -> FederationEdge:
+    return FederationEdge(
+        stack,
+        "Edge",
+        component_name="com.example.sfl.EdgeClient",
+        federation=federation or FederationConfig(),
+        resource_names=NAMES,
+        source_root=REPO_ROOT,
+    )
 
 
 @pytest.fixture
 def edge(bare_stack: Stack) -> tuple[FederationEdge, assertions.Template]:
-    construct = FederationEdge(
-        bare_stack,
-        "Edge",
-        component_name="com.example.sfl.EdgeClient",
-        default_configuration=CONFIGURATION,
-    )
+    construct = build(bare_stack)
     return construct, assertions.Template.from_stack(bare_stack)
 
 
 def recipe_of(template: assertions.Template) -> dict[str, Any]:
     component = next(iter(template.find_resources("AWS::GreengrassV2::ComponentVersion").values()))
-    recipe: dict[str, Any] = json.loads(component["Properties"]["InlineRecipe"])
+    recipe: dict[str, Any] = json.loads(render(component["Properties"]["InlineRecipe"]))
     return recipe
 
 
@@ -79,36 +97,39 @@ def test_devices_get_a_thing_group_to_deploy_to(edge):
     )
 
 
-def test_component_recipe_carries_the_configuration_and_needs_token_exchange(edge):
+def test_component_is_the_generated_recipe_with_the_stack_s_names(edge):
     construct, template = edge
     recipe = recipe_of(template)
-    assert recipe["RecipeFormatVersion"] == "2020-01-25"
     assert recipe["ComponentName"] == "com.example.sfl.EdgeClient"
     assert recipe["ComponentVersion"] == construct.component_version
     assert recipe["ComponentDependencies"]["aws.greengrass.TokenExchangeService"] == {
         "VersionRequirement": ">=2.0.0 <3.0.0",
         "DependencyType": "HARD",
     }
-    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == CONFIGURATION
-    (manifest,) = recipe["Manifests"]
-    assert manifest["Lifecycle"]["Setenv"] == {
-        "SFL_LR": "{configuration:/SFL_LR}",
-        "SFL_MODELS_BUCKET": "{configuration:/SFL_MODELS_BUCKET}",
+    expected = recipes.default_configuration(FederationConfig(), NAMES, region="<Ref:AWS::Region>")
+    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == expected
+
+
+def test_component_artifact_is_the_stack_s_client_zip(edge):
+    construct, template = edge
+    (manifest,) = recipe_of(template)["Manifests"]
+    (artifact,) = manifest["Artifacts"]
+    key = construct.client_artifact.s3_object_key
+    assert artifact["Uri"].endswith(f"/{key}")
+    assert artifact["Uri"].startswith("s3://<Sub:cdk-hnb659fds-assets-")
+    assert artifact["Unarchive"] == "ZIP"
+    # Greengrass unpacks into a folder named after the key; the run script looks there.
+    assert f"{{artifacts:decompressedPath}}/{key.removesuffix('.zip')}" in json.dumps(manifest)
+
+
+def test_component_version_changes_with_the_configuration():
+    versions = {
+        build(bare_app_stack(), FederationConfig(task=task)).component_version
+        for task in ("digits", "mnist", "digits")
     }
-
-
-def test_component_version_changes_exactly_when_the_recipe_does():
-    def version(configuration: dict[str, str]) -> str:
-        recipe = edge_client_recipe(
-            component_name="c", component_version="{version}", default_configuration=configuration
-        )
-        return component_version(recipe)
-
-    assert version({"SFL_LR": "0.05"}) == version({"SFL_LR": "0.05"})
-    assert version({"SFL_LR": "0.05"}) != version({"SFL_LR": "0.1"})
-    major, minor, patch = version({"SFL_LR": "0.05"}).split(".")
-    assert (major, minor) == ("0", "1")
-    assert patch.isdigit()
+    assert len(versions) == 2
+    major, minor, patch = next(iter(versions)).split(".")
+    assert (major, minor) == ("0", "1") and patch.isdigit()
 
 
 # --- what the stack grants devices -----------------------------------------------------------
@@ -121,12 +142,16 @@ def device_statements(synthesized: Synthesized) -> list[dict[str, Any]]:
     )
 
 
-def test_devices_read_models_and_the_assignment_only(synthesized):
-    storage = synthesized.stack.storage
-    models = logical_id(storage.models_bucket)
-    reads = [s for s in device_statements(synthesized) if actions_of(s) == ["s3:GetObject"]]
-    assert len(reads) == 1
-    assert resources_of(reads[0]) == [
+def test_devices_read_models_the_assignment_and_their_client_code_only(synthesized):
+    stack = synthesized.stack
+    models = logical_id(stack.storage.models_bucket)
+    (reads,) = [s for s in device_statements(synthesized) if actions_of(s) == ["s3:GetObject"]]
+    client_zip, *model_objects = resources_of(reads)
+    assert render(client_zip) == (
+        "arn:<Ref:AWS::Partition>:s3:::<Sub:cdk-hnb659fds-assets-${AWS::AccountId}-"
+        f"${{AWS::Region}}>/{stack.edge.client_artifact.s3_object_key}"
+    )
+    assert model_objects == [
         object_arn(models, "models/global/*"),
         object_arn(models, "rounds/current.json"),
     ]
@@ -166,7 +191,7 @@ def test_devices_have_nothing_else(synthesized):
     statements = device_statements(synthesized)
     assert sorted(tuple(actions_of(s)) for s in statements) == [
         ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
-        ("s3:GetObject",),
+        ("s3:GetObject",),  # models, the assignment, the client artifact
         # Listing answers 404 rather than 403 while no assignment exists yet.
         ("s3:ListBucket",),
         ("s3:PutObject",),

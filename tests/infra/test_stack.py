@@ -14,12 +14,14 @@ from stack_template import (
     cdk_context,
     logical_id,
     object_arn,
+    render,
     resources_of,
     statements_of,
     synthesize,
 )
 
 from infra.config import InfraConfig, StackConfig
+from sfl import recipes
 from sfl.config import ConfigError, FederationConfig
 from sfl.resources import UPDATES_BUCKET, ResourceNames
 
@@ -189,27 +191,27 @@ def test_updates_bucket_notifies_the_averager_of_new_updates_only(synthesized):
 
 def test_lambdas_and_devices_read_one_configuration(synthesized):
     stack = synthesized.stack
-    expected_names = ResourceNames(
-        models_bucket={"Ref": logical_id(stack.storage.models_bucket)},  # type: ignore[arg-type]
-        updates_bucket={"Ref": logical_id(stack.storage.updates_bucket)},  # type: ignore[arg-type]
-        clients_table={"Ref": logical_id(stack.state.clients_table)},  # type: ignore[arg-type]
-        rounds_table={"Ref": logical_id(stack.state.rounds_table)},  # type: ignore[arg-type]
-    ).to_env()
-    federation = FederationConfig.from_mapping(cdk_context()["sfl"]).to_env()
+    refs = {
+        "models_bucket": logical_id(stack.storage.models_bucket),
+        "updates_bucket": logical_id(stack.storage.updates_bucket),
+        "clients_table": logical_id(stack.state.clients_table),
+        "rounds_table": logical_id(stack.state.rounds_table),
+    }
+    expected_names = {ResourceNames.ENV[attr]: {"Ref": logical} for attr, logical in refs.items()}
+    federation = FederationConfig.from_mapping(cdk_context()["sfl"])
     for function in (stack.rounds.initiator, stack.rounds.averager):
         env = synthesized.template_json["Resources"][logical_id(function)]["Properties"][
             "Environment"
         ]["Variables"]
         assert {k: env[k] for k in expected_names} == expected_names
-        assert {k: env[k] for k in federation} == federation
-    # The component's default configuration is the same mapping (as JSON with CFN refs).
+        assert {k: env[k] for k in federation.to_env()} == federation.to_env()
+    # The devices' component configuration: the same config and names, through sfl.recipes.
     (component,) = synthesized.resources("AWS::GreengrassV2::ComponentVersion").values()
-    parts = component["Properties"]["InlineRecipe"]["Fn::Join"][1]
-    text = "".join(p if isinstance(p, str) else json.dumps(p).replace('"', "'") for p in parts)
-    configuration = json.loads(text)["ComponentConfiguration"]["DefaultConfiguration"]
-    assert {k: configuration[k] for k in federation} == federation
-    for variable, ref in expected_names.items():
-        assert configuration[variable] == json.dumps(ref).replace('"', "'")
+    recipe = json.loads(render(component["Properties"]["InlineRecipe"]))
+    placeholders = ResourceNames(**{attr: f"<Ref:{lg}>" for attr, lg in refs.items()})
+    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == (
+        recipes.default_configuration(federation, placeholders, region="<Ref:AWS::Region>")
+    )
 
 
 def test_outputs_name_everything_an_operator_needs(synthesized):
@@ -221,6 +223,8 @@ def test_outputs_name_everything_an_operator_needs(synthesized):
         "RoundsTableName",
         "InitiatorFunctionName",
         "AveragerFunctionName",
+        "InitiatorLogGroupName",
+        "AveragerLogGroupName",
         "FailedInvocationsQueueUrl",
         "TokenExchangeRoleName",
         "TokenExchangeRoleAliasName",

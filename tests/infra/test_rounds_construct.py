@@ -289,7 +289,12 @@ def test_initiator_zip_imports_its_handler_with_torch_unavailable(synthesized):
     result = subprocess.run(
         [sys.executable, "-c", probe, str(asset)],
         cwd=asset,
-        env={"PYTHONPATH": str(asset), "PATH": "/usr/bin:/bin", "AWS_DEFAULT_REGION": "us-east-1"},
+        env={
+            "PYTHONPATH": str(asset),
+            "PATH": "/usr/bin:/bin",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        },
         capture_output=True,
         text=True,
         check=False,

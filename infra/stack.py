@@ -1,0 +1,343 @@
+"""The federation stack: composes storage, state, rounds and edge; wires and grants; outputs.
+
+Every grant is written out here, action by action, on the narrowest resource that works, so
+a reviewer reads each role's whole access in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from aws_cdk import App, CfnOutput, CfnResource, Stack, Tags, Validations
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_notifications as s3n
+from cdk_nag import AwsSolutionsChecks
+from constructs import Construct
+
+from infra.compliance import acknowledge_nag, cfn_resource, ignore_cfn_lint, skip_checkov
+from infra.config import LAMBDA_PYTHON_VERSION, StackConfig
+from infra.edge import THING_NAME_VARIABLE, FederationEdge
+from infra.rounds import FederationRounds, FunctionSettings
+from infra.state import FederationState
+from infra.storage import FederationStorage
+from sfl import layout
+from sfl.resources import UPDATES_BUCKET, ResourceNames
+
+# DynamoDB item actions; TransactWriteItems is authorised per item through these.
+ITEM_READ = ("dynamodb:GetItem", "dynamodb:Query")
+ITEM_WRITE = ("dynamodb:PutItem", "dynamodb:UpdateItem")
+
+# The singleton that aws_s3.Bucket.add_event_notification adds to the stack.
+_S3_NOTIFICATIONS_HANDLER = "BucketNotificationsHandler050a0587b7544547bf325f094a3db834"
+
+_CDK_HANDLER_CHECKOV_SKIPS = {
+    "CKV_AWS_115": "CDK-provided custom-resource handler, invoked by CloudFormation only "
+    "while deploying or destroying; no concurrency to limit.",
+    "CKV_AWS_116": "CDK-provided custom-resource handler, invoked synchronously by "
+    "CloudFormation, which reports any failure; there is no asynchronous event to keep.",
+    "CKV_AWS_117": "CDK-provided custom-resource handler that calls only AWS public APIs "
+    "(S3, Lambda) during deploy; a VPC would add NAT or endpoint costs.",
+}
+
+GREENGRASS_INSTALLER = (
+    "sudo -E java -Droot=/greengrass/v2 -Dlog.store=FILE "
+    "-jar ./GreengrassInstaller/lib/Greengrass.jar"
+)
+
+
+class FederationStack(Stack):
+    """Everything ``cdk deploy`` creates and ``cdk destroy`` removes.
+
+    Attributes: ``storage``, ``state``, ``rounds``, ``edge``.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: StackConfig,
+        source_root: Path,
+        stack_name: str | None = None,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            stack_name=stack_name,
+            description="Serverless federated learning: Lambda rounds, Greengrass edge clients.",
+        )
+        infra = config.infra
+        Tags.of(self).add("project", "serverless-federated-learning")
+
+        self.storage = FederationStorage(
+            self,
+            "Storage",
+            update_expiry_days=infra.update_expiry_days,
+            log_retention_days=infra.log_retention_days,
+            retain_data=infra.retain_data,
+        )
+        self.state = FederationState(self, "State", retain_data=infra.retain_data)
+        self.resource_names = ResourceNames(
+            models_bucket=self.storage.models_bucket.bucket_name,
+            updates_bucket=self.storage.updates_bucket.bucket_name,
+            clients_table=self.state.clients_table.table_name,
+            rounds_table=self.state.rounds_table.table_name,
+        )
+        # One source: this feeds the Lambdas' environment, and the same config and names the
+        # devices' component configuration (sfl.recipes).
+        environment = {**self.resource_names.to_env(), **config.federation.to_env()}
+
+        self.rounds = FederationRounds(
+            self,
+            "Rounds",
+            source_root=source_root,
+            python_version=LAMBDA_PYTHON_VERSION,
+            environment=environment,
+            initiator=FunctionSettings(
+                memory_mb=infra.initiator_memory_mb,
+                timeout_seconds=infra.initiator_timeout_seconds,
+                reserved_concurrency=infra.initiator_reserved_concurrency,
+            ),
+            averager=FunctionSettings(
+                memory_mb=infra.averager_memory_mb,
+                timeout_seconds=infra.averager_timeout_seconds,
+                reserved_concurrency=infra.averager_reserved_concurrency,
+            ),
+            schedule_minutes=infra.schedule_minutes,
+            schedule_enabled=infra.schedule_enabled,
+            log_retention_days=infra.log_retention_days,
+        )
+        self.edge = FederationEdge(
+            self,
+            "Edge",
+            component_name=infra.resolved_component_name,
+            federation=config.federation,
+            resource_names=self.resource_names,
+            source_root=source_root,
+        )
+
+        self._grant_initiator()
+        self._grant_averager()
+        self._grant_devices()
+        self._wire_update_notifications()
+        self._acknowledge_findings()
+        self._outputs()
+
+    # --- grants ------------------------------------------------------------------------------
+
+    def _grant_initiator(self) -> None:
+        role = _present(self.rounds.initiator.role)
+        models = self.storage.models_bucket
+        _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")])
+        _allow(role, ["s3:PutObject"], [models.arn_for_objects(layout.ASSIGNMENT_KEY)])
+        # ListBucket only makes a missing key answer 404 instead of 403.
+        _allow(role, ["s3:ListBucket"], [models.bucket_arn])
+        for table, extra in (
+            (self.state.rounds_table, ()),
+            (self.state.clients_table, ("dynamodb:Scan",)),
+        ):
+            _allow(
+                role,
+                [*ITEM_READ, *ITEM_WRITE, "dynamodb:ConditionCheckItem", *extra],
+                [table.table_arn],
+            )
+
+    def _grant_averager(self) -> None:
+        role = _present(self.rounds.averager.role)
+        models = self.storage.models_bucket
+        updates = self.storage.updates_bucket
+        _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        _allow(
+            role,
+            ["s3:GetObject", "s3:PutObject"],
+            [
+                models.arn_for_objects(f"{layout.MODELS_PREFIX}*"),
+                models.arn_for_objects(layout.ASSIGNMENT_KEY),
+            ],
+        )
+        _allow(role, ["s3:ListBucket"], [models.bucket_arn, updates.bucket_arn])
+        _allow(role, [*ITEM_READ, *ITEM_WRITE], [self.state.rounds_table.table_arn])
+        _allow(
+            role, ["dynamodb:GetItem", "dynamodb:UpdateItem"], [self.state.clients_table.table_arn]
+        )
+        # Chains the next round after closing one; the version-less ARN only.
+        _allow(role, ["lambda:InvokeFunction"], [self.rounds.initiator.function_arn])
+
+    def _grant_devices(self) -> None:
+        role = self.edge.device_role
+        models = self.storage.models_bucket
+        _allow(
+            role,
+            ["s3:GetObject"],
+            [
+                models.arn_for_objects(f"{layout.MODELS_PREFIX}*"),
+                models.arn_for_objects(layout.ASSIGNMENT_KEY),
+            ],
+        )
+        # Polling the assignment before the first round: 404 (not 403) needs ListBucket.
+        _allow(role, ["s3:ListBucket"], [models.bucket_arn])
+        _allow(
+            role,
+            ["s3:PutObject"],
+            [
+                self.storage.updates_bucket.arn_for_objects(
+                    f"{layout.UPDATES_PREFIX}{THING_NAME_VARIABLE}/*"
+                )
+            ],
+        )
+        _allow(
+            role,
+            ["dynamodb:GetItem", *ITEM_WRITE],
+            [self.state.clients_table.table_arn],
+            conditions={
+                "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [THING_NAME_VARIABLE]}
+            },
+        )
+
+    def _wire_update_notifications(self) -> None:
+        self.storage.updates_bucket.add_event_notification(
+            s3.EventType.OBJECT_CREATED,
+            s3n.LambdaDestination(self.rounds.averager),
+            s3.NotificationKeyFilter(
+                prefix=UPDATES_BUCKET.notify_prefix, suffix=UPDATES_BUCKET.notify_suffix
+            ),
+        )
+
+    # --- findings ----------------------------------------------------------------------------
+
+    def _acknowledge_findings(self) -> None:
+        """Acknowledge, one by one, the findings that least privilege cannot remove."""
+        models = self.storage.models_bucket
+        updates = self.storage.updates_bucket
+        models_global = (models, f"{layout.MODELS_PREFIX}*")
+        all_updates = (updates, f"{layout.UPDATES_PREFIX}*")
+        own_updates = (updates, f"{layout.UPDATES_PREFIX}{THING_NAME_VARIABLE}/*")
+        object_wildcards = {
+            self.rounds.initiator.role: [
+                (models_global, "reads whichever global model version the new round starts from"),
+            ],
+            self.rounds.averager.role: [
+                (models_global, "reads the round's base model and writes the next version"),
+                (all_updates, "reads the update of any client selected for the round"),
+            ],
+            self.edge.device_role: [
+                (models_global, "downloads whichever global model version it is assigned"),
+                (own_updates, "uploads only under its own thing name, one key per round"),
+            ],
+        }
+        for role, findings in object_wildcards.items():
+            for (bucket, pattern), why in findings:
+                acknowledge_nag(
+                    _present(role).node.find_child("DefaultPolicy"),
+                    f"AwsSolutions-IAM5[Resource::<{self._logical_id(bucket)}.Arn>/"
+                    f"{pattern.replace('${', '<').replace('}', '>')}]",
+                    f"Object keys under one prefix of the layout (sfl.layout): the role {why}; "
+                    "the key names a version, client or round, so no fixed list exists.",
+                )
+
+        # CDK's own handler for S3 notifications (a deploy-time custom resource).
+        handler_role = self.node.find_child(_S3_NOTIFICATIONS_HANDLER).node.find_child("Role")
+        acknowledge_nag(
+            cfn_resource(handler_role),
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AWSLambdaBasicExecutionRole]",
+            "CDK's bucket-notifications handler, run only at deploy time; the managed policy "
+            "lets it write its own CloudWatch logs and nothing else.",
+        )
+
+        ours = {f.node.path for f in (self.rounds.initiator, self.rounds.averager)}
+        for node in self.node.find_all():
+            if not (
+                isinstance(node, CfnResource) and node.cfn_resource_type == "AWS::Lambda::Function"
+            ):
+                continue
+            # CDK renders a DependsOn on the execution role next to the GetAtt of its ARN:
+            # redundant (W3005), and it is how CDK orders the role's policy before the function.
+            ignore_cfn_lint(node, "W3005")
+            scope = node.node.scope
+            if scope is not None and scope.node.path not in ours:
+                # CDK's deploy-time handlers: S3 auto-delete, S3 notifications, AwsCustomResource.
+                for check_id, reason in _CDK_HANDLER_CHECKOV_SKIPS.items():
+                    skip_checkov(node, check_id, reason)
+
+    def _logical_id(self, construct: Construct) -> str:
+        return str(self.resolve(self.get_logical_id(cfn_resource(construct))))
+
+    # --- outputs -----------------------------------------------------------------------------
+
+    def _outputs(self) -> None:
+        names = self.resource_names
+        edge = self.edge
+        values = {
+            "ModelsBucketName": (names.models_bucket, "global models and the round assignment"),
+            "UpdatesBucketName": (names.updates_bucket, "client updates"),
+            "ClientsTableName": (names.clients_table, "client registry"),
+            "RoundsTableName": (names.rounds_table, "round records"),
+            "InitiatorFunctionName": (self.rounds.initiator.function_name, "starts rounds"),
+            "AveragerFunctionName": (self.rounds.averager.function_name, "aggregates rounds"),
+            "InitiatorLogGroupName": (
+                self.rounds.initiator_log_group.log_group_name,
+                "the initiator's logs",
+            ),
+            "AveragerLogGroupName": (
+                self.rounds.averager_log_group.log_group_name,
+                "the averager's logs",
+            ),
+            "FailedInvocationsQueueUrl": (
+                self.rounds.failure_queue.queue_url,
+                "failed asynchronous invocations of either function",
+            ),
+            "TokenExchangeRoleName": (edge.device_role.role_name, "devices' credentials role"),
+            "TokenExchangeRoleAliasName": (edge.role_alias.ref, "IoT role alias of that role"),
+            "ThingGroupName": (edge.thing_group.ref, "deploy the component to this group"),
+            "ComponentName": (edge.component_name, "Greengrass component of the edge client"),
+            "ComponentVersion": (edge.component_version, "its version in this deployment"),
+            "DeviceSetupCommand": (
+                f"{GREENGRASS_INSTALLER} --aws-region {self.region} "
+                "--thing-name <THING_NAME> "
+                f"--thing-group-name {edge.thing_group.ref} "
+                f"--tes-role-name {edge.device_role.role_name} "
+                f"--tes-role-alias-name {edge.role_alias.ref} "
+                "--component-default-user ggc_user:ggc_group "
+                "--provision true --setup-system-service true",
+                "run on a device with the Greengrass installer unpacked; <THING_NAME> becomes "
+                "its client id",
+            ),
+        }
+        for output_id, (value, description) in values.items():
+            CfnOutput(self, output_id, value=value, description=description)
+
+
+def build_app(app: App, *, source_root: Path) -> FederationStack:
+    """Configure the federation stack from the app's context and check it with cdk-nag."""
+    config = StackConfig.from_context(app.node.try_get_context)
+    stack = FederationStack(app, config.infra.stack_name, config=config, source_root=source_root)
+    Validations.of(app).add_plugins(
+        AwsSolutionsChecks(app, write_suppressions_to_cloud_formation=True)
+    )
+    return stack
+
+
+def _present(role: iam.IRole | None) -> iam.IRole:
+    if role is None:
+        raise ValueError("function has no execution role")
+    return role
+
+
+def _allow(
+    role: iam.IRole,
+    actions: Sequence[str],
+    resources: Sequence[str],
+    *,
+    conditions: dict[str, object] | None = None,
+) -> None:
+    role.add_to_principal_policy(
+        iam.PolicyStatement(
+            effect=iam.Effect.ALLOW,
+            actions=list(actions),
+            resources=list(resources),
+            conditions=conditions,
+        )
+    )
