@@ -8,9 +8,7 @@ recorded and answered with a result; only AWS errors raise, so Lambda retries th
 from __future__ import annotations
 
 import json
-import logging
 import os
-from functools import lru_cache
 from typing import Any
 
 import boto3
@@ -19,11 +17,11 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.averager import Averager, UpdateOutcome, bootstrap_model
-from sfl.aws import RETRY_CONFIG, AwsClients, make_clients
-from sfl.config import FederationConfig
+from sfl.aws import RETRY_CONFIG
 from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
-from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState
+from sfl.runtime import Services, route_core_logs
+from sfl.runtime import services as runtime_services
 
 logger = Logger(service="sfl-averager")
 metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-averager")
@@ -31,23 +29,10 @@ metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-averager
 INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
 
 
-@lru_cache(maxsize=8)
-def _services(
-    env_key: tuple[tuple[str, str], ...],
-) -> tuple[AwsClients, ResourceNames, FederationConfig]:
-    env = dict(env_key)
-    core_logger = logging.getLogger("sfl")
-    if not core_logger.handlers:  # route the core's logs through Powertools' JSON formatter
-        for handler in logger.handlers:
-            core_logger.addHandler(handler)
-        core_logger.setLevel(logger.log_level)
-    return make_clients(), ResourceNames.from_env(env), FederationConfig.from_env(env)
-
-
-def services() -> tuple[AwsClients, ResourceNames, FederationConfig]:
-    keys = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SFL_") or k in keys))
-    return _services(env)
+def services() -> Services:
+    """Clients, names and config; the first call also routes the core's logs to ours."""
+    route_core_logs(logger.handlers, logger.log_level)
+    return runtime_services()
 
 
 def chain_initiator(finished: Round) -> None:

@@ -5,42 +5,24 @@ Zip-packaged with boto3 and Powertools only; nothing it imports pulls in torch.
 
 from __future__ import annotations
 
-import logging
-import os
-from functools import lru_cache
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sfl.aws import AwsClients, make_clients
-from sfl.config import FederationConfig
 from sfl.initiator import start_round
-from sfl.resources import ResourceNames
+from sfl.runtime import Services, route_core_logs
+from sfl.runtime import services as runtime_services
 
 logger = Logger(service="sfl-initiator")
 metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-initiator")
 
 
-@lru_cache(maxsize=8)
-def _services(
-    env_key: tuple[tuple[str, str], ...],
-) -> tuple[AwsClients, ResourceNames, FederationConfig]:
-    env = dict(env_key)
-    core_logger = logging.getLogger("sfl")
-    if not core_logger.handlers:  # route the core's logs through Powertools' JSON formatter
-        for handler in logger.handlers:
-            core_logger.addHandler(handler)
-        core_logger.setLevel(logger.log_level)
-    return make_clients(), ResourceNames.from_env(env), FederationConfig.from_env(env)
-
-
-def services() -> tuple[AwsClients, ResourceNames, FederationConfig]:
-    """Clients, names and config from the environment, built once per distinct environment."""
-    keys = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
-    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("SFL_") or k in keys))
-    return _services(env)
+def services() -> Services:
+    """Clients, names and config; the first call also routes the core's logs to ours."""
+    route_core_logs(logger.handlers, logger.log_level)
+    return runtime_services()
 
 
 @metrics.log_metrics

@@ -1,0 +1,41 @@
+"""What a Lambda handler needs from its environment, built once per distinct environment.
+
+Shared by both handlers (torch-free, so the initiator's zip can carry it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from functools import lru_cache
+
+from sfl.aws import AwsClients, make_clients
+from sfl.config import FederationConfig
+from sfl.resources import ResourceNames
+
+Services = tuple[AwsClients, ResourceNames, FederationConfig]
+_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@lru_cache(maxsize=8)
+def _services(env_key: tuple[tuple[str, str], ...]) -> Services:
+    env = dict(env_key)
+    return make_clients(), ResourceNames.from_env(env), FederationConfig.from_env(env)
+
+
+def services() -> Services:
+    """Clients, names and config from ``SFL_*`` and the AWS endpoint/region variables."""
+    env = tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith("SFL_") or k in _ENV_KEYS)
+    )
+    return _services(env)
+
+
+def route_core_logs(handlers: Iterable[logging.Handler], level: int | str) -> None:
+    """Send the core's (``sfl.*``) log records through the handler's JSON formatter, once."""
+    core_logger = logging.getLogger("sfl")
+    if not core_logger.handlers:
+        for handler in handlers:
+            core_logger.addHandler(handler)
+        core_logger.setLevel(level)
