@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from aws_cdk import App, CfnOutput, CfnResource, Stack, Tags, Validations
+from aws_cdk import App, CfnOutput, CfnResource, Duration, Stack, Tags, Validations
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_notifications as s3n
@@ -123,9 +124,59 @@ class FederationStack(Stack):
         self._grant_devices()
         self._wire_update_notifications()
         self._acknowledge_findings()
+        self._alarms(config.federation.round_deadline_seconds, infra.schedule_minutes)
         self._outputs()
 
     # --- grants ------------------------------------------------------------------------------
+
+    def _alarms(self, hard_deadline_seconds: int, schedule_minutes: int) -> None:
+        """Alarms an operator wires to a topic: Lambda errors, failed async events waiting
+        in the DLQ, and a round still open well past its hard deadline (the watchdog tick
+        should have abandoned it). ``self.alarms`` exposes them."""
+        period = Duration.minutes(5)
+        self.alarms = {
+            "InitiatorErrors": self.rounds.initiator.metric_errors(period=period),
+            "AveragerErrors": self.rounds.averager.metric_errors(period=period),
+            "FailedEvents": (
+                self.rounds.failure_queue.metric_approximate_number_of_messages_visible(
+                    period=period
+                )
+            ),
+        }
+        created = {
+            name: cloudwatch.Alarm(
+                self,
+                f"{name}Alarm",
+                metric=metric,
+                threshold=1,
+                evaluation_periods=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"sfl: {name} >= 1 in 5 minutes",
+            )
+            for name, metric in self.alarms.items()
+        }
+        overdue = hard_deadline_seconds + 2 * 60 * schedule_minutes
+        created["OverdueRound"] = cloudwatch.Alarm(
+            self,
+            "OverdueRoundAlarm",
+            metric=cloudwatch.Metric(
+                namespace="ServerlessFederatedLearning",
+                metric_name="OpenRoundAge",
+                dimensions_map={"service": "sfl-initiator"},
+                statistic="Maximum",
+                period=period,
+            ),
+            threshold=overdue,
+            evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            alarm_description=(
+                f"sfl: a round has been open for over {overdue} s (hard deadline plus two "
+                "schedule periods); the averager's watchdog tick is not running"
+            ),
+        )
+        self.alarm_resources = created
 
     def _grant_initiator(self) -> None:
         role = _present(self.rounds.initiator.role)

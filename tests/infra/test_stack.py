@@ -315,3 +315,19 @@ def test_missing_context_means_defaults():
     config = StackConfig.from_context({}.get)
     assert config.infra == InfraConfig()
     assert config.federation == FederationConfig()
+
+
+def test_alarms_cover_lambda_errors_failed_events_and_an_overdue_round(synthesized):
+    alarms = synthesized.resources("AWS::CloudWatch::Alarm")
+    by_metric = {a["Properties"].get("MetricName"): a["Properties"] for a in alarms.values()}
+
+    assert sorted(by_metric) == ["ApproximateNumberOfMessagesVisible", "Errors", "OpenRoundAge"]
+    assert len(alarms) == 4
+    overdue = by_metric["OpenRoundAge"]
+    assert overdue["Namespace"] == "ServerlessFederatedLearning"
+    deadline = synthesized.stack.node.try_get_context("sfl")["round_deadline_seconds"]
+    schedule = synthesized.stack.node.try_get_context("sfl_infra")["schedule_minutes"]
+    assert overdue["Threshold"] == deadline + 2 * 60 * schedule
+    errors = [a for a in alarms.values() if a["Properties"].get("MetricName") == "Errors"]
+    assert len(errors) == 2
+    assert all(a["Properties"]["Threshold"] == 1 for a in errors)
