@@ -71,3 +71,43 @@ def test_initiator_handler_returns_why_it_did_not_start(stack: Stack) -> None:
     result = LocalFunction("initiator").invoke(_fixture("scheduled_tick.json"))
     assert result["started"] is False
     assert "global model version 0 is not in the models bucket" in result["reason"]
+
+
+def test_a_scheduled_tick_that_crashes_is_counted_and_the_next_tick_finishes_the_round(
+    stack: Stack,
+) -> None:
+    """EventBridge invokes the tick asynchronously: a crash mid-aggregation (here in the
+    tick that recovered an update whose S3 event was lost) must not stop the schedule."""
+    import time
+
+    from sfl import layout
+    from sfl.local.emulator import lambda_environment
+    from sfl.local.faults import reset_averager_crash
+
+    stack.config = stack.config.replace(
+        aggregation="sfl.local.faults:CrashOnceFedAvg", aggregation_lease_seconds=5
+    )
+    reset_averager_crash()
+    stack.put_model(0, TINY_MODEL)
+    stack.register("a")
+    with lambda_environment(stack.env()):
+        start_round(stack.clients, stack.names, stack.config)
+        stack.upload_update("a", 1, TINY_MODEL)  # its S3 event is never delivered
+        averager = LocalFunction("averager")
+        store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+
+        assert averager.invoke_scheduled(_fixture("scheduled_tick.json")) is False
+        assert averager.scheduled_failures == 1
+        stuck = store.get("test", 1)
+        assert stuck is not None and stuck.status is RoundState.AGGREGATING
+
+        time.sleep(5.2)  # the crashed invocation's aggregation lease runs out
+        assert averager.invoke_scheduled(_fixture("scheduled_tick.json")) is True
+
+    closed = store.get("test", 1)
+    assert closed is not None and closed.status is RoundState.CLOSED
+    assert closed.aggregation_attempts == 2 and closed.model_version == 1
+    versions = stack.clients.s3.list_object_versions(
+        Bucket=stack.names.models_bucket, Prefix=layout.model_key(1)
+    )
+    assert len(versions["Versions"]) == 1

@@ -88,7 +88,8 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     assert set(history["model_writes"].values()) == {1}
     closed = sum(r["status"] == "CLOSED" for r in rounds)
     assert len(history["model_writes"]) == closed + 1  # v0 plus one per closed round
-    assert history["averager_failures"] >= 1  # the injected crash happened...
+    # the injected crash happened (in an S3-event invocation or in a scheduled tick)...
+    assert history["averager_failures"] + history["tick_failures"] >= 1
     assert max(r["aggregation_attempts"] for r in rounds) >= 2  # ...and was retried
     assert history["events_dropped"]  # some events were lost and their updates still counted
     faults = [f for r in rounds for f in r["faults"]]

@@ -249,6 +249,7 @@ def _run(
         "wall_seconds": wall_seconds,
         "averager_invocations": dispatcher.invocations,
         "averager_failures": dispatcher.failures,
+        "tick_failures": averager.scheduled_failures,
         "events_dropped": sorted(dispatcher.dropped),
         "client_slowdowns": slowdowns,
         "model_writes": _model_writes(control, names.models_bucket),
@@ -266,7 +267,11 @@ def _run(
         plot_path=plot_path,
         initial_accuracy=initial_accuracy,
         wall_seconds=wall_seconds,
-        invocations={"averager": dispatcher.invocations, "failures": dispatcher.failures},
+        invocations={
+            "averager": dispatcher.invocations,
+            "failures": dispatcher.failures,
+            "tick_failures": averager.scheduled_failures,
+        },
     )
 
 
@@ -330,7 +335,7 @@ def _wait_for_round(
         if current is not None and current.status.finished:
             return current
         if time.time() >= next_tick:
-            averager.invoke({"sfl": "tick"})
+            averager.invoke_scheduled({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
         time.sleep(0.02)
     raise SimulationError(
