@@ -28,8 +28,6 @@ import threading
 import time
 import zipfile
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from edge_client.settings import ClientSettings
 from sfl.artifact import build_client_artifact
 from sfl.averager import bootstrap_model
 from sfl.initiator import start_round
+from sfl.local.credentials import CredentialEndpoint
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.lambdas import LocalFunction
 from sfl.recipes import PLACEHOLDER, build_recipe
@@ -52,55 +51,6 @@ from tests.conftest import Stack
 COMPONENT = "com.example.sfl.EdgeClient"
 THING = "core-device-1"
 OTHER_CLIENT = "laptop-1"
-TES_PATH = "/2016-11-01/credentialprovider/"
-
-
-class TokenExchangeStub:
-    """Serves credentials like the token exchange service: only with the right Authorization."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-        self.served = 0
-        self.refused = 0
-        stub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != TES_PATH or self.headers.get("Authorization") != stub.token:
-                    stub.refused += 1
-                    self.send_response(403)
-                    self.end_headers()
-                    return
-                stub.served += 1
-                expires = datetime.now(UTC) + timedelta(hours=1)
-                body = json.dumps(
-                    {
-                        "AccessKeyId": "tes-access-key-id",
-                        "SecretAccessKey": "tes-secret",
-                        "Token": "tes-session-token",
-                        "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{TES_PATH}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> TokenExchangeStub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def json_pointer(document: Mapping[str, Any], pointer: str) -> Any:
@@ -320,7 +270,7 @@ def test_component_installs_runs_a_round_with_tes_credentials_and_stops_cleanly(
     )
     other_thread = threading.Thread(target=other.run, name=OTHER_CLIENT, daemon=True)
     log_path = tmp_path / f"{COMPONENT}.log"  # /greengrass/v2/logs/<component>.log on a device
-    with TokenExchangeStub(svcuid) as tes, log_path.open("w") as log:
+    with CredentialEndpoint(token=svcuid) as tes, log_path.open("w") as log:
         run_env = nucleus.environment(
             run, {**greengrass_env, "AWS_CONTAINER_CREDENTIALS_FULL_URI": tes.url}
         )

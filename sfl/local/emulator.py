@@ -14,22 +14,39 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import botocore.session
+from botocore.credentials import ContainerProvider, CredentialResolver
 
 from sfl import resources
 from sfl.aws import AwsClients, make_clients
+from sfl.local.credentials import CredentialEndpoint
 
 REGION = "us-east-1"
-# moto accepts any credentials; these never leave this machine.
-_LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+
+#: Variables through which a developer's own credentials could reach local processes;
+#: a local Lambda environment never has them (credentials come from the local endpoint).
+AMBIENT_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+)
 
 
 class LocalAws:
-    """A running moto server; start with ``with LocalAws() as aws:``."""
+    """A running moto server, and the credentials endpoint every local process signs its
+    requests with; start with ``with LocalAws() as aws:``."""
 
     def __init__(self, region: str = REGION) -> None:
         self.region = region
         self.endpoint_url = ""
         self._server: Any = None
+        self._credentials: CredentialEndpoint | None = None
 
     def __enter__(self) -> LocalAws:
         from moto.server import ThreadedMotoServer
@@ -39,19 +56,31 @@ class LocalAws:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
+        self._credentials = CredentialEndpoint().__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._credentials is not None:
+            self._credentials.__exit__(*exc)
+            self._credentials = None
         if self._server is not None:
             self._server.stop()
             self._server = None
 
+    @property
+    def credentials(self) -> CredentialEndpoint:
+        if self._credentials is None:
+            raise RuntimeError("LocalAws is not running: use `with LocalAws() as aws:`")
+        return self._credentials
+
     def session(self) -> boto3.session.Session:
-        return boto3.session.Session(
-            aws_access_key_id=_LOCAL_CREDENTIALS["aws_access_key_id"],
-            aws_secret_access_key=_LOCAL_CREDENTIALS["aws_secret_access_key"],
-            region_name=self.region,
+        """A session whose only credential source is the local credentials endpoint."""
+        core = botocore.session.Session()
+        core.register_component(
+            "credential_provider",
+            CredentialResolver([ContainerProvider(environ=self.credentials.env())]),
         )
+        return boto3.session.Session(botocore_session=core, region_name=self.region)
 
     def clients(self) -> AwsClients:
         """Fresh S3 + DynamoDB clients on their own session (one per thread)."""
@@ -61,13 +90,17 @@ class LocalAws:
         return self.session().client(service, endpoint_url=self.endpoint_url)  # type: ignore[call-overload]
 
     def env(self) -> dict[str, str]:
-        """What a Lambda or device process needs to reach this endpoint with boto3."""
+        """What a Lambda or device process needs to reach this endpoint with boto3:
+        endpoint, region, and the credentials endpoint (as a Greengrass device has it).
+        No shared config or credentials files: a developer's profiles stay out of it."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint_url,
             "AWS_REGION": self.region,
             "AWS_DEFAULT_REGION": self.region,
-            "AWS_ACCESS_KEY_ID": _LOCAL_CREDENTIALS["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": _LOCAL_CREDENTIALS["aws_secret_access_key"],
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **self.credentials.env(),
         }
 
 
@@ -139,8 +172,11 @@ def provision(aws: LocalAws, *, prefix: str = "sfl-local") -> LocalDeployment:
 
 @contextmanager
 def lambda_environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set a Lambda-like process environment for the handlers, restoring it afterwards."""
-    saved = {k: os.environ.get(k) for k in values}
+    """Set a Lambda-like process environment for the handlers, restoring it afterwards.
+    Ambient credential variables are removed for the duration."""
+    saved = {k: os.environ.get(k) for k in (*values, *AMBIENT_CREDENTIAL_VARIABLES)}
+    for name in AMBIENT_CREDENTIAL_VARIABLES:
+        os.environ.pop(name, None)
     os.environ.update(values)
     try:
         yield
