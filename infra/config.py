@@ -31,6 +31,8 @@ LOG_RETENTION_DAYS = (
 # Stack names: a letter, then letters, digits and '-'; kept short so the names CloudFormation
 # derives from it (bucket names are capped at 63 characters) stay valid.
 _STACK_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,31}$")
+# An e-mail address for alarm notifications: one '@', no spaces, a dot in the domain.
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Greengrass component names: dotted identifiers, as in 'com.example.HelloWorld'.
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -113,6 +115,13 @@ class InfraConfig:
         default=False,
         metadata=_spec(
             _ANY_BOOL, "keep buckets and tables on 'cdk destroy' (default: delete everything)"
+        ),
+    )
+    alarm_email: str = field(
+        default="",
+        metadata=_spec(
+            (lambda v: v == "" or bool(_EMAIL.match(v)), "'' or an e-mail address"),
+            "subscribe this address to the alarm topic (it must confirm); '' subscribes no one",
         ),
     )
     component_name: str = field(

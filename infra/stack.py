@@ -11,9 +11,12 @@ from pathlib import Path
 
 from aws_cdk import App, CfnOutput, CfnResource, Duration, Stack, Tags, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_notifications as s3n
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
@@ -124,15 +127,18 @@ class FederationStack(Stack):
         self._grant_devices()
         self._wire_update_notifications()
         self._acknowledge_findings()
-        self._alarms(config.federation.round_deadline_seconds, infra.schedule_minutes)
+        self._alarms(
+            config.federation.round_deadline_seconds, infra.schedule_minutes, infra.alarm_email
+        )
         self._outputs()
 
     # --- grants ------------------------------------------------------------------------------
 
-    def _alarms(self, hard_deadline_seconds: int, schedule_minutes: int) -> None:
-        """Alarms an operator wires to a topic: Lambda errors, failed async events waiting
-        in the DLQ, and a round still open well past its hard deadline (the watchdog tick
-        should have abandoned it). ``self.alarms`` exposes them."""
+    def _alarms(self, hard_deadline_seconds: int, schedule_minutes: int, email: str) -> None:
+        """Alarms on Lambda errors, failed async events waiting in the DLQ, and a round still
+        open well past its hard deadline (the watchdog tick should have abandoned it); each
+        notifies ``self.alarm_topic`` when it fires and when it clears. ``self.alarms`` has
+        their metrics, ``self.alarm_resources`` the alarms."""
         period = Duration.minutes(5)
         self.alarms = {
             "InitiatorErrors": self.rounds.initiator.metric_errors(period=period),
@@ -177,6 +183,23 @@ class FederationStack(Stack):
             ),
         )
         self.alarm_resources = created
+
+        self.alarm_topic = sns.Topic(
+            self, "AlarmTopic", display_name="sfl alarms", enforce_ssl=True
+        )
+        reason = (
+            "Alarm notifications carry only alarm names, states and thresholds. CloudWatch "
+            "cannot publish to a topic encrypted with the AWS managed SNS key, and a "
+            "customer-managed key would cost more than the rest of the idle stack."
+        )
+        acknowledge_nag(self.alarm_topic, "AwsSolutions-SNS2", reason)
+        skip_checkov(self.alarm_topic, "CKV_AWS_26", reason)
+        if email:
+            self.alarm_topic.add_subscription(subscriptions.EmailSubscription(email))
+        action = cloudwatch_actions.SnsAction(self.alarm_topic)
+        for alarm in created.values():
+            alarm.add_alarm_action(action)
+            alarm.add_ok_action(action)
 
     def _grant_initiator(self) -> None:
         role = _present(self.rounds.initiator.role)
@@ -339,6 +362,10 @@ class FederationStack(Stack):
             "FailedInvocationsQueueUrl": (
                 self.rounds.failure_queue.queue_url,
                 "failed asynchronous invocations of either function",
+            ),
+            "AlarmTopicArn": (
+                self.alarm_topic.topic_arn,
+                "alarms notify this topic; subscribe to it (or set sfl_infra.alarm_email)",
             ),
             "TokenExchangeRoleName": (edge.device_role.role_name, "devices' credentials role"),
             "TokenExchangeRoleAliasName": (edge.role_alias.ref, "IoT role alias of that role"),

@@ -12,6 +12,7 @@ from stack_template import REPO_ROOT, Synthesized
 EXPECTED_SKIPS = {
     "CKV_AWS_18": {"AWS::S3::Bucket"},  # the access-log bucket itself
     "CKV_AWS_21": {"AWS::S3::Bucket"},  # updates and access logs are write-once
+    "CKV_AWS_26": {"AWS::SNS::Topic"},  # CloudWatch cannot publish to an aws/sns-encrypted topic
     "CKV_AWS_27": {"AWS::SQS::Queue"},  # SSE-SQS rather than a paid KMS key
     "CKV_AWS_115": {"AWS::Lambda::Function"},  # reserved concurrency off by default
     "CKV_AWS_116": {"AWS::Lambda::Function"},  # on-failure destinations, not a DLQ

@@ -54,6 +54,7 @@ NOT_EMULATED = {
     "AWS::IoT::ThingGroup",
     "AWS::GreengrassV2::ComponentVersion",
     "AWS::CloudWatch::Alarm",
+    "AWS::SNS::TopicPolicy",
 }
 # Lambda-backed custom resources: removed before create, their effect applied by the test.
 APPLIED_BY_TEST = {"Custom::S3AutoDeleteObjects", "Custom::S3BucketNotifications", "Custom::AWS"}

@@ -16,6 +16,7 @@ from stack_template import Synthesized, logical_id
 EXPECTED = {
     "AccessLogsBucket": {"AwsSolutions-S1"},
     "FailedInvocations": {"AwsSolutions-SQS3"},
+    "AlarmTopic": {"AwsSolutions-SNS2"},
     "InitiatorRole": {"AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]"},
     "AveragerRole": {
         "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",

@@ -226,6 +226,7 @@ def test_outputs_name_everything_an_operator_needs(synthesized):
         "InitiatorLogGroupName",
         "AveragerLogGroupName",
         "FailedInvocationsQueueUrl",
+        "AlarmTopicArn",
         "TokenExchangeRoleName",
         "TokenExchangeRoleAliasName",
         "ThingGroupName",
@@ -260,6 +261,7 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
         "schedule_minutes": 10,
         "averager_memory_mb": 4096,
         "retain_data": True,
+        "alarm_email": "ops@example.com",
     }
     stack, assembly_dir = synthesize(tmp_path, context)
     assert stack.stack_name == "Other-Federation"
@@ -276,6 +278,11 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
     ]
     assert {r["DeletionPolicy"] for r in kept} == {"Retain"}
     assert stack.edge.component_name == "Other.EdgeClient"
+    (subscription,) = [
+        r["Properties"] for r in resources.values() if r["Type"] == "AWS::SNS::Subscription"
+    ]
+    assert subscription["Protocol"] == "email" and subscription["Endpoint"] == "ops@example.com"
+    assert subscription["TopicArn"] == {"Ref": logical_id(stack.alarm_topic)}
 
 
 @pytest.mark.parametrize(
@@ -287,6 +294,7 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
         ("sfl_infra", {"averager_memory_mb": True}, r"averager_memory_mb.*True is not a int"),
         ("sfl_infra", {"stack_prefix": "9lives"}, r"stack_prefix.*'9lives'.*a letter"),
         ("sfl_infra", {"memory": 1}, r"unknown config key\(s\) 'memory'"),
+        ("sfl_infra", {"alarm_email": "ops at example"}, r"alarm_email.*'ops at example'.*e-mail"),
         ("sfl", {"lr": -1}, r"'lr'.*-1.*allowed"),
         ("sfl", {"selection": "nobody"}, r"'selection'.*'nobody'.*fast_clients"),
         ("sfl", "not json", r"context 'sfl'.*not a JSON object"),
@@ -331,3 +339,18 @@ def test_alarms_cover_lambda_errors_failed_events_and_an_overdue_round(synthesiz
     errors = [a for a in alarms.values() if a["Properties"].get("MetricName") == "Errors"]
     assert len(errors) == 2
     assert all(a["Properties"]["Threshold"] == 1 for a in errors)
+
+
+def test_every_alarm_notifies_the_ssl_only_topic_when_it_fires_and_clears(synthesized):
+    topic = {"Ref": logical_id(synthesized.stack.alarm_topic)}
+    for alarm in synthesized.resources("AWS::CloudWatch::Alarm").values():
+        assert alarm["Properties"]["AlarmActions"] == [topic]
+        assert alarm["Properties"]["OKActions"] == [topic]
+    assert synthesized.resources("AWS::SNS::Subscription") == {}  # no alarm_email by default
+    (policy,) = synthesized.resources("AWS::SNS::TopicPolicy").values()
+    assert policy["Properties"]["Topics"] == [topic]
+    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert [s["Effect"] for s in statements] == ["Deny"]
+    assert statements[0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    outputs = synthesized.template_json["Outputs"]
+    assert outputs["AlarmTopicArn"]["Value"] == topic
