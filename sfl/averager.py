@@ -118,6 +118,12 @@ class Averager:
             return self._reject_other(
                 round_, event, client, "round_not_open", f"round is {round_.status}"
             )
+        if self.clock() > round_.deadline_at:
+            # Still OPEN only because no tick has ended it yet: the hard deadline, not the
+            # watchdog's timing, decides who counts. Ending the round follows.
+            return self._reject_other(
+                round_, event, client, "past_deadline", "arrived after the round's hard deadline"
+            )
 
         answer = self._judge(round_, event, client)
         if answer is None:  # the object is gone (deleted before we got to it)

@@ -111,6 +111,28 @@ def test_a_late_update_is_recorded_and_ignored(stack: Stack) -> None:
     assert list(round_.accepted) == ["a"]
 
 
+@pytest.mark.parametrize(
+    ("quorum", "ends_as"),
+    [("min_fraction", RoundState.CLOSED), ("all_answered", RoundState.ABANDONED)],
+)
+def test_an_update_after_the_hard_deadline_never_counts_even_before_the_tick(
+    stack: Stack, quorum: str, ends_as: RoundState
+) -> None:
+    averager, clock, store = _setup(stack, "a", "slow", quorum=quorum, min_answered_fraction=0.5)
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    clock.now += 121  # past the hard deadline; no tick has run
+
+    result = _deliver(averager, stack.upload_update("slow", 1, TINY_MODEL))
+
+    round_ = store.get("test", 1)
+    assert result == "rejected"
+    assert round_ is not None and round_.status is ends_as  # the rejection ended the round
+    assert "slow" not in round_.answers
+    assert [(r["client_id"], r["reason"]) for r in round_.other_rejections] == [
+        ("slow", "past_deadline")
+    ]
+
+
 def test_tick_recovers_an_update_whose_event_was_lost(stack: Stack) -> None:
     averager, _, store = _setup(stack, "a", "b", quorum="all_answered")
     _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))

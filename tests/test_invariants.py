@@ -14,6 +14,7 @@ import random
 import time
 from typing import Any
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,6 +44,8 @@ ACTIONS = [
     "crash",
 ]
 SCHEDULES_RUN = 0
+# SFL_INVARIANT_EXAMPLES=500 for a longer hunt
+EXAMPLES = int(os.environ.get("SFL_INVARIANT_EXAMPLES", "40"))
 STATS = {"rounds": 0, "closed": 0, "abandoned": 0, "crashes": 0, "accepted": 0, "rejected": 0}
 
 
@@ -161,6 +164,9 @@ class World:
                     assert answer.etag in self.honest_etags, (
                         f"round {r.round} accepted a bad update from {client}"
                     )
+                    assert answer.received_at <= r.deadline_at, (
+                        f"round {r.round} counted {client}'s update received after its deadline"
+                    )
             if r.status is RoundState.CLOSED:
                 assert r.model_version == version + 1
                 version += 1
@@ -179,8 +185,8 @@ class World:
 
 
 @settings(
-    # SFL_INVARIANT_EXAMPLES=500 for a longer hunt; CI runs the same 40 every time
-    max_examples=int(os.environ.get("SFL_INVARIANT_EXAMPLES", "40")),
+    # derandomized: CI runs the same schedules every time
+    max_examples=EXAMPLES,
     deadline=None,
     derandomize=True,  # the same schedules on every run: CI never flakes on a new one
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -223,8 +229,11 @@ def test_round_invariants_hold_under_random_schedules(
         STATS["rejected"] += len(r.rejected) + len(r.other_rejections)
 
 
-def test_schedule_count_is_reported(capsys: Any) -> None:
-    """Not an invariant: prints how many schedules the property test ran (for the notes)."""
+def test_every_requested_schedule_ran_and_the_count_is_reported(capsys: Any) -> None:
+    """Hypothesis ran every schedule asked for (a health check can end a run early); the
+    count is printed for the notes."""
+    if SCHEDULES_RUN == 0:
+        pytest.skip("the property test did not run in this session")
     with capsys.disabled():
         print(f"\ninvariant schedules run in this session: {SCHEDULES_RUN}; totals: {STATS}")
-    assert SCHEDULES_RUN >= 0
+    assert SCHEDULES_RUN >= EXAMPLES

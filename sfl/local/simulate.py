@@ -380,7 +380,9 @@ def history_row(r: Round) -> dict[str, Any]:
         ],
         "missing": [c for c in r.selected if c not in answered],
         "late": [
-            x.get("client_id") for x in r.other_rejections if x.get("reason") == "round_not_open"
+            x.get("client_id")
+            for x in r.other_rejections
+            if x.get("reason") in ("round_not_open", "past_deadline")
         ],
         "abandon_reason": r.abandon_reason or None,
         "accuracy": None,
