@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +39,37 @@ AMBIENT_CREDENTIAL_VARIABLES = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
 )
 
+# The signing scope of a SigV4 request names its service: ``Credential=<key>/<date>/<region>/
+# <service>/aws4_request``.
+_SIGNED_SERVICE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
+#: Services whose requests the emulator applies one at a time (see ``AtomicRequests``).
+ATOMIC_SERVICES = frozenset({"s3", "dynamodb"})
+
+
+class AtomicRequests:
+    """WSGI middleware: S3 and DynamoDB requests run one at a time.
+
+    Real S3 and DynamoDB apply a conditional write atomically: of two concurrent
+    ``PutObject(IfNoneMatch="*")`` or ``UpdateItem`` with the same condition, exactly one
+    succeeds. moto's server checks the condition and then writes, on parallel request threads,
+    without a lock, so both can succeed. The round protocol's guarantees (one aggregation per
+    round, each model version written once) rest on that atomicity, so local mode restores it.
+    SQS is left concurrent: its long polls would hold everything else up.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        match = _SIGNED_SERVICE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        if match is None or match.group(1) not in ATOMIC_SERVICES:
+            return self.app(environ, start_response)
+        with self._lock:
+            # The whole body is produced under the lock: nothing of the response is computed
+            # while another request changes the same state.
+            return list(self.app(environ, start_response))
+
 
 class LocalAws:
     """A running moto server, and the credentials endpoint every local process signs its
@@ -54,6 +87,8 @@ class LocalAws:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._server.start()
+        # Before any request: werkzeug reads ``server.app`` per request.
+        self._server._server.app = AtomicRequests(self._server._server.app)
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
         self._credentials = CredentialEndpoint().__enter__()
