@@ -28,13 +28,19 @@ def averager_output(stack: Stack) -> Iterator[tuple[LocalFunction, io.StringIO]]
         previous = handler.setStream(logs)
         level = function.module.logger.log_level
         function.module.logger.setLevel("INFO")
-        logging.getLogger("sfl").setLevel("INFO")
+        # The core's records go to the first handler module's log handler in this process
+        # (in Lambda there is only one); whichever ran first, route them to this one here.
+        core = logging.getLogger("sfl")
+        core_handlers, core_level = list(core.handlers), core.level
+        core.handlers = [handler]
+        core.setLevel("INFO")
         try:
             yield function, logs
         finally:
             handler.setStream(previous)
             function.module.logger.setLevel(level)
-            logging.getLogger("sfl").setLevel(level)
+            core.handlers = core_handlers
+            core.setLevel(core_level)
 
 
 def _emf(stdout: str) -> list[dict[str, Any]]:

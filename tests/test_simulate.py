@@ -70,7 +70,7 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     args = [
         *("--clients", "8", "--rounds", "5", "--soft-deadline", "3", "--deadline", "6"),
         *("--crash-rate", "0.15", "--straggler-rate", "0.1", "--slow-clients", "0.5"),
-        *("--duplicate-deliveries", "2", "--drop-events", "0.25", "--averager-crash"),
+        *("--duplicate-deliveries", "2", "--drop-events", "0.3", "--averager-crash"),
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
