@@ -71,6 +71,10 @@ def test_rejections_are_counted_by_reason_and_logged_with_round_and_client(
     assert [(r["reason"], r["UpdatesRejectedByReason"]) for r in by_reason] == [
         ("not_safetensors", 1.0)
     ]
+    assert by_reason[0]["service"] == "sfl-averager"
+    assert (
+        by_reason[0]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "ServerlessFederatedLearning"
+    )
     totals = [r for r in records if "UpdatesAccepted" in r or "UpdatesRejected" in r]
     assert any(r.get("UpdatesRejected") == 1.0 for r in totals)
     closing = [r for r in records if "RoundsClosed" in r]
@@ -83,3 +87,21 @@ def test_rejections_are_counted_by_reason_and_logged_with_round_and_client(
     assert rejected and rejected[0]["client_id"] == "pickler" and rejected[0]["round"] == 1
     assert rejected[0]["reason"].startswith("not_safetensors")
     assert all("round" in line for line in lines if line["message"] != "initiator finished")
+
+
+def test_with_metrics_disabled_a_rejection_prints_no_metrics(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Local mode disables metrics: its output stays the progress table, nothing else."""
+    env = {**stack.env(), "POWERTOOLS_METRICS_DISABLED": "true"}
+    with lambda_environment(env):
+        stack.put_model(0, TINY_MODEL)
+        stack.register("pickler")
+        start_round(stack.clients, stack.names, stack.config)
+        capsys.readouterr()
+        result = LocalFunction("averager").invoke(
+            stack.upload_update("pickler", 1, {}, body=b"\x80\x04not a model")
+        )
+
+    assert result["outcomes"][0]["reason"].startswith("not_safetensors")
+    assert _emf(capsys.readouterr().out) == []

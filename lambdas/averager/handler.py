@@ -12,8 +12,8 @@ import os
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger, Metrics, single_metric
-from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.averager import Averager, UpdateOutcome, bootstrap_model
@@ -89,15 +89,12 @@ def record_update_metrics(outcome: UpdateOutcome) -> None:
         metrics.add_metric(name="DuplicateDeliveries", unit=MetricUnit.Count, value=1)
     elif outcome.result == "rejected":
         metrics.add_metric(name="UpdatesRejected", unit=MetricUnit.Count, value=1)
-        # one extra data point per reason, so alarms and dashboards can split by it
-        with single_metric(
-            name="UpdatesRejectedByReason",
-            unit=MetricUnit.Count,
-            value=1,
-            namespace=metrics.namespace,
-            default_dimensions=metrics.default_dimensions,
-        ) as metric:
-            metric.add_dimension(name="reason", value=outcome.reason.split(":")[0])
+        # One extra data point per reason, so alarms and dashboards can split by it: its own
+        # metric set (a dimension of its own), flushed now; honours POWERTOOLS_METRICS_DISABLED.
+        by_reason = EphemeralMetrics(namespace=metrics.namespace, service=metrics.service)
+        by_reason.add_dimension(name="reason", value=outcome.reason.split(":")[0])
+        by_reason.add_metric(name="UpdatesRejectedByReason", unit=MetricUnit.Count, value=1)
+        by_reason.flush_metrics()
 
 
 def record_round_metrics(finished: Round) -> None:
