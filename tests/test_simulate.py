@@ -69,7 +69,7 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     out = tmp_path / "faults"
     args = [
         *("--clients", "8", "--rounds", "5", "--soft-deadline", "3", "--deadline", "6"),
-        *("--crash-rate", "0.15", "--straggler-rate", "0.1", "--slow-clients", "0.5"),
+        *("--crash-rate", "0.2", "--straggler-rate", "0.1", "--slow-clients", "0.5"),
         *("--duplicate-deliveries", "2", "--drop-events", "0.3", "--averager-crash"),
     ]
     proc = subprocess.run(
@@ -93,6 +93,16 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     assert max(r["aggregation_attempts"] for r in rounds) >= 2  # ...and was retried
     assert history["events_dropped"]  # some events were lost and their updates still counted
     faults = [f for r in rounds for f in r["faults"]]
+    kinds = {f["fault"] for f in faults}
+    assert kinds == {"crash", "straggler"}, faults  # with seed 0 both kinds happen
+    # A crashed client is restarted (as Greengrass restarts a component) and answers again.
+    crashes = [
+        (i, f["client_id"])
+        for i, r in enumerate(rounds)
+        for f in r["faults"]
+        if f["fault"] == "crash"
+    ]
+    assert any(c in later["accepted"] for i, c in crashes for later in rounds[i + 1 :]), crashes
     for fault in faults:  # whoever crashed or straggled did not count for that round
         row = next(r for r in rounds if any(f is fault for f in r["faults"]))
         assert fault["client_id"] not in row["accepted"]
