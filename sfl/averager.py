@@ -118,11 +118,16 @@ class Averager:
             return self._reject_other(
                 round_, event, client, "round_not_open", f"round is {round_.status}"
             )
-        if self.clock() > round_.deadline_at:
-            # Still OPEN only because no tick has ended it yet: the hard deadline, not the
-            # watchdog's timing, decides who counts. Ending the round follows.
+        arrived_at = _arrival(event, self.clock())
+        if arrived_at > round_.deadline_at:
+            # Still OPEN only because no tick has ended it yet: when S3 stored the update,
+            # not when it is processed (a retried or recovered event comes later), decides.
             return self._reject_other(
-                round_, event, client, "past_deadline", "arrived after the round's hard deadline"
+                round_,
+                event,
+                client,
+                "past_deadline",
+                f"stored {arrived_at - round_.deadline_at:.1f} s after the round's hard deadline",
             )
 
         answer = self._judge(round_, event, client)
@@ -151,7 +156,7 @@ class Averager:
 
     def _judge(self, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
         """Download and validate one update; an Answer either way (None if it vanished)."""
-        received_at = self.clock()
+        received_at = _arrival(event, self.clock())
         common: dict[str, Any] = {"key": event.key, "size": event.size, "received_at": received_at}
         try:
             check_size(event.size, self.config.max_update_bytes)
@@ -419,12 +424,18 @@ class Averager:
                     key=key,
                     size=int(obj["Size"]),
                     etag=str(obj.get("ETag", "")),
+                    uploaded_at=obj["LastModified"].timestamp(),
                 )
                 outcome = self.handle_update(event)
                 recovered.append(f"{client}:{outcome.result}")
                 if outcome.finished_round is not None:
                     return recovered
         return recovered
+
+
+def _arrival(event: UpdateEvent, now: float) -> float:
+    """When the update reached S3, if the event says; otherwise now. Never later than now."""
+    return min(event.uploaded_at, now) if event.uploaded_at is not None else now
 
 
 def _weighted(used: list[tuple[str, Answer]], metric: str) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -13,12 +14,17 @@ BOOTSTRAP = "bootstrap"
 
 @dataclass(frozen=True)
 class UpdateEvent:
-    """One uploaded object, from an S3 event record (key already URL-decoded)."""
+    """One uploaded object, from an S3 event record (key already URL-decoded).
+
+    ``uploaded_at``: when S3 stored it (the record's ``eventTime``, or ``LastModified`` for an
+    update found by listing), epoch seconds; set by S3, never by the client. None if unknown.
+    """
 
     bucket: str
     key: str
     size: int
     etag: str = ""
+    uploaded_at: float | None = None
 
 
 def control_action(event: Mapping[str, Any]) -> str | None:
@@ -46,6 +52,18 @@ def s3_updates(event: Mapping[str, Any]) -> list[UpdateEvent]:
                 key=unquote_plus(s3["object"]["key"]),
                 size=int(s3["object"].get("size", 0)),
                 etag=str(s3["object"].get("eTag", "")),
+                uploaded_at=_epoch(record.get("eventTime")),
             )
         )
     return updates
+
+
+def _epoch(timestamp: Any) -> float | None:
+    """An S3 record's ISO 8601 ``eventTime`` (``2026-11-28T04:31:54.217Z``) as epoch seconds."""
+    if not isinstance(timestamp, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    return parsed.timestamp() if parsed.tzinfo is not None else None

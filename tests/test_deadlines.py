@@ -133,6 +133,40 @@ def test_an_update_after_the_hard_deadline_never_counts_even_before_the_tick(
     ]
 
 
+def test_an_update_stored_before_the_deadline_counts_when_found_after_it(stack: Stack) -> None:
+    """Its S3 event was lost; the watchdog finds it past the deadline: S3's LastModified,
+    not the time of processing, says it was on time."""
+    averager, clock, store = _setup(stack, "a", "b", quorum="all_answered")
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    stack.upload_update("b", 1, TINY_MODEL)  # stored now; its event never arrives
+    clock.now += 121
+
+    tick = averager.tick()
+
+    assert tick.status == "CLOSED"
+    round_ = store.get("test", 1)
+    assert round_ is not None and sorted(round_.accepted) == ["a", "b"]
+    assert not round_.other_rejections
+
+
+def test_a_retried_event_after_the_deadline_counts_if_s3_stored_it_in_time(stack: Stack) -> None:
+    averager, clock, store = _setup(stack, "a", "b", quorum="all_answered")
+    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    record = stack.upload_update("b", 1, TINY_MODEL)["Records"][0]["s3"]
+    clock.now += 121  # Lambda retried the event much later
+    on_time = UpdateEvent(
+        bucket=record["bucket"]["name"],
+        key=layout.update_key("b", 1),
+        size=record["object"]["size"],
+        etag=record["object"]["eTag"],
+        uploaded_at=clock.now - 130,  # the record's eventTime: inside the round
+    )
+
+    assert averager.handle_update(on_time).result == "accepted"
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+
+
 def test_tick_recovers_an_update_whose_event_was_lost(stack: Stack) -> None:
     averager, _, store = _setup(stack, "a", "b", quorum="all_answered")
     _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))

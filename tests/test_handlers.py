@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,16 @@ def test_s3_records_are_url_decoded() -> None:
         "updates/device-b/round-000001.safetensors",
     ]
     assert s3_updates(_fixture("s3_test_event.json")) == []
+
+
+def test_s3_records_carry_when_s3_stored_the_object() -> None:
+    first, second = s3_updates(_fixture("s3_put_two_records.json"))
+    assert first.uploaded_at == datetime(2026, 11, 28, 4, 31, 54, 217000, UTC).timestamp()
+    assert second.uploaded_at is not None and second.uploaded_at > first.uploaded_at
+    broken = _fixture("s3_put_two_records.json")
+    broken["Records"][0]["eventTime"] = "yesterday"
+    del broken["Records"][1]["eventTime"]
+    assert [u.uploaded_at for u in s3_updates(broken)] == [None, None]
 
 
 def test_schedule_event_is_a_tick() -> None:
