@@ -200,6 +200,20 @@ class FederationStack(Stack):
         for alarm in created.values():
             alarm.add_alarm_action(action)
             alarm.add_ok_action(action)
+        # The topic policy that enforce_ssl adds replaces SNS's default one, which is what lets
+        # alarms of this account publish: allow CloudWatch, for these alarms only.
+        self.alarm_topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AlarmsPublish",
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["sns:Publish"],
+                resources=[self.alarm_topic.topic_arn],
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": self.account},
+                    "ArnEquals": {"aws:SourceArn": [a.alarm_arn for a in created.values()]},
+                },
+            )
+        )
 
     def _grant_initiator(self) -> None:
         role = _present(self.rounds.initiator.role)

@@ -349,8 +349,18 @@ def test_every_alarm_notifies_the_ssl_only_topic_when_it_fires_and_clears(synthe
     assert synthesized.resources("AWS::SNS::Subscription") == {}  # no alarm_email by default
     (policy,) = synthesized.resources("AWS::SNS::TopicPolicy").values()
     assert policy["Properties"]["Topics"] == [topic]
-    statements = policy["Properties"]["PolicyDocument"]["Statement"]
-    assert [s["Effect"] for s in statements] == ["Deny"]
-    assert statements[0]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    statements = {s["Effect"]: s for s in policy["Properties"]["PolicyDocument"]["Statement"]}
+    assert sorted(statements) == ["Allow", "Deny"]
+    assert statements["Deny"]["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    # The policy replaces SNS's default one: CloudWatch must be allowed, for these alarms only.
+    allow = statements["Allow"]
+    assert allow["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert allow["Action"] == "sns:Publish" and allow["Resource"] == topic
+    assert allow["Condition"]["StringEquals"] == {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+    alarm_arns = allow["Condition"]["ArnEquals"]["aws:SourceArn"]
+    alarms = synthesized.resources("AWS::CloudWatch::Alarm")
+    assert sorted(alarm_arns, key=str) == sorted(
+        ({"Fn::GetAtt": [logical, "Arn"]} for logical in alarms), key=str
+    )
     outputs = synthesized.template_json["Outputs"]
     assert outputs["AlarmTopicArn"]["Value"] == topic
