@@ -15,7 +15,12 @@ from sfl.config import FederationConfig
 from sfl.resources import ResourceNames
 
 Services = tuple[AwsClients, ResourceNames, FederationConfig]
-_ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+_ENV_KEYS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",  # local mode: a new endpoint means new clients
+)
 
 
 @lru_cache(maxsize=8)

@@ -29,9 +29,11 @@ def eager_thread_switching() -> Iterator[None]:
 
 
 def _race(write: Callable[[int], None]) -> int:
-    """Start WRITERS threads at once, each calling write(i); how many succeeded."""
+    """Start WRITERS threads at once, each calling write(i); how many succeeded. A writer
+    that lost must have lost to the condition, nothing else."""
     barrier = threading.Barrier(WRITERS)
     wins: list[int] = []
+    unexpected: list[BaseException] = []
 
     def attempt(i: int) -> None:
         barrier.wait()
@@ -39,7 +41,11 @@ def _race(write: Callable[[int], None]) -> int:
             write(i)
         except ClientError as error:
             code = error.response["Error"]["Code"]
-            assert code in {"PreconditionFailed", "ConditionalCheckFailedException"}, code
+            if code not in {"PreconditionFailed", "ConditionalCheckFailedException"}:
+                unexpected.append(error)
+            return
+        except BaseException as error:  # reported in the main thread
+            unexpected.append(error)
             return
         wins.append(i)
 
@@ -48,12 +54,16 @@ def _race(write: Callable[[int], None]) -> int:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a writer never finished"
+    assert not unexpected, unexpected
     return len(wins)
 
 
 def test_concurrent_create_only_puts_of_one_key_have_one_winner(local_aws: LocalAws) -> None:
     clients = [local_aws.client("s3") for _ in range(WRITERS)]
     clients[0].create_bucket(Bucket="race")
+    # Versioned, so a second successful write would be visible as a second version.
+    clients[0].put_bucket_versioning(Bucket="race", VersioningConfiguration={"Status": "Enabled"})
     winners = []
     for trial in range(TRIALS):
         key = f"models/v{trial}"

@@ -91,5 +91,6 @@ class CredentialEndpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, which must be running
+            self._server.shutdown()
         self._server.server_close()

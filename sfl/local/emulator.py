@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import boto3
 import botocore.session
@@ -37,24 +38,29 @@ AMBIENT_CREDENTIAL_VARIABLES = (
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",  # botocore prefers it to the token itself
 )
 
 # The signing scope of a SigV4 request names its service: ``Credential=<key>/<date>/<region>/
 # <service>/aws4_request``.
 _SIGNED_SERVICE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/aws4_request")
-#: Services whose requests the emulator applies one at a time (see ``AtomicRequests``).
-ATOMIC_SERVICES = frozenset({"s3", "dynamodb"})
+_PRESIGNED_SERVICE = re.compile(r"X-Amz-Credential=[^/&]+/[^/&]+/[^/&]+/([^/&]+)/aws4_request")
+#: Services whose requests run concurrently (see ``AtomicRequests``).
+CONCURRENT_SERVICES = frozenset({"sqs"})
 
 
 class AtomicRequests:
-    """WSGI middleware: S3 and DynamoDB requests run one at a time.
+    """WSGI middleware: requests run one at a time, except SQS's.
 
     Real S3 and DynamoDB apply a conditional write atomically: of two concurrent
     ``PutObject(IfNoneMatch="*")`` or ``UpdateItem`` with the same condition, exactly one
     succeeds. moto's server checks the condition and then writes, on parallel request threads,
     without a lock, so both can succeed. The round protocol's guarantees (one aggregation per
     round, each model version written once) rest on that atomicity, so local mode restores it.
-    SQS is left concurrent: its long polls would hold everything else up.
+    SQS stays concurrent: its long polls would hold everything else up. A request is known by
+    its SigV4 scope (header or presigned query); one without a signature is serialised too.
+    The request body is read under the lock: a client stalling mid-upload would hold up the
+    others, which on one machine with local clients does not happen.
     """
 
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
@@ -62,13 +68,20 @@ class AtomicRequests:
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        match = _SIGNED_SERVICE.search(environ.get("HTTP_AUTHORIZATION", ""))
-        if match is None or match.group(1) not in ATOMIC_SERVICES:
+        scope = environ.get("HTTP_AUTHORIZATION", "") or unquote(environ.get("QUERY_STRING", ""))
+        match = _SIGNED_SERVICE.search(scope) or _PRESIGNED_SERVICE.search(scope)
+        if match is not None and match.group(1) in CONCURRENT_SERVICES:
             return self.app(environ, start_response)
         with self._lock:
-            # The whole body is produced under the lock: nothing of the response is computed
-            # while another request changes the same state.
-            return list(self.app(environ, start_response))
+            # The whole body is produced, and the response closed, under the lock: nothing
+            # of it is computed while another request changes the same state.
+            response = self.app(environ, start_response)
+            try:
+                return list(response)
+            finally:
+                close = getattr(response, "close", None)
+                if close is not None:
+                    close()
 
 
 class LocalAws:
@@ -91,7 +104,11 @@ class LocalAws:
         self._server._server.app = AtomicRequests(self._server._server.app)
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
-        self._credentials = CredentialEndpoint().__enter__()
+        try:
+            self._credentials = CredentialEndpoint().__enter__()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

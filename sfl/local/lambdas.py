@@ -57,6 +57,7 @@ class LocalFunction:
         self.name = name
         self.module = load_handler(name)
         self.scheduled_failures = 0
+        self.last_scheduled_error = ""
         # Powertools warns when an invocation adds no metric (ticks, duplicates); locally
         # metrics are disabled anyway.
         warnings.filterwarnings("ignore", message="No application metrics to publish")
@@ -76,12 +77,14 @@ class LocalFunction:
 
     def invoke_scheduled(self, event: dict[str, Any]) -> bool:
         """An asynchronous invocation, as EventBridge makes on a schedule: a failure is
-        logged and counted, never raised; the next scheduled invocation is the retry.
+        logged and counted (``scheduled_failures``, ``last_scheduled_error``), never raised.
+        Lambda would retry it up to twice; locally the next scheduled invocation is the retry.
         Returns whether the handler succeeded."""
         try:
             self.invoke(event)
-        except Exception:
+        except Exception as error:
             self.scheduled_failures += 1
+            self.last_scheduled_error = f"{type(error).__name__}: {error}"
             logger.exception("scheduled invocation of %s failed; the next one retries", self.name)
             return False
         return True

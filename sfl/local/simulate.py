@@ -338,8 +338,14 @@ def _wait_for_round(
             averager.invoke_scheduled({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
         time.sleep(0.02)
+    failed = ""
+    if averager.scheduled_failures:
+        failed = (
+            f"; {averager.scheduled_failures} averager tick(s) failed, the last with "
+            f"{averager.last_scheduled_error} (tracebacks in lambda-logs.jsonl)"
+        )
     raise SimulationError(
-        f"round {number} did not finish within {options.round_timeout_seconds + 60} s"
+        f"round {number} did not finish within {options.round_timeout_seconds + 60} s{failed}"
     )
 
 
