@@ -27,13 +27,13 @@ from constructs import Construct
 
 from infra.bundling import InitiatorBundling
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
+from sfl.runtime import AVERAGER_SERVICE, INITIATOR_SERVICE, METRICS_NAMESPACE
 
 # The events the handlers receive besides S3 notifications.
 TICK_EVENT = {"sfl": "tick"}
 BOOTSTRAP_EVENT = {"sfl": "bootstrap"}
 # The averager finds the initiator (to chain the next round) through this variable.
 INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
-POWERTOOLS_METRICS_NAMESPACE = "ServerlessFederatedLearning"
 
 INITIATOR_DIR = Path("lambdas/initiator")
 AVERAGER_DOCKERFILE = "lambdas/averager/Dockerfile"
@@ -122,7 +122,7 @@ class FederationRounds(Construct):
                 ),
             ),
             **self._function_options(
-                "Initiator", initiator, self.initiator_log_group, environment, "sfl-initiator"
+                "Initiator", initiator, self.initiator_log_group, environment, INITIATOR_SERVICE
             ),
         )
 
@@ -146,7 +146,7 @@ class FederationRounds(Construct):
                 averager,
                 self.averager_log_group,
                 {**environment, INITIATOR_FUNCTION_ENV: self.initiator.function_name},
-                "sfl-averager",
+                AVERAGER_SERVICE,
             ),
         )
 
@@ -214,7 +214,7 @@ class FederationRounds(Construct):
             "environment": {
                 **environment,
                 "POWERTOOLS_SERVICE_NAME": service,
-                "POWERTOOLS_METRICS_NAMESPACE": POWERTOOLS_METRICS_NAMESPACE,
+                "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
             },
             "on_failure": destinations.SqsDestination(self.failure_queue),
             "retry_attempts": 2,

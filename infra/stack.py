@@ -28,6 +28,7 @@ from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl import layout
 from sfl.resources import UPDATES_BUCKET, ResourceNames
+from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 
 # DynamoDB item actions; TransactWriteItems is authorised per item through these.
 ITEM_READ = ("dynamodb:GetItem", "dynamodb:Query")
@@ -167,9 +168,9 @@ class FederationStack(Stack):
             self,
             "OverdueRoundAlarm",
             metric=cloudwatch.Metric(
-                namespace="ServerlessFederatedLearning",
-                metric_name="OpenRoundAge",
-                dimensions_map={"service": "sfl-initiator"},
+                namespace=METRICS_NAMESPACE,
+                metric_name=OPEN_ROUND_AGE_METRIC,
+                dimensions_map={"service": INITIATOR_SERVICE},
                 statistic="Maximum",
                 period=period,
             ),

@@ -15,6 +15,13 @@ from sfl.config import FederationConfig
 from sfl.resources import ResourceNames
 
 Services = tuple[AwsClients, ResourceNames, FederationConfig]
+
+# The handlers' metrics and log identity; the stack's alarms and environment use the same.
+METRICS_NAMESPACE = "ServerlessFederatedLearning"
+INITIATOR_SERVICE = "sfl-initiator"
+AVERAGER_SERVICE = "sfl-averager"
+#: Seconds the newest round has been open, published by the initiator on every run.
+OPEN_ROUND_AGE_METRIC = "OpenRoundAge"
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
     "AWS_REGION",

@@ -20,11 +20,11 @@ from sfl.averager import Averager, UpdateOutcome, bootstrap_model
 from sfl.aws import RETRY_CONFIG
 from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
 from sfl.rounds import Round, RoundState
-from sfl.runtime import Services, route_core_logs
+from sfl.runtime import AVERAGER_SERVICE, METRICS_NAMESPACE, Services, route_core_logs
 from sfl.runtime import services as runtime_services
 
-logger = Logger(service="sfl-averager")
-metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-averager")
+logger = Logger(service=AVERAGER_SERVICE)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=AVERAGER_SERVICE)
 
 INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
 

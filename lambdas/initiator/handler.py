@@ -12,11 +12,17 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.initiator import start_round
-from sfl.runtime import Services, route_core_logs
+from sfl.runtime import (
+    INITIATOR_SERVICE,
+    METRICS_NAMESPACE,
+    OPEN_ROUND_AGE_METRIC,
+    Services,
+    route_core_logs,
+)
 from sfl.runtime import services as runtime_services
 
-logger = Logger(service="sfl-initiator")
-metrics = Metrics(namespace="ServerlessFederatedLearning", service="sfl-initiator")
+logger = Logger(service=INITIATOR_SERVICE)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=INITIATOR_SERVICE)
 
 
 def services() -> Services:
@@ -34,7 +40,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     # 0 when no round is running; alarms fire when a round outlives its hard deadline,
     # which only happens if the averager's watchdog tick is not doing its job
     metrics.add_metric(
-        name="OpenRoundAge", unit=MetricUnit.Seconds, value=result.open_for_seconds or 0.0
+        name=OPEN_ROUND_AGE_METRIC, unit=MetricUnit.Seconds, value=result.open_for_seconds or 0.0
     )
     logger.info("initiator finished", extra=result.to_dict())
     return result.to_dict()

@@ -88,6 +88,12 @@ def logical_id(construct: IConstruct) -> str:
     return str(stack.resolve(stack.get_logical_id(cfn_resource(construct))))
 
 
+def resource_json(template_json: Mapping[str, Any], construct: IConstruct) -> dict[str, Any]:
+    """A construct's resource (Type, Properties, ...) in a synthesized template."""
+    resource: dict[str, Any] = template_json["Resources"][logical_id(construct)]
+    return resource
+
+
 def bare_app_stack(name: str = "ConstructUnderTest") -> Stack:
     """An empty stack in its own app (with cdk.json's context), to build one construct in."""
     return Stack(App(context=cdk_context()), name)

@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 from aws_cdk import Stack, assertions
-from stack_template import REPO_ROOT, Synthesized, actions_of, arn_of, bare_app_stack, logical_id
+from stack_template import (
+    REPO_ROOT,
+    Synthesized,
+    actions_of,
+    arn_of,
+    bare_app_stack,
+    logical_id,
+    resource_json,
+)
 
 from infra.bundling import BundlingError, bundle, core_modules, read_pins
 from infra.rounds import (
@@ -55,17 +63,12 @@ def rounds() -> tuple[FederationRounds, assertions.Template, dict[str, Any]]:
     return construct, template, template.to_json()
 
 
-def function_json(template_json: dict[str, Any], function: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = template_json["Resources"][logical_id(function)]
-    return resource
-
-
 # --- the functions ---------------------------------------------------------------------------
 
 
 def test_initiator_is_a_python_zip_with_the_configured_size(rounds):
     construct, _, template_json = rounds
-    props = function_json(template_json, construct.initiator)["Properties"]
+    props = resource_json(template_json, construct.initiator)["Properties"]
     assert props["Runtime"] == "python3.14"
     assert props["Handler"] == "handler.lambda_handler"
     assert props["Architectures"] == ["arm64"]
@@ -77,7 +80,7 @@ def test_initiator_is_a_python_zip_with_the_configured_size(rounds):
 
 def test_averager_is_a_container_image_with_the_configured_size(rounds):
     construct, _, template_json = rounds
-    props = function_json(template_json, construct.averager)["Properties"]
+    props = resource_json(template_json, construct.averager)["Properties"]
     assert props["PackageType"] == "Image"
     assert "ImageUri" in props["Code"]
     assert props["Architectures"] == ["x86_64"]
@@ -91,7 +94,7 @@ def test_both_functions_get_the_environment_and_powertools_names(rounds):
         (construct.initiator, "sfl-initiator"),
         (construct.averager, "sfl-averager"),
     ):
-        env = function_json(template_json, function)["Properties"]["Environment"]["Variables"]
+        env = resource_json(template_json, function)["Properties"]["Environment"]["Variables"]
         assert env["SFL_MODELS_BUCKET"] == "models"
         assert env["SFL_LR"] == "0.05"
         assert env["POWERTOOLS_SERVICE_NAME"] == service
@@ -100,16 +103,16 @@ def test_both_functions_get_the_environment_and_powertools_names(rounds):
 
 def test_averager_knows_the_initiator_by_name(rounds):
     construct, _, template_json = rounds
-    env = function_json(template_json, construct.averager)["Properties"]["Environment"]["Variables"]
+    env = resource_json(template_json, construct.averager)["Properties"]["Environment"]["Variables"]
     assert env[INITIATOR_FUNCTION_ENV] == {"Ref": logical_id(construct.initiator)}
 
 
 def test_reserved_concurrency_is_set_only_when_configured(bare_stack):
     construct = build(bare_stack, initiator_reserved=2)
     template_json = assertions.Template.from_stack(bare_stack).to_json()
-    props = function_json(template_json, construct.initiator)["Properties"]
+    props = resource_json(template_json, construct.initiator)["Properties"]
     assert props["ReservedConcurrentExecutions"] == 2
-    skips = function_json(template_json, construct.initiator)["Metadata"]["checkov"]["skip"]
+    skips = resource_json(template_json, construct.initiator)["Metadata"]["checkov"]["skip"]
     assert "CKV_AWS_115" not in {s["id"] for s in skips}
 
 
@@ -119,9 +122,9 @@ def test_each_function_logs_to_its_own_group_with_retention(rounds):
         (construct.initiator, construct.initiator_log_group),
         (construct.averager, construct.averager_log_group),
     ):
-        props = function_json(template_json, function)["Properties"]
+        props = resource_json(template_json, function)["Properties"]
         assert props["LoggingConfig"] == {"LogGroup": {"Ref": logical_id(log_group)}}
-        group = template_json["Resources"][logical_id(log_group)]
+        group = resource_json(template_json, log_group)
         assert group["Properties"]["RetentionInDays"] == 14
         assert group["DeletionPolicy"] == "Delete"
 
@@ -132,7 +135,7 @@ def test_execution_roles_start_with_logs_only_and_no_managed_policy(rounds):
         (construct.initiator, construct.initiator_log_group),
         (construct.averager, construct.averager_log_group),
     ):
-        role = template_json["Resources"][logical_id(function.role)]
+        role = resource_json(template_json, function.role)
         assert "ManagedPolicyArns" not in role["Properties"]
         assert role["Properties"]["AssumeRolePolicyDocument"]["Statement"] == [
             {
@@ -250,7 +253,7 @@ def test_deploy_asks_the_averager_once_for_model_version_zero(rounds):
 
 
 def initiator_asset(synthesized: Synthesized) -> Path:
-    code = function_json(synthesized.template_json, synthesized.stack.rounds.initiator)
+    code = resource_json(synthesized.template_json, synthesized.stack.rounds.initiator)
     key = code["Properties"]["Code"]["S3Key"]
     return synthesized.assembly_dir / f"asset.{key.removesuffix('.zip')}"
 
@@ -337,15 +340,7 @@ def test_bundling_copies_only_what_the_handler_imports(tmp_path):
     handler.write_text("from corepkg import used\n")
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("# nothing vendored\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    bundle(
-        handler=handler,
-        requirements=requirements,
-        source_root=tmp_path,
-        package="corepkg",
-        output_dir=out,
-    )
+    out = _bundle_corepkg(tmp_path, handler, requirements)
     copied = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.py"))
     assert copied == [
         "corepkg/__init__.py",
@@ -356,21 +351,27 @@ def test_bundling_copies_only_what_the_handler_imports(tmp_path):
     ]
 
 
+def _bundle_corepkg(tmp_path: Path, handler: Path, requirements: Path) -> Path:
+    """Bundle a handler with the core package ``corepkg`` under tmp_path; the output dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    bundle(
+        handler=handler,
+        requirements=requirements,
+        source_root=tmp_path,
+        package="corepkg",
+        output_dir=out,
+    )
+    return out
+
+
 def test_bundling_rejects_a_version_other_than_the_pin(tmp_path):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("aws-lambda-powertools==0.0.1\n")
     handler = tmp_path / "handler.py"
     handler.write_text("")
-    out = tmp_path / "out"
-    out.mkdir()
     with pytest.raises(BundlingError, match=r"pins 0\.0\.1"):
-        bundle(
-            handler=handler,
-            requirements=requirements,
-            source_root=tmp_path,
-            package="corepkg",
-            output_dir=out,
-        )
+        _bundle_corepkg(tmp_path, handler, requirements)
 
 
 def test_requirements_must_be_exact_pins(tmp_path):

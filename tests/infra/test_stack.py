@@ -15,6 +15,7 @@ from stack_template import (
     logical_id,
     object_arn,
     render,
+    resource_json,
     resources_of,
     statements_of,
     synthesize,
@@ -200,9 +201,9 @@ def test_lambdas_and_devices_read_one_configuration(synthesized):
     expected_names = {ResourceNames.ENV[attr]: {"Ref": logical} for attr, logical in refs.items()}
     federation = FederationConfig.from_mapping(cdk_context()["sfl"])
     for function in (stack.rounds.initiator, stack.rounds.averager):
-        env = synthesized.template_json["Resources"][logical_id(function)]["Properties"][
-            "Environment"
-        ]["Variables"]
+        env = resource_json(synthesized.template_json, function)["Properties"]["Environment"][
+            "Variables"
+        ]
         assert {k: env[k] for k in expected_names} == expected_names
         assert {k: env[k] for k in federation.to_env()} == federation.to_env()
     # The devices' component configuration: the same config and names, through sfl.recipes.

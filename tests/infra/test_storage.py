@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from aws_cdk import Stack, assertions
-from stack_template import logical_id
+from stack_template import resource_json
 
 from infra.storage import FederationStorage
 from sfl import layout
@@ -23,11 +23,6 @@ def storage(bare_stack: Stack) -> tuple[FederationStorage, assertions.Template, 
     construct = build(bare_stack)
     template = assertions.Template.from_stack(bare_stack)
     return construct, template, template.to_json()
-
-
-def bucket_json(stack_template: dict[str, Any], construct: Any) -> dict[str, Any]:
-    resource: dict[str, Any] = stack_template["Resources"][logical_id(construct)]
-    return resource
 
 
 def test_three_buckets_all_block_public_access_and_encrypt(storage):
@@ -87,7 +82,7 @@ def test_every_bucket_policy_denies_requests_without_tls(storage):
 
 def test_models_bucket_keeps_every_version(storage):
     construct, _, template_json = storage
-    models = bucket_json(template_json, construct.models_bucket)["Properties"]
+    models = resource_json(template_json, construct.models_bucket)["Properties"]
     assert models["VersioningConfiguration"] == {"Status": "Enabled"}
     rules = {rule["Id"]: rule for rule in models["LifecycleConfiguration"]["Rules"]}
     # Nothing ever expires a model; only old versions of the assignment object go.
@@ -99,7 +94,7 @@ def test_models_bucket_keeps_every_version(storage):
 
 def test_updates_bucket_expires_updates_after_the_configured_days(storage):
     construct, _, template_json = storage
-    updates = bucket_json(template_json, construct.updates_bucket)["Properties"]
+    updates = resource_json(template_json, construct.updates_bucket)["Properties"]
     assert "VersioningConfiguration" not in updates
     rules = {rule["Id"]: rule for rule in updates["LifecycleConfiguration"]["Rules"]}
     assert rules["ExpireOldUpdates"] == {
@@ -121,11 +116,11 @@ def test_models_and_updates_log_access_to_the_logs_bucket(storage):
         (construct.models_bucket, "ModelsBucket/"),
         (construct.updates_bucket, "UpdatesBucket/"),
     ):
-        assert bucket_json(template_json, bucket)["Properties"]["LoggingConfiguration"] == {
+        assert resource_json(template_json, bucket)["Properties"]["LoggingConfiguration"] == {
             "DestinationBucketName": logs_ref,
             "LogFilePrefix": prefix,
         }
-    logs = bucket_json(template_json, construct.logs_bucket)["Properties"]
+    logs = resource_json(template_json, construct.logs_bucket)["Properties"]
     assert "LoggingConfiguration" not in logs
     assert logs["LifecycleConfiguration"]["Rules"][0]["ExpirationInDays"] == 90
 
