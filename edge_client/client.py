@@ -1,29 +1,82 @@
-"""The client loop: heartbeat, poll the assignment cheaply, answer rounds it was picked for."""
+"""The client loop: heartbeat, poll the assignment cheaply, answer rounds it was picked for.
+
+Everything the client downloads is checked before it is used: a malformed assignment is
+skipped, a bad global model (``edge_client.global_model``) costs that round, not the process.
+AWS failures — a token exchange service that is down, no network — are retried with back-off
+in the loop, which a stop (SIGTERM) ends at once.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
 from sfl import codec, layout
-from sfl.aws import AwsClients, error_code, is_not_found
-from sfl.registry import ClientRegistry, update_ewma
+from sfl.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.registry import ClientRegistry
 from sfl.tasks.base import ClientData, TrainConfig, TrainingTask
 
 logger = logging.getLogger(__name__)
 
+MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
+_MAX_EPOCHS = 10_000
+_MAX_BATCH = 1_000_000
+
 
 class RoundInterrupted(Exception):
     """Training was stopped (SIGTERM) before the update was uploaded."""
+
+
+class AssignmentUnreadable(ValueError):
+    """The assignment object is not one this client can act on (skipped, never fatal)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise AssignmentUnreadable(f"{name} is not a number JSON allows")
+
+
+def _field(d: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = d.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise AssignmentUnreadable(f"{name!r} is missing or not {kind}")
+    return value
+
+
+def _int(d: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value: int = _field(d, name, int)
+    if not low <= value <= high:
+        raise AssignmentUnreadable(f"{name!r}={value} is not in {low}..{high}")
+    return value
+
+
+def _finite(d: Mapping[str, Any], name: str) -> float:
+    value = float(_field(d, name, (int, float)))
+    if not math.isfinite(value):
+        raise AssignmentUnreadable(f"{name!r} is not finite")
+    return value
+
+
+def _train_config(d: Any) -> TrainConfig:
+    if not isinstance(d, dict):
+        raise AssignmentUnreadable("'train_config' is not an object")
+    lr = _finite(d, "lr")
+    if not 0 < lr <= 1e3:
+        raise AssignmentUnreadable(f"'lr'={lr} is not in (0, 1000]")
+    return TrainConfig(
+        local_epochs=_int(d, "local_epochs", 1, _MAX_EPOCHS),
+        lr=lr,
+        batch_size=_int(d, "batch_size", 1, _MAX_BATCH),
+        seed=_int(d, "seed", -(2**63), 2**63 - 1) if "seed" in d else 0,
+    )
 
 
 @dataclass(frozen=True)
@@ -34,19 +87,36 @@ class Assignment:
     model_key: str
     selected: frozenset[str]
     deadline_at: float
-    train_config: dict[str, Any]
+    train_config: TrainConfig
 
     @classmethod
     def from_json(cls, body: bytes) -> Assignment:
-        d = json.loads(body)
+        """Parse and check ``rounds/current.json``; raises ``AssignmentUnreadable``."""
+        if len(body) > MAX_ASSIGNMENT_BYTES:
+            raise AssignmentUnreadable(f"{len(body)} bytes, over {MAX_ASSIGNMENT_BYTES}")
+        try:
+            d = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise AssignmentUnreadable(f"not JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise AssignmentUnreadable("not a JSON object")
+        base_version = _int(d, "base_version", 0, 10**12)
+        model_key = _field(d, "model_key", str)
+        if model_key != layout.model_key(base_version):
+            raise AssignmentUnreadable(
+                f"model_key {model_key[:200]!r} is not version {base_version}'s key"
+            )
+        selected = _field(d, "selected", list)
+        if not all(isinstance(c, str) for c in selected):
+            raise AssignmentUnreadable("'selected' holds something other than client ids")
         return cls(
-            round=int(d["round"]),
-            status=str(d["status"]),
-            base_version=int(d["base_version"]),
-            model_key=str(d["model_key"]),
-            selected=frozenset(d["selected"]),
-            deadline_at=float(d["deadline_at"]),
-            train_config=dict(d["train_config"]),
+            round=_int(d, "round", 1, 10**12),
+            status=_field(d, "status", str),
+            base_version=base_version,
+            model_key=model_key,
+            selected=frozenset(selected),
+            deadline_at=_finite(d, "deadline_at"),
+            train_config=_train_config(d.get("train_config")),
         )
 
 
@@ -84,8 +154,8 @@ class EdgeClient:
         self.clock = clock
         self.hooks = hooks or RoundHooks()
         self.registry = ClientRegistry(aws.dynamodb, settings.clients_table)
-        self.ewma: float | None = None
         self.rounds_answered = 0
+        self.rounds_skipped = 0  # picked, but the global model was refused
         self._assignment_etag: str | None = None
         self._last_round_seen = 0  # rounds up to this one are never answered (again)
         self._next_heartbeat = 0.0
@@ -96,12 +166,6 @@ class EdgeClient:
     def run(self) -> int:
         """Poll and answer until stopped (or max_rounds answered). Returns an exit code."""
         self._data = self.task.load_client_data(self.settings.data_dir)
-        try:  # a restarted device keeps its turnaround history
-            known = self.registry.get(self.settings.client_id)
-            if known is not None and self.ewma is None:
-                self.ewma = known.ewma_turnaround
-        except (ClientError, BotoCoreError) as e:
-            logger.warning("registry unreachable at start", extra={"error": str(e)})
         logger.info(
             "client started",
             extra={"client_id": self.settings.client_id, "train_examples": len(self._data.train)},
@@ -120,13 +184,20 @@ class EdgeClient:
                 backoff = self.settings.poll_seconds
             except RoundInterrupted:
                 break
-            except (ClientError, BotoCoreError) as e:
-                backoff = min(backoff * 2, self.settings.max_backoff_seconds)
+            except AwsCallFailed as e:
+                backoff = min(max(backoff, 0.1) * 2, self.settings.max_backoff_seconds)
+                # The message carries the fields: Greengrass logs the text, not `extra`.
                 logger.warning(
-                    "AWS call failed; backing off",
+                    "AWS call failed: %s %s %s; retrying in %.1f s",
+                    e.service,
+                    e.operation,
+                    e.code,
+                    backoff,
                     extra={
                         "client_id": self.settings.client_id,
-                        "error": str(e),
+                        "service": e.service,
+                        "operation": e.operation,
+                        "error_code": e.code,
                         "backoff_s": backoff,
                     },
                 )
@@ -141,14 +212,14 @@ class EdgeClient:
             and self.rounds_answered >= self.settings.max_rounds
         )
 
-    def heartbeat(self, *, answered_round: bool = False) -> None:
-        self.registry.heartbeat(
-            self.settings.client_id,
-            now=self.clock(),
-            active_window_seconds=self.settings.active_window_seconds,
-            ewma_turnaround=self.ewma,
-            answered_round=answered_round,
-        )
+    def heartbeat(self) -> None:
+        """Tell the registry this client is alive; the server measures everything else."""
+        with aws_call("dynamodb", "UpdateItem"):
+            self.registry.heartbeat(
+                self.settings.client_id,
+                now=self.clock(),
+                active_window_seconds=self.settings.active_window_seconds,
+            )
         self._next_heartbeat = self.clock() + self.settings.heartbeat_seconds
 
     def poll(self) -> Assignment | None:
@@ -160,16 +231,18 @@ class EdgeClient:
         if self._assignment_etag:
             kwargs["IfNoneMatch"] = self._assignment_etag
         try:
-            obj = self.aws.s3.get_object(**kwargs)
-        except ClientError as e:
-            if error_code(e) in {"304", "NotModified"} or is_not_found(e):
+            with aws_call("s3", "GetObject"):
+                obj = self.aws.s3.get_object(**kwargs)
+                body = obj["Body"].read(MAX_ASSIGNMENT_BYTES + 1)
+        except AwsCallFailed as e:
+            if e.not_modified or e.not_found:
                 return None
             raise
         self._assignment_etag = obj["ETag"]
         try:
-            return Assignment.from_json(obj["Body"].read())
-        except (ValueError, KeyError, TypeError) as e:
-            logger.warning("assignment unreadable", extra={"error": str(e)})
+            return Assignment.from_json(body)
+        except AssignmentUnreadable as e:
+            logger.warning("assignment skipped: %s", e, extra={"error": str(e)})
             return None
 
     def _should_answer(self, a: Assignment) -> bool:
@@ -184,27 +257,46 @@ class EdgeClient:
 
     # --- one round --------------------------------------------------------------------------
 
+    def _global_model(self, a: Assignment) -> tuple[Any, int] | None:
+        """The round's base model, built and loaded, with its size; None if it is refused."""
+        model = self.task.build_model()
+        reference = model.state_dict()
+        limit = size_limit(reference)
+        with aws_call("s3", "GetObject"):
+            obj = self.aws.s3.get_object(Bucket=self.settings.models_bucket, Key=a.model_key)
+            body = obj["Body"].read(limit + 1)
+        try:
+            tensors = check_global_model(body, version=a.base_version, reference=reference)
+            model.load_state_dict(tensors)
+        except ModelRejected as e:
+            reason, detail = e.reason, e.detail
+        except Exception as e:  # a bug or a surprise in a library must cost a round, not the client
+            reason, detail = "unloadable", f"{type(e).__name__}: {e}"
+        else:
+            return model, len(body)
+        self.rounds_skipped += 1
+        logger.warning(
+            "global model refused (%s): %s; round %d skipped",
+            reason,
+            detail,
+            a.round,
+            extra={"client_id": self.settings.client_id, "round": a.round, "reason": reason},
+        )
+        return None
+
     def answer(self, a: Assignment) -> None:
-        """Download the base model, train, evaluate locally, upload the update."""
+        """Download and check the base model, train, evaluate locally, upload the update."""
         assert self._data is not None
         cid = self.settings.client_id
         log = {"client_id": cid, "round": a.round}
         logger.info("round picked up", extra=log)
         started = self.clock()
-        body = self.aws.s3.get_object(Bucket=self.settings.models_bucket, Key=a.model_key)[
-            "Body"
-        ].read()
-        model = self.task.build_model()
-        model.load_state_dict(codec.decode(body))
+        loaded = self._global_model(a)
+        if loaded is None:
+            return
+        model, bytes_down = loaded
         downloaded = self.clock()
-        cfg = a.train_config
-        train_config = TrainConfig(
-            local_epochs=int(cfg["local_epochs"]),
-            lr=float(cfg["lr"]),
-            batch_size=int(cfg["batch_size"]),
-            seed=int(cfg.get("seed", 0)),
-        )
-        train_metrics = self.task.train(model, self._data.train, train_config, self.stop.is_set)
+        train_metrics = self.task.train(model, self._data.train, a.train_config, self.stop.is_set)
         if self.stop.is_set():
             raise RoundInterrupted
         trained = self.clock()
@@ -229,23 +321,20 @@ class EdgeClient:
                 "train_s": trained - downloaded,
                 "eval_s": evaluated - trained,
             },
-            bytes_down=len(body),
+            bytes_down=bytes_down,
             upload_started_at=self.clock(),
         )
         update = codec.encode(model.state_dict(), metadata.to_header())
-        self.aws.s3.put_object(
-            Bucket=self.settings.updates_bucket, Key=layout.update_key(cid, a.round), Body=update
-        )
+        with aws_call("s3", "PutObject"):
+            self.aws.s3.put_object(
+                Bucket=self.settings.updates_bucket,
+                Key=layout.update_key(cid, a.round),
+                Body=update,
+            )
         turnaround = self.clock() - started
-        self.ewma = update_ewma(self.ewma, turnaround, self.settings.ewma_b)
         self.rounds_answered += 1
-        self.heartbeat(answered_round=True)
+        self.heartbeat()
         logger.info(
             "update uploaded",
-            extra={
-                **log,
-                "bytes": len(update),
-                "turnaround_s": round(turnaround, 3),
-                "ewma_s": round(self.ewma, 3),
-            },
+            extra={**log, "bytes": len(update), "turnaround_s": round(turnaround, 3)},
         )
