@@ -2,10 +2,13 @@
 
 It holds ``edge_client/``, the ``sfl`` modules the client imports (found by following its
 imports, so ``sfl.local``, the Lambdas and the tests never ship to a device) and
-``requirements-edge.txt``, whose pins are taken from ``requirements/runtime.txt`` so a device
-runs the versions the tests ran. Same sources, same bytes: entries are sorted, timestamps and
-permissions fixed and nothing is compressed, so the SHA-256 changes only when code or pins do.
-Building it needs a source checkout (it reads ``requirements/runtime.txt``).
+``requirements-edge.txt``, a copy of ``requirements/edge.txt`` checked against
+``requirements/runtime.txt`` so a device runs the versions the tests ran. Same sources, same
+bytes: entries are sorted, timestamps and permissions fixed and nothing is compressed, so the
+SHA-256 changes only when code or pins do. Building it needs a source checkout.
+
+``build_wheel_bundle`` makes the optional second artifact: a zip of wheels from a directory
+(``pip download`` output) that lets the Install step work with no index at all.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_REQUIREMENTS = Path("requirements") / "runtime.txt"
+EDGE_REQUIREMENTS = Path("requirements") / "edge.txt"
 ARCHIVE_NAME = "sfl-edge-client.zip"
+WHEEL_BUNDLE_NAME = "sfl-edge-wheels.zip"
 REQUIREMENTS_FILE = "requirements-edge.txt"
+# The pins the tests ran apply to these Pythons; other markers are alternatives for others.
+_TESTED_MARKERS = ("", 'python_version >= "3.11"')
 
 CLIENT_PACKAGE = "edge_client"
 # Tasks are loaded by name at run time (``sfl.tasks.load_task``), so every built-in task ships.
@@ -31,19 +38,24 @@ ROOT_PACKAGES = (CLIENT_PACKAGE, "sfl.tasks")
 FORBIDDEN_MODULES = ("sfl.local", "sfl.cli", "sfl.recipes_cli", "sfl.averager", "sfl.initiator")
 
 # Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
-# provides them. A new third-party import must be added here, or the build fails.
-EDGE_DISTRIBUTIONS = {
+# provides them; None: imported only on paths a device never runs (sklearn: a task's
+# load_central_data). A new third-party import must be added here, or the build fails.
+EDGE_DISTRIBUTIONS: dict[str, str | None] = {
     "boto3": "boto3",
     "botocore": "boto3",
     "numpy": "numpy",
     "safetensors": "safetensors",
-    "sklearn": "scikit-learn",
+    "sklearn": None,
     "torch": "torch",
 }
 
 _FIXED_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold
 _FILE_MODE = 0o644
-_PIN = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(?P<version>\S+)$")
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(?P<version>[^\s;]+)$")
+_EDGE_PIN = re.compile(
+    r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>[A-Za-z0-9_.+!-]+)(?:\s*;\s*(?P<marker>.+))?$"
+)
+_WHEEL = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)-.+\.whl$")
 
 
 class ArtifactError(ValueError):
@@ -173,29 +185,123 @@ def _runtime_pins(source_root: Path) -> dict[str, str]:
     return pins
 
 
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class EdgePin:
+    """One line of ``requirements/edge.txt``: ``name==version`` with an optional marker."""
+
+    name: str
+    version: str
+    marker: str
+    line: str
+
+
+def edge_pins(source_root: Path = SOURCE_ROOT) -> list[EdgePin]:
+    """``requirements/edge.txt``'s pins, each checked against runtime.txt where tests ran it."""
+    path = source_root / EDGE_REQUIREMENTS
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: the client artifact is built from a checkout")
+    runtime = _runtime_pins(source_root)
+    pins: list[EdgePin] = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = _EDGE_PIN.match(line)
+        if match is None:
+            raise ArtifactError(f"{EDGE_REQUIREMENTS}: {line!r} is not 'name==version[; marker]'")
+        pin = EdgePin(
+            _normalise(match["name"]), match["version"], (match["marker"] or "").strip(), line
+        )
+        if pin.marker in _TESTED_MARKERS and runtime.get(pin.name) != pin.version:
+            raise ArtifactError(
+                f"{EDGE_REQUIREMENTS} pins {pin.name}=={pin.version}, but "
+                f"{RUNTIME_REQUIREMENTS} (what the tests run) has {runtime.get(pin.name)}"
+            )
+        pins.append(pin)
+    return pins
+
+
 def edge_requirements(source_root: Path = SOURCE_ROOT) -> str:
-    """``requirements-edge.txt``: the client's distributions, pinned as in runtime.txt."""
-    unknown = sorted(third_party_imports(source_root) - set(EDGE_DISTRIBUTIONS))
+    """``requirements-edge.txt``: ``requirements/edge.txt``, checked to cover the client."""
+    imported = third_party_imports(source_root)
+    unknown = sorted(imported - set(EDGE_DISTRIBUTIONS))
     if unknown:
         raise ArtifactError(
             f"the edge client imports {', '.join(unknown)}: add the distribution(s) to "
-            "sfl.artifact.EDGE_DISTRIBUTIONS and pin them in requirements/runtime.txt"
+            "sfl.artifact.EDGE_DISTRIBUTIONS and pin them in requirements/runtime.txt "
+            f"and {EDGE_REQUIREMENTS}"
         )
-    pins = _runtime_pins(source_root)
-    needed = sorted({EDGE_DISTRIBUTIONS[n] for n in third_party_imports(source_root)})
-    missing = [name for name in needed if name not in pins]
+    pins = edge_pins(source_root)
+    tested = {p.name for p in pins if p.marker in _TESTED_MARKERS}
+    needed = {EDGE_DISTRIBUTIONS[n] for n in imported} - {None}
+    missing = sorted(str(name) for name in needed if name not in tested)
+    if missing:
+        raise ArtifactError(f"{EDGE_REQUIREMENTS} pins no version of {', '.join(missing)}")
+    return (source_root / EDGE_REQUIREMENTS).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class BundledWheel:
+    name: str
+    version: str
+    filename: str
+
+
+def _wheels(wheel_dir: Path) -> list[BundledWheel]:
+    found = []
+    for path in sorted(wheel_dir.iterdir()):
+        match = _WHEEL.match(path.name)
+        if match and path.is_file():
+            found.append(BundledWheel(_normalise(match["name"]), match["version"], path.name))
+    return found
+
+
+def _same_release(pinned: str, wheel_version: str) -> bool:
+    """``==2.14.1`` accepts ``2.14.1`` and local builds such as ``2.14.1+cpu`` (PEP 440)."""
+    return wheel_version == pinned or wheel_version.startswith(pinned + "+")
+
+
+def build_wheel_bundle(
+    wheel_dir: Path, path: Path, *, source_root: Path = SOURCE_ROOT
+) -> ArtifactInfo:
+    """Zip the wheels in ``wheel_dir`` into ``path`` (``.../sfl-edge-wheels.zip``).
+
+    Every distribution ``requirements/edge.txt`` pins must have a wheel of its pinned version
+    there (for at least one of a pin's alternatives); their dependencies are pip's business at
+    install time (``pip download`` puts them in the same directory). Deterministic like the
+    client artifact. Wheels for several platforms may share one bundle: pip picks.
+    """
+    if path.suffix != ".zip":
+        raise ArtifactError(f"{path}: the wheel bundle must be a .zip (the recipe unpacks ZIP)")
+    if not wheel_dir.is_dir():
+        raise ArtifactError(f"{wheel_dir}: no such directory of wheels")
+    wheels = _wheels(wheel_dir)
+    missing = []
+    for name in sorted({p.name for p in edge_pins(source_root)}):
+        alternatives = [p for p in edge_pins(source_root) if p.name == name]
+        if not any(
+            w.name == name and _same_release(p.version, w.version)
+            for p in alternatives
+            for w in wheels
+        ):
+            missing.append(" or ".join(f"{p.name}=={p.version}" for p in alternatives))
     if missing:
         raise ArtifactError(
-            f"{RUNTIME_REQUIREMENTS} pins no version of {', '.join(missing)} (needed on devices)"
+            f"{wheel_dir} has no wheel for {'; '.join(missing)} (fill it with "
+            "'pip download -r requirements/edge.txt ...', see docs/greengrass.md)"
         )
-    lines = [
-        "# The edge client's dependencies, pinned as in requirements/runtime.txt",
-        "# (written by sfl.artifact; the component's Install step pip-installs this file).",
-        "# torch: pip picks the wheel for the device's platform; for a CPU-only x86-64 wheel or",
-        "# NVIDIA's Jetson build see docs/greengrass.md (pipOptions, systemSitePackages).",
-        *(f"{name}=={pins[name]}" for name in needed),
-    ]
-    return "\n".join(lines) + "\n"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for wheel in wheels:
+            archive.writestr(_entry(wheel.filename), (wheel_dir / wheel.filename).read_bytes())
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return ArtifactInfo(path=path, sha256=hashlib.sha256(data).hexdigest())
 
 
 def _entry(name: str) -> zipfile.ZipInfo:

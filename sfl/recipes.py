@@ -1,12 +1,24 @@
 """Greengrass V2 recipes for the edge client, generated from the configuration the stack uses.
 
 The stack registers the recipe inline (with the client artifact as an S3 asset); ``sfl recipes``
-writes it as JSON and YAML for the console or the GDK. Every ``DefaultConfiguration`` value is a
-string and reaches the device through a lifecycle step's ``Setenv``: the ``Run`` keys become
-the environment variables ``python -m edge_client`` reads, the ``Install`` keys steer how the
-virtual environment is built. A deployment's configuration merge changes any of them without
-new code. No credentials: the Token Exchange Service gives the client its credentials.
-Imports no torch and no CDK.
+writes it as JSON and YAML for the console or the GDK. Two kinds of settings, kept apart on
+purpose because of how the nucleus merges configuration (``KernelConfigResolver``: a running
+component's configuration is kept, and a new version's ``DefaultConfiguration`` only fills keys
+that are missing):
+
+- **stack-owned** (``STACK_SETTINGS``: bucket and table names, region, task, poll/heartbeat/
+  active-window tuning) are literal values in the ``Run`` step's ``Setenv``. Each component
+  version carries its own, so a redeploy reaches devices that already run the component.
+- **device-owned** (``CONFIGURATION_KEYS``: data directory, endpoint override, interpreter,
+  site-packages, pip options, torch index) are ``DefaultConfiguration`` values a deployment's
+  configuration merge may change per device; they reach the steps through ``Setenv``
+  placeholders, so no value is ever parsed as shell code.
+
+The nucleus runs steps as ``sudo -n -E -H -u <user> -g <group> -- sh -c <script>``, and sudo's
+default policy removes ``PYTHONPATH``, ``PYTHONHOME``, ``LD_*`` and more from the environment
+even with ``-E`` (``sudo -V`` lists them): nothing a step needs travels in such a variable;
+the ``Run`` script sets ``PYTHONPATH`` itself. No credentials: the Token Exchange Service
+gives the client its credentials. Imports no torch and no CDK.
 """
 
 from __future__ import annotations
@@ -29,13 +41,20 @@ TES_COMPONENT = "aws.greengrass.TokenExchangeService"
 TES_VERSION_REQUIREMENT = ">=2.0.0 <3.0.0"
 DEFAULT_COMPONENT_NAME = "Sfl.EdgeClient"
 COMPONENT_PUBLISHER = "serverless-federated-learning"
-# Installing torch on a small device takes a while; Greengrass's default is 120 s.
+# Installing torch on a small device takes a while; Greengrass's default is 120 s. A retry
+# after a time-out continues where it stopped (same venv, pip's cache under the work path).
 INSTALL_TIMEOUT_SECONDS = 1_800
 VENV_DIR = "venv"  # under the component's work path, which survives version upgrades
+PIP_CACHE_DIR = "pip-cache"  # likewise: downloaded wheels survive a failed or repeated Install
 INSTALL_STAMP = ".sfl-install-stamp"
+VENV_STAMP = ".sfl-venv-stamp"
 EXTRA_SITE_PACKAGES_PTH = "sfl-extra-site-packages.pth"
+MIN_PYTHON = (3, 10)  # Ubuntu 22.04 and NVIDIA JetPack 6 ship 3.10
+# PyTorch's own index of CPU-only wheels (x86-64 and aarch64): torch comes from here by
+# default, so a device never downloads the CUDA wheels PyPI's torch pulls in on Linux.
+PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
-# Greengrass's own placeholder syntax: {namespace:key}, e.g. {configuration:/pollSeconds}.
+# Greengrass's own placeholder syntax: {namespace:key}, e.g. {configuration:/dataDir}.
 PLACEHOLDER = re.compile(r"\{([.\w]+):([^:}]+)\}")
 PLACEHOLDERS = {
     "artifacts": ("path", "decompressedPath"),
@@ -43,6 +62,16 @@ PLACEHOLDERS = {
     "kernel": ("rootPath",),
     "iot": ("thingName",),
 }
+# Environment variables sudo's default policy removes even with -E (sudo -V, "Environment
+# variables to remove"), as patterns; a recipe must not rely on any of them.
+SUDO_REMOVED_VARIABLES = (
+    "RUBYOPT", "RUBYLIB", "PYTHONUSERBASE", "PYTHONINSPECT", "PYTHONPATH", "PYTHONHOME",
+    "TMPPREFIX", "ZDOTDIR", "READNULLCMD", "NULLCMD", "FPATH", "PERL5DB", "PERL5OPT",
+    "PERL5LIB", "PERLLIB", "PERLIO_DEBUG", "JAVA_TOOL_OPTIONS", "SHELLOPTS", "BASHOPTS",
+    "GLOBIGNORE", "PS4", "BASH_ENV", "ENV", "TERMCAP", "TERMPATH", "TERMINFO_DIRS", "TERMINFO",
+    "_RLD*", "LD_*", "PATH_LOCALE", "NLSPATH", "HOSTALIASES", "RES_OPTIONS", "LOCALDOMAIN",
+    "CDPATH", "IFS",
+)  # fmt: skip
 # Reverse-DNS: two or more dot-separated labels. AWS reserves the aws.greengrass prefix.
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+$")
 _RESERVED_PREFIX = "aws.greengrass"
@@ -76,7 +105,8 @@ class DeviceDefaults:
     ``system_site_packages`` and ``extra_site_packages`` let a device reuse packages it
     already has (NVIDIA's torch on a Jetson): ``extra_site_packages`` is a ':'-separated list
     of directories the virtual environment sees after its own (written to a ``.pth`` file).
-    ``pip_options`` go to ``pip install`` (``--index-url``, ``--no-index``, ...).
+    ``pip_options`` go to every ``pip install`` (``--index-url``, proxy, ...);
+    ``torch_index_url`` is where torch alone comes from ('' : wherever the rest comes from).
     """
 
     data_dir: str = "data"
@@ -85,11 +115,12 @@ class DeviceDefaults:
     system_site_packages: bool = False
     extra_site_packages: str = ""
     pip_options: str = ""
+    torch_index_url: str = PYTORCH_CPU_INDEX
 
 
 @dataclass(frozen=True)
 class ConfigurationKey:
-    """A ``DefaultConfiguration`` key and the environment variable a lifecycle step sets."""
+    """A device-owned ``DefaultConfiguration`` key and the variable a lifecycle step sets."""
 
     key: str
     variable: str
@@ -97,30 +128,32 @@ class ConfigurationKey:
     doc: str
 
 
+@dataclass(frozen=True)
+class StackSetting:
+    """A stack-owned setting: a literal in the ``Run`` step's ``Setenv`` of each version."""
+
+    variable: str
+    doc: str
+
+
 _RUN_ENV = ResourceNames.ENV
+STACK_SETTINGS = (
+    StackSetting(_RUN_ENV["models_bucket"], "global models and the assignment"),
+    StackSetting(_RUN_ENV["updates_bucket"], "where updates go"),
+    StackSetting(_RUN_ENV["clients_table"], "the client registry"),
+    StackSetting("AWS_REGION", "the stack's AWS region"),
+    StackSetting("SFL_TASK", "training task name or import path"),
+    StackSetting("SFL_POLL_SECONDS", "idle poll interval"),
+    StackSetting("SFL_HEARTBEAT_SECONDS", "heartbeat interval"),
+    StackSetting("SFL_ACTIVE_WINDOW_SECONDS", "the federation's active window (registry expiry)"),
+)
 CONFIGURATION_KEYS = (
-    ConfigurationKey(
-        "modelsBucket", _RUN_ENV["models_bucket"], "Run", "global models and the assignment"
-    ),
-    ConfigurationKey("updatesBucket", _RUN_ENV["updates_bucket"], "Run", "where updates go"),
-    ConfigurationKey("clientsTable", _RUN_ENV["clients_table"], "Run", "the client registry"),
-    ConfigurationKey("region", "AWS_REGION", "Run", "the stack's AWS region"),
     ConfigurationKey(
         "endpointUrl", "AWS_ENDPOINT_URL", "Run", "another AWS endpoint; '' means AWS's own"
     ),
     ConfigurationKey("dataDir", "SFL_DATA_DIR", "Run", "this device's data directory"),
-    ConfigurationKey("task", "SFL_TASK", "Run", "training task name or import path"),
-    ConfigurationKey("pollSeconds", "SFL_POLL_SECONDS", "Run", "idle poll interval"),
-    ConfigurationKey("heartbeatSeconds", "SFL_HEARTBEAT_SECONDS", "Run", "heartbeat interval"),
     ConfigurationKey(
-        "activeWindowSeconds",
-        "SFL_ACTIVE_WINDOW_SECONDS",
-        "Run",
-        "the federation's active window (registry expiry)",
-    ),
-    ConfigurationKey("ewmaB", "SFL_EWMA_B", "Run", "weight of the past in the turnaround EWMA"),
-    ConfigurationKey(
-        "pythonInterpreter", "SFL_INSTALL_PYTHON", "Install", "Python >= 3.11 for the venv"
+        "pythonInterpreter", "SFL_INSTALL_PYTHON", "Install", "Python >= 3.10 for the venv"
     ),
     ConfigurationKey(
         "systemSitePackages",
@@ -135,19 +168,38 @@ CONFIGURATION_KEYS = (
         "':'-separated directories of preinstalled packages the venv sees",
     ),
     ConfigurationKey("pipOptions", "SFL_INSTALL_PIP_OPTIONS", "Install", "extra pip options"),
+    ConfigurationKey(
+        "torchIndexUrl",
+        "SFL_INSTALL_TORCH_INDEX_URL",
+        "Install",
+        "index torch alone comes from (default PyTorch's CPU wheels); '' : the usual index",
+    ),
 )
+
+
+@dataclass(frozen=True)
+class WheelBundle:
+    """A second artifact: a zip of wheels the Install step installs from, with no index."""
+
+    uri: str
+    sha256: str
+    archive_name: str | None = None  # when the URI's file name is not literal (a CDK token)
+
 
 # POSIX sh: Greengrass runs each script with `sh -c` in the component's work directory, as
 # the component's user. Configuration values arrive as environment variables (Setenv), so no
 # value is ever parsed as shell code; only pipOptions is split into words, on purpose.
 _INSTALL_SCRIPT = """\
 set -eu
-venv="{work:path}/@VENV_DIR@"
+work="{work:path}"
+venv="$work/@VENV_DIR@"
 requirements="{artifacts:decompressedPath}/@ARCHIVE_ROOT@/@REQUIREMENTS_FILE@"
+wheels="@WHEELS@"
 stamp="$venv/@INSTALL_STAMP@"
 wanted=$( (cat "$requirements"; printf '%s\\n' "python=$SFL_INSTALL_PYTHON" \\
   "system=$SFL_INSTALL_SYSTEM_SITE_PACKAGES" "extra=$SFL_INSTALL_EXTRA_SITE_PACKAGES" \\
-  "pip=$SFL_INSTALL_PIP_OPTIONS") | sha256sum | cut -d ' ' -f 1)
+  "pip=$SFL_INSTALL_PIP_OPTIONS" "torch=$SFL_INSTALL_TORCH_INDEX_URL" "wheels=$wheels") \\
+  | sha256sum | cut -d ' ' -f 1)
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null || true)" = "$wanted" ]; then
   echo "sfl install: $venv is up to date"
   exit 0
@@ -157,27 +209,59 @@ case "$SFL_INSTALL_SYSTEM_SITE_PACKAGES" in
   false) venv_options= ;;
   *) echo "sfl install: systemSitePackages must be true or false" >&2; exit 1 ;;
 esac
-if ! "$SFL_INSTALL_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-  echo "sfl install: pythonInterpreter '$SFL_INSTALL_PYTHON' is not Python 3.11 or newer" >&2
+if ! "$SFL_INSTALL_PYTHON" -c 'import sys; sys.exit(sys.version_info < (@MIN_PYTHON@))'; then
+  echo "sfl install: pythonInterpreter $SFL_INSTALL_PYTHON is not Python @MIN_VERSION@+" >&2
   exit 1
 fi
-rm -rf "$venv"
-"$SFL_INSTALL_PYTHON" -m venv --without-pip $venv_options "$venv"
+# The venv is rebuilt only for another interpreter or site-packages setting: an Install cut
+# short (a time-out, a lost network) resumes in the same venv, with pip's cache of wheels.
+made=$( ("$SFL_INSTALL_PYTHON" -c 'import sys; print(sys.executable, sys.version)'; \\
+  echo "$venv_options") | sha256sum | cut -d ' ' -f 1)
+venv_stamp="$venv/@VENV_STAMP@"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv_stamp" 2>/dev/null || true)" != "$made" ]; then
+  rm -rf "$venv"
+  "$SFL_INSTALL_PYTHON" -m venv --without-pip $venv_options "$venv"
+  echo "$made" > "$venv_stamp"
+fi
+rm -f "$stamp"
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 if [ -n "$SFL_INSTALL_EXTRA_SITE_PACKAGES" ]; then
-  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
   printf '%s\\n' "$SFL_INSTALL_EXTRA_SITE_PACKAGES" | tr ':' '\\n' > "$site/@EXTRA_PTH@"
+else
+  rm -f "$site/@EXTRA_PTH@"
 fi
 if ! "$venv/bin/python" -m pip --version > /dev/null 2>&1; then
   "$venv/bin/python" -m ensurepip --default-pip
 fi
+pip_install() {
+  "$venv/bin/python" -m pip install --disable-pip-version-check --no-input \\
+    --cache-dir "$work/@PIP_CACHE@" "$@"
+}
 set -f
-"$venv/bin/python" -m pip install --disable-pip-version-check --no-input --no-cache-dir \\
-  $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
+if [ -n "$wheels" ]; then
+  echo "sfl install: offline, from the wheel bundle $wheels"
+  pip_install --no-index --find-links "$wheels" $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
+else
+  torch=$(grep -E '^torch==' "$requirements" || true)
+  if [ -n "$SFL_INSTALL_TORCH_INDEX_URL" ] && [ -n "$torch" ]; then
+    # torch alone from its index (CPU wheels by default); its dependencies come from below
+    pip_install --no-deps $SFL_INSTALL_PIP_OPTIONS --index-url "$SFL_INSTALL_TORCH_INDEX_URL" \\
+      "$torch"
+  fi
+  pip_install $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
+fi
 echo "$wanted" > "$stamp"
 echo "sfl install: installed $requirements into $venv"
 """
 
-_RUN_SCRIPT = 'exec "{work:path}/@VENV_DIR@/bin/python" -m edge_client\n'
+# PYTHONPATH is set here, not in Setenv: sudo's default policy would remove it.
+_RUN_SCRIPT = """\
+PYTHONPATH="{artifacts:decompressedPath}/@ARCHIVE_ROOT@"
+PYTHONNOUSERSITE=1
+PYTHONUNBUFFERED=1
+export PYTHONPATH PYTHONNOUSERSITE PYTHONUNBUFFERED
+exec "{work:path}/@VENV_DIR@/bin/python" -m edge_client
+"""
 
 
 def validate_component_name(name: str) -> str:
@@ -206,6 +290,23 @@ def archive_root(archive_name: str) -> str:
     return archive_name.removesuffix(".zip")
 
 
+def stack_settings(
+    config: FederationConfig, names: ClientResourceNames, *, region: str
+) -> dict[str, str]:
+    """The stack-owned settings as the ``Run`` step's environment, in ``STACK_SETTINGS`` order."""
+    values = {
+        _RUN_ENV["models_bucket"]: names.models_bucket,
+        _RUN_ENV["updates_bucket"]: names.updates_bucket,
+        _RUN_ENV["clients_table"]: names.clients_table,
+        "AWS_REGION": region,
+        "SFL_TASK": config.task,
+        "SFL_POLL_SECONDS": str(config.poll_seconds),
+        "SFL_HEARTBEAT_SECONDS": str(config.heartbeat_seconds),
+        "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),
+    }
+    return {s.variable: values[s.variable] for s in STACK_SETTINGS}
+
+
 def default_configuration(
     config: FederationConfig,
     names: ClientResourceNames,
@@ -213,23 +314,20 @@ def default_configuration(
     region: str,
     device: DeviceDefaults = DeviceDefaults(),
 ) -> dict[str, str]:
-    """Every configuration key's default, as strings, in ``CONFIGURATION_KEYS`` order."""
+    """Every device-owned key's default, as strings, in ``CONFIGURATION_KEYS`` order.
+
+    ``config``, ``names`` and ``region`` no longer show here (they are stack-owned, see
+    ``stack_settings``); the parameters stay so that callers keep working.
+    """
+    del config, names, region
     values = {
-        "modelsBucket": names.models_bucket,
-        "updatesBucket": names.updates_bucket,
-        "clientsTable": names.clients_table,
-        "region": region,
         "endpointUrl": device.endpoint_url,
         "dataDir": device.data_dir,
-        "task": config.task,
-        "pollSeconds": str(config.poll_seconds),
-        "heartbeatSeconds": str(config.heartbeat_seconds),
-        "activeWindowSeconds": str(config.active_window_seconds),
-        "ewmaB": str(config.ewma_b),
         "pythonInterpreter": device.python_interpreter,
         "systemSitePackages": "true" if device.system_site_packages else "false",
         "extraSitePackages": device.extra_site_packages,
         "pipOptions": device.pip_options,
+        "torchIndexUrl": device.torch_index_url,
     }
     return {k.key: values[k.key] for k in CONFIGURATION_KEYS}
 
@@ -238,17 +336,31 @@ def _setenv(step: str) -> dict[str, str]:
     return {k.variable: f"{{configuration:/{k.key}}}" for k in CONFIGURATION_KEYS if k.step == step}
 
 
-def _script(template: str, root: str) -> str:
+def _script(template: str, root: str, wheels: str = "") -> str:
     for marker, value in (
         ("@VENV_DIR@", VENV_DIR),
         ("@ARCHIVE_ROOT@", root),
         ("@REQUIREMENTS_FILE@", REQUIREMENTS_FILE),
         ("@INSTALL_STAMP@", INSTALL_STAMP),
+        ("@VENV_STAMP@", VENV_STAMP),
         ("@EXTRA_PTH@", EXTRA_SITE_PACKAGES_PTH),
+        ("@PIP_CACHE@", PIP_CACHE_DIR),
+        ("@WHEELS@", wheels),
+        ("@MIN_PYTHON@", ", ".join(str(n) for n in MIN_PYTHON)),
+        ("@MIN_VERSION@", ".".join(str(n) for n in MIN_PYTHON)),
     ):
         template = template.replace(marker, value)
-    assert "@" not in template, template
+    assert not re.search(r"@[A-Z_]+@", template), template
     return template
+
+
+def _artifact(uri: str, sha256: str, archive_name: str | None, what: str) -> tuple[str, str]:
+    """Checks an artifact's URI and digest; returns (root folder, recipe URI)."""
+    if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+        raise RecipeError(f"{what} URI {uri!r}: must be 's3://<bucket>/<key>.zip'")
+    if not _SHA256.match(sha256):
+        raise RecipeError(f"{what} SHA-256 {sha256!r}: must be 64 lowercase hex digits")
+    return archive_root(archive_name or uri.rsplit("/", 1)[-1]), uri
 
 
 def build_recipe(
@@ -262,23 +374,43 @@ def build_recipe(
     archive_name: str | None = None,
     device: DeviceDefaults = DeviceDefaults(),
     component_version: str | None = None,
+    wheel_bundle: WheelBundle | None = None,
 ) -> dict[str, Any]:
     """The edge client's recipe.
 
     ``artifact_uri`` is the client zip's ``s3://bucket/key``; ``archive_name`` is the key's
-    file name, needed when it is not literal in the URI (a CDK token). The version is
-    ``recipe_version(recipe, artifact_sha256)`` unless given (the CDK app passes one computed
-    from the resolved recipe, so token names do not make it drift).
+    file name, needed when it is not literal in the URI (a CDK token). ``wheel_bundle`` adds
+    a zip of wheels as a second artifact and makes Install use only it (no index, offline).
+    The version is ``recipe_version(recipe, artifact_sha256)`` unless given (the CDK app
+    passes one computed from the resolved recipe, so token names do not make it drift); a
+    wheel bundle's digest is part of it.
     """
     validate_component_name(component_name)
-    if not artifact_uri.startswith("s3://") or len(artifact_uri) <= len("s3://"):
-        raise RecipeError(f"artifact URI {artifact_uri!r}: must be 's3://<bucket>/<key>.zip'")
-    if not _SHA256.match(artifact_sha256):
-        raise RecipeError(f"artifact SHA-256 {artifact_sha256!r}: must be 64 lowercase hex digits")
+    root, _ = _artifact(artifact_uri, artifact_sha256, archive_name, "artifact")
     if not region or any(c.isspace() for c in region):
         raise RecipeError(f"region {region!r}: must be a region name such as 'eu-west-1'")
-    root = archive_root(archive_name or artifact_uri.rsplit("/", 1)[-1])
-    pythonpath = f"{{artifacts:decompressedPath}}/{root}"
+    artifacts: list[dict[str, Any]] = [
+        {
+            "Uri": artifact_uri,
+            "Unarchive": "ZIP",
+            "Permission": {"Read": "OWNER", "Execute": "NONE"},
+        }
+    ]
+    wheels = ""
+    if wheel_bundle is not None:
+        bundle_root, bundle_uri = _artifact(
+            wheel_bundle.uri, wheel_bundle.sha256, wheel_bundle.archive_name, "wheel bundle"
+        )
+        if bundle_root == root:
+            raise RecipeError(f"the wheel bundle and the client zip are both {root!r}.zip")
+        wheels = f"{{artifacts:decompressedPath}}/{bundle_root}"
+        artifacts.append(
+            {
+                "Uri": bundle_uri,
+                "Unarchive": "ZIP",
+                "Permission": {"Read": "OWNER", "Execute": "NONE"},
+            }
+        )
     recipe: dict[str, Any] = {
         "RecipeFormatVersion": RECIPE_FORMAT_VERSION,
         "ComponentName": component_name,
@@ -305,7 +437,7 @@ def build_recipe(
                 "Platform": {"os": "linux"},
                 "Lifecycle": {
                     "Install": {
-                        "Script": _script(_INSTALL_SCRIPT, root),
+                        "Script": _script(_INSTALL_SCRIPT, root, wheels),
                         "Timeout": INSTALL_TIMEOUT_SECONDS,
                         "RequiresPrivilege": False,
                         "Setenv": _setenv("Install"),
@@ -314,25 +446,43 @@ def build_recipe(
                         "Script": _script(_RUN_SCRIPT, root),
                         "RequiresPrivilege": False,
                         "Setenv": {
-                            "PYTHONPATH": pythonpath,
-                            "PYTHONUNBUFFERED": "1",
-                            "PYTHONNOUSERSITE": "1",
+                            **stack_settings(config, names, region=region),
                             **_setenv("Run"),
                         },
                     },
                 },
-                "Artifacts": [
-                    {
-                        "Uri": artifact_uri,
-                        "Unarchive": "ZIP",
-                        "Permission": {"Read": "OWNER", "Execute": "NONE"},
-                    }
-                ],
+                "Artifacts": artifacts,
             }
         ],
     }
-    recipe["ComponentVersion"] = component_version or recipe_version(recipe, artifact_sha256)
+    digest = artifact_sha256 + (wheel_bundle.sha256 if wheel_bundle else "")
+    recipe["ComponentVersion"] = component_version or recipe_version(recipe, digest)
     return recipe
+
+
+def run_environment(
+    recipe: Mapping[str, Any], configuration: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """What the ``Run`` step's ``Setenv`` gives the client, non-empty values only.
+
+    ``configuration`` is the device's running configuration (default: the recipe's
+    ``DefaultConfiguration``); ``{configuration:/key}`` placeholders are resolved from it.
+    System placeholders (``{work:path}``, ...) are left as they are.
+    """
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    values = {**defaults, **(configuration or {})}
+    (manifest,) = [m for m in recipe["Manifests"] if m["Platform"]["os"] == "linux"]
+
+    def resolve(match: re.Match[str]) -> str:
+        if match[1] != "configuration":
+            return match[0]
+        return str(values[match[2].lstrip("/")])
+
+    env = {
+        name: PLACEHOLDER.sub(resolve, str(value))
+        for name, value in manifest["Lifecycle"]["Run"].get("Setenv", {}).items()
+    }
+    return {name: value for name, value in env.items() if value}
 
 
 def recipe_version(recipe: Mapping[str, Any], artifact_sha256: str) -> str:

@@ -3,6 +3,8 @@
 The federation's settings come from ``cdk.json`` (context ``sfl``, as the stack reads them);
 deployed names default to placeholders to replace with the stack's outputs. The deployed
 stack registers its own component version: these files are for the console or the GDK.
+``--wheel-bundle DIR`` adds the offline option: a zip of the wheels in DIR as a second
+artifact, which Install then uses with no package index.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def _default_component_name(context: dict[str, Any]) -> str:
 def _recipes(args: argparse.Namespace) -> int:
     import tempfile
 
-    from sfl.artifact import ARCHIVE_NAME, build_client_artifact
+    from sfl.artifact import ARCHIVE_NAME, build_client_artifact, build_wheel_bundle
     from sfl.config import CONTEXT_KEY, FederationConfig
-    from sfl.recipes import DeviceDefaults, build_recipe, write_recipes
+    from sfl.recipes import DeviceDefaults, WheelBundle, build_recipe, write_recipes
     from sfl.resources import ResourceNames
 
     cdk_json = args.cdk_json if args.cdk_json is not None else DEFAULT_CDK_JSON
@@ -62,6 +64,10 @@ def _recipes(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         artifact_path = args.artifact_out or Path(scratch) / ARCHIVE_NAME
         artifact = build_client_artifact(artifact_path)
+        bundle = None
+        if args.wheel_bundle is not None:
+            built = build_wheel_bundle(args.wheel_bundle, args.wheel_bundle_out)
+            bundle = WheelBundle(uri=args.wheel_bundle_uri, sha256=built.sha256)
         recipe = build_recipe(
             config,
             names,
@@ -70,19 +76,23 @@ def _recipes(args: argparse.Namespace) -> int:
             artifact_uri=args.artifact_uri,
             artifact_sha256=artifact.sha256,
             device=DeviceDefaults(data_dir=args.data_dir),
+            wheel_bundle=bundle,
         )
     for path in write_recipes(args.out, recipe):
         print(f"wrote {path}")
     if args.artifact_out:
         print(f"wrote {args.artifact_out} (sha256 {artifact.sha256})")
         print(f"upload it to {args.artifact_uri}")
+    if bundle is not None:
+        print(f"wrote {args.wheel_bundle_out} (sha256 {bundle.sha256})")
+        print(f"upload it to {args.wheel_bundle_uri}")
     print(f"component {recipe['ComponentName']} version {recipe['ComponentVersion']}")
     return 0
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``sfl recipes`` on the ``sfl`` command's subparsers."""
-    from sfl.artifact import ARCHIVE_NAME
+    from sfl.artifact import ARCHIVE_NAME, WHEEL_BUNDLE_NAME
 
     p = subparsers.add_parser(
         "recipes",
@@ -115,5 +125,23 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--artifact-out", type=Path, help="also write the client zip here, to upload yourself"
+    )
+    p.add_argument(
+        "--wheel-bundle",
+        type=Path,
+        metavar="DIR",
+        help="offline install: bundle the wheels in DIR (pip download output) as a second "
+        "artifact; Install then uses no package index",
+    )
+    p.add_argument(
+        "--wheel-bundle-out",
+        type=Path,
+        default=Path(WHEEL_BUNDLE_NAME),
+        help=f"where to write the wheel bundle zip (default ./{WHEEL_BUNDLE_NAME})",
+    )
+    p.add_argument(
+        "--wheel-bundle-uri",
+        default=f"s3://{PLACEHOLDER_PREFIX}ARTIFACT_BUCKET/{WHEEL_BUNDLE_NAME}",
+        help="where the wheel bundle is uploaded (s3://bucket/key.zip)",
     )
     p.set_defaults(func=_recipes)

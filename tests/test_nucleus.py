@@ -164,7 +164,7 @@ def deployed(tmp_path: Path, stack: Stack) -> Nucleus:
     ("merge", "message"),
     [
         ({"systemSitePackages": "yes"}, "systemSitePackages must be true or false"),
-        ({"pythonInterpreter": "/bin/false"}, "is not Python 3.11 or newer"),
+        ({"pythonInterpreter": "/bin/false"}, "is not Python 3.10+"),
     ],
 )
 def test_install_refuses_bad_settings_with_a_clear_message(
