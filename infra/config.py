@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfl.config import ConfigError, FederationConfig
+from sfl.config import IMPORT_PATH, ConfigError, FederationConfig
 
 CONTEXT_KEY = "sfl_infra"
 FEDERATION_CONTEXT_KEY = "sfl"
@@ -177,6 +177,7 @@ class StackConfig:
     infra: InfraConfig
 
     def __post_init__(self) -> None:
+        _refuse_import_paths(self.federation)
         lease = self.federation.aggregation_lease_seconds
         if self.infra.averager_timeout_seconds > lease:
             # A lease shorter than the function's run time lets a second aggregation start
@@ -200,6 +201,22 @@ class StackConfig:
                 source=f"cdk.json context {CONTEXT_KEY!r}",
             ),
         )
+
+
+def _refuse_import_paths(federation: FederationConfig) -> None:
+    """A plug-in named by import path runs in local mode only: the initiator's zip, the
+    averager's image and the devices' artifact carry the sfl package and nothing else, so a
+    deployed stack would fail on every invocation. Refuse it before anything is deployed."""
+    for f in dataclasses.fields(federation):
+        value = getattr(federation, f.name)
+        if isinstance(value, str) and IMPORT_PATH.match(value):
+            raise ConfigError(
+                f"config key {FEDERATION_CONTEXT_KEY}.{f.name}: {value!r} is an import path, "
+                "which a deployed stack cannot run: the initiator zip, the averager image and "
+                "the device artifact package only the sfl package. Deploy a built-in name "
+                "(`sfl config` lists them); a custom plug-in runs in local mode "
+                "(`sfl simulate`) only"
+            )
 
 
 def _mapping(raw: Any, key: str) -> Mapping[str, Any]:

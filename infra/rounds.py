@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsii
 from aws_cdk import AssetHashType, BundlingOptions, Duration, IgnoreMode, RemovalPolicy
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_lambda_destinations as destinations
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from aws_cdk import custom_resources as cr
@@ -216,7 +216,7 @@ class FederationRounds(Construct):
                 "POWERTOOLS_SERVICE_NAME": service,
                 "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
             },
-            "on_failure": destinations.SqsDestination(self.failure_queue),
+            "on_failure": SendOnlyQueueDestination(self.failure_queue),
             "retry_attempts": 2,
             "max_event_age": Duration.hours(1),
         }
@@ -263,6 +263,23 @@ class FederationRounds(Construct):
             timeout=Duration.minutes(1),
         )
         return resource
+
+
+@jsii.implements(lambda_.IDestination)
+class SendOnlyQueueDestination:
+    """An SQS on-failure destination granting the function's role ``sqs:SendMessage`` only:
+    that is all Lambda needs to deliver a failed event (CDK's SqsDestination also grants
+    GetQueueAttributes and GetQueueUrl, which nothing calls)."""
+
+    def __init__(self, queue: sqs.IQueue) -> None:
+        self.queue = queue
+
+    def bind(self, _scope: Construct, fn: lambda_.IFunction, *_args: Any, **_kwargs: Any) -> Any:
+        # jsii passes the DestinationOptions struct; the destination type is always failure.
+        fn.add_to_role_policy(
+            iam.PolicyStatement(actions=["sqs:SendMessage"], resources=[self.queue.queue_arn])
+        )
+        return lambda_.DestinationConfig(destination=self.queue.queue_arn)
 
 
 def _skip_function_checks(function: lambda_.Function, *, reserved: bool) -> None:

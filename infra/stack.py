@@ -30,9 +30,11 @@ from sfl import layout
 from sfl.resources import UPDATES_BUCKET, ResourceNames
 from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 
-# DynamoDB item actions; TransactWriteItems is authorised per item through these.
-ITEM_READ = ("dynamodb:GetItem", "dynamodb:Query")
-ITEM_WRITE = ("dynamodb:PutItem", "dynamodb:UpdateItem")
+# TransactWriteItems is authorised per item, through each item's own action.
+# What a device may do to its own registry item, and the attributes it may touch there
+# (the key and its heartbeat); everything else in the item is the server's.
+DEVICE_REGISTRY_ACTIONS = ("dynamodb:UpdateItem",)
+DEVICE_REGISTRY_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
 
 # The singleton that aws_s3.Bucket.add_event_notification adds to the stack.
 _S3_NOTIFICATIONS_HANDLER = "BucketNotificationsHandler050a0587b7544547bf325f094a3db834"
@@ -144,10 +146,10 @@ class FederationStack(Stack):
         self.alarms = {
             "InitiatorErrors": self.rounds.initiator.metric_errors(period=period),
             "AveragerErrors": self.rounds.averager.metric_errors(period=period),
-            "FailedEvents": (
-                self.rounds.failure_queue.metric_approximate_number_of_messages_visible(
-                    period=period
-                )
+            # Messages sent, not the queue's depth: one failure would keep a depth alarm in
+            # ALARM for the queue's whole 14-day retention.
+            "FailedEvents": self.rounds.failure_queue.metric_number_of_messages_sent(
+                period=period, statistic="Sum"
             ),
         }
         created = {
@@ -217,39 +219,50 @@ class FederationStack(Stack):
         )
 
     def _grant_initiator(self) -> None:
+        """Reads the registry (never writes it), creates rounds, publishes the assignment."""
         role = _present(self.rounds.initiator.role)
         models = self.storage.models_bucket
+        # HeadObject of the round's base model.
         _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")])
-        _allow(role, ["s3:PutObject"], [models.arn_for_objects(layout.ASSIGNMENT_KEY)])
-        # ListBucket only makes a missing key answer 404 instead of 403.
+        # ListBucket only makes a missing model answer 404 instead of 403 (the first tick
+        # may come before the deploy-time bootstrap wrote version 0).
         _allow(role, ["s3:ListBucket"], [models.bucket_arn])
-        for table, extra in (
-            (self.state.rounds_table, ()),
-            (self.state.clients_table, ("dynamodb:Scan",)),
-        ):
-            _allow(
-                role,
-                [*ITEM_READ, *ITEM_WRITE, "dynamodb:ConditionCheckItem", *extra],
-                [table.table_arn],
-            )
+        _allow(role, ["s3:PutObject"], [models.arn_for_objects(layout.ASSIGNMENT_KEY)])
+        _allow(role, ["dynamodb:Scan"], [self.state.clients_table.table_arn])
+        # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
+        # (Put of round n+1, ConditionCheck of round n).
+        _allow(
+            role,
+            ["dynamodb:Query", "dynamodb:PutItem", "dynamodb:ConditionCheckItem"],
+            [self.state.rounds_table.table_arn],
+        )
 
     def _grant_averager(self) -> None:
+        """Judges updates, writes each model version once, records rounds and turnarounds."""
         role = _present(self.rounds.averager.role)
         models = self.storage.models_bucket
         updates = self.storage.updates_bucket
         _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        # Looking for an upload whose S3 event never arrived (the tick's recovery).
+        _allow(role, ["s3:ListBucket"], [updates.bucket_arn])
+        _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")])
+        # New model versions only, each written once: S3 refuses the write if the key exists.
         _allow(
             role,
-            ["s3:GetObject", "s3:PutObject"],
-            [
-                models.arn_for_objects(f"{layout.MODELS_PREFIX}*"),
-                models.arn_for_objects(layout.ASSIGNMENT_KEY),
-            ],
+            ["s3:PutObject"],
+            [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
+            conditions={"StringEquals": {"s3:if-none-match": "*"}},
         )
-        _allow(role, ["s3:ListBucket"], [models.bucket_arn, updates.bucket_arn])
-        _allow(role, [*ITEM_READ, *ITEM_WRITE], [self.state.rounds_table.table_arn])
         _allow(
-            role, ["dynamodb:GetItem", "dynamodb:UpdateItem"], [self.state.clients_table.table_arn]
+            role,
+            ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"],
+            [self.state.rounds_table.table_arn],
+        )
+        # The server's own measurements of each client (turnaround, answers): read, update.
+        _allow(
+            role,
+            ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+            [self.state.clients_table.table_arn],
         )
         # Chains the next round after closing one; the version-less ARN only.
         _allow(role, ["lambda:InvokeFunction"], [self.rounds.initiator.function_arn])
@@ -276,12 +289,22 @@ class FederationStack(Stack):
                 )
             ],
         )
+        # Its own registry item only, and only the attributes a device may write: what
+        # decides selection and liveness beyond these is the server's to measure.
         _allow(
             role,
-            ["dynamodb:GetItem", *ITEM_WRITE],
+            list(DEVICE_REGISTRY_ACTIONS),
             [self.state.clients_table.table_arn],
             conditions={
-                "ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [THING_NAME_VARIABLE]}
+                "ForAllValues:StringEquals": {
+                    "dynamodb:LeadingKeys": [THING_NAME_VARIABLE],
+                    "dynamodb:Attributes": list(DEVICE_REGISTRY_ATTRIBUTES),
+                },
+                # No reading back more than those attributes (a whole item, an index).
+                "StringEqualsIfExists": {
+                    "dynamodb:Select": "SPECIFIC_ATTRIBUTES",
+                    "dynamodb:ReturnValues": ["NONE", "UPDATED_OLD", "UPDATED_NEW"],
+                },
             },
         )
 
@@ -383,20 +406,30 @@ class FederationStack(Stack):
                 "alarms notify this topic; subscribe to it (or set sfl_infra.alarm_email)",
             ),
             "TokenExchangeRoleName": (edge.device_role.role_name, "devices' credentials role"),
-            "TokenExchangeRoleAliasName": (edge.role_alias.ref, "IoT role alias of that role"),
-            "ThingGroupName": (edge.thing_group.ref, "deploy the component to this group"),
+            "TokenExchangeRoleAliasName": (edge.role_alias_name, "IoT role alias of that role"),
+            "NucleusPolicyName": (
+                edge.nucleus_policy.managed_policy_name,
+                "IAM policy '<role>Access' the installer reuses (artifact download)",
+            ),
+            "DeviceIotPolicyName": (
+                edge.device_iot_policy_name,
+                "IoT policy for core device certificates (MQTT, Greengrass, the role alias)",
+            ),
+            "ThingGroupName": (edge.thing_group_name, "the stack deploys the component to it"),
             "ComponentName": (edge.component_name, "Greengrass component of the edge client"),
             "ComponentVersion": (edge.component_version, "its version in this deployment"),
+            "DeploymentId": (edge.deployment.attr_deployment_id, "the thing group's deployment"),
             "DeviceSetupCommand": (
                 f"{GREENGRASS_INSTALLER} --aws-region {self.region} "
                 "--thing-name <THING_NAME> "
-                f"--thing-group-name {edge.thing_group.ref} "
+                f"--thing-group-name {edge.thing_group_name} "
+                f"--thing-policy-name {edge.device_iot_policy_name} "
                 f"--tes-role-name {edge.device_role.role_name} "
-                f"--tes-role-alias-name {edge.role_alias.ref} "
+                f"--tes-role-alias-name {edge.role_alias_name} "
                 "--component-default-user ggc_user:ggc_group "
                 "--provision true --setup-system-service true",
-                "run on a device with the Greengrass installer unpacked; <THING_NAME> becomes "
-                "its client id",
+                "run on a device with the Greengrass installer unpacked; <THING_NAME> (no ':') "
+                "becomes its client id",
             ),
         }
         for output_id, (value, description) in values.items():

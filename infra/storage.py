@@ -97,6 +97,13 @@ class FederationStorage(Construct):
             "Updates are written once per client and round, never overwritten (the key names "
             "both), and expire by lifecycle; versioning would only keep expired updates.",
         )
+        if retain_data:
+            # A retained bucket keeps its policy (SSL-only, log delivery): otherwise destroy
+            # would leave the data behind with neither.
+            for bucket in (self.logs_bucket, self.models_bucket, self.updates_bucket):
+                if bucket.policy is None:
+                    raise ValueError(f"{bucket.node.path} has no bucket policy to retain")
+                bucket.policy.apply_removal_policy(RemovalPolicy.RETAIN)
 
     def _common(self) -> dict[str, Any]:
         return {

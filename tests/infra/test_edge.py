@@ -17,6 +17,7 @@ from stack_template import (
     logical_id,
     object_arn,
     render,
+    resource_json,
     resources_of,
     statements_of,
 )
@@ -84,7 +85,8 @@ def test_role_alias_points_at_the_device_role(edge):
         {
             "RoleArn": arn_of(logical_id(construct.device_role)),
             "CredentialDurationSeconds": 3600,
-            "RoleAlias": assertions.Match.absent(),  # CloudFormation names it
+            # Named after the stack: the installer's --tes-role-alias-name takes it
+            "RoleAlias": {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, "TokenExchangeRoleAlias"]]},
         },
     )
 
@@ -93,7 +95,8 @@ def test_devices_get_a_thing_group_to_deploy_to(edge):
     _, template = edge
     template.resource_count_is("AWS::IoT::ThingGroup", 1)
     template.has_resource_properties(
-        "AWS::IoT::ThingGroup", {"ThingGroupName": assertions.Match.absent()}
+        "AWS::IoT::ThingGroup",
+        {"ThingGroupName": {"Fn::Join": ["-", [{"Ref": "AWS::StackName"}, "Devices"]]}},
     )
 
 
@@ -142,16 +145,10 @@ def device_statements(synthesized: Synthesized) -> list[dict[str, Any]]:
     )
 
 
-def test_devices_read_models_the_assignment_and_their_client_code_only(synthesized):
-    stack = synthesized.stack
-    models = logical_id(stack.storage.models_bucket)
+def test_devices_read_models_and_the_assignment(synthesized):
+    models = logical_id(synthesized.stack.storage.models_bucket)
     (reads,) = [s for s in device_statements(synthesized) if actions_of(s) == ["s3:GetObject"]]
-    client_zip, *model_objects = resources_of(reads)
-    assert render(client_zip) == (
-        "arn:<Ref:AWS::Partition>:s3:::<Sub:cdk-hnb659fds-assets-${AWS::AccountId}-"
-        f"${{AWS::Region}}>/{stack.edge.client_artifact.s3_object_key}"
-    )
-    assert model_objects == [
+    assert resources_of(reads) == [
         object_arn(models, "models/global/*"),
         object_arn(models, "rounds/current.json"),
     ]
@@ -169,20 +166,49 @@ def test_devices_write_updates_only_under_their_own_thing_name(synthesized):
     ]
 
 
-def test_devices_write_only_their_own_client_item(synthesized):
+def test_devices_write_only_their_heartbeat_in_their_own_client_item(synthesized):
     clients = logical_id(synthesized.stack.state.clients_table)
-    table = [s for s in device_statements(synthesized) if actions_of(s)[0].startswith("dynamodb:")]
-    assert table == [
-        {
-            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
-            "Condition": {
-                "ForAllValues:StringEquals": {
-                    "dynamodb:LeadingKeys": ["${credentials-iot:ThingName}"]
-                }
-            },
-            "Effect": "Allow",
-            "Resource": arn_of(clients),
-        }
+    (table,) = [
+        s for s in device_statements(synthesized) if actions_of(s)[0].startswith("dynamodb:")
+    ]
+    assert table["Resource"] == arn_of(clients)
+    assert table["Condition"] == {
+        "ForAllValues:StringEquals": {
+            "dynamodb:LeadingKeys": ["${credentials-iot:ThingName}"],
+            "dynamodb:Attributes": ["client_id", "last_seen", "expires_at", "registered_at"],
+        },
+        "StringEqualsIfExists": {
+            "dynamodb:Select": "SPECIFIC_ATTRIBUTES",
+            "dynamodb:ReturnValues": ["NONE", "UPDATED_OLD", "UPDATED_NEW"],
+        },
+    }
+
+
+# --- what the Greengrass installer and nucleus find ------------------------------------------
+
+
+def test_the_installer_finds_the_stack_s_role_access_policy_attached(synthesized):
+    """DeviceProvisioningHelper looks up 'arn:<partition>:iam::<account>:policy/<role>Access'
+    (path '/') and creates and attaches its own only if that is missing."""
+    edge = synthesized.stack.edge
+    policy = resource_json(synthesized.template_json, edge.nucleus_policy)
+    props = policy["Properties"]
+    assert props["Path"] == "/"
+    assert render(props["ManagedPolicyName"]) == f"<Ref:{logical_id(edge.device_role)}>Access"
+    assert props["Roles"] == [{"Ref": logical_id(edge.device_role)}]
+
+
+def test_the_role_access_policy_lets_the_nucleus_fetch_the_artifact_and_nothing_else(synthesized):
+    edge = synthesized.stack.edge
+    statements = resource_json(synthesized.template_json, edge.nucleus_policy)["Properties"][
+        "PolicyDocument"
+    ]["Statement"]
+    assets = (
+        "arn:<Ref:AWS::Partition>:s3:::<Sub:cdk-hnb659fds-assets-${AWS::AccountId}-${AWS::Region}>"
+    )
+    assert [(s["Action"], render(s["Resource"])) for s in statements] == [
+        ("s3:GetBucketLocation", assets),
+        ("s3:GetObject", f"{assets}/{edge.client_artifact.s3_object_key}"),
     ]
 
 
@@ -190,11 +216,110 @@ def test_devices_have_nothing_else(synthesized):
     models = logical_id(synthesized.stack.storage.models_bucket)
     statements = device_statements(synthesized)
     assert sorted(tuple(actions_of(s)) for s in statements) == [
-        ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"),
-        ("s3:GetObject",),  # models, the assignment, the client artifact
+        ("dynamodb:UpdateItem",),
+        ("s3:GetObject",),  # models and the assignment
         # Listing answers 404 rather than 403 while no assignment exists yet.
         ("s3:ListBucket",),
         ("s3:PutObject",),
     ]
     (listing,) = [s for s in statements if actions_of(s) == ["s3:ListBucket"]]
     assert listing["Resource"] == arn_of(models)
+    role = resource_json(synthesized.template_json, synthesized.stack.edge.device_role)
+    assert "ManagedPolicyArns" not in role["Properties"]  # the Access policy attaches itself
+    attached = [
+        r
+        for r in synthesized.resources("AWS::IAM::ManagedPolicy").values()
+        if {"Ref": logical_id(synthesized.stack.edge.device_role)} in r["Properties"]["Roles"]
+    ]
+    assert len(attached) == 1
+
+
+def test_core_device_iot_policy_allows_the_role_alias_and_the_device_s_own_topics(synthesized):
+    edge = synthesized.stack.edge
+    document = resource_json(synthesized.template_json, edge.device_iot_policy)["Properties"][
+        "PolicyDocument"
+    ]
+    grants = {
+        action: [render(r) for r in resources_of(s)]
+        for s in document["Statement"]
+        for action in actions_of(s)
+    }
+    assert grants["iot:AssumeRoleWithCertificate"] == [
+        f"<GetAtt:{logical_id(edge.role_alias)}.RoleAliasArn>"
+    ]
+    arn = "arn:<Ref:AWS::Partition>:iot:<Ref:AWS::Region>:<Ref:AWS::AccountId>"
+    thing = "${iot:Connection.Thing.ThingName}"
+    assert grants["iot:Connect"] == [f"{arn}:client/{thing}*"]
+    assert grants["iot:Subscribe"] == [
+        f"{arn}:topicfilter/$aws/things/{thing}/jobs/*",
+        f"{arn}:topicfilter/$aws/things/{thing}/shadow/*",
+    ]
+    for topic in grants["iot:Publish"] + grants["iot:Receive"]:
+        assert topic.startswith(f"{arn}:topic/$aws/things/{thing}/")
+    assert sorted(a for a in grants if a.startswith("greengrass:")) == [
+        "greengrass:GetComponentVersionArtifact",
+        "greengrass:GetDeploymentConfiguration",
+        "greengrass:ListThingGroupsForCoreDevice",
+        "greengrass:ResolveComponentCandidates",
+    ]
+    assert not any("*" in action for action in grants)
+
+
+# --- the fleet's deployment ------------------------------------------------------------------
+
+
+def test_the_stack_deploys_its_component_version_to_its_thing_group(synthesized):
+    edge = synthesized.stack.edge
+    (deployment,) = synthesized.resources("AWS::GreengrassV2::Deployment").values()
+    props = deployment["Properties"]
+    assert props["TargetArn"] == {"Fn::GetAtt": [logical_id(edge.thing_group), "Arn"]}
+    # GetAtt: CloudFormation creates the new version before the deployment that uses it and
+    # deletes the old version only after the deployment moved off it.
+    assert props["Components"] == {
+        edge.component_name: {
+            "ComponentVersion": {"Fn::GetAtt": [logical_id(edge.component), "ComponentVersion"]}
+        }
+    }
+    policies = props["DeploymentPolicies"]
+    assert policies["FailureHandlingPolicy"] == "ROLLBACK"
+    job = props["IotJobConfiguration"]
+    (abort,) = job["AbortConfig"]["CriteriaList"]
+    assert abort["Action"] == "CANCEL" and abort["FailureType"] == "ALL"
+    assert job["JobExecutionsRolloutConfig"]["MaximumPerMinute"] > 0
+    # A device may take the whole Install timeout, twice, before it runs the new version.
+    timeout_minutes = job["TimeoutConfig"]["InProgressTimeoutInMinutes"]
+    assert timeout_minutes * 60 > 2 * recipes.INSTALL_TIMEOUT_SECONDS
+
+
+def test_component_version_changes_when_a_referenced_table_would_be_replaced(monkeypatch):
+    """A replaced table gets a new generated name: the recipe's configuration then differs,
+    so the version must too, or CloudFormation's create-then-delete collides on it."""
+    import dataclasses
+
+    from infra import state as state_module
+    from sfl.resources import CLIENTS_TABLE, KeyAttribute
+
+    def version() -> str:
+        stack = bare_app_stack()
+        state = state_module.FederationState(stack, "State", retain_data=False)
+        names = ResourceNames(
+            models_bucket="m",
+            updates_bucket="u",
+            clients_table=state.clients_table.table_name,
+            rounds_table=state.rounds_table.table_name,
+        )
+        return FederationEdge(
+            stack,
+            "Edge",
+            component_name="com.example.sfl.EdgeClient",
+            federation=FederationConfig(),
+            resource_names=names,
+            source_root=REPO_ROOT,
+        ).component_version
+
+    before = version()
+    assert version() == before
+    # A new partition key replaces the table (same logical ID, new generated name).
+    rekeyed = dataclasses.replace(CLIENTS_TABLE, partition_key=KeyAttribute("device_id", "S"))
+    monkeypatch.setattr(state_module, "CLIENTS_TABLE", rekeyed)
+    assert version() != before

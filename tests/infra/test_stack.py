@@ -1,4 +1,4 @@
-"""The whole stack: each role's exact access, the wiring, one config source, the outputs."""
+"""The whole stack: no broad grants, the wiring, one config source, the outputs, alarms."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from typing import Any
 
 import pytest
 from stack_template import (
-    Synthesized,
     actions_of,
     arn_of,
     cdk_context,
     logical_id,
-    object_arn,
     render,
     resource_json,
-    resources_of,
-    statements_of,
     synthesize,
 )
 
@@ -26,66 +22,8 @@ from sfl import recipes
 from sfl.config import ConfigError, FederationConfig
 from sfl.resources import UPDATES_BUCKET, ResourceNames
 
-
-def role_statements(synthesized: Synthesized, role: Any) -> list[dict[str, Any]]:
-    return statements_of(
-        synthesized.template_json, logical_id(role.node.find_child("DefaultPolicy"))
-    )
-
-
-def grants(statements: list[dict[str, Any]]) -> dict[tuple[str, ...], list[Any]]:
-    """actions -> resources, with the logging and failure-queue grants every function has."""
-    return {tuple(actions_of(s)): resources_of(s) for s in statements}
-
-
-def common_grants(synthesized: Synthesized, log_group: Any) -> dict[tuple[str, ...], list[Any]]:
-    queue = logical_id(synthesized.stack.rounds.failure_queue)
-    return {
-        ("logs:CreateLogStream", "logs:PutLogEvents"): [arn_of(logical_id(log_group))],
-        ("sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:SendMessage"): [arn_of(queue)],
-    }
-
-
-# --- each role's exact access ----------------------------------------------------------------
-
-
-def test_initiator_role_has_exactly_its_grants(synthesized):
-    stack = synthesized.stack
-    models = logical_id(stack.storage.models_bucket)
-    rounds_table = logical_id(stack.state.rounds_table)
-    clients_table = logical_id(stack.state.clients_table)
-    items = ("dynamodb:ConditionCheckItem", "dynamodb:GetItem", "dynamodb:PutItem")
-    assert grants(role_statements(synthesized, stack.rounds.initiator.role)) == {
-        **common_grants(synthesized, stack.rounds.initiator_log_group),
-        ("s3:GetObject",): [object_arn(models, "models/global/*")],
-        ("s3:PutObject",): [object_arn(models, "rounds/current.json")],
-        ("s3:ListBucket",): [arn_of(models)],
-        (*items, "dynamodb:Query", "dynamodb:UpdateItem"): [arn_of(rounds_table)],
-        (*items, "dynamodb:Query", "dynamodb:Scan", "dynamodb:UpdateItem"): [arn_of(clients_table)],
-    }
-
-
-def test_averager_role_has_exactly_its_grants(synthesized):
-    stack = synthesized.stack
-    models = logical_id(stack.storage.models_bucket)
-    updates = logical_id(stack.storage.updates_bucket)
-    assert grants(role_statements(synthesized, stack.rounds.averager.role)) == {
-        **common_grants(synthesized, stack.rounds.averager_log_group),
-        ("s3:GetObject",): [object_arn(updates, "updates/*")],
-        ("s3:GetObject", "s3:PutObject"): [
-            object_arn(models, "models/global/*"),
-            object_arn(models, "rounds/current.json"),
-        ],
-        ("s3:ListBucket",): [arn_of(models), arn_of(updates)],
-        ("dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"): [
-            arn_of(logical_id(stack.state.rounds_table))
-        ],
-        ("dynamodb:GetItem", "dynamodb:UpdateItem"): [
-            arn_of(logical_id(stack.state.clients_table))
-        ],
-        # The version-less ARN: it may chain the initiator, no alias or version of it.
-        ("lambda:InvokeFunction",): [arn_of(logical_id(stack.rounds.initiator))],
-    }
+# Each role's exact access is proven against the calls its code makes, in
+# test_least_privilege.py; here, what no policy may ever hold.
 
 
 def all_policy_statements(template_json: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -143,13 +81,31 @@ def test_nothing_is_named_by_hand(synthesized):
         "AWS::IAM::Role": "RoleName",
         "AWS::SQS::Queue": "QueueName",
         "AWS::Logs::LogGroup": "LogGroupName",
-        "AWS::IoT::RoleAlias": "RoleAlias",
-        "AWS::IoT::ThingGroup": "ThingGroupName",
         "AWS::Events::Rule": "Name",
     }
     for resource_type, name_property in named.items():
         for logical, resource in synthesized.resources(resource_type).items():
             assert name_property not in resource.get("Properties", {}), logical
+
+
+def test_names_the_installer_reads_derive_from_the_stack(synthesized):
+    """The IoT names an operator types and the names the Greengrass installer looks up are
+    built from the stack's name (or its role's), so two stacks never share one."""
+    derived = {
+        "AWS::IoT::RoleAlias": ("RoleAlias", "<Ref:AWS::StackName>-TokenExchangeRoleAlias"),
+        "AWS::IoT::ThingGroup": ("ThingGroupName", "<Ref:AWS::StackName>-Devices"),
+        "AWS::IoT::Policy": (
+            "PolicyName",
+            "GreengrassTESCertificatePolicy<Ref:AWS::StackName>-TokenExchangeRoleAlias",
+        ),
+        "AWS::IAM::ManagedPolicy": (
+            "ManagedPolicyName",
+            f"<Ref:{logical_id(synthesized.stack.edge.device_role)}>Access",
+        ),
+    }
+    for resource_type, (name_property, expected) in derived.items():
+        (resource,) = synthesized.resources(resource_type).values()
+        assert render(resource["Properties"][name_property]) == expected
 
 
 # --- wiring ----------------------------------------------------------------------------------
@@ -230,24 +186,33 @@ def test_outputs_name_everything_an_operator_needs(synthesized):
         "AlarmTopicArn",
         "TokenExchangeRoleName",
         "TokenExchangeRoleAliasName",
+        "NucleusPolicyName",
+        "DeviceIotPolicyName",
         "ThingGroupName",
         "ComponentName",
         "ComponentVersion",
+        "DeploymentId",
         "DeviceSetupCommand",
     }
     edge = synthesized.stack.edge
-    assert outputs["TokenExchangeRoleAliasName"]["Value"] == {"Ref": logical_id(edge.role_alias)}
+    stack_name = {"Ref": "AWS::StackName"}
+    alias = {"Fn::Join": ["-", [stack_name, "TokenExchangeRoleAlias"]]}
+    assert outputs["TokenExchangeRoleAliasName"]["Value"] == alias
+    assert outputs["DeviceIotPolicyName"]["Value"] == {
+        "Fn::Join": ["", ["GreengrassTESCertificatePolicy", alias]]
+    }
     assert outputs["ComponentVersion"]["Value"] == edge.component_version
-    command = outputs["DeviceSetupCommand"]["Value"]["Fn::Join"][1]
-    text = "".join(p if isinstance(p, str) else "<" + json.dumps(p) + ">" for p in command)
+    command = render(outputs["DeviceSetupCommand"]["Value"])
     for flag in (
         "--thing-name <THING_NAME>",
-        f'--thing-group-name <{{"Ref": "{logical_id(edge.thing_group)}"}}>',
-        f'--tes-role-alias-name <{{"Ref": "{logical_id(edge.role_alias)}"}}>',
-        f'--tes-role-name <{{"Ref": "{logical_id(edge.device_role)}"}}>',
+        "--thing-group-name <Ref:AWS::StackName>-Devices",
+        "--thing-policy-name GreengrassTESCertificatePolicy<Ref:AWS::StackName>-"
+        "TokenExchangeRoleAlias",
+        "--tes-role-alias-name <Ref:AWS::StackName>-TokenExchangeRoleAlias",
+        f"--tes-role-name <Ref:{logical_id(edge.device_role)}>",
         "--provision true",
     ):
-        assert flag in text
+        assert flag in command
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -299,6 +264,11 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
         ("sfl", {"lr": -1}, r"'lr'.*-1.*allowed"),
         ("sfl", {"selection": "nobody"}, r"'selection'.*'nobody'.*fast_clients"),
         ("sfl", "not json", r"context 'sfl'.*not a JSON object"),
+        # Plug-ins by import path: no part of a deployed stack would contain them.
+        ("sfl", {"task": "my_tasks.cifar:Task"}, r"sfl.task: 'my_tasks.cifar:Task' is an import"),
+        ("sfl", {"selection": "mine.pick:fastest"}, r"sfl.selection: .* cannot run"),
+        ("sfl", {"quorum": "mine.q:half"}, r"sfl.quorum: 'mine.q:half'.*local mode"),
+        ("sfl", {"aggregation": "mine.agg:median"}, r"sfl.aggregation: .*built-in name"),
     ],
 )
 def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(key, value, message):
@@ -330,8 +300,20 @@ def test_alarms_cover_lambda_errors_failed_events_and_an_overdue_round(synthesiz
     alarms = synthesized.resources("AWS::CloudWatch::Alarm")
     by_metric = {a["Properties"].get("MetricName"): a["Properties"] for a in alarms.values()}
 
-    assert sorted(by_metric) == ["ApproximateNumberOfMessagesVisible", "Errors", "OpenRoundAge"]
+    assert sorted(by_metric) == ["Errors", "NumberOfMessagesSent", "OpenRoundAge"]
     assert len(alarms) == 4
+    # A failed event alarms once, in the period it was sent; the queue keeps it for days.
+    failed = by_metric["NumberOfMessagesSent"]
+    assert failed["Namespace"] == "AWS/SQS" and failed["Statistic"] == "Sum"
+    assert failed["Threshold"] == 1 and failed["EvaluationPeriods"] == 1
+    assert failed["Dimensions"] == [
+        {
+            "Name": "QueueName",
+            "Value": {
+                "Fn::GetAtt": [logical_id(synthesized.stack.rounds.failure_queue), "QueueName"]
+            },
+        }
+    ]
     overdue = by_metric["OpenRoundAge"]
     assert overdue["Namespace"] == "ServerlessFederatedLearning"
     deadline = synthesized.stack.node.try_get_context("sfl")["round_deadline_seconds"]

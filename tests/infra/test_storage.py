@@ -139,3 +139,15 @@ def test_retain_flag_keeps_buckets_and_objects(bare_stack):
     for bucket in template.find_resources("AWS::S3::Bucket").values():
         assert bucket["DeletionPolicy"] == "Retain"
     template.resource_count_is("Custom::S3AutoDeleteObjects", 0)
+
+
+def test_retained_buckets_keep_their_policies(bare_stack):
+    """SSL-only and log delivery stay with the data: a retained bucket without its policy
+    would accept plain HTTP and stop receiving access logs."""
+    build(bare_stack, retain_data=True)
+    template = assertions.Template.from_stack(bare_stack)
+    policies = template.find_resources("AWS::S3::BucketPolicy")
+    assert len(policies) == 3
+    for policy in policies.values():
+        assert policy["DeletionPolicy"] == "Retain"
+        assert policy["UpdateReplacePolicy"] == "Retain"

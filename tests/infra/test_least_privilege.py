@@ -1,0 +1,326 @@
+"""Least privilege, proven: each role is granted exactly what its code's calls need.
+
+The stack is deployed into the local emulator and the real code paths run on it: the
+initiator handler (before and after model version 0 exists, with and without an open
+round), the averager handler (the deploy-time bootstrap, S3 events of uploads, a watchdog
+tick that finds an upload whose event was lost), and edge clients (heartbeat, polling
+before any round, answering rounds). Besides our code, the platform acts with these roles
+too, and the test plays those calls as the platform makes them: the Lambda service writes a
+function's logs and sends its failed asynchronous events to the on-failure queue, and the
+Greengrass nucleus downloads the component's artifact (GetBucketLocation, then GetObject,
+as its S3Downloader does).
+
+Every call is recorded through botocore's events and turned into the IAM requests AWS makes
+for it (``iam_proof.requests_for``: the operation -> action map is the only fixed list); the
+role's policies, read back from IAM as CloudFormation created them, must allow every request
+and hold no grant that no request needed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from iam_proof import Account, CallRecorder, Policies, Request, requests_for, role_policies
+from local_stack import (
+    Deployment,
+    component_recipe,
+    deploy,
+    device_environment,
+    local_aws_without_docker,
+    s3_event,
+    schedule_inputs,
+)
+from stack_template import Synthesized
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:Tried to parse AWS:UserWarning"),
+]
+
+CLIENTS = ["device-a", "device-b"]
+THING_NAME = "credentials-iot:ThingName"
+
+
+@dataclass
+class Exercised:
+    deployment: Deployment
+    recorder: CallRecorder
+    account: Account
+
+
+@pytest.fixture(scope="module")
+def exercised(
+    synthesized: Synthesized, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Exercised]:
+    from sfl.resources import CLIENTS_TABLE, ROUNDS_TABLE
+
+    with local_aws_without_docker() as aws:
+        deployment = deploy(aws, synthesized, stack_name="Sfl-LeastPrivilege")
+        outputs = deployment.outputs
+        account = Account(
+            partition="aws",
+            region=aws.region,
+            account_id=deployment.account,
+            partition_keys={
+                outputs["ClientsTableName"]: CLIENTS_TABLE.partition_key.name,
+                outputs["RoundsTableName"]: ROUNDS_TABLE.partition_key.name,
+            },
+        )
+        recorder = CallRecorder()
+        with recorder.active():
+            run_code_paths(deployment, recorder, tmp_path_factory.mktemp("devices"))
+            play_platform_calls(deployment, recorder)
+        yield Exercised(deployment, recorder, account)
+
+
+def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Path) -> None:
+    from edge_client.client import EdgeClient
+    from edge_client.settings import parse_settings
+    from sfl import layout
+    from sfl.local.emulator import lambda_environment
+    from sfl.local.lambdas import LocalFunction
+    from sfl.splits import write_client_splits
+    from sfl.tasks import load_task
+
+    aws = deployment.aws
+    outputs = deployment.outputs
+    endpoint = {
+        **aws.env(),
+        "POWERTOOLS_METRICS_DISABLED": "true",
+        "POWERTOOLS_LOG_LEVEL": "WARNING",
+    }
+    functions = {
+        "initiator": (
+            LocalFunction("initiator"),
+            {**deployment.function_environment("InitiatorFunctionName"), **endpoint},
+        ),
+        "averager": (
+            LocalFunction("averager"),
+            {**deployment.function_environment("AveragerFunctionName"), **endpoint},
+        ),
+    }
+    ticks = schedule_inputs(deployment)
+
+    def invoke(name: str, event: dict[str, Any]) -> Any:
+        function, env = functions[name]
+        with recorder.acting_as(name), lambda_environment(env):
+            return function.invoke(event)
+
+    def tick(name: str) -> Any:
+        output = "InitiatorFunctionName" if name == "initiator" else "AveragerFunctionName"
+        return invoke(name, ticks[outputs[output]])
+
+    configuration = device_environment(deployment)
+    task = load_task(configuration["SFL_TASK"])
+    write_client_splits(task, data_dir, len(CLIENTS), "iid", seed=5, client_ids=CLIENTS)
+    devices = {}
+    for client_id in CLIENTS:
+        settings = parse_settings(
+            [],
+            {
+                **configuration,
+                **aws.env(),
+                "AWS_IOT_THING_NAME": client_id,
+                "SFL_DATA_DIR": str(data_dir / client_id),
+            },
+        )
+        with recorder.acting_as(f"device:{client_id}"):
+            device = EdgeClient(settings, aws.clients(), task)
+            device._data = task.load_client_data(settings.data_dir)
+            device.heartbeat()
+            assert device.poll() is None  # no round yet: the assignment is not there
+        devices[client_id] = device
+
+    def upload(client_id: str, expect_round: int) -> str:
+        with recorder.acting_as(f"device:{client_id}"):
+            assignment = devices[client_id].poll()
+            assert assignment is not None and assignment.round == expect_round
+            devices[client_id].answer(assignment)
+        return layout.update_key(client_id, expect_round)
+
+    # The first tick can come before the deploy-time bootstrap wrote model version 0.
+    assert tick("initiator")["started"] is False
+    assert invoke("averager", {"sfl": "bootstrap"}) == {"bootstrap": "written"}
+    assert tick("initiator")["round"] == 1
+    assert tick("initiator")["started"] is False  # round 1 is open: republish only
+    s3 = aws.client("s3")
+    for client_id in CLIENTS:
+        key = upload(client_id, 1)
+        head = s3.head_object(Bucket=outputs["UpdatesBucketName"], Key=key)
+        event = s3_event(
+            aws.region, outputs["UpdatesBucketName"], key, head["ContentLength"], head["ETag"]
+        )
+        invoke("averager", event)
+    assert tick("initiator")["round"] == 2
+    # Round 2: one upload whose S3 event never arrives; the watchdog tick finds it.
+    upload(CLIENTS[0], 2)
+    time.sleep(0.01)
+    tick("averager")
+
+
+def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
+    """What AWS services do with these roles besides our code."""
+    aws = deployment.aws
+    outputs = deployment.outputs
+    logs = aws.client("logs")
+    sqs = aws.client("sqs")
+    for name, log_group in (
+        ("initiator", outputs["InitiatorLogGroupName"]),
+        ("averager", outputs["AveragerLogGroupName"]),
+    ):
+        with recorder.acting_as(name):
+            # The Lambda runtime writes the function's logs ...
+            logs.create_log_stream(logGroupName=log_group, logStreamName="2026/11/29/[$LATEST]1")
+            logs.put_log_events(
+                logGroupName=log_group,
+                logStreamName="2026/11/29/[$LATEST]1",
+                logEvents=[{"timestamp": int(time.time() * 1000), "message": "START"}],
+            )
+            # ... and sends a failed asynchronous invocation to the on-failure destination.
+            sqs.send_message(
+                QueueUrl=outputs["FailedInvocationsQueueUrl"],
+                MessageBody=json.dumps({"requestContext": {"condition": "RetriesExhausted"}}),
+            )
+    # The nucleus, with a device's credentials, fetches the component's artifact.
+    s3 = aws.client("s3")
+    for manifest in component_recipe(deployment)["Manifests"]:
+        for artifact in manifest["Artifacts"]:
+            bucket, key = artifact["Uri"].removeprefix("s3://").split("/", 1)
+            with recorder.acting_as(f"device:{CLIENTS[0]}"):
+                s3.get_bucket_location(Bucket=bucket)
+                s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+# --- the proof, role by role -----------------------------------------------------------------
+
+
+def requests_of(
+    exercised: Exercised, principals: list[str]
+) -> list[tuple[Request, dict[str, str]]]:
+    """Every IAM request the principals' calls needed, with the policy variables IAM would
+    substitute for the caller (a device's thing name)."""
+    found = []
+    for principal in principals:
+        variables = (
+            {THING_NAME: principal.removeprefix("device:")}
+            if principal.startswith("device:")
+            else {}
+        )
+        for call in exercised.recorder.of(principal):
+            if (call.service, call.operation) == ("sts", "GetCallerIdentity"):
+                continue  # needs no permission
+            found.extend((r, variables) for r in requests_for(call, exercised.account))
+    assert found, f"no calls were recorded for {principals}"
+    return found
+
+
+ROLES = {
+    "initiator": (["initiator"], "InitiatorFunctionName"),
+    "averager": (["averager"], "AveragerFunctionName"),
+    "devices": ([f"device:{c}" for c in CLIENTS], None),
+}
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_every_call_the_code_makes_is_granted(exercised: Exercised, role: str):
+    principals, output = ROLES[role]
+    policies = policies_of(exercised, output)
+    denied = sorted(
+        {
+            f"{r.call}: {r.describe()}"
+            for r, variables in requests_of(exercised, principals)
+            if not policies.allows(r, variables)
+        }
+    )
+    assert not denied, f"{role}: calls its policies do not allow:\n" + "\n".join(denied)
+
+
+@pytest.mark.parametrize("role", sorted(ROLES))
+def test_every_grant_is_used_by_some_call(exercised: Exercised, role: str):
+    principals, output = ROLES[role]
+    policies = policies_of(exercised, output)
+    unused = [g.describe() for g in policies.unused(requests_of(exercised, principals))]
+    assert not unused, f"{role}: grants no call needed:\n" + "\n".join(unused)
+
+
+def policies_of(exercised: Exercised, function_output: str | None) -> Policies:
+    """The role's policies as the synthesized template defines them, resolved against the
+    deployed stack (GetAtt as CloudFormation documents it; moto renders a log group's ARN
+    without its ':*'). IAM holds the same actions: nothing else reaches the role."""
+    name = role_name(exercised, function_output)
+    from_template = Policies(exercised.deployment.role_policy_documents(name))
+    in_iam = role_policies(exercised.deployment.aws.client("iam"), name)
+    assert sorted(g.action for g in in_iam.grants) == sorted(g.action for g in from_template.grants)
+    return from_template
+
+
+def role_name(exercised: Exercised, function_output: str | None) -> str:
+    if function_output is None:
+        return exercised.deployment.outputs["TokenExchangeRoleName"]
+    return exercised.deployment.function_role_name(function_output)
+
+
+def test_model_versions_are_written_only_with_if_none_match(exercised: Exercised):
+    """The averager's model writes carry If-None-Match, and its role refuses one without."""
+    from sfl import layout
+
+    policies = policies_of(exercised, "AveragerFunctionName")
+    models = exercised.deployment.outputs["ModelsBucketName"]
+    writes = [
+        r
+        for r, _ in requests_of(exercised, ["averager"])
+        if r.action == "s3:PutObject" and r.resource.startswith(f"arn:aws:s3:::{models}/")
+    ]
+    assert writes and all(r.context.get("s3:if-none-match") == ("*",) for r in writes)
+    unconditional = Request("s3:PutObject", f"arn:aws:s3:::{models}/{layout.model_key(7)}")
+    overwrite_assignment = Request(
+        "s3:PutObject",
+        f"arn:aws:s3:::{models}/{layout.ASSIGNMENT_KEY}",
+        {"s3:if-none-match": ("*",)},
+    )
+    assert not policies.allows(unconditional, {})
+    assert not policies.allows(overwrite_assignment, {})
+
+
+def test_a_device_may_write_only_its_heartbeat_attributes_of_its_own_item(exercised: Exercised):
+    """What the device role refuses: another device's item, the fields the server measures,
+    reading a whole item back."""
+    outputs = exercised.deployment.outputs
+    policies = policies_of(exercised, None)
+    table = (
+        f"arn:aws:dynamodb:{exercised.account.region}:{exercised.account.account_id}:table/"
+        f"{outputs['ClientsTableName']}"
+    )
+    me = {THING_NAME: "device-a"}
+
+    def update(owner: str, *attributes: str, **extra: tuple[str, ...]) -> Request:
+        context = {
+            "dynamodb:LeadingKeys": (owner,),
+            "dynamodb:Attributes": ("client_id", *attributes),
+            **extra,
+        }
+        return Request("dynamodb:UpdateItem", table, context)
+
+    assert policies.allows(update("device-a", "last_seen", "expires_at"), me)
+    assert not policies.allows(update("device-b", "last_seen"), me)
+    for measured in ("ewma_turnaround", "rounds_answered", "missed_streak", "num_examples"):
+        assert not policies.allows(update("device-a", "last_seen", measured), me)
+    assert not policies.allows(
+        update("device-a", "last_seen", **{"dynamodb:ReturnValues": ("ALL_NEW",)}), me
+    )
+    whole_item = Request(
+        "dynamodb:GetItem",
+        table,
+        {
+            "dynamodb:LeadingKeys": ("device-a",),
+            "dynamodb:Attributes": ("client_id",),
+            "dynamodb:Select": ("ALL_ATTRIBUTES",),
+        },
+    )
+    assert not policies.allows(whole_item, me)
