@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s [{settings.client_id}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # botocore logs each failed credential refresh with a traceback; the client's own line
+    # ("AWS call failed: ... CredentialRetrievalError") already says it, once per attempt.
+    logging.getLogger("botocore.credentials").setLevel(logging.ERROR)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

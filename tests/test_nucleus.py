@@ -1,33 +1,63 @@
 """The component as a Greengrass core device runs it, with this test playing the nucleus.
 
-The nucleus's part, done here the way it does it: unpack the artifact zip under
-``packages/artifacts-unarchived/<component>/<version>/<zip name>/``; merge the deployment's
-configuration over ``DefaultConfiguration``; replace ``{namespace:key}`` placeholders in the
-lifecycle; run each step with ``sh -c`` in ``work/<component>`` with its ``Setenv``; give the
-process ``AWS_IOT_THING_NAME`` and the token exchange service's
-``AWS_CONTAINER_CREDENTIALS_FULL_URI`` + ``AWS_CONTAINER_AUTHORIZATION_TOKEN`` (and no access
-keys); stop it with SIGTERM.
+What the nucleus does, as its source (aws-greengrass/aws-greengrass-nucleus) does it:
+
+- **Artifacts** (``ComponentManager``, ``Permissions.setArtifactPermission``,
+  ``RunWithPathOwnershipHandler``): the zip under ``packages/artifacts/<name>/<version>/``,
+  unpacked under ``packages/artifacts-unarchived/<name>/<version>/<zip stem>/``; files
+  ``0440`` for ``Read: OWNER``, directories ``0755``; everything below the version directories
+  owned by the component's user and group; the work path ``work/<name>`` owned by them too.
+- **Configuration** (``KernelConfigResolver.resolveConfigurationToApply``): the running
+  configuration, minus the deployment's reset paths, then the new version's
+  ``DefaultConfiguration`` merged *under* it (timestamp 1: it only fills missing keys), then
+  the deployment's merge; placeholders interpolated into the lifecycle.
+- **Steps** (``UnixPlatform.SudoDecorator``, ``ShDecorator``, ``ShellRunner``):
+  ``sudo -n -E -H -u <user> -g <group> -- sh -c <script>`` in the work path, with the
+  nucleus's variables (``SVCUID``, ``AWS_CONTAINER_AUTHORIZATION_TOKEN``,
+  ``AWS_CONTAINER_CREDENTIALS_FULL_URI``, ``AWS_IOT_THING_NAME``, ``AWS_REGION``) and the step's
+  ``Setenv``. sudo's default policy then removes ``PYTHONPATH``, ``LD_*`` and friends.
+- **Stop** (``UnixExec.close``): SIGTERM to the process and its children, 5 s of grace, then
+  SIGKILL.
+
+Run as root (as CI is), steps go through the real ``sudo`` as an unprivileged user this test
+creates and removes. Without root the nucleus would not switch users, and without ``sudo``
+installed the test says so loudly and applies sudo's documented default environment policy
+itself (``.ci/run`` installs sudo, so CI takes the real path).
 
 Install must not download torch (minutes, gigabytes): the deployment points
-``pythonInterpreter`` at this venv's base interpreter and ``extraSitePackages`` at this venv's
-site-packages — the knobs a device with preinstalled torch uses — and passes ``--no-index``,
-so pip must find every pin already satisfied or fail.
+``pythonInterpreter`` at a system Python of this venv's version and ``extraSitePackages`` at
+this venv's site-packages — the knobs a device with preinstalled torch uses — and passes
+``--no-index``, so pip must find every pin already satisfied or fail. Where Install's own
+logic is the subject (torch from its own index, a wheel bundle, a resumed install), small
+stand-in wheels play the real ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import fnmatch
+import grp
 import json
 import os
+import pwd
 import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,29 +65,214 @@ import pytest
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
-from sfl.artifact import build_client_artifact
+from sfl.artifact import build_client_artifact, build_wheel_bundle
 from sfl.averager import bootstrap_model
+from sfl.config import FederationConfig
 from sfl.initiator import start_round
-from sfl.local.credentials import CredentialEndpoint
+from sfl.local.credentials import TES_PATH, CredentialEndpoint
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.lambdas import LocalFunction
-from sfl.recipes import PLACEHOLDER, build_recipe
+from sfl.recipes import PLACEHOLDER, SUDO_REMOVED_VARIABLES, WheelBundle, build_recipe
 from sfl.registry import ClientRegistry
+from sfl.resources import ResourceNames
 from sfl.rounds import RoundState, RoundStore
 from sfl.splits import write_client_splits
 from sfl.tasks import load_task
 from tests.conftest import Stack
+from tests.test_recipes import _fake_wheel, fake_device_wheels
 
 COMPONENT = "com.example.sfl.EdgeClient"
 THING = "core-device-1"
 OTHER_CLIENT = "laptop-1"
+GRACE_SECONDS = 5  # UnixExec: gracefulShutdownTimeout
+SVCUID = "svcuid-7f1c2e"  # the nucleus gives each component a token; TES checks it
 
 
-def json_pointer(document: Mapping[str, Any], pointer: str) -> Any:
+# --- the component's user and how steps run as it ---------------------------------------------
+
+
+def sudo_default_policy(env: Mapping[str, str], home: str) -> dict[str, str]:
+    """What sudo's default policy leaves of an environment with -E -H (sudo -V as root:
+    'Environment variables to remove', values starting '()', HOME set to the target's)."""
+    kept = {
+        name: value
+        for name, value in env.items()
+        if not any(fnmatch.fnmatchcase(name, p) for p in SUDO_REMOVED_VARIABLES)
+        and not value.startswith("()")
+    }
+    return {**kept, "HOME": home}
+
+
+@dataclasses.dataclass
+class StepRunner:
+    """Runs lifecycle steps as the nucleus does: through sudo as the component's user."""
+
+    user: str
+    group: str
+    home: str
+    uid: int
+    gid: int
+    sudo: bool  # False: this test applies sudo's policy itself (and drops privileges if root)
+
+    def command(self, argv: list[str]) -> list[str]:
+        if not self.sudo:
+            return argv
+        return ["sudo", "-n", "-E", "-H", "-u", self.user, "-g", self.group, "--", *argv]
+
+    def popen_options(self, env: Mapping[str, str]) -> dict[str, Any]:
+        if self.sudo:
+            return {"env": dict(env)}
+        options: dict[str, Any] = {"env": sudo_default_policy(env, self.home)}
+        if os.geteuid() == 0:
+            options.update(user=self.uid, group=self.gid, extra_groups=[])
+        return options
+
+    def run(
+        self, script: str, cwd: Path, env: Mapping[str, str], *, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.command(["sh", "-c", script]),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **self.popen_options(env),
+        )
+
+    def start(self, script: str, cwd: Path, env: Mapping[str, str], log: Any) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command(["sh", "-c", script]),
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **self.popen_options(env),
+        )
+
+    def own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, self.uid, self.gid)
+
+
+def _loud(message: str) -> None:
+    warnings.warn(message, stacklevel=2)
+    print(f"\n*** {message} ***", file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(scope="module")
+def greengrass_root() -> Iterator[Path]:
+    """A root the component's user can traverse (pytest's tmp_path is private to root)."""
+    root = Path(tempfile.mkdtemp(prefix="sfl-greengrass-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runner(greengrass_root: Path) -> Iterator[StepRunner]:
+    """The component's user: created (and removed after) when the test runs as root."""
+    if os.geteuid() != 0:
+        _loud(
+            "not root: lifecycle steps run as the current user, as the nucleus does for its "
+            "own user; sudo's default environment policy is applied by this test"
+        )
+        me = pwd.getpwuid(os.getuid())
+        yield StepRunner(
+            me.pw_name, grp.getgrgid(me.pw_gid).gr_name, me.pw_dir, me.pw_uid, me.pw_gid, False
+        )
+        return
+    has_sudo = shutil.which("sudo") is not None
+    if not has_sudo:
+        _loud(
+            "sudo is not installed: the test applies sudo's documented default environment "
+            "policy itself instead of running steps through sudo (apt-get install sudo, as "
+            ".ci/run does, to take the real path)"
+        )
+    name = f"sflgg{secrets.token_hex(3)}"
+    home = greengrass_root / "home" / name
+    home.parent.mkdir()
+    home.parent.chmod(0o755)
+    subprocess.run(["groupadd", "--system", name], check=True)
+    try:
+        subprocess.run(
+            ["useradd", "--system", "--gid", name, "--create-home", "--home-dir", str(home),
+             "--shell", "/bin/sh", name],
+            check=True,
+        )  # fmt: skip
+        try:
+            entry = pwd.getpwnam(name)
+            yield StepRunner(name, name, str(home), entry.pw_uid, entry.pw_gid, has_sudo)
+        finally:
+            subprocess.run(["userdel", name], check=False)
+    finally:  # userdel may have removed the group already
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def test_sudo_removes_pythonpath_even_with_preserve_env(
+    runner: StepRunner, greengrass_root: Path
+) -> None:
+    """The platform fact the recipe is built around (and the fallback policy reproduces)."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": "/opt/from-setenv",
+        "LD_LIBRARY_PATH": "/opt/lib",
+        "SFL_TASK": "digits",
+    }
+    done = runner.run(
+        'echo "${PYTHONPATH-removed} ${LD_LIBRARY_PATH-removed} $SFL_TASK $(id -un)"',
+        greengrass_root,
+        env,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["removed", "removed", "digits", runner.user]
+
+
+# --- the nucleus --------------------------------------------------------------------------------
+
+
+def json_pointer_remove(document: dict[str, Any], pointer: str) -> None:
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
     node: Any = document
-    for part in pointer.split("/")[1:]:
-        node = node[part.replace("~1", "/").replace("~0", "~")]
-    return node
+    for part in parents:
+        node = node.get(part, {})
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def _fill_missing(running: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    for key, value in defaults.items():
+        if key not in running:
+            running[key] = copy.deepcopy(value)
+        elif isinstance(running[key], dict) and isinstance(value, Mapping):
+            _fill_missing(running[key], value)
+
+
+def _merge_over(running: dict[str, Any], update: Mapping[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(running.get(key), dict):
+            _merge_over(running[key], value)
+        else:
+            running[key] = copy.deepcopy(value)
+
+
+def resolve_configuration(
+    running: Mapping[str, Any] | None,
+    defaults: Mapping[str, Any],
+    merge: Mapping[str, Any] | None = None,
+    reset: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """KernelConfigResolver.resolveConfigurationToApply: running values survive, a new
+    version's defaults only fill keys that are missing, the deployment's merge wins."""
+    config = copy.deepcopy(dict(running or {}))
+    for pointer in reset:
+        if pointer == "":
+            config = {}
+            break
+        json_pointer_remove(config, pointer)
+    _fill_missing(config, defaults)
+    _merge_over(config, merge or {})
+    return config
 
 
 def interpolate(value: Any, configuration: Mapping[str, Any], system: Mapping[str, str]) -> Any:
@@ -71,55 +286,86 @@ def interpolate(value: Any, configuration: Mapping[str, Any], system: Mapping[st
     def replace(match: re.Match[str]) -> str:
         namespace, key = match[1], match[2]
         if namespace == "configuration":
-            found = json_pointer(configuration, key)
-            return found if isinstance(found, str) else json.dumps(found)
+            node: Any = configuration
+            for part in key.split("/")[1:]:
+                node = node[part]
+            return node if isinstance(node, str) else json.dumps(node)
         return system[f"{namespace}:{key}"]
 
     return PLACEHOLDER.sub(replace, value)
 
 
 class Nucleus:
-    """One core device's Greengrass root, with the component deployed into it."""
+    """One core device's Greengrass root; deploys component versions into it."""
 
-    def __init__(self, root: Path, recipe: dict[str, Any], zip_path: Path) -> None:
-        name, version = recipe["ComponentName"], recipe["ComponentVersion"]
+    def __init__(self, root: Path, runner: StepRunner) -> None:
         self.root = root
-        self.artifacts = root / "packages" / "artifacts" / name / version
-        self.unarchived = root / "packages" / "artifacts-unarchived" / name / version
-        self.work = root / "work" / name
-        self.home = root / "home"  # ggc_user has no real home; keep ~ away from the host's
-        for d in (self.artifacts, self.unarchived, self.work, self.home):
-            d.mkdir(parents=True)
-        shutil.copy(zip_path, self.artifacts / zip_path.name)
+        self.runner = runner
+        self.configuration: dict[str, Any] | None = None  # the running configuration
+        self.recipe: dict[str, Any] = {}
+        self.work = root / "work" / COMPONENT
+        self.work.mkdir(parents=True)
+        self.work.chmod(0o700)
+        runner.own(self.work)
+
+    def _place(self, zip_path: Path, version: str) -> None:
+        artifacts = self.root / "packages" / "artifacts" / COMPONENT / version
+        unarchived = self.root / "packages" / "artifacts-unarchived" / COMPONENT / version
+        for version_dir in (artifacts, unarchived):
+            version_dir.mkdir(parents=True, exist_ok=True)
+            for d in [version_dir, *version_dir.parents]:
+                if d == self.root.parent:
+                    break
+                d.chmod(0o755)  # the version directories stay root's
+        shutil.copy(zip_path, artifacts / zip_path.name)
         with zipfile.ZipFile(zip_path) as archive:
-            archive.extractall(self.unarchived / zip_path.stem)
+            archive.extractall(unarchived / zip_path.stem)
+        for top in (artifacts, unarchived):
+            for path in top.rglob("*"):
+                path.chmod(0o755 if path.is_dir() else 0o440)
+                self.runner.own(path)
+
+    def deploy(
+        self,
+        recipe: dict[str, Any],
+        zips: list[Path],
+        *,
+        merge: Mapping[str, Any] | None = None,
+        reset: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Put a version in place; returns its lifecycle, resolved against the configuration."""
+        version = recipe["ComponentVersion"]
+        for path in zips:
+            self._place(path, version)
+        defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+        self.configuration = resolve_configuration(self.configuration, defaults, merge, reset)
         self.recipe = recipe
-        self.system = {
-            "artifacts:path": str(self.artifacts),
-            "artifacts:decompressedPath": str(self.unarchived),
+        system = {
+            "artifacts:path": str(self.root / "packages" / "artifacts" / COMPONENT / version),
+            "artifacts:decompressedPath": str(
+                self.root / "packages" / "artifacts-unarchived" / COMPONENT / version
+            ),
             "work:path": str(self.work),
-            "kernel:rootPath": str(root),
+            "kernel:rootPath": str(self.root),
             "iot:thingName": THING,
         }
-
-    def lifecycle(self, merge: Mapping[str, str]) -> dict[str, Any]:
-        """The Linux manifest's lifecycle with the deployment's configuration merged in."""
-        configuration = {**self.recipe["ComponentConfiguration"]["DefaultConfiguration"], **merge}
-        (manifest,) = [m for m in self.recipe["Manifests"] if m["Platform"]["os"] == "linux"]
-        result: dict[str, Any] = interpolate(manifest["Lifecycle"], configuration, self.system)
-        leftovers = PLACEHOLDER.findall(json.dumps(result))
+        (manifest,) = [m for m in recipe["Manifests"] if m["Platform"]["os"] == "linux"]
+        lifecycle: dict[str, Any] = interpolate(manifest["Lifecycle"], self.configuration, system)
+        leftovers = PLACEHOLDER.findall(json.dumps(lifecycle))
         assert not leftovers, leftovers
-        return result
+        return lifecycle
 
     def environment(self, step: Mapping[str, Any], extra: Mapping[str, str]) -> dict[str, str]:
-        """What a lifecycle process sees: a plain system environment, the nucleus's variables,
-        then the step's Setenv. Deliberately no AWS credentials of any kind."""
+        """What the nucleus hands sudo: its own plain environment, its variables, the step's
+        Setenv. Deliberately no AWS credentials of any kind."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(self.home),
             "LANG": "C.UTF-8",
             "PIP_CONFIG_FILE": os.devnull,  # a device has no pip config of this host's
             "AWS_EC2_METADATA_DISABLED": "true",
+            "SVCUID": SVCUID,
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN": SVCUID,
+            "AWS_IOT_THING_NAME": THING,
             **extra,
             **step.get("Setenv", {}),
         }
@@ -127,19 +373,148 @@ class Nucleus:
         assert "AWS_SESSION_TOKEN" not in env
         return env
 
+    def install(self, lifecycle: Mapping[str, Any], *, timeout: float | None = None) -> Any:
+        step = lifecycle["Install"]
+        return self.runner.run(
+            step["Script"],
+            self.work,
+            self.environment(step, {}),
+            timeout=timeout or step["Timeout"],
+        )
 
-def run_step(
-    script: str, cwd: Path, env: Mapping[str, str], *, timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """A lifecycle step to completion, as the nucleus runs it: ``sh -c`` in the work path."""
-    return subprocess.run(
-        ["sh", "-c", script],
-        cwd=cwd,
-        env=dict(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    def start(self, lifecycle: Mapping[str, Any], extra: Mapping[str, str], log: Any) -> Any:
+        step = lifecycle["Run"]
+        return self.runner.start(step["Script"], self.work, self.environment(step, extra), log)
+
+    def stop(self, proc: subprocess.Popen[str]) -> bool:
+        """UnixExec.close: SIGTERM to the process tree (through the user decorator, as the
+        nucleus does), up to GRACE_SECONDS, then SIGKILL. True if it had to kill."""
+        pids = [*_descendants(proc.pid), proc.pid]
+        for pid in pids:
+            # As the component's user: that fails for sudo's own (root) processes, as it does
+            # on a device; the command itself gets the signal.
+            subprocess.run(
+                self.runner.command(["kill", "-TERM", str(pid)]), capture_output=True, check=False
+            )
+        deadline = time.monotonic() + GRACE_SECONDS
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        survivors = [pid for pid in pids if _alive(pid)] if proc.poll() is None else []
+        for pid in survivors:
+            _signal(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return bool(survivors)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+# --- a token exchange service that can go down -------------------------------------------------
+
+
+class FlakyTokenExchange:
+    """A TES that can go down and come back on the same URL: a loopback front for
+    ``CredentialEndpoint`` (which checks the component's token) that stops listening
+    while down, as a restarting or disconnected nucleus would."""
+
+    def __init__(self, endpoint: CredentialEndpoint) -> None:
+        self.endpoint = endpoint
+        self._server: ThreadingHTTPServer | None = None
+        self._port = 0
+        self.up()
+        self.url = f"http://127.0.0.1:{self._port}{TES_PATH}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        target = self.endpoint.url
+
+        class Forward(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                # target is CredentialEndpoint's own http://127.0.0.1 URL, never another scheme
+                request = urllib.request.Request(  # noqa: S310
+                    target, headers={"Authorization": self.headers.get("Authorization", "")}
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+                        status, body = response.status, response.read()
+                except urllib.error.HTTPError as e:
+                    status, body = e.code, b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Forward
+
+    def up(self) -> None:
+        assert self._server is None
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), self._handler())
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self.down()
+
+
+# --- shared set-up ------------------------------------------------------------------------------
+
+
+def usable_interpreter(runner: StepRunner) -> str:
+    """A Python of this venv's version the component's user may run (this venv's base may sit
+    under root's private home)."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [
+        getattr(sys, "_base_executable", sys.executable),
+        f"/usr/bin/python{version}",
+        f"/usr/local/bin/python{version}",
+    ]
+    for candidate in candidates:
+        done = runner.run(
+            f'"{candidate}" -c "import sys, venv, ensurepip; print(sys.version_info[:2])"',
+            Path("/"),
+            {"PATH": os.environ["PATH"]},
+            timeout=60,
+        )
+        if done.returncode == 0 and done.stdout.strip() == str(sys.version_info[:2]):
+            return candidate
+    pytest.fail(f"no Python {version} with venv and ensurepip that {runner.user} may run")
 
 
 def project_site_packages() -> str:
@@ -147,17 +522,80 @@ def project_site_packages() -> str:
     return ":".join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
 
 
-def deployed(tmp_path: Path, stack: Stack) -> Nucleus:
-    info = build_client_artifact(tmp_path / "build" / "sfl-edge-client.zip")
-    recipe = build_recipe(
-        stack.config,
-        stack.names,
-        region=stack.aws.region,
+def client_zip(directory: Path) -> tuple[Path, str]:
+    info = build_client_artifact(directory / "sfl-edge-client.zip")
+    return info.path, info.sha256
+
+
+def recipe_for(
+    config: FederationConfig,
+    names: ResourceNames,
+    region: str,
+    sha: str,
+    *,
+    wheel_bundle: WheelBundle | None = None,
+) -> dict[str, Any]:
+    return build_recipe(
+        config,
+        names,
+        region=region,
         component_name=COMPONENT,
-        artifact_uri=f"s3://artifact-bucket/edge/{info.archive_name}",
-        artifact_sha256=info.sha256,
+        artifact_uri="s3://artifact-bucket/edge/sfl-edge-client.zip",
+        artifact_sha256=sha,
+        wheel_bundle=wheel_bundle,
     )
-    return Nucleus(tmp_path / "greengrass", recipe, info.path)
+
+
+@pytest.fixture
+def nucleus(greengrass_root: Path, runner: StepRunner) -> Iterator[Nucleus]:
+    root = greengrass_root / f"device-{secrets.token_hex(4)}"
+    root.mkdir()
+    root.chmod(0o755)
+    yield Nucleus(root, runner)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# --- configuration: the nucleus's merge -------------------------------------------------------
+
+
+def test_a_new_version_s_defaults_never_overwrite_running_values() -> None:
+    running = {"dataDir": "/mnt/fl", "pollSeconds": "10.0"}
+    resolved = resolve_configuration(running, {"dataDir": "data", "pollSeconds": "2.0", "x": "1"})
+    assert resolved == {"dataDir": "/mnt/fl", "pollSeconds": "10.0", "x": "1"}
+    reset = resolve_configuration(running, {"dataDir": "data"}, reset=("/dataDir",))
+    assert reset["dataDir"] == "data"
+
+
+def test_an_upgrade_reaches_a_running_device_with_the_stack_s_new_settings(
+    stack: Stack, nucleus: Nucleus, tmp_path: Path
+) -> None:
+    """Version A ran with the old stack's names (and a device merge); version B comes from a
+    redeploy whose table and task changed. B's Run environment has B's values."""
+    zip_path, sha = client_zip(tmp_path)
+    old = ResourceNames(
+        models_bucket="sfl-models-old",
+        updates_bucket="sfl-updates-old",
+        clients_table="sfl-clients-old",
+        rounds_table="",
+    )
+    lifecycle_a = nucleus.deploy(
+        recipe_for(FederationConfig(task="mnist"), old, "eu-west-1", sha),
+        [zip_path],
+        merge={"dataDir": "/mnt/fl-data"},
+    )
+    assert lifecycle_a["Run"]["Setenv"]["SFL_CLIENTS_TABLE"] == "sfl-clients-old"
+
+    lifecycle_b = nucleus.deploy(
+        recipe_for(FederationConfig(task="digits"), stack.names, "eu-west-1", sha), [zip_path]
+    )
+    env = lifecycle_b["Run"]["Setenv"]
+    assert env["SFL_CLIENTS_TABLE"] == stack.names.clients_table
+    assert env["SFL_MODELS_BUCKET"] == stack.names.models_bucket
+    assert env["SFL_TASK"] == "digits"
+    assert env["SFL_DATA_DIR"] == "/mnt/fl-data"  # the device's own setting is kept
+
+
+# --- Install's logic ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -168,13 +606,108 @@ def deployed(tmp_path: Path, stack: Stack) -> Nucleus:
     ],
 )
 def test_install_refuses_bad_settings_with_a_clear_message(
-    stack: Stack, tmp_path: Path, merge: dict[str, str], message: str
+    stack: Stack, nucleus: Nucleus, tmp_path: Path, merge: dict[str, str], message: str
 ) -> None:
-    nucleus = deployed(tmp_path, stack)
-    install = nucleus.lifecycle(merge)["Install"]
-    failed = run_step(install["Script"], nucleus.work, nucleus.environment(install, {}), timeout=60)
+    zip_path, sha = client_zip(tmp_path)
+    lifecycle = nucleus.deploy(
+        recipe_for(stack.config, stack.names, "eu-west-1", sha), [zip_path], merge=merge
+    )
+    failed = nucleus.install(lifecycle, timeout=120)
     assert failed.returncode != 0 and message in failed.stderr, failed.stderr
     assert not (nucleus.work / "venv").exists()
+
+
+def simple_index(root: Path, wheels: list[Path]) -> str:
+    """A PEP 503 index on disk (file:// URL) serving these wheels."""
+    for wheel in wheels:
+        project = root / re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        project.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, project / wheel.name)
+        links = "".join(f'<a href="{w.name}">{w.name}</a>' for w in sorted(project.glob("*.whl")))
+        (project / "index.html").write_text(f"<html><body>{links}</body></html>")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root.as_uri()
+
+
+def _installed(nucleus: Nucleus) -> dict[str, str]:
+    listed = nucleus.runner.run(
+        f'"{nucleus.work}/venv/bin/python" -m pip list --format json --disable-pip-version-check',
+        nucleus.work,
+        {"PATH": os.environ["PATH"], "PIP_CONFIG_FILE": os.devnull},
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    return {d["name"].lower(): d["version"] for d in json.loads(listed.stdout)}
+
+
+@pytest.mark.slow
+def test_install_takes_torch_alone_from_the_cpu_index(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
+) -> None:
+    """PyPI's torch (here a stand-in needing a CUDA package nobody has) is never chosen."""
+    stand_ins = fake_device_wheels(tmp_path / "pypi-wheels")
+    for wheel in stand_ins.glob("torch-*"):
+        wheel.unlink()
+    cuda_torch = _fake_wheel(stand_ins, "torch", "2.14.1", requires=["nvidia-cuda-stand-in==13"])
+    pypi = simple_index(nucleus.root / "pypi", sorted(stand_ins.iterdir()))
+    assert cuda_torch.exists()
+    cpu = simple_index(
+        nucleus.root / "cpu", [_fake_wheel(tmp_path / "cpu-wheels", "torch", "2.14.1+cpu")]
+    )
+    zip_path, sha = client_zip(tmp_path)
+    lifecycle = nucleus.deploy(
+        recipe_for(stack.config, stack.names, "eu-west-1", sha),
+        [zip_path],
+        merge={
+            "pythonInterpreter": usable_interpreter(runner),
+            "pipOptions": f"--index-url {pypi}",
+            "torchIndexUrl": cpu,
+        },
+    )
+    done = nucleus.install(lifecycle)
+    assert done.returncode == 0, done.stdout + done.stderr
+    installed = _installed(nucleus)
+    assert installed["torch"] == "2.14.1+cpu"
+    assert {"boto3", "numpy", "safetensors"} <= set(installed)
+
+
+@pytest.mark.slow
+def test_install_from_a_wheel_bundle_uses_no_index_and_resumes_in_the_same_venv(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
+) -> None:
+    wheels = fake_device_wheels(tmp_path / "wheels")
+    bundle = build_wheel_bundle(wheels, tmp_path / "bundle" / "sfl-edge-wheels.zip")
+    zip_path, sha = client_zip(tmp_path)
+    recipe = recipe_for(
+        stack.config,
+        stack.names,
+        "eu-west-1",
+        sha,
+        wheel_bundle=WheelBundle(
+            uri="s3://artifact-bucket/edge/sfl-edge-wheels.zip", sha256=bundle.sha256
+        ),
+    )
+    merge = {"pythonInterpreter": usable_interpreter(runner)}
+    # An Install cut short: the venv is built, then pip fails (the bundle's torch is unreadable).
+    lifecycle = nucleus.deploy(recipe, [zip_path, bundle.path], merge=merge)
+    unpacked = Path(lifecycle["Install"]["Script"].split('wheels="', 1)[1].split('"', 1)[0])
+    torch_wheel = next(unpacked.glob("torch-*.whl"))
+    torch_wheel.chmod(0o000)
+    first = nucleus.install(lifecycle)
+    assert first.returncode != 0
+    marker = nucleus.work / "venv" / "kept-from-the-first-attempt"
+    marker.write_text("the retry must not start over")
+
+    torch_wheel.chmod(0o440)
+    retry = nucleus.install(lifecycle)
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert "offline, from the wheel bundle" in retry.stdout
+    assert marker.exists()
+    assert _installed(nucleus)["torch"] == "2.14.1+cpu"  # the bundle's, from no index
+
+
+# --- the device-faithful run ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -185,148 +718,158 @@ def device_data(tmp_path: Path) -> Path:
     return splits
 
 
+def _wait_for(log_path: Path, text: str, proc: subprocess.Popen[str], seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in log_path.read_text(errors="replace"):
+            return
+        assert proc.poll() is None, f"component exited ({proc.returncode}):\n{log_path.read_text()}"
+        time.sleep(0.1)
+    raise AssertionError(f"never logged {text!r}:\n{log_path.read_text()}")
+
+
 @pytest.mark.slow
-def test_component_installs_runs_a_round_with_tes_credentials_and_stops_cleanly(
-    stack: Stack, tmp_path: Path, device_data: Path
+def test_component_as_the_nucleus_runs_it_survives_tes_outages_upgrades_and_stops_in_grace(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path, device_data: Path
 ) -> None:
     timings: dict[str, float] = {}
     started = time.monotonic()
-    nucleus = deployed(tmp_path, stack)
-    # The device's own data, at the default dataDir ("data" under the work path).
+    quick = dataclasses.replace(stack.config, poll_seconds=0.2, heartbeat_seconds=1)
+    zip_path, sha = client_zip(tmp_path)
+    # The device's own data, at the default dataDir ("data" under the work path), its user's.
     shutil.copytree(device_data / THING, nucleus.work / "data")
-    merge = {
+    for path in [nucleus.work / "data", *(nucleus.work / "data").rglob("*")]:
+        runner.own(path)
+    device_merge = {
         "endpointUrl": stack.aws.endpoint_url,
-        "pollSeconds": "0.2",
-        "heartbeatSeconds": "1",
-        "pythonInterpreter": getattr(sys, "_base_executable", sys.executable),
+        "pythonInterpreter": usable_interpreter(runner),
         "extraSitePackages": project_site_packages(),
         "pipOptions": "--no-index",
     }
-    lifecycle = nucleus.lifecycle(merge)
-    svcuid = "svcuid-7f1c2e"  # the nucleus gives each component a token; TES checks it
-    greengrass_env = {
-        "SVCUID": svcuid,
-        "AWS_CONTAINER_AUTHORIZATION_TOKEN": svcuid,
-        "AWS_IOT_THING_NAME": THING,
-        "AWS_REGION": stack.aws.region,
-    }
+    # Version A: what an earlier `cdk deploy` registered: a table since replaced.
+    retired = ResourceNames(
+        models_bucket=stack.names.models_bucket,
+        updates_bucket=stack.names.updates_bucket,
+        clients_table="sfl-clients-replaced",
+        rounds_table="",
+    )
+    lifecycle_a = nucleus.deploy(
+        recipe_for(quick, retired, stack.aws.region, sha), [zip_path], merge=device_merge
+    )
 
-    # --- Install: builds the venv, pip finds every pin satisfied; a second run is a no-op ---
-    install = lifecycle["Install"]
-    install_env = nucleus.environment(install, greengrass_env)
+    # --- Install as the component's user: builds the venv; a second run is a no-op ---
     t0 = time.monotonic()
-    first = run_step(install["Script"], nucleus.work, install_env, timeout=install["Timeout"])
+    first = nucleus.install(lifecycle_a)
     timings["install"] = time.monotonic() - t0
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Requirement already satisfied: torch==" in first.stdout
-    assert "installed" in first.stdout
-    again = run_step(install["Script"], nucleus.work, install_env, timeout=60)
+    assert (nucleus.work / "venv" / "bin" / "python").lstat().st_uid == runner.uid
+    again = nucleus.install(lifecycle_a, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
-    changed = nucleus.environment(
-        nucleus.lifecycle({**merge, "pipOptions": "--no-index --quiet"})["Install"], greengrass_env
-    )
-    rebuilt = run_step(install["Script"], nucleus.work, changed, timeout=install["Timeout"])
-    assert rebuilt.returncode == 0 and "installed" in rebuilt.stdout, rebuilt.stderr
 
-    # --- the component's code comes from the unpacked artifact, not this checkout ---
-    run = lifecycle["Run"]
-    origin = subprocess.run(
-        [
-            str(nucleus.work / "venv" / "bin" / "python"),
-            "-c",
-            "import edge_client, sfl.codec; print(edge_client.__file__); print(sfl.codec.__file__)",
-        ],
-        cwd=nucleus.work,
-        env=nucleus.environment(run, greengrass_env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert origin.returncode == 0, origin.stderr
-    for line in origin.stdout.split():
-        assert Path(line).is_relative_to(nucleus.unarchived), line
-
-    # --- Run: the component and an ordinary client answer round 1 together ---
+    registry = ClientRegistry(stack.clients.dynamodb, stack.names.clients_table)
     task = load_task("digits")
     bootstrap_model(stack.clients, stack.names, task.build_model(seed=0).state_dict(), seed=0)
-    averager = LocalFunction("averager")
-    dispatcher = S3EventDispatcher(
-        stack.aws.client("sqs"), stack.deployment.queue_url, averager.invoke
-    ).start()
-    stop_other = threading.Event()
-    other = EdgeClient(
-        ClientSettings(
-            client_id=OTHER_CLIENT,
-            models_bucket=stack.names.models_bucket,
-            updates_bucket=stack.names.updates_bucket,
-            clients_table=stack.names.clients_table,
-            data_dir=device_data / OTHER_CLIENT,
-            poll_seconds=0.2,
-            heartbeat_seconds=1,
-        ),
-        stack.aws.clients(),
-        task,
-        stop=stop_other,
-    )
-    other_thread = threading.Thread(target=other.run, name=OTHER_CLIENT, daemon=True)
     log_path = tmp_path / f"{COMPONENT}.log"  # /greengrass/v2/logs/<component>.log on a device
-    with CredentialEndpoint(token=svcuid) as tes, log_path.open("w") as log:
-        run_env = nucleus.environment(
-            run, {**greengrass_env, "AWS_CONTAINER_CREDENTIALS_FULL_URI": tes.url}
-        )
-        t0 = time.monotonic()
-        proc = subprocess.Popen(
-            ["sh", "-c", run["Script"]],
-            cwd=nucleus.work,
-            env=run_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    with CredentialEndpoint(token=SVCUID, lifetime_seconds=60) as credentials:
+        tes = FlakyTokenExchange(credentials)
         try:
-            other_thread.start()
-            registry = ClientRegistry(stack.clients.dynamodb, stack.names.clients_table)
-            deadline = time.time() + 60
-            while time.time() < deadline and proc.poll() is None:
-                active = {
-                    r.client_id
-                    for r in registry.active(
-                        now=time.time(), active_window_seconds=stack.config.active_window_seconds
-                    )
-                }
-                if active == {THING, OTHER_CLIENT}:
-                    break
-                time.sleep(0.2)
-            assert proc.poll() is None, log_path.read_text()
-            timings["component_registered"] = time.monotonic() - t0
-            result = start_round(stack.clients, stack.names, stack.config)
-            assert result.started and set(result.selected) == {THING, OTHER_CLIENT}, result
+            # --- Run A while the token exchange service is down: the client waits it out ---
+            tes.down()
+            with log_path.open("w") as log:
+                proc = nucleus.start(
+                    lifecycle_a, {"AWS_CONTAINER_CREDENTIALS_FULL_URI": tes.url}, log
+                )
+                try:
+                    _wait_for(log_path, "AWS credentials unavailable", proc)
+                    tes.up()
+                    # A's names are the retired ones: its heartbeats fail, named, and it goes on.
+                    _wait_for(log_path, "dynamodb UpdateItem ResourceNotFoundException", proc)
+                finally:
+                    killed = nucleus.stop(proc)
+            output = log_path.read_text()
+            assert not killed and proc.returncode == 0, output
+            assert "client stopped" in output and "Traceback" not in output
+            assert THING not in {
+                r.client_id for r in registry.active(now=time.time(), active_window_seconds=600)
+            }
 
-            store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
-            round_1 = store.get(stack.config.experiment, 1)
-            while time.time() < deadline and not (round_1 and round_1.status.finished):
-                time.sleep(0.2)
-                round_1 = store.get(stack.config.experiment, 1)
-            timings["round_closed"] = time.monotonic() - t0
-            assert round_1 is not None and round_1.status is RoundState.CLOSED, (
-                round_1,
-                log_path.read_text(),
+            # --- version B from a redeploy; the running configuration merged the nucleus's way ---
+            lifecycle_b = nucleus.deploy(
+                recipe_for(quick, stack.names, stack.aws.region, sha), [zip_path]
             )
-            assert set(round_1.accepted) == {THING, OTHER_CLIENT}
+            t0 = time.monotonic()
+            install_b = nucleus.install(lifecycle_b, timeout=300)
+            timings["upgrade_install"] = time.monotonic() - t0
+            assert install_b.returncode == 0, install_b.stdout + install_b.stderr
+            averager = LocalFunction("averager")
+            dispatcher = S3EventDispatcher(
+                stack.aws.client("sqs"), stack.deployment.queue_url, averager.invoke
+            ).start()
+            stop_other = threading.Event()
+            other = EdgeClient(
+                ClientSettings(
+                    client_id=OTHER_CLIENT,
+                    models_bucket=stack.names.models_bucket,
+                    updates_bucket=stack.names.updates_bucket,
+                    clients_table=stack.names.clients_table,
+                    data_dir=device_data / OTHER_CLIENT,
+                    poll_seconds=0.2,
+                    heartbeat_seconds=1,
+                ),
+                stack.aws.clients(),
+                task,
+                stop=stop_other,
+            )
+            other_thread = threading.Thread(target=other.run, name=OTHER_CLIENT, daemon=True)
+            log_path.write_text("")
+            with log_path.open("a") as log:
+                proc = nucleus.start(
+                    lifecycle_b, {"AWS_CONTAINER_CREDENTIALS_FULL_URI": tes.url}, log
+                )
+                try:
+                    other_thread.start()
+                    deadline = time.time() + 90
+                    while time.time() < deadline and proc.poll() is None:
+                        active = {
+                            r.client_id
+                            for r in registry.active(
+                                now=time.time(),
+                                active_window_seconds=stack.config.active_window_seconds,
+                            )
+                        }
+                        if active == {THING, OTHER_CLIENT}:
+                            break
+                        time.sleep(0.2)
+                    assert proc.poll() is None, log_path.read_text()
+                    # --- the TES goes down while the client runs; it backs off and carries on ---
+                    tes.down()
+                    _wait_for(log_path, "CredentialRetrievalError", proc)
+                    tes.up()
+                    result = start_round(stack.clients, stack.names, stack.config)
+                    assert result.started and set(result.selected) == {THING, OTHER_CLIENT}, result
+                    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+                    round_1 = store.get(stack.config.experiment, 1)
+                    while time.time() < deadline and not (round_1 and round_1.status.finished):
+                        time.sleep(0.2)
+                        round_1 = store.get(stack.config.experiment, 1)
+                    timings["round_closed"] = time.monotonic() - started
+                    assert round_1 is not None and round_1.status is RoundState.CLOSED, (
+                        round_1,
+                        log_path.read_text(),
+                    )
+                    assert set(round_1.accepted) == {THING, OTHER_CLIENT}
+                finally:
+                    stop_other.set()
+                    killed = nucleus.stop(proc)  # how the nucleus stops a component
+                    other_thread.join(timeout=30)
+                    dispatcher.stop()
         finally:
-            stop_other.set()
-            proc.send_signal(signal.SIGTERM)  # how the nucleus stops a component
-            try:
-                proc.wait(timeout=30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-            other_thread.join(timeout=30)
-            dispatcher.stop()
-        served, refused = tes.served, tes.refused
+            tes.close()
+        served, refused = credentials.served, credentials.refused
     output = log_path.read_text()
-    assert proc.returncode == 0, output
-    assert "client stopped" in output
-    assert served >= 1 and refused == 0, (served, refused)
+    assert not killed and proc.returncode == 0, output
+    assert "client stopped" in output and "Traceback" not in output
+    assert served >= 2 and refused == 0, (served, refused)  # the token reached it through sudo
     timings["total"] = time.monotonic() - started
     print(f"nucleus test timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")

@@ -498,8 +498,14 @@ def test_shipped_code_is_python_3_10(tmp_path: Path) -> None:
         assert not newer.search(source), (path, newer.search(source))
 
 
-def _fake_wheel(directory: Path, name: str, version: str, tag: str = "py3-none-any") -> Path:
-    """A minimal, installable wheel: metadata and one module."""
+def _fake_wheel(
+    directory: Path,
+    name: str,
+    version: str,
+    tag: str = "py3-none-any",
+    requires: tuple[str, ...] | list[str] = (),
+) -> Path:
+    """A minimal, installable wheel: metadata (with its requirements) and one module."""
     directory.mkdir(parents=True, exist_ok=True)
     dist = f"{name.replace('-', '_')}-{version}"
     path = directory / f"{dist}-{tag}.whl"
@@ -507,6 +513,7 @@ def _fake_wheel(directory: Path, name: str, version: str, tag: str = "py3-none-a
         f"{name.replace('-', '_')}_fake.py": f"VERSION = {version!r}\n",
         f"{dist}.dist-info/METADATA": (
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+            + "".join(f"Requires-Dist: {r}\n" for r in requires)
         ),
         f"{dist}.dist-info/WHEEL": (
             f"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: {tag}\n"
