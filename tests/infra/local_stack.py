@@ -20,7 +20,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -77,6 +77,7 @@ class Deployment:
     types: dict[str, str]  # logical id -> type, as the emulator created them
     outputs: dict[str, str]
     account: str
+    deleted: set[str] = field(default_factory=set)  # logical IDs destroy already deleted
 
     def resolve(self, value: Any) -> Any:
         """Resolve the intrinsics CDK emits here against the deployed stack."""
@@ -104,6 +105,7 @@ class Deployment:
             "AWS::AccountId": self.account,
             "AWS::Partition": "aws",
             "AWS::URLSuffix": "amazonaws.com",
+            "AWS::StackName": self.stack_name,
         }
         return pseudo[name] if name in pseudo else self.physical[name]
 
@@ -156,12 +158,24 @@ class Deployment:
         return str(config["Role"]).rsplit("/", 1)[-1]
 
 
-def deploy(aws: Any, synthesized: Synthesized, stack_name: str = STACK_NAME) -> Deployment:
-    """Create the synthesized stack in the emulator, as ``cdk deploy`` would."""
+def deploy(
+    aws: Any,
+    synthesized: Synthesized,
+    stack_name: str = STACK_NAME,
+    *,
+    without: frozenset[str] = frozenset(),
+) -> Deployment:
+    """Create the synthesized stack in the emulator, as ``cdk deploy`` would; ``without``
+    names resources to leave out (to show what they are for)."""
     account = aws.client("sts").get_caller_identity()["Account"]
     bootstrap(aws, synthesized, account)
 
     template = json.loads(synthesized.template_path.read_text())
+    for logical in without:
+        del template["Resources"][logical]
+    for name, output in list(template["Outputs"].items()):
+        if set(_refs(output["Value"])) & without:
+            del template["Outputs"][name]
     removed = {
         logical: resource
         for logical, resource in template["Resources"].items()
@@ -337,3 +351,159 @@ def s3_event(region: str, bucket: str, key: str, size: int, etag: str) -> dict[s
             }
         ]
     }
+
+
+# --- cdk destroy -----------------------------------------------------------------------------
+
+
+class StackDeleteFailed(AssertionError):
+    """CloudFormation could not delete a resource (the stack would be DELETE_FAILED)."""
+
+
+def create_thing_group(deployment: Deployment) -> str:
+    """Create the stack's thing group as CloudFormation would (moto has no model for it)."""
+    (logical,) = [
+        lg
+        for lg, r in deployment.template["Resources"].items()
+        if r["Type"] == "AWS::IoT::ThingGroup"
+    ]
+    props = deployment.template["Resources"][logical]["Properties"]
+    name = str(deployment.resolve(props["ThingGroupName"]))
+    deployment.aws.client("iot").create_thing_group(thingGroupName=name)
+    deployment.physical[logical] = name
+    deployment.types[logical] = "AWS::IoT::ThingGroup"
+    return name
+
+
+def destroy(deployment: Deployment) -> list[str]:
+    """``cdk destroy``, played resource by resource as CloudFormation deletes a stack:
+    dependents first, each through its service's own delete call, stopping at the first
+    failure (moto's own stack deletion cannot delete IoT resources or managed policies, so
+    the test deletes them the way CloudFormation does). A second call, like a retried stack
+    deletion, goes on with what is left. Returns the logical IDs deleted."""
+    resources = deployment.template["Resources"]
+    present = {
+        lg: kind
+        for lg, kind in deployment.types.items()
+        # moto skipped the types it has no model for; the test may have made one in its place
+        if lg and (kind not in NOT_EMULATED or deployment.physical.get(lg))
+    }
+    present.update({lg: r["Type"] for lg, r in deployment.removed.items()})
+    order = _dependents_first(resources, set(present) - deployment.deleted)
+    for logical in order:
+        try:
+            _delete(deployment, logical, present[logical], resources[logical])
+        except Exception as e:
+            raise StackDeleteFailed(f"{logical} ({present[logical]}): {e}") from e
+        deployment.deleted.add(logical)
+    return order
+
+
+def _dependents_first(resources: dict[str, Any], present: set[str]) -> list[str]:
+    def needs(logical: str) -> set[str]:
+        resource = resources[logical]
+        depends = resource.get("DependsOn", [])
+        named = set([depends] if isinstance(depends, str) else depends)
+        return (named | set(_refs(resource.get("Properties", {})))) & present
+
+    order: list[str] = []
+    remaining = set(present)
+    while remaining:
+        # A resource goes once nothing left still needs it.
+        ready = sorted(lg for lg in remaining if not any(lg in needs(o) for o in remaining - {lg}))
+        assert ready, f"dependency cycle among {sorted(remaining)}"
+        order.extend(ready)
+        remaining -= set(ready)
+    return order
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        if set(value) == {"Ref"}:
+            return [value["Ref"]]
+        if set(value) == {"Fn::GetAtt"}:
+            return [value["Fn::GetAtt"][0]]
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    return []
+
+
+def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str, Any]) -> None:
+    aws = deployment.aws
+    props = resource.get("Properties", {})
+    physical = deployment.physical.get(logical, "")
+    if kind == "Custom::S3AutoDeleteObjects":
+        # CDK's handler empties its bucket (every version) before the bucket goes.
+        s3 = aws.client("s3")
+        bucket = deployment.resolve(props["BucketName"])
+        for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                s3.delete_object(Bucket=bucket, Key=item["Key"], VersionId=item["VersionId"])
+    elif kind.startswith("Custom::") or kind in {"AWS::Lambda::Permission"}:
+        pass  # nothing of its own remains once its function or bucket is gone
+    elif kind == "AWS::IAM::Policy":
+        for role in deployment.resolve(props["Roles"]):
+            aws.client("iam").delete_role_policy(RoleName=role, PolicyName=props["PolicyName"])
+    elif kind == "AWS::IAM::ManagedPolicy":
+        iam = aws.client("iam")
+        for role in deployment.resolve(props.get("Roles", [])):
+            iam.detach_role_policy(RoleName=role, PolicyArn=physical)
+        iam.delete_policy(PolicyArn=physical)
+    elif kind == "AWS::IAM::Role":
+        aws.client("iam").delete_role(RoleName=physical)
+    elif kind == "AWS::S3::Bucket":
+        aws.client("s3").delete_bucket(Bucket=physical)
+    elif kind == "AWS::DynamoDB::Table":
+        aws.client("dynamodb").delete_table(TableName=physical)
+    elif kind == "AWS::Lambda::Function":
+        aws.client("lambda").delete_function(FunctionName=physical)
+    elif kind == "AWS::Logs::LogGroup":
+        aws.client("logs").delete_log_group(logGroupName=physical)
+    elif kind == "AWS::SQS::Queue":
+        aws.client("sqs").delete_queue(QueueUrl=physical)
+    elif kind == "AWS::SNS::Topic":
+        aws.client("sns").delete_topic(TopicArn=physical)
+    elif kind == "AWS::Events::Rule":
+        events = aws.client("events")
+        targets = events.list_targets_by_rule(Rule=physical)["Targets"]
+        if targets:
+            events.remove_targets(Rule=physical, Ids=[t["Id"] for t in targets])
+        events.delete_rule(Name=physical)
+    elif kind == "AWS::IoT::RoleAlias":
+        aws.client("iot").delete_role_alias(roleAlias=deployment.resolve(props["RoleAlias"]))
+    elif kind == "AWS::IoT::Policy":
+        aws.client("iot").delete_policy(policyName=deployment.resolve(props["PolicyName"]))
+    elif kind == "AWS::IoT::ThingGroup":
+        aws.client("iot").delete_thing_group(thingGroupName=physical)
+    else:
+        raise AssertionError(f"destroy does not know how CloudFormation deletes a {kind}")
+
+
+def leftovers(aws: Any, stack_name: str) -> dict[str, list[str]]:
+    """Everything of a stack's still in the account, by kind (its names carry the stack's)."""
+    iam = aws.client("iam")
+    iot = aws.client("iot")
+    found = {
+        "roles": [r["RoleName"] for r in iam.list_roles()["Roles"]],
+        "iam policies": [p["PolicyName"] for p in iam.list_policies(Scope="Local")["Policies"]],
+        "buckets": [b["Name"] for b in aws.client("s3").list_buckets()["Buckets"]],
+        "tables": aws.client("dynamodb").list_tables()["TableNames"],
+        "queues": aws.client("sqs").list_queues().get("QueueUrls", []),
+        "topics": [t["TopicArn"] for t in aws.client("sns").list_topics()["Topics"]],
+        "alarms": [
+            a["AlarmName"] for a in aws.client("cloudwatch").describe_alarms()["MetricAlarms"]
+        ],
+        "functions": [
+            f["FunctionName"] for f in aws.client("lambda").list_functions()["Functions"]
+        ],
+        "log groups": [
+            g["logGroupName"] for g in aws.client("logs").describe_log_groups()["logGroups"]
+        ],
+        "rules": [r["Name"] for r in aws.client("events").list_rules()["Rules"]],
+        "role aliases": iot.list_role_aliases()["roleAliases"],
+        "iot policies": [p["policyName"] for p in iot.list_policies()["policies"]],
+        "thing groups": [g["groupName"] for g in iot.list_thing_groups()["thingGroups"]],
+    }
+    lowered = stack_name.lower()
+    return {kind: [n for n in names if lowered in n.lower()] for kind, names in found.items()}

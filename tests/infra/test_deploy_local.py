@@ -30,13 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from greengrass_installer import GreengrassInstaller, Provisioned, decommission
+from iam_proof import CallRecorder
 from local_stack import (
     NOT_EMULATED,
     Deployment,
+    StackDeleteFailed,
     apply_bucket_notifications,
     bootstrap_request,
+    component_recipe,
+    create_thing_group,
     deploy,
+    destroy,
     device_environment,
+    leftovers,
     local_aws_without_docker,
     notified,
     s3_event,
@@ -294,3 +301,117 @@ def test_one_round_runs_on_the_deployed_stack(
     s3.head_object(Bucket=outputs["ModelsBucketName"], Key=layout.model_key(1))
     tick = invoke_averager(ticks[outputs["AveragerFunctionName"]])
     assert tick["round"] == 1
+
+
+# --- a device installed, then cdk destroy ----------------------------------------------------
+
+
+def provision_device(deployment: Deployment, thing_name: str) -> tuple[Provisioned, list[str]]:
+    """The Greengrass installer, run as DeviceSetupCommand says, against the deployed stack;
+    returns the device and the operations it called."""
+    outputs = deployment.outputs
+    recorder = CallRecorder()
+    with recorder.active(), recorder.acting_as("installer"):
+        device = GreengrassInstaller(deployment.aws).provision(
+            thing_name=thing_name,
+            thing_group_name=outputs["ThingGroupName"],
+            thing_policy_name=outputs["DeviceIotPolicyName"],
+            tes_role_name=outputs["TokenExchangeRoleName"],
+            tes_role_alias_name=outputs["TokenExchangeRoleAliasName"],
+        )
+    return device, [c.operation for c in recorder.of("installer")]
+
+
+def test_the_installer_finds_the_stack_s_policies_and_attaches_nothing(deployment: Deployment):
+    outputs = deployment.outputs
+    role = outputs["TokenExchangeRoleName"]
+    assert create_thing_group(deployment) == outputs["ThingGroupName"]
+
+    device, operations = provision_device(deployment, "device-c")
+
+    assert device.created == []
+    assert {"GetPolicy", "DescribeRoleAlias", "DescribeThingGroup"} <= set(operations)
+    assert not {"CreatePolicy", "AttachRolePolicy", "CreateRole", "CreateRoleAlias"} & set(
+        operations
+    )
+    (attached,) = deployment.aws.client("iam").list_attached_role_policies(RoleName=role)[
+        "AttachedPolicies"
+    ]
+    nucleus = deployment.physical[deployment_logical_id(deployment, "AWS::IAM::ManagedPolicy")]
+    assert attached == {"PolicyName": f"{role}Access", "PolicyArn": nucleus}
+    iot = deployment.aws.client("iot")
+    held = iot.list_attached_policies(target=device.certificate_arn)["policies"]
+    assert [p["policyName"] for p in held] == [outputs["DeviceIotPolicyName"]]
+    members = iot.list_things_in_thing_group(thingGroupName=outputs["ThingGroupName"])["things"]
+    assert members == ["device-c"]
+
+
+def test_the_stack_s_deployment_puts_its_component_version_on_its_thing_group(
+    deployment: Deployment,
+):
+    """moto has no Greengrass: the deployment is read from the template and resolved."""
+    (logical,) = [
+        lg
+        for lg, r in deployment.template["Resources"].items()
+        if r["Type"] == "AWS::GreengrassV2::Deployment"
+    ]
+    props = deployment.template["Resources"][logical]["Properties"]
+    recipe = component_recipe(deployment)
+    ((name, spec),) = props["Components"].items()
+    component = deployment_logical_id(deployment, "AWS::GreengrassV2::ComponentVersion")
+    assert spec["ComponentVersion"] == {"Fn::GetAtt": [component, "ComponentVersion"]}
+    assert (name, recipe["ComponentVersion"]) == (
+        deployment.outputs["ComponentName"],
+        deployment.outputs["ComponentVersion"],
+    )
+    group = deployment_logical_id(deployment, "AWS::IoT::ThingGroup")
+    assert props["TargetArn"] == {"Fn::GetAtt": [group, "Arn"]}
+
+
+def test_destroy_after_a_device_was_installed_leaves_nothing(deployment: Deployment):
+    iot = deployment.aws.client("iot")
+    (certificate,) = iot.list_thing_principals(thingName="device-c")["principals"]
+    installed = Provisioned("device-c", certificate, certificate.rsplit("/", 1)[-1])
+
+    # While a certificate still holds the stack's IoT policy, CloudFormation cannot delete it.
+    with pytest.raises(StackDeleteFailed, match=r"AWS::IoT::Policy.*attached"):
+        destroy(deployment)
+    # Retire the device first (docs/deploy.md), then the deletion goes on and completes.
+    decommission(deployment.aws, installed)
+    destroy(deployment)
+
+    remaining = leftovers(deployment.aws, deployment.stack_name)
+    # moto's Lambda, invoked by the S3 notification, logs to /aws/lambda/<name> whatever the
+    # function's LoggingConfig says; on AWS the functions log to the stack's own groups.
+    remaining["log groups"] = [
+        g for g in remaining["log groups"] if not g.startswith("/aws/lambda/")
+    ]
+    assert remaining == {kind: [] for kind in remaining}
+    assert deployment.deleted >= set(deployment.physical) - {""}
+
+
+def test_an_installer_made_access_policy_would_block_destroy(
+    local_aws: Any, synthesized: Synthesized
+):
+    """Why the stack owns '<role>Access': without it the installer creates and attaches its
+    own, and CloudFormation cannot delete a role holding a policy it does not own."""
+    nucleus = synthesized.logical_id(synthesized.stack.edge.nucleus_policy)
+    unowned = deploy(local_aws, synthesized, "Sfl-Unowned", without=frozenset({nucleus}))
+    create_thing_group(unowned)
+    role = unowned.outputs["TokenExchangeRoleName"]
+
+    device, operations = provision_device(unowned, "device-d")
+    assert device.created == [f"iam policy {role}Access (attached to {role})"]
+    assert "AttachRolePolicy" in operations
+    decommission(local_aws, device)
+
+    with pytest.raises(StackDeleteFailed, match=r"AWS::IAM::Role.*must detach all policies"):
+        destroy(unowned)
+    assert local_aws.client("iam").get_role(RoleName=role)["Role"]["RoleName"] == role
+
+
+def deployment_logical_id(deployment: Deployment, resource_type: str) -> str:
+    (logical,) = [
+        lg for lg, r in deployment.template["Resources"].items() if r["Type"] == resource_type
+    ]
+    return logical
