@@ -454,3 +454,47 @@ def test_device_process_survives_a_malformed_global_model(stack: Stack, tmp_path
     output = log_path.read_text()
     assert proc.returncode == 0 and "client stopped" in output, output
     assert _updates(stack) == 0
+
+
+def test_device_process_stops_within_the_nucleus_grace_while_a_call_hangs(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Greengrass kills a component 5 s after SIGTERM; a call waiting on a silent network must
+    not keep the client past that, nor make it exit with an error."""
+    write_client_splits(load_task("digits"), tmp_path, 1, "iid", seed=0, client_ids=["d3"])
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        silent.settimeout(60)
+        env = {
+            **os.environ,
+            **_client_env(stack, "d3", tmp_path / "d3"),
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+        }
+        log_path = tmp_path / "client.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_client"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            try:
+                connection, _ = silent.accept()  # the client's first call now waits for an answer
+                with connection:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=5)  # the nucleus's grace (UnixExec)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                        pytest.fail(f"still running 5 s after SIGTERM:\n{log_path.read_text()}")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    output = log_path.read_text()
+    assert proc.returncode == 0, output
+    assert "client stopped" in output
