@@ -1,16 +1,27 @@
 """Is this client update acceptable? The checks of the round protocol, in cheap-first order.
 
-Size, then the header (bounds, metadata, tensor names/shapes/dtypes against the base model),
-then the values (all finite). Anything wrong raises ``UpdateRejected`` with a stable reason
-code and a sentence for the logs; nothing here touches the global model.
+Size (against the base model's own size), then the header length (against the base model's
+header), then the header (bounds, metadata, tensor names/shapes/dtypes against the base
+model), then the values (all finite, and a change from the base model). Anything wrong
+raises ``UpdateRejected`` with a stable reason code and a sentence for the logs; nothing
+here touches the global model, and nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sfl.codec import CodecError, Header, UpdateMetadata, decode, parse_header
+from sfl.codec import (
+    METADATA_ALLOWANCE_BYTES,
+    CodecError,
+    Header,
+    UpdateMetadata,
+    decode,
+    parse_header,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -34,11 +45,25 @@ class Expected:
     max_bytes: int
     max_num_examples: int
 
+    @property
+    def max_header_bytes(self) -> int:
+        """The base model's header plus room for the update's metadata."""
+        return self.base_header.header_length + METADATA_ALLOWANCE_BYTES
+
+    @property
+    def size_limit(self) -> int:
+        """An update has the base model's tensors, so its size is the base model's plus
+        its metadata; never more than the configured ``max_update_bytes``."""
+        if self.base_header.data_length <= 0:
+            return self.max_bytes
+        return min(self.max_bytes, self.base_header.file_size + METADATA_ALLOWANCE_BYTES)
+
 
 @dataclass(frozen=True)
 class AcceptedUpdate:
     metadata: UpdateMetadata
     tensors: dict[str, torch.Tensor]
+    delta_norm: float | None = None  # L2 norm of (update - base), when the base was given
 
 
 def check_size(size: int, max_bytes: int) -> None:
@@ -46,12 +71,20 @@ def check_size(size: int, max_bytes: int) -> None:
         raise UpdateRejected("too_large", f"{size} bytes is over the {max_bytes}-byte limit")
 
 
-def validate_update(data: bytes, expected: Expected) -> AcceptedUpdate:
+def validate_update(
+    data: bytes, expected: Expected, base: Mapping[str, torch.Tensor] | None = None
+) -> AcceptedUpdate:
+    """The update in ``data``, checked against the round; ``UpdateRejected`` otherwise.
+
+    With ``base`` (the round's base model), also measures the update's change from it and
+    refuses an update that changes nothing (a free rider).
+    """
     import torch
 
-    check_size(len(data), expected.max_bytes)
+    check_size(len(data), expected.size_limit)
     try:
-        header = parse_header(data)
+        # The header-length bound is checked from the first 8 bytes, before any JSON.
+        header = parse_header(data, max_header_bytes=expected.max_header_bytes)
         metadata = UpdateMetadata.from_header(header.metadata)
     except CodecError as e:
         raise UpdateRejected(e.reason, e.detail) from e
@@ -80,7 +113,9 @@ def validate_update(data: bytes, expected: Expected) -> AcceptedUpdate:
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         raise UpdateRejected(
-            "tensor_names", f"missing {missing[:5]}, unexpected {extra[:5]} (vs. base model)"
+            "tensor_names",
+            f"missing {[n[:64] for n in missing[:5]]}, unexpected {[n[:64] for n in extra[:5]]}"
+            " (vs. base model)",
         )
     for name, (dtype, shape) in want.items():
         if got[name][0] != dtype:
@@ -90,13 +125,33 @@ def validate_update(data: bytes, expected: Expected) -> AcceptedUpdate:
         if got[name][1] != shape:
             raise UpdateRejected(
                 "tensor_shape",
-                f"tensor {name!r} has shape {list(got[name][1])}, base model has {list(shape)}",
+                f"tensor {name!r} has shape {list(got[name][1])[:8]}, base model has {list(shape)}",
             )
     try:
-        tensors = decode(data)
+        tensors = decode(data, max_header_bytes=expected.max_header_bytes)
     except CodecError as e:
         raise UpdateRejected(e.reason, e.detail) from e
     for name, t in tensors.items():
         if (t.dtype.is_floating_point or t.dtype.is_complex) and not bool(torch.isfinite(t).all()):
             raise UpdateRejected("non_finite", f"tensor {name!r} holds NaN or Inf values")
-    return AcceptedUpdate(metadata=metadata, tensors=tensors)
+    norm = None
+    if base is not None:
+        norm = delta_norm(tensors, base)
+        if norm == 0.0:
+            raise UpdateRejected("no_change", "the update is the base model unchanged")
+        if not math.isfinite(norm):
+            raise UpdateRejected("non_finite", "the update's change from the base overflows")
+    return AcceptedUpdate(metadata=metadata, tensors=tensors, delta_norm=norm)
+
+
+def delta_norm(update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm, in float64, of the update's change from the base over its float tensors."""
+    import torch
+
+    total = 0.0
+    for name, t in update.items():
+        if not t.dtype.is_floating_point:
+            continue
+        diff = t.to(torch.float64) - base[name].to(torch.float64)
+        total += float(torch.sum(diff * diff))
+    return math.sqrt(total)

@@ -8,11 +8,12 @@ events are no-ops, a client answers a round once, and exactly one invocation agg
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
@@ -22,15 +23,25 @@ from sfl.aws import AwsClients, error_code, is_not_found
 from sfl.codec import Header, decode, encode_model, header_length, parse_header
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
+from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
 from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
 from sfl.strategies.aggregation import get_aggregator
+from sfl.strategies.bounds import bounded_weights, clip_scale, clip_to_bound, norm_bound
 from sfl.strategies.quorum import QuorumView, get_quorum_policy
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-# Model versions never change once written, so their headers are cached per container.
+# Model versions never change once written, so their headers are cached per container, and
+# the latest base model's tensors too (one model: the memory of a container stays bounded).
 _BASE_HEADERS: dict[tuple[str, int], Header] = {}
+_BASE_MODEL: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+# An aggregation that failed this many times (crash, timeout) is not retried: the round is
+# abandoned and the next one starts from the same model.
+MAX_AGGREGATION_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,7 @@ class Averager:
         self.clock = clock
         self.owner = owner or uuid.uuid4().hex
         self.rounds = RoundStore(aws.dynamodb, names.rounds_table)
+        self.registry = ClientRegistry(aws.dynamodb, names.clients_table)
         self.on_round_finished = on_round_finished
 
     # --- updates --------------------------------------------------------------------------
@@ -133,8 +145,23 @@ class Averager:
         answer = self._judge(round_, event, client)
         if answer is None:  # the object is gone (deleted before we got to it)
             return UpdateOutcome(event.key, "ignored", "object_missing", client, number)
-        recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
+        try:
+            recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
+        except ClientError as e:
+            if error_code(e) != "ValidationException":
+                raise
+            # DynamoDB refused what we derived from the update: record it as rejected.
+            answer = Answer(
+                outcome=Outcome.REJECTED,
+                key=answer.key,
+                etag=answer.etag,
+                size=answer.size,
+                received_at=answer.received_at,
+                reason=f"unstorable: {str(e)[:200]}",
+            )
+            recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
         if recorded.result is RecordResult.RECORDED and recorded.round is not None:
+            self._count_client_round(recorded.round, client, answer)
             level = logging.INFO if answer.outcome is Outcome.ACCEPTED else logging.WARNING
             logger.log(
                 level, f"update {answer.outcome.value}", extra={**log, "reason": answer.reason}
@@ -155,21 +182,13 @@ class Averager:
         )
 
     def _judge(self, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
-        """Download and validate one update; an Answer either way (None if it vanished)."""
+        """Download and validate one update; an Answer either way (None if it vanished).
+
+        AWS errors propagate (the event is retried); anything else that goes wrong while
+        judging these bytes, including a bug of ours, rejects this one update only."""
         received_at = _arrival(event, self.clock())
         common: dict[str, Any] = {"key": event.key, "size": event.size, "received_at": received_at}
         try:
-            check_size(event.size, self.config.max_update_bytes)
-            try:
-                obj = self.aws.s3.get_object(Bucket=event.bucket, Key=event.key)
-            except ClientError as e:
-                if is_not_found(e):
-                    return None
-                raise
-            common["etag"] = _etag(obj["ETag"])
-            common["size"] = int(obj["ContentLength"])
-            check_size(common["size"], self.config.max_update_bytes)
-            data = obj["Body"].read()
             expected = Expected(
                 round=round_.round,
                 client_id=client,
@@ -178,24 +197,67 @@ class Averager:
                 max_bytes=self.config.max_update_bytes,
                 max_num_examples=self.config.max_num_examples,
             )
-            accepted = validate_update(data, expected)
+            check_size(event.size, expected.size_limit)
+            try:
+                obj = self.aws.s3.get_object(Bucket=event.bucket, Key=event.key)
+            except ClientError as e:
+                if is_not_found(e):
+                    return None
+                raise
+            common["etag"] = _etag(obj["ETag"])
+            common["size"] = int(obj["ContentLength"])
+            check_size(common["size"], expected.size_limit)
+            data = obj["Body"].read(expected.size_limit + 1)
+            accepted = validate_update(data, expected, self.base_model(round_.base_version))
         except UpdateRejected as e:
             common.setdefault("etag", _etag(event.etag))
             return Answer(
                 outcome=Outcome.REJECTED, reason=f"{e.reason}: {e.detail}"[:500], **common
             )
+        except ClientError:
+            raise
+        except Exception as e:  # our own failure on these bytes costs this update only
+            logger.exception(
+                "update judging failed", extra={"key": event.key, "error": type(e).__name__}
+            )
+            common.setdefault("etag", _etag(event.etag))
+            return Answer(
+                outcome=Outcome.REJECTED,
+                reason=f"internal_error: {type(e).__name__}: {e}"[:500],
+                **common,
+            )
         meta = accepted.metadata
         timings = dict(meta.timings)
         if meta.upload_started_at:
-            timings["upload_s"] = max(0.0, received_at - meta.upload_started_at)
+            round_seconds = max(0.0, round_.deadline_at - round_.created_at)
+            timings["upload_s"] = min(max(0.0, received_at - meta.upload_started_at), round_seconds)
         return Answer(
             outcome=Outcome.ACCEPTED,
             num_examples=meta.num_examples,
             metrics=dict(meta.metrics),
             timings=timings,
             bytes_down=meta.bytes_down,
+            delta_norm=accepted.delta_norm or 0.0,
             **common,
         )
+
+    def _count_client_round(self, round_: Round, client: str, answer: Answer | None) -> None:
+        """Fold this round into the client's server-side record (turnaround EWMA, answered /
+        missed). Best effort: the registry is advisory, the round record is the truth."""
+        answered = answer is not None and answer.outcome is Outcome.ACCEPTED
+        if answer is not None and answered:
+            turnaround = answer.received_at - round_.created_at
+        else:
+            turnaround = round_.deadline_at - round_.created_at
+        try:
+            self.registry.record_round(
+                client, round_.round, answered=answered, turnaround=turnaround, b=self.config.ewma_b
+            )
+        except Exception as e:  # never let bookkeeping fail an update or a round
+            logger.warning(
+                "client registry not updated",
+                extra={"client_id": client, "round": round_.round, "error": type(e).__name__},
+            )
 
     def _reject_other(
         self, round_: Round, event: UpdateEvent, client: str, reason: str, detail: str
@@ -251,6 +313,11 @@ class Averager:
         if round_.status is RoundState.AGGREGATING:
             if round_.lease_expires_at >= now:
                 return None  # someone holds the lease
+            if round_.aggregation_attempts >= MAX_AGGREGATION_ATTEMPTS:
+                reason = f"aggregation failed {round_.aggregation_attempts} times"
+                if self.rounds.abandon_stuck(round_.experiment, round_.round, reason, now):
+                    return self._finished(round_.round)
+                return None
         elif round_.status is not RoundState.OPEN:
             return None
         view = self.quorum_view(round_)
@@ -288,28 +355,63 @@ class Averager:
                     "reason": finished.abandon_reason,
                 },
             )
+            # Selected clients that never answered missed this round (this call alone
+            # finished it, so each is counted once).
+            for client in finished.selected:
+                if client not in finished.answers:
+                    self._count_client_round(finished, client, None)
             if self.on_round_finished is not None:
                 self.on_round_finished(finished)
         return finished
 
     def aggregate(self, round_: Round) -> bool:
-        """Stream the accepted updates into the next model version and close the round."""
+        """Stream the accepted updates into the next model version and close the round.
+
+        Every update is weighed and moved within the round's bounds (``sfl.strategies.bounds``):
+        its weight at most ``max_weight_ratio`` times the median example count, its change
+        from the base model clipped to the round's norm bound. One update that cannot be read
+        back is left out (``excluded``), never the round.
+        """
         started = self.clock()
         aggregator = get_aggregator(self.config.aggregation)()
+        accepted = round_.accepted
+        weights = dict(
+            zip(
+                accepted,
+                bounded_weights(
+                    [a.num_examples for a in accepted.values()], self.config.max_weight_ratio
+                ),
+                strict=True,
+            )
+        )
+        bound = norm_bound(
+            [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
+            factor=self.config.norm_bound_factor,
+            absolute=self.config.max_update_norm,
+        )
+        base = self.base_model(round_.base_version)
         excluded: dict[str, str] = {}
+        clipped: list[str] = []
         used: list[tuple[str, Answer]] = []
-        for client, answer in round_.accepted.items():
+        for client, answer in accepted.items():
             try:
                 obj = self.aws.s3.get_object(
                     Bucket=self.names.updates_bucket, Key=answer.key, IfMatch=answer.etag
                 )
                 tensors = decode(obj["Body"].read())
+                scale = clip_scale(answer.delta_norm, bound)
+                if scale < 1.0:
+                    clipped.append(client)
+                aggregator.add(clip_to_bound(tensors, base, scale), weights[client])
             except ClientError as e:
                 if is_not_found(e) or error_code(e) in {"PreconditionFailed", "412"}:
                     excluded[client] = "update changed or vanished after it was accepted"
                     continue
                 raise
-            aggregator.add(tensors, float(answer.num_examples))
+            except Exception as e:  # e.g. a file that decoded at acceptance and not now
+                logger.exception("update left out of the aggregation", extra={"client_id": client})
+                excluded[client] = f"error: {type(e).__name__}"[:200]
+                continue
             used.append((client, answer))
             del tensors
         result = aggregator.result()
@@ -326,12 +428,15 @@ class Averager:
         summary = {
             "participants": len(used),
             "num_examples": total_examples,
+            "weight": sum(weights[c] for c, _ in used),
             "client_loss": _weighted(used, "loss"),
             "client_accuracy": _weighted(used, "accuracy"),
             "aggregate_seconds": finished - started,
             "model_bytes": len(body),
             "bytes_up": sum(a.size for a in round_.answers.values()),
             "bytes_down": sum(a.bytes_down for a in round_.answers.values()),
+            "norm_bound": bound if math.isfinite(bound) else None,
+            "clipped": clipped,
             "excluded": excluded,
             "model_already_written": rewritten,
         }
@@ -344,7 +449,7 @@ class Averager:
                 "round": round_.round,
                 "model_version": version,
                 "closed": closed,
-                **{k: v for k, v in summary.items() if k != "excluded"},
+                **{k: v for k, v in summary.items() if k not in ("excluded", "clipped")},
             },
         )
         return closed
@@ -380,41 +485,67 @@ class Averager:
             _BASE_HEADERS[cache_key] = header
         return header
 
+    def base_model(self, version: int) -> dict[str, torch.Tensor]:
+        """The tensors of a model version (ours, written once); the latest one is cached."""
+        cache_key = (self.names.models_bucket, version)
+        model = _BASE_MODEL.get(cache_key)
+        if model is None:
+            body = self.aws.s3.get_object(
+                Bucket=self.names.models_bucket, Key=layout.model_key(version)
+            )["Body"].read()
+            model = decode(body)
+            _BASE_MODEL.clear()
+            _BASE_MODEL[cache_key] = model
+        return model
+
     # --- tick -----------------------------------------------------------------------------
 
     def tick(self) -> TickOutcome:
-        """The scheduled watchdog: advance the latest round (deadline, quorum, lost lease)."""
+        """The scheduled watchdog: first deadlines, quorum and lost leases, then a look for
+        updates whose S3 event never arrived, each on its own (one bad object cannot stop
+        the watchdog). An update that lost its event and is only found after the hard
+        deadline has passed without quorum is too late: the deadline came first."""
         latest = self.rounds.latest(self.config.experiment)
         if latest is None:
             return TickOutcome(None, "", "no rounds yet")
         if latest.status.finished:
             return TickOutcome(latest.round, str(latest.status), "nothing to do")
-        recovered = self.recover_lost_updates(latest) if latest.status is RoundState.OPEN else []
+        finished = self.advance(latest)
+        if finished is not None:
+            return TickOutcome(latest.round, str(finished.status), "finished", finished=finished)
         current = self.rounds.get(latest.experiment, latest.round) or latest
-        if current.status.finished:
-            return TickOutcome(
-                latest.round, str(current.status), "finished", {"recovered": recovered}
-            )
-        finished = self.advance(current)
+        recovered: list[str] = []
+        if current.status is RoundState.OPEN:
+            recovered, finished = self.recover_lost_updates(current)
         if finished is not None:
             return TickOutcome(
-                latest.round, str(finished.status), "finished", {"recovered": recovered}
+                latest.round,
+                str(finished.status),
+                "finished",
+                {"recovered": recovered},
+                finished=finished,
             )
         return TickOutcome(latest.round, str(current.status), "waiting", {"recovered": recovered})
 
-    def recover_lost_updates(self, round_: Round) -> list[str]:
-        """Find uploads whose S3 event never arrived: look for each silent client's key."""
+    def recover_lost_updates(self, round_: Round) -> tuple[list[str], Round | None]:
+        """Find uploads whose S3 event never arrived: look for each silent client's key.
+
+        Each object is handled on its own: judging it never raises (``_judge``), and an AWS
+        error on one object is logged against it while the look goes on. Returns what was
+        found, and the round if handling one finished it."""
         recovered = []
         for client in round_.selected:
             if client in round_.answers:
                 continue
             key = layout.update_key(client, round_.round)
-            listing = self.aws.s3.list_objects_v2(
-                Bucket=self.names.updates_bucket, Prefix=key, MaxKeys=1
-            )
-            for obj in listing.get("Contents", []):
-                if obj["Key"] != key:
+            try:
+                listing = self.aws.s3.list_objects_v2(
+                    Bucket=self.names.updates_bucket, Prefix=key, MaxKeys=1
+                )
+                found = [o for o in listing.get("Contents", []) if o["Key"] == key]
+                if not found:
                     continue
+                obj = found[0]
                 logger.warning(
                     "update found without its S3 event",
                     extra={"round": round_.round, "client_id": client, "key": key},
@@ -427,10 +558,17 @@ class Averager:
                     uploaded_at=obj["LastModified"].timestamp(),
                 )
                 outcome = self.handle_update(event)
-                recovered.append(f"{client}:{outcome.result}")
-                if outcome.finished_round is not None:
-                    return recovered
-        return recovered
+            except ClientError as e:
+                logger.exception(
+                    "recovering an update failed",
+                    extra={"round": round_.round, "client_id": client, "key": key},
+                )
+                recovered.append(f"{client}:failed:{type(e).__name__}")
+                continue
+            recovered.append(f"{client}:{outcome.result}")
+            if outcome.finished is not None:
+                return recovered, outcome.finished
+        return recovered, None
 
 
 def _arrival(event: UpdateEvent, now: float) -> float:

@@ -149,6 +149,29 @@ class FederationConfig:
         default=10_000_000,
         metadata=_spec(_range(1, 10**12), "largest num_examples a client may claim"),
     )
+    max_weight_ratio: float = field(
+        default=3.0,
+        metadata=_spec(
+            _range(1.0, 1e6),
+            "a client's aggregation weight is its num_examples, at most this many times the "
+            "round's median num_examples",
+        ),
+    )
+    norm_bound_factor: float = field(
+        default=2.0,
+        metadata=_spec(
+            _range(0.0, 1e6),
+            "an update's change from the base model is clipped to this many times the round's "
+            "median change; 0 turns the adaptive bound off",
+        ),
+    )
+    max_update_norm: float = field(
+        default=0.0,
+        metadata=_spec(
+            _range(0.0, 1e12),
+            "an update's change from the base model is clipped to this L2 norm; 0: no fixed bound",
+        ),
+    )
     seed: int = field(
         default=0,
         metadata=_spec(_range(0, 2**31 - 1), "seed for the initial model and client selection"),

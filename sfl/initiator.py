@@ -22,7 +22,12 @@ from sfl.config import FederationConfig
 from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState, RoundStore
-from sfl.strategies.selection import Candidate, clients_to_pick, get_selection_strategy
+from sfl.strategies.selection import (
+    Candidate,
+    clients_to_pick,
+    cooled_down,
+    get_selection_strategy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +113,19 @@ def start_round(
             None,
             f"{len(active)} active client(s), fewer than min_clients={config.min_clients}",
         )
+    candidates = cooled_down(
+        [Candidate(c.client_id, c.ewma_turnaround, c.missed_streak, c.last_round) for c in active],
+        number,
+    )
     k = clients_to_pick(
-        len(active), fraction=config.fraction, clients_per_round=config.clients_per_round
+        len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
     )
     strategy = get_selection_strategy(config.selection)
     rng = random.Random(f"{config.seed}/{config.experiment}/{number}")
-    candidates = [Candidate(c.client_id, c.ewma_turnaround) for c in active]
     selected = tuple(strategy(candidates, k, rng))
     if not selected:
         return InitiatorResult(False, None, f"selection {config.selection!r} picked nobody")
-    unknown = set(selected) - {c.client_id for c in active}
+    unknown = set(selected) - {c.client_id for c in candidates}
     if unknown:
         raise ValueError(f"selection {config.selection!r} picked inactive clients {unknown}")
 

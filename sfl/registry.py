@@ -1,23 +1,45 @@
 """The client registry: who is out there, when they were last seen, how fast they answer.
 
-Each client writes only its own item (a device's IAM policy pins the partition key to its
-thing name): registration, heartbeats and its own EWMA of round turnaround, which the
-``fast_clients`` selection strategy reads.
+Two writers, each with its own attributes. A device writes only its own item and only
+``DEVICE_ATTRIBUTES`` (the device role's IAM policy pins both): registration and heartbeats.
+The server (the averager) writes what selection trusts, measured from what S3 and the round
+records say, never from what a device reports: each client's turnaround EWMA (round start to
+the S3 time of its upload) and its answered / missed counts. Every item is read defensively:
+a malformed one is skipped and logged, never a crash, and a heartbeat from the future is
+refused rather than keeping a device "active" for ever.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from botocore.exceptions import ClientError
+
+from sfl.aws import error_code
 from sfl.dynamo import from_item, serialize
-from sfl.layout import validate_client_id
+from sfl.layout import CLIENT_ID, validate_client_id
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
+logger = logging.getLogger(__name__)
+
 # Registry items expire (DynamoDB TTL) this many heartbeat-windows after the last one.
 EXPIRY_WINDOWS = 4
+# A heartbeat stamped further ahead of the server's clock than this is refused.
+MAX_CLOCK_SKEW_SECONDS = 300.0
+# The attributes a device may write (the device role's dynamodb:Attributes condition).
+DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
+# A turnaround sample is clamped to this (a day): the EWMA stays a small finite number.
+MAX_TURNAROUND_SECONDS = 86_400.0
+
+
+class InvalidRecord(ValueError):
+    """A registry item that cannot be read as a client (a device wrote garbage)."""
 
 
 @dataclass(frozen=True)
@@ -25,20 +47,49 @@ class ClientRecord:
     client_id: str
     last_seen: float
     registered_at: float
-    ewma_turnaround: float | None = None
-    rounds_answered: int = 0
+    ewma_turnaround: float | None = None  # server-measured
+    rounds_answered: int = 0  # server-counted: accepted updates
+    rounds_missed: int = 0  # server-counted: selected, then silent or rejected
+    missed_streak: int = 0  # consecutive misses, reset by an accepted update
+    last_round: int = 0  # the last round the server counted for this client
 
     @classmethod
-    def from_item(cls, item: dict[str, Any]) -> ClientRecord:
-        d = from_item(item)
-        ewma = d.get("ewma_turnaround")
+    def from_item(cls, item: Mapping[str, Any]) -> ClientRecord:
+        """Parse an item; ``InvalidRecord`` if its id or ``last_seen`` is unusable. Other
+        server-owned numbers that are not what the server writes read as unknown."""
+        try:
+            d = from_item(item)
+        except Exception as e:  # a shape boto3 cannot even deserialize
+            raise InvalidRecord(f"undecodable item: {type(e).__name__}") from e
+        client_id = d.get("client_id")
+        if not isinstance(client_id, str) or not CLIENT_ID.match(client_id):
+            raise InvalidRecord(f"client_id {str(client_id)[:64]!r} is not a client id")
+        last_seen = _number(d.get("last_seen"))
+        if last_seen is None:
+            raise InvalidRecord(f"{client_id}: last_seen is not a number")
+        ewma = _number(d.get("ewma_turnaround"))
         return cls(
-            client_id=d["client_id"],
-            last_seen=float(d.get("last_seen", 0.0)),
-            registered_at=float(d.get("registered_at", 0.0)),
-            ewma_turnaround=None if ewma is None else float(ewma),
-            rounds_answered=int(d.get("rounds_answered", 0)),
+            client_id=client_id,
+            last_seen=last_seen,
+            registered_at=_number(d.get("registered_at")) or 0.0,
+            ewma_turnaround=ewma if ewma is not None and ewma > 0 else None,
+            rounds_answered=_count(d.get("rounds_answered")),
+            rounds_missed=_count(d.get("rounds_missed")),
+            missed_streak=_count(d.get("missed_streak")),
+            last_round=_count(d.get("last_round")),
         )
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _count(value: Any) -> int:
+    number = _number(value)
+    return int(number) if number is not None and 0 <= number < 2**53 else 0
 
 
 def update_ewma(previous: float | None, sample: float, b: float) -> float:
@@ -53,48 +104,103 @@ class ClientRegistry:
         self._ddb = dynamodb
         self._table = table_name
 
-    def heartbeat(
-        self,
-        client_id: str,
-        *,
-        now: float,
-        active_window_seconds: float,
-        ewma_turnaround: float | None = None,
-        answered_round: bool = False,
-    ) -> None:
-        """Register or refresh a client; optionally report its new EWMA after a round."""
+    # --- the device's writes --------------------------------------------------------------
+
+    def heartbeat(self, client_id: str, *, now: float, active_window_seconds: float) -> None:
+        """Register or refresh a client (a device's own write: ``DEVICE_ATTRIBUTES`` only)."""
         validate_client_id(client_id)
-        sets = [
-            "last_seen = :now",
-            "expires_at = :expires",
-            "registered_at = if_not_exists(registered_at, :now)",
-        ]
-        values: dict[str, Any] = {
-            ":now": serialize(now),
-            ":expires": {"N": str(int(now + EXPIRY_WINDOWS * active_window_seconds))},
-        }
-        if ewma_turnaround is not None:
-            sets.append("ewma_turnaround = :ewma")
-            values[":ewma"] = serialize(float(ewma_turnaround))
-        expression = "SET " + ", ".join(sets)
-        if answered_round:
-            expression += " ADD rounds_answered :one"
-            values[":one"] = {"N": "1"}
         self._ddb.update_item(
             TableName=self._table,
             Key={"client_id": {"S": client_id}},
-            UpdateExpression=expression,
-            ExpressionAttributeValues=values,
+            UpdateExpression=(
+                "SET last_seen = :now, expires_at = :expires, "
+                "registered_at = if_not_exists(registered_at, :now)"
+            ),
+            ExpressionAttributeValues={
+                ":now": serialize(now),
+                ":expires": {"N": str(int(now + EXPIRY_WINDOWS * active_window_seconds))},
+            },
         )
+
+    # --- the server's writes ---------------------------------------------------------------
+
+    def record_round(
+        self,
+        client_id: str,
+        round_number: int,
+        *,
+        answered: bool,
+        turnaround: float,
+        b: float,
+    ) -> bool:
+        """Count one round for a client, once: an accepted update (``answered``) or a miss
+        (silent, or a rejected update), and fold the server-measured turnaround into its
+        EWMA (a miss counts as the whole round). False if the item is gone or already
+        counted for this round."""
+        sample = min(max(turnaround, 0.0), MAX_TURNAROUND_SECONDS)
+        try:
+            item = self._ddb.get_item(
+                TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True
+            ).get("Item")
+            if not item:
+                return False
+            try:
+                record = ClientRecord.from_item(item)
+            except InvalidRecord:
+                record = None
+            previous = record.ewma_turnaround if record is not None else None
+            ewma = update_ewma(previous, sample, b)
+            counter = "rounds_answered" if answered else "rounds_missed"
+            streak = ":zero" if answered else "if_not_exists(missed_streak, :zero) + :one"
+            self._ddb.update_item(
+                TableName=self._table,
+                Key={"client_id": {"S": client_id}},
+                UpdateExpression=(
+                    f"SET ewma_turnaround = :ewma, last_round = :round, missed_streak = {streak}, "
+                    f"{counter} = if_not_exists({counter}, :zero) + :one"
+                ),
+                ConditionExpression=(
+                    "attribute_exists(client_id) AND "
+                    "(attribute_not_exists(last_round) OR last_round < :round)"
+                ),
+                ExpressionAttributeValues={
+                    ":ewma": serialize(round(ewma, 6)),
+                    ":round": {"N": str(round_number)},
+                    ":zero": {"N": "0"},
+                    ":one": {"N": "1"},
+                },
+            )
+        except ClientError as e:
+            if error_code(e) in {"ConditionalCheckFailedException", "ValidationException"}:
+                # Already counted, gone, or a device-written value of the wrong type in the way.
+                logger.info(
+                    "client round not counted",
+                    extra={"client_id": client_id, "round": round_number, "error": error_code(e)},
+                )
+                return False
+            raise
+        return True
+
+    # --- reads -----------------------------------------------------------------------------
 
     def get(self, client_id: str) -> ClientRecord | None:
         item = self._ddb.get_item(
             TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True
         ).get("Item")
-        return ClientRecord.from_item(dict(item)) if item else None
+        if not item:
+            return None
+        try:
+            return ClientRecord.from_item(item)
+        except InvalidRecord as e:
+            logger.warning(
+                "registry item unreadable", extra={"client_id": client_id, "error": str(e)}
+            )
+            return None
 
     def active(self, *, now: float, active_window_seconds: float) -> list[ClientRecord]:
-        """Clients that heartbeated within the window, sorted by id (stable selection input)."""
+        """Clients that heartbeated within the window, sorted by id (stable selection input).
+
+        Malformed items and heartbeats from the future are skipped and logged."""
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "FilterExpression": "last_seen >= :cutoff",
@@ -104,7 +210,22 @@ class ClientRegistry:
         records: list[ClientRecord] = []
         while True:
             response = self._ddb.scan(**kwargs)
-            records.extend(ClientRecord.from_item(dict(i)) for i in response.get("Items", []))
+            for item in response.get("Items", []):
+                try:
+                    record = ClientRecord.from_item(item)
+                except InvalidRecord as e:
+                    logger.warning("registry item skipped", extra={"error": str(e)})
+                    continue
+                if record.last_seen > now + MAX_CLOCK_SKEW_SECONDS:
+                    logger.warning(
+                        "registry item skipped: heartbeat from the future",
+                        extra={
+                            "client_id": record.client_id,
+                            "ahead_s": round(record.last_seen - now, 1),
+                        },
+                    )
+                    continue
+                records.append(record)
             if "LastEvaluatedKey" not in response:
                 break
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]

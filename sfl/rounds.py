@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,12 +25,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Rejections that are not a selected client's answer (unselected senders, late or repeated
-# uploads) are kept on the round record up to this many; later ones are only logged.
+# uploads) are kept on the round record once per client and reason, with a count of how many
+# objects it was, for up to this many (client, reason) pairs; beyond that only the per-reason
+# counts grow. A device flooding uploads fills one entry, not the record.
 MAX_OTHER_REJECTIONS = 100
 
 
 def rejection_key(rejection: Mapping[str, Any]) -> str:
-    return f"{rejection.get('client_id')}|{rejection.get('reason')}|{rejection.get('etag')}"
+    return f"{rejection.get('client_id')}|{rejection.get('reason')}"
 
 
 class RoundState(enum.StrEnum):
@@ -62,6 +65,7 @@ class Answer:
     timings: Mapping[str, float] = field(default_factory=dict)
     bytes_down: int = 0
     received_at: float = 0.0
+    delta_norm: float = 0.0  # L2 norm of the update's change from the base model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +79,7 @@ class Answer:
             "timings": dict(self.timings),
             "bytes_down": self.bytes_down,
             "received_at": self.received_at,
+            "delta_norm": self.delta_norm,
         }
 
     @classmethod
@@ -90,6 +95,7 @@ class Answer:
             timings=dict(d.get("timings", {})),
             bytes_down=int(d.get("bytes_down", 0)),
             received_at=float(d.get("received_at", 0.0)),
+            delta_norm=float(d.get("delta_norm", 0.0)),
         )
 
 
@@ -106,6 +112,7 @@ class Round:
     answers: Mapping[str, Answer] = field(default_factory=dict)
     soft_deadline_at: float = 0.0  # 0: same as deadline_at
     other_rejections: tuple[Mapping[str, Any], ...] = ()
+    rejection_counts: Mapping[str, int] = field(default_factory=dict)
     candidates: int = 0
     select_seconds: float = 0.0
     lease_owner: str = ""
@@ -138,6 +145,7 @@ class Round:
                 "train_config": dict(self.train_config),
                 "answers": {c: a.to_dict() for c, a in self.answers.items()},
                 "other_rejections": {rejection_key(r): dict(r) for r in self.other_rejections},
+                "rejection_counts": dict(self.rejection_counts),
                 "candidates": self.candidates,
                 "select_seconds": self.select_seconds,
                 "aggregation_attempts": self.aggregation_attempts,
@@ -161,6 +169,7 @@ class Round:
             other_rejections=tuple(
                 sorted(d.get("other_rejections", {}).values(), key=lambda r: r.get("at", 0.0))
             ),
+            rejection_counts={k: int(v) for k, v in d.get("rejection_counts", {}).items()},
             candidates=int(d.get("candidates", 0)),
             select_seconds=float(d.get("select_seconds", 0.0)),
             lease_owner=d.get("lease_owner", ""),
@@ -185,6 +194,17 @@ class Round:
             "deadline_at": self.deadline_at,
             "train_config": dict(self.train_config),
         }
+
+
+def storable(value: Any) -> Any:
+    """A value DynamoDB can hold: non-finite or out-of-range floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) and abs(value) < 1e100 else None
+    if isinstance(value, Mapping):
+        return {str(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
 
 
 class RecordResult(enum.StrEnum):
@@ -326,28 +346,69 @@ class RoundStore:
     def record_other_rejection(
         self, experiment: str, number: int, rejection: dict[str, Any]
     ) -> bool:
-        """Keep a rejection that is not a selected client's answer, once per client, object
-        and reason (repeated deliveries of one object add nothing), up to a bound."""
+        """Keep a rejection that is not a selected client's answer: counted per reason, and
+        kept once per client and reason (with how many objects, the last one's key and ETag;
+        a repeated delivery of one object adds nothing) for up to a bound of pairs."""
+        key = rejection_key(rejection)
+        names = {"#k": key, "#reason": str(rejection.get("reason", ""))}
+        etag = serialize(str(rejection.get("etag", "")))
         try:
             self._ddb.update_item(
                 TableName=self._table,
                 Key=self._key(experiment, number),
-                UpdateExpression="SET other_rejections.#k = :r",
+                UpdateExpression=(
+                    "SET other_rejections.#k = :r, "
+                    "rejection_counts.#reason = if_not_exists(rejection_counts.#reason, :zero) "
+                    "+ :one"
+                ),
                 ConditionExpression=(
                     "attribute_exists(#r) AND attribute_not_exists(other_rejections.#k) "
                     "AND size(other_rejections) < :cap"
                 ),
-                ExpressionAttributeNames={"#r": "round", "#k": rejection_key(rejection)},
+                ExpressionAttributeNames={**names, "#r": "round"},
                 ExpressionAttributeValues={
-                    ":r": serialize(rejection),
+                    ":r": serialize({**rejection, "count": 1}),
                     ":cap": {"N": str(MAX_OTHER_REJECTIONS)},
+                    ":zero": {"N": "0"},
+                    ":one": {"N": "1"},
                 },
             )
+            return True
         except ClientError as e:
-            if error_code(e) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+            if error_code(e) != "ConditionalCheckFailedException":
+                raise
+        # Seen this (client, reason) before, or the record is full: count, if a new object.
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key=self._key(experiment, number),
+                UpdateExpression=(
+                    "SET other_rejections.#k.#count = other_rejections.#k.#count + :one, "
+                    "other_rejections.#k.#etag = :etag, other_rejections.#k.#key = :key, "
+                    "rejection_counts.#reason = if_not_exists(rejection_counts.#reason, :zero) "
+                    "+ :one"
+                ),
+                ConditionExpression=(
+                    "attribute_exists(other_rejections.#k) AND other_rejections.#k.#etag <> :etag"
+                ),
+                ExpressionAttributeNames={
+                    **names,
+                    "#count": "count",
+                    "#etag": "etag",
+                    "#key": "key",
+                },
+                ExpressionAttributeValues={
+                    ":etag": etag,
+                    ":key": serialize(str(rejection.get("key", ""))),
+                    ":zero": {"N": "0"},
+                    ":one": {"N": "1"},
+                },
+            )
+            return True
+        except ClientError as e:
+            if error_code(e) != "ConditionalCheckFailedException":
+                raise
+        return False
 
     def begin_aggregation(
         self, experiment: str, number: int, owner: str, now: float, lease_seconds: float
@@ -410,7 +471,33 @@ class RoundStore:
                     ":owner": {"S": owner},
                     ":v": {"N": str(model_version)},
                     ":now": serialize(now),
-                    ":summary": serialize(dict(summary)),
+                    ":summary": serialize(storable(summary)),
+                },
+            )
+        except ClientError as e:
+            if error_code(e) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def abandon_stuck(self, experiment: str, number: int, reason: str, now: float) -> bool:
+        """AGGREGATING -> ABANDONED when the last lease expired and no more attempts are
+        allowed (every attempt crashed or timed out); one caller wins."""
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key=self._key(experiment, number),
+                UpdateExpression=(
+                    "SET #s = :abandoned, abandon_reason = :reason, finished_at = :now "
+                    "REMOVE lease_owner, lease_expires_at"
+                ),
+                ConditionExpression="#s = :aggregating AND lease_expires_at < :now",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":abandoned": {"S": RoundState.ABANDONED.value},
+                    ":aggregating": {"S": RoundState.AGGREGATING.value},
+                    ":reason": {"S": reason},
+                    ":now": serialize(now),
                 },
             )
         except ClientError as e:

@@ -53,14 +53,12 @@ class Stack:
             Body=codec.encode_model(tensors, version=version),
         )
 
-    def register(self, *client_ids: str, ewma: float | None = None) -> None:
+    def register(self, *client_ids: str) -> None:
+        """Heartbeat as each device would."""
         registry = ClientRegistry(self.clients.dynamodb, self.names.clients_table)
         for cid in client_ids:
             registry.heartbeat(
-                cid,
-                now=time.time(),
-                active_window_seconds=self.config.active_window_seconds,
-                ewma_turnaround=ewma,
+                cid, now=time.time(), active_window_seconds=self.config.active_window_seconds
             )
 
     def upload_update(
@@ -114,6 +112,9 @@ def s3_event(bucket: str, key: str, size: int, etag: str) -> dict[str, Any]:
 
 
 TINY_MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}
+# An update trained from TINY_MODEL: it must differ from the base (an unchanged model is a
+# free rider's upload, and rejected).
+TRAINED = {name: t * 2.0 for name, t in TINY_MODEL.items()}
 
 
 @pytest.fixture

@@ -59,12 +59,12 @@ def test_quorum_closes_the_round_with_the_weighted_average(
     store = _open_round(stack, "a", "b")
     averager.invoke(
         stack.upload_update(
-            "a", 1, _scaled(1.0), num_examples=10, metrics={"loss": 1.0, "accuracy": 0.2}
+            "a", 1, _scaled(2.0), num_examples=10, metrics={"loss": 1.0, "accuracy": 0.2}
         )
     )
     averager.invoke(
         stack.upload_update(
-            "b", 1, _scaled(3.0), num_examples=30, metrics={"loss": 0.2, "accuracy": 0.6}
+            "b", 1, _scaled(2.5), num_examples=30, metrics={"loss": 0.2, "accuracy": 0.6}
         )
     )
 
@@ -74,9 +74,9 @@ def test_quorum_closes_the_round_with_the_weighted_average(
         "Body"
     ].read()
     model = codec.decode(body)
-    # (10 * 1x + 30 * 3x) / 40 = 2.5x
-    assert torch.allclose(model["w"], TINY_MODEL["w"] * 2.5)
-    assert torch.allclose(model["b"], TINY_MODEL["b"] * 2.5)
+    # (10 * 2x + 30 * 2.5x) / 40 = 2.375x
+    assert torch.allclose(model["w"], TINY_MODEL["w"] * 2.375)
+    assert torch.allclose(model["b"], TINY_MODEL["b"] * 2.375)
     assert round_.summary["num_examples"] == 40
     assert round_.summary["client_accuracy"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
 
@@ -86,7 +86,7 @@ def test_twenty_concurrent_invocations_at_quorum_write_one_model_version(
 ) -> None:
     clients = [f"c{i:02d}" for i in range(4)]
     store = _open_round(stack, *clients)
-    events = [stack.upload_update(c, 1, _scaled(i + 1.0)) for i, c in enumerate(clients)]
+    events = [stack.upload_update(c, 1, _scaled(i + 2.0)) for i, c in enumerate(clients)]
     # The first three land normally; the last one's event is delivered 20 times at once.
     for event in events[:3]:
         averager.invoke(event)

@@ -15,7 +15,7 @@ from sfl.events import UpdateEvent
 from sfl.initiator import start_round
 from sfl.rounds import RoundState, RoundStore
 from sfl.strategies.aggregation import FedAvg
-from tests.conftest import TINY_MODEL, Stack
+from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 
 class Clock:
@@ -60,8 +60,8 @@ def test_min_fraction_aggregates_at_the_soft_deadline(stack: Stack) -> None:
     averager, clock, store = _setup(
         stack, "a", "b", "dead", quorum="min_fraction", min_answered_fraction=0.5
     )
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
-    _deliver(averager, stack.upload_update("b", 1, TINY_MODEL))
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
+    _deliver(averager, stack.upload_update("b", 1, TRAINED))
 
     assert averager.tick().action == "waiting"  # before the soft deadline: wait for "dead"
     clock.now += 61
@@ -78,7 +78,7 @@ def test_all_answered_abandons_at_the_hard_deadline_and_the_next_round_reuses_th
     stack: Stack,
 ) -> None:
     averager, clock, store = _setup(stack, "a", "dead", quorum="all_answered")
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
     clock.now += 61
     assert averager.tick().action == "waiting"
     clock.now += 60
@@ -97,10 +97,10 @@ def test_a_late_update_is_recorded_and_ignored(stack: Stack) -> None:
     averager, clock, store = _setup(
         stack, "a", "late", quorum="min_fraction", min_answered_fraction=0.5
     )
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
     clock.now += 61
     averager.tick()  # closes on "a"
-    late = _deliver(averager, stack.upload_update("late", 1, TINY_MODEL))
+    late = _deliver(averager, stack.upload_update("late", 1, TRAINED))
 
     round_ = store.get("test", 1)
     assert late == "rejected"
@@ -119,10 +119,10 @@ def test_an_update_after_the_hard_deadline_never_counts_even_before_the_tick(
     stack: Stack, quorum: str, ends_as: RoundState
 ) -> None:
     averager, clock, store = _setup(stack, "a", "slow", quorum=quorum, min_answered_fraction=0.5)
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
     clock.now += 121  # past the hard deadline; no tick has run
 
-    result = _deliver(averager, stack.upload_update("slow", 1, TINY_MODEL))
+    result = _deliver(averager, stack.upload_update("slow", 1, TRAINED))
 
     round_ = store.get("test", 1)
     assert result == "rejected"
@@ -133,26 +133,28 @@ def test_an_update_after_the_hard_deadline_never_counts_even_before_the_tick(
     ]
 
 
-def test_an_update_stored_before_the_deadline_counts_when_found_after_it(stack: Stack) -> None:
-    """Its S3 event was lost; the watchdog finds it past the deadline: S3's LastModified,
-    not the time of processing, says it was on time."""
+def test_the_watchdog_applies_the_hard_deadline_before_looking_for_lost_events(
+    stack: Stack,
+) -> None:
+    """Deadlines come first and never wait on per-object work: an upload whose S3 event was
+    lost and that no tick found before the hard deadline does not save the round."""
     averager, clock, store = _setup(stack, "a", "b", quorum="all_answered")
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
-    stack.upload_update("b", 1, TINY_MODEL)  # stored now; its event never arrives
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
+    stack.upload_update("b", 1, TRAINED)  # stored now; its event never arrives
     clock.now += 121
 
     tick = averager.tick()
 
-    assert tick.status == "CLOSED"
+    assert tick.status == "ABANDONED"
     round_ = store.get("test", 1)
-    assert round_ is not None and sorted(round_.accepted) == ["a", "b"]
-    assert not round_.other_rejections
+    assert round_ is not None and round_.status is RoundState.ABANDONED
+    assert "b" not in round_.answers
 
 
 def test_a_retried_event_after_the_deadline_counts_if_s3_stored_it_in_time(stack: Stack) -> None:
     averager, clock, store = _setup(stack, "a", "b", quorum="all_answered")
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
-    record = stack.upload_update("b", 1, TINY_MODEL)["Records"][0]["s3"]
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
+    record = stack.upload_update("b", 1, TRAINED)["Records"][0]["s3"]
     clock.now += 121  # Lambda retried the event much later
     on_time = UpdateEvent(
         bucket=record["bucket"]["name"],
@@ -169,8 +171,8 @@ def test_a_retried_event_after_the_deadline_counts_if_s3_stored_it_in_time(stack
 
 def test_tick_recovers_an_update_whose_event_was_lost(stack: Stack) -> None:
     averager, _, store = _setup(stack, "a", "b", quorum="all_answered")
-    _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
-    stack.upload_update("b", 1, TINY_MODEL)  # its S3 event is never delivered
+    _deliver(averager, stack.upload_update("a", 1, TRAINED))
+    stack.upload_update("b", 1, TRAINED)  # its S3 event is never delivered
 
     tick = averager.tick()
 
@@ -192,7 +194,7 @@ def test_a_crashed_aggregation_is_taken_over_after_its_lease(
 
     monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", _CrashingFedAvg)
     with pytest.raises(RuntimeError, match="mid-aggregation"):
-        _deliver(averager, stack.upload_update("a", 1, TINY_MODEL))
+        _deliver(averager, stack.upload_update("a", 1, TRAINED))
     monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", FedAvg)
     stuck = store.get("test", 1)
     assert stuck is not None and stuck.status is RoundState.AGGREGATING

@@ -11,7 +11,7 @@ from sfl.events import control_action, s3_updates
 from sfl.initiator import start_round
 from sfl.local.lambdas import LocalFunction
 from sfl.rounds import RoundState, RoundStore
-from tests.conftest import TINY_MODEL, Stack
+from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 EVENTS = Path(__file__).parent / "events"
 
@@ -52,8 +52,8 @@ def test_one_event_with_two_records_answers_for_both_clients(stack: Stack) -> No
     stack.put_model(0, TINY_MODEL)
     stack.register("device:a", "device-b")
     start_round(stack.clients, stack.names, stack.config)
-    etag_a = stack.upload_update("device:a", 1, TINY_MODEL)["Records"][0]["s3"]["object"]["eTag"]
-    etag_b = stack.upload_update("device-b", 1, TINY_MODEL)["Records"][0]["s3"]["object"]["eTag"]
+    etag_a = stack.upload_update("device:a", 1, TRAINED)["Records"][0]["s3"]["object"]["eTag"]
+    etag_b = stack.upload_update("device-b", 1, TRAINED)["Records"][0]["s3"]["object"]["eTag"]
     event = _fixture(
         "s3_put_two_records.json", BUCKET=stack.names.updates_bucket, ETAG_A=etag_a, ETAG_B=etag_b
     )
@@ -103,7 +103,7 @@ def test_a_scheduled_tick_that_crashes_is_counted_and_the_next_tick_finishes_the
     stack.register("a")
     with lambda_environment(stack.env()):
         start_round(stack.clients, stack.names, stack.config)
-        stack.upload_update("a", 1, TINY_MODEL)  # its S3 event is never delivered
+        stack.upload_update("a", 1, TRAINED)  # its S3 event is never delivered
         averager = LocalFunction("averager")
         store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
 

@@ -13,7 +13,7 @@ import pytest
 from sfl.initiator import start_round
 from sfl.local.emulator import lambda_environment
 from sfl.local.lambdas import LocalFunction
-from tests.conftest import TINY_MODEL, Stack
+from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_rejections_are_counted_by_reason_and_logged_with_round_and_client(
     start_round(stack.clients, stack.names, stack.config)
 
     averager.invoke(stack.upload_update("pickler", 1, {}, body=b"\x80\x04not a model"))
-    averager.invoke(stack.upload_update("honest", 1, TINY_MODEL))
+    averager.invoke(stack.upload_update("honest", 1, TRAINED))
 
     records = _emf(capsys.readouterr().out)
     by_reason = [r for r in records if "reason" in r]

@@ -17,8 +17,12 @@ from sfl.strategies import resolve
 
 @dataclass(frozen=True)
 class Candidate:
+    """An active client as selection sees it; every number is measured by the server."""
+
     client_id: str
     ewma_turnaround: float | None = None
+    missed_streak: int = 0
+    last_round: int = 0
 
 
 SelectionStrategy = Callable[[Sequence[Candidate], int, random.Random], list[str]]
@@ -30,6 +34,19 @@ def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int)
         return 0
     wanted = clients_per_round if clients_per_round > 0 else math.ceil(fraction * num_active)
     return max(1, min(num_active, wanted))
+
+
+def cooled_down(candidates: Sequence[Candidate], round_number: int) -> list[Candidate]:
+    """Clients that keep missing rounds sit some out: after ``s >= 2`` misses in a row, the
+    next ``2 ** (s - 1)`` rounds (at most 32) after the last one. A device that heartbeats
+    but never answers cannot stall every round; it is tried again, less and less often.
+    Never empties the field: if everyone is cooling down, everyone stays."""
+    ready = [
+        c
+        for c in candidates
+        if c.missed_streak < 2 or round_number > c.last_round + 2 ** min(c.missed_streak - 1, 5)
+    ]
+    return ready or list(candidates)
 
 
 def select_all(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:

@@ -1,0 +1,59 @@
+"""The bounds every aggregation rule runs under: how much one client can weigh and move.
+
+A device claims its example count and chooses its update; neither may decide the model.
+``bounded_weights`` caps each claim at a multiple of the round's median claim, and
+``norm_bound`` / ``clip_to_bound`` shrink an update whose change from the base model is far
+larger than the round's typical change (or than a configured absolute bound). Pure
+functions over numbers and tensors; the averager applies them while it streams.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+def bounded_weights(examples: Sequence[int], max_ratio: float) -> list[float]:
+    """Each client's weight: its example count, at most ``max_ratio`` times the round's
+    (lower) median count, so no single claim outweighs the rest beyond that ratio."""
+    if not examples:
+        return []
+    cap = max_ratio * statistics.median_low(examples)
+    return [float(min(n, cap)) for n in examples]
+
+
+def norm_bound(norms: Sequence[float], *, factor: float, absolute: float) -> float:
+    """The largest change one update may make: ``factor`` times the round's (lower) median
+    change, and at most ``absolute``; 0 turns either bound off (``inf``: no bound)."""
+    bound = math.inf
+    if factor > 0 and norms:
+        bound = factor * statistics.median_low(norms)
+    if absolute > 0:
+        bound = min(bound, absolute)
+    return bound
+
+
+def clip_scale(norm: float, bound: float) -> float:
+    """How much of an update's change to keep: 1, or ``bound / norm`` if it is over."""
+    if not norm > bound:
+        return 1.0
+    return bound / norm
+
+
+def clip_to_bound(
+    update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], scale: float
+) -> dict[str, torch.Tensor]:
+    """``base + scale * (update - base)`` for float tensors, in float64; others unchanged."""
+    if scale >= 1.0:
+        return dict(update)
+    out: dict[str, torch.Tensor] = {}
+    for name, t in update.items():
+        if t.dtype.is_floating_point:
+            start = base[name].to(torch.float64)
+            out[name] = start + scale * (t.to(torch.float64) - start)
+        else:
+            out[name] = t
+    return out
