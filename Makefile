@@ -31,6 +31,12 @@ $(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyprojec
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
 	touch $@
 
+# The CDK app alone (make synth/deploy/destroy): no torch, no CUDA wheels.
+$(VENV)/.infra: requirements/infra.txt lambdas/initiator/requirements.txt requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -r requirements/infra.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt
 	$(PIP) install -q -r requirements/dev.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
 	touch $@
@@ -65,16 +71,16 @@ fast: $(VENV)/.dev
 bench: setup
 	$(PY) benchmarks/simulate.py
 
-synth: dev
+synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet
 
-checkov: synth
+checkov: dev synth
 	bash scripts/checkov.sh
 
-deploy: dev
+deploy: $(VENV)/.infra node_modules/.installed
 	npx cdk deploy --require-approval broadening
 
-destroy: dev
+destroy: $(VENV)/.infra node_modules/.installed
 	npx cdk destroy --force
 
 constraints: $(VENV)/.dev
