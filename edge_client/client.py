@@ -264,8 +264,13 @@ class EdgeClient:
         limit = size_limit(reference)
         with aws_call("s3", "GetObject"):
             obj = self.aws.s3.get_object(Bucket=self.settings.models_bucket, Key=a.model_key)
-            body = obj["Body"].read(limit + 1)
+            size = int(obj.get("ContentLength", 0))
+            # Never more than the bound crosses the network, whatever the object's size.
+            body = b"" if size > limit else obj["Body"].read(limit + 1)
+            obj["Body"].close()
         try:
+            if size > limit:
+                raise ModelRejected("too_large", f"{size} bytes; this task's model is <= {limit}")
             tensors = check_global_model(body, version=a.base_version, reference=reference)
             model.load_state_dict(tensors)
         except ModelRejected as e:

@@ -245,7 +245,7 @@ def test_a_sound_global_model_passes_the_checks() -> None:
     assert set(tensors) == set(state) and all(torch.equal(tensors[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("case", ["NaN values", "malformed header", "another version"])
+@pytest.mark.parametrize("case", ["NaN values", "malformed header", "another version", "oversized"])
 def test_a_bad_global_model_costs_the_round_not_the_client(
     stack: Stack, tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
