@@ -1,0 +1,122 @@
+"""The least-privilege proof's own parts, on tiny cases: which IAM requests a call makes, and
+how Allow statements evaluate (IAM's documented rules for the operators the stack uses)."""
+
+from __future__ import annotations
+
+import pytest
+from iam_proof import Account, Call, Policies, Request, requests_for
+
+ACCOUNT = Account("aws", "eu-west-1", "111122223333", {"clients": "client_id"})
+TABLE = "arn:aws:dynamodb:eu-west-1:111122223333:table/clients"
+
+
+def call(service: str, operation: str, params: dict, status: int = 200, error: str = "") -> Call:
+    return Call("someone", service, operation, params, status, error)
+
+
+def test_a_missing_object_needs_list_bucket_to_answer_404():
+    found = call("s3", "HeadObject", {"Bucket": "b", "Key": "k"})
+    missing = call("s3", "HeadObject", {"Bucket": "b", "Key": "k"}, status=404, error="404")
+    assert [r.action for r in requests_for(found, ACCOUNT)] == ["s3:GetObject"]
+    assert [(r.action, r.resource) for r in requests_for(missing, ACCOUNT)] == [
+        ("s3:GetObject", "arn:aws:s3:::b/k"),
+        ("s3:ListBucket", "arn:aws:s3:::b"),
+    ]
+
+
+def test_a_conditional_put_carries_if_none_match():
+    (put,) = requests_for(
+        call("s3", "PutObject", {"Bucket": "b", "Key": "k", "IfNoneMatch": "*"}), ACCOUNT
+    )
+    assert put.context == {"s3:if-none-match": ("*",)}
+
+
+def test_a_transaction_is_authorised_item_by_item():
+    items = [
+        {"Put": {"TableName": "rounds", "Item": {"experiment": {"S": "e"}}}},
+        {"ConditionCheck": {"TableName": "rounds", "Key": {"experiment": {"S": "e"}}}},
+    ]
+    requests = requests_for(
+        call("dynamodb", "TransactWriteItems", {"TransactItems": items}), ACCOUNT
+    )
+    assert [r.action for r in requests] == ["dynamodb:PutItem", "dynamodb:ConditionCheckItem"]
+
+
+def test_an_update_names_its_leading_key_and_every_top_level_attribute_it_touches():
+    params = {
+        "TableName": "clients",
+        "Key": {"client_id": {"S": "dev-1"}},
+        "UpdateExpression": "SET last_seen = :now, #s.inner = :x ADD answers :one",
+        "ConditionExpression": "attribute_exists(client_id)",
+        "ExpressionAttributeNames": {"#s": "stats"},
+    }
+    (update,) = requests_for(call("dynamodb", "UpdateItem", params), ACCOUNT)
+    assert update.context["dynamodb:LeadingKeys"] == ("dev-1",)
+    assert update.context["dynamodb:Attributes"] == ("answers", "client_id", "last_seen", "stats")
+
+
+def test_an_unknown_operation_is_an_error_not_a_pass():
+    with pytest.raises(LookupError, match="sqs:DeleteQueue"):
+        requests_for(call("sqs", "DeleteQueue", {"QueueUrl": "q"}), ACCOUNT)
+
+
+def policies(statement: dict) -> Policies:
+    return Policies({"p": {"Version": "2012-10-17", "Statement": [statement]}})
+
+
+def test_resource_wildcards_and_policy_variables():
+    own = policies(
+        {"Effect": "Allow", "Action": "s3:PutObject", "Resource": "arn:aws:s3:::u/up/${t}/*"}
+    )
+    mine = Request("s3:PutObject", "arn:aws:s3:::u/up/dev-1/round-1")
+    assert own.allows(mine, {"t": "dev-1"})
+    assert not own.allows(mine, {"t": "dev-2"})
+
+
+def test_for_all_values_holds_for_a_missing_key_and_if_exists_too():
+    statement = {
+        "Effect": "Allow",
+        "Action": "dynamodb:UpdateItem",
+        "Resource": TABLE,
+        "Condition": {
+            "ForAllValues:StringEquals": {"dynamodb:Attributes": ["client_id", "last_seen"]},
+            "StringEqualsIfExists": {"dynamodb:ReturnValues": ["NONE"]},
+        },
+    }
+    grant = policies(statement)
+    assert grant.allows(Request("dynamodb:UpdateItem", TABLE), {})
+    allowed = {"dynamodb:Attributes": ("client_id", "last_seen")}
+    assert grant.allows(Request("dynamodb:UpdateItem", TABLE, allowed), {})
+    extra = {"dynamodb:Attributes": ("client_id", "ewma")}
+    assert not grant.allows(Request("dynamodb:UpdateItem", TABLE, extra), {})
+    all_new = {**allowed, "dynamodb:ReturnValues": ("ALL_NEW",)}
+    assert not grant.allows(Request("dynamodb:UpdateItem", TABLE, all_new), {})
+
+
+def test_a_plain_condition_fails_without_its_key():
+    conditional = policies(
+        {
+            "Effect": "Allow",
+            "Action": "s3:PutObject",
+            "Resource": "arn:aws:s3:::m/*",
+            "Condition": {"StringEquals": {"s3:if-none-match": "*"}},
+        }
+    )
+    assert not conditional.allows(Request("s3:PutObject", "arn:aws:s3:::m/k"), {})
+    assert conditional.allows(
+        Request("s3:PutObject", "arn:aws:s3:::m/k", {"s3:if-none-match": ("*",)}), {}
+    )
+
+
+def test_an_unused_grant_is_reported():
+    two = Policies(
+        {
+            "p": {
+                "Statement": [
+                    {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": "*"}
+                ]
+            }
+        }
+    )
+    used = [(Request("s3:GetObject", "arn:aws:s3:::b/k"), {})]
+    assert [g.action for g in two.unused(used)] == ["s3:PutObject"]
