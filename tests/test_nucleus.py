@@ -649,12 +649,13 @@ def test_install_takes_torch_alone_from_the_cpu_index(
     stand_ins = fake_device_wheels(tmp_path / "pypi-wheels")
     for wheel in stand_ins.glob("torch-*"):
         wheel.unlink()
-    cuda_torch = _fake_wheel(stand_ins, "torch", "2.14.1", requires=["nvidia-cuda-stand-in==13"])
+    _fake_wheel(stand_ins, "torch", "2.14.1", requires=["nvidia-cuda-stand-in==13"])
+    _fake_wheel(stand_ins, "sympy-stand-in", "1.0")  # a dependency of torch, on PyPI only
     pypi = simple_index(nucleus.root / "pypi", sorted(stand_ins.iterdir()))
-    assert cuda_torch.exists()
-    cpu = simple_index(
-        nucleus.root / "cpu", [_fake_wheel(tmp_path / "cpu-wheels", "torch", "2.14.1+cpu")]
+    cpu_torch = _fake_wheel(
+        tmp_path / "cpu-wheels", "torch", "2.14.1+cpu", requires=["sympy-stand-in>=1"]
     )
+    cpu = simple_index(nucleus.root / "cpu", [cpu_torch])
     zip_path, sha = client_zip(tmp_path)
     lifecycle = nucleus.deploy(
         recipe_for(stack.config, stack.names, "eu-west-1", sha),
@@ -669,7 +670,8 @@ def test_install_takes_torch_alone_from_the_cpu_index(
     assert done.returncode == 0, done.stdout + done.stderr
     installed = _installed(nucleus)
     assert installed["torch"] == "2.14.1+cpu"
-    assert {"boto3", "numpy", "safetensors"} <= set(installed)
+    assert {"boto3", "numpy", "safetensors", "sympy-stand-in"} <= set(installed)
+    assert "nvidia-cuda-stand-in" not in installed
 
 
 @pytest.mark.slow
