@@ -146,7 +146,7 @@ def test_schema_rejects_what_greengrass_or_we_would_not_accept() -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     recipe = recipe_for()
     numeric = json.loads(json.dumps(recipe))
-    numeric["ComponentConfiguration"]["DefaultConfiguration"]["pollSeconds"] = 10.0
+    numeric["ComponentConfiguration"]["DefaultConfiguration"]["dataDir"] = 10.0
     reserved = {**recipe, "ComponentName": "aws.greengrass.EdgeClient"}
     no_tes = {**recipe, "ComponentDependencies": {}}
     for bad in (numeric, reserved, no_tes):
