@@ -117,11 +117,13 @@ def test_device_role_alias_and_invoke_permissions_exist(deployment: Deployment):
     role_name = deployment.outputs["TokenExchangeRoleName"]
     role_arn = deployment.aws.client("iam").get_role(RoleName=role_name)["Role"]["Arn"]
     iot = deployment.aws.client("iot")
-    aliases = [
-        iot.describe_role_alias(roleAlias=alias)["roleAliasDescription"]
-        for alias in iot.list_role_aliases()["roleAliases"]
+    # (One emulator per process: other tests' stacks may be there too.)
+    ours = [
+        a for a in iot.list_role_aliases()["roleAliases"] if a.startswith(deployment.stack_name)
     ]
-    assert [a["roleArn"] for a in aliases] == [role_arn]
+    assert ours == [deployment.outputs["TokenExchangeRoleAliasName"]]
+    (alias,) = ours
+    assert iot.describe_role_alias(roleAlias=alias)["roleAliasDescription"]["roleArn"] == role_arn
     policy = deployment.aws.client("lambda").get_policy(
         FunctionName=deployment.outputs["AveragerFunctionName"]
     )
