@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfl.config import IMPORT_PATH, ConfigError, FederationConfig
+from sfl.recipes import CONFIGURATION_KEYS
 
 CONTEXT_KEY = "sfl_infra"
 FEDERATION_CONTEXT_KEY = "sfl"
@@ -46,6 +47,8 @@ def _spec(check: tuple[Callable[[Any], bool], str], doc: str) -> dict[str, Any]:
 
 
 _ANY_BOOL = (lambda v: True, "true or false")
+# What a deployment may set on devices: their own settings, never the stack's.
+_DEVICE_KEYS = frozenset(k.key for k in CONFIGURATION_KEYS)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,18 @@ class InfraConfig:
             "subscribe this address to the alarm topic (it must confirm); '' subscribes no one",
         ),
     )
+    device_configuration: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_spec(
+            (
+                lambda v: all(k in _DEVICE_KEYS and isinstance(x, str) for k, x in v.items()),
+                "a JSON object of device-owned component settings, string values, keys from: "
+                + ", ".join(sorted(_DEVICE_KEYS)),
+            ),
+            "merged into every device's component configuration by the stack's deployment "
+            '(e.g. {"dataDir": "/mnt/fl-data"})',
+        ),
+    )
     component_name: str = field(
         default="",
         metadata=_spec(
@@ -135,7 +150,7 @@ class InfraConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            expected = {"str": str, "int": int, "bool": bool}[str(f.type)]
+            expected = {"str": str, "int": int, "bool": bool, "dict[str, str]": dict}[str(f.type)]
             # bool is an int subclass: a flag must be a real bool, a number never a bool.
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(
@@ -235,7 +250,8 @@ def _mapping(raw: Any, key: str) -> Mapping[str, Any]:
 
 def describe() -> list[tuple[str, str, str, str]]:
     """(key, default, allowed, meaning) for every infra key, for docs."""
+    defaults = InfraConfig()
     return [
-        (f.name, repr(f.default), f.metadata["allowed"], f.metadata["doc"])
+        (f.name, repr(getattr(defaults, f.name)), f.metadata["allowed"], f.metadata["doc"])
         for f in dataclasses.fields(InfraConfig)
     ]

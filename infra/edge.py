@@ -17,6 +17,7 @@ looks for it, and creates and attaches one if it is missing) and the IoT policy
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class FederationEdge(Construct):
         federation: FederationConfig,
         resource_names: ResourceNames,
         source_root: Path,
+        device_configuration: Mapping[str, str] | None = None,
         credential_duration_seconds: int = 3_600,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -138,7 +140,7 @@ class FederationEdge(Construct):
         self.component = greengrassv2.CfnComponentVersion(
             self, "EdgeClientComponent", inline_recipe=stack.to_json_string(self.recipe)
         )
-        self.deployment = self._deployment()
+        self.deployment = self._deployment(dict(device_configuration or {}))
 
     def _nucleus_policy(self, artifact_key: str) -> iam.ManagedPolicy:
         """What the nucleus itself needs to fetch the component's artifact with the device's
@@ -235,7 +237,7 @@ class FederationEdge(Construct):
             policy_document=document,
         )
 
-    def _deployment(self) -> greengrassv2.CfnDeployment:
+    def _deployment(self, device_configuration: dict[str, str]) -> greengrassv2.CfnDeployment:
         """The thing group's one deployment: this stack's component version.
 
         A new version replaces the resource (ComponentVersion is a replacement property):
@@ -243,7 +245,8 @@ class FederationEdge(Construct):
         and only in its clean-up phase deletes the old deployment and then the old version,
         so the live deployment never points at a deleted version. Devices take the update
         one small batch at a time, roll back to what they ran on failure, and the rollout
-        stops when too many fail.
+        stops when too many fail. ``device_configuration`` (device-owned keys only) is merged
+        into every device's running configuration.
         """
         deployment = greengrassv2.CfnDeployment
         return deployment(
@@ -253,7 +256,12 @@ class FederationEdge(Construct):
             deployment_name=Fn.join("", [self.component_name, " ", self.component_version]),
             components={
                 self.component_name: deployment.ComponentDeploymentSpecificationProperty(
-                    component_version=self.component.attr_component_version
+                    component_version=self.component.attr_component_version,
+                    configuration_update=deployment.ComponentConfigurationUpdateProperty(
+                        merge=json.dumps(device_configuration, sort_keys=True)
+                    )
+                    if device_configuration
+                    else None,
                 )
             },
             deployment_policies=deployment.DeploymentPoliciesProperty(

@@ -123,6 +123,7 @@ class FederationStack(Stack):
             federation=config.federation,
             resource_names=self.resource_names,
             source_root=source_root,
+            device_configuration=infra.device_configuration,
         )
 
         self._grant_initiator()

@@ -291,6 +291,31 @@ def test_the_stack_deploys_its_component_version_to_its_thing_group(synthesized)
     assert timeout_minutes * 60 > 2 * recipes.INSTALL_TIMEOUT_SECONDS
 
 
+def test_the_deployment_merges_the_configured_device_settings_only_when_asked(edge):
+    _, template = edge
+    (deployment,) = template.find_resources("AWS::GreengrassV2::Deployment").values()
+    ((_, spec),) = deployment["Properties"]["Components"].items()
+    assert "ConfigurationUpdate" not in spec  # devices keep their own settings by default
+
+    stack = bare_app_stack()
+    FederationEdge(
+        stack,
+        "Edge",
+        component_name="com.example.sfl.EdgeClient",
+        federation=FederationConfig(),
+        resource_names=NAMES,
+        source_root=REPO_ROOT,
+        device_configuration={"dataDir": "/mnt/fl-data"},
+    )
+    (deployment,) = (
+        assertions.Template.from_stack(stack)
+        .find_resources("AWS::GreengrassV2::Deployment")
+        .values()
+    )
+    ((_, spec),) = deployment["Properties"]["Components"].items()
+    assert json.loads(spec["ConfigurationUpdate"]["Merge"]) == {"dataDir": "/mnt/fl-data"}
+
+
 def test_component_version_changes_when_a_referenced_table_would_be_replaced(monkeypatch):
     """A replaced table gets a new generated name: the recipe's configuration then differs,
     so the version must too, or CloudFormation's create-then-delete collides on it."""

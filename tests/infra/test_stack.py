@@ -264,6 +264,13 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
         ("sfl", {"lr": -1}, r"'lr'.*-1.*allowed"),
         ("sfl", {"selection": "nobody"}, r"'selection'.*'nobody'.*fast_clients"),
         ("sfl", "not json", r"context 'sfl'.*not a JSON object"),
+        # A deployment sets device-owned settings only; the stack's own travel in the recipe.
+        (
+            "sfl_infra",
+            {"device_configuration": {"modelsBucket": "elsewhere"}},
+            r"device_configuration.*'modelsBucket'.*device-owned component settings",
+        ),
+        ("sfl_infra", {"device_configuration": "dataDir=/x"}, r"device_configuration.*not a dict"),
         # Plug-ins by import path: no part of a deployed stack would contain them.
         ("sfl", {"task": "my_tasks.cifar:Task"}, r"sfl.task: 'my_tasks.cifar:Task' is an import"),
         ("sfl", {"selection": "mine.pick:fastest"}, r"sfl.selection: .* cannot run"),
