@@ -178,9 +178,11 @@ class FederationEdge(Construct):
             "Statement": [
                 {
                     "Effect": "Allow",
-                    # The nucleus connects as '<thing>' and, for more connections, '<thing>#2'...
+                    # Exactly its own thing name: AWS's example's trailing '*' (for the extra
+                    # '<thing>#2' connections past 50 subscriptions, which this component never
+                    # needs) would let 'dev-1' connect as 'dev-10' and drop that device.
                     "Action": "iot:Connect",
-                    "Resource": f"{arn}:client/{IOT_THING_VARIABLE}*",
+                    "Resource": f"{arn}:client/{IOT_THING_VARIABLE}",
                 },
                 {
                     "Effect": "Allow",
@@ -207,7 +209,7 @@ class FederationEdge(Construct):
                         "iot:UpdateThingShadow",
                         "iot:DeleteThingShadow",
                     ],
-                    "Resource": f"{arn}:thing/{IOT_THING_VARIABLE}*",
+                    "Resource": f"{arn}:thing/{IOT_THING_VARIABLE}",
                 },
                 {
                     "Effect": "Allow",

@@ -249,7 +249,9 @@ def test_core_device_iot_policy_allows_the_role_alias_and_the_device_s_own_topic
     ]
     arn = "arn:<Ref:AWS::Partition>:iot:<Ref:AWS::Region>:<Ref:AWS::AccountId>"
     thing = "${iot:Connection.Thing.ThingName}"
-    assert grants["iot:Connect"] == [f"{arn}:client/{thing}*"]
+    # Its own client ID and shadow exactly: a prefix match would let 'dev-1' act as 'dev-10'.
+    assert grants["iot:Connect"] == [f"{arn}:client/{thing}"]
+    assert grants["iot:GetThingShadow"] == [f"{arn}:thing/{thing}"]
     assert grants["iot:Subscribe"] == [
         f"{arn}:topicfilter/$aws/things/{thing}/jobs/*",
         f"{arn}:topicfilter/$aws/things/{thing}/shadow/*",
