@@ -1,4 +1,6 @@
-"""The synthesized template deploys into the local emulator, and a round runs on what it made.
+"""A deploy rehearsal: the synthesized template deploys into the local emulator, a round runs
+on what it made, the Greengrass installer provisions a device against it, and destroying the
+stack afterwards leaves nothing behind.
 
 moto's CloudFormation creates the stack from the template exactly as synthesized, after the
 bootstrap a real account would have (the version parameter, the asset bucket with the zipped
@@ -10,12 +12,16 @@ own data, and says so:
   the test applies the notification configuration from the custom resource's properties and
   makes the bootstrap call from its ``Create`` request.
 - moto has no CloudFormation model for some types (listed in ``NOT_EMULATED``); it skips
-  them. The component's default configuration is read from the template instead.
+  them. The component's recipe and the Greengrass deployment are read from the template; the
+  thing group is created from it as CloudFormation would.
+- moto's stack deletion cannot delete IoT resources or managed policies: ``destroy`` deletes
+  resource by resource as CloudFormation does, and fails where it would.
 - moto does not run Lambda code, fire schedules or deliver S3 events: the test invokes the
   handlers with the deployed functions' environment, the schedule rule's target input, and
   S3 event records for the keys the deployed notification filter matches.
 
-So the round proves that code and template agree on names, keys and event wiring.
+So the round proves that code and template agree on names, keys and event wiring, and the
+installer and destroy prove the stack owns what a device's installation would otherwise leave.
 """
 
 from __future__ import annotations
