@@ -46,7 +46,12 @@ INSTALLER_CERTIFICATE_POLICY_PREFIX = "GreengrassTESCertificatePolicy"
 # generated name; the component version digest covers them (see _replacement_identity).
 _REPLACING_PROPERTIES = {
     "AWS::S3::Bucket": ("bucketName", "objectLockEnabled"),
-    "AWS::DynamoDB::Table": ("tableName", "keySchema", "localSecondaryIndexes"),
+    "AWS::DynamoDB::Table": (
+        "tableName",
+        "keySchema",
+        "attributeDefinitions",
+        "localSecondaryIndexes",
+    ),
 }
 
 
