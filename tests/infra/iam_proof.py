@@ -144,6 +144,8 @@ def requests_for(call: Call, account: Account) -> list[Request]:
 
 def _s3_object(call: Call, action: str) -> list[Request]:
     bucket, key = call.params["Bucket"], call.params["Key"]
+    if action == "s3:GetObject" and "VersionId" in call.params:
+        action = "s3:GetObjectVersion"  # reading a given version is its own action
     context: dict[str, tuple[str, ...]] = {}
     if action == "s3:PutObject" and "IfNoneMatch" in call.params:
         context["s3:if-none-match"] = (str(call.params["IfNoneMatch"]),)
@@ -211,7 +213,10 @@ def _dynamodb_table(action: str) -> Any:
         context: dict[str, tuple[str, ...]] = {}
         if "Select" in call.params:
             context["dynamodb:Select"] = (str(call.params["Select"]),)
-        return [Request(action, _table_arn(call.params["TableName"], account), context)]
+        resource = _table_arn(call.params["TableName"], account)
+        if "IndexName" in call.params:
+            resource += f"/index/{call.params['IndexName']}"  # an index is its own resource
+        return [Request(action, resource, context)]
 
     return mapper
 

@@ -120,3 +120,14 @@ def test_an_unused_grant_is_reported():
     )
     used = [(Request("s3:GetObject", "arn:aws:s3:::b/k"), {})]
     assert [g.action for g in two.unused(used)] == ["s3:PutObject"]
+
+
+def test_versions_and_indexes_are_resources_of_their_own():
+    (version,) = requests_for(
+        call("s3", "GetObject", {"Bucket": "b", "Key": "k", "VersionId": "v1"}), ACCOUNT
+    )
+    assert version.action == "s3:GetObjectVersion"
+    (query,) = requests_for(
+        call("dynamodb", "Query", {"TableName": "clients", "IndexName": "by_seen"}), ACCOUNT
+    )
+    assert query.resource == f"{TABLE}/index/by_seen"
