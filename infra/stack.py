@@ -248,6 +248,7 @@ class FederationStack(Stack):
         _allow(role, ["s3:ListBucket"], [updates.bucket_arn])
         _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")])
         # New model versions only, each written once: S3 refuses the write if the key exists.
+        # (A single-part PutObject: multipart uploads' parts carry no If-None-Match.)
         _allow(
             role,
             ["s3:PutObject"],
