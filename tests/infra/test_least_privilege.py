@@ -2,9 +2,10 @@
 
 The stack is deployed into the local emulator and the real code paths run on it: the
 initiator handler (before and after model version 0 exists, with and without an open
-round), the averager handler (the deploy-time bootstrap, S3 events of uploads, a watchdog
-tick that finds an upload whose event was lost), and edge clients (heartbeat, polling
-before any round, answering rounds). Besides our code, the platform acts with these roles
+round), the averager handler (the deploy-time bootstrap, S3 events of good, broken and
+unasked-for uploads, a watchdog tick that finds an upload whose event was lost, and one
+past the round's deadlines), and edge clients (heartbeat, polling before any round,
+answering rounds). Besides our code, the platform acts with these roles
 too, and the test plays those calls as the platform makes them: the Lambda service writes a
 function's logs and sends its failed asynchronous events to the on-failure queue, and the
 Greengrass nucleus downloads the component's artifact (GetBucketLocation, then GetObject,
@@ -162,6 +163,24 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
     upload(CLIENTS[0], 2)
     time.sleep(0.01)
     tick("averager")
+    # A broken upload from the other device, and one from a device nobody picked: both are
+    # judged and rejected (the device role could never write the second; the test can).
+    updates = outputs["UpdatesBucketName"]
+    for client_id in (CLIENTS[1], "device-unpicked"):
+        key = layout.update_key(client_id, 2)
+        put = s3.put_object(Bucket=updates, Key=key, Body=b"not a safetensors file")
+        invoke("averager", s3_event(aws.region, updates, key, 22, put["ETag"]))
+    # Time passes: the round's deadlines are over, and the watchdog closes or abandons it.
+    rounds_table = outputs["RoundsTableName"]
+    experiment = functions["averager"][1]["SFL_EXPERIMENT"]
+    aws.client("dynamodb").update_item(
+        TableName=rounds_table,
+        Key={"experiment": {"S": experiment}, "round": {"N": "2"}},
+        UpdateExpression="SET deadline_at = :past, soft_deadline_at = :past",
+        ExpressionAttributeValues={":past": {"N": str(time.time() - 1)}},
+    )
+    assert tick("averager")["status"] in {"CLOSED", "ABANDONED"}
+    assert tick("initiator")["round"] == 3
 
 
 def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
