@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from stack_template import (
+    REPO_ROOT,
     actions_of,
     arn_of,
     cdk_context,
@@ -354,3 +355,15 @@ def test_every_alarm_notifies_the_ssl_only_topic_when_it_fires_and_clears(synthe
     )
     outputs = synthesized.template_json["Outputs"]
     assert outputs["AlarmTopicArn"]["Value"] == topic
+
+
+def test_the_deploy_guide_documents_every_stack_key_and_output(synthesized):
+    """docs/deploy.md is where an operator looks: every sfl_infra key and every output."""
+    import dataclasses
+    import re
+
+    guide = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", guide, flags=re.MULTILINE))
+    assert {f.name for f in dataclasses.fields(InfraConfig)} <= rows
+    documented = set(re.findall(r"`([A-Z][A-Za-z]+)`", guide))
+    assert set(synthesized.template_json["Outputs"]) <= documented
