@@ -9,7 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sfl.config import BUILTIN_TASKS, SELECTION_STRATEGIES, describe
+from sfl.config import BUILTIN_TASKS, SELECTION_STRATEGIES, ConfigError, describe
+from sfl.local.attacks import ATTACKS
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE (keys: see 'sfl config')")
+    return key.strip(), value.strip()
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -35,6 +43,9 @@ def _simulate(args: argparse.Namespace) -> int:
         straggler_rate=args.straggler_rate,
         slow_clients=args.slow_clients,
         averager_crash=args.averager_crash,
+        attackers=args.attackers,
+        attack=args.attack,
+        config_overrides=tuple(_key_value(item) for item in args.set),
         soft_deadline_seconds=args.soft_deadline,
         round_timeout_seconds=args.deadline,
     )
@@ -167,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     faults.add_argument(
         "--averager-crash", action="store_true", help="the averager dies mid-aggregation once"
+    )
+    hostile = sim.add_argument_group("hostile devices")
+    hostile.add_argument(
+        "--attackers", type=int, default=0, help="how many clients are hostile (the first K)"
+    )
+    hostile.add_argument(
+        "--attack", default="scale", choices=ATTACKS, help="what the hostile clients send"
+    )
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a configuration key (see 'sfl config'), e.g. --set norm_bound_factor=0",
     )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
     sim.set_defaults(func=_simulate)

@@ -240,6 +240,19 @@ class FederationConfig:
     def replace(self, **changes: Any) -> FederationConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_overrides(
+        self, values: Mapping[str, str], *, source: str = "--set"
+    ) -> FederationConfig:
+        """This config with some keys given as text (``KEY=VALUE`` on a command line)."""
+        known = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return self.replace(**{k: _parse(known[k], v) for k, v in values.items()})
+
 
 def _field_type(f: dataclasses.Field[Any]) -> type:
     return {"str": str, "int": int, "float": float}[str(f.type)]

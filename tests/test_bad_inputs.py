@@ -8,6 +8,7 @@ closes; the new global model is exactly the honest client's update.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import struct
@@ -86,12 +87,43 @@ def _header_json(header: bytes) -> bytes:
     return struct.pack("<Q", len(header)) + header
 
 
+def _honest_header_with(edit: Callable[[str], str]) -> bytes:
+    """The honest update with its header JSON text edited (the tensor bytes unchanged)."""
+    honest = _encode(HONEST)
+    length = codec.header_length(honest)
+    text = honest[8 : 8 + length].decode()
+    edited = edit(text).encode()
+    return _header_json(edited) + honest[8 + length :]
+
+
+def _oversized_header() -> bytes:
+    """A header just over the base model's plus the metadata allowance, in a file no larger
+    than an update may be (its tensor bytes left out): refused before its JSON is parsed."""
+    base = codec.encode_model(TINY_MODEL, version=0)
+    target = codec.header_length(base) + codec.METADATA_ALLOWANCE_BYTES + 10
+    skeleton = '{"__metadata__": {"padding": ""}}'
+    text = skeleton.replace('""', '"' + "x" * (target - len(skeleton)) + '"')
+    return _header_json(text.encode())
+
+
+def _entry_edit(field: str, value: str) -> Callable[[str], str]:
+    """Replace one field of tensor ``w``'s entry with raw JSON ``value``."""
+
+    def edit(text: str) -> str:
+        header = json.loads(text)
+        header["w"][field] = "@@"
+        return json.dumps(header).replace('"@@"', value)
+
+    return edit
+
+
 @dataclass(frozen=True)
 class Case:
     reason: str
     upload: Callable[[Stack], dict[str, Any]]
     selected: tuple[str, ...] = ("honest", "victim")
     recorded: str = "answer"  # answer | other | log
+    max_update_bytes: int = 4096
 
 
 NAN = {"w": torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), "b": torch.zeros(2)}
@@ -157,6 +189,44 @@ CASES = {
         recorded="log",
     ),
     "a unicode key": Case("malformed_key", _unicode_key, ("honest",), recorded="log"),
+    # Headers that crashed the averager (issue 8): each a rejection now.
+    "a dtype that is a JSON list": Case(
+        "not_safetensors", _victim(_honest_header_with(_entry_edit("dtype", '["F32"]')))
+    ),
+    "a dtype that is a JSON object": Case(
+        "not_safetensors", _victim(_honest_header_with(_entry_edit("dtype", '{"F32": 4}')))
+    ),
+    "Infinity in a shape": Case(
+        "not_safetensors", _victim(_honest_header_with(_entry_edit("shape", "[Infinity, 2]")))
+    ),
+    "a 5,000-digit integer in data_offsets": Case(
+        "not_safetensors",
+        _victim(_honest_header_with(_entry_edit("data_offsets", f"[0, {'9' * 5000}]"))),
+        max_update_bytes=1 << 20,
+    ),
+    "a deeply nested header": Case(
+        "not_safetensors",
+        _victim(_honest_header_with(_entry_edit("shape", "[" * 5000 + "]" * 5000))),
+        max_update_bytes=1 << 20,
+    ),
+    "a header far larger than the base model's": Case(
+        "header_too_large", _victim(_oversized_header()), max_update_bytes=1 << 20
+    ),
+    # Metadata DynamoDB cannot store (crashed the averager, or close() after aggregation).
+    "a loss of 1e300": Case(
+        "metadata_malformed", _victim(_encode(HONEST, _meta(metrics={"loss": 1e300})))
+    ),
+    "bytes_down of 1e40": Case(
+        "metadata_malformed", _victim(_encode(HONEST, {**_meta(), "bytes_down": str(10**40)}))
+    ),
+    "upload_started_at of -inf": Case(
+        "metadata_malformed", _victim(_encode(HONEST, {**_meta(), "upload_started_at": "-inf"}))
+    ),
+    "a hundred metrics": Case(
+        "metadata_malformed",
+        _victim(_encode(HONEST, _meta(metrics={f"m{i}": 1.0 for i in range(100)}))),
+    ),
+    "the base model unchanged (a free rider)": Case("no_change", _victim(_encode(TINY_MODEL))),
     "a key outside the bucket layout": Case("malformed_key", _outside_layout, ("honest",), "log"),
 }
 
@@ -165,7 +235,9 @@ CASES = {
 def test_bad_input_is_rejected_recorded_and_the_round_closes_on_the_honest_update(
     stack: Stack, case: Case, caplog: pytest.LogCaptureFixture
 ) -> None:
-    stack.config = stack.config.replace(max_update_bytes=4096, max_num_examples=100_000)
+    stack.config = stack.config.replace(
+        max_update_bytes=case.max_update_bytes, max_num_examples=100_000
+    )
     with lambda_environment(stack.env()):
         stack.put_model(0, TINY_MODEL)
         stack.register(*case.selected)

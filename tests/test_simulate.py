@@ -112,3 +112,27 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     for fault in faults:  # whoever crashed or straggled did not count for that round
         row = next(r for r in rounds if any(f is fault for f in r["faults"]))
         assert fault["client_id"] not in row["accepted"]
+
+
+@pytest.mark.slow
+def test_a_hostile_edge_client_does_not_stop_or_decide_the_federation(tmp_path: Path) -> None:
+    """One of five clients is a real EdgeClient that uploads its change x1000 (issue 8: it
+    held test accuracy at 0.10 for good). Every round still closes on every client's update,
+    the attacker's is clipped each time, and the model learns from the honest four."""
+    out = tmp_path / "hostile"
+    args = ["--clients", "5", "--rounds", "4", "--attackers", "1", "--attack", "scale"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    history = json.loads((out / "history.json").read_text())
+    (attacker,) = history["attackers"]
+    rounds = history["rounds"]
+    assert all(r["status"] == "CLOSED" for r in rounds)
+    assert all(r["clipped"] == [attacker] for r in rounds)
+    assert rounds[-1]["accuracy"] > history["initial_accuracy"] + 0.3

@@ -22,6 +22,7 @@ from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl import codec, layout
 from sfl.config import FederationConfig
+from sfl.local.attacks import HostileTask
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, lambda_environment, provision
 from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
@@ -64,6 +65,9 @@ class SimulationOptions:
     straggler_rate: float = 0.0
     slow_clients: float = 0.0
     averager_crash: bool = False
+    attackers: int = 0
+    attack: str = "scale"
+    config_overrides: tuple[tuple[str, str], ...] = ()
 
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
@@ -80,7 +84,7 @@ class SimulationOptions:
             round_deadline_seconds=self.round_timeout_seconds,
             aggregation_lease_seconds=self.lease_seconds,
             aggregation="sfl.local.faults:CrashOnceFedAvg" if self.averager_crash else "fedavg",
-        )
+        ).with_overrides(dict(self.config_overrides))
 
     def fault_plan(self) -> FaultPlan:
         return FaultPlan(
@@ -183,6 +187,8 @@ def _run(
     faults = FaultLog()
     slowdowns: dict[str, float] = {}
     threads = []
+    attackers = set(client_ids[: options.attackers])
+    hostile = HostileTask(task, options.attack) if attackers else None
     for cid in client_ids:
         settings = ClientSettings(
             client_id=cid,
@@ -199,7 +205,14 @@ def _run(
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
         thread = threading.Thread(
             target=_run_client,
-            args=(settings, aws, task, stop, hooks, config.round_deadline_seconds),
+            args=(
+                settings,
+                aws,
+                hostile if hostile is not None and cid in attackers else task,
+                stop,
+                hooks,
+                config.round_deadline_seconds,
+            ),
             name=cid,
             daemon=True,
         )
@@ -252,6 +265,7 @@ def _run(
         "tick_failures": averager.scheduled_failures,
         "events_dropped": sorted(dispatcher.dropped),
         "client_slowdowns": slowdowns,
+        "attackers": sorted(attackers),
         "model_writes": _model_writes(control, names.models_bucket),
         "rounds": rows,
     }
@@ -410,4 +424,6 @@ def history_row(r: Round) -> dict[str, Any]:
         "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
         "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
         "aggregation_attempts": r.aggregation_attempts,
+        "clipped": list(summary.get("clipped", [])),
+        "rejection_counts": dict(r.rejection_counts),
     }

@@ -46,14 +46,15 @@ def clip_scale(norm: float, bound: float) -> float:
 def clip_to_bound(
     update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], scale: float
 ) -> dict[str, torch.Tensor]:
-    """``base + scale * (update - base)`` for float tensors, in float64; others unchanged."""
+    """``base + scale * (update - base)`` for float tensors (computed in float64, returned in
+    the update's dtype, which the aggregate keeps); other tensors unchanged."""
     if scale >= 1.0:
         return dict(update)
     out: dict[str, torch.Tensor] = {}
     for name, t in update.items():
         if t.dtype.is_floating_point:
             start = base[name].to(torch.float64)
-            out[name] = start + scale * (t.to(torch.float64) - start)
+            out[name] = (start + scale * (t.to(torch.float64) - start)).to(t.dtype)
         else:
             out[name] = t
     return out
