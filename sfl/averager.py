@@ -398,11 +398,8 @@ class Averager:
                 obj = self.aws.s3.get_object(
                     Bucket=self.names.updates_bucket, Key=answer.key, IfMatch=answer.etag
                 )
-                tensors = decode(obj["Body"].read())
                 scale = clip_scale(answer.delta_norm, bound)
-                if scale < 1.0:
-                    clipped.append(client)
-                aggregator.add(clip_to_bound(tensors, base, scale), weights[client])
+                tensors = clip_to_bound(decode(obj["Body"].read()), base, scale)
             except ClientError as e:
                 if is_not_found(e) or error_code(e) in {"PreconditionFailed", "412"}:
                     excluded[client] = "update changed or vanished after it was accepted"
@@ -412,6 +409,10 @@ class Averager:
                 logger.exception("update left out of the aggregation", extra={"client_id": client})
                 excluded[client] = f"error: {type(e).__name__}"[:200]
                 continue
+            # Outside the per-object guard: a failing aggregation is the lease's business.
+            aggregator.add(tensors, weights[client])
+            if scale < 1.0:
+                clipped.append(client)
             used.append((client, answer))
             del tensors
         result = aggregator.result()
