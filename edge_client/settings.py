@@ -27,9 +27,6 @@ class ClientSettings:
     poll_seconds: float = _DEFAULTS.poll_seconds
     heartbeat_seconds: float = _DEFAULTS.heartbeat_seconds
     active_window_seconds: float = _DEFAULTS.active_window_seconds
-    # Unused on the device since the server measures turnaround; still accepted so older
-    # recipes (SFL_EWMA_B) and callers keep working.
-    ewma_b: float = _DEFAULTS.ewma_b
     max_backoff_seconds: float = 300.0
     max_rounds: int | None = None  # stop after answering this many rounds (tests, demos)
 
@@ -61,7 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="the federation's active window; sets how long the registry keeps this client",
     )
-    p.add_argument("--ewma-b", type=float, help=argparse.SUPPRESS)  # unused; see ClientSettings
     p.add_argument("--max-rounds", type=int)
     return p
 
@@ -118,6 +114,5 @@ def parse_settings(
             "SFL_ACTIVE_WINDOW_SECONDS",
             _DEFAULTS.active_window_seconds,
         ),
-        ewma_b=number(args.ewma_b, "SFL_EWMA_B", _DEFAULTS.ewma_b),
         max_rounds=args.max_rounds,
     )

@@ -200,7 +200,6 @@ def _run(
             poll_seconds=options.poll_seconds,
             heartbeat_seconds=config.heartbeat_seconds,
             active_window_seconds=config.active_window_seconds,
-            ewma_b=config.ewma_b,
         )
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
         thread = threading.Thread(
