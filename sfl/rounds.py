@@ -483,28 +483,14 @@ class RoundStore:
     def abandon_stuck(self, experiment: str, number: int, reason: str, now: float) -> bool:
         """AGGREGATING -> ABANDONED when the last lease expired and no more attempts are
         allowed (every attempt crashed or timed out); one caller wins."""
-        try:
-            self._ddb.update_item(
-                TableName=self._table,
-                Key=self._key(experiment, number),
-                UpdateExpression=(
-                    "SET #s = :abandoned, abandon_reason = :reason, finished_at = :now "
-                    "REMOVE lease_owner, lease_expires_at"
-                ),
-                ConditionExpression="#s = :aggregating AND lease_expires_at < :now",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={
-                    ":abandoned": {"S": RoundState.ABANDONED.value},
-                    ":aggregating": {"S": RoundState.AGGREGATING.value},
-                    ":reason": {"S": reason},
-                    ":now": serialize(now),
-                },
-            )
-        except ClientError as e:
-            if error_code(e) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+        return self._abandon(
+            experiment,
+            number,
+            reason,
+            now,
+            "#s = :aggregating AND lease_expires_at < :now",
+            {":aggregating": {"S": RoundState.AGGREGATING.value}},
+        )
 
     def abandon(
         self, experiment: str, number: int, reason: str, now: float, owner: str | None = None
@@ -520,6 +506,17 @@ class RoundStore:
                 ":aggregating": {"S": RoundState.AGGREGATING.value},
                 ":owner": {"S": owner},
             }
+        return self._abandon(experiment, number, reason, now, condition, values)
+
+    def _abandon(
+        self,
+        experiment: str,
+        number: int,
+        reason: str,
+        now: float,
+        condition: str,
+        values: Mapping[str, Any],
+    ) -> bool:
         try:
             self._ddb.update_item(
                 TableName=self._table,

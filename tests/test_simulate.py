@@ -12,28 +12,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_small_simulation_learns_and_writes_history_and_plot(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``sfl simulate ARGS --out OUT`` in a process of its own; it must exit 0."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sfl.cli",
-            "simulate",
-            "--clients",
-            "4",
-            "--rounds",
-            "3",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.mark.slow
+def test_small_simulation_learns_and_writes_history_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _simulate(out, "--clients", "4", "--rounds", "3")
 
     history = json.loads((out / "history.json").read_text())
     rounds = history["rounds"]
@@ -67,19 +62,12 @@ def test_simulation_with_every_fault_ends_every_round_and_writes_each_version_on
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "faults"
-    args = [
+    _simulate(
+        out,
         *("--clients", "8", "--rounds", "5", "--soft-deadline", "3", "--deadline", "6"),
         *("--crash-rate", "0.2", "--straggler-rate", "0.1", "--slow-clients", "0.5"),
         *("--duplicate-deliveries", "2", "--drop-events", "0.3", "--averager-crash"),
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr
 
     history = json.loads((out / "history.json").read_text())
     rounds = history["rounds"]
@@ -121,14 +109,7 @@ def test_a_hostile_edge_client_does_not_stop_or_decide_the_federation(tmp_path: 
     the attacker's is clipped each time, and the model learns from the honest four."""
     out = tmp_path / "hostile"
     args = ["--clients", "5", "--rounds", "4", "--attackers", "1", "--attack", "scale"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    _simulate(out, *args)
 
     history = json.loads((out / "history.json").read_text())
     (attacker,) = history["attackers"]
