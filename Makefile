@@ -14,13 +14,14 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
 	@echo "make test     set up .venv + dev tools, then lint, type-check and run every test"
 	@echo "make fast     the tests not marked slow (during development)"
 	@echo "make bench    measure the simulation (accuracy, time, overhead) into benchmarks/results/"
+	@echo "make bench-hostile  one attacker of five vs the default bounds, into benchmarks/results/"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
@@ -70,6 +71,9 @@ fast: $(VENV)/.dev
 
 bench: setup
 	$(PY) benchmarks/simulate.py
+
+bench-hostile: setup
+	$(PY) benchmarks/hostile.py --seeds 0 1 2
 
 synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet
