@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from sfl import layout
 from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
-from sfl.aws import AwsClients, error_code, is_not_found
+from sfl.aws import AwsClients, error_code, is_not_found, is_transient
 from sfl.codec import Header, decode, encode_model, header_length, parse_header
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
@@ -42,6 +42,8 @@ _BASE_MODEL: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 # An aggregation that failed this many times (crash, timeout) is not retried: the round is
 # abandoned and the next one starts from the same model.
 MAX_AGGREGATION_ATTEMPTS = 3
+# How far S3's clock (event times) and the functions' clocks may disagree.
+CLOCK_TOLERANCE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,16 @@ class Averager:
                 round_, event, client, "round_not_open", f"round is {round_.status}"
             )
         arrived_at = _arrival(event, self.clock())
+        if arrived_at < round_.created_at - CLOCK_TOLERANCE_SECONDS:
+            # Keys are predictable: an object stored before its round existed was not trained
+            # from the round's model, and would claim a turnaround of zero.
+            return self._reject_other(
+                round_,
+                event,
+                client,
+                "before_round",
+                f"stored {round_.created_at - arrived_at:.1f} s before the round started",
+            )
         if arrived_at > round_.deadline_at:
             # Still OPEN only because no tick has ended it yet: when S3 stored the update,
             # not when it is processed (a retried or recovered event comes later), decides.
@@ -203,7 +215,11 @@ class Averager:
             except ClientError as e:
                 if is_not_found(e):
                     return None
-                raise
+                if is_transient(e):
+                    raise
+                # The device chose how its object is stored (an archive storage class, a
+                # customer key): what we cannot read is its rejection, not our retry.
+                raise UpdateRejected("unreadable", f"S3 says {error_code(e)}") from e
             common["etag"] = _etag(obj["ETag"])
             common["size"] = int(obj["ContentLength"])
             check_size(common["size"], expected.size_limit)
@@ -388,6 +404,7 @@ class Averager:
             [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
             factor=self.config.norm_bound_factor,
             absolute=self.config.max_update_norm,
+            fallback=round_.norm_bound_hint,
         )
         base = self.base_model(round_.base_version)
         excluded: dict[str, str] = {}
@@ -401,10 +418,13 @@ class Averager:
                 scale = clip_scale(answer.delta_norm, bound)
                 tensors = clip_to_bound(decode(obj["Body"].read()), base, scale)
             except ClientError as e:
+                if is_transient(e):
+                    raise
                 if is_not_found(e) or error_code(e) in {"PreconditionFailed", "412"}:
                     excluded[client] = "update changed or vanished after it was accepted"
-                    continue
-                raise
+                else:  # e.g. overwritten into an archive storage class after acceptance
+                    excluded[client] = f"unreadable: {error_code(e)}"[:200]
+                continue
             except Exception as e:  # e.g. a file that decoded at acceptance and not now
                 logger.exception("update left out of the aggregation", extra={"client_id": client})
                 excluded[client] = f"error: {type(e).__name__}"[:200]
@@ -430,8 +450,8 @@ class Averager:
             "participants": len(used),
             "num_examples": total_examples,
             "weight": sum(weights[c] for c, _ in used),
-            "client_loss": _weighted(used, "loss"),
-            "client_accuracy": _weighted(used, "accuracy"),
+            "client_loss": _weighted(used, weights, "loss", 0.0, 1e6),
+            "client_accuracy": _weighted(used, weights, "accuracy", 0.0, 1.0),
             "aggregate_seconds": finished - started,
             "model_bytes": len(body),
             "bytes_up": sum(a.size for a in round_.answers.values()),
@@ -577,10 +597,16 @@ def _arrival(event: UpdateEvent, now: float) -> float:
     return min(event.uploaded_at, now) if event.uploaded_at is not None else now
 
 
-def _weighted(used: list[tuple[str, Answer]], metric: str) -> float | None:
-    pairs = [(a.num_examples, a.metrics[metric]) for _, a in used if metric in a.metrics]
-    total = sum(n for n, _ in pairs)
-    return sum(n * v for n, v in pairs) / total if total else None
+def _weighted(
+    used: list[tuple[str, Answer]], weights: dict[str, float], metric: str, lo: float, hi: float
+) -> float | None:
+    """A client-reported metric averaged with the clients' bounded weights, each value
+    clamped to its plausible range, so no single device sets the round's figure."""
+    pairs = [
+        (weights[c], min(max(a.metrics[metric], lo), hi)) for c, a in used if metric in a.metrics
+    ]
+    total = sum(w for w, _ in pairs)
+    return sum(w * v for w, v in pairs) / total if total else None
 
 
 def bootstrap_model(

@@ -35,7 +35,7 @@ _MAX_DIMS = 16
 _MAX_DIM = 2**48
 # Metadata a client reports: a few named numbers each, in a range DynamoDB can store.
 MAX_REPORTED_KEYS = 16
-_REPORTED_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_REPORTED_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_REPORTED_VALUE = 1e12
 _SMALLEST_REPORTED = 1e-12  # smaller magnitudes are stored as 0 (DynamoDB stops at 1e-130)
 MAX_BYTES_DOWN = 2**50
@@ -265,7 +265,7 @@ class UpdateMetadata:
         if missing:
             raise CodecError("metadata_missing", f"metadata lacks {', '.join(missing)}")
         client_id = metadata["client_id"]
-        if not _CLIENT_ID.match(client_id):
+        if not _CLIENT_ID.fullmatch(client_id):
             raise CodecError("metadata_malformed", "client_id is not 1-128 of [A-Za-z0-9:_-]")
         return cls(
             round=_strict_int(metadata["round"], "round"),
@@ -274,21 +274,23 @@ class UpdateMetadata:
             num_examples=_strict_int(metadata["num_examples"], "num_examples"),
             metrics=_reported(metadata.get("metrics", "{}"), "metrics", -MAX_REPORTED_VALUE),
             timings=_reported(metadata.get("timings", "{}"), "timings", 0.0),
-            bytes_down=_strict_int(metadata.get("bytes_down", "0"), "bytes_down", MAX_BYTES_DOWN),
+            bytes_down=_strict_int(
+                metadata.get("bytes_down", "0"), "bytes_down", MAX_BYTES_DOWN, minimum=0
+            ),
             upload_started_at=_timestamp(metadata.get("upload_started_at", "0")),
         )
 
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")  # sfl.layout.CLIENT_ID; no import cycle
-_INTEGER = re.compile(r"^-?[0-9]{1,18}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9:_-]{1,128}")  # sfl.layout.CLIENT_ID; no import cycle
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
-def _strict_int(text: str, name: str, maximum: int = 10**18) -> int:
-    if not _INTEGER.match(text):
+def _strict_int(text: str, name: str, maximum: int = 10**18, minimum: int = -(10**18)) -> int:
+    if not _INTEGER.fullmatch(text):
         raise CodecError("metadata_malformed", f"{name} {text[:40]!r} is not an integer")
     value = int(text)
-    if value > maximum:
-        raise CodecError("metadata_malformed", f"{name} {value} is over {maximum}")
+    if not minimum <= value <= maximum:
+        raise CodecError("metadata_malformed", f"{name} {value} is not in {minimum}..{maximum}")
     return value
 
 
@@ -326,7 +328,7 @@ def _reported(text: str, name: str, minimum: float) -> dict[str, float]:
         raise CodecError("metadata_malformed", f"{name} has over {MAX_REPORTED_KEYS} keys")
     out: dict[str, float] = {}
     for k, v in raw.items():
-        if not _REPORTED_KEY.match(k):
+        if not _REPORTED_KEY.fullmatch(k):
             raise CodecError("metadata_malformed", f"{name} key {k[:64]!r} is not a plain name")
         if not isinstance(v, int | float) or isinstance(v, bool):
             raise CodecError("metadata_malformed", f"{name}[{k!r}] is not a number")

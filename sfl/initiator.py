@@ -148,6 +148,7 @@ def start_round(
         },
         candidates=len(active),
         select_seconds=now - started,
+        norm_bound_hint=_norm_bound_hint(latest),
     )
     if not rounds.create(new, latest):
         return InitiatorResult(False, number, f"round {number} was started by another initiator")
@@ -157,3 +158,14 @@ def start_round(
         extra={"round": number, "selected": list(selected), "base_version": base_version},
     )
     return InitiatorResult(True, number, "started", selected)
+
+
+def _norm_bound_hint(previous: Round | None) -> float:
+    """The norm bound the last closed round used, carried over abandoned ones: what a round
+    with too few updates for a median of its own clips to."""
+    if previous is None:
+        return 0.0
+    bound = previous.summary.get("norm_bound") if previous.status is RoundState.CLOSED else None
+    if isinstance(bound, int | float) and bound > 0:
+        return float(bound)
+    return previous.norm_bound_hint

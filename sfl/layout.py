@@ -21,13 +21,14 @@ UPDATES_PREFIX = "updates/"
 UPDATE_SUFFIX = ".safetensors"
 
 # AWS IoT thing names: letters, digits, ':', '_', '-' (at most 128 characters).
-CLIENT_ID = re.compile(r"^[A-Za-z0-9:_-]{1,128}$")
+# Anchored with \Z, not $ (which would also match before a trailing newline).
+CLIENT_ID = re.compile(r"^[A-Za-z0-9:_-]{1,128}\Z")
 _UPDATE_KEY = re.compile(
     r"^"
     + re.escape(UPDATES_PREFIX)
-    + r"(?P<client>[^/]+)/round-(?P<round>\d{6,12})"
+    + r"(?P<client>[^/]+)/round-(?P<round>[0-9]{6,12})"
     + re.escape(UPDATE_SUFFIX)
-    + r"$"
+    + r"\Z"
 )
 
 
@@ -66,7 +67,10 @@ def parse_update_key(key: str) -> UpdateKey:
         raise MalformedKeyError(
             f"key {key!r}: client id {client_id!r} is not 1-128 of [A-Za-z0-9:_-]"
         )
-    return UpdateKey(client_id=client_id, round=int(match["round"]))
+    parsed = UpdateKey(client_id=client_id, round=int(match["round"]))
+    if key != update_key(parsed.client_id, parsed.round):
+        raise MalformedKeyError(f"key {key!r} is not the round's key for {client_id!r}")
+    return parsed
 
 
 def validate_client_id(client_id: str) -> str:

@@ -34,7 +34,9 @@ EXPIRY_WINDOWS = 4
 MAX_CLOCK_SKEW_SECONDS = 300.0
 # The attributes a device may write (the device role's dynamodb:Attributes condition).
 DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
-# A turnaround sample is clamped to this (a day): the EWMA stays a small finite number.
+# A turnaround sample is clamped to [1 s, a day]: no answer is instant, and the EWMA stays a
+# small finite number.
+MIN_TURNAROUND_SECONDS = 1.0
 MAX_TURNAROUND_SECONDS = 86_400.0
 
 
@@ -137,7 +139,7 @@ class ClientRegistry:
         (silent, or a rejected update), and fold the server-measured turnaround into its
         EWMA (a miss counts as the whole round). False if the item is gone or already
         counted for this round."""
-        sample = min(max(turnaround, 0.0), MAX_TURNAROUND_SECONDS)
+        sample = min(max(turnaround, MIN_TURNAROUND_SECONDS), MAX_TURNAROUND_SECONDS)
         try:
             item = self._ddb.get_item(
                 TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True

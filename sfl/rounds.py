@@ -113,6 +113,7 @@ class Round:
     soft_deadline_at: float = 0.0  # 0: same as deadline_at
     other_rejections: tuple[Mapping[str, Any], ...] = ()
     rejection_counts: Mapping[str, int] = field(default_factory=dict)
+    norm_bound_hint: float = 0.0  # the last closed round's norm bound; 0: none yet
     candidates: int = 0
     select_seconds: float = 0.0
     lease_owner: str = ""
@@ -146,6 +147,7 @@ class Round:
                 "answers": {c: a.to_dict() for c, a in self.answers.items()},
                 "other_rejections": {rejection_key(r): dict(r) for r in self.other_rejections},
                 "rejection_counts": dict(self.rejection_counts),
+                "norm_bound_hint": self.norm_bound_hint,
                 "candidates": self.candidates,
                 "select_seconds": self.select_seconds,
                 "aggregation_attempts": self.aggregation_attempts,
@@ -170,6 +172,7 @@ class Round:
                 sorted(d.get("other_rejections", {}).values(), key=lambda r: r.get("at", 0.0))
             ),
             rejection_counts={k: int(v) for k, v in d.get("rejection_counts", {}).items()},
+            norm_bound_hint=float(d.get("norm_bound_hint", 0.0)),
             candidates=int(d.get("candidates", 0)),
             select_seconds=float(d.get("select_seconds", 0.0)),
             lease_owner=d.get("lease_owner", ""),

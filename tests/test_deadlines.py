@@ -161,7 +161,7 @@ def test_a_retried_event_after_the_deadline_counts_if_s3_stored_it_in_time(stack
         key=layout.update_key("b", 1),
         size=record["object"]["size"],
         etag=record["object"]["eTag"],
-        uploaded_at=clock.now - 130,  # the record's eventTime: inside the round
+        uploaded_at=clock.now - 100,  # the record's eventTime: inside the round
     )
 
     assert averager.handle_update(on_time).result == "accepted"

@@ -16,8 +16,15 @@ from tests.conftest import TINY_MODEL, TRAINED, Stack
 EVENTS = Path(__file__).parent / "events"
 
 
+CAPTURED_TIMES = {  # when S3 stored the objects of the captured two-record event
+    "EVENT_TIME_A": "2026-11-28T04:31:54.217Z",
+    "EVENT_TIME_B": "2026-11-28T04:31:54.301Z",
+}
+
+
 def _fixture(name: str, **replace: str) -> dict[str, Any]:
     text = (EVENTS / name).read_text()
+    replace = {**CAPTURED_TIMES, **replace}
     for old, new in replace.items():
         text = text.replace(old, new)
     return json.loads(text)  # type: ignore[no-any-return]
@@ -54,8 +61,14 @@ def test_one_event_with_two_records_answers_for_both_clients(stack: Stack) -> No
     start_round(stack.clients, stack.names, stack.config)
     etag_a = stack.upload_update("device:a", 1, TRAINED)["Records"][0]["s3"]["object"]["eTag"]
     etag_b = stack.upload_update("device-b", 1, TRAINED)["Records"][0]["s3"]["object"]["eTag"]
+    stored = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     event = _fixture(
-        "s3_put_two_records.json", BUCKET=stack.names.updates_bucket, ETAG_A=etag_a, ETAG_B=etag_b
+        "s3_put_two_records.json",
+        BUCKET=stack.names.updates_bucket,
+        ETAG_A=etag_a,
+        ETAG_B=etag_b,
+        EVENT_TIME_A=stored,
+        EVENT_TIME_B=stored,
     )
 
     result = LocalFunction("averager").invoke(event)

@@ -278,3 +278,138 @@ def test_registry_record_round_counts_each_round_once(stack: Stack) -> None:
     assert record is not None
     assert record.ewma_turnaround == pytest.approx(20.0)
     assert (record.rounds_answered, record.rounds_missed, record.missed_streak) == (1, 1, 1)
+
+
+# --- found in review: keys, storage classes, clocks, lone updates --------------------------
+
+
+def test_an_update_stored_before_its_round_existed_is_not_an_answer(stack: Stack) -> None:
+    """Keys are predictable: a device that uploads before the round opens would otherwise be
+    found by the watchdog and credited with a turnaround of zero."""
+    averager, _, store = _setup(stack, "a", "b", quorum="all_answered")
+    round_ = store.get("test", 1)
+    assert round_ is not None
+    record = stack.upload_update("a", 1, TRAINED)["Records"][0]["s3"]
+    early = UpdateEvent(
+        bucket=stack.names.updates_bucket,
+        key=layout.update_key("a", 1),
+        size=record["object"]["size"],
+        etag=record["object"]["eTag"],
+        uploaded_at=round_.created_at - 30,
+    )
+
+    outcome = averager.handle_update(early)
+
+    assert (outcome.result, outcome.reason) == ("rejected", "before_round")
+    after = store.get("test", 1)
+    assert after is not None and "a" not in after.answers
+    assert [r["reason"] for r in after.other_rejections] == ["before_round"]
+
+
+def test_an_object_s3_will_not_serve_is_that_updates_rejection(stack: Stack) -> None:
+    averager, _, store = _setup(stack, "honest", "archiver", quorum="all_answered")
+    key = layout.update_key("archiver", 1)
+    body = codec.encode(TRAINED, stack_meta("archiver"))
+    etag = stack.clients.s3.put_object(
+        Bucket=stack.names.updates_bucket, Key=key, Body=body, StorageClass="GLACIER"
+    )["ETag"]
+
+    outcome = averager.handle_update(UpdateEvent(stack.names.updates_bucket, key, len(body), etag))
+    _deliver(averager, stack.upload_update("honest", 1, TRAINED))
+
+    assert (outcome.result, outcome.reason) == (
+        "rejected",
+        "unreadable: S3 says InvalidObjectState",
+    )
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert round_.answers["archiver"].reason == "unreadable: S3 says InvalidObjectState"
+
+
+def test_an_accepted_update_archived_before_aggregation_is_left_out(stack: Stack) -> None:
+    averager, _, store = _setup(stack, "honest", "archiver", quorum="all_answered")
+    _deliver(averager, stack.upload_update("archiver", 1, _moved(1.5)))
+    stack.clients.s3.put_object(  # overwritten, unreadable, after it was accepted
+        Bucket=stack.names.updates_bucket,
+        Key=layout.update_key("archiver", 1),
+        Body=b"x",
+        StorageClass="GLACIER",
+    )
+    _deliver(averager, stack.upload_update("honest", 1, TRAINED))
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert round_.summary["participants"] == 1
+    assert set(round_.summary["excluded"]) == {"archiver"}
+    model = _model(stack, 1)
+    assert all(torch.equal(model[name], TRAINED[name]) for name in TRAINED)
+
+
+def stack_meta(client: str) -> dict[str, str]:
+    return codec.UpdateMetadata(
+        round=1, client_id=client, base_version=0, num_examples=10
+    ).to_header()
+
+
+def test_a_lone_update_is_clipped_to_the_last_rounds_bound(stack: Stack) -> None:
+    """Alone in a round, an update is its own median; the last closed round's bound (2x its
+    median change) clips it instead."""
+    honest = ["h1", "h2", "h3"]
+    averager, clock, store = _setup(
+        stack, *honest, "attacker", quorum="min_fraction", min_answered_fraction=0.25
+    )
+    for client in [*honest, "attacker"]:
+        _deliver(averager, stack.upload_update(client, 1, _moved(1.0)))
+    first = store.get("test", 1)
+    assert first is not None and first.status is RoundState.CLOSED
+    bound = first.summary["norm_bound"]
+    stack.register(*honest, "attacker")
+    assert start_round(stack.clients, stack.names, stack.config, clock=clock).started
+    second = store.get("test", 2)
+    assert second is not None and second.norm_bound_hint == pytest.approx(bound)
+
+    base = _model(stack, 1)
+    attack = {name: base[name] + 1000.0 * DELTA[name] for name in base}
+    _deliver(averager, stack.upload_update("attacker", 2, attack, base_version=1))
+    clock.now += 61  # past the soft deadline: the lone update is a quorum here
+    assert averager.tick().status == "CLOSED"
+
+    closed = store.get("test", 2)
+    assert closed is not None and closed.summary["clipped"] == ["attacker"]
+    model = _model(stack, 2)
+    change = torch.sqrt(sum(((model[n] - base[n]).double() ** 2).sum() for n in base))
+    assert float(change) == pytest.approx(bound, rel=1e-4)
+
+
+def test_no_client_weighs_more_than_ten_typical_ones_in_fast_clients() -> None:
+    import random
+
+    from sfl.strategies.selection import select_fast_clients
+
+    candidates = [Candidate("liar", 1e-6), *(Candidate(f"c{i}", 10.0) for i in range(9))]
+    rng = random.Random(0)
+    picks = [select_fast_clients(candidates, 1, rng)[0] for _ in range(2000)]
+
+    # weight 1 (floored at a tenth of the typical 10 s) against 9 x 0.1: about half the picks
+    assert 0.45 * 2000 < picks.count("liar") < 0.6 * 2000
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "updates/a/round-000001.safetensors\n",
+        "updates/a/round-0000001.safetensors",
+        "updates/a/round-\u0660\u0660\u0660\u0660\u0660\u0661.safetensors",
+        "updates/a\n/round-000001.safetensors",
+    ],
+)
+def test_only_the_rounds_exact_key_names_an_update(key: str) -> None:
+    with pytest.raises(layout.MalformedKeyError):
+        layout.parse_update_key(key)
+
+
+def test_metadata_integers_and_names_are_matched_whole() -> None:
+    meta = dict(stack_meta("a"))
+    for field, value in (("round", "1\n"), ("bytes_down", "-5"), ("metrics", '{"loss\\n": 1}')):
+        with pytest.raises(codec.CodecError):
+            codec.UpdateMetadata.from_header({**meta, field: value})

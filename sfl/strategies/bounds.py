@@ -25,12 +25,23 @@ def bounded_weights(examples: Sequence[int], max_ratio: float) -> list[float]:
     return [float(min(n, cap)) for n in examples]
 
 
-def norm_bound(norms: Sequence[float], *, factor: float, absolute: float) -> float:
+# Fewer changes than this are too few for a median to say what is typical.
+MIN_NORMS_FOR_MEDIAN = 3
+
+
+def norm_bound(
+    norms: Sequence[float], *, factor: float, absolute: float, fallback: float = 0.0
+) -> float:
     """The largest change one update may make: ``factor`` times the round's (lower) median
-    change, and at most ``absolute``; 0 turns either bound off (``inf``: no bound)."""
+    change, and at most ``absolute``; 0 turns either bound off (``inf``: no bound). With
+    fewer than three changes the median would be the devices' own, so the ``fallback`` (the
+    last round's bound) stands in for it."""
     bound = math.inf
     if factor > 0 and norms:
-        bound = factor * statistics.median_low(norms)
+        if len(norms) >= MIN_NORMS_FOR_MEDIAN:
+            bound = factor * statistics.median_low(norms)
+        elif fallback > 0:
+            bound = fallback
     if absolute > 0:
         bound = min(bound, absolute)
     return bound

@@ -1,14 +1,16 @@
 """Client selection: who trains in the next round. Pure functions over candidates.
 
 ``fast_clients`` is the seed's rule: every active client may be picked, with a probability
-that favours a low turnaround EWMA (weight 1/EWMA; clients with no history count as the
-fastest known, so newcomers get a chance). Never picks nobody when anyone is active.
+that favours a low server-measured turnaround EWMA (weight 1/EWMA, at most ten times a
+typical client's; clients with no history count as typical, so newcomers get a fair
+chance). Never picks nobody when anyone is active.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +26,9 @@ class Candidate:
     missed_streak: int = 0
     last_round: int = 0
 
+
+# The most a client's speed can raise its selection weight over a typical client's.
+MAX_SPEEDUP = 10.0
 
 SelectionStrategy = Callable[[Sequence[Candidate], int, random.Random], list[str]]
 
@@ -58,13 +63,19 @@ def select_random(candidates: Sequence[Candidate], k: int, rng: random.Random) -
 
 
 def select_fast_clients(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:
-    """Weighted sampling without replacement, weight = 1 / turnaround EWMA."""
-    known = [c.ewma_turnaround for c in candidates if c.ewma_turnaround is not None]
-    fastest = min((t for t in known if t > 0), default=1.0)
+    """Weighted sampling without replacement, weight = 1 / turnaround EWMA.
+
+    Turnarounds are floored at a tenth of the median known one, so no client weighs more
+    than ten times a typical one; a client with no history counts as typical (median)."""
+    known = sorted(
+        c.ewma_turnaround for c in candidates if c.ewma_turnaround and c.ewma_turnaround > 0
+    )
+    typical = statistics.median_low(known) if known else 1.0
+    floor = typical / MAX_SPEEDUP
     keyed = []
     for c in candidates:
-        turnaround = c.ewma_turnaround if c.ewma_turnaround and c.ewma_turnaround > 0 else fastest
-        weight = 1.0 / turnaround
+        turnaround = c.ewma_turnaround if c.ewma_turnaround and c.ewma_turnaround > 0 else typical
+        weight = 1.0 / max(turnaround, floor)
         # Efraimidis-Spirakis: the k largest u ** (1 / w) are a weighted sample.
         keyed.append((rng.random() ** (1.0 / weight), c.client_id))
     keyed.sort(reverse=True)
