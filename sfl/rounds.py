@@ -352,6 +352,31 @@ class RoundStore:
         """Keep a rejection that is not a selected client's answer: counted per reason, and
         kept once per client and reason (with how many objects, the last one's key and ETag;
         a repeated delivery of one object adds nothing) for up to a bound of pairs."""
+        try:
+            return self._record_other_rejection(experiment, number, rejection)
+        except ClientError as e:
+            if error_code(e) != "ValidationException":
+                raise
+        # A round written by an earlier version has no rejection_counts map to count in.
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key=self._key(experiment, number),
+                UpdateExpression="SET rejection_counts = :empty",
+                ConditionExpression=(
+                    "attribute_exists(#r) AND attribute_not_exists(rejection_counts)"
+                ),
+                ExpressionAttributeNames={"#r": "round"},
+                ExpressionAttributeValues={":empty": {"M": {}}},
+            )
+        except ClientError as e:
+            if error_code(e) != "ConditionalCheckFailedException":
+                raise
+        return self._record_other_rejection(experiment, number, rejection)
+
+    def _record_other_rejection(
+        self, experiment: str, number: int, rejection: dict[str, Any]
+    ) -> bool:
         key = rejection_key(rejection)
         names = {"#k": key, "#reason": str(rejection.get("reason", ""))}
         etag = serialize(str(rejection.get("etag", "")))
