@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sfl.config import BUILTIN_TASKS, SELECTION_STRATEGIES, ConfigError, describe
+from sfl import plugins
+from sfl.config import ConfigError, describe
 from sfl.local.attacks import ATTACKS
 
 
@@ -134,9 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--task", default="digits", help=f"{', '.join(BUILTIN_TASKS)} or pkg.module:Task"
-        )
+        p.add_argument("--task", default="digits", help=f"one of {plugins.allowed('task')}")
         p.add_argument("--clients", type=int, default=10)
         p.add_argument("--partition", default="dirichlet", choices=("iid", "dirichlet", "shards"))
         p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
@@ -149,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_flags(sim)
     sim.add_argument("--rounds", type=int, default=15)
     sim.add_argument("--fraction", type=float, default=1.0, help="share of clients per round")
-    sim.add_argument("--selection", default="fast_clients", help=", ".join(SELECTION_STRATEGIES))
+    sim.add_argument(
+        "--selection", default="fast_clients", help=f"one of {plugins.allowed('selection')}"
+    )
     sim.add_argument("--local-epochs", type=int, default=2)
     sim.add_argument("--lr", type=float, default=0.05)
     sim.add_argument("--batch-size", type=int, default=16)

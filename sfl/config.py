@@ -13,16 +13,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sfl import plugins
+
 CONTEXT_KEY = "sfl"
 ENV_PREFIX = "SFL_"
 
-SELECTION_STRATEGIES = ("fast_clients", "random", "all")
-AGGREGATION_STRATEGIES = ("fedavg",)
-QUORUM_POLICIES = ("all_answered", "min_fraction")
-BUILTIN_TASKS = ("digits", "mnist")
-
-# A custom strategy or task is named by import path: "package.module:attribute".
-IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# The built-in names of each plug-in kind, from the one registry (sfl.plugins); a custom
+# strategy or task is named by import path: "package.module:attribute".
+SELECTION_STRATEGIES = plugins.names("selection")
+AGGREGATION_STRATEGIES = plugins.names("aggregation")
+QUORUM_POLICIES = plugins.names("quorum")
+BUILTIN_TASKS = plugins.names("task")
+IMPORT_PATH = plugins.IMPORT_PATH
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -30,11 +32,8 @@ class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
 
 
-def _one_of(names: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
-    return (
-        lambda v: v in names or bool(IMPORT_PATH.match(v)),
-        f"one of {', '.join(names)}, or an import path 'package.module:attribute'",
-    )
+def _one_of(kind: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: plugins.is_valid(kind, v), f"one of {plugins.allowed(kind)}")
 
 
 def _range(lo: float, hi: float) -> tuple[Callable[[Any], bool], str]:
@@ -58,19 +57,19 @@ class FederationConfig:
     )
     task: str = field(
         default="digits",
-        metadata=_spec(_one_of(BUILTIN_TASKS), "training task (model, data, train, evaluate)"),
+        metadata=_spec(_one_of("task"), "training task (model, data, train, evaluate)"),
     )
     selection: str = field(
         default="fast_clients",
-        metadata=_spec(_one_of(SELECTION_STRATEGIES), "how the initiator picks clients"),
+        metadata=_spec(_one_of("selection"), "how the initiator picks clients"),
     )
     aggregation: str = field(
         default="fedavg",
-        metadata=_spec(_one_of(AGGREGATION_STRATEGIES), "how updates become the next model"),
+        metadata=_spec(_one_of("aggregation"), "how updates become the next model"),
     )
     quorum: str = field(
         default="min_fraction",
-        metadata=_spec(_one_of(QUORUM_POLICIES), "when a round may aggregate"),
+        metadata=_spec(_one_of("quorum"), "when a round may aggregate"),
     )
     fraction: float = field(
         default=1.0,

@@ -192,10 +192,10 @@ def test_a_crashed_aggregation_is_taken_over_after_its_lease(
     averager, clock, store = _setup(stack, "a", quorum="all_answered", aggregation_lease_seconds=30)
     import sfl.strategies.aggregation as aggregation
 
-    monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", _CrashingFedAvg)
+    monkeypatch.setattr(aggregation, "FedAvg", _CrashingFedAvg)
     with pytest.raises(RuntimeError, match="mid-aggregation"):
         _deliver(averager, stack.upload_update("a", 1, TRAINED))
-    monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", FedAvg)
+    monkeypatch.setattr(aggregation, "FedAvg", FedAvg)
     stuck = store.get("test", 1)
     assert stuck is not None and stuck.status is RoundState.AGGREGATING
 

@@ -154,7 +154,7 @@ def test_an_aggregation_that_keeps_failing_is_abandoned_after_three_attempts(
 ) -> None:
     import sfl.strategies.aggregation as aggregation
 
-    monkeypatch.setitem(aggregation.AGGREGATORS, "fedavg", _AlwaysCrashing)
+    monkeypatch.setattr(aggregation, "FedAvg", _AlwaysCrashing)
     averager, clock, store = _setup(stack, "a", quorum="all_answered", aggregation_lease_seconds=30)
     with pytest.raises(MemoryError):
         _deliver(averager, stack.upload_update("a", 1, TRAINED))

@@ -87,16 +87,16 @@ class World:
         return Averager(self.aws, self.names, self.config, clock=self.clock)
 
     def run_averager(self, call: Any) -> None:
-        original = aggregation.AGGREGATORS["fedavg"]
+        original = aggregation.FedAvg
         if self.crash_next:
-            aggregation.AGGREGATORS["fedavg"] = _Crash
+            aggregation.FedAvg = _Crash  # type: ignore[misc]
         try:
             call(self.averager())
         except RuntimeError:
             self.crash_next = False  # it crashed once, as planned
             STATS["crashes"] += 1
         finally:
-            aggregation.AGGREGATORS["fedavg"] = original
+            aggregation.FedAvg = original  # type: ignore[misc]
 
     def step(self, action: str, pick: int) -> None:
         rng = random.Random(pick)

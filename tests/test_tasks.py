@@ -222,6 +222,7 @@ def test_load_task_by_name_and_by_import_path() -> None:
         ("sfl.no_such_module:Task", "cannot import module 'sfl.no_such_module'"),
         ("sfl.tasks.digits:NoSuchTask", "has no 'NoSuchTask'"),
         ("sfl.tasks.digits:TEST_FRACTION", "not a class or function"),
+        ("sfl.tasks.digits:DigitsTask\n", "unknown task"),
         ("sfl.tasks:TaskError", "made a TaskError, which is not a TrainingTask"),
     ],
 )

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from sfl.strategies import resolve
+from sfl import plugins
 
 
 class AggregationError(ValueError):
@@ -81,8 +81,6 @@ def fedavg(
     return aggregator.result()
 
 
-AGGREGATORS: dict[str, Callable[[], StreamingAggregator]] = {"fedavg": FedAvg}
-
-
 def get_aggregator(name: str) -> Callable[[], StreamingAggregator]:
-    return resolve(name, AGGREGATORS, "aggregation")
+    result: Callable[[], StreamingAggregator] = plugins.load("aggregation", name)
+    return result

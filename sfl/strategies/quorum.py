@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sfl import plugins
 from sfl.config import FederationConfig
-from sfl.strategies import resolve
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,6 @@ def min_fraction(view: QuorumView, config: FederationConfig) -> bool:
     return view.past_soft_deadline and view.accepted >= needed
 
 
-QUORUM_POLICIES: dict[str, QuorumPolicy] = {
-    "all_answered": all_answered,
-    "min_fraction": min_fraction,
-}
-
-
 def get_quorum_policy(name: str) -> QuorumPolicy:
-    return resolve(name, QUORUM_POLICIES, "quorum")
+    result: QuorumPolicy = plugins.load("quorum", name)
+    return result

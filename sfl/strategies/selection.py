@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sfl.strategies import resolve
+from sfl import plugins
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,6 @@ def select_fast_clients(candidates: Sequence[Candidate], k: int, rng: random.Ran
     return sorted(client for _, client in keyed[:k])
 
 
-SELECTION_STRATEGIES: dict[str, SelectionStrategy] = {
-    "fast_clients": select_fast_clients,
-    "random": select_random,
-    "all": select_all,
-}
-
-
 def get_selection_strategy(name: str) -> SelectionStrategy:
-    return resolve(name, SELECTION_STRATEGIES, "selection")
+    result: SelectionStrategy = plugins.load("selection", name)
+    return result

@@ -1,0 +1,59 @@
+"""The plug-in registry: every registered name resolves, and every reader uses the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sfl import plugins
+from sfl.cli import build_parser
+from sfl.config import ConfigError, FederationConfig
+from sfl.strategies.aggregation import get_aggregator
+from sfl.strategies.quorum import get_quorum_policy
+from sfl.strategies.selection import get_selection_strategy
+from sfl.tasks import load_task
+from sfl.tasks.base import TrainingTask
+
+LOADERS = {
+    "selection": get_selection_strategy,
+    "aggregation": get_aggregator,
+    "quorum": get_quorum_policy,
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [(k, n) for k in plugins.KINDS for n in plugins.names(k)]
+)
+def test_every_registered_name_resolves_and_is_valid_config(kind: str, name: str) -> None:
+    loaded = plugins.load(kind, name)
+
+    assert callable(loaded)
+    if kind == "task":
+        assert isinstance(load_task(name), TrainingTask)
+    else:
+        assert LOADERS[kind](name) is loaded
+    FederationConfig.from_mapping({kind: name})  # config validation accepts it
+
+
+def test_config_refuses_an_unregistered_name_with_the_registrys_list() -> None:
+    with pytest.raises(ConfigError, match="one of fast_clients, random, all, or an import"):
+        FederationConfig(selection="fastest")
+
+
+def test_cli_help_lists_the_registered_names() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["simulate"].format_help()  # type: ignore[union-attr]
+
+    for name in (*plugins.names("task"), *plugins.names("selection")):
+        assert name in help_text
+
+
+def test_reading_the_registry_imports_no_torch() -> None:
+    code = (
+        "import sys; from sfl import plugins, config; "
+        "[plugins.import_path(k, n) for k in plugins.KINDS for n in plugins.names(k)]; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
