@@ -282,14 +282,20 @@ class FederationStack(Stack):
         )
         # Polling the assignment before the first round: 404 (not 403) needs ListBucket.
         _allow(role, ["s3:ListBucket"], [models.bucket_arn])
+        # Its own round keys only, stored so the averager can read them: no archive storage
+        # class (GetObject would fail) and no customer-provided key (nobody else could read it).
         _allow(
             role,
             ["s3:PutObject"],
             [
                 self.storage.updates_bucket.arn_for_objects(
-                    f"{layout.UPDATES_PREFIX}{THING_NAME_VARIABLE}/*"
+                    layout.update_key_pattern(THING_NAME_VARIABLE)
                 )
             ],
+            conditions={
+                "StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"},
+                "Null": {"s3:x-amz-server-side-encryption-customer-algorithm": "true"},
+            },
         )
         # Its own registry item only, and only the attributes a device may write: what
         # decides selection and liveness beyond these is the server's to measure.
@@ -327,7 +333,7 @@ class FederationStack(Stack):
         updates = self.storage.updates_bucket
         models_global = (models, f"{layout.MODELS_PREFIX}*")
         all_updates = (updates, f"{layout.UPDATES_PREFIX}*")
-        own_updates = (updates, f"{layout.UPDATES_PREFIX}{THING_NAME_VARIABLE}/*")
+        own_updates = (updates, layout.update_key_pattern(THING_NAME_VARIABLE))
         object_wildcards = {
             self.rounds.initiator.role: [
                 (models_global, "reads whichever global model version the new round starts from"),

@@ -55,6 +55,12 @@ def update_key(client_id: str, round_number: int) -> str:
     return f"{UPDATES_PREFIX}{client_id}/round-{round_number:06d}{UPDATE_SUFFIX}"
 
 
+def update_key_pattern(client: str) -> str:
+    """Every round's update key of one client, as an IAM resource pattern (``client`` may be
+    a policy variable such as ``${credentials-iot:ThingName}``)."""
+    return f"{UPDATES_PREFIX}{client}/round-*{UPDATE_SUFFIX}"
+
+
 def parse_update_key(key: str) -> UpdateKey:
     """Client and round named by an (already URL-decoded) update key."""
     match = _UPDATE_KEY.match(key)

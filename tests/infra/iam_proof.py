@@ -142,13 +142,23 @@ def requests_for(call: Call, account: Account) -> list[Request]:
     return [Request(r.action, r.resource, r.context, call=label) for r in mapper(call, account)]
 
 
+# PutObject parameters whose request headers IAM exposes as condition keys.
+_PUT_CONDITION_KEYS = {
+    "IfNoneMatch": "s3:if-none-match",
+    "StorageClass": "s3:x-amz-storage-class",
+    "SSECustomerAlgorithm": "s3:x-amz-server-side-encryption-customer-algorithm",
+}
+
+
 def _s3_object(call: Call, action: str) -> list[Request]:
     bucket, key = call.params["Bucket"], call.params["Key"]
     if action == "s3:GetObject" and "VersionId" in call.params:
         action = "s3:GetObjectVersion"  # reading a given version is its own action
     context: dict[str, tuple[str, ...]] = {}
-    if action == "s3:PutObject" and "IfNoneMatch" in call.params:
-        context["s3:if-none-match"] = (str(call.params["IfNoneMatch"]),)
+    if action == "s3:PutObject":
+        for param, condition_key in _PUT_CONDITION_KEYS.items():
+            if param in call.params:
+                context[condition_key] = (str(call.params[param]),)
     requests = [Request(action, f"arn:aws:s3:::{bucket}/{key}", context)]
     if call.error in _NOT_FOUND or call.status == 404:
         # S3 answers 404 for a missing key only to a caller allowed to list the bucket;
@@ -395,6 +405,10 @@ def _condition(
 ) -> bool:
     """One condition key of one operator, per IAM's documented evaluation."""
     qualifier, _, name = operator.rpartition(":")
+    if name == "Null" and not qualifier:
+        # "true": the key must be absent; "false": present.
+        absent = key not in context
+        return all((str(v).lower() == "true") == absent for v in _as_list(policy_values))
     if_exists = name.endswith("IfExists")
     base = _BASE_OPERATORS.get(name.removesuffix("IfExists"))
     if base is None or qualifier not in {"", "ForAllValues", "ForAnyValue"}:

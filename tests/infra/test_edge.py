@@ -155,13 +155,20 @@ def test_devices_read_models_and_the_assignment(synthesized):
 
 
 def test_devices_write_updates_only_under_their_own_thing_name(synthesized):
+    """Only its own round keys, and only stored so the averager can read them back."""
     updates = logical_id(synthesized.stack.storage.updates_bucket)
     writes = [s for s in device_statements(synthesized) if "s3:PutObject" in actions_of(s)]
     assert writes == [
         {
             "Action": "s3:PutObject",
+            "Condition": {
+                "StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"},
+                "Null": {"s3:x-amz-server-side-encryption-customer-algorithm": "true"},
+            },
             "Effect": "Allow",
-            "Resource": object_arn(updates, "updates/${credentials-iot:ThingName}/*"),
+            "Resource": object_arn(
+                updates, "updates/${credentials-iot:ThingName}/round-*.safetensors"
+            ),
         }
     ]
 

@@ -131,3 +131,33 @@ def test_versions_and_indexes_are_resources_of_their_own():
         call("dynamodb", "Query", {"TableName": "clients", "IndexName": "by_seen"}), ACCOUNT
     )
     assert query.resource == f"{TABLE}/index/by_seen"
+
+
+def test_a_device_upload_must_be_readable_by_the_averager():
+    """The device's PutObject grant as the stack writes it: a plain upload passes; an archive
+    storage class or a customer-provided key (which the averager could not read) does not."""
+    device = policies(
+        {
+            "Effect": "Allow",
+            "Action": "s3:PutObject",
+            "Resource": "arn:aws:s3:::u/updates/${credentials-iot:ThingName}/round-*.safetensors",
+            "Condition": {
+                "StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"},
+                "Null": {"s3:x-amz-server-side-encryption-customer-algorithm": "true"},
+            },
+        }
+    )
+    me = {"credentials-iot:ThingName": "dev-1"}
+
+    def put(key: str, **params: str) -> Request:
+        params = {"Bucket": "u", "Key": key, **params}
+        (request,) = requests_for(call("s3", "PutObject", params), ACCOUNT)
+        return request
+
+    own = "updates/dev-1/round-000001.safetensors"
+    assert device.allows(put(own), me)
+    assert device.allows(put(own, StorageClass="STANDARD"), me)
+    assert not device.allows(put(own, StorageClass="GLACIER"), me)
+    assert not device.allows(put(own, SSECustomerAlgorithm="AES256"), me)
+    assert not device.allows(put("updates/dev-1/junk.bin"), me)
+    assert not device.allows(put("updates/dev-10/round-000001.safetensors"), me)

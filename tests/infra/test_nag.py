@@ -24,7 +24,8 @@ EXPECTED = {
     },
     "TokenExchangeRole": {
         "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",
-        "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/<credentials-iot:ThingName>/*]",
+        "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/<credentials-iot:ThingName>/"
+        "round-*.safetensors]",
     },
     "BucketNotificationsHandler": {
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
