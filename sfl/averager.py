@@ -27,7 +27,13 @@ from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
 from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
 from sfl.strategies.aggregation import get_aggregator
-from sfl.strategies.bounds import bounded_weights, clip_scale, clip_to_bound, norm_bound
+from sfl.strategies.bounds import (
+    bounded_weights,
+    clip_scale,
+    clip_to_bound,
+    model_norm,
+    norm_bound,
+)
 from sfl.strategies.quorum import QuorumView, get_quorum_policy
 
 if TYPE_CHECKING:
@@ -400,13 +406,14 @@ class Averager:
                 strict=True,
             )
         )
+        base = self.base_model(round_.base_version)
         bound = norm_bound(
             [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
             factor=self.config.norm_bound_factor,
             absolute=self.config.max_update_norm,
             fallback=round_.norm_bound_hint,
+            base_norm=model_norm(base),
         )
-        base = self.base_model(round_.base_version)
         excluded: dict[str, str] = {}
         clipped: list[str] = []
         used: list[tuple[str, Answer]] = []

@@ -413,3 +413,30 @@ def test_metadata_integers_and_names_are_matched_whole() -> None:
     for field, value in (("round", "1\n"), ("bytes_down", "-5"), ("metrics", '{"loss\\n": 1}')):
         with pytest.raises(codec.CodecError):
             codec.UpdateMetadata.from_header({**meta, field: value})
+
+
+def test_in_the_first_round_one_of_two_devices_cannot_decide_the_model(stack: Stack) -> None:
+    """No earlier bound and too few changes for a median: two changes are bounded by twice
+    the smaller, so the x1000 update moves the model by at most 2 d."""
+    averager, _, store = _setup(stack, "honest", "attacker", quorum="all_answered")
+    _deliver(averager, stack.upload_update("honest", 1, _moved(1.0), num_examples=10))
+    _deliver(averager, stack.upload_update("attacker", 1, _moved(1000.0), num_examples=10))
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.summary["clipped"] == ["attacker"]
+    for name, expected in _moved(1.5).items():  # (d + 2 d) / 2
+        assert torch.allclose(_model(stack, 1)[name], expected, atol=1e-5), name
+
+
+def test_a_lone_first_update_changes_the_model_by_at_most_four_times_its_norm(
+    stack: Stack,
+) -> None:
+    averager, _, store = _setup(stack, "attacker", quorum="all_answered")
+    _deliver(averager, stack.upload_update("attacker", 1, _moved(1000.0)))
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.summary["clipped"] == ["attacker"]
+    model = _model(stack, 1)
+    change = torch.sqrt(sum(((model[n] - TINY_MODEL[n]).double() ** 2).sum() for n in model))
+    base = torch.sqrt(sum((t.double() ** 2).sum() for t in TINY_MODEL.values()))
+    assert float(change) == pytest.approx(4.0 * float(base), rel=1e-4)

@@ -27,24 +27,45 @@ def bounded_weights(examples: Sequence[int], max_ratio: float) -> list[float]:
 
 # Fewer changes than this are too few for a median to say what is typical.
 MIN_NORMS_FOR_MEDIAN = 3
+# With no other reference, a lone update may change the model by at most this many times the
+# base model's own norm.
+LONE_CHANGE_PER_BASE_NORM = 4.0
 
 
 def norm_bound(
-    norms: Sequence[float], *, factor: float, absolute: float, fallback: float = 0.0
+    norms: Sequence[float],
+    *,
+    factor: float,
+    absolute: float,
+    fallback: float = 0.0,
+    base_norm: float = 0.0,
 ) -> float:
     """The largest change one update may make: ``factor`` times the round's (lower) median
-    change, and at most ``absolute``; 0 turns either bound off (``inf``: no bound). With
-    fewer than three changes the median would be the devices' own, so the ``fallback`` (the
-    last round's bound) stands in for it."""
+    change, and at most ``absolute``; 0 turns either bound off (``inf``: no bound).
+
+    With fewer than three changes a median would be the devices' own, so the ``fallback``
+    (the last round's bound) stands in; without one, two changes are bounded by ``factor``
+    times the smaller, and a lone change by ``LONE_CHANGE_PER_BASE_NORM`` times
+    ``base_norm``."""
     bound = math.inf
     if factor > 0 and norms:
         if len(norms) >= MIN_NORMS_FOR_MEDIAN:
             bound = factor * statistics.median_low(norms)
         elif fallback > 0:
             bound = fallback
+        elif len(norms) == 2:
+            bound = factor * min(norms)
+        elif base_norm > 0:
+            bound = LONE_CHANGE_PER_BASE_NORM * base_norm
     if absolute > 0:
         bound = min(bound, absolute)
     return bound
+
+
+def model_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm, in float64, of a model's floating-point tensors."""
+    floats = [t for t in tensors.values() if t.dtype.is_floating_point]
+    return math.sqrt(sum(float((t.to(torch.float64) ** 2).sum()) for t in floats))
 
 
 def clip_scale(norm: float, bound: float) -> float:
