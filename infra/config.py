@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfl.config import IMPORT_PATH, ConfigError, FederationConfig
+from sfl.config import ConfigError, FederationConfig
+from sfl.plugins import IMPORT_PATH
 from sfl.recipes import CONFIGURATION_KEYS
 
 CONTEXT_KEY = "sfl_infra"

@@ -27,6 +27,7 @@ from infra.rounds import FederationRounds, FunctionSettings
 from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl import layout
+from sfl.registry import DEVICE_ATTRIBUTES
 from sfl.resources import UPDATES_BUCKET, ResourceNames
 from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 
@@ -34,7 +35,6 @@ from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_MET
 # What a device may do to its own registry item, and the attributes it may touch there
 # (the key and its heartbeat); everything else in the item is the server's.
 DEVICE_REGISTRY_ACTIONS = ("dynamodb:UpdateItem",)
-DEVICE_REGISTRY_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
 
 # The singleton that aws_s3.Bucket.add_event_notification adds to the stack.
 _S3_NOTIFICATIONS_HANDLER = "BucketNotificationsHandler050a0587b7544547bf325f094a3db834"
@@ -306,7 +306,7 @@ class FederationStack(Stack):
             conditions={
                 "ForAllValues:StringEquals": {
                     "dynamodb:LeadingKeys": [THING_NAME_VARIABLE],
-                    "dynamodb:Attributes": list(DEVICE_REGISTRY_ATTRIBUTES),
+                    "dynamodb:Attributes": list(DEVICE_ATTRIBUTES),
                 },
                 # No reading back more than those attributes (a whole item, an index).
                 "StringEqualsIfExists": {

@@ -304,8 +304,8 @@ def _timestamp(text: str) -> float:
     return value
 
 
-def storable(value: float) -> float:
-    """A finite number in DynamoDB's range: magnitudes under 1e-12 become 0."""
+def _zero_if_tiny(value: float) -> float:
+    """Magnitudes under 1e-12 become 0 (DynamoDB stores nothing below 1e-130)."""
     return 0.0 if abs(value) < _SMALLEST_REPORTED else value
 
 
@@ -338,7 +338,7 @@ def _reported(text: str, name: str, minimum: float) -> dict[str, float]:
                 "metadata_malformed",
                 f"{name}[{k!r}] is not in {minimum:g}..{MAX_REPORTED_VALUE:g}",
             )
-        out[k] = storable(value)
+        out[k] = _zero_if_tiny(value)
     return out
 
 

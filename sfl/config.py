@@ -18,13 +18,6 @@ from sfl import plugins
 CONTEXT_KEY = "sfl"
 ENV_PREFIX = "SFL_"
 
-# The built-in names of each plug-in kind, from the one registry (sfl.plugins); a custom
-# strategy or task is named by import path: "package.module:attribute".
-SELECTION_STRATEGIES = plugins.names("selection")
-AGGREGATION_STRATEGIES = plugins.names("aggregation")
-QUORUM_POLICIES = plugins.names("quorum")
-BUILTIN_TASKS = plugins.names("task")
-IMPORT_PATH = plugins.IMPORT_PATH
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 

@@ -3,6 +3,7 @@ and what it downloads (assignment, global model) treated as untrusted input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from sfl.averager import bootstrap_model
 from sfl.aws import AwsCallFailed, AwsClients, aws_call
 from sfl.codec import UpdateMetadata, parse_header
 from sfl.initiator import start_round
+from sfl.registry import DEVICE_ATTRIBUTES
 from sfl.splits import write_client_splits
 from sfl.tasks import load_task
 from tests.conftest import Stack
@@ -145,8 +147,6 @@ def test_device_process_answers_a_round_and_exits_cleanly_on_sigterm(
 
 # --- the registry: a device writes only that it is alive -----------------------------------
 
-DEVICE_ATTRIBUTES = {"client_id", "last_seen", "expires_at", "registered_at"}
-
 
 def _device(stack: Stack, tmp_path: Path, client_id: str = "c1") -> EdgeClient:
     task = load_task("digits")
@@ -188,7 +188,7 @@ def test_after_a_round_the_registry_holds_only_what_a_device_may_write(
     item = stack.clients.dynamodb.get_item(
         TableName=stack.names.clients_table, Key={"client_id": {"S": "c1"}}
     )["Item"]
-    assert set(item) == DEVICE_ATTRIBUTES  # no turnaround, no answer count: the server's
+    assert set(item) == set(DEVICE_ATTRIBUTES)  # no turnaround, no answer count: the server's
 
 
 # --- the global model: checked like an update, a bad one costs the round --------------------
@@ -383,6 +383,22 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _device_process(
+    env: dict[str, str], log_path: Path, *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    """``python -m edge_client ARGS`` as a device runs it, its output in ``log_path``."""
+    with log_path.open("w") as log:
+        yield subprocess.Popen(
+            [sys.executable, "-m", "edge_client", *args],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
 def _wait_for(path: Path, text: str, proc: subprocess.Popen[str], seconds: float = 60) -> str:
     deadline = time.time() + seconds
     while time.time() < deadline and proc.poll() is None:
@@ -404,15 +420,7 @@ def test_device_process_waits_out_a_credential_outage_and_stops_on_sigterm(
         "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"http://127.0.0.1:{_closed_port()}/creds",
     }
     log_path = tmp_path / "client.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_client"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    with _device_process(env, log_path) as proc:
         try:
             _wait_for(log_path, "AWS credentials unavailable", proc)
         finally:
@@ -430,15 +438,7 @@ def test_device_process_survives_a_malformed_global_model(stack: Stack, tmp_path
     )
     env = {**os.environ, **_client_env(stack, "d2", tmp_path / "d2")}
     log_path = tmp_path / "client.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_client", "--heartbeat-seconds", "1"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    with _device_process(env, log_path, "--heartbeat-seconds", "1") as proc:
         try:
             deadline = time.time() + 60
             result = start_round(stack.clients, stack.names, stack.config)
@@ -472,15 +472,7 @@ def test_device_process_stops_within_the_nucleus_grace_while_a_call_hangs(
             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
         }
         log_path = tmp_path / "client.log"
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_client"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+        with _device_process(env, log_path) as proc:
             try:
                 connection, _ = silent.accept()  # the client's first call now waits for an answer
                 with connection:

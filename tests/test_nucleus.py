@@ -362,7 +362,6 @@ class Nucleus:
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
             "PIP_CONFIG_FILE": os.devnull,  # a device has no pip config of this host's
-            "AWS_EC2_METADATA_DISABLED": "true",
             "SVCUID": SVCUID,
             "AWS_CONTAINER_AUTHORIZATION_TOKEN": SVCUID,
             "AWS_IOT_THING_NAME": THING,
