@@ -99,6 +99,10 @@ class Averager:
         self.registry = ClientRegistry(aws.dynamodb, names.clients_table)
         self.on_round_finished = on_round_finished
 
+    def round_config(self, round_: Round) -> FederationConfig:
+        """The configuration a round runs with: the one this function was deployed with."""
+        return self.config
+
     # --- updates --------------------------------------------------------------------------
 
     def handle_update(self, event: UpdateEvent) -> UpdateOutcome:
@@ -212,8 +216,8 @@ class Averager:
                 client_id=client,
                 base_version=round_.base_version,
                 base_header=self.base_header(round_.base_version),
-                max_bytes=self.config.max_update_bytes,
-                max_num_examples=self.config.max_num_examples,
+                max_bytes=self.round_config(round_).max_update_bytes,
+                max_num_examples=self.round_config(round_).max_num_examples,
             )
             check_size(event.size, expected.size_limit)
             try:
@@ -273,7 +277,11 @@ class Averager:
             turnaround = round_.deadline_at - round_.created_at
         try:
             self.registry.record_round(
-                client, round_.round, answered=answered, turnaround=turnaround, b=self.config.ewma_b
+                client,
+                round_.round,
+                answered=answered,
+                turnaround=turnaround,
+                b=self.round_config(round_).ewma_b,
             )
         except Exception as e:  # never let bookkeeping fail an update or a round
             logger.warning(
@@ -343,7 +351,8 @@ class Averager:
         elif round_.status is not RoundState.OPEN:
             return None
         view = self.quorum_view(round_)
-        quorum = get_quorum_policy(self.config.quorum)(view, self.config)
+        config = self.round_config(round_)
+        quorum = get_quorum_policy(config.quorum)(view, config)
         if round_.status is RoundState.OPEN and not quorum:
             if view.past_deadline:
                 reason = f"deadline passed with {view.answered} of {view.selected} answered"
@@ -351,7 +360,7 @@ class Averager:
                     return self._finished(round_.round)
             return None
         won = self.rounds.begin_aggregation(
-            round_.experiment, round_.round, self.owner, now, self.config.aggregation_lease_seconds
+            round_.experiment, round_.round, self.owner, now, config.aggregation_lease_seconds
         )
         if won is None:
             return None
@@ -395,13 +404,14 @@ class Averager:
         back is left out (``excluded``), never the round.
         """
         started = self.clock()
-        aggregator = get_aggregator(self.config.aggregation)()
+        config = self.round_config(round_)
+        aggregator = get_aggregator(config.aggregation)()
         accepted = round_.accepted
         weights = dict(
             zip(
                 accepted,
                 bounded_weights(
-                    [a.num_examples for a in accepted.values()], self.config.max_weight_ratio
+                    [a.num_examples for a in accepted.values()], config.max_weight_ratio
                 ),
                 strict=True,
             )
@@ -409,8 +419,8 @@ class Averager:
         base = self.base_model(round_.base_version)
         bound = norm_bound(
             [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
-            factor=self.config.norm_bound_factor,
-            absolute=self.config.max_update_norm,
+            factor=config.norm_bound_factor,
+            absolute=config.max_update_norm,
             fallback=round_.norm_bound_hint,
             base_norm=model_norm(base),
         )
