@@ -100,8 +100,11 @@ class Averager:
         self.on_round_finished = on_round_finished
 
     def round_config(self, round_: Round) -> FederationConfig:
-        """The configuration a round runs with: the one this function was deployed with."""
-        return self.config
+        """The configuration a round runs with: the one its record holds (``sfl.control``),
+        or the one this function was deployed with for rounds that hold none."""
+        from sfl.control import round_config
+
+        return round_config(round_, self.config)
 
     # --- updates --------------------------------------------------------------------------
 

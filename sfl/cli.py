@@ -203,9 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(func=_split_dataset)
 
-    cfg = sub.add_parser("config", help="list every configuration key, default and allowed values")
+    cfg = sub.add_parser(
+        "config",
+        help="every configuration key, default and allowed values; show | set | unset | history "
+        "change a federation's configuration between rounds",
+    )
     cfg.add_argument("--json", action="store_true")
     cfg.set_defaults(func=_config)
+    from sfl.ops.cli import add_config_actions, add_parsers
+
+    add_config_actions(cfg, reference=_config)
+    add_parsers(sub)  # the operator's commands: status, rounds, watch, models, ...
 
     init = sub.add_parser("initial-model", help="write global model version 0 to a file")
     init.add_argument("--task", default="digits")

@@ -20,6 +20,11 @@ ENV_PREFIX = "SFL_"
 
 EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+#: Keys fixed at deploy time: the experiment names every record, the task fixes the model's
+#: shape, and devices read heartbeat and poll periods from their component configuration.
+#: Every other key may change between rounds (``sfl config set``, ``sfl.control``).
+DEPLOY_TIME_KEYS = frozenset({"experiment", "task", "heartbeat_seconds", "poll_seconds"})
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, of the wrong type or out of range."""

@@ -19,6 +19,8 @@ from botocore.exceptions import ClientError
 from sfl import layout
 from sfl.aws import AwsClients, is_not_found
 from sfl.config import FederationConfig
+from sfl.control import ControlStore, plan_round
+from sfl.lineage import LineageStore
 from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState, RoundStore
@@ -39,6 +41,7 @@ class InitiatorResult:
     reason: str
     selected: tuple[str, ...] = ()
     open_for_seconds: float | None = None  # age of a round still unfinished, for alarms
+    active_clients: int | None = None  # clients seen recently, when this run counted them
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -47,6 +50,7 @@ class InitiatorResult:
             "reason": self.reason,
             "selected": list(self.selected),
             "open_for_seconds": self.open_for_seconds,
+            "active_clients": self.active_clients,
         }
 
 
@@ -91,12 +95,27 @@ def start_round(
             open_for_seconds=clock() - latest.created_at,
         )
 
+    control = ControlStore(aws.dynamodb, names.rounds_table)
+    plan = plan_round(control, config)
+    if plan.refusal:
+        return InitiatorResult(False, latest.round if latest else None, plan.refusal)
+    config = plan.config
+
     if latest is None:
         base_version, number = 0, 1
     elif latest.status is RoundState.CLOSED and latest.model_version is not None:
         base_version, number = latest.model_version, latest.round + 1
     else:  # abandoned: the next round starts from the same model
         base_version, number = latest.base_version, latest.round + 1
+
+    if plan.rollback_to is not None:
+        if not model_exists(aws, names, plan.rollback_to):
+            return InitiatorResult(
+                False, None, f"rollback: model version {plan.rollback_to} does not exist"
+            )
+        base_version = LineageStore(aws, names).roll_back(
+            plan.rollback_to, now=clock(), after=base_version
+        )
 
     if not model_exists(aws, names, base_version):
         return InitiatorResult(
@@ -112,6 +131,7 @@ def start_round(
             False,
             None,
             f"{len(active)} active client(s), fewer than min_clients={config.min_clients}",
+            active_clients=len(active),
         )
     candidates = cooled_down(
         [Candidate(c.client_id, c.ewma_turnaround, c.missed_streak, c.last_round) for c in active],
@@ -149,15 +169,19 @@ def start_round(
         candidates=len(active),
         select_seconds=now - started,
         norm_bound_hint=_norm_bound_hint(latest),
+        config_version=plan.config_version,
+        config=config.to_dict(),
     )
     if not rounds.create(new, latest):
         return InitiatorResult(False, number, f"round {number} was started by another initiator")
+    if plan.rollback_to is not None:
+        control.rollback_done(config.experiment, plan.rollback_to)
     publish_assignment(aws, names, new)
     logger.info(
         "round started",
         extra={"round": number, "selected": list(selected), "base_version": base_version},
     )
-    return InitiatorResult(True, number, "started", selected)
+    return InitiatorResult(True, number, "started", selected, active_clients=len(active))
 
 
 def _norm_bound_hint(previous: Round | None) -> float:

@@ -2,7 +2,10 @@
 
 models bucket (versioned; every object version kept)
     models/global/v000000.safetensors   the global model, one key per version
+    models/lineage/v000000.json         each version's lineage (round, parent, metrics)
+    models/promoted.safetensors         the version promoted for inference
     rounds/current.json                 the current assignment, polled by clients
+    eval/heldout.safetensors            optional held-out evaluation set (x, y)
 updates bucket
     updates/<client_id>/round-000001.safetensors   one update per client and round
 
@@ -19,6 +22,13 @@ MODELS_PREFIX = "models/global/"
 ASSIGNMENT_KEY = "rounds/current.json"
 UPDATES_PREFIX = "updates/"
 UPDATE_SUFFIX = ".safetensors"
+#: One JSON record per model version: round, parent, participants, config version, metrics.
+LINEAGE_PREFIX = "models/lineage/"
+#: The version devices should use for inference (``sfl models promote``): a stable key.
+PROMOTED_MODEL_KEY = "models/promoted.safetensors"
+#: The optional held-out evaluation set the averager scores each new model on.
+EVAL_DATA_KEY = "eval/heldout.safetensors"
+
 
 # AWS IoT thing names: letters, digits, ':', '_', '-' (at most 128 characters).
 # Anchored with \Z, not $ (which would also match before a trailing newline).
@@ -29,6 +39,11 @@ _UPDATE_KEY = re.compile(
     + r"(?P<client>[^/]+)/round-(?P<round>[0-9]{6,12})"
     + re.escape(UPDATE_SUFFIX)
     + r"\Z"
+)
+
+
+_MODEL_KEY = re.compile(
+    r"^" + re.escape(MODELS_PREFIX) + r"v(?P<version>[0-9]{6,12})\.safetensors\Z"
 )
 
 
@@ -46,6 +61,16 @@ def model_key(version: int) -> str:
     if version < 0:
         raise ValueError(f"model version must be >= 0, got {version}")
     return f"{MODELS_PREFIX}v{version:06d}.safetensors"
+
+
+def lineage_key(version: int) -> str:
+    return f"{LINEAGE_PREFIX}v{version:06d}.json"
+
+
+def model_version_of(key: str) -> int | None:
+    """The version a global model key names, or None for any other key."""
+    match = _MODEL_KEY.match(key)
+    return int(match["version"]) if match else None
 
 
 def update_key(client_id: str, round_number: int) -> str:

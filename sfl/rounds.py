@@ -123,6 +123,12 @@ class Round:
     finished_at: float | None = None
     summary: Mapping[str, Any] = field(default_factory=dict)
     abandon_reason: str = ""
+    # The runtime configuration the round runs with (sfl.control): its version (0: as
+    # deployed) and every key's value, so the averager judges it by the same settings.
+    config_version: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict)
+    # The new model's scores on the held-out evaluation set, written after the round closed.
+    evaluation: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def accepted(self) -> dict[str, Answer]:
@@ -151,6 +157,8 @@ class Round:
                 "candidates": self.candidates,
                 "select_seconds": self.select_seconds,
                 "aggregation_attempts": self.aggregation_attempts,
+                "config_version": self.config_version,
+                "config": dict(self.config) or None,
             }
         )
 
@@ -182,6 +190,9 @@ class Round:
             finished_at=d.get("finished_at"),
             summary=d.get("summary", {}),
             abandon_reason=d.get("abandon_reason", ""),
+            config_version=int(d.get("config_version", 0)),
+            config=d.get("config", {}),
+            evaluation=d.get("evaluation", {}),
         )
 
     def assignment(self, model_key: str) -> dict[str, Any]:
@@ -501,6 +512,25 @@ class RoundStore:
                     ":now": serialize(now),
                     ":summary": serialize(storable(summary)),
                 },
+            )
+        except ClientError as e:
+            if error_code(e) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def record_evaluation(
+        self, experiment: str, number: int, evaluation: Mapping[str, Any]
+    ) -> bool:
+        """The new model's held-out scores, on a round that exists (written after closing)."""
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key=self._key(experiment, number),
+                UpdateExpression="SET evaluation = :e",
+                ConditionExpression="attribute_exists(#r)",
+                ExpressionAttributeNames={"#r": "round"},
+                ExpressionAttributeValues={":e": serialize(storable(evaluation))},
             )
         except ClientError as e:
             if error_code(e) == "ConditionalCheckFailedException":

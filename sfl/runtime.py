@@ -22,6 +22,10 @@ INITIATOR_SERVICE = "sfl-initiator"
 AVERAGER_SERVICE = "sfl-averager"
 #: Seconds the newest round has been open, published by the initiator on every run.
 OPEN_ROUND_AGE_METRIC = "OpenRoundAge"
+#: Clients seen recently, published by the initiator when it counted them.
+ACTIVE_DEVICES_METRIC = "ActiveDevices"
+#: The new model's accuracy on the held-out set, published by the averager (sfl.evaluation).
+GLOBAL_ACCURACY_METRIC = "GlobalModelAccuracy"
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
     "AWS_REGION",

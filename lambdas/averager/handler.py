@@ -18,9 +18,16 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.averager import Averager, UpdateOutcome, bootstrap_model
 from sfl.aws import RETRY_CONFIG
+from sfl.evaluation import after_round
 from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
 from sfl.rounds import Round, RoundState
-from sfl.runtime import AVERAGER_SERVICE, METRICS_NAMESPACE, Services, route_core_logs
+from sfl.runtime import (
+    AVERAGER_SERVICE,
+    GLOBAL_ACCURACY_METRIC,
+    METRICS_NAMESPACE,
+    Services,
+    route_core_logs,
+)
 from sfl.runtime import services as runtime_services
 
 logger = Logger(service=AVERAGER_SERVICE)
@@ -47,11 +54,29 @@ def chain_initiator(finished: Round) -> None:
     )
 
 
+def round_finished(finished: Round) -> None:
+    """After a round: score and record the new model (``sfl.evaluation``: held-out accuracy,
+    lineage), then chain the next round. Scoring never fails the invocation: the round is
+    closed already, and a retried event would not score it again."""
+    aws, names, config = services()
+    try:
+        scores = after_round(aws, names, config, finished)
+    except Exception:
+        logger.exception("recording the new model's evaluation and lineage failed")
+        metrics.add_metric(name="EvaluationFailures", unit=MetricUnit.Count, value=1)
+    else:
+        if scores is not None and isinstance(scores.get("accuracy"), float):
+            metrics.add_metric(
+                name=GLOBAL_ACCURACY_METRIC, unit=MetricUnit.NoUnit, value=scores["accuracy"]
+            )
+    chain_initiator(finished)
+
+
 @metrics.log_metrics
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     aws, names, config = services()
-    averager = Averager(aws, names, config, on_round_finished=chain_initiator)
+    averager = Averager(aws, names, config, on_round_finished=round_finished)
     action = control_action(event)
     if action == BOOTSTRAP:
         from sfl.tasks import load_task

@@ -13,6 +13,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.initiator import start_round
 from sfl.runtime import (
+    ACTIVE_DEVICES_METRIC,
     INITIATOR_SERVICE,
     METRICS_NAMESPACE,
     OPEN_ROUND_AGE_METRIC,
@@ -42,5 +43,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     metrics.add_metric(
         name=OPEN_ROUND_AGE_METRIC, unit=MetricUnit.Seconds, value=result.open_for_seconds or 0.0
     )
+    if result.active_clients is not None:
+        metrics.add_metric(
+            name=ACTIVE_DEVICES_METRIC, unit=MetricUnit.Count, value=result.active_clients
+        )
     logger.info("initiator finished", extra=result.to_dict())
     return result.to_dict()

@@ -20,7 +20,7 @@ import torch
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
-from sfl import codec, layout
+from sfl import layout
 from sfl.config import FederationConfig
 from sfl.local.attacks import HostileTask
 from sfl.local.dispatcher import S3EventDispatcher
@@ -365,11 +365,10 @@ def _wait_for_round(
 def _evaluate_version(
     task: TrainingTask, control: Any, bucket: str, version: int, test: ArrayDataset
 ) -> dict[str, float]:
-    body = control.s3.get_object(Bucket=bucket, Key=layout.model_key(version))["Body"].read()
-    model = task.build_model()
-    model.load_state_dict(codec.decode(body))
-    scores = task.evaluate(model, test)
-    return {"accuracy": scores.accuracy, "loss": scores.loss}
+    from sfl.evaluation import score_version  # the averager's held-out scoring, too
+
+    scores = score_version(task, control, bucket, version, test)
+    return {"accuracy": scores["accuracy"], "loss": scores["loss"]}
 
 
 def history_row(r: Round) -> dict[str, Any]:

@@ -1,0 +1,206 @@
+"""What the operator's commands show, as plain data (the ``--json`` output): read from the
+round records, the registry, the control record, the models bucket and the alarms."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+from sfl.control import ControlStore
+from sfl.lineage import LineageStore, ModelLineage, lineage_of_round
+from sfl.ops.federation import Federation
+from sfl.registry import ClientRegistry
+from sfl.rounds import Round, RoundState, RoundStore
+
+#: Seen by no heartbeat for this long, a registry item is not listed as a device at all.
+EVERYONE_SECONDS = 10.0**10
+
+
+def rounds_of(fed: Federation) -> list[Round]:
+    return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment)
+
+
+def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
+    """One round for ``sfl rounds``, ``sfl watch`` and the report."""
+    now = time.time() if now is None else now
+    end = r.finished_at if r.finished_at is not None else now
+    reasons = Counter(a.reason.split(":")[0] for a in r.rejected.values())
+    reasons.update({k: int(v) for k, v in r.rejection_counts.items()})
+    summary = r.summary
+    return {
+        "round": r.round,
+        "status": str(r.status),
+        "base_version": r.base_version,
+        "model_version": r.model_version,
+        "config_version": r.config_version,
+        "selected": len(r.selected),
+        "answered": len(r.answers),
+        "accepted": len(r.accepted),
+        "rejected": sum(reasons.values()),
+        "rejections": dict(sorted(reasons.items())),
+        "other_uploads": sum(int(v) for v in r.rejection_counts.values()),
+        "participants": summary.get("participants"),
+        "candidates": r.candidates,
+        "started_at": r.created_at,
+        "soft_deadline_at": r.soft_deadline_at,
+        "deadline_at": r.deadline_at,
+        "finished_at": r.finished_at,
+        "duration_seconds": end - r.created_at,
+        "aggregate_seconds": summary.get("aggregate_seconds"),
+        "accuracy": r.evaluation.get("accuracy"),
+        "loss": r.evaluation.get("loss"),
+        "evaluation_error": r.evaluation.get("error"),
+        "client_accuracy": summary.get("client_accuracy"),
+        "client_loss": summary.get("client_loss"),
+        "num_examples": summary.get("num_examples"),
+        "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
+        "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
+        "model_bytes": summary.get("model_bytes"),
+        "aggregation_attempts": r.aggregation_attempts,
+        "abandon_reason": r.abandon_reason or None,
+        "lr": r.train_config.get("lr"),
+        "local_epochs": r.train_config.get("local_epochs"),
+    }
+
+
+def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    config = fed.deployed_config
+    history = rounds_of(fed)
+    latest = history[-1] if history else None
+    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    everyone = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    window = _effective(fed, control.overrides).active_window_seconds
+    active = [c for c in everyone if c.last_seen >= now - window]
+    closed = [r for r in history if r.status is RoundState.CLOSED and r.model_version is not None]
+    model: dict[str, Any] | None = None
+    if closed:
+        last = closed[-1]
+        model = {
+            "version": last.model_version,
+            "round": last.round,
+            "accuracy": last.evaluation.get("accuracy"),
+            "client_accuracy": last.summary.get("client_accuracy"),
+        }
+    return {
+        "stack": fed.stack,
+        "local": fed.local,
+        "region": fed.region,
+        "experiment": config.experiment,
+        "round": round_row(latest, now) if latest is not None else None,
+        "rounds_closed": sum(r.status is RoundState.CLOSED for r in history),
+        "rounds_abandoned": sum(r.status is RoundState.ABANDONED for r in history),
+        "paused": control.paused,
+        "pause_reason": control.pause_reason or None,
+        "rollback_to": control.rollback_to,
+        "config_version": control.config_version,
+        "active_devices": len(active),
+        "known_devices": len(everyone),
+        "latest_model": model,
+        "promoted_version": control.promoted_version,
+        "alarms": alarms(fed),
+        "dashboard": fed.outputs.get("DashboardUrl"),
+        "now": now,
+    }
+
+
+def alarms(fed: Federation) -> list[dict[str, Any]]:
+    names = fed.alarm_names
+    if not names:
+        return []
+    found: list[dict[str, Any]] = []
+    cloudwatch = fed.client("cloudwatch")
+    for start in range(0, len(names), 100):
+        response = cloudwatch.describe_alarms(AlarmNames=names[start : start + 100])
+        found.extend(
+            {"name": a["AlarmName"], "state": a["StateValue"], "reason": a.get("StateReason", "")}
+            for a in response.get("MetricAlarms", [])
+        )
+    return sorted(found, key=lambda a: a["name"])
+
+
+def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
+    """Every client in the registry, with what the round records say about its answers."""
+    now = time.time() if now is None else now
+    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    window = _effective(fed, control.overrides).active_window_seconds
+    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    records = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    picked: Counter[str] = Counter()
+    accepted: Counter[str] = Counter()
+    rejected: dict[str, Counter[str]] = {}
+    turnaround: dict[str, list[float]] = {}
+    for r in rounds_of(fed):
+        picked.update(r.selected)
+        for client, answer in r.answers.items():
+            if answer.outcome.value == "accepted":
+                accepted[client] += 1
+                turnaround.setdefault(client, []).append(answer.received_at - r.created_at)
+            else:
+                rejected.setdefault(client, Counter())[answer.reason.split(":")[0]] += 1
+        for other in r.other_rejections:
+            client = str(other.get("client_id"))
+            reason = str(other.get("reason", "")).split(":")[0]
+            rejected.setdefault(client, Counter())[reason] += int(other.get("count", 1))
+    rows = []
+    for c in records:
+        samples = turnaround.get(c.client_id, [])
+        rows.append(
+            {
+                "client_id": c.client_id,
+                "active": c.last_seen >= now - window,
+                "last_seen": c.last_seen,
+                "last_seen_seconds_ago": max(0.0, now - c.last_seen),
+                "registered_at": c.registered_at,
+                "ewma_turnaround": c.ewma_turnaround,
+                "last_turnaround": samples[-1] if samples else None,
+                "rounds_picked": picked[c.client_id],
+                "rounds_answered": accepted[c.client_id],
+                "rounds_missed": c.rounds_missed,
+                "missed_streak": c.missed_streak,
+                "rejected": dict(sorted(rejected.get(c.client_id, Counter()).items())),
+            }
+        )
+    return rows
+
+
+def models(fed: Federation) -> list[dict[str, Any]]:
+    """Every global model version with its lineage (from its record, else its round)."""
+    store = LineageStore(fed.aws, fed.names)
+    versions = store.versions()
+    by_version = {
+        r.model_version: r
+        for r in rounds_of(fed)
+        if r.status is RoundState.CLOSED and r.model_version is not None
+    }
+    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    rows = []
+    for version, obj in versions.items():
+        lineage = store.get(version)
+        if lineage is None and version in by_version:
+            lineage = lineage_of_round(by_version[version])
+        if lineage is None:
+            lineage = ModelLineage(
+                version=version, kind="initial" if version == 0 else "?", parent=None
+            )
+        row = lineage.to_dict()
+        row.update(
+            size=obj["size"],
+            written_at=obj["written_at"].timestamp(),
+            promoted=version == control.promoted_version,
+            accuracy=row["metrics"].get("accuracy"),
+            client_accuracy=row["metrics"].get("client_accuracy"),
+        )
+        rows.append(row)
+    return rows
+
+
+def _effective(fed: Federation, overrides: Any) -> Any:
+    from sfl.control import effective_config
+
+    try:
+        return effective_config(fed.deployed_config, overrides)
+    except ValueError:
+        return fed.deployed_config
