@@ -14,7 +14,7 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-robust bench-noniid synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -22,6 +22,8 @@ help:
 	@echo "make fast     the tests not marked slow (during development)"
 	@echo "make bench    measure the simulation (accuracy, time, overhead) into benchmarks/results/"
 	@echo "make bench-hostile  one attacker of five vs the default bounds, into benchmarks/results/"
+	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
+	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
@@ -50,6 +52,7 @@ setup: $(VENV)/.runtime
 
 dev: $(VENV)/.dev node_modules/.installed
 	bash scripts/checkov.sh --install-only
+	bash scripts/flwr_oracle.sh
 
 demo: setup
 	$(VENV)/bin/sfl simulate --clients 10 --rounds 20 --partition dirichlet --alpha 0.5 --out runs/demo
@@ -67,6 +70,7 @@ pytest: dev
 test: dev lint typecheck pytest
 
 fast: $(VENV)/.dev
+	bash scripts/flwr_oracle.sh
 	$(PY) -m pytest -m "not slow"
 
 bench: setup
@@ -74,6 +78,12 @@ bench: setup
 
 bench-hostile: setup
 	$(PY) benchmarks/hostile.py --seeds 0 1 2
+
+bench-robust: setup
+	$(PY) benchmarks/robustness.py --seeds 0 1 2
+
+bench-noniid: setup
+	$(PY) benchmarks/noniid.py
 
 synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet

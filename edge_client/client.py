@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 _MAX_EPOCHS = 10_000
 _MAX_BATCH = 1_000_000
+_MAX_PROXIMAL_MU = 1_000.0
 
 
 class RoundInterrupted(Exception):
@@ -76,7 +77,18 @@ def _train_config(d: Any) -> TrainConfig:
         lr=lr,
         batch_size=_int(d, "batch_size", 1, _MAX_BATCH),
         seed=_int(d, "seed", -(2**63), 2**63 - 1) if "seed" in d else 0,
+        proximal_mu=_proximal_mu(d),
     )
+
+
+def _proximal_mu(d: Mapping[str, Any]) -> float:
+    """FedProx's mu, absent from assignments written before it existed (then 0)."""
+    if "proximal_mu" not in d:
+        return 0.0
+    mu = _finite(d, "proximal_mu")
+    if not 0 <= mu <= _MAX_PROXIMAL_MU:
+        raise AssignmentUnreadable(f"'proximal_mu'={mu} is not in 0..{_MAX_PROXIMAL_MU}")
+    return mu
 
 
 @dataclass(frozen=True)

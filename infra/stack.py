@@ -246,13 +246,20 @@ class FederationStack(Stack):
         _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
         # Looking for an upload whose S3 event never arrived (the tick's recovery).
         _allow(role, ["s3:ListBucket"], [updates.bucket_arn])
-        _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")])
-        # New model versions only, each written once: S3 refuses the write if the key exists.
+        # Model versions, and the server state a stateful rule keeps beside them.
+        versions = [
+            models.arn_for_objects(f"{layout.MODELS_PREFIX}*"),
+            models.arn_for_objects(f"{layout.STATE_PREFIX}*"),
+        ]
+        _allow(role, ["s3:GetObject"], versions)
+        # The state of a version made without one is absent: 404 (not 403) needs ListBucket.
+        _allow(role, ["s3:ListBucket"], [models.bucket_arn])
+        # New objects only, each written once: S3 refuses the write if the key exists.
         # (A single-part PutObject: multipart uploads' parts carry no If-None-Match.)
         _allow(
             role,
             ["s3:PutObject"],
-            [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
+            versions,
             conditions={"StringEquals": {"s3:if-none-match": "*"}},
         )
         _allow(
@@ -332,6 +339,7 @@ class FederationStack(Stack):
         models = self.storage.models_bucket
         updates = self.storage.updates_bucket
         models_global = (models, f"{layout.MODELS_PREFIX}*")
+        server_state = (models, f"{layout.STATE_PREFIX}*")
         all_updates = (updates, f"{layout.UPDATES_PREFIX}*")
         own_updates = (updates, layout.update_key_pattern(THING_NAME_VARIABLE))
         object_wildcards = {
@@ -340,6 +348,7 @@ class FederationStack(Stack):
             ],
             self.rounds.averager.role: [
                 (models_global, "reads the round's base model and writes the next version"),
+                (server_state, "reads the base version's server state and writes the next one"),
                 (all_updates, "reads the update of any client selected for the round"),
             ],
             self.edge.device_role: [

@@ -13,38 +13,27 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from sfl import layout
 from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
 from sfl.aws import AwsClients, error_code, is_not_found, is_transient
-from sfl.codec import Header, decode, encode_model, header_length, parse_header
+from sfl.codec import Header, encode_model
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
+from sfl.model_store import ModelStore
 from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
+from sfl.round_updates import Entry, RoundUpdates
 from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
-from sfl.strategies.aggregation import get_aggregator
-from sfl.strategies.bounds import (
-    bounded_weights,
-    clip_scale,
-    clip_to_bound,
-    model_norm,
-    norm_bound,
-)
+from sfl.strategies.aggregation import build_rule
+from sfl.strategies.bounds import bounded_weights, clip_scale, model_norm, norm_bound
 from sfl.strategies.quorum import QuorumView, get_quorum_policy
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
-# Model versions never change once written, so their headers are cached per container, and
-# the latest base model's tensors too (one model: the memory of a container stays bounded).
-_BASE_HEADERS: dict[tuple[str, int], Header] = {}
-_BASE_MODEL: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 # An aggregation that failed this many times (crash, timeout) is not retried: the round is
 # abandoned and the next one starts from the same model.
 MAX_AGGREGATION_ATTEMPTS = 3
@@ -97,6 +86,7 @@ class Averager:
         self.owner = owner or uuid.uuid4().hex
         self.rounds = RoundStore(aws.dynamodb, names.rounds_table)
         self.registry = ClientRegistry(aws.dynamodb, names.clients_table)
+        self.models = ModelStore(aws.s3, names.models_bucket)
         self.on_round_finished = on_round_finished
 
     def round_config(self, round_: Round) -> FederationConfig:
@@ -237,7 +227,7 @@ class Averager:
             common["size"] = int(obj["ContentLength"])
             check_size(common["size"], expected.size_limit)
             data = obj["Body"].read(expected.size_limit + 1)
-            accepted = validate_update(data, expected, self.base_model(round_.base_version))
+            accepted = validate_update(data, expected, self.models.model(round_.base_version))
         except UpdateRejected as e:
             common.setdefault("etag", _etag(event.etag))
             return Answer(
@@ -399,17 +389,20 @@ class Averager:
         return finished
 
     def aggregate(self, round_: Round) -> bool:
-        """Stream the accepted updates into the next model version and close the round.
+        """Turn the accepted updates into the next model version with the configured rule,
+        and close the round.
 
         Every update is weighed and moved within the round's bounds (``sfl.strategies.bounds``):
         its weight at most ``max_weight_ratio`` times the median example count, its change
         from the base model clipped to the round's norm bound. One update that cannot be read
-        back is left out (``excluded``), never the round.
+        back is left out (``excluded``), never the round. A stateful rule's server state is
+        written once beside the new version, before it; a retry that finds it written makes
+        the model from that state, so model and state always agree.
         """
         started = self.clock()
         config = self.round_config(round_)
-        aggregator = get_aggregator(config.aggregation)()
-        accepted = round_.accepted
+        rule = build_rule(config.aggregation, config.aggregation_params)
+        accepted = dict(sorted(round_.accepted.items()))
         weights = dict(
             zip(
                 accepted,
@@ -419,7 +412,7 @@ class Averager:
                 strict=True,
             )
         )
-        base = self.base_model(round_.base_version)
+        base = self.models.model(round_.base_version)
         bound = norm_bound(
             [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
             factor=config.norm_bound_factor,
@@ -427,59 +420,63 @@ class Averager:
             fallback=round_.norm_bound_hint,
             base_norm=model_norm(base),
         )
-        excluded: dict[str, str] = {}
-        clipped: list[str] = []
-        used: list[tuple[str, Answer]] = []
-        for client, answer in accepted.items():
-            try:
-                obj = self.aws.s3.get_object(
-                    Bucket=self.names.updates_bucket, Key=answer.key, IfMatch=answer.etag
-                )
-                scale = clip_scale(answer.delta_norm, bound)
-                tensors = clip_to_bound(decode(obj["Body"].read()), base, scale)
-            except ClientError as e:
-                if is_transient(e):
-                    raise
-                if is_not_found(e) or error_code(e) in {"PreconditionFailed", "412"}:
-                    excluded[client] = "update changed or vanished after it was accepted"
-                else:  # e.g. overwritten into an archive storage class after acceptance
-                    excluded[client] = f"unreadable: {error_code(e)}"[:200]
-                continue
-            except Exception as e:  # e.g. a file that decoded at acceptance and not now
-                logger.exception("update left out of the aggregation", extra={"client_id": client})
-                excluded[client] = f"error: {type(e).__name__}"[:200]
-                continue
-            # Outside the per-object guard: a failing aggregation is the lease's business.
-            aggregator.add(tensors, weights[client])
-            if scale < 1.0:
-                clipped.append(client)
-            used.append((client, answer))
-            del tensors
-        result = aggregator.result()
+        entries = [
+            Entry(client, a.key, a.etag, weights[client], clip_scale(a.delta_norm, bound))
+            for client, a in accepted.items()
+        ]
+        version = round_.base_version + 1
+        previous = (
+            self.models.state(round_.base_version, config.aggregation) if rule.stateful else None
+        )
+        with RoundUpdates(
+            self.aws.s3,
+            self.names.updates_bucket,
+            entries,
+            base,
+            self.models.header(round_.base_version),
+        ) as updates:
+            result = rule.aggregate(base, updates, previous)
+            read = list(updates.read)
+            excluded = dict(updates.excluded)
         if result is None:
             reason = "no accepted update could be read back for aggregation"
             return self.rounds.abandon(
                 round_.experiment, round_.round, reason, self.clock(), owner=self.owner
             )
-        version = round_.base_version + 1
-        body = encode_model(result, version=version, round=round_.round, participants=len(used))
-        rewritten = not self._put_once(layout.model_key(version), body)
+        model = result.model
+        if result.state is not None and not self.models.put_state(
+            version, result.state, config.aggregation
+        ):
+            stored = self.models.state(version, config.aggregation)
+            if stored is None:
+                raise RuntimeError(f"server state of version {version} exists for another rule")
+            model = rule.model_from_state(base, stored)
+        used = [(client, accepted[client]) for client in read]
+        body = encode_model(model, version=version, round=round_.round, participants=len(used))
+        rewritten = not self.models.put_model(version, body)
+        if rewritten:
+            logger.warning("model version already written; keeping it", extra={"version": version})
         finished = self.clock()
         total_examples = sum(a.num_examples for _, a in used)
+        details = dict(result.details or {})
+        if "krum_kept" in details:
+            details["krum_kept"] = [read[i] for i in details["krum_kept"]]
         summary = {
             "participants": len(used),
             "num_examples": total_examples,
             "weight": sum(weights[c] for c, _ in used),
             "client_loss": _weighted(used, weights, "loss", 0.0, 1e6),
             "client_accuracy": _weighted(used, weights, "accuracy", 0.0, 1.0),
+            "aggregation": config.aggregation,
             "aggregate_seconds": finished - started,
             "model_bytes": len(body),
             "bytes_up": sum(a.size for a in round_.answers.values()),
             "bytes_down": sum(a.bytes_down for a in round_.answers.values()),
             "norm_bound": bound if math.isfinite(bound) else None,
-            "clipped": clipped,
+            "clipped": [e.client for e in entries if e.scale < 1.0 and e.client in read],
             "excluded": excluded,
             "model_already_written": rewritten,
+            **details,
         }
         closed = self.rounds.close(
             round_.experiment, round_.round, self.owner, version, finished, summary
@@ -490,54 +487,17 @@ class Averager:
                 "round": round_.round,
                 "model_version": version,
                 "closed": closed,
-                **{k: v for k, v in summary.items() if k not in ("excluded", "clipped")},
+                **{
+                    k: v
+                    for k, v in summary.items()
+                    if k not in ("excluded", "clipped", "krum_kept")
+                },
             },
         )
         return closed
 
-    def _put_once(self, key: str, body: bytes) -> bool:
-        """Write a model version only if absent: a retried aggregation of the same accepted
-        updates computes the same model, so an existing object is kept, never overwritten."""
-        try:
-            self.aws.s3.put_object(
-                Bucket=self.names.models_bucket, Key=key, Body=body, IfNoneMatch="*"
-            )
-        except ClientError as e:
-            if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
-                logger.warning("model version already written; keeping it", extra={"key": key})
-                return False
-            raise
-        return True
-
     def base_header(self, version: int) -> Header:
-        cache_key = (self.names.models_bucket, version)
-        header = _BASE_HEADERS.get(cache_key)
-        if header is None:
-            key = layout.model_key(version)
-            first = self.aws.s3.get_object(
-                Bucket=self.names.models_bucket, Key=key, Range="bytes=0-7"
-            )
-            total = int(first["ContentRange"].rsplit("/", 1)[1])
-            length = header_length(first["Body"].read())
-            rest = self.aws.s3.get_object(
-                Bucket=self.names.models_bucket, Key=key, Range=f"bytes=0-{7 + length}"
-            )["Body"].read()
-            header = parse_header(rest, total_size=total)
-            _BASE_HEADERS[cache_key] = header
-        return header
-
-    def base_model(self, version: int) -> dict[str, torch.Tensor]:
-        """The tensors of a model version (ours, written once); the latest one is cached."""
-        cache_key = (self.names.models_bucket, version)
-        model = _BASE_MODEL.get(cache_key)
-        if model is None:
-            body = self.aws.s3.get_object(
-                Bucket=self.names.models_bucket, Key=layout.model_key(version)
-            )["Body"].read()
-            model = decode(body)
-            _BASE_MODEL.clear()
-            _BASE_MODEL[cache_key] = model
-        return model
+        return self.models.header(version)
 
     # --- tick -----------------------------------------------------------------------------
 

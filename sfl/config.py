@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfl import plugins
+from sfl.strategies import params as rule_params
 
 CONTEXT_KEY = "sfl"
 ENV_PREFIX = "SFL_"
@@ -64,6 +65,13 @@ class FederationConfig:
     aggregation: str = field(
         default="fedavg",
         metadata=_spec(_one_of("aggregation"), "how updates become the next model"),
+    )
+    aggregation_params: str = field(
+        default="{}",
+        metadata=_spec(
+            (lambda v: True, "a JSON object of the rule's parameters (see docs/strategies.md)"),
+            'parameters of the aggregation rule, e.g. {"eta": 0.01} for fedadam',
+        ),
     )
     quorum: str = field(
         default="min_fraction",
@@ -134,6 +142,13 @@ class FederationConfig:
         default=0.05,
         metadata=_spec(_range(1e-7, 10.0), "clients' learning rate"),
     )
+    proximal_mu: float = field(
+        default=0.0,
+        metadata=_spec(
+            _range(0.0, 1_000.0),
+            "FedProx: clients add mu/2 * ||w - w_base||^2 to their loss; 0 is plain local SGD",
+        ),
+    )
     batch_size: int = field(
         default=16,
         metadata=_spec(_range(1, 65_536), "clients' minibatch size"),
@@ -175,6 +190,11 @@ class FederationConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.aggregation_params, Mapping):  # cdk.json may give an object
+            object.__setattr__(self, "aggregation_params", dict(self.aggregation_params))
+            object.__setattr__(
+                self, "aggregation_params", rule_params.canonical(self.aggregation_params)
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             expected = _field_type(f)
@@ -191,6 +211,10 @@ class FederationConfig:
                     f"config key {f.name!r}: {value!r} is not allowed; "
                     f"allowed: {f.metadata['allowed']}"
                 )
+        try:
+            rule_params.resolve(self.aggregation, rule_params.parse(self.aggregation_params))
+        except rule_params.ParamsError as e:
+            raise ConfigError(f"config key 'aggregation_params': {e}") from e
         if self.round_soft_deadline_seconds > self.round_deadline_seconds:
             raise ConfigError(
                 f"config key 'round_soft_deadline_seconds': {self.round_soft_deadline_seconds} "

@@ -165,6 +165,7 @@ def start_round(
             "lr": config.lr,
             "batch_size": config.batch_size,
             "seed": config.seed + number,
+            "proximal_mu": config.proximal_mu,
         },
         candidates=len(active),
         select_seconds=now - started,

@@ -6,6 +6,8 @@ models bucket (versioned; every object version kept)
     models/promoted.safetensors         the version promoted for inference
     rounds/current.json                 the current assignment, polled by clients
     eval/heldout.safetensors            optional held-out evaluation set (x, y)
+    state/v000001.safetensors           a stateful rule's server state beside that version
+                                        (optimiser moments; never readable by devices)
 updates bucket
     updates/<client_id>/round-000001.safetensors   one update per client and round
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 MODELS_PREFIX = "models/global/"
 ASSIGNMENT_KEY = "rounds/current.json"
+STATE_PREFIX = "state/"
 UPDATES_PREFIX = "updates/"
 UPDATE_SUFFIX = ".safetensors"
 #: One JSON record per model version: round, parent, participants, config version, metrics.
@@ -71,6 +74,13 @@ def model_version_of(key: str) -> int | None:
     """The version a global model key names, or None for any other key."""
     match = _MODEL_KEY.match(key)
     return int(match["version"]) if match else None
+
+
+def state_key(version: int) -> str:
+    """The server state a stateful aggregation rule kept beside model ``version``."""
+    if version < 0:
+        raise ValueError(f"model version must be >= 0, got {version}")
+    return f"{STATE_PREFIX}v{version:06d}.safetensors"
 
 
 def update_key(client_id: str, round_number: int) -> str:

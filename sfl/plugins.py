@@ -27,6 +27,13 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     "aggregation": {
         "fedavg": "sfl.strategies.aggregation:FedAvg",
+        "fedavgm": "sfl.strategies.fedopt:FedAvgM",
+        "fedadam": "sfl.strategies.fedopt:FedAdam",
+        "fedyogi": "sfl.strategies.fedopt:FedYogi",
+        "fedadagrad": "sfl.strategies.fedopt:FedAdagrad",
+        "median": "sfl.strategies.robust:Median",
+        "trimmed_mean": "sfl.strategies.robust:TrimmedMean",
+        "krum": "sfl.strategies.robust:MultiKrum",
     },
     "quorum": {
         "all_answered": "sfl.strategies.quorum:all_answered",

@@ -9,10 +9,16 @@ the model if the server trusted it:
 - ``sign_flip``: its change reversed and times 10
 - ``free_rider``: the base model back, untrained
 - ``inflate_examples``: an honest update claiming 10,000,000 training examples
+- ``gaussian``: the base model plus Gaussian noise (std 1 per coordinate), no training
+- ``alie``: "A Little Is Enough" (Baruch et al. 2019), without omniscience: the attacker
+  trains on three random halves of its data and sends their mean change minus
+  ``ALIE_Z`` times their per-coordinate spread, a shift small enough to look typical
+- ``stale``: an honest update, always trained from the first model the attacker saw
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +27,11 @@ from sfl.tasks.base import ArrayDataset, ClientData, Metrics, ShouldStop, TrainC
 if TYPE_CHECKING:
     import torch
 
-ATTACKS = ("scale", "sign_flip", "free_rider", "inflate_examples")
+ATTACKS = ("scale", "sign_flip", "free_rider", "inflate_examples", "gaussian", "alie", "stale")
 INFLATED_EXAMPLES = 10_000_000
+GAUSSIAN_STD = 1.0
+ALIE_Z = 1.5
+ALIE_SPLITS = 3
 
 
 class InflatedDataset(ArrayDataset):
@@ -41,6 +50,8 @@ class HostileTask:
         self.inner = inner
         self.attack = attack
         self.name = inner.name
+        self._first_model: dict[str, torch.Tensor] | None = None
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -70,6 +81,22 @@ class HostileTask:
         base = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if self.attack == "free_rider":
             return Metrics(loss=0.0, accuracy=1.0, num_examples=len(honest))
+        if self.attack == "gaussian":
+            generator = torch.Generator().manual_seed(config.seed)
+            with torch.no_grad():
+                for value in model.state_dict().values():
+                    if value.dtype.is_floating_point:
+                        noise = torch.randn(value.shape, generator=generator, dtype=value.dtype)
+                        value.add_(GAUSSIAN_STD * noise)
+            return Metrics(loss=0.0, accuracy=1.0, num_examples=len(honest))
+        if self.attack == "alie":
+            return self._little_is_enough(model, honest, config, should_stop, base)
+        if self.attack == "stale":
+            with self._lock:
+                if self._first_model is None:
+                    self._first_model = base
+                first = self._first_model
+            model.load_state_dict(first)
         metrics = self.inner.train(model, honest, config, should_stop)
         factor = {"scale": 1000.0, "sign_flip": -10.0}.get(self.attack)
         if factor is not None:
@@ -78,3 +105,35 @@ class HostileTask:
                     if value.dtype.is_floating_point:
                         value.copy_(base[name] + factor * (value - base[name]))
         return metrics
+
+    def _little_is_enough(
+        self,
+        model: torch.nn.Module,
+        data: ArrayDataset,
+        config: TrainConfig,
+        should_stop: ShouldStop,
+        base: dict[str, torch.Tensor],
+    ) -> Metrics:
+        """Mean change minus ``ALIE_Z`` spreads, both estimated from honest training on
+        random halves of the attacker's own data."""
+        import numpy as np
+        import torch
+
+        rng = np.random.default_rng(config.seed)
+        changes: list[dict[str, torch.Tensor]] = []
+        metrics = Metrics(loss=0.0, accuracy=0.0, num_examples=len(data))
+        for _ in range(ALIE_SPLITS):
+            model.load_state_dict(base)
+            half = rng.permutation(len(data))[: max(1, len(data) // 2)]
+            metrics = self.inner.train(
+                model, ArrayDataset(data.x[half], data.y[half]), config, should_stop
+            )
+            changes.append({k: v.detach() - base[k] for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for name, value in model.state_dict().items():
+                if not value.dtype.is_floating_point:
+                    continue
+                stacked = torch.stack([c[name] for c in changes])
+                shift = stacked.mean(dim=0) - ALIE_Z * stacked.std(dim=0)
+                value.copy_(base[name] + shift)
+        return Metrics(metrics.loss, metrics.accuracy, len(data))

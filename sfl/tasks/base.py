@@ -28,6 +28,8 @@ class TrainConfig:
     lr: float
     batch_size: int
     seed: int = 0
+    # FedProx: add mu/2 * ||w - w_base||^2 to the loss (0: plain local training).
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)

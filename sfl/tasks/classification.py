@@ -91,6 +91,7 @@ class ClassificationTask(ABC):
         """
         x, y = _tensors(model, data)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=SGD_MOMENTUM)
+        anchor = [p.detach().clone() for p in model.parameters()]
         loss_fn = nn.CrossEntropyLoss()
         generator = torch.Generator().manual_seed(config.seed)
         model.train()
@@ -103,8 +104,11 @@ class ClassificationTask(ABC):
                 batch = order[start : start + config.batch_size]
                 logits = model(x[batch])
                 loss = loss_fn(logits, y[batch])
+                objective = loss
+                if config.proximal_mu > 0:
+                    objective = loss + proximal_term(model, anchor, config.proximal_mu)
                 optimizer.zero_grad()
-                loss.backward()
+                objective.backward()
                 optimizer.step()
                 loss_sum += loss.item() * len(batch)
                 correct += int((logits.argmax(dim=1) == y[batch]).sum().item())
@@ -143,6 +147,13 @@ class ClassificationTask(ABC):
                 f"has classes 0 to {self.num_classes - 1}"
             )
         return ArrayDataset(x=x.astype(np.float32, copy=False), y=y.astype(np.int64, copy=False))
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term, mu/2 * ||w - w_base||^2 over the trainable parameters: it
+    keeps a client's model near the round's base model on skewed data."""
+    squared = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    return (mu / 2) * torch.as_tensor(squared)
 
 
 def _tensors(model: nn.Module, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:

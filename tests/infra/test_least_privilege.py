@@ -95,6 +95,9 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
         **aws.env(),
         "POWERTOOLS_METRICS_DISABLED": "true",
         "POWERTOOLS_LOG_LEVEL": "WARNING",
+        # A stateful rule's calls are a superset of FedAvg's: it also reads the base
+        # version's server state (absent: 404) and writes the new version's, once.
+        "SFL_AGGREGATION": "fedadam",
     }
     functions = {
         "initiator": (
