@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from aws_cdk import App, CfnOutput, CfnResource, Duration, Stack, Tags, Validations
+from aws_cdk import App, CfnOutput, CfnResource, Duration, Fn, Stack, Tags, Validations
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
@@ -22,11 +22,13 @@ from constructs import Construct
 
 from infra.compliance import acknowledge_nag, cfn_resource, ignore_cfn_lint, skip_checkov
 from infra.config import LAMBDA_PYTHON_VERSION, StackConfig
+from infra.dashboard import FederationDashboard
 from infra.edge import THING_NAME_VARIABLE, FederationEdge
 from infra.rounds import FederationRounds, FunctionSettings
 from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl import layout
+from sfl.control import CONTROL_SUFFIX
 from sfl.registry import DEVICE_ATTRIBUTES
 from sfl.resources import UPDATES_BUCKET, ResourceNames
 from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
@@ -134,6 +136,13 @@ class FederationStack(Stack):
         self._alarms(
             config.federation.round_deadline_seconds, infra.schedule_minutes, infra.alarm_email
         )
+        self.dashboard = FederationDashboard(
+            self,
+            "Monitoring",
+            initiator=self.rounds.initiator,
+            averager=self.rounds.averager,
+            region=self.region,
+        )
         self._outputs()
 
     # --- grants ------------------------------------------------------------------------------
@@ -229,6 +238,14 @@ class FederationStack(Stack):
         # may come before the deploy-time bootstrap wrote version 0).
         _allow(role, ["s3:ListBucket"], [models.bucket_arn])
         _allow(role, ["s3:PutObject"], [models.arn_for_objects(layout.ASSIGNMENT_KEY)])
+        # A rollback (sfl models rollback): the chosen version written again as the next
+        # version, and that version's lineage record beside it; each key written once.
+        _allow(
+            role,
+            ["s3:PutObject"],
+            [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
+            conditions={"StringEquals": {"s3:if-none-match": "*"}},
+        )
         _allow(role, ["dynamodb:Scan"], [self.state.clients_table.table_arn])
         # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
         # (Put of round n+1, ConditionCheck of round n).
@@ -236,6 +253,16 @@ class FederationStack(Stack):
             role,
             ["dynamodb:Query", "dynamodb:PutItem", "dynamodb:ConditionCheckItem"],
             [self.state.rounds_table.table_arn],
+        )
+        # The operator's control record (sfl.control: pause, runtime config, rollback), read
+        # on every run; a carried-out rollback is cleared. Its partition only, never a round.
+        _allow(
+            role,
+            ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+            [self.state.rounds_table.table_arn],
+            conditions={
+                "ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"*{CONTROL_SUFFIX}"]}
+            },
         )
 
     def _grant_averager(self) -> None:
@@ -273,6 +300,9 @@ class FederationStack(Stack):
             ["dynamodb:GetItem", "dynamodb:UpdateItem"],
             [self.state.clients_table.table_arn],
         )
+        # The held-out evaluation set each new model is scored on, if the operator uploaded
+        # one (sfl eval-data upload).
+        _allow(role, ["s3:GetObject"], [models.arn_for_objects(layout.EVAL_DATA_KEY)])
         # Chains the next round after closing one; the version-less ARN only.
         _allow(role, ["lambda:InvokeFunction"], [self.rounds.initiator.function_arn])
 
@@ -344,7 +374,11 @@ class FederationStack(Stack):
         own_updates = (updates, layout.update_key_pattern(THING_NAME_VARIABLE))
         object_wildcards = {
             self.rounds.initiator.role: [
-                (models_global, "reads whichever global model version the new round starts from"),
+                (
+                    models_global,
+                    "reads whichever global model version the new round starts from, and "
+                    "writes a rollback's copy of one as the next version",
+                ),
             ],
             self.rounds.averager.role: [
                 (models_global, "reads the round's base model and writes the next version"),
@@ -418,6 +452,11 @@ class FederationStack(Stack):
                 self.rounds.failure_queue.queue_url,
                 "failed asynchronous invocations of either function",
             ),
+            "AlarmNames": (
+                Fn.join(",", [a.alarm_name for a in self.alarm_resources.values()]),
+                "the stack's alarms, comma-separated (sfl status shows their state)",
+            ),
+            "DashboardUrl": (self.dashboard.url, "the federation's CloudWatch dashboard"),
             "AlarmTopicArn": (
                 self.alarm_topic.topic_arn,
                 "alarms notify this topic; subscribe to it (or set sfl_infra.alarm_email)",

@@ -2,12 +2,12 @@
 
 models bucket (versioned; every object version kept)
     models/global/v000000.safetensors   the global model, one key per version
-    models/lineage/v000000.json         each version's lineage (round, parent, metrics)
-    models/promoted.safetensors         the version promoted for inference
+    models/global/v000000.json          that version's lineage (round, parent, metrics)
+    models/global/promoted.safetensors  the version promoted for inference (a copy)
     rounds/current.json                 the current assignment, polled by clients
-    eval/heldout.safetensors            optional held-out evaluation set (x, y)
     state/v000001.safetensors           a stateful rule's server state beside that version
                                         (optimiser moments; never readable by devices)
+    eval/heldout.safetensors            optional held-out evaluation set (x, y)
 updates bucket
     updates/<client_id>/round-000001.safetensors   one update per client and round
 
@@ -25,13 +25,11 @@ ASSIGNMENT_KEY = "rounds/current.json"
 STATE_PREFIX = "state/"
 UPDATES_PREFIX = "updates/"
 UPDATE_SUFFIX = ".safetensors"
-#: One JSON record per model version: round, parent, participants, config version, metrics.
-LINEAGE_PREFIX = "models/lineage/"
-#: The version devices should use for inference (``sfl models promote``): a stable key.
-PROMOTED_MODEL_KEY = "models/promoted.safetensors"
+#: The version devices should use for inference (``sfl models promote``): a stable key
+#: beside the versions, which devices may read already.
+PROMOTED_MODEL_KEY = f"{MODELS_PREFIX}promoted.safetensors"
 #: The optional held-out evaluation set the averager scores each new model on.
 EVAL_DATA_KEY = "eval/heldout.safetensors"
-
 
 # AWS IoT thing names: letters, digits, ':', '_', '-' (at most 128 characters).
 # Anchored with \Z, not $ (which would also match before a trailing newline).
@@ -67,7 +65,11 @@ def model_key(version: int) -> str:
 
 
 def lineage_key(version: int) -> str:
-    return f"{LINEAGE_PREFIX}v{version:06d}.json"
+    """One JSON record per model version (round, parent, participants, config, metrics),
+    beside it: written once, like the version."""
+    if version < 0:
+        raise ValueError(f"model version must be >= 0, got {version}")
+    return f"{MODELS_PREFIX}v{version:06d}.json"
 
 
 def model_version_of(key: str) -> int | None:

@@ -4,7 +4,7 @@ version it was trained under, and its metrics; and the model versions a rollback
 A lineage record is a small JSON object beside the models (``layout.lineage_key``), written
 once when the version appears. A version's lineage can always be rebuilt from its round
 record too (``lineage_of_round``), so a record lost to a crash costs nothing but a lookup.
-Torch-free: the initiator writes a rollback's lineage.
+Torch-free (not even ``sfl.codec``): the initiator writes a rollback's copy and lineage.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from botocore.exceptions import ClientError
 
 from sfl import layout
 from sfl.aws import AwsClients, error_code, is_not_found
-from sfl.codec import parse_header
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState
 
@@ -166,12 +165,18 @@ class LineageStore:
 def restamp_model(data: bytes, *, version: int, **metadata: Any) -> bytes:
     """A model file's bytes with its header's ``version`` (and extra metadata) replaced; the
     tensors' bytes are kept as they are (their offsets count from the end of the header)."""
-    header = parse_header(data)
-    raw = json.loads(data[8 : 8 + header.header_length])
+    # Our own model file, written once by the averager; sfl.codec's checked parser would
+    # bring torch into the initiator's zip, so only the framing is checked here.
+    if len(data) < 8:
+        raise ValueError("not a model file: shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if 8 + length > len(data):
+        raise ValueError(f"not a model file: a {length}-byte header in {len(data)} bytes")
+    raw = json.loads(data[8 : 8 + length])
     meta = dict(raw.get("__metadata__", {}))
     meta["version"] = str(version)
     meta.update({k: str(v) for k, v in metadata.items()})
     raw["__metadata__"] = meta
     text = json.dumps(raw, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors aligns the data section to 8 bytes
-    return struct.pack("<Q", len(text)) + text + data[8 + header.header_length :]
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]

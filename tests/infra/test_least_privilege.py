@@ -154,6 +154,15 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
     assert tick("initiator")["round"] == 1
     assert tick("initiator")["started"] is False  # round 1 is open: republish only
     s3 = aws.client("s3")
+    # The operator's held-out set (sfl eval-data upload): the averager scores each new model
+    # on it after closing a round, and writes the version's lineage beside it.
+    from sfl.evaluation import encode_eval_set
+
+    s3.put_object(
+        Bucket=outputs["ModelsBucketName"],
+        Key=layout.EVAL_DATA_KEY,
+        Body=encode_eval_set(task.load_central_data().test, task=configuration["SFL_TASK"]),
+    )
     for client_id in CLIENTS:
         key = upload(client_id, 1)
         head = s3.head_object(Bucket=outputs["UpdatesBucketName"], Key=key)
@@ -183,7 +192,14 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
         ExpressionAttributeValues={":past": {"N": str(time.time() - 1)}},
     )
     assert tick("averager")["status"] in {"CLOSED", "ABANDONED"}
+    # The operator asks for a rollback (sfl models rollback 0): the initiator reads the control
+    # record, writes version 0 again as the next version with its lineage, clears the request.
+    from sfl.control import ControlStore
+
+    control = ControlStore(aws.client("dynamodb"), rounds_table)
+    control.request_rollback(experiment, 0, now=time.time())
     assert tick("initiator")["round"] == 3
+    assert control.state(experiment).rollback_to is None
 
 
 def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:

@@ -175,6 +175,8 @@ def test_lambdas_and_devices_read_one_configuration(synthesized):
 def test_outputs_name_everything_an_operator_needs(synthesized):
     outputs = synthesized.template_json["Outputs"]
     assert set(outputs) == {
+        "AlarmNames",
+        "DashboardUrl",
         "ModelsBucketName",
         "UpdatesBucketName",
         "ClientsTableName",
