@@ -30,8 +30,9 @@ from sfl import plugins
 from sfl.strategies import params as rule_params
 
 # At most this many float64 values of a tensor chunk, across all updates, are in memory at
-# once (64 MiB), unless one row of one tensor is larger than that share.
-CHUNK_ELEMENTS = 8 * 1024 * 1024
+# once (16 MiB; sorting a chunk needs about three times that), unless one row of one tensor
+# is larger than that share.
+CHUNK_ELEMENTS = 2 * 1024 * 1024
 
 State = Mapping[str, torch.Tensor]
 
