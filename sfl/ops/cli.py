@@ -513,4 +513,5 @@ def _local_up(args: argparse.Namespace) -> int:
                 pass
         except KeyboardInterrupt:
             pass
+        print("sfl local up: stopping (clients finish the step they are in)", flush=True)
     return 0
