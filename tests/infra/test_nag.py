@@ -20,6 +20,7 @@ EXPECTED = {
     "InitiatorRole": {"AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]"},
     "AveragerRole": {
         "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",
+        "AwsSolutions-IAM5[Resource::<{models}.Arn>/state/*]",
         "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/*]",
     },
     "TokenExchangeRole": {
