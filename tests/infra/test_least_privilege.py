@@ -362,3 +362,21 @@ def test_a_device_may_write_only_its_heartbeat_attributes_of_its_own_item(exerci
         },
     )
     assert not policies.allows(whole_item, me)
+
+
+def test_the_initiator_may_read_and_update_only_the_control_partition(exercised: Exercised):
+    """The initiator reads the operator's control record and clears a carried-out rollback;
+    its role refuses the same calls on a round record (only conditional creates touch those)."""
+    from sfl.control import control_partition
+
+    outputs = exercised.deployment.outputs
+    policies = policies_of(exercised, "InitiatorFunctionName")
+    table = (
+        f"arn:aws:dynamodb:{exercised.account.region}:{exercised.account.account_id}:table/"
+        f"{outputs['RoundsTableName']}"
+    )
+    for action in ("dynamodb:GetItem", "dynamodb:UpdateItem"):
+        control = Request(action, table, {"dynamodb:LeadingKeys": (control_partition("default"),)})
+        a_round = Request(action, table, {"dynamodb:LeadingKeys": ("default",)})
+        assert policies.allows(control, {})
+        assert not policies.allows(a_round, {})
