@@ -311,12 +311,14 @@ def _run_client(
 
 
 def _model_writes(control: Any, bucket: str) -> dict[str, int]:
-    """How many times each global model version's key was written (the bucket is versioned)."""
+    """How many times each global model version's key was written (the bucket is versioned;
+    the versions' lineage records beside them are not counted)."""
     counts: dict[str, int] = {}
     paginator = control.s3.get_paginator("list_object_versions")
     for page in paginator.paginate(Bucket=bucket, Prefix=layout.MODELS_PREFIX):
         for version in page.get("Versions", []):
-            counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+            if layout.model_version_of(version["Key"]) is not None:
+                counts[version["Key"]] = counts.get(version["Key"], 0) + 1
     return dict(sorted(counts.items()))
 
 
