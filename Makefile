@@ -14,7 +14,7 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-robust bench-noniid synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -22,6 +22,7 @@ help:
 	@echo "make fast     the tests not marked slow (during development)"
 	@echo "make bench    measure the simulation (accuracy, time, overhead) into benchmarks/results/"
 	@echo "make bench-hostile  one attacker of five vs the default bounds, into benchmarks/results/"
+	@echo "make bench-selection  random vs fast_clients vs utility: time-to-accuracy (~25 min)"
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
@@ -78,6 +79,9 @@ bench: setup
 
 bench-hostile: setup
 	$(PY) benchmarks/hostile.py --seeds 0 1 2
+
+bench-selection: setup
+	nice -n 10 $(PY) benchmarks/selection.py
 
 bench-robust: setup
 	$(PY) benchmarks/robustness.py --seeds 0 1 2

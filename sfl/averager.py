@@ -262,10 +262,18 @@ class Averager:
 
     def _count_client_round(self, round_: Round, client: str, answer: Answer | None) -> None:
         """Fold this round into the client's server-side record (turnaround EWMA, answered /
-        missed). Best effort: the registry is advisory, the round record is the truth."""
+        missed, recent picks, the accepted update's bounded utility). Best effort: the
+        registry is advisory, the round record is the truth."""
+        from sfl.registry import statistical_utility
+
         answered = answer is not None and answer.outcome is Outcome.ACCEPTED
+        config = self.round_config(round_)
+        utility = None
         if answer is not None and answered:
             turnaround = answer.received_at - round_.created_at
+            utility = statistical_utility(
+                answer.metrics, answer.num_examples, config.max_num_examples
+            )
         else:
             turnaround = round_.deadline_at - round_.created_at
         try:
@@ -274,7 +282,9 @@ class Averager:
                 round_.round,
                 answered=answered,
                 turnaround=turnaround,
-                b=self.round_config(round_).ewma_b,
+                b=config.ewma_b,
+                utility=utility,
+                pick_window=config.selection_window,
             )
         except Exception as e:  # never let bookkeeping fail an update or a round
             logger.warning(

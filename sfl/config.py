@@ -105,6 +105,37 @@ class FederationConfig:
         default=0.8,
         metadata=_spec(_range(0.0, 0.999), "weight of the past in each client's turnaround EWMA"),
     )
+    selection_exploration: float = field(
+        default=0.2,
+        metadata=_spec(
+            _range(0.0, 1.0),
+            "'utility' and 'fast_clients': share of each round's picks reserved for clients "
+            "not picked in the last selection_window rounds (or never)",
+        ),
+    )
+    selection_max_share: float = field(
+        default=0.9,
+        metadata=_spec(
+            _range(0.05, 1.0),
+            "'utility' and 'fast_clients': a client picked in more than this share of the "
+            "last selection_window rounds sits the next one out, if others can take its "
+            "place; 1 turns the cap off",
+        ),
+    )
+    selection_window: int = field(
+        default=10,
+        metadata=_spec(
+            _range(1, 1_000), "rounds over which recent picks are counted and staleness is judged"
+        ),
+    )
+    selection_speed_exponent: float = field(
+        default=4.0,
+        metadata=_spec(
+            _range(0.0, 10.0),
+            "'utility': a client slower than the round's preferred turnaround weighs "
+            "(preferred / its turnaround) ** this; 0 ignores speed",
+        ),
+    )
     round_soft_deadline_seconds: int = field(
         default=600,
         metadata=_spec(

@@ -26,9 +26,11 @@ from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState, RoundStore
 from sfl.strategies.selection import (
     Candidate,
+    SelectionPolicy,
     clients_to_pick,
     cooled_down,
     get_selection_strategy,
+    select_clients,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,16 +135,14 @@ def start_round(
             f"{len(active)} active client(s), fewer than min_clients={config.min_clients}",
             active_clients=len(active),
         )
-    candidates = cooled_down(
-        [Candidate(c.client_id, c.ewma_turnaround, c.missed_streak, c.last_round) for c in active],
-        number,
-    )
+    candidates = cooled_down([Candidate.of(c) for c in active], number)
     k = clients_to_pick(
         len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
     )
     strategy = get_selection_strategy(config.selection)
     rng = random.Random(f"{config.seed}/{config.experiment}/{number}")
-    selected = tuple(strategy(candidates, k, rng))
+    policy = SelectionPolicy.from_config(config, number)
+    selected = tuple(select_clients(strategy, candidates, k, rng, policy))
     if not selected:
         return InitiatorResult(False, None, f"selection {config.selection!r} picked nobody")
     unknown = set(selected) - {c.client_id for c in candidates}

@@ -22,6 +22,7 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     "selection": {
         "fast_clients": "sfl.strategies.selection:select_fast_clients",
+        "utility": "sfl.strategies.selection:select_by_utility",
         "random": "sfl.strategies.selection:select_random",
         "all": "sfl.strategies.selection:select_all",
     },

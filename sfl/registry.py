@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 from sfl.aws import error_code
 from sfl.dynamo import from_item, serialize
 from sfl.layout import CLIENT_ID, validate_client_id
+from sfl.strategies.selection import decayed_picks
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -38,6 +39,12 @@ DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
 # small finite number.
 MIN_TURNAROUND_SECONDS = 1.0
 MAX_TURNAROUND_SECONDS = 86_400.0
+# A reported loss is clamped to [0, this] before it becomes a utility (cross-entropy over ten
+# classes starts near 2.3; anything far above is a broken or lying device).
+MAX_REPORTED_LOSS = 20.0
+# Server-written numbers above these read as unknown: no item can make selection overflow.
+MAX_UTILITY = 1e15
+MAX_RECENT_PICKS = 1e6
 
 
 class InvalidRecord(ValueError):
@@ -54,6 +61,8 @@ class ClientRecord:
     rounds_missed: int = 0  # server-counted: selected, then silent or rejected
     missed_streak: int = 0  # consecutive misses, reset by an accepted update
     last_round: int = 0  # the last round the server counted for this client
+    utility: float | None = None  # server-bounded loss x examples of its last accepted update
+    recent_picks: float = 0.0  # decayed count of rounds it was picked for, as of last_round
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> ClientRecord:
@@ -70,6 +79,8 @@ class ClientRecord:
         if last_seen is None:
             raise InvalidRecord(f"{client_id}: last_seen is not a number")
         ewma = _number(d.get("ewma_turnaround"))
+        utility = _number(d.get("utility"))
+        recent_picks = _number(d.get("recent_picks"))
         return cls(
             client_id=client_id,
             last_seen=last_seen,
@@ -79,6 +90,36 @@ class ClientRecord:
             rounds_missed=_count(d.get("rounds_missed")),
             missed_streak=_count(d.get("missed_streak")),
             last_round=_count(d.get("last_round")),
+            utility=utility if utility is not None and 0 <= utility <= MAX_UTILITY else None,
+            recent_picks=recent_picks
+            if recent_picks is not None and 0 <= recent_picks <= MAX_RECENT_PICKS
+            else 0.0,
+        )
+
+    def after_round(
+        self,
+        round_number: int,
+        *,
+        answered: bool,
+        turnaround: float,
+        b: float,
+        utility: float | None = None,
+        pick_window: int = 10,
+    ) -> ClientRecord:
+        """This record once the server has counted one more round for it: the arithmetic of
+        ``ClientRegistry.record_round``, kept pure so a simulation can replay it."""
+        sample = min(max(turnaround, MIN_TURNAROUND_SECONDS), MAX_TURNAROUND_SECONDS)
+        picks = 1.0 + decayed_picks(self.recent_picks, self.last_round, round_number, pick_window)
+        fresh = utility if answered and utility is not None and math.isfinite(utility) else None
+        return replace(
+            self,
+            ewma_turnaround=round(update_ewma(self.ewma_turnaround, sample, b), 6),
+            rounds_answered=self.rounds_answered + int(answered),
+            rounds_missed=self.rounds_missed + int(not answered),
+            missed_streak=0 if answered else self.missed_streak + 1,
+            last_round=round_number,
+            utility=self.utility if fresh is None else round(min(max(fresh, 0.0), MAX_UTILITY), 6),
+            recent_picks=round(min(picks, MAX_RECENT_PICKS), 6),
         )
 
 
@@ -92,6 +133,23 @@ def _number(value: Any) -> float | None:
 def _count(value: Any) -> int:
     number = _number(value)
     return int(number) if number is not None and 0 <= number < 2**53 else 0
+
+
+def statistical_utility(
+    metrics: Mapping[str, Any], num_examples: int, max_examples: int
+) -> float | None:
+    """What an accepted update says about how much its client still has to teach the model:
+    its training loss (else its local eval loss) times its example count, Oort's
+    ``|B| x loss``. Both are the device's claims, so the loss is clamped to
+    ``[0, MAX_REPORTED_LOSS]`` and the count to ``[0, max_examples]``; selection caps the
+    result again relative to a typical client's. None without a usable loss."""
+    loss = _number(metrics.get("train_loss"))
+    if loss is None:
+        loss = _number(metrics.get("loss"))
+    if loss is None:
+        return None
+    examples = min(max(num_examples, 0), max(max_examples, 0))
+    return min(max(loss, 0.0), MAX_REPORTED_LOSS) * examples
 
 
 def update_ewma(previous: float | None, sample: float, b: float) -> float:
@@ -134,12 +192,15 @@ class ClientRegistry:
         answered: bool,
         turnaround: float,
         b: float,
+        utility: float | None = None,
+        pick_window: int = 10,
     ) -> bool:
         """Count one round for a client, once: an accepted update (``answered``) or a miss
         (silent, or a rejected update), and fold the server-measured turnaround into its
-        EWMA (a miss counts as the whole round). False if the item is gone or already
-        counted for this round."""
-        sample = min(max(turnaround, MIN_TURNAROUND_SECONDS), MAX_TURNAROUND_SECONDS)
+        EWMA (a miss counts as the whole round). Either way the client was picked: its
+        ``recent_picks`` grows by one (decayed over ``pick_window`` rounds); an accepted
+        update's ``utility`` (``statistical_utility``) replaces the last one. False if the
+        item is gone or already counted for this round."""
         try:
             item = self._ddb.get_item(
                 TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True
@@ -148,25 +209,39 @@ class ClientRegistry:
                 return False
             try:
                 record = ClientRecord.from_item(item)
-            except InvalidRecord:
-                record = None
-            previous = record.ewma_turnaround if record is not None else None
-            ewma = update_ewma(previous, sample, b)
+            except InvalidRecord:  # unreadable server fields count as unknown
+                record = ClientRecord(client_id, last_seen=0.0, registered_at=0.0)
+            after = record.after_round(
+                round_number,
+                answered=answered,
+                turnaround=turnaround,
+                b=b,
+                utility=utility,
+                pick_window=pick_window,
+            )
             counter = "rounds_answered" if answered else "rounds_missed"
             streak = ":zero" if answered else "if_not_exists(missed_streak, :zero) + :one"
+            values: dict[str, Any] = {}
+            set_utility = ""
+            if after.utility is not None and after.utility != record.utility:
+                set_utility = ", utility = :utility"
+                values[":utility"] = serialize(after.utility)
             self._ddb.update_item(
                 TableName=self._table,
                 Key={"client_id": {"S": client_id}},
                 UpdateExpression=(
                     f"SET ewma_turnaround = :ewma, last_round = :round, missed_streak = {streak}, "
-                    f"{counter} = if_not_exists({counter}, :zero) + :one"
+                    f"{counter} = if_not_exists({counter}, :zero) + :one, "
+                    f"recent_picks = :picks{set_utility}"
                 ),
                 ConditionExpression=(
                     "attribute_exists(client_id) AND "
                     "(attribute_not_exists(last_round) OR last_round < :round)"
                 ),
                 ExpressionAttributeValues={
-                    ":ewma": serialize(round(ewma, 6)),
+                    **values,
+                    ":picks": serialize(after.recent_picks),
+                    ":ewma": serialize(after.ewma_turnaround),
                     ":round": {"N": str(round_number)},
                     ":zero": {"N": "0"},
                     ":one": {"N": "1"},
