@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/noniid.py
         # writes benchmarks/results/noniid.json and noniid.png
 
-Digits, 10 clients, two partitions: one label per client (label shards) and Dirichlet(0.1).
-For each, ``sfl simulate`` runs FedAvg, FedAvgM, FedAdam and FedProx (FedAvg with the
-proximal term) through the whole protocol, and a plain in-memory FedAvg loop (the same task,
-data split, local training and seeds; no S3, no bounds) gives the reference. Recorded: test
-accuracy per round, and the first round each run reaches 0.90. Measured and written down,
-never asserted in tests.
+Digits with the seed's MLP shape (``digits_mlp``), 10 clients, two partitions: one label
+per client (label shards) and Dirichlet(0.1). For each, ``sfl simulate`` runs FedAvg,
+FedAvgM, FedAdam and FedProx (FedAvg with the proximal term) through the whole protocol, and
+a plain in-memory FedAvg loop (the same task, data split, local training and seeds; no S3,
+no bounds) gives the reference. Recorded: test accuracy per round, and the first round each
+run reaches 0.90. ``--in-memory`` runs every rule as the loop instead (quick tuning).
+Measured and written down, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from sfl.local.simulate import SimulationOptions, run_simulation
 from sfl.splits import write_client_splits
-from sfl.strategies.aggregation import fedavg
+from sfl.strategies.aggregation import ListUpdates, build_rule
 from sfl.tasks import load_task
 from sfl.tasks.base import TrainConfig
 
@@ -40,7 +41,7 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "fedavg": (("aggregation", "fedavg"),),
     "fedavgm": (("aggregation", "fedavgm"),),
     "fedadam": (("aggregation", "fedadam"),),
-    "fedprox": (("aggregation", "fedavg"), ("proximal_mu", "0.1")),
+    "fedprox": (("aggregation", "fedavg"), ("proximal_mu", "0.01")),
 }
 
 
@@ -62,6 +63,7 @@ def protocol_run(
                 clients=args.clients,
                 rounds=args.rounds,
                 seed=args.seed,
+                task=args.task,
                 local_epochs=args.local_epochs,
                 lr=args.lr,
                 config_overrides=overrides,
@@ -73,10 +75,21 @@ def protocol_run(
     return _row(label, accuracies, wall)
 
 
-def in_memory_fedavg(partition: dict[str, Any], args: Any) -> dict[str, Any]:
-    """FedAvg as a for-loop: every client trains from the global model, the weighted mean
-    of their models is the next one. The same task, split, training and seeds as above."""
-    task = load_task("digits")
+def in_memory(
+    partition: dict[str, Any],
+    args: Any,
+    label: str = "in_memory_fedavg",
+    overrides: tuple[tuple[str, str], ...] = (("aggregation", "fedavg"),),
+) -> dict[str, Any]:
+    """Federated training as a for-loop: every client trains from the global model and the
+    rule combines their models (carrying its server state), with no S3, no protocol and no
+    bounds. With FedAvg, the reference; with another rule, a quick way to tune it."""
+    settings = dict(overrides)
+    rule = build_rule(
+        settings.get("aggregation", "fedavg"), settings.get("aggregation_params", "{}")
+    )
+    mu = float(settings.get("proximal_mu", 0.0))
+    task = load_task(args.task)
     test = task.load_central_data().test
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as data_dir:
@@ -93,24 +106,30 @@ def in_memory_fedavg(partition: dict[str, Any], args: Any) -> dict[str, Any]:
         )
         data = [task.load_client_data(Path(data_dir) / cid) for cid in ids]
     model = task.build_model(args.seed)
+    state = None
     accuracies: list[float | None] = []
     for number in range(1, args.rounds + 1):
         config = TrainConfig(
-            local_epochs=args.local_epochs, lr=args.lr, batch_size=16, seed=args.seed + number
+            local_epochs=args.local_epochs,
+            lr=args.lr,
+            batch_size=16,
+            seed=args.seed + number,
+            proximal_mu=mu,
         )
         base = {k: v.clone() for k, v in model.state_dict().items()}
         trained = []
         for client in data:
             model.load_state_dict(base)
             metrics = task.train(model, client.train, config)
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            trained.append((state, float(metrics.num_examples)))
-        averaged = fedavg(trained)
-        assert averaged is not None
-        model.load_state_dict(averaged)
+            state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            trained.append((state_dict, float(metrics.num_examples)))
+        result = rule.aggregate(base, ListUpdates(trained), state)
+        assert result is not None
+        state = result.state
+        model.load_state_dict(result.model)
         with torch.no_grad():
             accuracies.append(task.evaluate(model, test).accuracy)
-    return _row("in_memory_fedavg", accuracies, time.perf_counter() - started)
+    return _row(label, accuracies, time.perf_counter() - started)
 
 
 def _row(label: str, accuracies: list[float | None], wall: float) -> dict[str, Any]:
@@ -140,7 +159,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             style = "--" if row["run"] == "in_memory_fedavg" else "-"
             ax.plot(range(1, len(curve) + 1), curve, style, label=row["run"])
         ax.axhline(TARGET, color="grey", linewidth=0.8)
-        ax.set_title(f"digits, 10 clients, {name}")
+        ax.set_title(f"{report['setup']['task']}, 10 clients, {name}")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1)
@@ -159,12 +178,16 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS))
     parser.add_argument("--rules", nargs="+", default=list(RULES))
+    parser.add_argument("--task", default="digits_mlp")
+    parser.add_argument(
+        "--in-memory", action="store_true", help="every rule as a for-loop (quick tuning)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "noniid.json")
     args = parser.parse_args()
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "setup": {
-            "task": "digits",
+            "task": args.task,
             "clients": args.clients,
             "rounds": args.rounds,
             "seed": args.seed,
@@ -177,9 +200,12 @@ def main() -> None:
     }
     for name in args.partitions:
         partition = PARTITIONS[name]
-        rows = [in_memory_fedavg(partition, args)]
+        rows = [in_memory(partition, args)]
         for rule in args.rules:
-            rows.append(protocol_run(rule, partition, RULES[rule], args))
+            if args.in_memory:
+                rows.append(in_memory(partition, args, f"in_memory_{rule}", RULES[rule]))
+            else:
+                rows.append(protocol_run(rule, partition, RULES[rule], args))
             report["partitions"][name] = rows
             report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ KINDS = ("task", "selection", "aggregation", "quorum")
 REGISTRY: dict[str, dict[str, str]] = {
     "task": {
         "digits": "sfl.tasks.digits:DigitsTask",
+        "digits_mlp": "sfl.tasks.digits:DigitsMlpTask",
         "mnist": "sfl.tasks.mnist:MnistTask",
     },
     "selection": {

@@ -48,7 +48,7 @@ RULE_PARAMS: dict[str, dict[str, Param]] = {
     "fedavg": {},
     "fedavgm": {
         "server_lr": Param(1.0, 1e-6, 100.0, "server learning rate on the pseudo-gradient"),
-        "server_momentum": Param(0.9, 0.0, 0.999, "momentum of the pseudo-gradient"),
+        "server_momentum": Param(0.4, 0.0, 0.999, "momentum of the pseudo-gradient"),
     },
     "fedadam": {
         "eta": Param(0.01, 1e-9, 10.0, _ETA),

@@ -54,3 +54,20 @@ class DigitsTask(ClassificationTask):
             test=ArrayDataset(x=x_test, y=y_test),
             num_classes=self.num_classes,
         )
+
+
+class DigitsMlpTask(DigitsTask):
+    """The same digits with the seed's MLP shape (inputs, 128, 64, classes): the model of
+    the non-IID reference runs (docs/strategies.md), where FedAvg needs ~40 rounds."""
+
+    name = "digits_mlp"
+
+    def new_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(8 * 8, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.ReLU(),
+            nn.Linear(64, self.num_classes),
+        )
