@@ -464,6 +464,8 @@ def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str,
         aws.client("sqs").delete_queue(QueueUrl=physical)
     elif kind == "AWS::SNS::Topic":
         aws.client("sns").delete_topic(TopicArn=physical)
+    elif kind == "AWS::CloudWatch::Dashboard":
+        aws.client("cloudwatch").delete_dashboards(DashboardNames=[physical])
     elif kind == "AWS::Events::Rule":
         events = aws.client("events")
         targets = events.list_targets_by_rule(Rule=physical)["Targets"]
@@ -493,6 +495,10 @@ def leftovers(aws: Any, stack_name: str) -> dict[str, list[str]]:
         "topics": [t["TopicArn"] for t in aws.client("sns").list_topics()["Topics"]],
         "alarms": [
             a["AlarmName"] for a in aws.client("cloudwatch").describe_alarms()["MetricAlarms"]
+        ],
+        "dashboards": [
+            d["DashboardName"]
+            for d in aws.client("cloudwatch").list_dashboards()["DashboardEntries"]
         ],
         "functions": [
             f["FunctionName"] for f in aws.client("lambda").list_functions()["Functions"]
