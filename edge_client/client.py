@@ -22,6 +22,7 @@ from edge_client.global_model import ModelRejected, check_global_model, size_lim
 from edge_client.settings import ClientSettings
 from sfl import codec, layout
 from sfl.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.model_store import ModelStore
 from sfl.registry import ClientRegistry
 from sfl.tasks.base import ClientData, TrainConfig, TrainingTask
 
@@ -166,6 +167,7 @@ class EdgeClient:
         self.clock = clock
         self.hooks = hooks or RoundHooks()
         self.registry = ClientRegistry(aws.dynamodb, settings.clients_table)
+        self.models = ModelStore(aws.s3, settings.models_bucket)
         self.rounds_answered = 0
         self.rounds_skipped = 0  # picked, but the global model was refused
         self._assignment_etag: str | None = None
@@ -236,21 +238,11 @@ class EdgeClient:
 
     def poll(self) -> Assignment | None:
         """Conditional GET of the assignment: a 304 costs almost nothing."""
-        kwargs: dict[str, Any] = {
-            "Bucket": self.settings.models_bucket,
-            "Key": layout.ASSIGNMENT_KEY,
-        }
-        if self._assignment_etag:
-            kwargs["IfNoneMatch"] = self._assignment_etag
-        try:
-            with aws_call("s3", "GetObject"):
-                obj = self.aws.s3.get_object(**kwargs)
-                body = obj["Body"].read(MAX_ASSIGNMENT_BYTES + 1)
-        except AwsCallFailed as e:
-            if e.not_modified or e.not_found:
-                return None
-            raise
-        self._assignment_etag = obj["ETag"]
+        with aws_call("s3", "GetObject"):
+            found = self.models.assignment(self._assignment_etag, MAX_ASSIGNMENT_BYTES + 1)
+        if found is None:  # unchanged, or no round published yet
+            return None
+        body, self._assignment_etag = found
         try:
             return Assignment.from_json(body)
         except AssignmentUnreadable as e:
@@ -275,11 +267,8 @@ class EdgeClient:
         reference = model.state_dict()
         limit = size_limit(reference)
         with aws_call("s3", "GetObject"):
-            obj = self.aws.s3.get_object(Bucket=self.settings.models_bucket, Key=a.model_key)
-            size = int(obj.get("ContentLength", 0))
             # Never more than the bound crosses the network, whatever the object's size.
-            body = b"" if size > limit else obj["Body"].read(limit + 1)
-            obj["Body"].close()
+            body, size = self.models.model_body(a.model_key, limit)
         try:
             if size > limit:
                 raise ModelRejected("too_large", f"{size} bytes; this task's model is <= {limit}")

@@ -13,14 +13,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from sfl import layout
 from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
 from sfl.aws import AwsClients, error_code, is_not_found, is_transient
-from sfl.codec import Header, encode_model
+from sfl.codec import Header, decode, encode, encode_model
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
 from sfl.model_store import ModelStore
@@ -32,8 +32,14 @@ from sfl.strategies.aggregation import build_rule
 from sfl.strategies.bounds import bounded_weights, clip_scale, model_norm, norm_bound
 from sfl.strategies.quorum import QuorumView, get_quorum_policy
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
+# Model versions never change once written: the latest base model's tensors are cached per
+# container (one model, so the memory of a container stays bounded).
+_BASE_MODEL: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 # An aggregation that failed this many times (crash, timeout) is not retried: the round is
 # abandoned and the next one starts from the same model.
 MAX_AGGREGATION_ATTEMPTS = 3
@@ -227,7 +233,7 @@ class Averager:
             common["size"] = int(obj["ContentLength"])
             check_size(common["size"], expected.size_limit)
             data = obj["Body"].read(expected.size_limit + 1)
-            accepted = validate_update(data, expected, self.models.model(round_.base_version))
+            accepted = validate_update(data, expected, self.base_model(round_.base_version))
         except UpdateRejected as e:
             common.setdefault("etag", _etag(event.etag))
             return Answer(
@@ -422,7 +428,7 @@ class Averager:
                 strict=True,
             )
         )
-        base = self.models.model(round_.base_version)
+        base = self.base_model(round_.base_version)
         bound = norm_bound(
             [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
             factor=config.norm_bound_factor,
@@ -435,9 +441,7 @@ class Averager:
             for client, a in accepted.items()
         ]
         version = round_.base_version + 1
-        previous = (
-            self.models.state(round_.base_version, config.aggregation) if rule.stateful else None
-        )
+        previous = self._state(round_.base_version, config.aggregation) if rule.stateful else None
         with RoundUpdates(
             self.aws.s3,
             self.names.updates_bucket,
@@ -455,9 +459,9 @@ class Averager:
             )
         model = result.model
         if result.state is not None and not self.models.put_state(
-            version, result.state, config.aggregation
+            version, encode(result.state, ModelStore.state_metadata(version, config.aggregation))
         ):
-            stored = self.models.state(version, config.aggregation)
+            stored = self._state(version, config.aggregation)
             if stored is None:
                 raise RuntimeError(f"server state of version {version} exists for another rule")
             model = rule.model_from_state(base, stored)
@@ -508,6 +512,20 @@ class Averager:
 
     def base_header(self, version: int) -> Header:
         return self.models.header(version)
+
+    def base_model(self, version: int) -> dict[str, torch.Tensor]:
+        """A model version's tensors; the latest one asked for is cached per container."""
+        cache_key = (self.names.models_bucket, version)
+        model = _BASE_MODEL.get(cache_key)
+        if model is None:
+            model = decode(self.models.model_bytes(version))
+            _BASE_MODEL.clear()
+            _BASE_MODEL[cache_key] = model
+        return model
+
+    def _state(self, version: int, rule: str) -> dict[str, torch.Tensor] | None:
+        body = self.models.state_bytes(version, rule)
+        return None if body is None else decode(body)
 
     # --- tick -----------------------------------------------------------------------------
 
@@ -604,12 +622,4 @@ def bootstrap_model(
 ) -> bool:
     """Write global model version 0 unless it exists; True if this call wrote it."""
     body = encode_model(state, version=0, seed=seed)
-    try:
-        aws.s3.put_object(
-            Bucket=names.models_bucket, Key=layout.model_key(0), Body=body, IfNoneMatch="*"
-        )
-    except ClientError as e:
-        if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
-            return False
-        raise
-    return True
+    return ModelStore(aws.s3, names.models_bucket).put_model(0, body)

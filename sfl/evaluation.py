@@ -19,6 +19,7 @@ from sfl import codec, layout
 from sfl.aws import AwsClients, is_not_found
 from sfl.config import FederationConfig
 from sfl.lineage import LineageStore, lineage_of_round
+from sfl.model_store import ModelStore
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState, RoundStore
 from sfl.tasks.base import ArrayDataset, TrainingTask
@@ -55,7 +56,7 @@ def score_version(
     task: TrainingTask, aws: AwsClients, bucket: str, version: int, data: ArrayDataset
 ) -> dict[str, Any]:
     """Score global model ``version`` from the models bucket."""
-    body = aws.s3.get_object(Bucket=bucket, Key=layout.model_key(version))["Body"].read()
+    body = ModelStore(aws.s3, bucket).model_bytes(version)
     return score(task, codec.decode(body), data)
 
 

@@ -7,20 +7,18 @@ round's assignment, so a crash between the two writes heals on the next tick.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from botocore.exceptions import ClientError
-
 from sfl import layout
-from sfl.aws import AwsClients, is_not_found
+from sfl.aws import AwsClients
 from sfl.config import FederationConfig
 from sfl.control import ControlStore, plan_round
 from sfl.lineage import LineageStore
+from sfl.model_store import ModelStore
 from sfl.registry import ClientRegistry
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState, RoundStore
@@ -57,24 +55,12 @@ class InitiatorResult:
 
 
 def publish_assignment(aws: AwsClients, names: ResourceNames, round_: Round) -> None:
-    body = json.dumps(round_.assignment(layout.model_key(round_.base_version)), sort_keys=True)
-    aws.s3.put_object(
-        Bucket=names.models_bucket,
-        Key=layout.ASSIGNMENT_KEY,
-        Body=body.encode(),
-        ContentType="application/json",
-        CacheControl="no-cache",
-    )
+    assignment = round_.assignment(layout.model_key(round_.base_version))
+    ModelStore(aws.s3, names.models_bucket).put_assignment(assignment)
 
 
 def model_exists(aws: AwsClients, names: ResourceNames, version: int) -> bool:
-    try:
-        aws.s3.head_object(Bucket=names.models_bucket, Key=layout.model_key(version))
-    except ClientError as e:
-        if is_not_found(e):
-            return False
-        raise
-    return True
+    return ModelStore(aws.s3, names.models_bucket).has_model(version)
 
 
 def start_round(

@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 
 from sfl import layout
 from sfl.aws import AwsClients, error_code, is_not_found
+from sfl.model_store import ModelStore
 from sfl.resources import ResourceNames
 from sfl.rounds import Round, RoundState
 
@@ -140,16 +141,11 @@ class LineageStore:
             if earlier is not None and earlier.rolled_back_from == source:
                 return newest
         target = max(after, newest) + 1
-        data = self._s3.get_object(Bucket=self._bucket, Key=layout.model_key(source))["Body"].read()
-        body = restamp_model(data, version=target, rolled_back_from=source)
-        try:
-            self._s3.put_object(
-                Bucket=self._bucket, Key=layout.model_key(target), Body=body, IfNoneMatch="*"
-            )
-        except ClientError as e:
-            # Another initiator carried out the same request first: the same bytes.
-            if error_code(e) not in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
-                raise
+        models = ModelStore(self._s3, self._bucket)
+        body = restamp_model(models.model_bytes(source), version=target, rolled_back_from=source)
+        # Written once: if another initiator carried out the same request first, its bytes
+        # are the same and stay.
+        models.put_model(target, body)
         self.put(
             ModelLineage(
                 version=target,

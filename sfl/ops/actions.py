@@ -11,10 +11,10 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from sfl import codec, layout
-from sfl.aws import is_not_found
 from sfl.config import FederationConfig
 from sfl.control import ConfigVersion, ControlStore, effective_config
 from sfl.lineage import LineageStore
+from sfl.model_store import ModelStore
 from sfl.ops.federation import INITIATOR_OUTPUT, Federation, OpsError
 
 
@@ -106,12 +106,8 @@ def _version(v: ConfigVersion) -> dict[str, Any]:
 
 
 def _require_version(fed: Federation, version: int) -> None:
-    try:
-        fed.aws.s3.head_object(Bucket=fed.names.models_bucket, Key=layout.model_key(version))
-    except ClientError as e:
-        if is_not_found(e):
-            raise OpsError(f"model version {version} does not exist (see 'sfl models list')") from e
-        raise
+    if not ModelStore(fed.aws.s3, fed.names.models_bucket).has_model(version):
+        raise OpsError(f"model version {version} does not exist (see 'sfl models list')")
 
 
 def pull(fed: Federation, version: int | None, out: Path) -> dict[str, Any]:
@@ -123,9 +119,7 @@ def pull(fed: Federation, version: int | None, out: Path) -> dict[str, Any]:
             raise OpsError("there is no model version yet")
         version = promoted if promoted is not None else max(versions)
     _require_version(fed, version)
-    body = fed.aws.s3.get_object(Bucket=fed.names.models_bucket, Key=layout.model_key(version))[
-        "Body"
-    ].read()
+    body = ModelStore(fed.aws.s3, fed.names.models_bucket).model_bytes(version)
     header = codec.parse_header(body)
     if header.metadata.get("version") != str(version):
         raise OpsError(f"model version {version}'s header says {header.metadata.get('version')!r}")
