@@ -22,7 +22,7 @@ help:
 	@echo "make fast     the tests not marked slow (during development)"
 	@echo "make bench    measure the simulation (accuracy, time, overhead) into benchmarks/results/"
 	@echo "make bench-hostile  one attacker of five vs the default bounds, into benchmarks/results/"
-	@echo "make bench-selection  random vs fast_clients vs utility: time-to-accuracy (~25 min)"
+	@echo "make bench-selection  random vs fast_clients vs utility: time to accuracy (20-40 min)"
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"

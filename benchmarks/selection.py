@@ -432,7 +432,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, xlabel: str) -> Non
                 ax.set_xlabel(xlabel)
             if j == 0:
                 ax.set_ylabel("test accuracy")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="upper right", fontsize=8, ncols=3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -475,6 +475,8 @@ def main() -> None:
             **run_e2e(args),
         }
         report["bench_seconds"] = round(time.perf_counter() - started, 1)
+        # Wall-clock round times depend on what else the machine runs: say how busy it was.
+        report["machine"] = {**machine, "load_average_at_end": os.getloadavg()}
         e2e_out = args.out.with_name(args.out.stem + "-e2e.json")
         outputs.append((e2e_out, report, "summed round seconds (wall clock)"))
     for path, report, xlabel in outputs:

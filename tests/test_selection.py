@@ -126,6 +126,8 @@ def test_rules_are_deterministic_per_seed_and_never_pick_nobody() -> None:
         assert first == again and len(first) == 4 == len(set(first))
         assert len(rule(candidates, 0, random.Random(1), policy=POLICY)) == 1
         assert rule([], 3, random.Random(1), policy=POLICY) == []
+        one_round = SelectionPolicy(round_number=11, exploration=0.5, max_share=0.05, window=1)
+        assert len(rule(candidates, 4, random.Random(1), policy=one_round)) == 4
         # every candidate over the cap, nobody stale: the cap never empties the round
         hogs = [Candidate(f"h{i}", 1.0, last_round=ROUND - 1, recent_picks=9.0) for i in range(3)]
         assert len(rule(hogs, 2, random.Random(1), policy=POLICY)) == 2

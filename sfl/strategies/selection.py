@@ -130,8 +130,10 @@ def recent_share(candidate: Candidate, policy: SelectionPolicy) -> float:
     passed it is judged as if they had (the cap bites on a habit, not on one early pick)."""
     window = max(policy.window, 1)
     keep = 1.0 - 1.0 / window
-    rounds = min(max(policy.round_number - 1, window), 8 * window)
-    most = sum(keep**i for i in range(1, rounds + 1))
+    rounds = max(policy.round_number - 1, window)
+    most = keep * (1.0 - keep**rounds) / (1.0 - keep)  # sum of keep ** i, i = 1 .. rounds
+    if most <= 0:  # a window of one round remembers nothing past it
+        return 0.0
     load = decayed_picks(candidate.recent_picks, candidate.last_round, policy.round_number, window)
     return min(load / most, 1.0)
 
