@@ -12,6 +12,7 @@ from typing import Any
 from sfl import plugins
 from sfl.config import ConfigError, describe
 from sfl.local.attacks import ATTACKS
+from sfl.strategies import params as rule_params
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -117,6 +118,9 @@ def _config(args: argparse.Namespace) -> int:
         return 0
     for key, default, allowed, meaning in rows:
         print(f"{key:<26} {default:<14} {meaning}\n{'':<26} allowed: {allowed}")
+    print("\naggregation_params, per rule (a JSON object; unknown names are refused):")
+    for rule, name, default, meaning in rule_params.describe():
+        print(f"  {rule:<13} {name:<19} {default:<8} {meaning}")
     return 0
 
 

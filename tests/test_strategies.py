@@ -206,3 +206,19 @@ def test_parameters_from_cdk_json_may_be_an_object_and_are_stored_canonically() 
     )
     assert config.aggregation_params == '{"eta":0.03,"tau":0.001}'
     assert FederationConfig.from_env(config.to_env()) == config
+
+
+def test_sfl_config_lists_every_rules_parameters_with_default_and_range(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sfl.cli import main
+    from sfl.strategies.params import RULE_PARAMS
+
+    assert main(["config"]) == 0
+
+    out = capsys.readouterr().out
+    listed = [line.split()[:2] for line in out.splitlines() if line.startswith("  ")]
+    expected = [[rule, name] for rule, specs in RULE_PARAMS.items() for name in specs]
+    assert listed == expected
+    assert "  fedavgm       server_momentum     0.4      a number from 0 to 0.999" in out
+    assert "aggregation_params" in out and "proximal_mu" in out

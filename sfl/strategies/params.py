@@ -81,6 +81,20 @@ RULE_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
+def describe() -> list[tuple[str, str, str, str]]:
+    """(rule, parameter, default, allowed and meaning) for every built-in rule's parameters,
+    for ``sfl config`` and the docs."""
+    rows = []
+    for rule, specs in RULE_PARAMS.items():
+        for name, spec in specs.items():
+            kind = "an integer" if spec.integer else "a number"
+            default = str(int(spec.default)) if spec.integer else f"{spec.default:g}"
+            rows.append(
+                (rule, name, default, f"{kind} from {spec.lo:g} to {spec.hi:g}: {spec.doc}")
+            )
+    return rows
+
+
 def parse(text: str) -> dict[str, Any]:
     """``aggregation_params`` as a dict: a JSON object (``{}`` for none)."""
     try:
