@@ -217,7 +217,8 @@ def test_sfl_config_lists_every_rules_parameters_with_default_and_range(
     assert main(["config"]) == 0
 
     out = capsys.readouterr().out
-    listed = [line.split()[:2] for line in out.splitlines() if line.startswith("  ")]
+    per_rule = out.split("aggregation_params, per rule", 1)[1].splitlines()[1:]
+    listed = [line.split()[:2] for line in per_rule]
     expected = [[rule, name] for rule, specs in RULE_PARAMS.items() for name in specs]
     assert listed == expected
     assert "  fedavgm       server_momentum     0.4      a number from 0 to 0.999" in out
