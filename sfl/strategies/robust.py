@@ -44,8 +44,9 @@ def trimmed_mean(values: torch.Tensor, trim_fraction: float) -> torch.Tensor:
 def add_squared_distances(distances: torch.Tensor, values: torch.Tensor) -> None:
     """Add this chunk's share of every pairwise squared L2 distance to ``distances``."""
     flat = values.reshape(values.shape[0], -1)
-    for i in range(flat.shape[0]):
-        distances[i] += ((flat - flat[i]) ** 2).sum(dim=1)
+    gram = flat @ flat.T  # one matrix product: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b
+    squares = gram.diagonal()
+    distances += (squares[:, None] + squares[None, :] - 2 * gram).clamp(min=0.0)
 
 
 def krum_scores(distances: torch.Tensor, byzantine: int) -> list[float]:
