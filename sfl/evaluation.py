@@ -145,9 +145,10 @@ def after_round(
             "held-out evaluation failed", extra={"round": finished.round, "error": str(e)}
         )
         scores = {"error": f"{type(e).__name__}: {e}"[:500]}
+    # The lineage first: scores on the round record mean everything after the round is done.
+    LineageStore(aws, names).put(lineage_of_round(finished, scores or {}))
     if scores is not None:
         RoundStore(aws.dynamodb, names.rounds_table).record_evaluation(
             finished.experiment, finished.round, scores
         )
-    LineageStore(aws, names).put(lineage_of_round(finished, scores or {}))
     return scores

@@ -34,6 +34,8 @@ from sfl.tasks import load_task
 from sfl.tasks.base import ArrayDataset
 
 CLIENTS = 3
+# moto's backends are per process: a name no other test's stack in this session uses.
+STACK = "Sfl-OperateTest"
 pytestmark = pytest.mark.slow  # one running fleet, about a minute for the whole story
 
 
@@ -41,9 +43,11 @@ pytestmark = pytest.mark.slow  # one running fleet, about a minute for the whole
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     out = tmp_path_factory.mktemp("fleet")
     with LocalFleet(
-        FleetOptions(out=out, clients=CLIENTS, schedule_seconds=3600.0, tick_seconds=0.5)
+        FleetOptions(
+            out=out, clients=CLIENTS, schedule_seconds=3600.0, tick_seconds=0.5, stack=STACK
+        )
     ) as running:
-        fed = connect(endpoint_url=running.endpoint_url)
+        fed = connect(STACK, endpoint_url=running.endpoint_url)
         deadline = time.time() + 60
         while sfl_json(running, "status")["active_devices"] < CLIENTS:
             assert time.time() < deadline, "the fleet's clients never registered"
@@ -60,8 +64,9 @@ def sfl(fleet: LocalFleet, *argv: str) -> tuple[int, str, str]:
     from sfl.cli import main
 
     out, err = io.StringIO(), io.StringIO()
+    stack = [] if "--stack" in argv else ["--stack", STACK]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*argv, "--endpoint", fleet.endpoint_url])
+        code = main([*argv, "--endpoint", fleet.endpoint_url, *stack])
     return code, out.getvalue(), err.getvalue()
 
 
@@ -84,6 +89,12 @@ def run_round(fleet: LocalFleet) -> int:
     code, out, err = sfl(fleet, "watch", "--until-round", str(number), "--timeout", "90")
     assert code == 0, err
     assert f"round {number} CLOSED" in out
+    # The averager scores the new model and writes its lineage right after closing the round:
+    # wait for that, as an operator would for the accuracy column.
+    deadline = time.time() + 60
+    while not (record := rounds(fleet).get("default", number)) or not record.evaluation:
+        assert time.time() < deadline, f"round {number} was never scored"
+        time.sleep(0.1)
     return number
 
 
@@ -98,7 +109,7 @@ def test_status_before_the_first_round(fleet: LocalFleet) -> None:
     assert status["round"] is None and status["latest_model"] is None
     assert status["active_devices"] == CLIENTS and status["local"] is True
     assert {a["name"] for a in status["alarms"]} == {
-        f"Sfl-Federation-{a}"
+        f"{STACK}-{a}"
         for a in (
             "InitiatorErrorsAlarm",
             "AveragerErrorsAlarm",
@@ -290,7 +301,7 @@ def test_report_writes_history_and_charts(fleet: LocalFleet, tmp_path: Path) -> 
 
 def test_alarm_in_alarm_state_shows_in_status(fleet: LocalFleet) -> None:
     cloudwatch = fleet._aws.client("cloudwatch")
-    name = "Sfl-Federation-AveragerErrorsAlarm"
+    name = f"{STACK}-AveragerErrorsAlarm"
     cloudwatch.set_alarm_state(AlarmName=name, StateValue="ALARM", StateReason="test")
     try:
         code, out, _ = sfl(fleet, "status")
@@ -315,7 +326,16 @@ def test_missing_credentials_are_a_clear_error(fleet: LocalFleet, tmp_path: Path
         "AWS_REGION": "us-east-1",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "sfl.cli", "status", "--endpoint", fleet.endpoint_url],
+        [
+            sys.executable,
+            "-m",
+            "sfl.cli",
+            "status",
+            "--endpoint",
+            fleet.endpoint_url,
+            "--stack",
+            STACK,
+        ],
         env=env,
         capture_output=True,
         text=True,
