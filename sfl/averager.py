@@ -24,7 +24,7 @@ from sfl.codec import Header, decode, encode, encode_model
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
 from sfl.model_store import ModelStore
-from sfl.registry import ClientRegistry
+from sfl.registry import ClientRegistry, statistical_utility
 from sfl.resources import ResourceNames
 from sfl.round_updates import Entry, RoundUpdates
 from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
@@ -270,8 +270,6 @@ class Averager:
         """Fold this round into the client's server-side record (turnaround EWMA, answered /
         missed, recent picks, the accepted update's bounded utility). Best effort: the
         registry is advisory, the round record is the truth."""
-        from sfl.registry import statistical_utility
-
         answered = answer is not None and answer.outcome is Outcome.ACCEPTED
         config = self.round_config(round_)
         utility = None

@@ -97,11 +97,6 @@ class RoundUpdates:
         self._ensure_spooled()
         return [entry.weight for entry, _ in self._spooled]
 
-    def clients(self) -> list[str]:
-        """The readable updates' clients, in the order ``chunks`` and ``weights`` use."""
-        self._ensure_spooled()
-        return [entry.client for entry, _ in self._spooled]
-
     # --- reading --------------------------------------------------------------------------
 
     def _get(self, entry: Entry) -> Any | None:
