@@ -199,6 +199,7 @@ def _cost(args: argparse.Namespace) -> int:
     )
     fleet = cost.estimate(cost.fleet_usage_per_day(shape, args.clients, assumptions), prices)
     day = idle.total + fleet.total + args.rounds_per_day * per_round.total
+    item_bytes = cost.round_item_bytes(args.clients, args.clients, assumptions)
     result = {
         "region": shape.region,
         "clients": args.clients,
@@ -206,6 +207,8 @@ def _cost(args: argparse.Namespace) -> int:
         "model_bytes": model_bytes,
         "rounds_per_day": args.rounds_per_day,
         "protocol": "answers_table" if args.answers_table else "answers_in_round_item",
+        "round_item_bytes": item_bytes,
+        "round_item_fits": item_bytes <= cost.DYNAMODB_ITEM_LIMIT,
         "per_round": per_round.to_dict(),
         "idle_per_day": idle.to_dict(),
         "fleet_per_day": fleet.to_dict(),
@@ -231,6 +234,12 @@ def _cost(args: argparse.Namespace) -> int:
             if usd:
                 print(f"  {name:<28} ${usd:.6f}")
     print(f"\nper day: ${day:.4f}   per month: ${result['per_month']:.2f}")
+    if not result["round_item_fits"]:
+        print(
+            f"note: the round item would hold {item_bytes:,} bytes, over DynamoDB's "
+            f"{cost.DYNAMODB_ITEM_LIMIT:,}-byte item limit: this protocol cannot run this round "
+            "(see --answers-table)"
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ GB = 1024**3
 DAYS_PER_MONTH = 730 / 24  # AWS bills a month as 730 hours
 _WRITE_UNIT = 1024  # DynamoDB bytes per write request unit
 _READ_UNIT = 4096  # DynamoDB bytes per (strongly consistent) read request unit
+DYNAMODB_ITEM_LIMIT = 400 * 1024  # DynamoDB's maximum item size
 
 
 class NoPricesError(ValueError):
@@ -363,7 +364,7 @@ class IdleAssumptions:
     tick_seconds: float = 0.3  # each function's run on a schedule tick with no round
     tick_log_bytes: int = 1_500
     idle_custom_metrics: int = 3  # the initiator's RoundsStarted, OpenRoundAge, ActiveDevices
-    ecr_image_gb: float = 1.0  # the averager image, compressed (torch CPU + Python)
+    ecr_image_gb: float = 1.5  # the averager image, compressed (torch CPU: one to two GB)
     table_gb: float = 0.001  # round records and registry
 
 

@@ -205,6 +205,12 @@ def test_cost_json_adds_up(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
         out["idle_per_day"]["usd"] + out["fleet_per_day"]["usd"] + 24 * per_round["usd"]
     )
     assert out["clients"] == 40 and out["model_bytes"] == 438040
+    assert out["round_item_fits"] is True
+
+
+def test_cost_says_when_a_round_cannot_fit_its_item(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cost", "--model-bytes", "1", "--clients", "10000", "--region", "us-east-1"]) == 0
+    assert "over DynamoDB's 409,600-byte item limit" in capsys.readouterr().out
 
 
 def test_cost_reads_memory_from_cdk_json(
