@@ -165,7 +165,9 @@ US_EAST_1: Final[dict[str, Price]] = {
     ),
     "data_transfer_s3_lambda_same_region_gb": Price(
         0.0, 1, "GB",
-        "https://aws.amazon.com/about-aws/global-infrastructure/global-network/faqs",
+        "https://aws.amazon.com/about-aws/global-infrastructure/global-network/faqs (and "
+        "wring.co/blog/aws-data-transfer-pricing-guide, 2026: 'S3 -> Same-region services: "
+        "Free')",
         "quoted",
         "S3 to Lambda in the same region is not charged",
     ),
