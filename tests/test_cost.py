@@ -230,3 +230,18 @@ def test_cost_reads_memory_from_cdk_json(
 def test_cost_refuses_a_region_without_prices(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cost", "--model-bytes", "1", "--region", "mars-1"]) == 2
     assert "no prices for region 'mars-1'" in capsys.readouterr().err
+
+
+# --- the docs state what the model computes ------------------------------------------------
+
+
+def test_docs_list_every_price_and_state_the_idle_day() -> None:
+    guide = (REPO / "docs" / "cost.md").read_text()
+    for name in US_EAST_1:
+        assert f"`{name}`" in guide, name
+    idle = cost.estimate(
+        cost.idle_usage_per_day(SHAPE, model_versions=100, model_bytes=438_040), US_EAST_1
+    )
+    stated = f"**${idle.total:.3f} a day"
+    assert stated in guide
+    assert stated in (REPO / "docs" / "deploy.md").read_text()
