@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from sfl import lambda_shapes
 from sfl.config import ConfigError, FederationConfig
 from sfl.plugins import IMPORT_PATH
 from sfl.recipes import CONFIGURATION_KEYS
@@ -75,7 +76,7 @@ class InfraConfig:
         metadata=_spec(_ANY_BOOL, "whether the schedule rule is enabled after deploy"),
     )
     initiator_memory_mb: int = field(
-        default=256,
+        default=lambda_shapes.INITIATOR.memory_mb,
         metadata=_spec(_range(128, 10_240), "initiator Lambda memory (MB)"),
     )
     initiator_timeout_seconds: int = field(
@@ -87,7 +88,7 @@ class InfraConfig:
         metadata=_spec(_range(0, 1_000), "initiator reserved concurrency; 0 = do not reserve"),
     )
     averager_memory_mb: int = field(
-        default=2_048,
+        default=lambda_shapes.AVERAGER.memory_mb,
         metadata=_spec(_range(512, 10_240), "averager Lambda memory (MB); torch needs >= 512"),
     )
     averager_timeout_seconds: int = field(

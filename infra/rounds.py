@@ -27,6 +27,7 @@ from constructs import Construct
 
 from infra.bundling import InitiatorBundling
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
+from sfl import lambda_shapes
 from sfl.runtime import AVERAGER_SERVICE, INITIATOR_SERVICE, METRICS_NAMESPACE
 
 # The events the handlers receive besides S3 notifications.
@@ -44,6 +45,8 @@ _RUNTIMES = {
     "3.13": lambda_.Runtime.PYTHON_3_13,
     "3.14": lambda_.Runtime.PYTHON_3_14,
 }
+# Lambda's architecture names (sfl.lambda_shapes) -> CDK's.
+_ARCHITECTURES = {"arm64": lambda_.Architecture.ARM_64, "x86_64": lambda_.Architecture.X86_64}
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class FederationRounds(Construct):
             "Initiator",
             description="Starts a federated round: picks clients, writes the round and assignment.",
             runtime=_RUNTIMES[python_version],
-            architecture=lambda_.Architecture.ARM_64,  # pure Python: the cheaper architecture
+            architecture=_ARCHITECTURES[lambda_shapes.INITIATOR.architecture],
             handler="handler.lambda_handler",
             code=lambda_.Code.from_asset(
                 str(source_root / INITIATOR_DIR),
@@ -131,7 +134,7 @@ class FederationRounds(Construct):
             self,
             "Averager",
             description="Accepts client updates and aggregates a round into the next global model.",
-            architecture=lambda_.Architecture.X86_64,
+            architecture=_ARCHITECTURES[lambda_shapes.AVERAGER.architecture],
             code=lambda_.DockerImageCode.from_image_asset(
                 str(source_root),
                 file=AVERAGER_DOCKERFILE,

@@ -134,6 +134,150 @@ def _initial_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sfl cost (owned by the cost model, sfl.cost) ------------------------------------------
+
+
+def _stack_shape(args: argparse.Namespace) -> Any:
+    """The stack's shape from cdk.json (both context keys, validated as 'cdk synth' does),
+    or the stack's defaults when there is no cdk.json."""
+    from sfl.cost import StackShape, stack_region
+    from sfl.lambda_shapes import FunctionShape
+
+    region = args.region or stack_region()
+    if args.cdk_json is None or not args.cdk_json.exists():
+        return StackShape(region=region)
+    from infra.config import StackConfig  # the developer's machine: infra is importable
+
+    context = json.loads(args.cdk_json.read_text()).get("context", {})
+    config = StackConfig.from_context(context.get)
+    infra, federation = config.infra, config.federation
+    return StackShape(
+        region=region,
+        initiator=FunctionShape(infra.initiator_memory_mb, StackShape.initiator.architecture),
+        averager=FunctionShape(infra.averager_memory_mb, StackShape.averager.architecture),
+        schedule_minutes=infra.schedule_minutes,
+        log_retention_days=infra.log_retention_days,
+        update_expiry_days=infra.update_expiry_days,
+        poll_seconds=federation.poll_seconds,
+        heartbeat_seconds=federation.heartbeat_seconds,
+    )
+
+
+def _model_bytes(args: argparse.Namespace) -> int:
+    if args.model_bytes is not None:
+        return int(args.model_bytes)
+    from sfl import codec
+    from sfl.tasks import load_task
+
+    model = load_task(args.task).build_model(seed=0)
+    return len(codec.encode_model(model.state_dict(), version=0, seed=0))
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from sfl import cost
+
+    shape = _stack_shape(args)
+    prices = cost.prices_for(shape.region)  # NoPricesError is a ValueError: exit 2, message
+    model_bytes = _model_bytes(args)
+    accepted = args.clients if args.accepted is None else args.accepted
+    assumptions = cost.CostAssumptions(
+        update_handling_seconds=args.update_seconds,
+        answers_in_round_item=not args.answers_table,
+        selected_in_round_item=not args.answers_table,
+    )
+    figures = cost.RoundFigures(
+        selected=args.clients,
+        accepted=accepted,
+        model_bytes=model_bytes,
+        update_bytes=accepted * (args.update_bytes or model_bytes),
+        aggregate_seconds=args.aggregate_seconds,
+    )
+    per_round = cost.estimate(cost.usage_for_round(figures, shape, assumptions), prices)
+    idle = cost.estimate(
+        cost.idle_usage_per_day(shape, model_versions=args.model_versions, model_bytes=model_bytes),
+        prices,
+    )
+    fleet = cost.estimate(cost.fleet_usage_per_day(shape, args.clients, assumptions), prices)
+    day = idle.total + fleet.total + args.rounds_per_day * per_round.total
+    item_bytes = cost.round_item_bytes(args.clients, args.clients, assumptions)
+    result = {
+        "region": shape.region,
+        "clients": args.clients,
+        "accepted": accepted,
+        "model_bytes": model_bytes,
+        "rounds_per_day": args.rounds_per_day,
+        "protocol": "answers_table" if args.answers_table else "answers_in_round_item",
+        "round_item_bytes": item_bytes,
+        "round_item_fits": item_bytes <= cost.DYNAMODB_ITEM_LIMIT,
+        "per_round": per_round.to_dict(),
+        "idle_per_day": idle.to_dict(),
+        "fleet_per_day": fleet.to_dict(),
+        "per_day": day,
+        "per_month": day * cost.DAYS_PER_MONTH,
+        "prices_read_on": sorted({p.read_on for p in prices.values()}),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"sfl cost: {shape.region}, {args.clients} clients ({accepted} accepted), model "
+        f"{model_bytes:,} bytes, {args.rounds_per_day:g} rounds/day, list prices read on "
+        f"{', '.join(result['prices_read_on'])} (sfl/prices.py), no free tiers"
+    )
+    for title, part in (
+        ("per round", per_round),
+        ("idle stack per day", idle),
+        (f"{args.clients} connected devices per day", fleet),
+    ):
+        print(f"\n{title}: ${part.total:.6f}")
+        for name, usd in part.items.items():
+            if usd:
+                print(f"  {name:<28} ${usd:.6f}")
+    print(f"\nper day: ${day:.4f}   per month: ${result['per_month']:.2f}")
+    if not result["round_item_fits"]:
+        print(
+            f"note: the round item would hold {item_bytes:,} bytes, over DynamoDB's "
+            f"{cost.DYNAMODB_ITEM_LIMIT:,}-byte item limit: this protocol cannot run this round "
+            "(see --answers-table)"
+        )
+    return 0
+
+
+def _add_cost_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "cost",
+        help="estimated AWS cost per round, of the idle stack and of the fleet (docs/cost.md)",
+    )
+    p.add_argument("--clients", type=int, default=40, help="clients selected per round")
+    p.add_argument("--accepted", type=int, default=None, help="accepted answers (all)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--model-bytes", type=int, default=None, help="the model file's bytes")
+    size.add_argument(
+        "--task", default="mnist", help="take the model's size from this task's model (torch)"
+    )
+    p.add_argument("--update-bytes", type=int, default=0, help="per update (model's size)")
+    p.add_argument("--rounds-per-day", type=float, default=24.0)
+    p.add_argument("--aggregate-seconds", type=float, default=0.5, help="measured aggregation")
+    p.add_argument(
+        "--update-seconds", type=float, default=0.3, help="averager seconds per update event"
+    )
+    p.add_argument("--model-versions", type=int, default=100, help="model versions stored")
+    p.add_argument(
+        "--answers-table",
+        action="store_true",
+        help="answers in their own table (one transaction each) instead of the round item",
+    )
+    p.add_argument("--region", default=None, help="default: AWS_REGION, AWS_DEFAULT_REGION")
+    p.add_argument(
+        "--cdk-json",
+        type=Path,
+        default=Path("cdk.json"),
+        help="read memory sizes, schedule, retention, poll period from this cdk.json",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cost)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sfl.recipes_cli import add_parser as add_recipes_parser
 
     add_recipes_parser(sub)
+    _add_cost_parser(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from sfl.cli import build_parser
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "operate.md"
-NOT_OPERATIONS = {"simulate", "split-dataset", "initial-model", "recipes", "local"}
+NOT_OPERATIONS = {"simulate", "split-dataset", "initial-model", "recipes", "local", "cost"}
 
 
 def commands() -> set[str]:

@@ -1,0 +1,247 @@
+"""The cost model: dollars from the price table's own numbers, usage from a round's figures,
+the table's integrity, and the ``sfl cost`` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sfl import cost, lambda_shapes
+from sfl.cli import main
+from sfl.prices import PRICES, US_EAST_1
+
+REPO = Path(__file__).resolve().parents[1]
+P = {name: price.unit_price for name, price in US_EAST_1.items()}
+SHAPE = cost.StackShape()
+
+
+# --- the price table ----------------------------------------------------------------------
+
+
+def test_every_price_has_a_source_a_date_a_basis_and_a_sane_value() -> None:
+    for region, table in PRICES.items():
+        assert set(table) == set(US_EAST_1), f"{region} prices other items than us-east-1"
+        for name, price in table.items():
+            assert math.isfinite(price.usd) and price.usd >= 0, name
+            assert price.per > 0 and price.unit, name
+            assert price.source.startswith("https://"), name
+            assert price.basis in ("quoted", "commonly published"), name
+            datetime.date.fromisoformat(price.read_on)
+
+
+def test_every_region_prices_every_line_the_estimate_has() -> None:
+    for region, table in PRICES.items():
+        assert cost.estimate(cost.RoundUsage(), table, region).total == 0.0
+
+
+def test_a_region_without_prices_is_refused_by_name() -> None:
+    with pytest.raises(cost.NoPricesError, match=r"no prices for region 'mars-1'.*us-east-1"):
+        cost.prices_for("mars-1")
+
+
+# --- estimate: usage x the table's unit prices ---------------------------------------------
+
+
+def test_estimate_prices_each_line_from_the_table() -> None:
+    usage = cost.RoundUsage(
+        lambdas=(
+            cost.LambdaUsage("initiator", "arm64", 256, 2, 4.0),  # 1 GB-s
+            cost.LambdaUsage("averager", "x86_64", 2048, 3, 1.5),  # 3 GB-s
+        ),
+        s3_put_requests=10,
+        s3_get_requests=1_000,
+        s3_gb_months=2.0,
+        dynamodb_rru=8.0,
+        dynamodb_wru=6.0,
+        log_bytes=cost.GB // 2,
+        bytes_out_internet=3 * cost.GB,
+        bytes_in_internet=5 * cost.GB,
+    )
+    items = cost.estimate(usage, US_EAST_1).items
+    assert items["lambda_requests"] == pytest.approx(5 * P["lambda_request"])
+    assert items["lambda_compute_initiator"] == pytest.approx(1.0 * P["lambda_gb_second_arm64"])
+    assert items["lambda_compute_averager"] == pytest.approx(3.0 * P["lambda_gb_second_x86_64"])
+    assert items["s3_put_requests"] == pytest.approx(10 * P["s3_put_copy_post_list"])
+    assert items["s3_get_requests"] == pytest.approx(1_000 * P["s3_get_select"])
+    assert items["s3_storage"] == pytest.approx(2 * P["s3_storage_gb_month"])
+    assert items["dynamodb_reads"] == pytest.approx(8 * P["dynamodb_read_request_unit"])
+    assert items["dynamodb_writes"] == pytest.approx(6 * P["dynamodb_write_request_unit"])
+    assert items["cloudwatch_logs"] == pytest.approx(0.5 * P["cloudwatch_logs_ingestion_gb"])
+    assert items["data_transfer_out"] == pytest.approx(3 * P["data_transfer_out_internet_gb"])
+    assert items["data_transfer_in"] == 0.0  # uploads from devices are free
+    assert cost.estimate(usage, US_EAST_1).total == pytest.approx(sum(items.values()))
+
+
+# --- usage from a round's figures ------------------------------------------------------------
+
+
+def test_a_round_counts_each_request_the_protocol_makes() -> None:
+    figures = cost.RoundFigures(selected=3, accepted=2, rejected=1, model_bytes=1_000)
+    a = cost.CostAssumptions()
+    usage = cost.usage_for_round(figures, SHAPE, a)
+    # Initiator HEAD; 3 devices x (assignment + model); 3 judged updates; the container's base
+    # header (2 ranges) + base model; 2 accepted re-read; evaluation HEAD + GET.
+    assert usage.s3_get_requests == 1 + 3 * 2 + 3 + 3 + 2 + 2
+    # Assignment; 3 uploads; model version + lineage.
+    assert usage.s3_put_requests == 1 + 3 + 2
+    assert [f.invocations for f in usage.lambdas] == [1, 3 + 1]
+    assert usage.bytes_out_internet == 3 * 1_000 + 3 * a.assignment_bytes
+    assert usage.bytes_in_internet == 3 * 1_000
+
+
+def test_measured_durations_and_memory_make_the_gb_seconds() -> None:
+    a = cost.CostAssumptions()
+    figures = cost.RoundFigures(
+        selected=2,
+        accepted=2,
+        model_bytes=1,
+        aggregate_seconds=1.25,
+        update_handling_seconds=0.75,
+        initiator_seconds=0.5,
+    )
+    initiator, averager = cost.usage_for_round(figures, SHAPE, a).lambdas
+    assert averager.gb_seconds == pytest.approx(
+        SHAPE.averager.memory_mb / 1024 * (0.75 + 1.25 + a.averager_init_seconds)
+    )
+    assert initiator.gb_seconds == pytest.approx(
+        SHAPE.initiator.memory_mb / 1024 * (0.5 + a.initiator_init_seconds)
+    )
+
+
+def _wru(selected: int, assumptions: cost.CostAssumptions) -> float:
+    figures = cost.RoundFigures(selected=selected, accepted=selected, model_bytes=1)
+    return cost.usage_for_round(figures, SHAPE, assumptions).dynamodb_wru
+
+
+def test_answers_in_the_round_item_make_writes_grow_faster_than_the_round() -> None:
+    in_item = cost.CostAssumptions()
+    # Each answer rewrites the whole (growing) item: doubling the round more than doubles.
+    assert _wru(2_000, in_item) > 3 * _wru(1_000, in_item)
+    # In their own table, every answer costs the same transaction: growth is linear.
+    table = dataclasses.replace(in_item, answers_in_round_item=False, selected_in_round_item=False)
+    assert _wru(3_000, table) - _wru(2_000, table) == _wru(2_000, table) - _wru(1_000, table)
+
+
+def test_a_round_record_becomes_figures() -> None:
+    summary = {"model_bytes": 500, "bytes_up": 1_400, "bytes_down": 1_500, "aggregate_seconds": 2}
+    figures = cost.figures_from_round(
+        selected=3,
+        accepted=2,
+        rejected=1,
+        other_rejections=4,
+        candidates=9,
+        summary=summary,
+        select_seconds=0.1,
+    )
+    assert figures == cost.RoundFigures(
+        selected=3,
+        accepted=2,
+        rejected=1,
+        other_rejections=4,
+        candidates=9,
+        model_bytes=500,
+        update_bytes=1_400,
+        bytes_to_devices=1_500,
+        aggregate_seconds=2.0,
+        select_seconds=0.1,
+    )
+
+
+def test_the_round_summary_is_the_estimate_and_never_fails_a_round() -> None:
+    figures = cost.RoundFigures(selected=4, accepted=4, model_bytes=10_000)
+    summary = cost.round_cost_summary(figures, SHAPE)
+    expected = cost.estimate(cost.usage_for_round(figures, SHAPE), US_EAST_1)
+    assert summary["usd"] == pytest.approx(expected.total)
+    assert summary["usage"]["lambda_invocations"] == {"initiator": 1, "averager": 5}
+    json.dumps(summary)  # storable in the round record and history.json
+
+    elsewhere = cost.round_cost_summary(figures, dataclasses.replace(SHAPE, region="mars-1"))
+    assert elsewhere["usd"] is None and "mars-1" in elsewhere["unpriced"]
+
+
+def test_a_function_reads_its_region_and_memory_from_lambdas_environment() -> None:
+    shape = cost.StackShape.from_environment(
+        {"AWS_REGION": "us-east-1", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096"}
+    )
+    assert shape.region == "us-east-1"
+    assert shape.averager.memory_mb == 4096
+    assert shape.initiator == lambda_shapes.INITIATOR
+
+
+def test_idle_day_counts_the_schedule_alarms_dashboard_and_storage() -> None:
+    idle = cost.idle_usage_per_day(SHAPE, model_versions=10, model_bytes=cost.GB // 10)
+    ticks = 24 * 60 / SHAPE.schedule_minutes
+    assert [f.invocations for f in idle.lambdas] == [ticks, ticks]
+    assert idle.s3_gb_months == pytest.approx(1.0 / cost.DAYS_PER_MONTH)
+    items = cost.estimate(idle, US_EAST_1).items
+    assert items["cloudwatch_alarms"] == pytest.approx(
+        4 * P["cloudwatch_alarm_month"] / cost.DAYS_PER_MONTH
+    )
+    assert items["cloudwatch_dashboards"] == pytest.approx(
+        P["cloudwatch_dashboard_month"] / cost.DAYS_PER_MONTH
+    )
+
+
+# --- sfl cost --------------------------------------------------------------------------------
+
+
+def _cost_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["cost", "--model-bytes", "438040", "--json", *args]) == 0
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return out
+
+
+def test_cost_json_adds_up(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = _cost_json(capsys, "--region", "us-east-1", "--cdk-json", str(tmp_path / "none"))
+    per_round = out["per_round"]
+    assert per_round["usd"] == pytest.approx(sum(per_round["items"].values()))
+    assert out["per_day"] == pytest.approx(
+        out["idle_per_day"]["usd"] + out["fleet_per_day"]["usd"] + 24 * per_round["usd"]
+    )
+    assert out["clients"] == 40 and out["model_bytes"] == 438040
+    assert out["round_item_fits"] is True
+
+
+def test_cost_says_when_a_round_cannot_fit_its_item(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cost", "--model-bytes", "1", "--clients", "10000", "--region", "us-east-1"]) == 0
+    assert "over DynamoDB's 409,600-byte item limit" in capsys.readouterr().out
+
+
+def test_cost_reads_memory_from_cdk_json(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = _cost_json(capsys, "--region", "us-east-1", "--cdk-json", str(tmp_path / "none"))
+    cdk = json.loads((REPO / "cdk.json").read_text())
+    cdk["context"]["sfl_infra"]["averager_memory_mb"] = 2 * lambda_shapes.AVERAGER.memory_mb
+    (tmp_path / "cdk.json").write_text(json.dumps(cdk))
+    doubled = _cost_json(capsys, "--region", "us-east-1", "--cdk-json", str(tmp_path / "cdk.json"))
+    line = "lambda_compute_averager"
+    assert doubled["per_round"]["items"][line] == pytest.approx(
+        2 * base["per_round"]["items"][line]
+    )
+
+
+def test_cost_refuses_a_region_without_prices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cost", "--model-bytes", "1", "--region", "mars-1"]) == 2
+    assert "no prices for region 'mars-1'" in capsys.readouterr().err
+
+
+# --- the docs state what the model computes ------------------------------------------------
+
+
+def test_docs_list_every_price_and_state_the_idle_day() -> None:
+    guide = (REPO / "docs" / "cost.md").read_text()
+    for name in US_EAST_1:
+        assert f"`{name}`" in guide, name
+    idle = cost.estimate(
+        cost.idle_usage_per_day(SHAPE, model_versions=100, model_bytes=438_040), US_EAST_1
+    )
+    stated = f"**${idle.total:.3f} a day"
+    assert stated in guide
+    assert stated in (REPO / "docs" / "deploy.md").read_text()
