@@ -446,6 +446,7 @@ class Averager:
             entries,
             base,
             self.models.header(round_.base_version),
+            in_flight=config.aggregation_in_flight,
         ) as updates:
             result = rule.aggregate(base, updates, previous)
             read = list(updates.read)

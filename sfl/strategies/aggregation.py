@@ -33,6 +33,9 @@ from sfl.strategies import params as rule_params
 # once (16 MiB; sorting a chunk needs about three times that), unless one row of one tensor
 # is larger than that share.
 CHUNK_ELEMENTS = 2 * 1024 * 1024
+# A running sum widens an update to float64 this many values at a time, in cache, instead of
+# copying a whole tensor to float64 first (twice its size in memory, and a pass over it).
+ACCUMULATE_BLOCK = 64 * 1024
 
 State = Mapping[str, torch.Tensor]
 
@@ -141,12 +144,12 @@ class FedAvg(Rule):
             raise AggregationError(f"update weight must be > 0, got {weight!r}")
         if self._sums:
             _check_like(tensors, self._sums)
-            for name, t in tensors.items():
-                self._sums[name].add_(t.to(torch.float64), alpha=weight)
         else:
             for name, t in tensors.items():
                 self._dtypes[name] = t.dtype
-                self._sums[name] = t.to(torch.float64) * weight
+                self._sums[name] = torch.zeros(t.shape, dtype=torch.float64)
+        for name, t in tensors.items():
+            accumulate(self._sums[name], t, weight)
         self._total_weight += weight
         self.count += 1
 
@@ -157,6 +160,19 @@ class FedAvg(Rule):
             name: cast_like(total / self._total_weight, self._dtypes[name])
             for name, total in self._sums.items()
         }
+
+
+def accumulate(total: torch.Tensor, t: torch.Tensor, weight: float) -> None:
+    """``total += weight * t`` with ``total`` float64 and contiguous, a block at a time: the
+    same float64 arithmetic as widening ``t`` first, without a float64 copy of ``t``."""
+    if not t.dtype.is_floating_point:
+        total.add_(t.to(torch.float64), alpha=weight)
+        return
+    flat_total = total.view(-1)
+    flat = t.reshape(-1)
+    for first in range(0, flat.numel(), ACCUMULATE_BLOCK):
+        last = first + ACCUMULATE_BLOCK
+        flat_total[first:last].add_(flat[first:last], alpha=weight)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
