@@ -82,6 +82,17 @@ class Aggregate:
     details: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class PartialSum:
+    """FedAvg's running state over some updates: float64 weighted sums, their total weight,
+    how many updates, and each tensor's dtype in the model."""
+
+    sums: dict[str, torch.Tensor]
+    weight: float
+    count: int
+    dtypes: dict[str, torch.dtype]
+
+
 class AggregationRule(Protocol):
     stateful: ClassVar[bool]
 
@@ -134,10 +145,34 @@ class FedAvg(Rule):
         self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
     ) -> Aggregate | None:
         self.reset()
-        for tensors, weight in updates.stream():
-            self.add(tensors, weight)
+        partial_sums = getattr(updates, "partial_sums", None)
+        if partial_sums is not None:  # shards summed elsewhere (sfl.shards): add their sums
+            for partial in partial_sums():
+                self.add_partial(partial)
+        else:
+            for tensors, weight in updates.stream():
+                self.add(tensors, weight)
         result = self.result()
         return None if result is None else Aggregate(model=result)
+
+    def partial(self) -> PartialSum:
+        """The running sum so far, to be added to others' (a shard of a sharded round)."""
+        return PartialSum(dict(self._sums), self._total_weight, self.count, dict(self._dtypes))
+
+    def add_partial(self, partial: PartialSum) -> None:
+        """Add another running sum (in shard order: the result depends on the order only
+        through float64 rounding)."""
+        if not partial.count:
+            return
+        if self._sums:
+            _check_like(partial.sums, self._sums)
+            for name, t in partial.sums.items():
+                self._sums[name].add_(t.to(torch.float64))
+        else:
+            self._dtypes = dict(partial.dtypes)
+            self._sums = {n: t.to(torch.float64).clone() for n, t in partial.sums.items()}
+        self._total_weight += partial.weight
+        self.count += partial.count
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
         if not weight > 0:
