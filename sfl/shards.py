@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from botocore.exceptions import ClientError
 
+from sfl import layout
 from sfl.aws import error_code, is_not_found
 from sfl.codec import Header, decode, encode, parse_header
 from sfl.round_updates import Entry, RoundUpdates
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
     from sfl.rounds import Round
     from sfl.strategies.aggregation import AggregationRule
 
-PARTIALS_PREFIX = "partials/"
+logger = logging.getLogger(__name__)
+
+PARTIALS_PREFIX = layout.PARTIALS_PREFIX
 SHARD_ACTION = "shard"
 SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
 PARTIAL_FORMAT = "sfl-partial/1"
@@ -275,6 +279,10 @@ def sharded_updates(
     above = config.aggregation_shard_above
     if not (above > 0 and len(entries) > above and shardable(rule)):
         return None
+    invoke = invoke or default_invoker()
+    if invoke is None:
+        logger.warning("aggregation_shard_above is set but no shard function is deployed")
+        return None
     shards = plan(
         round_.experiment,
         round_.round,
@@ -283,17 +291,22 @@ def sharded_updates(
         config.aggregation_shard_size,
         config.aggregation_in_flight,
     )
-    return ShardedUpdates(s3, names.models_bucket, shards, invoke or default_invoker())
+    return ShardedUpdates(s3, names.models_bucket, shards, invoke)
 
 
 # --- invoking the shard function --------------------------------------------------------
 
 
-def default_invoker() -> Invoker:
-    """The deployed shard function (``SFL_SHARD_FUNCTION``), or locally the same handler
-    called in-process (``sfl.local.lambdas``)."""
+def default_invoker() -> Invoker | None:
+    """The deployed shard function (``SFL_SHARD_FUNCTION``); locally the same handler called
+    in-process (``sfl.local.lambdas``); None in a Lambda deployed without a shard function
+    (the stack adds it when ``aggregation_shard_above`` is set at deploy time)."""
     function = os.environ.get(SHARD_FUNCTION_ENV)
-    return lambda_invoker(function) if function else local_invoker()
+    if function:
+        return lambda_invoker(function)
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        return None
+    return local_invoker()
 
 
 def lambda_invoker(function: str) -> Invoker:

@@ -121,7 +121,9 @@ def test_unreadable_updates_are_left_out_in_order_and_transient_errors_propagate
                 raise TimeoutError("the network")
             return super().fetch(entry)
 
-    with RoundUpdates(None, "", entries, base, header, source=Throttled(tmp_path)) as u:
-        with pytest.raises(TimeoutError):
-            list(u.stream())
+    with (
+        RoundUpdates(None, "", entries, base, header, source=Throttled(tmp_path)) as u,
+        pytest.raises(TimeoutError),
+    ):
+        list(u.stream())
     assert issubclass(Unreadable, Exception)
