@@ -168,9 +168,16 @@ class FileSource:
     def fetch(self, entry: Entry) -> bytearray:
         path = self._path(entry)
         data = bytearray(path.stat().st_size)
+        view = memoryview(data)
+        filled = 0
         with path.open("rb", buffering=0) as f:
-            f.readinto(data)  # type: ignore[attr-defined]
-        return data
+            while filled < len(data):
+                got = f.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+        view.release()
+        return data if filled == len(data) else data[:filled]
 
     def copy_to(self, entry: Entry, path: Path) -> None:
         shutil.copyfile(self._path(entry), path)
@@ -180,7 +187,7 @@ def decode_view(data: bytearray) -> dict[str, torch.Tensor]:
     """Tensors from safetensors bytes, after the header checks, as views into ``data`` (no
     copy; the tensors keep the buffer alive); ``decode`` (a copy) for dtypes torch cannot
     view. Never unpickles."""
-    header = parse_header(bytes(data[: 8 + header_length(data)]), total_size=len(data))
+    header = parse_header(bytes(data[: 8 + header_length(bytes(data[:8]))]), total_size=len(data))
     if any(info.dtype not in _TORCH_DTYPES for info in header.tensors.values()):
         return decode(bytes(data))
     # parse_header checked the JSON strictly, the offsets against the shapes and the data.

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sfl import codec, layout, shards
+from sfl.round_updates import Entry
 from sfl.rounds import RoundState, RoundStore
 from sfl.strategies.aggregation import fedavg
 from tests.conftest import TINY_MODEL, Stack
@@ -87,7 +88,7 @@ def test_a_shard_run_twice_writes_its_partial_sum_once(stack: Stack) -> None:
     stack.put_model(0, TINY_MODEL)
     events = [stack.upload_update(c, 1, _moved(i)) for i, c in enumerate(CLIENTS[:2])]
     entries = [
-        shards.Entry(c, layout.update_key(c, 1), e["Records"][0]["s3"]["object"]["eTag"], 1.0)
+        Entry(c, layout.update_key(c, 1), e["Records"][0]["s3"]["object"]["eTag"], 1.0)
         for c, e in zip(CLIENTS, events, strict=False)
     ]
     (shard,) = shards.plan("test", 1, 0, entries, size=10)

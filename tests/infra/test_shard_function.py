@@ -40,7 +40,9 @@ def _statements(template: dict[str, Any], role_logical_id: str) -> list[dict[str
     return found
 
 
-def test_the_shard_function_is_the_averager_image_with_the_shard_entry_point(sharded) -> None:
+def test_the_shard_function_is_the_averager_image_with_the_shard_entry_point(
+    sharded: tuple[Any, dict[str, Any]],
+) -> None:
     stack, template = sharded
     shard, averager = stack.rounds.shard, stack.rounds.averager
     assert shard is not None and SHARD_FUNCTION_ENV == shards.SHARD_FUNCTION_ENV
@@ -52,10 +54,12 @@ def test_the_shard_function_is_the_averager_image_with_the_shard_entry_point(sha
     assert env[SHARD_FUNCTION_ENV] == {"Ref": logical_id(shard)}
 
 
-def test_only_the_averager_may_invoke_the_shard_function(sharded) -> None:
+def test_only_the_averager_may_invoke_the_shard_function(
+    sharded: tuple[Any, dict[str, Any]],
+) -> None:
     stack, template = sharded
     shard_arn = {"Fn::GetAtt": [logical_id(stack.rounds.shard), "Arn"]}
-    invokers = set()
+    invokers: set[str] = set()
     for resource in template["Resources"].values():
         if resource["Type"] != "AWS::IAM::Policy":
             continue
@@ -74,6 +78,6 @@ def test_only_the_averager_may_invoke_the_shard_function(sharded) -> None:
     assert all("partials/*" in json.dumps(r) for r in resources_of(puts[0]))
 
 
-def test_without_sharding_configured_there_is_no_shard_function(synthesized) -> None:
+def test_without_sharding_configured_there_is_no_shard_function(synthesized: Any) -> None:
     assert synthesized.stack.rounds.shard is None
     assert not any("Shard" in logical for logical in synthesized.resources("AWS::Lambda::Function"))
