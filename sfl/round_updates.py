@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import shutil
 import tempfile
 from collections import deque
@@ -59,6 +60,18 @@ _READ_BYTES = 1024 * 1024
 # Updates read ahead of the one being summed when the caller does not say (config:
 # ``aggregation_in_flight``).
 DEFAULT_IN_FLIGHT = 4
+# Update buffers this large are anonymous mappings: unmapped as soon as the last tensor
+# viewing one is freed, rather than kept in malloc's per-thread arenas, so the process's
+# memory follows the updates in flight, not how many were read.
+_MAP_ABOVE_BYTES = 1024 * 1024
+Buffer = bytearray | mmap.mmap
+
+
+def new_buffer(size: int) -> Buffer:
+    """A writable, zeroed buffer of ``size`` bytes for one update."""
+    return mmap.mmap(-1, size) if size >= _MAP_ABOVE_BYTES else bytearray(size)
+
+
 # safetensors dtypes torch can view in place; any other is decoded by copying (``decode``).
 _TORCH_DTYPES = {
     "F64": torch.float64,
@@ -92,7 +105,7 @@ class Unreadable(Exception):
 class UpdateSource(Protocol):
     """Where an accepted update's bytes come from. Transient errors propagate."""
 
-    def fetch(self, entry: Entry) -> bytearray:
+    def fetch(self, entry: Entry) -> Buffer:
         """The update's bytes as accepted, or ``Unreadable``."""
         ...
 
@@ -119,10 +132,10 @@ class S3Source:
             # e.g. overwritten into an archive storage class after acceptance
             raise Unreadable(f"unreadable: {error_code(e)}") from e
 
-    def fetch(self, entry: Entry) -> bytearray:
+    def fetch(self, entry: Entry) -> Buffer:
         obj = self._get(entry)
         size = int(obj.get("ContentLength", 0))
-        data = bytearray(size)
+        data = new_buffer(size)
         view = memoryview(data)
         filled = 0
         try:
@@ -138,7 +151,7 @@ class S3Source:
             raise Unreadable(f"unreadable: {error_code(e)}") from e
         finally:
             view.release()
-        return data if filled == size else data[:filled]
+        return data if filled == size else bytearray(data[:filled])
 
     def copy_to(self, entry: Entry, path: Path) -> None:
         obj = self._get(entry)
@@ -165,9 +178,9 @@ class FileSource:
             raise Unreadable("update changed or vanished after it was accepted")
         return path
 
-    def fetch(self, entry: Entry) -> bytearray:
+    def fetch(self, entry: Entry) -> Buffer:
         path = self._path(entry)
-        data = bytearray(path.stat().st_size)
+        data = new_buffer(path.stat().st_size)
         view = memoryview(data)
         filled = 0
         with path.open("rb", buffering=0) as f:
@@ -177,13 +190,13 @@ class FileSource:
                     break
                 filled += got
         view.release()
-        return data if filled == len(data) else data[:filled]
+        return data if filled == len(data) else bytearray(data[:filled])
 
     def copy_to(self, entry: Entry, path: Path) -> None:
         shutil.copyfile(self._path(entry), path)
 
 
-def decode_view(data: bytearray) -> dict[str, torch.Tensor]:
+def decode_view(data: Buffer) -> dict[str, torch.Tensor]:
     """Tensors from safetensors bytes, after the header checks, as views into ``data`` (no
     copy; the tensors keep the buffer alive); ``decode`` (a copy) for dtypes torch cannot
     view. Never unpickles."""
@@ -321,7 +334,7 @@ class RoundUpdates:
             )
             return f"error: {type(e).__name__}"[:200]
 
-    def _decode(self, data: bytearray) -> dict[str, torch.Tensor]:
+    def _decode(self, data: Buffer) -> dict[str, torch.Tensor]:
         """An update's tensors from its bytes: the one place updates are decoded."""
         return decode_view(data)
 

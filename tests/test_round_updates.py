@@ -127,3 +127,13 @@ def test_unreadable_updates_are_left_out_in_order_and_transient_errors_propagate
     ):
         list(u.stream())
     assert issubclass(Unreadable, Exception)
+
+
+def test_large_updates_are_read_into_anonymous_mappings(tmp_path: Path) -> None:
+    big = {"w": torch.randn(600, 1000), "b": torch.randn(3)}  # 2.4 MB: mapped, not malloc'd
+    (tmp_path / "u.safetensors").write_bytes(encode(big))
+    data = FileSource(tmp_path).fetch(Entry("c", "u.safetensors", "", 1.0))
+    assert not isinstance(data, bytearray)
+    viewed = decode_view(data)
+    del data  # the tensors keep the mapping alive
+    assert all(torch.equal(viewed[k], t) for k, t in big.items())

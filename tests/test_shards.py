@@ -177,3 +177,25 @@ def test_robust_rules_are_not_sharded() -> None:
 
     assert shards.shardable(build_rule("fedavg")) and shards.shardable(build_rule("fedadam"))
     assert not any(shards.shardable(build_rule(r)) for r in ("median", "trimmed_mean", "krum"))
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedadam", "fedavgm"])
+def test_partial_sums_give_the_rules_their_unsharded_result(rule: str) -> None:
+    from sfl.strategies.aggregation import FedAvg, ListUpdates, build_rule
+
+    updates = [(_moved(i), float(3 + i)) for i in range(5)]
+
+    class Partials:
+        def partial_sums(self) -> Any:
+            for part in (updates[:2], updates[2:4], updates[4:]):
+                aggregator = FedAvg()
+                for tensors, weight in part:
+                    aggregator.add(tensors, weight)
+                yield aggregator.partial()
+
+    whole = build_rule(rule).aggregate(TINY_MODEL, ListUpdates(updates), None)
+    sharded = build_rule(rule).aggregate(TINY_MODEL, Partials(), None)  # type: ignore[arg-type]
+    assert whole is not None and sharded is not None
+    for name, t in whole.model.items():
+        assert sharded.model[name].dtype == t.dtype
+        assert torch.allclose(sharded.model[name], t, rtol=0, atol=1e-6), name
