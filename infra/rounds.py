@@ -35,6 +35,9 @@ TICK_EVENT = {"sfl": "tick"}
 BOOTSTRAP_EVENT = {"sfl": "bootstrap"}
 # The averager finds the initiator (to chain the next round) through this variable.
 INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
+# ... and the shard function (sfl.shards.SHARD_FUNCTION_ENV) through this one.
+SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
+SHARD_HANDLER = "handler.shard_handler"
 
 INITIATOR_DIR = Path("lambdas/initiator")
 AVERAGER_DOCKERFILE = "lambdas/averager/Dockerfile"
@@ -74,6 +77,7 @@ class FederationRounds(Construct):
         initiator: FunctionSettings,
         averager: FunctionSettings,
         schedule_minutes: int,
+        shard: FunctionSettings | None = None,
         schedule_enabled: bool,
         log_retention_days: int,
     ) -> None:
@@ -129,26 +133,46 @@ class FederationRounds(Construct):
             ),
         )
 
+        # Sums one shard of a large round (sfl.shards): the averager's image, another entry
+        # point. A function of its own, so the averager invokes it without invoking itself
+        # (a role granted its own function's ARN is a CloudFormation dependency cycle).
+        self.shard: lambda_.DockerImageFunction | None = None
+        self.shard_log_group: logs.LogGroup | None = None
+        shard_environment: dict[str, str] = {}
+        if shard is not None:
+            self.shard_log_group = self._log_group("AveragerShardLogs")
+            self.shard = lambda_.DockerImageFunction(
+                self,
+                "AveragerShard",
+                description="Sums one shard of a large round's updates into a partial sum.",
+                architecture=_ARCHITECTURES[lambda_shapes.AVERAGER.architecture],
+                code=self._averager_image(source_root, python_version, cmd=[SHARD_HANDLER]),
+                **self._function_options(
+                    "AveragerShard",
+                    shard,
+                    self.shard_log_group,
+                    environment,
+                    AVERAGER_SERVICE,
+                ),
+            )
+            shard_environment = {SHARD_FUNCTION_ENV: self.shard.function_name}
+
         self.averager_log_group = self._log_group("AveragerLogs")
         self.averager = lambda_.DockerImageFunction(
             self,
             "Averager",
             description="Accepts client updates and aggregates a round into the next global model.",
             architecture=_ARCHITECTURES[lambda_shapes.AVERAGER.architecture],
-            code=lambda_.DockerImageCode.from_image_asset(
-                str(source_root),
-                file=AVERAGER_DOCKERFILE,
-                platform=ecr_assets.Platform.LINUX_AMD64,
-                build_args={"PYTHON_VERSION": python_version},
-                # The context is the repository root; .dockerignore there admits only the
-                # averager's folder and the core package.
-                ignore_mode=IgnoreMode.DOCKER,
-            ),
+            code=self._averager_image(source_root, python_version),
             **self._function_options(
                 "Averager",
                 averager,
                 self.averager_log_group,
-                {**environment, INITIATOR_FUNCTION_ENV: self.initiator.function_name},
+                {
+                    **environment,
+                    INITIATOR_FUNCTION_ENV: self.initiator.function_name,
+                    **shard_environment,
+                },
                 AVERAGER_SERVICE,
             ),
         )
@@ -176,9 +200,26 @@ class FederationRounds(Construct):
 
         for function, settings in ((self.initiator, initiator), (self.averager, averager)):
             _skip_function_checks(function, reserved=settings.reserved_concurrency > 0)
+        if self.shard is not None and shard is not None:
+            _skip_function_checks(self.shard, reserved=shard.reserved_concurrency > 0)
         self.initial_model = self._bootstrap()
 
     # --- pieces ------------------------------------------------------------------------------
+
+    def _averager_image(
+        self, source_root: Path, python_version: str, cmd: list[str] | None = None
+    ) -> lambda_.DockerImageCode:
+        """The averager's image (one asset, built once); ``cmd``: another entry point."""
+        return lambda_.DockerImageCode.from_image_asset(
+            str(source_root),
+            file=AVERAGER_DOCKERFILE,
+            platform=ecr_assets.Platform.LINUX_AMD64,
+            build_args={"PYTHON_VERSION": python_version},
+            # The context is the repository root; .dockerignore there admits only the
+            # averager's folder and the core package.
+            ignore_mode=IgnoreMode.DOCKER,
+            cmd=cmd,
+        )
 
     def _log_group(self, construct_id: str) -> logs.LogGroup:
         log_group = logs.LogGroup(

@@ -13,6 +13,7 @@ from aws_cdk import App, CfnOutput, CfnResource, Duration, Fn, Stack, Tags, Vali
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_notifications as s3n
 from aws_cdk import aws_sns as sns
@@ -117,6 +118,15 @@ class FederationStack(Stack):
             schedule_minutes=infra.schedule_minutes,
             schedule_enabled=infra.schedule_enabled,
             log_retention_days=infra.log_retention_days,
+            # Sharded aggregation (sfl.shards) is deployed only when configured: its function
+            # and grants exist only then. Same memory and timeout as the averager.
+            shard=FunctionSettings(
+                memory_mb=infra.averager_memory_mb,
+                timeout_seconds=infra.averager_timeout_seconds,
+                reserved_concurrency=0,
+            )
+            if config.federation.aggregation_shard_above > 0
+            else None,
         )
         self.edge = FederationEdge(
             self,
@@ -305,6 +315,33 @@ class FederationStack(Stack):
         _allow(role, ["s3:GetObject"], [models.arn_for_objects(layout.EVAL_DATA_KEY)])
         # Chains the next round after closing one; the version-less ARN only.
         _allow(role, ["lambda:InvokeFunction"], [self.rounds.initiator.function_arn])
+        shard = self.rounds.shard
+        if shard is not None:
+            # A large round: invokes the shard function, then reads the partial sums.
+            _allow(role, ["lambda:InvokeFunction"], [shard.function_arn])
+            _allow(role, ["s3:GetObject"], [models.arn_for_objects(f"{layout.PARTIALS_PREFIX}*")])
+            self._grant_shard(shard)
+
+    def _grant_shard(self, shard: lambda_.IFunction) -> None:
+        """Reads one shard's updates and the base model, writes its partial sum once."""
+        role = _present(shard.role)
+        models = self.storage.models_bucket
+        updates = self.storage.updates_bucket
+        partials = models.arn_for_objects(f"{layout.PARTIALS_PREFIX}*")
+        _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        _allow(
+            role,
+            ["s3:GetObject"],
+            [models.arn_for_objects(f"{layout.MODELS_PREFIX}*"), partials],
+        )
+        # A partial sum not yet written is a 404 (not 403) only with ListBucket.
+        _allow(role, ["s3:ListBucket"], [models.bucket_arn])
+        _allow(
+            role,
+            ["s3:PutObject"],
+            [partials],
+            conditions={"StringEquals": {"s3:if-none-match": "*"}},
+        )
 
     def _grant_devices(self) -> None:
         role = self.edge.device_role
@@ -390,6 +427,17 @@ class FederationStack(Stack):
                 (own_updates, "uploads only under its own thing name, one key per round"),
             ],
         }
+        shard = self.rounds.shard
+        if shard is not None:
+            partials = (models, f"{layout.PARTIALS_PREFIX}*")
+            object_wildcards[self.rounds.averager.role].append(
+                (partials, "reads the partial sums of a sharded round's shards")
+            )
+            object_wildcards[shard.role] = [
+                (models_global, "reads the round's base model"),
+                (all_updates, "reads the update of any client in its shard"),
+                (partials, "writes its shard's partial sum once, named by round and shard"),
+            ]
         for role, findings in object_wildcards.items():
             for (bucket, pattern), why in findings:
                 acknowledge_nag(

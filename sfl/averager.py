@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from sfl import layout
+from sfl import layout, shards
 from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
 from sfl.aws import AwsClients, error_code, is_not_found, is_transient
 from sfl.codec import Header, decode, encode, encode_model
@@ -440,12 +440,17 @@ class Averager:
         ]
         version = round_.base_version + 1
         previous = self._state(round_.base_version, config.aggregation) if rule.stateful else None
-        with RoundUpdates(
+        # --- sharded aggregation (sfl.shards): above aggregation_shard_above updates, shard
+        # invocations sum them in parallel and this one reduces; else they are read here.
+        sharded = shards.sharded_updates(self.aws.s3, self.names, round_, rule, entries, config)
+        # ------------------------------------------------------------------------------------
+        with sharded or RoundUpdates(
             self.aws.s3,
             self.names.updates_bucket,
             entries,
             base,
             self.models.header(round_.base_version),
+            in_flight=config.aggregation_in_flight,
         ) as updates:
             result = rule.aggregate(base, updates, previous)
             read = list(updates.read)

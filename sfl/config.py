@@ -153,6 +153,26 @@ class FederationConfig:
         default=300,
         metadata=_spec(_range(5, 3_600), "seconds an aggregation may run before others retry it"),
     )
+    aggregation_in_flight: int = field(
+        default=4,
+        metadata=_spec(
+            _range(1, 64),
+            "updates the averager downloads and decodes ahead of the one it is summing "
+            "(memory: this many plus one updates)",
+        ),
+    )
+    aggregation_shard_above: int = field(
+        default=0,
+        metadata=_spec(
+            _range(0, 1_000_000),
+            "with more accepted updates than this, FedAvg and the FedOpt rules sum shards "
+            "in parallel Lambda invocations, then reduce; 0 never shards",
+        ),
+    )
+    aggregation_shard_size: int = field(
+        default=250,
+        metadata=_spec(_range(2, 100_000), "updates summed by one shard invocation"),
+    )
     active_window_seconds: int = field(
         default=1_800,
         metadata=_spec(_range(5, 604_800), "a client is active if it heartbeated this recently"),

@@ -24,6 +24,8 @@ MODELS_PREFIX = "models/global/"
 ASSIGNMENT_KEY = "rounds/current.json"
 STATE_PREFIX = "state/"
 UPDATES_PREFIX = "updates/"
+# Partial sums of sharded aggregations (sfl.shards), in the models bucket.
+PARTIALS_PREFIX = "partials/"
 UPDATE_SUFFIX = ".safetensors"
 #: The version devices should use for inference (``sfl models promote``): a stable key
 #: beside the versions, which devices may read already.

@@ -3,6 +3,9 @@
 Also takes ``{"sfl": "tick"}`` (the schedule's watchdog: deadlines, expired leases) and
 ``{"sfl": "bootstrap"}`` (write global model version 0 if it is missing). Bad updates are
 recorded and answered with a result; only AWS errors raise, so Lambda retries those.
+
+``shard_handler`` is the shard function's entry point (same image, its own function and
+role): it sums one shard of a large round and writes the partial sum once (``sfl.shards``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sfl.runtime import (
     route_core_logs,
 )
 from sfl.runtime import services as runtime_services
+from sfl.shards import Shard, sum_shard
 
 logger = Logger(service=AVERAGER_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=AVERAGER_SERVICE)
@@ -105,6 +109,23 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
             record_round_metrics(outcome.finished)
     logger.remove_keys(["key"])
     return {"outcomes": [o.to_dict() for o in outcomes]}
+
+
+@logger.inject_lambda_context
+def shard_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    """Sum one shard of a round's updates (invoked by the averager that holds the lease)."""
+    aws, names, config = services()
+    shard = Shard.from_event(event)
+    logger.append_keys(round=shard.round, shard=shard.index)
+    averager = Averager(aws, names, config)
+    return sum_shard(
+        aws.s3,
+        names.updates_bucket,
+        names.models_bucket,
+        averager.base_model(shard.base_version),
+        averager.base_header(shard.base_version),
+        shard,
+    )
 
 
 def record_update_metrics(outcome: UpdateOutcome) -> None:

@@ -33,6 +33,9 @@ from sfl.strategies import params as rule_params
 # once (16 MiB; sorting a chunk needs about three times that), unless one row of one tensor
 # is larger than that share.
 CHUNK_ELEMENTS = 2 * 1024 * 1024
+# A running sum widens an update to float64 this many values at a time, in cache, instead of
+# copying a whole tensor to float64 first (twice its size in memory, and a pass over it).
+ACCUMULATE_BLOCK = 64 * 1024
 
 State = Mapping[str, torch.Tensor]
 
@@ -77,6 +80,17 @@ class Aggregate:
     state: dict[str, torch.Tensor] | None = None
     # What the rule did, for the round's summary (e.g. which updates Krum kept).
     details: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """FedAvg's running state over some updates: float64 weighted sums, their total weight,
+    how many updates, and each tensor's dtype in the model."""
+
+    sums: dict[str, torch.Tensor]
+    weight: float
+    count: int
+    dtypes: dict[str, torch.dtype]
 
 
 class AggregationRule(Protocol):
@@ -131,22 +145,46 @@ class FedAvg(Rule):
         self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
     ) -> Aggregate | None:
         self.reset()
-        for tensors, weight in updates.stream():
-            self.add(tensors, weight)
+        partial_sums = getattr(updates, "partial_sums", None)
+        if partial_sums is not None:  # shards summed elsewhere (sfl.shards): add their sums
+            for partial in partial_sums():
+                self.add_partial(partial)
+        else:
+            for tensors, weight in updates.stream():
+                self.add(tensors, weight)
         result = self.result()
         return None if result is None else Aggregate(model=result)
+
+    def partial(self) -> PartialSum:
+        """The running sum so far, to be added to others' (a shard of a sharded round)."""
+        return PartialSum(dict(self._sums), self._total_weight, self.count, dict(self._dtypes))
+
+    def add_partial(self, partial: PartialSum) -> None:
+        """Add another running sum (in shard order: the result depends on the order only
+        through float64 rounding)."""
+        if not partial.count:
+            return
+        if self._sums:
+            _check_like(partial.sums, self._sums)
+            for name, t in partial.sums.items():
+                self._sums[name].add_(t.to(torch.float64))
+        else:
+            self._dtypes = dict(partial.dtypes)
+            self._sums = {n: t.to(torch.float64).clone() for n, t in partial.sums.items()}
+        self._total_weight += partial.weight
+        self.count += partial.count
 
     def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
         if not weight > 0:
             raise AggregationError(f"update weight must be > 0, got {weight!r}")
         if self._sums:
             _check_like(tensors, self._sums)
-            for name, t in tensors.items():
-                self._sums[name].add_(t.to(torch.float64), alpha=weight)
         else:
             for name, t in tensors.items():
                 self._dtypes[name] = t.dtype
-                self._sums[name] = t.to(torch.float64) * weight
+                self._sums[name] = torch.zeros(t.shape, dtype=torch.float64)
+        for name, t in tensors.items():
+            accumulate(self._sums[name], t, weight)
         self._total_weight += weight
         self.count += 1
 
@@ -157,6 +195,19 @@ class FedAvg(Rule):
             name: cast_like(total / self._total_weight, self._dtypes[name])
             for name, total in self._sums.items()
         }
+
+
+def accumulate(total: torch.Tensor, t: torch.Tensor, weight: float) -> None:
+    """``total += weight * t`` with ``total`` float64 and contiguous, a block at a time: the
+    same float64 arithmetic as widening ``t`` first, without a float64 copy of ``t``."""
+    if not t.dtype.is_floating_point:
+        total.add_(t.to(torch.float64), alpha=weight)
+        return
+    flat_total = total.view(-1)
+    flat = t.reshape(-1)
+    for first in range(0, flat.numel(), ACCUMULATE_BLOCK):
+        last = first + ACCUMULATE_BLOCK
+        flat_total[first:last].add_(flat[first:last], alpha=weight)
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
