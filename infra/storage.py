@@ -71,6 +71,14 @@ class FederationStorage(Construct):
                     prefix=layout.ASSIGNMENT_KEY.rsplit("/", 1)[0] + "/",
                     noncurrent_version_expiration=Duration.days(update_expiry_days),
                 ),
+                # A large round's partial sums (sfl.shards) are read once, by the reduce of
+                # that round, within its aggregation lease; a day is ample.
+                s3.LifecycleRule(
+                    id="ExpirePartialSums",
+                    prefix=layout.PARTIALS_PREFIX,
+                    expiration=Duration.days(1),
+                    noncurrent_version_expiration=Duration.days(1),
+                ),
                 s3.LifecycleRule(
                     id="AbortIncompleteUploads",
                     abort_incomplete_multipart_upload_after=Duration.days(1),

@@ -85,7 +85,14 @@ def test_models_bucket_keeps_every_version(storage):
     models = resource_json(template_json, construct.models_bucket)["Properties"]
     assert models["VersioningConfiguration"] == {"Status": "Enabled"}
     rules = {rule["Id"]: rule for rule in models["LifecycleConfiguration"]["Rules"]}
-    # Nothing ever expires a model; only old versions of the assignment object go.
+    # Nothing ever expires a model; only old versions of the assignment object and the
+    # partial sums of sharded rounds go.
+    partials = rules.pop("ExpirePartialSums")
+    assert partials["Prefix"] == layout.PARTIALS_PREFIX
+    assert partials["ExpirationInDays"] == 1
+    assert partials["NoncurrentVersionExpiration"] == {"NoncurrentDays": 1}
+    assert not layout.model_key(3).startswith(partials["Prefix"])
+    assert not layout.ASSIGNMENT_KEY.startswith(partials["Prefix"])
     assert all("ExpirationInDays" not in rule for rule in rules.values())
     assert rules["ExpireOldAssignments"]["Prefix"] == "rounds/"
     assert layout.ASSIGNMENT_KEY.startswith(rules["ExpireOldAssignments"]["Prefix"])
