@@ -27,7 +27,8 @@ from botocore.exceptions import ClientError
 from safetensors import safe_open
 
 from sfl.aws import error_code, is_not_found, is_transient
-from sfl.codec import METADATA_ALLOWANCE_BYTES, CodecError, Header, decode, parse_header
+from sfl.codec import METADATA_ALLOWANCE_BYTES, CodecError, Header, decode, encode, parse_header
+from sfl.compression import codec_name, decode_update, largest_header
 from sfl.strategies.aggregation import CHUNK_ELEMENTS, Chunk, as_rows, row_slices
 from sfl.strategies.bounds import clip_to_bound
 
@@ -117,7 +118,7 @@ class RoundUpdates:
         if obj is None:
             return None
         try:
-            return self._bounded(entry, decode(obj["Body"].read()))
+            return self._bounded(entry, decode_update(obj["Body"].read(), self.base))
         except Exception as e:  # e.g. a file that decoded at acceptance and not now
             logger.exception(
                 "update left out of the aggregation", extra={"client_id": entry.client}
@@ -143,8 +144,12 @@ class RoundUpdates:
                     for part in obj["Body"].iter_chunks(_READ_BYTES):
                         out.write(part)
                 with path.open("rb") as f:
-                    prefix = f.read(self.base_header.data_start + METADATA_ALLOWANCE_BYTES)
+                    limit = largest_header(self.base_header.header_length, METADATA_ALLOWANCE_BYTES)
+                    prefix = f.read(8 + limit)
                 header = parse_header(prefix, total_size=path.stat().st_size)
+                if codec_name(header) != "none":  # spooled decoded, read as any update is
+                    path.write_bytes(encode(decode_update(path.read_bytes(), self.base)))
+                    header = parse_header(path.read_bytes())
                 if header.signature() != want:
                     raise CodecError("tensors_mismatch", "tensors differ from the base model's")
             except ClientError as e:
