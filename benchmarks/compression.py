@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--digits-rounds", type=int, default=12)
     parser.add_argument("--digits-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mnist-rounds", type=int, default=4)
+    parser.add_argument("--mnist-rounds", type=int, default=3)
     parser.add_argument("--mnist-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--digits-local-epochs", type=int, default=2)
     parser.add_argument("--mnist-local-epochs", type=int, default=1)

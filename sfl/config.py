@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfl import plugins
-from sfl.compression import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
+from sfl.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
 from sfl.strategies import params as rule_params
 
 CONTEXT_KEY = "sfl"

@@ -22,6 +22,7 @@ from sfl import codec, layout
 from sfl.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
 from sfl.averager import Averager, UpdateOutcome, bootstrap_model
 from sfl.compression import UpdateCodec, decode_update, encode_update
+from sfl.config import ConfigError, FederationConfig
 from sfl.events import UpdateEvent
 from sfl.round_updates import Entry, RoundUpdates
 from sfl.strategies.aggregation import as_rows
@@ -428,3 +429,11 @@ def test_the_aggregation_reads_compressed_updates_decoded_streamed_and_chunked(
     for chunk in chunks:
         rows = torch.stack([as_rows(w[chunk.name])[chunk.rows] for w in want])
         assert torch.allclose(chunk.values, rows.to(torch.float64))
+
+
+def test_the_codec_keys_are_checked_config_keys() -> None:
+    assert FederationConfig().update_codec == "none"
+    with pytest.raises(ConfigError, match="one of none, fp16, int8, topk"):
+        FederationConfig(update_codec="zip")
+    with pytest.raises(ConfigError, match="topk_fraction"):
+        FederationConfig(topk_fraction=0.0)
