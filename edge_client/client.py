@@ -352,7 +352,10 @@ class EdgeClient:
         )
         trained_state = model.state_dict()
         update = encode_update(
-            trained_state, base or trained_state, a.update_codec, metadata.to_header()
+            trained_state,
+            trained_state if base is None else base,
+            a.update_codec,
+            metadata.to_header(),
         )
         with aws_call("s3", "PutObject"):
             self.aws.s3.put_object(
