@@ -14,7 +14,7 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-aggregate synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-aggregate bench-compression synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make bench-aggregate  our aggregation vs Flower-style vs a streaming sum, N = 10-400 (10 GB disk)"
+	@echo "make bench-compression  bytes per update vs accuracy for each update codec (~20 min)"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
@@ -92,6 +93,9 @@ bench-noniid: setup
 
 bench-aggregate: setup
 	nice -n 10 $(PY) benchmarks/aggregate.py
+
+bench-compression: setup
+	nice -n 10 $(PY) benchmarks/compression.py
 
 synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet

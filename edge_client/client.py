@@ -15,13 +15,14 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
 from sfl import codec, layout
 from sfl.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.compression import UPDATE_CODECS, UpdateCodec, encode_update
 from sfl.model_store import ModelStore
 from sfl.registry import ClientRegistry
 from sfl.tasks.base import ClientData, TrainConfig, TrainingTask
@@ -92,6 +93,21 @@ def _proximal_mu(d: Mapping[str, Any]) -> float:
     return mu
 
 
+def _update_codec(d: Mapping[str, Any]) -> UpdateCodec:
+    """How to encode the update; assignments written before codecs existed mean "none"."""
+    name = d.get("update_codec", "none")
+    if name not in UPDATE_CODECS:
+        raise AssignmentUnreadable(
+            f"'update_codec'={str(name)[:40]!r} is not one of {UPDATE_CODECS}"
+        )
+    if "topk_fraction" not in d:
+        return UpdateCodec(name)
+    try:
+        return UpdateCodec(name, _finite(d, "topk_fraction"))
+    except ValueError as e:
+        raise AssignmentUnreadable(str(e)) from e
+
+
 @dataclass(frozen=True)
 class Assignment:
     round: int
@@ -101,6 +117,7 @@ class Assignment:
     selected: frozenset[str]
     deadline_at: float
     train_config: TrainConfig
+    update_codec: UpdateCodec = field(default_factory=UpdateCodec)
 
     @classmethod
     def from_json(cls, body: bytes) -> Assignment:
@@ -130,6 +147,7 @@ class Assignment:
             selected=frozenset(selected),
             deadline_at=_finite(d, "deadline_at"),
             train_config=_train_config(d.get("train_config")),
+            update_codec=_update_codec(d["train_config"]),
         )
 
 
@@ -301,6 +319,8 @@ class EdgeClient:
         if loaded is None:
             return
         model, bytes_down = loaded
+        # A compressed update is a change from the base: keep the base to measure it.
+        base = None if a.update_codec.name == "none" else _snapshot(model.state_dict())
         downloaded = self.clock()
         train_metrics = self.task.train(model, self._data.train, a.train_config, self.stop.is_set)
         if self.stop.is_set():
@@ -330,7 +350,13 @@ class EdgeClient:
             bytes_down=bytes_down,
             upload_started_at=self.clock(),
         )
-        update = codec.encode(model.state_dict(), metadata.to_header())
+        trained_state = model.state_dict()
+        update = encode_update(
+            trained_state,
+            trained_state if base is None else base,
+            a.update_codec,
+            metadata.to_header(),
+        )
         with aws_call("s3", "PutObject"):
             self.aws.s3.put_object(
                 Bucket=self.settings.updates_bucket,
@@ -344,3 +370,7 @@ class EdgeClient:
             "update uploaded",
             extra={**log, "bytes": len(update), "turnaround_s": round(turnaround, 3)},
         )
+
+
+def _snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: tensor.detach().clone() for name, tensor in state.items()}

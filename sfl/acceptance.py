@@ -2,7 +2,8 @@
 
 Size (against the base model's own size), then the header length (against the base model's
 header), then the header (bounds, metadata, tensor names/shapes/dtypes against the base
-model), then the values (all finite, and a change from the base model). Anything wrong
+model, in the round's update codec: ``sfl.compression``), then the values (decoded to full
+tensors, all finite, and a change from the base model). Anything wrong
 raises ``UpdateRejected`` with a stable reason code and a sentence for the logs; nothing
 here touches the global model, and nothing here does I/O.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sfl.codec import (
@@ -22,6 +23,7 @@ from sfl.codec import (
     decode,
     parse_header,
 )
+from sfl.compression import UpdateCodec, check_layout, codec_name, decode_update
 
 if TYPE_CHECKING:
     import torch
@@ -44,19 +46,22 @@ class Expected:
     base_header: Header
     max_bytes: int
     max_num_examples: int
+    codec: UpdateCodec = field(default_factory=UpdateCodec)  # the round's update_codec
 
     @property
     def max_header_bytes(self) -> int:
-        """The base model's header plus room for the update's metadata."""
-        return self.base_header.header_length + METADATA_ALLOWANCE_BYTES
+        """The base model's header (or, compressed, what the codec makes of it) plus room
+        for the update's metadata."""
+        return self.codec.header_limit(self.base_header.header_length, METADATA_ALLOWANCE_BYTES)
 
     @property
     def size_limit(self) -> int:
-        """An update has the base model's tensors, so its size is the base model's plus
-        its metadata; never more than the configured ``max_update_bytes``."""
+        """An update holds what the codec makes of the base model's tensors, so its size
+        is bounded by theirs plus its header; never more than ``max_update_bytes``."""
         if self.base_header.data_length <= 0:
             return self.max_bytes
-        return min(self.max_bytes, self.base_header.file_size + METADATA_ALLOWANCE_BYTES)
+        data = self.codec.max_data_bytes(self.base_header.signature())
+        return min(self.max_bytes, 8 + self.max_header_bytes + data)
 
 
 @dataclass(frozen=True)
@@ -108,27 +113,21 @@ def validate_update(
             "bad_num_examples",
             f"num_examples {metadata.num_examples} is not in 1..{expected.max_num_examples}",
         )
-    want = expected.base_header.signature()
-    got = header.signature()
-    if set(got) != set(want):
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise UpdateRejected(
-            "tensor_names",
-            f"missing {[n[:64] for n in missing[:5]]}, unexpected {[n[:64] for n in extra[:5]]}"
-            " (vs. base model)",
-        )
-    for name, (dtype, shape) in want.items():
-        if got[name][0] != dtype:
-            raise UpdateRejected(
-                "tensor_dtype", f"tensor {name!r} is {got[name][0]}, base model has {dtype}"
-            )
-        if got[name][1] != shape:
-            raise UpdateRejected(
-                "tensor_shape",
-                f"tensor {name!r} has shape {list(got[name][1])[:8]}, base model has {list(shape)}",
-            )
     try:
-        tensors = decode(data, max_header_bytes=expected.max_header_bytes)
+        if codec_name(header) != expected.codec.name:
+            raise CodecError(
+                "wrong_codec",
+                f"update is encoded {codec_name(header)!r}, the round asks {expected.codec.name!r}",
+            )
+        check_layout(header, expected.base_header.signature(), expected.codec)
+        if base is not None:
+            tensors = decode_update(
+                data, base, codec=expected.codec, max_header_bytes=expected.max_header_bytes
+            )
+        elif expected.codec.name == "none":
+            tensors = decode(data, max_header_bytes=expected.max_header_bytes)
+        else:
+            raise CodecError("no_base", "a compressed update is decoded against the base model")
     except CodecError as e:
         raise UpdateRejected(e.reason, e.detail) from e
     for name, t in tensors.items():

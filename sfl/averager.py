@@ -21,6 +21,7 @@ from sfl import layout, shards
 from sfl.acceptance import Expected, UpdateRejected, check_size, validate_update
 from sfl.aws import AwsClients, error_code, is_not_found, is_transient
 from sfl.codec import Header, decode, encode, encode_model
+from sfl.compression import UpdateCodec
 from sfl.config import FederationConfig
 from sfl.events import UpdateEvent
 from sfl.model_store import ModelStore
@@ -217,6 +218,7 @@ class Averager:
                 base_header=self.base_header(round_.base_version),
                 max_bytes=self.round_config(round_).max_update_bytes,
                 max_num_examples=self.round_config(round_).max_num_examples,
+                codec=UpdateCodec.from_config(self.round_config(round_)),
             )
             check_size(event.size, expected.size_limit)
             try:

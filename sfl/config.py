@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfl import plugins
+from sfl.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
 from sfl.strategies import params as rule_params
 
 CONTEXT_KEY = "sfl"
@@ -203,6 +204,22 @@ class FederationConfig:
     batch_size: int = field(
         default=16,
         metadata=_spec(_range(1, 65_536), "clients' minibatch size"),
+    )
+    update_codec: str = field(
+        default="none",
+        metadata=_spec(
+            (lambda v: v in UPDATE_CODECS, f"one of {', '.join(UPDATE_CODECS)}"),
+            "how clients encode their update: the trained tensors (none), or their change "
+            "from the base model in float16, int8 with a per-tensor scale, or its top-k "
+            "entries (docs/compression.md)",
+        ),
+    )
+    topk_fraction: float = field(
+        default=DEFAULT_TOPK_FRACTION,
+        metadata=_spec(
+            _range(MIN_TOPK_FRACTION, 1.0),
+            "'topk' codec: share of each tensor's entries an update keeps (the largest changes)",
+        ),
     )
     max_update_bytes: int = field(
         default=64 * 1024 * 1024,

@@ -75,6 +75,11 @@ class Header:
         return {name: (t.dtype, t.shape) for name, t in self.tensors.items()}
 
 
+def dtype_size(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name."""
+    return _DTYPE_SIZES[dtype]
+
+
 def header_length(prefix: bytes) -> int:
     if len(prefix) < 8:
         raise CodecError("truncated", f"{len(prefix)} bytes, shorter than the 8-byte header length")

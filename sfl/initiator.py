@@ -152,6 +152,8 @@ def start_round(
             "batch_size": config.batch_size,
             "seed": config.seed + number,
             "proximal_mu": config.proximal_mu,
+            "update_codec": config.update_codec,
+            "topk_fraction": config.topk_fraction,
         },
         candidates=len(active),
         select_seconds=now - started,

@@ -43,9 +43,11 @@ from sfl.codec import (
     CodecError,
     Header,
     decode,
+    encode,
     header_length,
     parse_header,
 )
+from sfl.compression import codec_name, decode_update, largest_header
 from sfl.strategies.aggregation import (
     ACCUMULATE_BLOCK,
     CHUNK_ELEMENTS,
@@ -335,7 +337,14 @@ class RoundUpdates:
             return f"error: {type(e).__name__}"[:200]
 
     def _decode(self, data: Buffer) -> dict[str, torch.Tensor]:
-        """An update's tensors from its bytes: the one place updates are decoded."""
+        """An update's tensors from its bytes: the one place updates are decoded. A plain
+        update's tensors are views into ``data``; a compressed one (``sfl.compression``) is
+        decoded into full tensors against the base."""
+        header = parse_header(
+            bytes(data[: 8 + header_length(bytes(data[:8]))]), total_size=len(data)
+        )
+        if codec_name(header) != "none":
+            return decode_update(bytes(data), self.base)
         return decode_view(data)
 
     def _bounded(self, entry: Entry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -358,8 +367,12 @@ class RoundUpdates:
             try:
                 self.source.copy_to(entry, path)
                 with path.open("rb") as f:
-                    prefix = f.read(self.base_header.data_start + METADATA_ALLOWANCE_BYTES)
+                    limit = largest_header(self.base_header.header_length, METADATA_ALLOWANCE_BYTES)
+                    prefix = f.read(8 + limit)
                 header = parse_header(prefix, total_size=path.stat().st_size)
+                if codec_name(header) != "none":  # spooled decoded, read as any update is
+                    path.write_bytes(encode(decode_update(path.read_bytes(), self.base)))
+                    header = parse_header(path.read_bytes())
                 if header.signature() != want:
                     raise CodecError("tensors_mismatch", "tensors differ from the base model's")
             except Unreadable as e:
