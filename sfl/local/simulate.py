@@ -33,6 +33,10 @@ from sfl.splits import default_client_ids, write_client_splits
 from sfl.tasks import load_task
 from sfl.tasks.base import ArrayDataset, TrainingTask
 
+#: How often a woken-up local client still polls on its own: the wake-up, not this, is what
+#: starts its rounds; the poll is the device's behaviour, kept as a fallback.
+WAKE_FALLBACK_POLL_SECONDS = 2.0
+
 
 class SimulationError(RuntimeError):
     """The simulation could not run to the end (clients never registered, a round hung)."""
@@ -68,6 +72,16 @@ class SimulationOptions:
     attackers: int = 0
     attack: str = "scale"
     config_overrides: tuple[tuple[str, str], ...] = ()
+    #: Clients wake when the assignment is written (``ChangeFeed``) and otherwise poll only
+    #: every ``WAKE_FALLBACK_POLL_SECONDS``; False: they poll every ``poll_seconds``.
+    wake_ups: bool = True
+
+    def client_poll_seconds(self) -> float:
+        return (
+            max(self.poll_seconds, WAKE_FALLBACK_POLL_SECONDS)
+            if self.wake_ups
+            else self.poll_seconds
+        )
 
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
@@ -197,11 +211,16 @@ def _run(
             clients_table=names.clients_table,
             data_dir=options.out / "data" / cid,
             task=options.task,
-            poll_seconds=options.poll_seconds,
+            poll_seconds=options.client_poll_seconds(),
             heartbeat_seconds=config.heartbeat_seconds,
             active_window_seconds=config.active_window_seconds,
         )
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
+        wake = (
+            aws.feed.waiter(names.models_bucket, layout.ASSIGNMENT_KEY, stop)
+            if options.wake_ups
+            else None
+        )
         thread = threading.Thread(
             target=_run_client,
             args=(
@@ -211,6 +230,7 @@ def _run(
                 stop,
                 hooks,
                 config.round_deadline_seconds,
+                wake,
             ),
             name=cid,
             daemon=True,
@@ -240,6 +260,7 @@ def _run(
                 progress(row)
     finally:
         stop.set()
+        aws.feed.wake_all()
         for thread in threads:
             thread.join(timeout=30)
         dispatcher.stop()
@@ -295,12 +316,13 @@ def _run_client(
     stop: threading.Event,
     hooks: Any,
     restart_after: float,
+    wake: Callable[[float], None] | None,
 ) -> None:
     """One device: an EdgeClient that, when it crashes, is restarted like a Greengrass
     component, having lost the round it was working on."""
     resume_after_round = 0
     while not stop.is_set():
-        client = EdgeClient(settings, aws.clients(), task, stop=stop, hooks=hooks)
+        client = EdgeClient(settings, aws.clients(), task, stop=stop, hooks=hooks, wake=wake)
         client._last_round_seen = resume_after_round
         try:
             client.run()
@@ -352,7 +374,7 @@ def _wait_for_round(
         if time.time() >= next_tick:
             averager.invoke_scheduled({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
-        time.sleep(0.02)
+        time.sleep(0.05)
     failed = ""
     if averager.scheduled_failures:
         failed = (
