@@ -54,6 +54,14 @@ _MULTI_TABLE_ACTIONS = frozenset(
     {"TransactWriteItems", "TransactGetItems", "BatchWriteItem", "BatchGetItem"}
 )
 _S3_WRITE_METHODS = frozenset({"PUT", "POST", "DELETE"})
+_DYNAMODB_WRITE_ACTIONS = frozenset(
+    {"PutItem", "UpdateItem", "DeleteItem", "TransactWriteItems", "BatchWriteItem"}
+)
+
+
+def table_resource(table: str) -> str:
+    """The name ``ChangeFeed`` counts a DynamoDB table's item writes under (key "")."""
+    return f"dynamodb:{table}"
 
 
 class SharedExclusiveLock:
@@ -99,8 +107,9 @@ class SharedExclusiveLock:
 
 
 class ChangeFeed:
-    """Counts the writes to each S3 object through the emulator, so local processes can
-    wait for an object to change instead of polling it (what a device does on AWS).
+    """Counts the writes to each S3 object (and each DynamoDB table's items, under
+    ``table_resource``) through the emulator, so local processes can wait for a change
+    instead of polling (as a device does on AWS).
     A waiter that compares counts cannot miss a change: one made between its last look
     and its wait ends the wait at once."""
 
@@ -221,7 +230,7 @@ class AtomicRequests:
     signature runs alone too. A DynamoDB body is read before the lock is taken (it names
     the table); an S3 body is read under its bucket's lock.
 
-    ``feed`` (if given) is told of every successful write to an S3 object.
+    ``feed`` (if given) is told of every successful write to an S3 object or a table.
     """
 
     def __init__(self, app: Callable[..., Iterable[bytes]], feed: ChangeFeed | None = None) -> None:
@@ -264,15 +273,21 @@ class AtomicRequests:
                 for name in resources_:
                     held.enter_context(self._lock(service, name))
             body = self._respond(environ, record_status)
-        if (
-            self.feed is not None
-            and location is not None
-            and location[1]
-            and environ.get("REQUEST_METHOD") in _S3_WRITE_METHODS
-            and status
-            and status[-1].startswith("2")
-        ):
-            self.feed.changed(*location)  # PATH_INFO is already unquoted
+        if self.feed is not None and status and status[-1].startswith("2"):
+            if (
+                location is not None
+                and location[1]
+                and environ.get("REQUEST_METHOD") in _S3_WRITE_METHODS
+            ):
+                self.feed.changed(*location)  # PATH_INFO is already unquoted
+            elif (
+                service == "dynamodb"
+                and resources_
+                and environ.get("HTTP_X_AMZ_TARGET", "").rpartition(".")[2]
+                in _DYNAMODB_WRITE_ACTIONS
+            ):
+                for table in resources_:
+                    self.feed.changed(table_resource(table), "")
         return body
 
     def _respond(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:

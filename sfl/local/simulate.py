@@ -9,6 +9,7 @@ Each new global model is scored on the task's held-out test split.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +22,14 @@ import torch
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl import layout
+from sfl.aws import AwsClients
 from sfl.config import FederationConfig
 from sfl.local.attacks import HostileTask
 from sfl.local.dispatcher import S3EventDispatcher
-from sfl.local.emulator import LocalAws, lambda_environment, provision
+from sfl.local.emulator import LocalAws, lambda_environment, provision, table_resource
 from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
 from sfl.local.lambdas import LocalFunction
+from sfl.local.workers import ClientProcesses
 from sfl.registry import ClientRegistry
 from sfl.rounds import Round, RoundState, RoundStore
 from sfl.splits import default_client_ids, write_client_splits
@@ -36,6 +39,10 @@ from sfl.tasks.base import ArrayDataset, TrainingTask
 #: How often a woken-up local client still polls on its own: the wake-up, not this, is what
 #: starts its rounds; the poll is the device's behaviour, kept as a fallback.
 WAKE_FALLBACK_POLL_SECONDS = 2.0
+
+
+#: From this many clients on, ``sfl simulate`` runs them in worker processes by default.
+PROCESS_CLIENTS_FROM = 16
 
 
 class SimulationError(RuntimeError):
@@ -75,6 +82,14 @@ class SimulationOptions:
     #: Clients wake when the assignment is written (``ChangeFeed``) and otherwise poll only
     #: every ``WAKE_FALLBACK_POLL_SECONDS``; False: they poll every ``poll_seconds``.
     wake_ups: bool = True
+    #: Worker processes the clients run in; 0: threads of this process; None: one per core
+    #: from ``PROCESS_CLIENTS_FROM`` clients on (below that, starting processes costs more).
+    client_processes: int | None = None
+
+    def worker_processes(self) -> int:
+        if self.client_processes is not None:
+            return self.client_processes
+        return (os.cpu_count() or 1) if self.clients >= PROCESS_CLIENTS_FROM else 0
 
     def client_poll_seconds(self) -> float:
         return (
@@ -203,6 +218,8 @@ def _run(
     threads = []
     attackers = set(client_ids[: options.attackers])
     hostile = HostileTask(task, options.attack) if attackers else None
+    processes = options.worker_processes()
+    clients: list[tuple[ClientSettings, bool]] = []
     for cid in client_ids:
         settings = ClientSettings(
             client_id=cid,
@@ -215,17 +232,20 @@ def _run(
             heartbeat_seconds=config.heartbeat_seconds,
             active_window_seconds=config.active_window_seconds,
         )
+        clients.append((settings, cid in attackers))
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
+        if processes:
+            continue
         wake = (
             aws.feed.waiter(names.models_bucket, layout.ASSIGNMENT_KEY, stop)
             if options.wake_ups
             else None
         )
         thread = threading.Thread(
-            target=_run_client,
+            target=run_client,
             args=(
                 settings,
-                aws,
+                aws.clients,
                 hostile if hostile is not None and cid in attackers else task,
                 stop,
                 hooks,
@@ -237,17 +257,43 @@ def _run(
         )
         thread.start()
         threads.append(thread)
+    workers: ClientProcesses | None = None
+    if processes:
+        workers = ClientProcesses(
+            clients,
+            processes=processes,
+            task=options.task,
+            attack=options.attack,
+            plan=plan,
+            env=aws.env(),
+            restart_after=config.round_deadline_seconds,
+            wake_ups=options.wake_ups,
+            faults=faults,
+        ).start()
+        relay = threading.Thread(
+            target=_relay_wake_ups,
+            args=(aws, names.models_bucket, workers, stop),
+            name="wake-relay",
+            daemon=True,
+        )
+        relay.start()
+        threads.append(relay)
 
     rows: list[dict[str, Any]] = []
     initial_accuracy = _evaluate_version(task, control, names.models_bucket, 0, test)["accuracy"]
     try:
-        _wait_for_clients(control, names.clients_table, len(client_ids), config)
+        # Worker processes first import torch and load their data: give them longer.
+        _wait_for_clients(
+            control, names.clients_table, len(client_ids), config, 300.0 if processes else 60.0
+        )
         while len(rows) < options.rounds:
             result = initiator.invoke({"source": "sfl.local"})
             if not result["started"] and result["round"] is None:
                 raise SimulationError(f"the initiator could not start a round: {result['reason']}")
             number = result["round"]
-            finished = _wait_for_round(store, config, number, averager, options)
+            finished = _wait_for_round(
+                store, config, number, averager, options, aws, control.dynamodb, names.rounds_table
+            )
             row = history_row(finished)
             row["faults"] = faults.for_round(number)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
@@ -261,6 +307,8 @@ def _run(
     finally:
         stop.set()
         aws.feed.wake_all()
+        if workers is not None:
+            workers.stop()
         for thread in threads:
             thread.join(timeout=30)
         dispatcher.stop()
@@ -309,9 +357,21 @@ def _run(
     )
 
 
-def _run_client(
+def _relay_wake_ups(
+    aws: LocalAws, bucket: str, workers: ClientProcesses, stop: threading.Event
+) -> None:
+    """Pass the emulator's assignment writes on to the worker processes' clients."""
+    seen = aws.feed.writes(bucket, layout.ASSIGNMENT_KEY)
+    while not stop.is_set():
+        now = aws.feed.wait(bucket, layout.ASSIGNMENT_KEY, seen, 1.0, stop)
+        if now > seen:
+            seen = now
+            workers.notify()
+
+
+def run_client(
     settings: ClientSettings,
-    aws: LocalAws,
+    make_clients: Callable[[], AwsClients],
     task: TrainingTask,
     stop: threading.Event,
     hooks: Any,
@@ -322,7 +382,7 @@ def _run_client(
     component, having lost the round it was working on."""
     resume_after_round = 0
     while not stop.is_set():
-        client = EdgeClient(settings, aws.clients(), task, stop=stop, hooks=hooks, wake=wake)
+        client = EdgeClient(settings, make_clients(), task, stop=stop, hooks=hooks, wake=wake)
         client._last_round_seen = resume_after_round
         try:
             client.run()
@@ -344,9 +404,11 @@ def _model_writes(control: Any, bucket: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _wait_for_clients(control: Any, table: str, expected: int, config: FederationConfig) -> None:
+def _wait_for_clients(
+    control: Any, table: str, expected: int, config: FederationConfig, timeout: float
+) -> None:
     registry = ClientRegistry(control.dynamodb, table)
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         active = registry.active(
             now=time.time(), active_window_seconds=config.active_window_seconds
@@ -354,7 +416,9 @@ def _wait_for_clients(control: Any, table: str, expected: int, config: Federatio
         if len(active) >= expected:
             return
         time.sleep(0.05)
-    raise SimulationError(f"only {len(active)} of {expected} clients registered within 60 s")
+    raise SimulationError(
+        f"only {len(active)} of {expected} clients registered within {timeout:.0f} s"
+    )
 
 
 def _wait_for_round(
@@ -363,18 +427,27 @@ def _wait_for_round(
     number: int,
     averager: LocalFunction,
     options: SimulationOptions,
+    aws: LocalAws,
+    ddb: Any,
+    table: str,
 ) -> Round:
-    """Wait for a round to finish, ticking the averager's watchdog on our own clock."""
+    """Wait for a round to finish, ticking the averager's watchdog on our own clock.
+
+    The round's status is read (alone: the item holds every answer) when the rounds table
+    was written, and at least every tick."""
     next_tick = time.time() + options.tick_seconds
     hard_stop = time.time() + options.round_timeout_seconds + 60
+    resource = table_resource(table)
+    seen = aws.feed.writes(resource, "")
     while time.time() < hard_stop:
-        current = store.get(config.experiment, number)
-        if current is not None and current.status.finished:
-            return current
+        if _round_status(ddb, table, config.experiment, number) in FINISHED:
+            current = store.get(config.experiment, number)
+            if current is not None and current.status.finished:
+                return current
         if time.time() >= next_tick:
             averager.invoke_scheduled({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
-        time.sleep(0.05)
+        seen = aws.feed.wait(resource, "", seen, max(0.0, next_tick - time.time()))
     failed = ""
     if averager.scheduled_failures:
         failed = (
@@ -384,6 +457,21 @@ def _wait_for_round(
     raise SimulationError(
         f"round {number} did not finish within {options.round_timeout_seconds + 60} s{failed}"
     )
+
+
+FINISHED = frozenset(s.value for s in RoundState if s.finished)
+
+
+def _round_status(ddb: Any, table: str, experiment: str, number: int) -> str | None:
+    """The round's status attribute only: a consistent read that skips the answers."""
+    item = ddb.get_item(
+        TableName=table,
+        Key={"experiment": {"S": experiment}, "round": {"N": str(number)}},
+        ConsistentRead=True,
+        ProjectionExpression="#s",
+        ExpressionAttributeNames={"#s": "status"},
+    ).get("Item")
+    return item["status"]["S"] if item and "status" in item else None
 
 
 def _evaluate_version(
