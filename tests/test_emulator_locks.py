@@ -17,7 +17,7 @@ __all__ = ["eager_thread_switching"]  # the fixture, applied to these races too
 
 
 def _middleware(aws: LocalAws) -> AtomicRequests:
-    app = aws._server._server.app  # type: ignore[union-attr]
+    app = aws._server._server.app
     assert isinstance(app, AtomicRequests)
     return app
 
