@@ -165,12 +165,13 @@ class ChangeFeed:
         return pause
 
 
-def _request_body(environ: dict[str, Any]) -> bytes:
-    """Read the request body, and put it back for the application to read again."""
+def _request_body(environ: dict[str, Any]) -> bytes | None:
+    """Read the request body and put it back for the application to read again; None
+    (nothing read) when its length is not declared."""
     try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
+        length = int(environ.get("CONTENT_LENGTH") or "")
     except ValueError:
-        length = 0
+        return None
     body = environ["wsgi.input"].read(length) if length > 0 else b""
     environ["wsgi.input"] = io.BytesIO(body)
     environ["CONTENT_LENGTH"] = str(len(body))
@@ -180,8 +181,11 @@ def _request_body(environ: dict[str, Any]) -> bytes:
 def _dynamodb_tables(environ: dict[str, Any]) -> list[str] | None:
     """The tables a DynamoDB request touches, from its JSON body; None if unknown."""
     action = environ.get("HTTP_X_AMZ_TARGET", "").rpartition(".")[2]
+    body = _request_body(environ)
+    if body is None:
+        return None
     try:
-        request = json.loads(_request_body(environ) or b"{}")
+        request = json.loads(body or b"{}")
     except ValueError:
         return None
     if not isinstance(request, dict):
@@ -228,7 +232,8 @@ class AtomicRequests:
     did before. SQS stays concurrent: its long polls would hold everything else up. A
     request is known by its SigV4 scope (header or presigned query); one without a
     signature runs alone too. A DynamoDB body is read before the lock is taken (it names
-    the table); an S3 body is read under its bucket's lock.
+    the table); an S3 body is read under its bucket's lock. (A ``CopyObject`` holds only the
+    destination bucket's lock: it reads the source key in one step, as a ``GetObject`` would.)
 
     ``feed`` (if given) is told of every successful write to an S3 object or a table.
     """
