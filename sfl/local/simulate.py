@@ -9,6 +9,7 @@ Each new global model is scored on the task's held-out test split.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from botocore.exceptions import BotoCoreError
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
@@ -40,6 +42,8 @@ from sfl.tasks.base import ArrayDataset, TrainingTask
 #: starts its rounds; the poll is the device's behaviour, kept as a fallback.
 WAKE_FALLBACK_POLL_SECONDS = 2.0
 
+
+logger = logging.getLogger(__name__)
 
 #: From this many clients on, ``sfl simulate`` runs them in worker processes by default.
 PROCESS_CLIENTS_FROM = 16
@@ -379,10 +383,18 @@ def run_client(
     wake: Callable[[float], None] | None,
 ) -> None:
     """One device: an EdgeClient that, when it crashes, is restarted like a Greengrass
-    component, having lost the round it was working on."""
+    component, having lost the round it was working on. Creating its AWS clients fetches
+    credentials; if the credentials endpoint does not answer in time (a loaded machine),
+    the component starts again, as Greengrass restarts one that exited."""
     resume_after_round = 0
     while not stop.is_set():
-        client = EdgeClient(settings, make_clients(), task, stop=stop, hooks=hooks, wake=wake)
+        try:
+            aws_clients = make_clients()
+        except BotoCoreError as error:
+            logger.warning("%s: no AWS clients (%s); restarting", settings.client_id, error)
+            stop.wait(1.0)
+            continue
+        client = EdgeClient(settings, aws_clients, task, stop=stop, hooks=hooks, wake=wake)
         client._last_round_seen = resume_after_round
         try:
             client.run()
