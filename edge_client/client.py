@@ -177,13 +177,17 @@ class EdgeClient:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
         hooks: RoundHooks | None = None,
+        wake: Callable[[float], None] | None = None,
     ) -> None:
+        """``wake`` (local mode only): a pause that also ends when the assignment object was
+        written, so a simulated fleet need not poll tightly. A device has none: it polls."""
         self.settings = settings
         self.aws = aws
         self.task = task
         self.stop = stop or threading.Event()
         self.clock = clock
         self.hooks = hooks or RoundHooks()
+        self.wake = wake
         self.registry = ClientRegistry(aws.dynamodb, settings.clients_table)
         self.models = ModelStore(aws.s3, settings.models_bucket)
         self.rounds_answered = 0
@@ -204,6 +208,7 @@ class EdgeClient:
         )
         backoff = self.settings.poll_seconds
         while not self.stop.is_set():
+            failed = False
             try:
                 if self.clock() >= self._next_heartbeat:
                     self.heartbeat()
@@ -217,6 +222,7 @@ class EdgeClient:
             except RoundInterrupted:
                 break
             except AwsCallFailed as e:
+                failed = True
                 backoff = min(max(backoff, 0.1) * 2, self.settings.max_backoff_seconds)
                 # The message carries the fields: Greengrass logs the text, not `extra`.
                 logger.warning(
@@ -234,7 +240,11 @@ class EdgeClient:
                     },
                 )
             # jitter keeps a fleet from polling in lockstep
-            self.stop.wait(backoff * random.uniform(0.8, 1.2))
+            pause = backoff * random.uniform(0.8, 1.2)
+            if self.wake is None or failed:  # a failure's back-off is never cut short
+                self.stop.wait(pause)
+            elif not self.stop.is_set():
+                self.wake(pause)
         logger.info("client stopped", extra={"client_id": self.settings.client_id})
         return 0
 

@@ -117,3 +117,32 @@ def test_a_hostile_edge_client_does_not_stop_or_decide_the_federation(tmp_path: 
     assert all(r["status"] == "CLOSED" for r in rounds)
     assert all(r["clipped"] == [attacker] for r in rounds)
     assert rounds[-1]["accuracy"] > history["initial_accuracy"] + 0.3
+
+
+@pytest.mark.slow
+def test_clients_in_a_worker_process_learn_the_same_as_clients_in_threads(tmp_path: Path) -> None:
+    """The same seed with the clients in a worker process (woken over ``multiprocessing``)
+    and as threads: the same rounds, the same updates, the same accuracies; the hostile
+    client is clipped in both, and each model version is written once."""
+    from sfl.local.simulate import SimulationOptions, run_simulation
+
+    histories = []
+    for processes in (1, 0):
+        options = SimulationOptions(
+            out=tmp_path / f"processes-{processes}",
+            clients=3,
+            rounds=1,
+            local_epochs=1,
+            attackers=1,
+            client_processes=processes,
+        )
+        result = run_simulation(options)
+        histories.append(json.loads(result.history_path.read_text()))
+    in_worker, in_threads = histories
+    for history in histories:
+        assert [r["status"] for r in history["rounds"]] == ["CLOSED"]
+        assert set(history["model_writes"].values()) == {1}
+        assert all(r["clipped"] == history["attackers"] for r in history["rounds"])
+    assert [r["accuracy"] for r in in_worker["rounds"]] == [
+        r["accuracy"] for r in in_threads["rounds"]
+    ]

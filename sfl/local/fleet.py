@@ -169,9 +169,11 @@ class LocalFleet:
         self._threads.append(thread)
 
     def _run_client(self, settings: ClientSettings, task: Any) -> None:
+        # Woken when the assignment is written; the configured poll stays as the fallback.
+        wake = self._aws.feed.waiter(settings.models_bucket, layout.ASSIGNMENT_KEY, self._stop)
         while not self._stop.is_set():
             try:
-                EdgeClient(settings, self._aws.clients(), task, stop=self._stop).run()
+                EdgeClient(settings, self._aws.clients(), task, stop=self._stop, wake=wake).run()
                 return
             except Exception:  # restarted like a Greengrass component
                 self._stop.wait(1.0)
@@ -271,6 +273,7 @@ class LocalFleet:
         tb: TracebackType | None,
     ) -> None:
         self._stop.set()
+        self._aws.feed.wake_all()
         for thread in self._threads:
             thread.join(timeout=30)
         if self._dispatcher is not None:

@@ -9,6 +9,8 @@ Each new global model is scored on the task's held-out test split.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,21 +19,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from botocore.exceptions import BotoCoreError
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl import layout
+from sfl.aws import AwsClients
 from sfl.config import FederationConfig
 from sfl.local.attacks import HostileTask
 from sfl.local.dispatcher import S3EventDispatcher
-from sfl.local.emulator import LocalAws, lambda_environment, provision
+from sfl.local.emulator import LocalAws, lambda_environment, provision, table_resource
 from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
 from sfl.local.lambdas import LocalFunction
+from sfl.local.workers import ClientProcesses
 from sfl.registry import ClientRegistry
 from sfl.rounds import Round, RoundState, RoundStore
 from sfl.splits import default_client_ids, write_client_splits
 from sfl.tasks import load_task
 from sfl.tasks.base import ArrayDataset, TrainingTask
+
+#: How often a woken-up local client still polls on its own: the wake-up, not this, is what
+#: starts its rounds; the poll is the device's behaviour, kept as a fallback.
+WAKE_FALLBACK_POLL_SECONDS = 2.0
+
+
+logger = logging.getLogger(__name__)
+
+#: From this many clients on, ``sfl simulate`` runs them in worker processes by default.
+PROCESS_CLIENTS_FROM = 16
 
 
 class SimulationError(RuntimeError):
@@ -68,6 +83,24 @@ class SimulationOptions:
     attackers: int = 0
     attack: str = "scale"
     config_overrides: tuple[tuple[str, str], ...] = ()
+    #: Clients wake when the assignment is written (``ChangeFeed``) and otherwise poll only
+    #: every ``WAKE_FALLBACK_POLL_SECONDS``; False: they poll every ``poll_seconds``.
+    wake_ups: bool = True
+    #: Worker processes the clients run in; 0: threads of this process; None: one per core
+    #: from ``PROCESS_CLIENTS_FROM`` clients on (below that, starting processes costs more).
+    client_processes: int | None = None
+
+    def worker_processes(self) -> int:
+        if self.client_processes is not None:
+            return self.client_processes
+        return (os.cpu_count() or 1) if self.clients >= PROCESS_CLIENTS_FROM else 0
+
+    def client_poll_seconds(self) -> float:
+        return (
+            max(self.poll_seconds, WAKE_FALLBACK_POLL_SECONDS)
+            if self.wake_ups
+            else self.poll_seconds
+        )
 
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
@@ -189,6 +222,8 @@ def _run(
     threads = []
     attackers = set(client_ids[: options.attackers])
     hostile = HostileTask(task, options.attack) if attackers else None
+    processes = options.worker_processes()
+    clients: list[tuple[ClientSettings, bool]] = []
     for cid in client_ids:
         settings = ClientSettings(
             client_id=cid,
@@ -197,37 +232,72 @@ def _run(
             clients_table=names.clients_table,
             data_dir=options.out / "data" / cid,
             task=options.task,
-            poll_seconds=options.poll_seconds,
+            poll_seconds=options.client_poll_seconds(),
             heartbeat_seconds=config.heartbeat_seconds,
             active_window_seconds=config.active_window_seconds,
         )
+        clients.append((settings, cid in attackers))
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
+        if processes:
+            continue
+        wake = (
+            aws.feed.waiter(names.models_bucket, layout.ASSIGNMENT_KEY, stop)
+            if options.wake_ups
+            else None
+        )
         thread = threading.Thread(
-            target=_run_client,
+            target=run_client,
             args=(
                 settings,
-                aws,
+                aws.clients,
                 hostile if hostile is not None and cid in attackers else task,
                 stop,
                 hooks,
                 config.round_deadline_seconds,
+                wake,
             ),
             name=cid,
             daemon=True,
         )
         thread.start()
         threads.append(thread)
+    workers: ClientProcesses | None = None
+    if processes:
+        workers = ClientProcesses(
+            clients,
+            processes=processes,
+            task=options.task,
+            attack=options.attack,
+            plan=plan,
+            env=aws.env(),
+            restart_after=config.round_deadline_seconds,
+            wake_ups=options.wake_ups,
+            faults=faults,
+        ).start()
+        relay = threading.Thread(
+            target=_relay_wake_ups,
+            args=(aws, names.models_bucket, workers, stop),
+            name="wake-relay",
+            daemon=True,
+        )
+        relay.start()
+        threads.append(relay)
 
     rows: list[dict[str, Any]] = []
     initial_accuracy = _evaluate_version(task, control, names.models_bucket, 0, test)["accuracy"]
     try:
-        _wait_for_clients(control, names.clients_table, len(client_ids), config)
+        # Worker processes first import torch and load their data: give them longer.
+        _wait_for_clients(
+            control, names.clients_table, len(client_ids), config, 300.0 if processes else 60.0
+        )
         while len(rows) < options.rounds:
             result = initiator.invoke({"source": "sfl.local"})
             if not result["started"] and result["round"] is None:
                 raise SimulationError(f"the initiator could not start a round: {result['reason']}")
             number = result["round"]
-            finished = _wait_for_round(store, config, number, averager, options)
+            finished = _wait_for_round(
+                store, config, number, averager, options, aws, control.dynamodb, names.rounds_table
+            )
             row = history_row(finished)
             row["faults"] = faults.for_round(number)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
@@ -240,6 +310,9 @@ def _run(
                 progress(row)
     finally:
         stop.set()
+        aws.feed.wake_all()
+        if workers is not None:
+            workers.stop()
         for thread in threads:
             thread.join(timeout=30)
         dispatcher.stop()
@@ -288,19 +361,40 @@ def _run(
     )
 
 
-def _run_client(
+def _relay_wake_ups(
+    aws: LocalAws, bucket: str, workers: ClientProcesses, stop: threading.Event
+) -> None:
+    """Pass the emulator's assignment writes on to the worker processes' clients."""
+    seen = aws.feed.writes(bucket, layout.ASSIGNMENT_KEY)
+    while not stop.is_set():
+        now = aws.feed.wait(bucket, layout.ASSIGNMENT_KEY, seen, 1.0, stop)
+        if now > seen:
+            seen = now
+            workers.notify()
+
+
+def run_client(
     settings: ClientSettings,
-    aws: LocalAws,
+    make_clients: Callable[[], AwsClients],
     task: TrainingTask,
     stop: threading.Event,
     hooks: Any,
     restart_after: float,
+    wake: Callable[[float], None] | None,
 ) -> None:
     """One device: an EdgeClient that, when it crashes, is restarted like a Greengrass
-    component, having lost the round it was working on."""
+    component, having lost the round it was working on. Creating its AWS clients fetches
+    credentials; if the credentials endpoint does not answer in time (a loaded machine),
+    the component starts again, as Greengrass restarts one that exited."""
     resume_after_round = 0
     while not stop.is_set():
-        client = EdgeClient(settings, aws.clients(), task, stop=stop, hooks=hooks)
+        try:
+            aws_clients = make_clients()
+        except BotoCoreError as error:
+            logger.warning("%s: no AWS clients (%s); restarting", settings.client_id, error)
+            stop.wait(1.0)
+            continue
+        client = EdgeClient(settings, aws_clients, task, stop=stop, hooks=hooks, wake=wake)
         client._last_round_seen = resume_after_round
         try:
             client.run()
@@ -322,9 +416,11 @@ def _model_writes(control: Any, bucket: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _wait_for_clients(control: Any, table: str, expected: int, config: FederationConfig) -> None:
+def _wait_for_clients(
+    control: Any, table: str, expected: int, config: FederationConfig, timeout: float
+) -> None:
     registry = ClientRegistry(control.dynamodb, table)
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while time.time() < deadline:
         active = registry.active(
             now=time.time(), active_window_seconds=config.active_window_seconds
@@ -332,7 +428,9 @@ def _wait_for_clients(control: Any, table: str, expected: int, config: Federatio
         if len(active) >= expected:
             return
         time.sleep(0.05)
-    raise SimulationError(f"only {len(active)} of {expected} clients registered within 60 s")
+    raise SimulationError(
+        f"only {len(active)} of {expected} clients registered within {timeout:.0f} s"
+    )
 
 
 def _wait_for_round(
@@ -341,18 +439,27 @@ def _wait_for_round(
     number: int,
     averager: LocalFunction,
     options: SimulationOptions,
+    aws: LocalAws,
+    ddb: Any,
+    table: str,
 ) -> Round:
-    """Wait for a round to finish, ticking the averager's watchdog on our own clock."""
+    """Wait for a round to finish, ticking the averager's watchdog on our own clock.
+
+    The round's status is read (alone: the item holds every answer) when the rounds table
+    was written, and at least every tick."""
     next_tick = time.time() + options.tick_seconds
     hard_stop = time.time() + options.round_timeout_seconds + 60
+    resource = table_resource(table)
+    seen = aws.feed.writes(resource, "")
     while time.time() < hard_stop:
-        current = store.get(config.experiment, number)
-        if current is not None and current.status.finished:
-            return current
+        if _round_status(ddb, table, config.experiment, number) in FINISHED:
+            current = store.get(config.experiment, number)
+            if current is not None and current.status.finished:
+                return current
         if time.time() >= next_tick:
             averager.invoke_scheduled({"sfl": "tick"})
             next_tick = time.time() + options.tick_seconds
-        time.sleep(0.02)
+        seen = aws.feed.wait(resource, "", seen, max(0.0, next_tick - time.time()))
     failed = ""
     if averager.scheduled_failures:
         failed = (
@@ -362,6 +469,21 @@ def _wait_for_round(
     raise SimulationError(
         f"round {number} did not finish within {options.round_timeout_seconds + 60} s{failed}"
     )
+
+
+FINISHED = frozenset(s.value for s in RoundState if s.finished)
+
+
+def _round_status(ddb: Any, table: str, experiment: str, number: int) -> str | None:
+    """The round's status attribute only: a consistent read that skips the answers."""
+    item = ddb.get_item(
+        TableName=table,
+        Key={"experiment": {"S": experiment}, "round": {"N": str(number)}},
+        ConsistentRead=True,
+        ProjectionExpression="#s",
+        ExpressionAttributeNames={"#s": "status"},
+    ).get("Item")
+    return item["status"]["S"] if item and "status" in item else None
 
 
 def _evaluate_version(
