@@ -14,7 +14,7 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-scale synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench-selection  random vs fast_clients vs utility: time to accuracy (20-40 min)"
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
+	@echo "make bench-scale    40 MNIST clients, then 1,000 and 10,000 virtual clients; AWS projection"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
@@ -88,6 +89,9 @@ bench-robust: setup
 
 bench-noniid: setup
 	$(PY) benchmarks/noniid.py
+
+bench-scale: setup
+	nice -n 10 $(PY) benchmarks/scale.py
 
 synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet

@@ -377,6 +377,11 @@ def _run(
         # moto (5.2.5) checks the limit on PutItem and top-level SET only, not on a nested
         # ``SET answers.#c``: an item over it here is one real DynamoDB would have refused.
         "round_item_over_limit": size > DYNAMODB_ITEM_LIMIT,
+        # What the answers inside the round item take (none once they have their own items).
+        "answers_in_round_item": len(item.get("answers", {}).get("M", {})),
+        "round_item_answers_bytes": dynamodb_item_size({"answers": item["answers"]})
+        if "answers" in item
+        else 0,
     }
 
 
