@@ -159,13 +159,15 @@ def project(report: dict[str, Any], clients: int | None = None) -> dict[str, Any
     # number of bytes per answer: write k costs ceil(size_k / 1 KB) write units.
     answers = int(report.get("answers_in_round_item", 0))
     per_answer = int(report.get("round_item_answers_bytes", 0)) // answers if answers else 0
-    selected_bytes = (int(report["round_item_bytes"]) - answers * per_answer) / measured
-    empty = int(selected_bytes * n)  # the selected list grows with the round, too
-    item = empty + n * per_answer if answers else int(report["round_item_bytes"])
+    selected = int(report.get("round_item_selected_bytes", 0))
+    fixed = int(report["round_item_bytes"]) - answers * per_answer - selected
+    empty = fixed + selected * n // measured  # the selected list grows with the round, too
+    item = empty + n * per_answer
     sizes = [empty + k * per_answer for k in range(1, n + 1)]
-    today_wcu = sum(math.ceil(s / lim["dynamodb_write_unit_bytes"]) for s in sizes)
-    today_rcu = sum(math.ceil(s / lim["dynamodb_read_unit_bytes"]) for s in sizes)  # 1 GetItem each
-    over = next((k for k, s in enumerate(sizes, 1) if s > lim["dynamodb_item_bytes"]), None)
+    fits = [s for s in sizes if s <= lim["dynamodb_item_bytes"]]  # DynamoDB refuses the rest
+    today_wcu = sum(math.ceil(s / lim["dynamodb_write_unit_bytes"]) for s in fits)
+    today_rcu = sum(math.ceil(s / lim["dynamodb_read_unit_bytes"]) for s in fits)  # GetItem each
+    over = len(fits) + 1 if len(fits) < n else None
     # Answers in their own items (one small write each) plus one counter update on the
     # round item: 2 writes per answer, one of them on the round's hot key.
     hot_key_writes = n
@@ -181,10 +183,11 @@ def project(report: dict[str, Any], clients: int | None = None) -> dict[str, Any
         "answers_in_round_item": None
         if not answers
         else {
-            "answers_before_item_limit": (over - 1) if over else None,
+            "answers_before_item_limit": len(fits),
+            "answers_refused_by_item_limit": n - len(fits),
             "fits_in_one_item": over is None,
-            "write_units_for_answers": today_wcu,
-            "read_units_for_answers": today_rcu,
+            "write_units_for_answers_that_fit": today_wcu,
+            "read_units_for_answers_that_fit": today_rcu,
             "hot_key_floor_seconds": today_wcu / lim["dynamodb_partition_wcu_per_s"],
             "note": "each averager event reads (GetItem) and writes (SET answers.#c) the whole "
             "round item; its write units grow with the item, and all of them land on one "
@@ -229,6 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-simulate", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800, help="per load test, seconds")
     parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument(
+        "--project",
+        type=int,
+        nargs="*",
+        default=[10000],
+        help="also project these round sizes (not run) from the largest load test that finished",
+    )
+    parser.add_argument(
+        "--reports",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="also include these 'sfl loadtest --out' reports (runs made separately)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -244,6 +261,11 @@ def main(argv: list[str] | None = None) -> int:
             results["simulate_mnist_40"] = run_simulation(args.simulate_rounds, Path(tmp))
     results["loadtest"] = []
     results["projection"] = []
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        report["command"] = f"sfl loadtest --clients {report['clients']} (run separately)"
+        results["loadtest"].append(report)
+        results["projection"].append(project(report))
     for n in args.sizes:
         print(f"(b) sfl loadtest --clients {n}", flush=True)
         report = run_loadtest(n, args.timeout, args.workers)
@@ -257,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["projection"].append(project(largest, clients=n))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")  # keep what finished
+    done = [r for r in results["loadtest"] if "error" not in r]
+    projected = {p["clients"] for p in results["projection"]}
+    for n in args.project:
+        if done and n not in projected:
+            largest = max(done, key=lambda r: int(r["clients"]))
+            results["projection"].append(project(largest, clients=n))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}", flush=True)

@@ -382,6 +382,9 @@ def _run(
         "round_item_answers_bytes": dynamodb_item_size({"answers": item["answers"]})
         if "answers" in item
         else 0,
+        "round_item_selected_bytes": dynamodb_item_size({"selected": item["selected"]})
+        if "selected" in item
+        else 0,
     }
 
 
