@@ -313,9 +313,12 @@ def _run(
 
             say(f"uploads: {options.clients} virtual clients poll, download and upload")
             with _phase(phases, "uploads"):
-                for failure in pool.map(answer, range(len(client_ids))):
+                step = max(1, len(client_ids) // 10)
+                for done, failure in enumerate(pool.map(answer, range(len(client_ids))), 1):
                     if failure is not None:
                         errors.append(failure)
+                    if done % step == 0:
+                        say(f"  {done} uploaded ({time.perf_counter() - round_started:.0f} s)")
             uploads_done = time.perf_counter()
 
         say("acceptance and aggregation: waiting for the averager")
