@@ -44,10 +44,14 @@ CLIENTS_TABLE = TableSpec(
     ttl_attribute="expires_at",
 )
 # Round records: one item per (experiment, round); the newest round is a reverse query.
+# The same table holds each round's slots (one item per selected client, under the partition
+# ``<experiment>#slots#<round>``, sfl.rounds), which expire through expires_at; round
+# records and control items have no expires_at and stay.
 ROUNDS_TABLE = TableSpec(
     logical_id="RoundsTable",
     partition_key=KeyAttribute("experiment", "S"),
     sort_key=KeyAttribute("round", "N"),
+    ttl_attribute="expires_at",
 )
 TABLES = (CLIENTS_TABLE, ROUNDS_TABLE)
 
