@@ -64,6 +64,12 @@ def slot_sort_key(client_id: str) -> int:
     return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:15], "big")
 
 
+def rejection_reason(reason: str) -> str:
+    """A rejected answer's reason without its detail ("shape: ..." -> "shape"): one of the
+    averager's own words, so a bounded set of map keys."""
+    return reason.split(":")[0][:64] or "unknown"
+
+
 def rejection_key(rejection: Mapping[str, Any]) -> str:
     return f"{rejection.get('client_id')}|{rejection.get('reason')}"
 
@@ -170,6 +176,7 @@ class Round:
     rejected_count: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    answer_rejections: Mapping[str, int] = field(default_factory=dict)  # per reason
     slots_ready: bool = True  # False until the initiator wrote every slot
     slots_loaded: bool = True  # selected/answers hold the slots (False: counters only)
 
@@ -198,6 +205,18 @@ class Round:
     def num_rejected(self) -> int:
         return self.rejected_count or len(self.rejected)
 
+    @property
+    def rejection_reasons(self) -> dict[str, int]:
+        """Selected clients' rejected answers per reason: the round item's counts, or (a
+        round written before them) its loaded answers."""
+        if self.answer_rejections:
+            return {k: int(v) for k, v in self.answer_rejections.items()}
+        reasons: dict[str, int] = {}
+        for answer in self.rejected.values():
+            reason = rejection_reason(answer.reason)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
+
     def to_item(self) -> dict[str, Any]:
         return to_item(
             {
@@ -212,6 +231,7 @@ class Round:
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
                 "slots_ready": self.slots_ready,
+                "answer_rejections": dict(self.answer_rejections),
                 "created_at": self.created_at,
                 "deadline_at": self.deadline_at,
                 "soft_deadline_at": self.soft_deadline_at or self.deadline_at,
@@ -276,6 +296,7 @@ class Round:
             ),
             bytes_up=int(d.get("bytes_up", sum(a.size for a in answers.values()))),
             bytes_down=int(d.get("bytes_down", sum(a.bytes_down for a in answers.values()))),
+            answer_rejections={k: int(v) for k, v in d.get("answer_rejections", {}).items()},
             slots_ready=bool(d.get("slots_ready", True)),
             slots_loaded=legacy,
         )
@@ -565,18 +586,29 @@ class RoundStore:
         puts the answer in the client's slot and grows the round's counters, or does neither.
         A TransactionConflict (a concurrent answer on the same round item) is retried."""
         accepted = answer.outcome is Outcome.ACCEPTED
+        counters = (
+            "ADD answered_count :one, accepted_count :acc, rejected_count :rej, "
+            "bytes_up :up, bytes_down :down"
+        )
+        names = {"#s": "status"}
+        values: dict[str, Any] = {}
+        if not accepted:
+            counters = (
+                "SET answer_rejections.#reason = "
+                "if_not_exists(answer_rejections.#reason, :zero) + :one " + counters
+            )
+            names["#reason"] = rejection_reason(answer.reason)
+            values[":zero"] = {"N": "0"}
         items: list[Any] = [
             {
                 "Update": {
                     "TableName": self._table,
                     "Key": self._key(experiment, number),
-                    "UpdateExpression": (
-                        "ADD answered_count :one, accepted_count :acc, rejected_count :rej, "
-                        "bytes_up :up, bytes_down :down"
-                    ),
+                    "UpdateExpression": counters,
                     "ConditionExpression": "#s = :open AND slots_ready = :true",
-                    "ExpressionAttributeNames": {"#s": "status"},
+                    "ExpressionAttributeNames": names,
                     "ExpressionAttributeValues": {
+                        **values,
                         ":open": {"S": RoundState.OPEN.value},
                         ":true": {"BOOL": True},
                         ":one": {"N": "1"},
