@@ -30,7 +30,7 @@ from infra.storage import FederationStorage
 from sfl import layout
 from sfl.control import CONTROL_SUFFIX
 from sfl.registry import DEVICE_ATTRIBUTES
-from sfl.resources import UPDATES_BUCKET, ResourceNames
+from sfl.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
 from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 
 # TransactWriteItems is authorised per item, through each item's own action.
@@ -252,7 +252,13 @@ class FederationStack(Stack):
             [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
             conditions={"StringEquals": {"s3:if-none-match": "*"}},
         )
-        _allow(role, ["dynamodb:Scan"], [self.state.clients_table.table_arn])
+        # Selection reads active clients from the registry's active index, one Query per
+        # shard; never a Scan of the whole registry.
+        _allow(
+            role,
+            ["dynamodb:Query"],
+            [f"{self.state.clients_table.table_arn}/index/{ACTIVE_INDEX.name}"],
+        )
         # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
         # (Put of round n+1, ConditionCheck of round n). Its selected clients' slots are a
         # BatchWriteItem, then an UpdateItem marks them ready (or abandons a round whose

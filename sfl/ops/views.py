@@ -73,7 +73,7 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     latest = history[-1] if history else None
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
-    everyone = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
     closed = [r for r in history if r.status is RoundState.CLOSED and r.model_version is not None]
@@ -129,7 +129,7 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
-    records = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     picked: Counter[str] = Counter()
     accepted: Counter[str] = Counter()
     rejected: dict[str, Counter[str]] = {}
