@@ -927,7 +927,7 @@ RETRIED_CANCELLATIONS = frozenset(
 def _cancellation_reasons(e: ClientError) -> list[Mapping[str, Any]]:
     """TransactionCanceledException's reasons, one per item in request order (botocore
     parses them from real DynamoDB's and moto's error body alike)."""
-    reasons = e.response.get("CancellationReasons")  # type: ignore[typeddict-item]
+    reasons = e.response.get("CancellationReasons")
     return list(reasons) if isinstance(reasons, list) else []
 
 
