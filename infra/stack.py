@@ -31,7 +31,7 @@ from infra.storage import FederationStorage
 from sfl import layout
 from sfl.control import CONTROL_SUFFIX
 from sfl.registry import DEVICE_ATTRIBUTES
-from sfl.resources import UPDATES_BUCKET, ResourceNames
+from sfl.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
 from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 
 # TransactWriteItems is authorised per item, through each item's own action.
@@ -247,7 +247,13 @@ class FederationStack(Stack):
         # ListBucket only makes a missing model answer 404 instead of 403 (the first tick
         # may come before the deploy-time bootstrap wrote version 0).
         _allow(role, ["s3:ListBucket"], [models.bucket_arn])
-        _allow(role, ["s3:PutObject"], [models.arn_for_objects(layout.ASSIGNMENT_KEY)])
+        # The assignment is read back (is it this round's?) before an open round's is
+        # re-published.
+        _allow(
+            role,
+            ["s3:GetObject", "s3:PutObject"],
+            [models.arn_for_objects(layout.ASSIGNMENT_KEY)],
+        )
         # A rollback (sfl models rollback): the chosen version written again as the next
         # version, and that version's lineage record beside it; each key written once.
         _allow(
@@ -256,19 +262,34 @@ class FederationStack(Stack):
             [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
             conditions={"StringEquals": {"s3:if-none-match": "*"}},
         )
-        _allow(role, ["dynamodb:Scan"], [self.state.clients_table.table_arn])
-        # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
-        # (Put of round n+1, ConditionCheck of round n).
+        # Selection reads active clients from the registry's active index, one Query per
+        # shard; never a Scan of the whole registry.
         _allow(
             role,
-            ["dynamodb:Query", "dynamodb:PutItem", "dynamodb:ConditionCheckItem"],
+            ["dynamodb:Query"],
+            [f"{self.state.clients_table.table_arn}/index/{ACTIVE_INDEX.name}"],
+        )
+        # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
+        # (Put of round n+1, ConditionCheck of round n). Its selected clients' slots are a
+        # BatchWriteItem, then an UpdateItem marks them ready (or abandons a round whose
+        # initiator died before that); an open round's assignment is re-published from a
+        # Query of its slots.
+        _allow(
+            role,
+            [
+                "dynamodb:Query",
+                "dynamodb:PutItem",
+                "dynamodb:ConditionCheckItem",
+                "dynamodb:BatchWriteItem",
+                "dynamodb:UpdateItem",
+            ],
             [self.state.rounds_table.table_arn],
         )
         # The operator's control record (sfl.control: pause, runtime config, rollback), read
-        # on every run; a carried-out rollback is cleared. Its partition only, never a round.
+        # on every run; a carried-out rollback is cleared (UpdateItem, granted above).
         _allow(
             role,
-            ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+            ["dynamodb:GetItem"],
             [self.state.rounds_table.table_arn],
             conditions={
                 "ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"*{CONTROL_SUFFIX}"]}

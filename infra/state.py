@@ -39,6 +39,16 @@ class FederationState(Construct):
             encryption=dynamodb.TableEncryption.AWS_MANAGED,
             removal_policy=self._removal_policy,
         )
+        for index in spec.indexes:
+            table.add_global_secondary_index(
+                index_name=index.name,
+                partition_key=_attribute(index.partition_key),
+                sort_key=_attribute(index.sort_key) if index.sort_key else None,
+                projection_type=dynamodb.ProjectionType.ALL
+                if index.projected is None
+                else dynamodb.ProjectionType.INCLUDE,
+                non_key_attributes=list(index.projected) if index.projected else None,
+            )
         skip_checkov(
             table,
             "CKV_AWS_119",

@@ -119,18 +119,20 @@ class Averager:
             return UpdateOutcome(event.key, "ignored", "wrong_bucket")
         client, number = key.client_id, key.round
         log = {"round": number, "client_id": client, "key": event.key}
-        round_ = self.rounds.get(self.config.experiment, number)
+        # O(1) whatever the round's size: the round item (counters) and this client's slot.
+        round_ = self.rounds.get(self.config.experiment, number, slots=False)
         if round_ is None:
             logger.warning("update rejected", extra={**log, "reason": "unknown_round"})
             return UpdateOutcome(event.key, "rejected", "unknown_round", client, number)
 
-        existing = round_.answers.get(client)
+        slot = self.rounds.slot(self.config.experiment, number, client)
+        existing = slot.answer if slot is not None else None
         if existing is not None and event.etag and existing.etag == _etag(event.etag):
             logger.info("duplicate delivery ignored", extra=log)
             return self._after_answer(
                 round_, UpdateOutcome(event.key, "duplicate", "", client, number)
             )
-        if client not in round_.selected:
+        if slot is None:
             return self._reject_other(
                 round_, event, client, "not_selected", "client was not selected for this round"
             )
@@ -192,12 +194,16 @@ class Averager:
             return self._after_answer(recorded.round, outcome)
         current = recorded.round or round_
         if recorded.result is RecordResult.ALREADY_ANSWERED:
-            if current.answers[client].etag == answer.etag:
+            if recorded.answer is not None and recorded.answer.etag == answer.etag:
                 return self._after_answer(
                     current, UpdateOutcome(event.key, "duplicate", "", client, number)
                 )
             return self._reject_other(
                 current, event, client, "duplicate", "client already answered this round"
+            )
+        if recorded.result is RecordResult.NOT_SELECTED:
+            return self._reject_other(
+                current, event, client, "not_selected", "client was not selected for this round"
             )
         return self._reject_other(
             current, event, client, "round_not_open", f"round is {current.status}"
@@ -332,11 +338,11 @@ class Averager:
     # --- quorum, aggregation ---------------------------------------------------------------
 
     def quorum_view(self, round_: Round) -> QuorumView:
-        answered = [c for c in round_.selected if c in round_.answers]
+        """The round's counts from its item's counters: no slot is read."""
         return QuorumView(
-            selected=len(round_.selected),
-            answered=len(answered),
-            accepted=len(round_.accepted),
+            selected=round_.num_selected,
+            answered=round_.num_answered,
+            accepted=round_.num_accepted,
             now=self.clock(),
             created_at=round_.created_at,
             soft_deadline_at=round_.soft_deadline_at or round_.deadline_at,
@@ -373,7 +379,7 @@ class Averager:
         )
         if won is None:
             return None
-        if not won.accepted:
+        if not won.num_accepted:
             reason = "no acceptable update: every answer was rejected"
             if self.rounds.abandon(
                 won.experiment, won.round, reason, self.clock(), owner=self.owner
@@ -397,7 +403,7 @@ class Averager:
             )
             # Selected clients that never answered missed this round (this call alone
             # finished it, so each is counted once).
-            for client in finished.selected:
+            for client in finished.selected:  # loaded from its slots, once per round
                 if client not in finished.answers:
                     self._count_client_round(finished, client, None)
             if self.on_round_finished is not None:
@@ -418,7 +424,7 @@ class Averager:
         started = self.clock()
         config = self.round_config(round_)
         rule = build_rule(config.aggregation, config.aggregation_params)
-        accepted = dict(sorted(round_.accepted.items()))
+        accepted = self.accepted_answers(round_)
         weights = dict(
             zip(
                 accepted,
@@ -489,8 +495,8 @@ class Averager:
             "aggregation": config.aggregation,
             "aggregate_seconds": finished - started,
             "model_bytes": len(body),
-            "bytes_up": sum(a.size for a in round_.answers.values()),
-            "bytes_down": sum(a.bytes_down for a in round_.answers.values()),
+            "bytes_up": round_.bytes_up,
+            "bytes_down": round_.bytes_down,
             "norm_bound": bound if math.isfinite(bound) else None,
             "clipped": [e.client for e in entries if e.scale < 1.0 and e.client in read],
             "excluded": excluded,
@@ -514,6 +520,15 @@ class Averager:
             },
         )
         return closed
+
+    def accepted_answers(self, round_: Round) -> dict[str, Answer]:
+        """The round's accepted answers, by client id: from the loaded round, or one
+        paginated query of its slots."""
+        if round_.slots_loaded:
+            return dict(sorted(round_.accepted.items()))
+        slots = self.rounds.slots(round_.experiment, round_.round, only="accepted")
+        found = {s.client_id: s.answer for s in slots if s.answer is not None}
+        return {c: a for c, a in sorted(found.items()) if a.outcome is Outcome.ACCEPTED}
 
     def base_header(self, version: int) -> Header:
         return self.models.header(version)
@@ -539,7 +554,7 @@ class Averager:
         updates whose S3 event never arrived, each on its own (one bad object cannot stop
         the watchdog). An update that lost its event and is only found after the hard
         deadline has passed without quorum is too late: the deadline came first."""
-        latest = self.rounds.latest(self.config.experiment)
+        latest = self.rounds.latest(self.config.experiment, slots=False)
         if latest is None:
             return TickOutcome(None, "", "no rounds yet")
         if latest.status.finished:
@@ -547,7 +562,7 @@ class Averager:
         finished = self.advance(latest)
         if finished is not None:
             return TickOutcome(latest.round, str(finished.status), "finished", finished=finished)
-        current = self.rounds.get(latest.experiment, latest.round) or latest
+        current = self.rounds.get(latest.experiment, latest.round, slots=False) or latest
         recovered: list[str] = []
         if current.status is RoundState.OPEN:
             recovered, finished = self.recover_lost_updates(current)
@@ -568,9 +583,14 @@ class Averager:
         error on one object is logged against it while the look goes on. Returns what was
         found, and the round if handling one finished it."""
         recovered = []
-        for client in round_.selected:
-            if client in round_.answers:
-                continue
+        if round_.slots_loaded:
+            silent = [c for c in round_.selected if c not in round_.answers]
+        else:  # one paginated query of the slots still waiting
+            silent = [
+                s.client_id
+                for s in self.rounds.slots(round_.experiment, round_.round, only="unanswered")
+            ]
+        for client in sorted(silent):
             key = layout.update_key(client, round_.round)
             try:
                 listing = self.aws.s3.list_objects_v2(

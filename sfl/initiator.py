@@ -2,11 +2,15 @@
 
 Safe to run any number of times, concurrently: a new round is created only when the latest
 is finished (a conditional write), and a tick while a round is open only re-publishes that
-round's assignment, so a crash between the two writes heals on the next tick.
+round's assignment, so a crash between the writes heals on the next tick. A round is
+created in three steps (its item, its clients' slots, a flag that they are all written) and
+published only after the last; a round whose initiator died before the flag accepted
+nothing, and the next run abandons it once its grace period is over.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -32,6 +36,10 @@ from sfl.strategies.selection import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The assignment the initiator reads back to see whether it is current: 10,000 client ids of
+# at most 128 characters are ~1.3 MB; devices accept up to 4 MB.
+MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,24 @@ def publish_assignment(aws: AwsClients, names: ResourceNames, round_: Round) -> 
     ModelStore(aws.s3, names.models_bucket).put_assignment(assignment)
 
 
+def assignment_published(aws: AwsClients, names: ResourceNames, round_: Round) -> bool:
+    """Whether the published assignment already names this round (one small GET), so an
+    open round's slots are read again only when the assignment is missing or older."""
+    found = ModelStore(aws.s3, names.models_bucket).assignment(None, MAX_ASSIGNMENT_BYTES)
+    if found is None:
+        return False
+    try:
+        published = json.loads(found[0])
+    except ValueError:
+        return False
+    return (
+        isinstance(published, dict)
+        and published.get("experiment") == round_.experiment
+        and published.get("round") == round_.round
+        and published.get("created_at") == round_.created_at
+    )
+
+
 def model_exists(aws: AwsClients, names: ResourceNames, version: int) -> bool:
     return ModelStore(aws.s3, names.models_bucket).has_model(version)
 
@@ -72,10 +98,24 @@ def start_round(
 ) -> InitiatorResult:
     """Start the next round if the latest one is finished; otherwise say why not."""
     rounds = RoundStore(aws.dynamodb, names.rounds_table)
-    latest = rounds.latest(config.experiment)
+    latest = rounds.latest(config.experiment, slots=False)
+    if (
+        latest is not None
+        and latest.status is RoundState.OPEN
+        and not latest.slots_ready
+        and rounds.abandon_unready(latest.experiment, latest.round, clock())
+    ):
+        logger.warning(
+            "round abandoned: its slots were never all written", extra={"round": latest.round}
+        )
+        latest = rounds.get(latest.experiment, latest.round, slots=False)
     if latest is not None and not latest.status.finished:
-        if latest.status is RoundState.OPEN:
-            publish_assignment(aws, names, latest)
+        if (
+            latest.status is RoundState.OPEN
+            and latest.slots_ready
+            and not assignment_published(aws, names, latest)
+        ):
+            publish_assignment(aws, names, rounds.with_slots(latest))
         return InitiatorResult(
             False,
             latest.round,

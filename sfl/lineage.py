@@ -62,7 +62,10 @@ class ModelLineage:
 
 
 def lineage_of_round(r: Round, evaluation: Mapping[str, Any] | None = None) -> ModelLineage:
-    """The lineage of the model version a closed round produced."""
+    """The lineage of the model version a closed round produced (its participants come
+    from the round's answers: load its slots first, ``RoundStore.with_slots``)."""
+    if not r.slots_loaded:
+        raise ValueError("a round's lineage needs its answers: RoundStore.with_slots first")
     if r.status is not RoundState.CLOSED or r.model_version is None:
         raise ValueError(f"round {r.round} is {r.status}: it produced no model version")
     summary = r.summary

@@ -11,6 +11,7 @@ refused rather than keeping a device "active" for ever.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from botocore.exceptions import ClientError
 from sfl.aws import error_code
 from sfl.dynamo import from_item, serialize
 from sfl.layout import CLIENT_ID, validate_client_id
+from sfl.resources import ACTIVE_INDEX, ACTIVE_SHARDS
 from sfl.strategies.selection import decayed_picks
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ EXPIRY_WINDOWS = 4
 # A heartbeat stamped further ahead of the server's clock than this is refused.
 MAX_CLOCK_SKEW_SECONDS = 300.0
 # The attributes a device may write (the device role's dynamodb:Attributes condition).
-DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at")
+DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at", "active_shard")
 # A turnaround sample is clamped to [1 s, a day]: no answer is instant, and the EWMA stays a
 # small finite number.
 MIN_TURNAROUND_SECONDS = 1.0
@@ -159,6 +161,13 @@ def update_ewma(previous: float | None, sample: float, b: float) -> float:
     return b * previous + (1.0 - b) * sample
 
 
+def active_shard(client_id: str) -> int:
+    """The active index's partition a client heartbeats into: a hash of its id, so devices
+    spread evenly over ``ACTIVE_SHARDS`` partitions. A device that writes another number
+    only moves itself (another shard) or hides itself (out of range: never queried)."""
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:4], "big") % ACTIVE_SHARDS
+
+
 class ClientRegistry:
     def __init__(self, dynamodb: DynamoDBClient, table_name: str) -> None:
         self._ddb = dynamodb
@@ -173,11 +182,12 @@ class ClientRegistry:
             TableName=self._table,
             Key={"client_id": {"S": client_id}},
             UpdateExpression=(
-                "SET last_seen = :now, expires_at = :expires, "
+                "SET last_seen = :now, expires_at = :expires, active_shard = :shard, "
                 "registered_at = if_not_exists(registered_at, :now)"
             ),
             ExpressionAttributeValues={
                 ":now": serialize(now),
+                ":shard": {"N": str(active_shard(client_id))},
                 ":expires": {"N": str(int(now + EXPIRY_WINDOWS * active_window_seconds))},
             },
         )
@@ -277,16 +287,44 @@ class ClientRegistry:
     def active(self, *, now: float, active_window_seconds: float) -> list[ClientRecord]:
         """Clients that heartbeated within the window, sorted by id (stable selection input).
 
-        Malformed items and heartbeats from the future are skipped and logged."""
+        Reads only those: one query per shard of the active index (``last_seen`` is its sort
+        key), never the whole registry. The index is eventually consistent (a heartbeat of
+        the last second may be missed; the next round sees it). Malformed items and
+        heartbeats from the future are skipped and logged."""
+        records: list[ClientRecord] = []
+        for shard in range(ACTIVE_SHARDS):
+            records.extend(
+                self._read(
+                    now,
+                    {
+                        "TableName": self._table,
+                        "IndexName": ACTIVE_INDEX.name,
+                        "KeyConditionExpression": "active_shard = :shard AND last_seen >= :cutoff",
+                        "ExpressionAttributeValues": {
+                            ":shard": {"N": str(shard)},
+                            ":cutoff": serialize(now - active_window_seconds),
+                        },
+                    },
+                    self._ddb.query,
+                )
+            )
+        return sorted(records, key=lambda r: r.client_id)
+
+    def everyone(self, *, now: float, active_window_seconds: float) -> list[ClientRecord]:
+        """Every registry item seen within the window, by a full scan: for operators' views
+        (a device that never wrote its shard still shows), never for selection."""
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "FilterExpression": "last_seen >= :cutoff",
             "ExpressionAttributeValues": {":cutoff": serialize(now - active_window_seconds)},
             "ConsistentRead": True,
         }
+        return sorted(self._read(now, kwargs, self._ddb.scan), key=lambda r: r.client_id)
+
+    def _read(self, now: float, kwargs: dict[str, Any], call: Any) -> list[ClientRecord]:
         records: list[ClientRecord] = []
         while True:
-            response = self._ddb.scan(**kwargs)
+            response = call(**kwargs)
             for item in response.get("Items", []):
                 try:
                     record = ClientRecord.from_item(item)
@@ -304,6 +342,5 @@ class ClientRegistry:
                     continue
                 records.append(record)
             if "LastEvaluatedKey" not in response:
-                break
+                return records
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
-        return sorted(records, key=lambda r: r.client_id)

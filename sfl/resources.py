@@ -22,11 +22,22 @@ class KeyAttribute:
 
 
 @dataclass(frozen=True)
+class IndexSpec:
+    """A global secondary index; ``projected`` non-key attributes (INCLUDE), or all if None."""
+
+    name: str
+    partition_key: KeyAttribute
+    sort_key: KeyAttribute | None = None
+    projected: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TableSpec:
     logical_id: str
     partition_key: KeyAttribute
     sort_key: KeyAttribute | None = None
     ttl_attribute: str | None = None
+    indexes: tuple[IndexSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -37,17 +48,42 @@ class BucketSpec:
     notify_suffix: str | None = None
 
 
+# Selection reads active clients from this index, never the whole registry: a heartbeat
+# writes its client's shard (a hash of its id, 0..ACTIVE_SHARDS-1) beside last_seen, and
+# the initiator queries each shard for last_seen >= now - window (sfl.registry). Only what
+# selection reads is projected.
+ACTIVE_SHARDS = 8
+ACTIVE_INDEX = IndexSpec(
+    name="active",
+    partition_key=KeyAttribute("active_shard", "N"),
+    sort_key=KeyAttribute("last_seen", "N"),
+    projected=(
+        "registered_at",
+        "ewma_turnaround",
+        "rounds_answered",
+        "rounds_missed",
+        "missed_streak",
+        "last_round",
+        "utility",
+        "recent_picks",
+    ),
+)
 # Client registry: one item per client; heartbeats refresh last_seen and push expires_at.
 CLIENTS_TABLE = TableSpec(
     logical_id="ClientsTable",
     partition_key=KeyAttribute("client_id", "S"),
     ttl_attribute="expires_at",
+    indexes=(ACTIVE_INDEX,),
 )
 # Round records: one item per (experiment, round); the newest round is a reverse query.
+# The same table holds each round's slots (one item per selected client, under the partition
+# ``<experiment>#slots#<round>``, sfl.rounds), which expire through expires_at; round
+# records and control items have no expires_at and stay.
 ROUNDS_TABLE = TableSpec(
     logical_id="RoundsTable",
     partition_key=KeyAttribute("experiment", "S"),
     sort_key=KeyAttribute("round", "N"),
+    ttl_attribute="expires_at",
 )
 TABLES = (CLIENTS_TABLE, ROUNDS_TABLE)
 
@@ -91,14 +127,42 @@ class ResourceNames:
 
 def create_table_request(spec: TableSpec, table_name: str) -> dict[str, Any]:
     """The DynamoDB CreateTable request for a spec (on-demand billing, as deployed)."""
-    keys = [(spec.partition_key, "HASH")]
-    if spec.sort_key is not None:
-        keys.append((spec.sort_key, "RANGE"))
-    return {
+    keys = _key_schema(spec.partition_key, spec.sort_key)
+    attributes = {k.name: k.type for k, _ in keys}
+    request: dict[str, Any] = {
         "TableName": table_name,
         "BillingMode": "PAY_PER_REQUEST",
         "KeySchema": [{"AttributeName": k.name, "KeyType": kind} for k, kind in keys],
-        "AttributeDefinitions": [
-            {"AttributeName": k.name, "AttributeType": k.type} for k, _ in keys
-        ],
     }
+    indexes = []
+    for index in spec.indexes:
+        index_keys = _key_schema(index.partition_key, index.sort_key)
+        attributes.update({k.name: k.type for k, _ in index_keys})
+        projection: dict[str, Any] = {"ProjectionType": "ALL"}
+        if index.projected is not None:
+            projection = {
+                "ProjectionType": "INCLUDE",
+                "NonKeyAttributes": list(index.projected),
+            }
+        indexes.append(
+            {
+                "IndexName": index.name,
+                "KeySchema": [{"AttributeName": k.name, "KeyType": kind} for k, kind in index_keys],
+                "Projection": projection,
+            }
+        )
+    request["AttributeDefinitions"] = [
+        {"AttributeName": name, "AttributeType": kind} for name, kind in attributes.items()
+    ]
+    if indexes:
+        request["GlobalSecondaryIndexes"] = indexes
+    return request
+
+
+def _key_schema(
+    partition: KeyAttribute, sort: KeyAttribute | None
+) -> list[tuple[KeyAttribute, str]]:
+    keys = [(partition, "HASH")]
+    if sort is not None:
+        keys.append((sort, "RANGE"))
+    return keys

@@ -195,3 +195,40 @@ def test_bootstrap_writes_version_zero_once(stack: Stack, averager: LocalFunctio
 
     assert first == {"bootstrap": "written"} and second == {"bootstrap": "already present"}
     assert _model_versions(stack, 0) == 1
+
+
+def test_an_update_costs_the_same_requests_whatever_the_rounds_size(stack: Stack) -> None:
+    """The hot path reads the round item and the client's slot, writes one transaction and
+    reads the counters back: no Query of the round's slots, at 3 clients or at 300."""
+    from collections import Counter
+
+    from tests.conftest import TRAINED
+    from tests.test_deadlines import _deliver, _setup
+
+    calls: dict[int, Counter[str]] = {}
+    for size in (3, 300):
+        clients = [f"c{i:03d}" for i in range(size)]
+        averager, _, _ = _setup(stack, *clients, quorum="all_answered")
+        seen: Counter[str] = Counter()
+
+        def count(event_name: str, seen: Counter[str] = seen, **_: object) -> None:
+            seen[event_name.rsplit(".", 1)[-1]] += 1
+
+        events = stack.clients.dynamodb.meta.events
+        events.register("before-call.dynamodb", count)
+        try:
+            assert _deliver(averager, stack.upload_update("c000", 1, TRAINED)) == "accepted"
+        finally:
+            events.unregister("before-call.dynamodb", count)
+        calls[size] = seen
+        stack.clients.dynamodb.delete_table(TableName=stack.names.rounds_table)  # next size
+        stack.clients.dynamodb.get_waiter("table_not_exists").wait(
+            TableName=stack.names.rounds_table
+        )
+        from sfl import resources
+
+        stack.clients.dynamodb.create_table(
+            **resources.create_table_request(resources.ROUNDS_TABLE, stack.names.rounds_table)
+        )
+    assert calls[3] == calls[300]
+    assert calls[3]["Query"] == 0 and calls[3]["TransactWriteItems"] == 1

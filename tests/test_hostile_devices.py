@@ -18,7 +18,7 @@ from sfl import codec, layout
 from sfl.averager import Averager
 from sfl.events import UpdateEvent
 from sfl.initiator import start_round
-from sfl.registry import ClientRegistry
+from sfl.registry import ClientRegistry, active_shard
 from sfl.rounds import RoundState, storable
 from sfl.strategies.aggregation import FedAvg
 from sfl.strategies.selection import Candidate, cooled_down
@@ -179,7 +179,11 @@ def test_an_aggregation_that_keeps_failing_is_abandoned_after_three_attempts(
 
 
 def _put_item(stack: Stack, item: dict[str, Any]) -> None:
-    stack.clients.dynamodb.put_item(TableName=stack.names.clients_table, Item=item)
+    """A device's own item, in the active index's shard its heartbeat would write."""
+    shard = {"N": str(active_shard(item["client_id"]["S"]))}
+    stack.clients.dynamodb.put_item(
+        TableName=stack.names.clients_table, Item={"active_shard": shard, **item}
+    )
 
 
 def test_garbage_in_registry_items_is_skipped_and_rounds_still_start(stack: Stack) -> None:

@@ -105,3 +105,61 @@ def test_initiator_handler_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_a_round_whose_initiator_died_mid_creation_is_abandoned_after_the_grace(
+    stack: Stack,
+) -> None:
+    """Round item written, one slot of two, no ready flag, no assignment: the next run
+    leaves it alone within the grace period, then abandons it and starts the next round."""
+    import time
+    from dataclasses import replace
+
+    from sfl.rounds import SLOT_WRITE_GRACE_SECONDS, Round, RoundState
+
+    stack.put_model(0, TINY_MODEL)
+    stack.register("c1", "c2")
+    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+    now = time.time()
+    half = Round(
+        experiment="test",
+        round=1,
+        status=RoundState.OPEN,
+        base_version=0,
+        selected=("c1", "c2"),
+        created_at=now,
+        deadline_at=now + 600,
+        train_config={},
+    )
+    assert store._create_item(replace(half, slots_ready=False), None)
+    store.write_slots(half, ("c1",))
+
+    waiting = start_round(stack.clients, stack.names, stack.config, clock=lambda: now + 60)
+    assert not waiting.started and waiting.round == 1
+    assert "Contents" not in stack.clients.s3.list_objects_v2(
+        Bucket=stack.names.models_bucket, Prefix=layout.ASSIGNMENT_KEY
+    )  # never published
+    later = now + SLOT_WRITE_GRACE_SECONDS + 1
+    result = start_round(stack.clients, stack.names, stack.config, clock=lambda: later)
+    assert result.started and result.round == 2
+    first = store.get("test", 1)
+    assert first is not None and first.status is RoundState.ABANDONED and first.answers == {}
+    second = store.get("test", 2)
+    assert second is not None and second.slots_ready and sorted(second.selected) == ["c1", "c2"]
+
+
+def test_an_open_round_is_republished_only_when_the_assignment_is_not_its_own(
+    stack: Stack,
+) -> None:
+    stack.put_model(0, TINY_MODEL)
+    stack.register("c1", "c2")
+    assert start_round(stack.clients, stack.names, stack.config).started
+    s3 = stack.clients.s3
+    s3.delete_object(Bucket=stack.names.models_bucket, Key=layout.ASSIGNMENT_KEY)
+
+    again = start_round(stack.clients, stack.names, stack.config)
+
+    assert not again.started
+    body = s3.get_object(Bucket=stack.names.models_bucket, Key=layout.ASSIGNMENT_KEY)["Body"]
+    assignment = json.loads(body.read())
+    assert assignment["round"] == 1 and sorted(assignment["selected"]) == ["c1", "c2"]

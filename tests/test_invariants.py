@@ -159,6 +159,12 @@ class World:
             )
             assert set(r.answers) <= set(r.selected), f"round {r.round} counted unselected clients"
             assert len(r.answers) == len(set(r.answers))
+            # The round item's counters agree with its slots, answer for answer.
+            assert (r.selected_count, r.answered_count) == (len(r.selected), len(r.answers)), (
+                f"round {r.round} counters disagree with its slots"
+            )
+            assert (r.accepted_count, r.rejected_count) == (len(r.accepted), len(r.rejected))
+            assert r.bytes_up == sum(a.size for a in r.answers.values())
             for client, answer in r.answers.items():
                 if answer.outcome is Outcome.ACCEPTED:
                     assert answer.etag in self.honest_etags, (

@@ -20,6 +20,7 @@ from sfl.registry import (
     MAX_REPORTED_LOSS,
     ClientRecord,
     ClientRegistry,
+    active_shard,
     statistical_utility,
 )
 from sfl.strategies.selection import (
@@ -34,7 +35,7 @@ from sfl.strategies.selection import (
     select_fast_clients,
     under_pick_cap,
 )
-from tests.conftest import TRAINED, Stack
+from tests.conftest import TINY_MODEL, TRAINED, Stack
 from tests.test_deadlines import _deliver, _setup
 
 ROUND = 30
@@ -306,6 +307,7 @@ def test_server_written_selection_numbers_that_are_not_numbers_read_as_unknown(
             Item={
                 "client_id": {"S": client_id},
                 "last_seen": {"N": str(now)},
+                "active_shard": {"N": str(active_shard(client_id))},
                 "utility": utility,
                 "recent_picks": picks,
             },
@@ -319,6 +321,51 @@ def test_server_written_selection_numbers_that_are_not_numbers_read_as_unknown(
         ("neg", None, 0.0),
         ("strings", None, 0.0),
     ]
+
+
+def test_selection_reads_the_active_index_and_a_device_cannot_poison_it(stack: Stack) -> None:
+    """Only items in a queried shard of the index are candidates: a device that writes an
+    out-of-range shard hides itself, one without a shard is not indexed (operators still see
+    both), one writing a string where the index wants a number is refused (by DynamoDB; by
+    moto it is stored and never matches a shard)."""
+    from botocore.exceptions import ClientError
+
+    now = time.time()
+    stack.register("a", "b", "c")
+    ddb = stack.clients.dynamodb
+    for client_id, shard in (("far", {"N": "999"}), ("negative", {"N": "-1"})):
+        ddb.put_item(
+            TableName=stack.names.clients_table,
+            Item={
+                "client_id": {"S": client_id},
+                "last_seen": {"N": str(now)},
+                "active_shard": shard,
+            },
+        )
+    ddb.put_item(
+        TableName=stack.names.clients_table,
+        Item={"client_id": {"S": "unsharded"}, "last_seen": {"N": str(now)}},
+    )
+    try:  # real DynamoDB refuses an index key of the wrong type; moto stores the item
+        ddb.put_item(
+            TableName=stack.names.clients_table,
+            Item={
+                "client_id": {"S": "stringy"},
+                "last_seen": {"N": str(now)},
+                "active_shard": {"S": "everywhere"},
+            },
+        )
+    except ClientError as e:
+        refused = e.response["Error"]["Code"]
+        assert refused == "ValidationException", refused
+    registry = ClientRegistry(ddb, stack.names.clients_table)
+    active = registry.active(now=now, active_window_seconds=60)
+    assert [r.client_id for r in active] == ["a", "b", "c"]
+    everyone = {r.client_id for r in registry.everyone(now=now, active_window_seconds=60)}
+    assert everyone >= {"a", "b", "c", "far", "negative", "unsharded"}
+    stack.put_model(0, TINY_MODEL)
+    started = start_round(stack.clients, stack.names, stack.config)
+    assert started.started and set(started.selected) <= {"a", "b", "c"}
 
 
 def test_the_initiator_benches_last_rounds_picks_under_a_tight_pick_cap(stack: Stack) -> None:

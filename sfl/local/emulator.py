@@ -24,6 +24,7 @@ from botocore.credentials import ContainerProvider, CredentialResolver
 
 from sfl import resources
 from sfl.aws import AwsClients, make_clients
+from sfl.local import moto_transactions
 from sfl.local.credentials import CredentialEndpoint
 
 REGION = "us-east-1"
@@ -389,6 +390,8 @@ class LocalDeployment:
 
 def provision(aws: LocalAws, *, prefix: str = "sfl-local") -> LocalDeployment:
     """Create the tables, buckets and the updates bucket's event wiring (S3 -> SQS)."""
+    # The server runs in this process: transactions cost what their items cost, as on AWS.
+    moto_transactions.install()
     suffix = uuid.uuid4().hex[:8]
     names = resources.ResourceNames(
         models_bucket=f"{prefix}-models-{suffix}",

@@ -543,8 +543,8 @@ def history_row(r: Round) -> dict[str, Any]:
         "overhead_seconds": (total - slowest_train)
         if total is not None and slowest_train is not None
         else None,
-        "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
-        "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
+        "bytes_up": summary.get("bytes_up", r.bytes_up),
+        "bytes_down": summary.get("bytes_down", r.bytes_down),
         "aggregation_attempts": r.aggregation_attempts,
         "clipped": list(summary.get("clipped", [])),
         "rejection_counts": dict(r.rejection_counts),

@@ -201,10 +201,10 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
                     left = f"deadline in {max(0.0, r.deadline_at - now):.0f} s"
                     if r.round not in task_ids:
                         task_ids[r.round] = progress.add_task(
-                            f"round {r.round} {r.status}", total=len(r.selected), deadline=left
+                            f"round {r.round} {r.status}", total=r.num_selected, deadline=left
                         )
                     progress.update(
-                        task_ids[r.round], completed=len(r.answers), deadline=left,
+                        task_ids[r.round], completed=r.num_answered, deadline=left,
                         description=f"round {r.round} {r.status}",
                     )  # fmt: skip
             if args.until_round and args.until_round in shown:

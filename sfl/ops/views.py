@@ -17,15 +17,17 @@ from sfl.rounds import Round, RoundState, RoundStore
 EVERYONE_SECONDS = 10.0**10
 
 
-def rounds_of(fed: Federation) -> list[Round]:
-    return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment)
+def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
+    """Every round's record; ``slots=True`` also reads each round's clients and answers
+    (one query per round, a page per ~1 MB), which only the per-device view needs."""
+    return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment, slots=slots)
 
 
 def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
     """One round for ``sfl rounds``, ``sfl watch`` and the report."""
     now = time.time() if now is None else now
     end = r.finished_at if r.finished_at is not None else now
-    reasons = Counter(a.reason.split(":")[0] for a in r.rejected.values())
+    reasons = Counter(r.rejection_reasons)
     reasons.update({k: int(v) for k, v in r.rejection_counts.items()})
     summary = r.summary
     return {
@@ -34,9 +36,9 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
         "base_version": r.base_version,
         "model_version": r.model_version,
         "config_version": r.config_version,
-        "selected": len(r.selected),
-        "answered": len(r.answers),
-        "accepted": len(r.accepted),
+        "selected": r.num_selected,
+        "answered": r.num_answered,
+        "accepted": r.num_accepted,
         "rejected": sum(reasons.values()),
         "rejections": dict(sorted(reasons.items())),
         "other_uploads": sum(int(v) for v in r.rejection_counts.values()),
@@ -54,8 +56,8 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
         "client_accuracy": summary.get("client_accuracy"),
         "client_loss": summary.get("client_loss"),
         "num_examples": summary.get("num_examples"),
-        "bytes_up": summary.get("bytes_up", sum(a.size for a in r.answers.values())),
-        "bytes_down": summary.get("bytes_down", sum(a.bytes_down for a in r.answers.values())),
+        "bytes_up": summary.get("bytes_up", r.bytes_up),
+        "bytes_down": summary.get("bytes_down", r.bytes_down),
         "model_bytes": summary.get("model_bytes"),
         "aggregation_attempts": r.aggregation_attempts,
         "abandon_reason": r.abandon_reason or None,
@@ -71,7 +73,7 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     latest = history[-1] if history else None
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
-    everyone = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
     closed = [r for r in history if r.status is RoundState.CLOSED and r.model_version is not None]
@@ -127,12 +129,12 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
-    records = registry.active(now=now, active_window_seconds=EVERYONE_SECONDS)
+    records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     picked: Counter[str] = Counter()
     accepted: Counter[str] = Counter()
     rejected: dict[str, Counter[str]] = {}
     turnaround: dict[str, list[float]] = {}
-    for r in rounds_of(fed):
+    for r in rounds_of(fed, slots=True):
         picked.update(r.selected)
         for client, answer in r.answers.items():
             if answer.outcome.value == "accepted":
@@ -180,7 +182,8 @@ def models(fed: Federation) -> list[dict[str, Any]]:
     for version, obj in versions.items():
         lineage = store.get(version)
         if lineage is None and version in by_version:
-            lineage = lineage_of_round(by_version[version])
+            rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+            lineage = lineage_of_round(rounds.with_slots(by_version[version]))
         if lineage is None:
             lineage = ModelLineage(
                 version=version, kind="initial" if version == 0 else "?", parent=None

@@ -251,6 +251,23 @@ def _dynamodb_transaction(call: Call, account: Account) -> list[Request]:
     return requests
 
 
+def _dynamodb_batch_write(call: Call, account: Account) -> list[Request]:
+    """BatchWriteItem is authorised per table, by its own action, with every item's
+    partition key among the request's leading keys."""
+    requests = []
+    for table, writes in call.params["RequestItems"].items():
+        partition_key = account.partition_keys.get(table)
+        leading = []
+        for write in writes:
+            ((_, request),) = write.items()
+            key = request.get("Item") or request.get("Key") or {}
+            if partition_key and partition_key in key:
+                leading.extend(str(v) for v in key[partition_key].values())
+        context = {"dynamodb:LeadingKeys": tuple(sorted(set(leading)))} if leading else {}
+        requests.append(Request("dynamodb:BatchWriteItem", _table_arn(table, account), context))
+    return requests
+
+
 def _lambda_invoke(call: Call, account: Account) -> list[Request]:
     name = str(call.params["FunctionName"])
     if not name.startswith("arn:"):
@@ -289,6 +306,7 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("dynamodb", "Scan"): _dynamodb_table("dynamodb:Scan"),
     ("dynamodb", "TransactWriteItems"): _dynamodb_transaction,
     ("dynamodb", "TransactGetItems"): _dynamodb_transaction,
+    ("dynamodb", "BatchWriteItem"): _dynamodb_batch_write,
     ("lambda", "Invoke"): _lambda_invoke,
     ("logs", "CreateLogStream"): _log_stream("logs:CreateLogStream"),
     ("logs", "PutLogEvents"): _log_stream("logs:PutLogEvents"),

@@ -42,6 +42,17 @@ def test_a_transaction_is_authorised_item_by_item():
     assert [r.action for r in requests] == ["dynamodb:PutItem", "dynamodb:ConditionCheckItem"]
 
 
+def test_a_batch_write_is_authorised_per_table_with_every_leading_key():
+    writes = [
+        {"PutRequest": {"Item": {"client_id": {"S": k}, "n": {"N": "1"}}}} for k in ("b", "a", "b")
+    ]
+    (batch,) = requests_for(
+        call("dynamodb", "BatchWriteItem", {"RequestItems": {"clients": writes}}), ACCOUNT
+    )
+    assert (batch.action, batch.resource) == ("dynamodb:BatchWriteItem", TABLE)
+    assert batch.context == {"dynamodb:LeadingKeys": ("a", "b")}
+
+
 def test_an_update_names_its_leading_key_and_every_top_level_attribute_it_touches():
     params = {
         "TableName": "clients",
