@@ -23,6 +23,7 @@ from sfl.aws import AwsClients, error_code, is_not_found, is_transient
 from sfl.codec import Header, decode, encode, encode_model
 from sfl.compression import UpdateCodec
 from sfl.config import FederationConfig
+from sfl.cost import StackShape, figures_from_round, round_cost_summary
 from sfl.events import UpdateEvent
 from sfl.model_store import ModelStore
 from sfl.registry import ClientRegistry, statistical_utility
@@ -166,11 +167,15 @@ class Averager:
                 f"stored {arrived_at - round_.deadline_at:.1f} s after the round's hard deadline",
             )
 
+        judging = time.perf_counter()
         answer = self._judge(round_, event, client)
         if answer is None:  # the object is gone (deleted before we got to it)
             return UpdateOutcome(event.key, "ignored", "object_missing", client, number)
+        handled = time.perf_counter() - judging
         try:
-            recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
+            recorded = self.rounds.record_answer(
+                self.config.experiment, number, client, answer, handling_seconds=handled
+            )
         except ClientError as e:
             if error_code(e) != "ValidationException":
                 raise
@@ -183,7 +188,9 @@ class Averager:
                 received_at=answer.received_at,
                 reason=f"unstorable: {str(e)[:200]}",
             )
-            recorded = self.rounds.record_answer(self.config.experiment, number, client, answer)
+            recorded = self.rounds.record_answer(
+                self.config.experiment, number, client, answer, handling_seconds=handled
+            )
         if recorded.result is RecordResult.RECORDED and recorded.round is not None:
             self._count_client_round(recorded.round, client, answer)
             level = logging.INFO if answer.outcome is Outcome.ACCEPTED else logging.WARNING
@@ -503,6 +510,7 @@ class Averager:
             "model_already_written": rewritten,
             **details,
         }
+        summary["cost"] = self._cost(round_, summary, stateful=rule.stateful)
         closed = self.rounds.close(
             round_.experiment, round_.round, self.owner, version, finished, summary
         )
@@ -529,6 +537,27 @@ class Averager:
         slots = self.rounds.slots(round_.experiment, round_.round, only="accepted")
         found = {s.client_id: s.answer for s in slots if s.answer is not None}
         return {c: a for c, a in sorted(found.items()) if a.outcome is Outcome.ACCEPTED}
+
+    def _cost(self, round_: Round, summary: dict[str, Any], *, stateful: bool) -> dict[str, Any]:
+        """The round's estimated dollars (``sfl.cost``) from what it measured. Downloads are
+        counted as one model per selected device, not from the devices' own reports.
+        Bookkeeping: a failure here never keeps a round from closing."""
+        try:
+            figures = figures_from_round(
+                selected=round_.num_selected,
+                accepted=round_.num_accepted,
+                rejected=round_.num_rejected,
+                other_rejections=sum(int(v) for v in round_.rejection_counts.values()),
+                candidates=round_.candidates,
+                summary={**summary, "bytes_down": 0},
+                select_seconds=round_.select_seconds,
+                update_handling_seconds=round_.handling_seconds or None,
+                stateful_rule=stateful,
+            )
+            return round_cost_summary(figures, StackShape.from_environment())
+        except Exception as e:
+            logger.warning("round cost not estimated", extra={"error": type(e).__name__})
+            return {"usd": None, "unpriced": f"{type(e).__name__}: {e}"[:200]}
 
     def base_header(self, version: int) -> Header:
         return self.models.header(version)

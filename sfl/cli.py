@@ -219,8 +219,8 @@ def _cost(args: argparse.Namespace) -> int:
     accepted = args.clients if args.accepted is None else args.accepted
     assumptions = cost.CostAssumptions(
         update_handling_seconds=args.update_seconds,
-        answers_in_round_item=not args.answers_table,
-        selected_in_round_item=not args.answers_table,
+        answers_in_round_item=args.answers_in_round_item,
+        selected_in_round_item=args.answers_in_round_item,
     )
     figures = cost.RoundFigures(
         selected=args.clients,
@@ -243,7 +243,7 @@ def _cost(args: argparse.Namespace) -> int:
         "accepted": accepted,
         "model_bytes": model_bytes,
         "rounds_per_day": args.rounds_per_day,
-        "protocol": "answers_table" if args.answers_table else "answers_in_round_item",
+        "protocol": "answers_in_round_item" if args.answers_in_round_item else "slots",
         "round_item_bytes": item_bytes,
         "round_item_fits": item_bytes <= cost.DYNAMODB_ITEM_LIMIT,
         "per_round": per_round.to_dict(),
@@ -275,7 +275,7 @@ def _cost(args: argparse.Namespace) -> int:
         print(
             f"note: the round item would hold {item_bytes:,} bytes, over DynamoDB's "
             f"{cost.DYNAMODB_ITEM_LIMIT:,}-byte item limit: this protocol cannot run this round "
-            "(see --answers-table)"
+            "(the slot protocol, without --answers-in-round-item, can)"
         )
     return 0
 
@@ -300,9 +300,10 @@ def _add_cost_parser(sub: Any) -> None:
     )
     p.add_argument("--model-versions", type=int, default=100, help="model versions stored")
     p.add_argument(
-        "--answers-table",
+        "--answers-in-round-item",
         action="store_true",
-        help="answers in their own table (one transaction each) instead of the round item",
+        help="price the protocol before issue #11 (answers inside the round item) instead of "
+        "the slot items (one transaction per answer)",
     )
     p.add_argument("--region", default=None, help="default: AWS_REGION, AWS_DEFAULT_REGION")
     p.add_argument(

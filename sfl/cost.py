@@ -105,10 +105,11 @@ class CostAssumptions:
     answer_bytes: int = 450  # one answer inside the round item (today's protocol)
     answer_item_bytes: int = 500  # one answer in its own item (answers-table protocol)
     client_item_bytes: int = 300  # one registry item, read by the initiator's scan
-    # Where answers live: True = inside the round item (each write rewrites the whole item);
-    # False = own items, one TransactWriteItems (answer + counter on the round) per answer.
-    answers_in_round_item: bool = True
-    selected_in_round_item: bool = True
+    # Where answers live: False (this protocol) = each client's slot item, one
+    # TransactWriteItems (answer + counters on the round) per answer; True = inside the round
+    # item as before issue #11 (each write rewrote the whole item), kept for comparison.
+    answers_in_round_item: bool = False
+    selected_in_round_item: bool = False
     # Small objects devices fetch.
     assignment_bytes: int = 1_000
     poll_response_bytes: int = 300  # a 304 Not Modified answer to the conditional GET

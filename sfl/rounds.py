@@ -176,6 +176,8 @@ class Round:
     rejected_count: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # Seconds the averager spent judging the recorded answers (for the round's cost).
+    handling_seconds: float = 0.0
     answer_rejections: Mapping[str, int] = field(default_factory=dict)  # per reason
     slots_ready: bool = True  # False until the initiator wrote every slot
     slots_loaded: bool = True  # selected/answers hold the slots (False: counters only)
@@ -230,6 +232,7 @@ class Round:
                 "rejected_count": self.rejected_count,
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
+                "handling_seconds": self.handling_seconds,
                 "slots_ready": self.slots_ready,
                 "answer_rejections": dict(self.answer_rejections),
                 "created_at": self.created_at,
@@ -296,6 +299,7 @@ class Round:
             ),
             bytes_up=int(d.get("bytes_up", sum(a.size for a in answers.values()))),
             bytes_down=int(d.get("bytes_down", sum(a.bytes_down for a in answers.values()))),
+            handling_seconds=float(d.get("handling_seconds", 0.0)),
             answer_rejections={k: int(v) for k, v in d.get("answer_rejections", {}).items()},
             slots_ready=bool(d.get("slots_ready", True)),
             slots_loaded=legacy,
@@ -580,7 +584,13 @@ class RoundStore:
         return True
 
     def record_answer(
-        self, experiment: str, number: int, client_id: str, answer: Answer
+        self,
+        experiment: str,
+        number: int,
+        client_id: str,
+        answer: Answer,
+        *,
+        handling_seconds: float = 0.0,
     ) -> RecordOutcome:
         """Record a selected client's answer once, while the round is OPEN: one transaction
         puts the answer in the client's slot and grows the round's counters, or does neither.
@@ -588,7 +598,7 @@ class RoundStore:
         accepted = answer.outcome is Outcome.ACCEPTED
         counters = (
             "ADD answered_count :one, accepted_count :acc, rejected_count :rej, "
-            "bytes_up :up, bytes_down :down"
+            "bytes_up :up, bytes_down :down, handling_seconds :handled"
         )
         names = {"#s": "status"}
         values: dict[str, Any] = {}
@@ -616,6 +626,7 @@ class RoundStore:
                         ":rej": {"N": "0" if accepted else "1"},
                         ":up": {"N": str(max(0, int(answer.size)))},
                         ":down": {"N": str(max(0, int(answer.bytes_down)))},
+                        ":handled": serialize(max(0.0, round(handling_seconds, 6))),
                     },
                     "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
                 }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sfl import codec, layout
+from sfl import prices as sfl_prices
 from sfl.initiator import start_round
 from sfl.local.lambdas import LocalFunction
 from sfl.rounds import RoundState, RoundStore
@@ -79,6 +80,32 @@ def test_quorum_closes_the_round_with_the_weighted_average(
     assert torch.allclose(model["b"], TINY_MODEL["b"] * 2.375)
     assert round_.summary["num_examples"] == 40
     assert round_.summary["client_accuracy"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+
+
+def test_a_closed_round_records_its_cost_from_what_it_measured(
+    stack: Stack, averager: LocalFunction
+) -> None:
+    store = _open_round(stack, "a", "b")
+    for client in ("a", "b"):
+        averager.invoke(stack.upload_update(client, 1, _scaled(2.0), num_examples=10))
+
+    round_ = store.get("test", 1)
+    assert round_ is not None and round_.status is RoundState.CLOSED
+    assert round_.handling_seconds > 0  # both answers' judging time, summed by the counters
+    cost = round_.summary["cost"]
+    prices = sfl_prices.PRICES["us-east-1"]
+    items = cost["items"]
+    # Two update events and one aggregation, at the averager's configured memory.
+    assert cost["usage"]["lambda_invocations"]["averager"] >= 2
+    assert cost["usage"]["dynamodb_wru"] > 0 and cost["usage"]["s3_get_requests"] > 0
+    assert items["lambda_requests"] == pytest.approx(
+        sum(cost["usage"]["lambda_invocations"].values())
+        * prices["lambda_request"].unit_price
+    )
+    # Downloads are one model per selected device, whatever the devices report.
+    model_bytes = round_.summary["model_bytes"]
+    assert cost["usage"]["bytes_out_internet"] >= 2 * model_bytes
+    assert cost["usd"] == pytest.approx(sum(items.values()))
 
 
 def test_twenty_concurrent_invocations_at_quorum_write_one_model_version(

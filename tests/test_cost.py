@@ -120,11 +120,11 @@ def _wru(selected: int, assumptions: cost.CostAssumptions) -> float:
 
 
 def test_answers_in_the_round_item_make_writes_grow_faster_than_the_round() -> None:
-    in_item = cost.CostAssumptions()
+    table = cost.CostAssumptions()  # this protocol: slot items
+    in_item = dataclasses.replace(table, answers_in_round_item=True, selected_in_round_item=True)
     # Each answer rewrites the whole (growing) item: doubling the round more than doubles.
     assert _wru(2_000, in_item) > 3 * _wru(1_000, in_item)
-    # In their own table, every answer costs the same transaction: growth is linear.
-    table = dataclasses.replace(in_item, answers_in_round_item=False, selected_in_round_item=False)
+    # In their own items, every answer costs the same transaction: growth is linear.
     assert _wru(3_000, table) - _wru(2_000, table) == _wru(2_000, table) - _wru(1_000, table)
 
 
@@ -209,8 +209,11 @@ def test_cost_json_adds_up(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 
 
 def test_cost_says_when_a_round_cannot_fit_its_item(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["cost", "--model-bytes", "1", "--clients", "10000", "--region", "us-east-1"]) == 0
+    args = ["cost", "--model-bytes", "1", "--clients", "10000", "--region", "us-east-1"]
+    assert main([*args, "--answers-in-round-item"]) == 0
     assert "over DynamoDB's 409,600-byte item limit" in capsys.readouterr().out
+    assert main(args) == 0  # the slot protocol keeps the round item small
+    assert "item limit" not in capsys.readouterr().out
 
 
 def test_cost_reads_memory_from_cdk_json(

@@ -548,4 +548,5 @@ def history_row(r: Round) -> dict[str, Any]:
         "aggregation_attempts": r.aggregation_attempts,
         "clipped": list(summary.get("clipped", [])),
         "rejection_counts": dict(r.rejection_counts),
+        "cost": summary.get("cost"),  # estimated dollars, sfl.cost (None: abandoned)
     }
