@@ -99,8 +99,7 @@ def test_a_closed_round_records_its_cost_from_what_it_measured(
     assert cost["usage"]["lambda_invocations"]["averager"] >= 2
     assert cost["usage"]["dynamodb_wru"] > 0 and cost["usage"]["s3_get_requests"] > 0
     assert items["lambda_requests"] == pytest.approx(
-        sum(cost["usage"]["lambda_invocations"].values())
-        * prices["lambda_request"].unit_price
+        sum(cost["usage"]["lambda_invocations"].values()) * prices["lambda_request"].unit_price
     )
     # Downloads are one model per selected device, whatever the devices report.
     model_bytes = round_.summary["model_bytes"]
