@@ -183,7 +183,15 @@ def _stack_shape(args: argparse.Namespace) -> Any:
     region = args.region or stack_region()
     if args.cdk_json is None or not args.cdk_json.exists():
         return StackShape(region=region)
-    from infra.config import StackConfig  # the developer's machine: infra is importable
+    # The CDK app's config is read by its own code (infra/, beside cdk.json; not installed).
+    root = str(args.cdk_json.resolve().parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from infra.config import StackConfig
+    except ImportError as e:
+        print(f"sfl cost: {args.cdk_json} not read ({e}); the stack's defaults", file=sys.stderr)
+        return StackShape(region=region)
 
     context = json.loads(args.cdk_json.read_text()).get("context", {})
     config = StackConfig.from_context(context.get)

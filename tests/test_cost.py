@@ -7,6 +7,9 @@ import dataclasses
 import datetime
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +231,23 @@ def test_cost_reads_memory_from_cdk_json(
     assert doubled["per_round"]["items"][line] == pytest.approx(
         2 * base["per_round"]["items"][line]
     )
+
+
+def test_the_installed_command_reads_the_repository_cdk_json(tmp_path: Path) -> None:
+    """``sfl`` as installed (infra/ is not a package of it), run outside the repository."""
+    sfl = Path(sys.executable).parent / "sfl"
+    args = ["cost", "--json", "--model-bytes", "1000", "--region", "us-east-1"]
+    done = subprocess.run(
+        [str(sfl), *args, "--cdk-json", str(REPO / "cdk.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["per_round"]["usd"] > 0
+    assert "not read" not in done.stderr
 
 
 def test_cost_refuses_a_region_without_prices(capsys: pytest.CaptureFixture[str]) -> None:
