@@ -10,7 +10,15 @@ from pathlib import Path
 from sfl.cli import build_parser
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "operate.md"
-NOT_OPERATIONS = {"simulate", "split-dataset", "initial-model", "recipes", "local", "cost"}
+NOT_OPERATIONS = {
+    "simulate",
+    "split-dataset",
+    "initial-model",
+    "recipes",
+    "local",
+    "cost",
+    "loadtest",  # a local load test: it runs its own emulator, never a deployed stack
+}
 
 
 def commands() -> set[str]:

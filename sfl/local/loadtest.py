@@ -360,7 +360,8 @@ def _run(
         "abandon_reason": record.get("abandon_reason") or None,
         "model_version": model_version,
         "model_written": model_written,
-        "selected": len(record.get("selected", [])),
+        # The round item counts its selected clients (their slots are items of their own).
+        "selected": int(record.get("selected_count", len(record.get("selected", [])))),
         "participants": summary.get("participants"),
         "upload_errors": len(errors),
         "upload_error_examples": errors[:5],

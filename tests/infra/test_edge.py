@@ -182,7 +182,13 @@ def test_devices_write_only_their_heartbeat_in_their_own_client_item(synthesized
     assert table["Condition"] == {
         "ForAllValues:StringEquals": {
             "dynamodb:LeadingKeys": ["${credentials-iot:ThingName}"],
-            "dynamodb:Attributes": ["client_id", "last_seen", "expires_at", "registered_at"],
+            "dynamodb:Attributes": [
+                "client_id",
+                "last_seen",
+                "expires_at",
+                "registered_at",
+                "active_shard",  # the selection index's partition (sfl.resources)
+            ],
         },
         "StringEqualsIfExists": {
             "dynamodb:Select": "SPECIFIC_ATTRIBUTES",
