@@ -219,8 +219,9 @@ def project(report: dict[str, Any], clients: int | None = None) -> dict[str, Any
                 else None
             ),
             "note": "S3 invokes the averager asynchronously once per object; local handling "
-            "time is measured under moto's single request lock on 2 shared cores, an upper "
-            "bound on Lambda's (AWS calls take ~10 ms, not the emulator's queueing)",
+            "time is measured with the emulator's per-table and per-bucket locks on 2 shared "
+            "cores, an upper bound on Lambda's (AWS calls take ~10 ms, not the emulator's "
+            "queueing)",
         },
     }
 

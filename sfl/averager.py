@@ -47,6 +47,10 @@ _BASE_MODEL: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 MAX_AGGREGATION_ATTEMPTS = 3
 # How far S3's clock (event times) and the functions' clocks may disagree.
 CLOCK_TOLERANCE_SECONDS = 1.0
+# The tick looks for at most this many silent clients' uploads (one S3 LIST each): a round of
+# 10,000 would otherwise cost 10,000 LISTs a tick. Which ones rotates from tick to tick, so
+# every silent client is looked for within a few ticks even in the largest rounds.
+MAX_RECOVERY_LOOKS = 1_000
 
 
 @dataclass(frozen=True)
@@ -606,7 +610,8 @@ class Averager:
         return TickOutcome(latest.round, str(current.status), "waiting", {"recovered": recovered})
 
     def recover_lost_updates(self, round_: Round) -> tuple[list[str], Round | None]:
-        """Find uploads whose S3 event never arrived: look for each silent client's key.
+        """Find uploads whose S3 event never arrived: look for silent clients' keys, at most
+        ``MAX_RECOVERY_LOOKS`` a tick, a different window of them each tick.
 
         Each object is handled on its own: judging it never raises (``_judge``), and an AWS
         error on one object is logged against it while the look goes on. Returns what was
@@ -619,7 +624,7 @@ class Averager:
                 s.client_id
                 for s in self.rounds.slots(round_.experiment, round_.round, only="unanswered")
             ]
-        for client in sorted(silent):
+        for client in _window(sorted(silent), MAX_RECOVERY_LOOKS, int(self.clock())):
             key = layout.update_key(client, round_.round)
             try:
                 listing = self.aws.s3.list_objects_v2(
@@ -652,6 +657,15 @@ class Averager:
             if outcome.finished is not None:
                 return recovered, outcome.finished
         return recovered, None
+
+
+def _window(items: list[str], size: int, turn: int) -> list[str]:
+    """``size`` consecutive items (wrapping around) from a start that moves with ``turn``:
+    all of them when they fit."""
+    if len(items) <= size:
+        return items
+    start = (turn * size) % len(items)
+    return (items + items)[start : start + size]
 
 
 def _arrival(event: UpdateEvent, now: float) -> float:

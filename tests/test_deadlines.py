@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from sfl import averager as averager_module
 from sfl import layout
 from sfl.averager import Averager
 from sfl.events import UpdateEvent
@@ -179,6 +180,27 @@ def test_tick_recovers_an_update_whose_event_was_lost(stack: Stack) -> None:
     assert tick.details["recovered"] == ["b:accepted"]
     assert tick.status == "CLOSED"
     assert sorted(store.get("test", 1).accepted) == ["a", "b"]  # type: ignore[union-attr]
+
+
+def test_each_tick_looks_for_a_bounded_window_of_silent_clients(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round of thousands must not cost thousands of S3 LISTs a tick: each tick looks for
+    at most MAX_RECOVERY_LOOKS silent clients, and successive ticks cover all of them."""
+    clients = ("a", "b", "c", "d", "e")
+    averager, clock, store = _setup(stack, *clients, quorum="all_answered")
+    monkeypatch.setattr(averager_module, "MAX_RECOVERY_LOOKS", 2)
+    for client in clients:
+        stack.upload_update(client, 1, TRAINED)  # no S3 event is ever delivered
+
+    found: list[list[str]] = []
+    for _ in range(3):
+        found.append(averager.tick().details.get("recovered", []))
+        clock.now += 1
+
+    assert [len(f) for f in found[:2]] == [2, 2]
+    assert sorted(c.split(":")[0] for f in found for c in f) == sorted(clients)
+    assert store.get("test", 1).status is RoundState.CLOSED  # type: ignore[union-attr]
 
 
 class _CrashingFedAvg(FedAvg):
