@@ -67,6 +67,7 @@ demo: setup
 	$(VENV)/bin/sfl simulate --clients 10 --rounds 20 --partition dirichlet --alpha 0.5 --out runs/demo
 
 lint: $(VENV)/.dev
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from aws_cdk import App
 
 from infra.stack import build_app
-from sfl.config import ConfigError
+from sfl.core.config import ConfigError
 
 app = App()
 try:

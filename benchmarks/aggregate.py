@@ -8,7 +8,7 @@ N safetensors updates of one model (6.3 M float32 parameters in a plausible set 
 that directory (page cache or disk, the same for all three), for N = 10, 40, 100, 400:
 
 - ``ours``: the production path as the averager runs it: entries with bounded weights and
-  clip scales (``sfl.strategies.bounds``, the default factor), ``RoundUpdates`` reading
+  clip scales (``sfl.learning.rules.bounds``, the default factor), ``RoundUpdates`` reading
   through a ``FileSource`` (instead of S3; everything after the bytes is the same code),
   zero-copy decode, clipping, ``in_flight`` read-ahead, the configured ``fedavg`` rule.
 - ``flower``: what flwr's ``aggregate`` does: every update loaded as a list of numpy arrays,
@@ -123,11 +123,11 @@ def generate(directory: Path, count: int, seed: int = 0) -> list[dict[str, Any]]
 
 
 def run_ours(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, int, int]:
-    from sfl.codec import decode, parse_header
-    from sfl.config import FederationConfig
-    from sfl.round_updates import Entry, FileSource, RoundUpdates
-    from sfl.strategies.aggregation import build_rule
-    from sfl.strategies.bounds import bounded_weights, clip_scale, model_norm, norm_bound
+    from sfl.core.config import FederationConfig
+    from sfl.learning.codec import decode, parse_header
+    from sfl.learning.rules.aggregation import build_rule
+    from sfl.learning.rules.bounds import bounded_weights, clip_scale, model_norm, norm_bound
+    from sfl.server.round_updates import Entry, FileSource, RoundUpdates
 
     config = FederationConfig()
     body = (directory / "base.safetensors").read_bytes()
@@ -164,8 +164,8 @@ def run_ours(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, in
 def run_flower(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, int, int]:
     from safetensors.numpy import load
 
-    from sfl.config import FederationConfig
-    from sfl.strategies.bounds import bounded_weights
+    from sfl.core.config import FederationConfig
+    from sfl.learning.rules.bounds import bounded_weights
 
     config = FederationConfig()
     before = resident_bytes()
@@ -185,8 +185,8 @@ def run_flower(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, 
 
 
 def run_floor(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, int, int]:
-    from sfl.config import FederationConfig
-    from sfl.strategies.bounds import bounded_weights
+    from sfl.core.config import FederationConfig
+    from sfl.learning.rules.bounds import bounded_weights
 
     config = FederationConfig()
     before = resident_bytes()

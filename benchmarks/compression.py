@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from sfl.codec import UpdateMetadata
-from sfl.compression import UpdateCodec, decode_update, encode_update
-from sfl.splits import write_client_splits
-from sfl.strategies.aggregation import ListUpdates, build_rule
-from sfl.tasks import load_task
-from sfl.tasks.base import ClientData, TrainConfig
+from sfl.learning.codec import UpdateMetadata
+from sfl.learning.compression import UpdateCodec, decode_update, encode_update
+from sfl.learning.rules.aggregation import ListUpdates, build_rule
+from sfl.learning.splits import write_client_splits
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ClientData, TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 CODECS: dict[str, UpdateCodec] = {

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
+from sfl.learning.rules.aggregation import ListUpdates, build_rule
+from sfl.learning.splits import write_client_splits
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import TrainConfig
 from sfl.local.simulate import SimulationOptions, run_simulation
-from sfl.splits import write_client_splits
-from sfl.strategies.aggregation import ListUpdates, build_rule
-from sfl.tasks import load_task
-from sfl.tasks.base import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 0.90

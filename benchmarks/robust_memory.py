@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/robust_memory.py    # writes benchmarks/results/robust_memory.json
 
 N updates of a model with ``--params`` float32 parameters are uploaded to the local S3
-endpoint; then the averager's own reader (``sfl.round_updates.RoundUpdates``) feeds each rule.
+endpoint; then the averager's own reader (``sfl.server.round_updates.RoundUpdates``)
+feeds each rule.
 A sampler thread reads this process's resident memory every 5 ms while the rule runs; the
 figure is the peak above the resident memory just before it. (The local S3 endpoint runs in
 this process and holds the uploads, so memory before the rule already grows with N; the
@@ -23,10 +24,10 @@ from typing import Any
 
 import torch
 
-from sfl.codec import encode, parse_header
+from sfl.learning.codec import encode, parse_header
+from sfl.learning.rules.aggregation import CHUNK_ELEMENTS, build_rule
 from sfl.local.emulator import LocalAws
-from sfl.round_updates import Entry, RoundUpdates
-from sfl.strategies.aggregation import CHUNK_ELEMENTS, build_rule
+from sfl.server.round_updates import Entry, RoundUpdates
 
 RESULTS = Path(__file__).parent / "results" / "robust_memory.json"
 PAGE = os.sysconf("SC_PAGE_SIZE")

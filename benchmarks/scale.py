@@ -121,7 +121,7 @@ def run_loadtest(clients: int, timeout: float, workers: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "loadtest.json"
         command = [
-            sys.executable, "-m", "sfl.cli", "loadtest", "--clients", str(clients),
+            sys.executable, "-m", "sfl.cli.main", "loadtest", "--clients", str(clients),
             "--workers", str(workers), "--deadline", str(int(timeout)), "--out", str(out),
         ]  # fmt: skip
         started = time.perf_counter()

@@ -39,12 +39,8 @@ from typing import Any
 
 import torch
 
-from sfl.config import FederationConfig
-from sfl.local.faults import FaultLog, FaultPlan, client_hooks
-from sfl.registry import ClientRecord, statistical_utility
-from sfl.splits import default_client_ids, write_client_splits
-from sfl.strategies.bounds import bounded_weights
-from sfl.strategies.selection import (
+from sfl.core.config import FederationConfig
+from sfl.core.selection import (
     Candidate,
     SelectionPolicy,
     clients_to_pick,
@@ -52,8 +48,12 @@ from sfl.strategies.selection import (
     get_selection_strategy,
     select_clients,
 )
-from sfl.tasks import load_task
-from sfl.tasks.base import ArrayDataset, ClientData, TrainConfig, TrainingTask
+from sfl.learning.rules.bounds import bounded_weights
+from sfl.learning.splits import default_client_ids, write_client_splits
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ArrayDataset, ClientData, TrainConfig, TrainingTask
+from sfl.local.faults import FaultLog, FaultPlan, client_hooks
+from sfl.state.registry import ClientRecord, statistical_utility
 
 RESULTS = Path(__file__).parent / "results"
 RULES = ("random", "fast_clients", "utility")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from edge_client.settings import ClientSettings
-    from sfl.aws import AwsClients
+    from sfl.state.aws import AwsClients
 
 logger = logging.getLogger("edge_client")
 
@@ -36,7 +36,7 @@ def connect(settings: ClientSettings, stop: threading.Event) -> AwsClients | Non
     """
     from botocore.exceptions import BotoCoreError
 
-    from sfl.aws import EDGE_CONFIG, make_clients
+    from sfl.state.aws import EDGE_CONFIG, make_clients
 
     backoff = CONNECT_FIRST_BACKOFF_SECONDS
     while not stop.is_set():
@@ -59,7 +59,7 @@ def connect(settings: ClientSettings, stop: threading.Event) -> AwsClients | Non
 
 def run_client(settings: ClientSettings, stop: threading.Event) -> int:
     from edge_client.client import EdgeClient
-    from sfl.tasks import load_task
+    from sfl.learning.tasks import load_task
 
     task = load_task(settings.task)
     aws = connect(settings, stop)

@@ -20,12 +20,13 @@ from typing import Any
 
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
-from sfl import codec, layout
-from sfl.aws import AwsCallFailed, AwsClients, aws_call
-from sfl.compression import UPDATE_CODECS, UpdateCodec, encode_update
-from sfl.model_store import ModelStore
-from sfl.registry import ClientRegistry
-from sfl.tasks.base import ClientData, TrainConfig, TrainingTask
+from sfl.core import layout
+from sfl.learning import codec
+from sfl.learning.compression import UPDATE_CODECS, UpdateCodec, encode_update
+from sfl.learning.tasks.base import ClientData, TrainConfig, TrainingTask
+from sfl.state.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.state.model_store import ModelStore
+from sfl.state.registry import ClientRegistry
 
 logger = logging.getLogger(__name__)
 

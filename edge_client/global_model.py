@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from sfl import codec
+from sfl.learning import codec
 
 if TYPE_CHECKING:
     import torch
 
-MODEL_FORMAT = "sfl-model/1"  # what sfl.codec.encode_model writes
+MODEL_FORMAT = "sfl-model/1"  # what sfl.learning.codec.encode_model writes
 # Header room per tensor (name, dtype, shape, offsets as JSON) beyond the metadata allowance.
 _HEADER_BYTES_PER_TENSOR = 512
 _HEADER_BASE_BYTES = 4096

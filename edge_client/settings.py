@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from sfl.config import FederationConfig
-from sfl.layout import validate_client_id
+from sfl.core.config import FederationConfig
+from sfl.core.layout import validate_client_id
 
 _DEFAULTS = FederationConfig()
 

@@ -1,8 +1,8 @@
 """The stack's own knobs, read from ``cdk.json`` context with typed defaults and validation.
 
-Federation knobs (rounds, strategies, training) live in :mod:`sfl.config` under the context
+Federation knobs (rounds, strategies, training) live in :mod:`sfl.core.config` under the context
 key ``sfl``; this module holds only what shapes the AWS resources, under ``sfl_infra``. A bad
-value fails ``cdk synth`` with the key, the value and what is allowed, like ``sfl.config``.
+value fails ``cdk synth`` with the key, the value and what is allowed, like ``sfl.core.config``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfl import lambda_shapes
-from sfl.config import ConfigError, FederationConfig
-from sfl.plugins import IMPORT_PATH
-from sfl.recipes import CONFIGURATION_KEYS
+from sfl.build.recipes import CONFIGURATION_KEYS
+from sfl.core import lambda_shapes
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.core.plugins import IMPORT_PATH
 
 CONTEXT_KEY = "sfl_infra"
 FEDERATION_CONTEXT_KEY = "sfl"

@@ -1,7 +1,7 @@
 """The federation's CloudWatch dashboard: rounds, participants, rejections, aggregation,
 global-model accuracy, the functions' errors and throttles, active devices.
 
-Every metric is one the handlers publish (namespace ``sfl.runtime.METRICS_NAMESPACE``,
+Every metric is one the handlers publish (namespace ``sfl.server.runtime.METRICS_NAMESPACE``,
 dimension ``service``) or one Lambda publishes for the two functions.
 """
 
@@ -14,7 +14,7 @@ from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_lambda as lambda_
 from constructs import Construct
 
-from sfl.runtime import (
+from sfl.server.runtime import (
     ACTIVE_DEVICES_METRIC,
     AVERAGER_SERVICE,
     GLOBAL_ACCURACY_METRIC,

@@ -4,8 +4,8 @@ Greengrass core devices never hold access keys: the Token Exchange Service trade
 device's X.509 certificate for short-lived credentials of ``device_role`` through
 ``role_alias``. The stack grants that role what a device may touch, scoped to the device's
 own thing name (``${credentials-iot:ThingName}``). The component's recipe comes from
-``sfl.recipes`` (the same generator ``sfl recipes`` uses), with the client artifact
-(``sfl.artifact``) as an S3 asset of the stack, and the stack's own Greengrass deployment
+``sfl.build.recipes`` (the same generator ``sfl recipes`` uses), with the client artifact
+(``sfl.build.artifact``) as an S3 asset of the stack, and the stack's own Greengrass deployment
 keeps the thing group on the component version this stack registered.
 
 Two resources carry the names the Greengrass installer (``--provision true``) looks up, so
@@ -29,9 +29,9 @@ from aws_cdk import aws_iot as iot
 from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
-from sfl import artifact, recipes
-from sfl.config import FederationConfig
-from sfl.resources import ResourceNames
+from sfl.build import artifact, recipes
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
 
 # The IAM policy variable AWS IoT's credential provider sets to the calling device's thing.
 THING_NAME_VARIABLE = "${credentials-iot:ThingName}"

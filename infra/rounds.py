@@ -27,15 +27,15 @@ from constructs import Construct
 
 from infra.bundling import InitiatorBundling
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
-from sfl import lambda_shapes
-from sfl.runtime import AVERAGER_SERVICE, INITIATOR_SERVICE, METRICS_NAMESPACE
+from sfl.core import lambda_shapes
+from sfl.server.runtime import AVERAGER_SERVICE, INITIATOR_SERVICE, METRICS_NAMESPACE
 
 # The events the handlers receive besides S3 notifications.
 TICK_EVENT = {"sfl": "tick"}
 BOOTSTRAP_EVENT = {"sfl": "bootstrap"}
 # The averager finds the initiator (to chain the next round) through this variable.
 INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
-# ... and the shard function (sfl.shards.SHARD_FUNCTION_ENV) through this one.
+# ... and the shard function (sfl.server.shards.SHARD_FUNCTION_ENV) through this one.
 SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
 SHARD_HANDLER = "handler.shard_handler"
 
@@ -48,7 +48,7 @@ _RUNTIMES = {
     "3.13": lambda_.Runtime.PYTHON_3_13,
     "3.14": lambda_.Runtime.PYTHON_3_14,
 }
-# Lambda's architecture names (sfl.lambda_shapes) -> CDK's.
+# Lambda's architecture names (sfl.core.lambda_shapes) -> CDK's.
 _ARCHITECTURES = {"arm64": lambda_.Architecture.ARM_64, "x86_64": lambda_.Architecture.X86_64}
 
 
@@ -133,7 +133,7 @@ class FederationRounds(Construct):
             ),
         )
 
-        # Sums one shard of a large round (sfl.shards): the averager's image, another entry
+        # Sums one shard of a large round (sfl.server.shards): the averager's image, another entry
         # point. A function of its own, so the averager invokes it without invoking itself
         # (a role granted its own function's ARN is a CloudFormation dependency cycle).
         self.shard: lambda_.DockerImageFunction | None = None

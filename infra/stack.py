@@ -28,11 +28,11 @@ from infra.edge import THING_NAME_VARIABLE, FederationEdge
 from infra.rounds import FederationRounds, FunctionSettings
 from infra.state import FederationState
 from infra.storage import FederationStorage
-from sfl import layout
-from sfl.control import CONTROL_SUFFIX
-from sfl.registry import DEVICE_ATTRIBUTES
-from sfl.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
-from sfl.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
+from sfl.core import layout
+from sfl.core.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
+from sfl.server.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
+from sfl.state.control import CONTROL_SUFFIX
+from sfl.state.registry import DEVICE_ATTRIBUTES
 
 # TransactWriteItems is authorised per item, through each item's own action.
 # What a device may do to its own registry item, and the attributes it may touch there
@@ -96,7 +96,7 @@ class FederationStack(Stack):
             rounds_table=self.state.rounds_table.table_name,
         )
         # One source: this feeds the Lambdas' environment, and the same config and names the
-        # devices' component configuration (sfl.recipes).
+        # devices' component configuration (sfl.build.recipes).
         environment = {**self.resource_names.to_env(), **config.federation.to_env()}
 
         self.rounds = FederationRounds(
@@ -118,7 +118,7 @@ class FederationStack(Stack):
             schedule_minutes=infra.schedule_minutes,
             schedule_enabled=infra.schedule_enabled,
             log_retention_days=infra.log_retention_days,
-            # Sharded aggregation (sfl.shards) is deployed only when configured: its function
+            # Sharded aggregation (sfl.server.shards) is deployed only when configured: its function
             # and grants exist only then. Same memory and timeout as the averager.
             shard=FunctionSettings(
                 memory_mb=infra.averager_memory_mb,
@@ -285,7 +285,7 @@ class FederationStack(Stack):
             ],
             [self.state.rounds_table.table_arn],
         )
-        # The operator's control record (sfl.control: pause, runtime config, rollback), read
+        # The operator's control record (sfl.state.control: pause, runtime config, rollback), read
         # on every run; a carried-out rollback is cleared (UpdateItem, granted above).
         _allow(
             role,
@@ -465,7 +465,8 @@ class FederationStack(Stack):
                     _present(role).node.find_child("DefaultPolicy"),
                     f"AwsSolutions-IAM5[Resource::<{self._logical_id(bucket)}.Arn>/"
                     f"{pattern.replace('${', '<').replace('}', '>')}]",
-                    f"Object keys under one prefix of the layout (sfl.layout): the role {why}; "
+                    f"Object keys under one prefix of the layout (sfl.core.layout): "
+                    f"the role {why}; "
                     "the key names a version, client or round, so no fixed list exists.",
                 )
 

@@ -7,7 +7,7 @@ from aws_cdk import aws_dynamodb as dynamodb
 from constructs import Construct
 
 from infra.compliance import skip_checkov
-from sfl.resources import CLIENTS_TABLE, ROUNDS_TABLE, KeyAttribute, TableSpec
+from sfl.core.resources import CLIENTS_TABLE, ROUNDS_TABLE, KeyAttribute, TableSpec
 
 _ATTRIBUTE_TYPES = {"S": dynamodb.AttributeType.STRING, "N": dynamodb.AttributeType.NUMBER}
 

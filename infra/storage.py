@@ -9,8 +9,8 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
-from sfl import layout
-from sfl.resources import MODELS_BUCKET, UPDATES_BUCKET, BucketSpec
+from sfl.core import layout
+from sfl.core.resources import MODELS_BUCKET, UPDATES_BUCKET, BucketSpec
 
 
 class FederationStorage(Construct):
@@ -71,7 +71,7 @@ class FederationStorage(Construct):
                     prefix=layout.ASSIGNMENT_KEY.rsplit("/", 1)[0] + "/",
                     noncurrent_version_expiration=Duration.days(update_expiry_days),
                 ),
-                # A large round's partial sums (sfl.shards) are read once, by the reduce of
+                # A large round's partial sums (sfl.server.shards) are read once, by the reduce of
                 # that round, within its aggregation lease; a day is ample.
                 s3.LifecycleRule(
                     id="ExpirePartialSums",

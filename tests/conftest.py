@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl.aws import AwsClients
-from sfl.config import FederationConfig
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
+from sfl.learning import codec
 from sfl.local.emulator import LocalAws, LocalDeployment, lambda_environment, provision
-from sfl.registry import ClientRegistry
-from sfl.resources import ResourceNames
+from sfl.state.aws import AwsClients
+from sfl.state.registry import ClientRegistry
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,12 @@ import math
 import pytest
 import torch
 
-from sfl import codec, layout, plugins
-from sfl.initiator import start_round
-from sfl.model_store import ModelStore
-from sfl.rounds import RoundState
-from sfl.strategies.aggregation import ListUpdates, build_rule
+from sfl.core import layout, plugins
+from sfl.learning import codec
+from sfl.learning.rules.aggregation import ListUpdates, build_rule
+from sfl.server.initiator import start_round
+from sfl.state.model_store import ModelStore
+from sfl.state.rounds import RoundState
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 from tests.test_deadlines import _deliver, _setup
 

@@ -8,11 +8,12 @@ import threading
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl import prices as sfl_prices
-from sfl.initiator import start_round
+from sfl.core import layout
+from sfl.core import prices as sfl_prices
+from sfl.learning import codec
 from sfl.local.lambdas import LocalFunction
-from sfl.rounds import RoundState, RoundStore
+from sfl.server.initiator import start_round
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack
 
 
@@ -251,7 +252,7 @@ def test_an_update_costs_the_same_requests_whatever_the_rounds_size(stack: Stack
         stack.clients.dynamodb.get_waiter("table_not_exists").wait(
             TableName=stack.names.rounds_table
         )
-        from sfl import resources
+        from sfl.core import resources
 
         stack.clients.dynamodb.create_table(
             **resources.create_table_request(resources.ROUNDS_TABLE, stack.names.rounds_table)

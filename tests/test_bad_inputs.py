@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl.initiator import start_round
+from sfl.core import layout
+from sfl.learning import codec
 from sfl.local.emulator import lambda_environment
 from sfl.local.lambdas import LocalFunction
-from sfl.rounds import RoundState, RoundStore
+from sfl.server.initiator import start_round
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack, s3_event
 
 HONEST = {name: t * 3.0 for name, t in TINY_MODEL.items()}

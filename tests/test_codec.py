@@ -9,7 +9,7 @@ import struct
 import pytest
 import torch
 
-from sfl import codec
+from sfl.learning import codec
 
 TENSORS = {"w": torch.arange(4, dtype=torch.float32).reshape(2, 2), "b": torch.tensor([1.5, -2.0])}
 

@@ -18,15 +18,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_client.client import Assignment, AssignmentUnreadable
-from sfl import codec, layout
-from sfl.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
-from sfl.averager import Averager, UpdateOutcome, bootstrap_model
-from sfl.compression import UpdateCodec, decode_update, encode_update
-from sfl.config import ConfigError, FederationConfig
-from sfl.events import UpdateEvent
-from sfl.round_updates import Entry, RoundUpdates
-from sfl.strategies.aggregation import as_rows
-from sfl.tasks.base import ArrayDataset, ClientData
+from sfl.core import layout
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.core.events import UpdateEvent
+from sfl.learning import codec
+from sfl.learning.compression import UpdateCodec, decode_update, encode_update
+from sfl.learning.rules.aggregation import as_rows
+from sfl.learning.tasks.base import ArrayDataset, ClientData
+from sfl.server.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
+from sfl.server.averager import Averager, UpdateOutcome, bootstrap_model
+from sfl.server.round_updates import Entry, RoundUpdates
 from tests.conftest import TRAINED as TINY_TRAINED
 from tests.conftest import Stack
 from tests.test_deadlines import _setup

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfl.config import ConfigError, FederationConfig, describe
+from sfl.core.config import ConfigError, FederationConfig, describe
 
 
 def test_defaults_round_trip_through_lambda_environment() -> None:

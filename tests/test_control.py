@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl.averager import Averager
-from sfl.config import ConfigError
-from sfl.control import ControlConflict, ControlStore, plan_round, round_config
-from sfl.initiator import start_round
-from sfl.lineage import LineageStore, restamp_model
-from sfl.rounds import RoundStore
+from sfl.core import layout
+from sfl.core.config import ConfigError
+from sfl.learning import codec
+from sfl.server.averager import Averager
+from sfl.server.initiator import start_round
+from sfl.state.control import ControlConflict, ControlStore, plan_round, round_config
+from sfl.state.lineage import LineageStore, restamp_model
+from sfl.state.rounds import RoundStore
 from tests.conftest import TINY_MODEL, Stack
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from sfl import cost, lambda_shapes
-from sfl.cli import main
-from sfl.prices import PRICES, US_EAST_1
+from sfl.cli.main import main
+from sfl.core import cost, lambda_shapes
+from sfl.core.prices import PRICES, US_EAST_1
 
 REPO = Path(__file__).resolve().parents[1]
 P = {name: price.unit_price for name, price in US_EAST_1.items()}

@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from sfl import averager as averager_module
-from sfl import layout
-from sfl.averager import Averager
-from sfl.events import UpdateEvent
-from sfl.initiator import start_round
-from sfl.rounds import RoundState, RoundStore
-from sfl.strategies.aggregation import FedAvg
+from sfl.core import layout
+from sfl.core.events import UpdateEvent
+from sfl.learning.rules.aggregation import FedAvg
+from sfl.server import averager as averager_module
+from sfl.server.averager import Averager
+from sfl.server.initiator import start_round
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 
@@ -212,7 +212,7 @@ def test_a_crashed_aggregation_is_taken_over_after_its_lease(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     averager, clock, store = _setup(stack, "a", quorum="all_answered", aggregation_lease_seconds=30)
-    import sfl.strategies.aggregation as aggregation
+    import sfl.learning.rules.aggregation as aggregation
 
     monkeypatch.setattr(aggregation, "FedAvg", _CrashingFedAvg)
     with pytest.raises(RuntimeError, match="mid-aggregation"):

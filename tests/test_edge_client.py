@@ -24,14 +24,15 @@ from botocore.stub import Stubber
 from edge_client.client import Assignment, AssignmentUnreadable, EdgeClient
 from edge_client.global_model import ModelRejected, check_global_model
 from edge_client.settings import parse_settings
-from sfl import codec, layout
-from sfl.averager import bootstrap_model
-from sfl.aws import AwsCallFailed, AwsClients, aws_call
-from sfl.codec import UpdateMetadata, parse_header
-from sfl.initiator import start_round
-from sfl.registry import DEVICE_ATTRIBUTES
-from sfl.splits import write_client_splits
-from sfl.tasks import load_task
+from sfl.core import layout
+from sfl.learning import codec
+from sfl.learning.codec import UpdateMetadata, parse_header
+from sfl.learning.splits import write_client_splits
+from sfl.learning.tasks import load_task
+from sfl.server.averager import bootstrap_model
+from sfl.server.initiator import start_round
+from sfl.state.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.state.registry import DEVICE_ATTRIBUTES
 from tests.conftest import Stack
 
 REPO = Path(__file__).resolve().parents[1]

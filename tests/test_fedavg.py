@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfl.strategies import StrategyError
-from sfl.strategies.aggregation import AggregationError, FedAvg, fedavg, get_aggregator
+from sfl.core.plugins import PluginError as StrategyError
+from sfl.learning.rules.aggregation import AggregationError, FedAvg, fedavg, get_aggregator
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -65,7 +65,7 @@ def test_mismatched_names_or_shapes_raise() -> None:
 
 def test_strategy_lookup_by_name_and_import_path() -> None:
     assert get_aggregator("fedavg") is FedAvg
-    assert get_aggregator("sfl.strategies.aggregation:FedAvg") is FedAvg
+    assert get_aggregator("sfl.learning.rules.aggregation:FedAvg") is FedAvg
     with pytest.raises(StrategyError, match="allowed: fedavg"):
         get_aggregator("median-of-means")
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from edge_client.client import Assignment, AssignmentUnreadable
-from sfl import layout
+from sfl.core import layout
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ArrayDataset, TrainConfig
 from sfl.local.attacks import GAUSSIAN_STD, HostileTask
-from sfl.tasks import load_task
-from sfl.tasks.base import ArrayDataset, TrainConfig
 from tests.conftest import Stack
 from tests.test_deadlines import _setup
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from sfl.strategies import params as rule_params
-from sfl.strategies.aggregation import ListUpdates, build_rule
+from sfl.core import params as rule_params
+from sfl.learning.rules.aggregation import ListUpdates, build_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 ORACLE_PYTHON = ROOT / ".venv-flwr" / "bin" / "python"

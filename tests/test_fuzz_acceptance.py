@@ -23,8 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfl import codec
-from sfl.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
+from sfl.learning import codec
+from sfl.server.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
 
 BASE = {
     "conv.weight": torch.linspace(-1.0, 1.0, 24).reshape(2, 3, 2, 2),

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sfl.events import control_action, s3_updates
-from sfl.initiator import start_round
+from sfl.core.events import control_action, s3_updates
 from sfl.local.lambdas import LocalFunction
-from sfl.rounds import RoundState, RoundStore
+from sfl.server.initiator import start_round
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 EVENTS = Path(__file__).parent / "events"
@@ -104,7 +104,7 @@ def test_a_scheduled_tick_that_crashes_is_counted_and_the_next_tick_finishes_the
     tick that recovered an update whose S3 event was lost) must not stop the schedule."""
     import time
 
-    from sfl import layout
+    from sfl.core import layout
     from sfl.local.emulator import lambda_environment
     from sfl.local.faults import reset_averager_crash
 

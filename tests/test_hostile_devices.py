@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl.averager import Averager
-from sfl.events import UpdateEvent
-from sfl.initiator import start_round
-from sfl.registry import ClientRegistry, active_shard
-from sfl.rounds import RoundState, storable
-from sfl.strategies.aggregation import FedAvg
-from sfl.strategies.selection import Candidate, cooled_down
+from sfl.core import layout
+from sfl.core.events import UpdateEvent
+from sfl.core.selection import Candidate, cooled_down
+from sfl.learning import codec
+from sfl.learning.rules.aggregation import FedAvg
+from sfl.server.averager import Averager
+from sfl.server.initiator import start_round
+from sfl.state.registry import ClientRegistry, active_shard
+from sfl.state.rounds import RoundState, storable
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 from tests.test_deadlines import _deliver, _setup
 
@@ -104,7 +105,7 @@ def test_a_flood_of_junk_uploads_fills_one_entry_of_the_round_record(stack: Stac
 def test_a_bug_while_judging_one_update_costs_that_update_only(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sfl.averager as averager_module
+    import sfl.server.averager as averager_module
 
     real = averager_module.validate_update
 
@@ -152,7 +153,7 @@ class _AlwaysCrashing(FedAvg):
 def test_an_aggregation_that_keeps_failing_is_abandoned_after_three_attempts(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sfl.strategies.aggregation as aggregation
+    import sfl.learning.rules.aggregation as aggregation
 
     monkeypatch.setattr(aggregation, "FedAvg", _AlwaysCrashing)
     averager, clock, store = _setup(stack, "a", quorum="all_answered", aggregation_lease_seconds=30)
@@ -388,7 +389,7 @@ def test_a_lone_update_is_clipped_to_the_last_rounds_bound(stack: Stack) -> None
 def test_no_client_weighs_more_than_ten_typical_ones_in_fast_clients() -> None:
     import random
 
-    from sfl.strategies.selection import select_fast_clients
+    from sfl.core.selection import select_fast_clients
 
     candidates = [Candidate("liar", 1e-6), *(Candidate(f"c{i}", 10.0) for i in range(9))]
     rng = random.Random(0)

@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from sfl import layout
-from sfl.initiator import start_round
+from sfl.core import layout
+from sfl.core.selection import Candidate, clients_to_pick, select_fast_clients
 from sfl.local.lambdas import LocalFunction
-from sfl.rounds import RoundStore
-from sfl.strategies.selection import Candidate, clients_to_pick, select_fast_clients
+from sfl.server.initiator import start_round
+from sfl.state.rounds import RoundStore
 from tests.conftest import TINY_MODEL, Stack
 
 
@@ -115,7 +115,7 @@ def test_a_round_whose_initiator_died_mid_creation_is_abandoned_after_the_grace(
     import time
     from dataclasses import replace
 
-    from sfl.rounds import SLOT_WRITE_GRACE_SECONDS, Round, RoundState
+    from sfl.state.rounds import SLOT_WRITE_GRACE_SECONDS, Round, RoundState
 
     stack.put_model(0, TINY_MODEL)
     stack.register("c1", "c2")

@@ -19,15 +19,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sfl.strategies.aggregation as aggregation
-from sfl import codec, layout
-from sfl.averager import Averager
-from sfl.config import FederationConfig
-from sfl.events import UpdateEvent
-from sfl.initiator import start_round
+import sfl.learning.rules.aggregation as aggregation
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.core.events import UpdateEvent
+from sfl.learning import codec
 from sfl.local.emulator import LocalAws, provision
-from sfl.registry import ClientRegistry
-from sfl.rounds import Outcome, Round, RoundState, RoundStore
+from sfl.server.averager import Averager
+from sfl.server.initiator import start_round
+from sfl.state.registry import ClientRegistry
+from sfl.state.rounds import Outcome, Round, RoundState, RoundStore
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
 MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfl import layout
+from sfl.core import layout
 
 
 def test_update_key_round_trip() -> None:

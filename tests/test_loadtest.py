@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from sfl import codec
-from sfl.cli import main
+from sfl.cli.main import main
+from sfl.learning import codec
 from sfl.local.loadtest import PHASES, PrecomputedUpdates, dynamodb_item_size
 
 

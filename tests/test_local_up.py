@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # a real process: start-up imports torch and writ
 def test_local_up_serves_commands_from_another_process_and_stops(tmp_path: Path):
     env_file = tmp_path / "env"
     up = subprocess.Popen(
-        [sys.executable, "-m", "sfl.cli", "local", "up", "--clients", "2", "--out",
+        [sys.executable, "-m", "sfl.cli.main", "local", "up", "--clients", "2", "--out",
          str(tmp_path / "run"), "--env-file", str(env_file)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -40,7 +40,7 @@ def test_local_up_serves_commands_from_another_process_and_stops(tmp_path: Path)
         shell = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **exports}
         while True:
             status = subprocess.run(
-                [sys.executable, "-m", "sfl.cli", "status", "--json"],
+                [sys.executable, "-m", "sfl.cli.main", "status", "--json"],
                 env=shell, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert status.returncode == 0, status.stderr

@@ -65,19 +65,19 @@ import pytest
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
-from sfl.artifact import build_client_artifact, build_wheel_bundle
-from sfl.averager import bootstrap_model
-from sfl.config import FederationConfig
-from sfl.initiator import start_round
+from sfl.build.artifact import build_client_artifact, build_wheel_bundle
+from sfl.build.recipes import PLACEHOLDER, SUDO_REMOVED_VARIABLES, WheelBundle, build_recipe
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
+from sfl.learning.splits import write_client_splits
+from sfl.learning.tasks import load_task
 from sfl.local.credentials import TES_PATH, CredentialEndpoint
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.lambdas import LocalFunction
-from sfl.recipes import PLACEHOLDER, SUDO_REMOVED_VARIABLES, WheelBundle, build_recipe
-from sfl.registry import ClientRegistry
-from sfl.resources import ResourceNames
-from sfl.rounds import RoundState, RoundStore
-from sfl.splits import write_client_splits
-from sfl.tasks import load_task
+from sfl.server.averager import bootstrap_model
+from sfl.server.initiator import start_round
+from sfl.state.registry import ClientRegistry
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import Stack
 from tests.test_recipes import _fake_wheel, fake_device_wheels
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from sfl.initiator import start_round
 from sfl.local.emulator import lambda_environment
 from sfl.local.lambdas import LocalFunction
+from sfl.server.initiator import start_round
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 
 

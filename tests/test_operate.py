@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 import torch
 
-from sfl import codec, layout
-from sfl.averager import Averager
-from sfl.config import ConfigError, FederationConfig
-from sfl.control import ControlStore
-from sfl.evaluation import encode_eval_set
-from sfl.lineage import LineageStore
+from sfl.core import layout
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.learning import codec
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ArrayDataset
 from sfl.local.fleet import FleetOptions, LocalFleet
 from sfl.ops.federation import connect
-from sfl.rounds import RoundState, RoundStore
-from sfl.tasks import load_task
-from sfl.tasks.base import ArrayDataset
+from sfl.server.averager import Averager
+from sfl.server.evaluation import encode_eval_set
+from sfl.state.control import ControlStore
+from sfl.state.lineage import LineageStore
+from sfl.state.rounds import RoundState, RoundStore
 
 CLIENTS = 3
 # moto's backends are per process: a name no other test's stack in this session uses.
@@ -61,7 +62,7 @@ def sfl(fleet: LocalFleet, *argv: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from sfl.cli import main
+    from sfl.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     stack = [] if "--stack" in argv else ["--stack", STACK]
@@ -329,7 +330,7 @@ def test_missing_credentials_are_a_clear_error(fleet: LocalFleet, tmp_path: Path
         [
             sys.executable,
             "-m",
-            "sfl.cli",
+            "sfl.cli.main",
             "status",
             "--endpoint",
             fleet.endpoint_url,
@@ -348,7 +349,7 @@ def test_missing_credentials_are_a_clear_error(fleet: LocalFleet, tmp_path: Path
     )
     del env["AWS_REGION"]
     result = subprocess.run(
-        [sys.executable, "-m", "sfl.cli", "rounds"],
+        [sys.executable, "-m", "sfl.cli.main", "rounds"],
         env=env,
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ import argparse
 import re
 from pathlib import Path
 
-from sfl.cli import build_parser
+from sfl.cli.main import build_parser
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "operate.md"
 NOT_OPERATIONS = {

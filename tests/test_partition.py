@@ -5,7 +5,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from sfl.partition import (
+from sfl.learning.partition import (
     PARTITION_SCHEMES,
     PartitionError,
     dirichlet,

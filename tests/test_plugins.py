@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from sfl import plugins
-from sfl.cli import build_parser
-from sfl.config import ConfigError, FederationConfig
-from sfl.strategies.aggregation import get_aggregator
-from sfl.strategies.quorum import get_quorum_policy
-from sfl.strategies.selection import get_selection_strategy
-from sfl.tasks import load_task
-from sfl.tasks.base import TrainingTask
+from sfl.cli.main import build_parser
+from sfl.core import plugins
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.core.quorum import get_quorum_policy
+from sfl.core.selection import get_selection_strategy
+from sfl.learning.rules.aggregation import get_aggregator
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import TrainingTask
 
 LOADERS = {
     "selection": get_selection_strategy,
@@ -53,7 +53,7 @@ def test_cli_help_lists_the_registered_names() -> None:
 
 def test_reading_the_registry_imports_no_torch() -> None:
     code = (
-        "import sys; from sfl import plugins, config; "
+        "import sys; from sfl.core import plugins, config; "
         "[plugins.import_path(k, n) for k in plugins.KINDS for n in plugins.names(k)]; "
         "print('torch' in sys.modules)"
     )

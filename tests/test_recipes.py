@@ -21,13 +21,13 @@ import pytest
 import yaml
 
 from edge_client.settings import parse_settings
-from sfl import artifact, recipes
-from sfl.config import FederationConfig
-from sfl.recipes import DeviceDefaults, RecipeError, build_recipe, write_recipes
-from sfl.resources import ResourceNames
+from sfl.build import artifact, recipes
+from sfl.build.recipes import DeviceDefaults, RecipeError, build_recipe, write_recipes
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((REPO / "sfl" / "schemas" / "recipe.schema.json").read_text())
+SCHEMA = json.loads((REPO / "sfl" / "build" / "schemas" / "recipe.schema.json").read_text())
 NAMES = ResourceNames(
     models_bucket="sfl-models-abc",
     updates_bucket="sfl-updates-abc",
@@ -125,7 +125,7 @@ def test_committed_example_recipes_are_what_the_generator_writes(tmp_path: Path)
     ComponentVersion is left out: its patch number is a digest of every byte of the client
     code, and ``sfl recipes`` recomputes it for the artifact one actually uploads.
     """
-    from sfl.cli import main
+    from sfl.cli.main import main
 
     assert main(["recipes", "--out", str(tmp_path), "--cdk-json", str(REPO / "cdk.json")]) == 0
     generated = sorted(p.name for p in tmp_path.iterdir())
@@ -439,15 +439,19 @@ def test_artifact_holds_the_client_and_nothing_else() -> None:
         "edge_client/__main__.py",
         "edge_client/settings.py",
         "sfl/__init__.py",
-        "sfl/codec.py",
-        "sfl/layout.py",
-        "sfl/registry.py",
-        "sfl/tasks/digits.py",
+        "sfl/learning/codec.py",
+        "sfl/core/layout.py",
+        "sfl/state/registry.py",
+        "sfl/learning/tasks/digits.py",
         "requirements-edge.txt",
     } <= set(names)
     for name in names:
         assert not name.startswith(("sfl/local/", "lambdas/", "tests/", "infra/")), name
-        assert name not in {"sfl/cli.py", "sfl/averager.py", "sfl/initiator.py"}, name
+        assert name not in {
+            "sfl/cli/main.py",
+            "sfl/server/averager.py",
+            "sfl/server/initiator.py",
+        }, name
         assert "__pycache__" not in name
 
 
@@ -552,7 +556,7 @@ def test_wheel_bundle_holds_the_wheels_and_names_what_is_missing(tmp_path: Path)
 
 
 def test_sfl_recipes_writes_the_wheel_bundle_and_the_recipe_that_uses_it(tmp_path: Path) -> None:
-    from sfl.cli import main
+    from sfl.cli.main import main
 
     wheels = fake_device_wheels(tmp_path / "wheels")
     bundle = tmp_path / "upload" / "sfl-edge-wheels.zip"

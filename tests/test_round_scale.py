@@ -8,7 +8,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from sfl.rounds import (
+from sfl.state.rounds import (
     Answer,
     Outcome,
     RecordResult,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfl.codec import decode, encode, parse_header
-from sfl.round_updates import Entry, FileSource, RoundUpdates, Unreadable, decode_view
-from sfl.strategies.aggregation import FedAvg, fedavg
-from sfl.strategies.bounds import clip_to_bound
+from sfl.learning.codec import decode, encode, parse_header
+from sfl.learning.rules.aggregation import FedAvg, fedavg
+from sfl.learning.rules.bounds import clip_to_bound
+from sfl.server.round_updates import Entry, FileSource, RoundUpdates, Unreadable, decode_view
 
 
 def _model(seed: int) -> dict[str, torch.Tensor]:

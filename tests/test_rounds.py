@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from sfl.initiator import start_round
-from sfl.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
+from sfl.server.initiator import start_round
+from sfl.state.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack
 
 

@@ -15,15 +15,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from sfl.initiator import start_round
-from sfl.registry import (
-    MAX_REPORTED_LOSS,
-    ClientRecord,
-    ClientRegistry,
-    active_shard,
-    statistical_utility,
-)
-from sfl.strategies.selection import (
+from sfl.core.selection import (
     MAX_SPEEDUP,
     MAX_UTILITY_RATIO,
     Candidate,
@@ -34,6 +26,14 @@ from sfl.strategies.selection import (
     select_clients,
     select_fast_clients,
     under_pick_cap,
+)
+from sfl.server.initiator import start_round
+from sfl.state.registry import (
+    MAX_REPORTED_LOSS,
+    ClientRecord,
+    ClientRegistry,
+    active_shard,
+    statistical_utility,
 )
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 from tests.test_deadlines import _deliver, _setup
@@ -183,7 +183,7 @@ def _run_rounds(
     records = {c: ClientRecord(c, last_seen=0.0, registered_at=0.0) for c in turnarounds}
     history = []
     for number in range(1, rounds + 1):
-        candidates = [Candidate.of(r) for r in records.values()]
+        candidates = [r.candidate() for r in records.values()]
         picks = rule(candidates, k, random.Random(f"0/default/{number}"), policy=policy_for(number))
         for c in picks:
             records[c] = records[c].after_round(

@@ -7,10 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from sfl import codec, layout, shards
-from sfl.round_updates import Entry
-from sfl.rounds import RoundState, RoundStore
-from sfl.strategies.aggregation import fedavg
+from sfl.core import layout
+from sfl.learning import codec
+from sfl.learning.rules.aggregation import fedavg
+from sfl.server import shards
+from sfl.server.round_updates import Entry
+from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack
 from tests.test_deadlines import _deliver, _setup
 
@@ -173,7 +175,7 @@ def test_a_reduce_retried_after_the_model_was_written_keeps_that_model(
 
 
 def test_robust_rules_are_not_sharded() -> None:
-    from sfl.strategies.aggregation import build_rule
+    from sfl.learning.rules.aggregation import build_rule
 
     assert shards.shardable(build_rule("fedavg")) and shards.shardable(build_rule("fedadam"))
     assert not any(shards.shardable(build_rule(r)) for r in ("median", "trimmed_mean", "krum"))
@@ -181,7 +183,7 @@ def test_robust_rules_are_not_sharded() -> None:
 
 @pytest.mark.parametrize("rule", ["fedavg", "fedadam", "fedavgm"])
 def test_partial_sums_give_the_rules_their_unsharded_result(rule: str) -> None:
-    from sfl.strategies.aggregation import FedAvg, ListUpdates, build_rule
+    from sfl.learning.rules.aggregation import FedAvg, ListUpdates, build_rule
 
     updates = [(_moved(i), float(3 + i)) for i in range(5)]
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``sfl simulate ARGS --out OUT`` in a process of its own; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "sfl.cli", "simulate", *args, "--out", str(out)],
+        [sys.executable, "-m", "sfl.cli.main", "simulate", *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from sfl.splits import SplitError, SplitSummary, default_client_ids, write_client_splits
-from sfl.tasks.base import CLIENT_DATA_FILE
-from sfl.tasks.digits import DigitsTask
+from sfl.learning.splits import SplitError, SplitSummary, default_client_ids, write_client_splits
+from sfl.learning.tasks.base import CLIENT_DATA_FILE
+from sfl.learning.tasks.digits import DigitsTask
 
 POOL_SIZE = 1437  # digits: 1797 images less the 20% test split
 

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from sfl.config import ConfigError, FederationConfig
-from sfl.strategies import fedopt, robust
-from sfl.strategies.aggregation import (
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.learning.rules import fedopt, robust
+from sfl.learning.rules.aggregation import (
     AggregationError,
     ListUpdates,
     as_rows,
@@ -211,8 +211,8 @@ def test_parameters_from_cdk_json_may_be_an_object_and_are_stored_canonically() 
 def test_sfl_config_lists_every_rules_parameters_with_default_and_range(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from sfl.cli import main
-    from sfl.strategies.params import RULE_PARAMS
+    from sfl.cli.main import main
+    from sfl.core.params import RULE_PARAMS
 
     assert main(["config"]) == 0
 

@@ -14,12 +14,12 @@ import torch
 from safetensors.numpy import save_file
 from sklearn.datasets import load_digits
 
-from sfl.tasks import TaskError, load_task
-from sfl.tasks import mnist as mnist_module
-from sfl.tasks.base import CLIENT_DATA_FILE, ArrayDataset, TrainConfig, TrainingTask
-from sfl.tasks.classification import ClientDataError
-from sfl.tasks.digits import DigitsTask
-from sfl.tasks.mnist import MnistDataError, MnistTask, NumpyOnlyUnpickler
+from sfl.learning.tasks import TaskError, load_task
+from sfl.learning.tasks import mnist as mnist_module
+from sfl.learning.tasks.base import CLIENT_DATA_FILE, ArrayDataset, TrainConfig, TrainingTask
+from sfl.learning.tasks.classification import ClientDataError
+from sfl.learning.tasks.digits import DigitsTask
+from sfl.learning.tasks.mnist import MnistDataError, MnistTask, NumpyOnlyUnpickler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def test_malformed_client_files_raise_client_data_error(digits: DigitsTask, tmp_
 def test_load_task_by_name_and_by_import_path() -> None:
     assert isinstance(load_task("digits"), DigitsTask)
     assert isinstance(load_task("mnist", root=Path("/data")), MnistTask)
-    by_path = load_task("sfl.tasks.digits:DigitsTask")
+    by_path = load_task("sfl.learning.tasks.digits:DigitsTask")
     assert isinstance(by_path, DigitsTask)
     assert isinstance(by_path, TrainingTask)
 
@@ -220,10 +220,10 @@ def test_load_task_by_name_and_by_import_path() -> None:
     [
         ("cifar", "unknown task 'cifar'; allowed: digits, digits_mlp, mnist, or an import path"),
         ("sfl.no_such_module:Task", "cannot import module 'sfl.no_such_module'"),
-        ("sfl.tasks.digits:NoSuchTask", "has no 'NoSuchTask'"),
-        ("sfl.tasks.digits:TEST_FRACTION", "not a class or function"),
-        ("sfl.tasks.digits:DigitsTask\n", "unknown task"),
-        ("sfl.tasks:TaskError", "made a TaskError, which is not a TrainingTask"),
+        ("sfl.learning.tasks.digits:NoSuchTask", "has no 'NoSuchTask'"),
+        ("sfl.learning.tasks.digits:TEST_FRACTION", "not a class or function"),
+        ("sfl.learning.tasks.digits:DigitsTask\n", "unknown task"),
+        ("sfl.learning.tasks:TaskError", "made a TaskError, which is not a TrainingTask"),
     ],
 )
 def test_load_task_rejects_what_is_not_a_task(value: str, message: str) -> None:
@@ -232,7 +232,10 @@ def test_load_task_rejects_what_is_not_a_task(value: str, message: str) -> None:
 
 
 def test_importing_the_task_registry_does_not_import_torch() -> None:
-    code = "import sys, sfl.tasks, sfl.partition, sfl.splits; print('torch' in sys.modules)"
+    code = (
+        "import sys, sfl.learning.tasks, sfl.learning.partition, sfl.learning.splits; "
+        "print('torch' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
@@ -391,7 +394,7 @@ def test_the_averager_imports_and_builds_every_builtin_model_without_scikit_lear
             "spec = importlib.util.spec_from_file_location('h', 'lambdas/averager/handler.py')",
             "handler = importlib.util.module_from_spec(spec)",
             "spec.loader.exec_module(handler)",
-            "from sfl.tasks import load_task",
+            "from sfl.learning.tasks import load_task",
             "for name in ('digits', 'mnist'):",
             "    model = load_task(name).build_model(seed=0)",
             "    print(name, sum(p.numel() for p in model.parameters()))",

@@ -5,7 +5,7 @@ Also takes ``{"sfl": "tick"}`` (the schedule's watchdog: deadlines, expired leas
 recorded and answered with a result; only AWS errors raise, so Lambda retries those.
 
 ``shard_handler`` is the shard function's entry point (same image, its own function and
-role): it sums one shard of a large round and writes the partial sum once (``sfl.shards``).
+role): it sums one shard of a large round and writes the partial sum once (``sfl.server.shards``).
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sfl.averager import Averager, UpdateOutcome, bootstrap_model
-from sfl.aws import RETRY_CONFIG
-from sfl.evaluation import after_round
-from sfl.events import BOOTSTRAP, TICK, control_action, s3_updates
-from sfl.rounds import Round, RoundState
-from sfl.runtime import (
+from sfl.core.events import BOOTSTRAP, TICK, control_action, s3_updates
+from sfl.server.averager import Averager, UpdateOutcome, bootstrap_model
+from sfl.server.evaluation import after_round
+from sfl.server.runtime import (
     AVERAGER_SERVICE,
     GLOBAL_ACCURACY_METRIC,
     METRICS_NAMESPACE,
     Services,
     route_core_logs,
 )
-from sfl.runtime import services as runtime_services
-from sfl.shards import Shard, sum_shard
+from sfl.server.runtime import services as runtime_services
+from sfl.server.shards import Shard, sum_shard
+from sfl.state.aws import RETRY_CONFIG
+from sfl.state.rounds import Round, RoundState
 
 logger = Logger(service=AVERAGER_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=AVERAGER_SERVICE)
@@ -54,12 +54,14 @@ def chain_initiator(finished: Round) -> None:
     boto3.client("lambda", config=RETRY_CONFIG).invoke(
         FunctionName=function,
         InvocationType="Event",
-        Payload=json.dumps({"source": "sfl.averager", "finished_round": finished.round}).encode(),
+        Payload=json.dumps(
+            {"source": "sfl.server.averager", "finished_round": finished.round}
+        ).encode(),
     )
 
 
 def round_finished(finished: Round) -> None:
-    """After a round: score and record the new model (``sfl.evaluation``: held-out accuracy,
+    """After a round: score and record the new model (``sfl.server.evaluation``: held-out accuracy,
     lineage), then chain the next round. Scoring never fails the invocation: the round is
     closed already, and a retried event would not score it again."""
     aws, names, config = services()
@@ -83,7 +85,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     averager = Averager(aws, names, config, on_round_finished=round_finished)
     action = control_action(event)
     if action == BOOTSTRAP:
-        from sfl.tasks import load_task
+        from sfl.learning.tasks import load_task
 
         model = load_task(config.task).build_model(seed=config.seed)
         wrote = bootstrap_model(aws, names, model.state_dict(), seed=config.seed)

@@ -11,8 +11,8 @@ from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sfl.initiator import start_round
-from sfl.runtime import (
+from sfl.server.initiator import start_round
+from sfl.server.runtime import (
     ACTIVE_DEVICES_METRIC,
     INITIATOR_SERVICE,
     METRICS_NAMESPACE,
@@ -20,7 +20,7 @@ from sfl.runtime import (
     Services,
     route_core_logs,
 )
-from sfl.runtime import services as runtime_services
+from sfl.server.runtime import services as runtime_services
 
 logger = Logger(service=INITIATOR_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=INITIATOR_SERVICE)

@@ -22,7 +22,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfl.tasks.base import ArrayDataset, ClientData, Metrics, ShouldStop, TrainConfig, TrainingTask
+from sfl.learning.tasks.base import (
+    ArrayDataset,
+    ClientData,
+    Metrics,
+    ShouldStop,
+    TrainConfig,
+    TrainingTask,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -1,6 +1,6 @@
 """The local AWS endpoint (moto's threaded server on 127.0.0.1) and the stack's resources in it.
 
-Resources come from ``sfl.resources``, the same definitions the CDK stack builds from.
+Resources come from ``sfl.core.resources``, the same definitions the CDK stack builds from.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import boto3
 import botocore.session
 from botocore.credentials import ContainerProvider, CredentialResolver
 
-from sfl import resources
-from sfl.aws import AwsClients, make_clients
+from sfl.core import resources
 from sfl.local import moto_transactions
 from sfl.local.credentials import CredentialEndpoint
+from sfl.state.aws import AwsClients, make_clients
 
 REGION = "us-east-1"
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from edge_client.client import Assignment, RoundHooks
-from sfl.strategies.aggregation import FedAvg
+from sfl.learning.rules.aggregation import FedAvg
 
 
 class SimulatedCrash(Exception):

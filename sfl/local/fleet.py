@@ -1,6 +1,6 @@
 """``sfl local up``: a running federation on this machine for the operator's commands.
 
-The same parts as ``sfl simulate`` (moto's server, the resources from ``sfl.resources``, both
+The same parts as ``sfl simulate`` (moto's server, the resources from ``sfl.core.resources``, both
 Lambda handlers in-process, real ``EdgeClient`` loops), run on a schedule until stopped
 instead of for a fixed number of rounds. It registers what ``cdk deploy`` would leave behind
 for an operator to find: the two functions (with the deployed configuration as their
@@ -22,9 +22,10 @@ from typing import Any
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
-from sfl import layout
-from sfl.config import FederationConfig
-from sfl.evaluation import encode_eval_set
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.learning.splits import default_client_ids, write_client_splits
+from sfl.learning.tasks import load_task
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, LocalDeployment, lambda_environment, provision
 from sfl.local.lambdas import LocalFunction
@@ -36,8 +37,7 @@ from sfl.ops.federation import (
     LOCAL_OUTPUT,
     OUTPUT_NAMES,
 )
-from sfl.splits import default_client_ids, write_client_splits
-from sfl.tasks import load_task
+from sfl.server.evaluation import encode_eval_set
 
 #: The stack's alarms (``infra.stack.FederationStack._alarms``), by logical id.
 ALARM_IDS = (

@@ -31,18 +31,19 @@ from torch import nn
 from edge_client.client import Assignment, EdgeClient
 from edge_client.global_model import size_limit
 from edge_client.settings import ClientSettings
-from sfl import codec, layout
-from sfl.aws import RETRY_CONFIG, AwsClients, make_clients
-from sfl.config import FederationConfig
-from sfl.dynamo import from_item
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ROUNDS_TABLE
+from sfl.learning import codec
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import TrainingTask
+from sfl.learning.tasks.digits import DigitsMlpTask
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, LocalDeployment, lambda_environment, provision
 from sfl.local.lambdas import LocalFunction
-from sfl.model_store import ModelStore
-from sfl.resources import ROUNDS_TABLE
-from sfl.tasks import load_task
-from sfl.tasks.base import TrainingTask
-from sfl.tasks.digits import DigitsMlpTask
+from sfl.state.aws import RETRY_CONFIG, AwsClients, make_clients
+from sfl.state.dynamo import from_item
+from sfl.state.model_store import ModelStore
 
 #: DynamoDB's item size limit (400 KB, counted as 400 * 1024 bytes).
 DYNAMODB_ITEM_LIMIT = 400 * 1024

@@ -23,20 +23,20 @@ from botocore.exceptions import BotoCoreError
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
-from sfl import layout
-from sfl.aws import AwsClients
-from sfl.config import FederationConfig
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.learning.splits import default_client_ids, write_client_splits
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ArrayDataset, TrainingTask
 from sfl.local.attacks import HostileTask
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import LocalAws, lambda_environment, provision, table_resource
 from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
 from sfl.local.lambdas import LocalFunction
 from sfl.local.workers import ClientProcesses
-from sfl.registry import ClientRegistry
-from sfl.rounds import Round, RoundState, RoundStore
-from sfl.splits import default_client_ids, write_client_splits
-from sfl.tasks import load_task
-from sfl.tasks.base import ArrayDataset, TrainingTask
+from sfl.state.aws import AwsClients
+from sfl.state.registry import ClientRegistry
+from sfl.state.rounds import Round, RoundState, RoundStore
 
 #: How often a woken-up local client still polls on its own: the wake-up, not this, is what
 #: starts its rounds; the poll is the device's behaviour, kept as a fallback.
@@ -489,7 +489,7 @@ def _round_status(ddb: Any, table: str, experiment: str, number: int) -> str | N
 def _evaluate_version(
     task: TrainingTask, control: Any, bucket: str, version: int, test: ArrayDataset
 ) -> dict[str, float]:
-    from sfl.evaluation import score_version  # the averager's held-out scoring, too
+    from sfl.server.evaluation import score_version  # the averager's held-out scoring, too
 
     scores = score_version(task, control, bucket, version, test)
     return {"accuracy": scores["accuracy"], "loss": scores["loss"]}
@@ -548,5 +548,5 @@ def history_row(r: Round) -> dict[str, Any]:
         "aggregation_attempts": r.aggregation_attempts,
         "clipped": list(summary.get("clipped", [])),
         "rejection_counts": dict(r.rejection_counts),
-        "cost": summary.get("cost"),  # estimated dollars, sfl.cost (None: abandoned)
+        "cost": summary.get("cost"),  # estimated dollars, sfl.core.cost (None: abandoned)
     }

@@ -51,9 +51,9 @@ class _Relay(FaultLog):
 def _worker_main(spec: WorkerSpec, stop: Any, cond: Any, writes: Any, faults_out: Any) -> None:
     import torch
 
+    from sfl.learning.tasks import load_task
     from sfl.local.attacks import HostileTask
     from sfl.local.simulate import run_client
-    from sfl.tasks import load_task
 
     os.environ.update(dict(spec.env))
     torch.set_num_threads(1)
@@ -110,7 +110,7 @@ def _clients() -> Any:
     import botocore.session
     from botocore.credentials import ContainerProvider, CredentialResolver
 
-    from sfl.aws import make_clients
+    from sfl.state.aws import make_clients
 
     core = botocore.session.Session()
     core.register_component(

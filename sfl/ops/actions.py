@@ -10,12 +10,13 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from sfl import codec, layout
-from sfl.config import FederationConfig
-from sfl.control import ConfigVersion, ControlStore, effective_config
-from sfl.lineage import LineageStore
-from sfl.model_store import ModelStore
+from sfl.core import layout
+from sfl.core.config import FederationConfig
+from sfl.learning import codec
 from sfl.ops.federation import INITIATOR_OUTPUT, Federation, OpsError
+from sfl.state.control import ConfigVersion, ControlStore, effective_config
+from sfl.state.lineage import LineageStore
+from sfl.state.model_store import ModelStore
 
 
 def control(fed: Federation) -> ControlStore:
@@ -36,7 +37,7 @@ def start_round(fed: Federation) -> dict[str, Any]:
     """Run the initiator now. Deployed: invoke the function (its role, its logs). Local mode:
     the same code in this process (moto's Lambda would need Docker to run it)."""
     if fed.local:
-        from sfl.initiator import start_round as run_initiator
+        from sfl.server.initiator import start_round as run_initiator
 
         result = run_initiator(fed.aws, fed.names, fed.deployed_config).to_dict()
         result["ran"] = "in this process (local mode)"
@@ -45,7 +46,7 @@ def start_round(fed: Federation) -> dict[str, Any]:
     response = fed.client("lambda").invoke(
         FunctionName=function,
         InvocationType="RequestResponse",
-        Payload=json.dumps({"source": "sfl.cli", "action": "start-round"}).encode(),
+        Payload=json.dumps({"source": "sfl.cli.main", "action": "start-round"}).encode(),
     )
     payload = json.loads(response["Payload"].read() or b"{}")
     if response.get("FunctionError"):
@@ -176,12 +177,12 @@ def cancel_rollback(fed: Federation) -> dict[str, Any]:
 
 
 def eval_upload(fed: Federation, *, task: str | None, path: Path | None) -> dict[str, Any]:
-    from sfl.evaluation import decode_eval_set, encode_eval_set
+    from sfl.server.evaluation import decode_eval_set, encode_eval_set
 
     if path is not None:
         body = path.read_bytes()
     else:
-        from sfl.tasks import load_task
+        from sfl.learning.tasks import load_task
 
         name = task or fed.deployed_config.task
         body = encode_eval_set(load_task(name).load_central_data().test, task=name)
@@ -197,8 +198,8 @@ def eval_upload(fed: Federation, *, task: str | None, path: Path | None) -> dict
 
 def _check_against_model(fed: Federation, data: Any) -> None:
     """Score model version 0 on the set here, so a set the task cannot read fails now."""
-    from sfl.evaluation import EvalDataError, score_version
-    from sfl.tasks import load_task
+    from sfl.learning.tasks import load_task
+    from sfl.server.evaluation import EvalDataError, score_version
 
     config: FederationConfig = fed.deployed_config
     try:

@@ -26,9 +26,9 @@ from botocore.exceptions import (
     ProfileNotFound,
 )
 
-from sfl.aws import RETRY_CONFIG, AwsClients, error_code
-from sfl.config import FederationConfig
-from sfl.resources import ResourceNames
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
+from sfl.state.aws import RETRY_CONFIG, AwsClients, error_code
 
 #: The stack ``make deploy`` creates (``sfl_infra.stack_prefix`` "Sfl" + "-Federation").
 DEFAULT_STACK = "Sfl-Federation"

@@ -7,11 +7,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from sfl.control import ControlStore
-from sfl.lineage import LineageStore, ModelLineage, lineage_of_round
 from sfl.ops.federation import Federation
-from sfl.registry import ClientRegistry
-from sfl.rounds import Round, RoundState, RoundStore
+from sfl.state.control import ControlStore
+from sfl.state.lineage import LineageStore, ModelLineage, lineage_of_round
+from sfl.state.registry import ClientRegistry
+from sfl.state.rounds import Round, RoundState, RoundStore
 
 #: Seen by no heartbeat for this long, a registry item is not listed as a device at all.
 EVERYONE_SECONDS = 10.0**10
@@ -201,7 +201,7 @@ def models(fed: Federation) -> list[dict[str, Any]]:
 
 
 def _effective(fed: Federation, overrides: Any) -> Any:
-    from sfl.control import effective_config
+    from sfl.state.control import effective_config
 
     try:
         return effective_config(fed.deployed_config, overrides)

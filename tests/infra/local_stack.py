@@ -304,7 +304,7 @@ def device_environment(deployment: Deployment) -> dict[str, str]:
     """The environment the component's Run step gives the edge client (its ``Setenv``, with
     the default configuration); moto has no Greengrass model, so it is read from the
     template."""
-    from sfl.recipes import run_environment
+    from sfl.build.recipes import run_environment
 
     return run_environment(component_recipe(deployment))
 

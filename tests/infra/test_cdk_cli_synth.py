@@ -81,6 +81,13 @@ def test_cli_synthesizes_offline_without_docker_or_credentials(tmp_path):
         "lambdas/averager/handler.py",
         "lambdas/averager/requirements.txt",
     }
+    # The image holds the packages the averager runs, and never local mode (moto, attacks),
+    # the CLI, the operator tools or the build tools.
+    packages = {p.split("/")[1] for p in staged if p.startswith("sfl/") and p.count("/") > 1}
+    assert packages == {"core", "state", "learning", "server"}
+    assert not any(
+        p.startswith(("sfl/local/", "sfl/cli/", "sfl/ops/", "sfl/build/")) for p in staged
+    )
     assert sum((context / p).stat().st_size for p in staged) < 2 * MiB
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert total < 20 * MiB

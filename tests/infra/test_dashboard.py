@@ -12,7 +12,7 @@ from aws_cdk import Stack, assertions
 from aws_cdk import aws_lambda as lambda_
 
 from infra.dashboard import FederationDashboard
-from sfl.runtime import METRICS_NAMESPACE
+from sfl.server.runtime import METRICS_NAMESPACE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,9 +77,9 @@ def test_every_federation_metric_on_the_dashboard_is_published_by_a_handler(bare
             (REPO_ROOT / "lambdas" / f / "handler.py").read_text()
             for f in ("initiator", "averager")
         )
-        + (REPO_ROOT / "sfl" / "runtime.py").read_text()
+        + (REPO_ROOT / "sfl" / "server" / "runtime.py").read_text()
     )
-    # Metric names are CamelCase string literals in the handlers (or sfl.runtime constants).
+    # Metric names are CamelCase string literals in the handlers (or sfl.server.runtime constants).
     published = set(re.findall(r'"([A-Z][A-Za-z]+)"', sources))
     assert names <= published, names - published
 

@@ -98,7 +98,7 @@ def test_emulator_created_everything_but_the_listed_types(deployment: Deployment
 
 
 def test_deployed_tables_are_the_shared_definitions(deployment: Deployment):
-    from sfl.resources import CLIENTS_TABLE, ROUNDS_TABLE, TableSpec
+    from sfl.core.resources import CLIENTS_TABLE, ROUNDS_TABLE, TableSpec
 
     def key_schema(spec: TableSpec) -> list[dict[str, str]]:
         keys = [{"AttributeName": spec.partition_key.name, "KeyType": "HASH"}]
@@ -207,12 +207,12 @@ def test_one_round_runs_on_the_deployed_stack(
 ):
     from edge_client.client import EdgeClient
     from edge_client.settings import parse_settings
-    from sfl import layout
+    from sfl.core import layout
+    from sfl.learning.splits import write_client_splits
+    from sfl.learning.tasks import load_task
     from sfl.local.emulator import lambda_environment
     from sfl.local.lambdas import LocalFunction
-    from sfl.rounds import RoundState, RoundStore
-    from sfl.splits import write_client_splits
-    from sfl.tasks import load_task
+    from sfl.state.rounds import RoundState, RoundStore
 
     aws = deployment.aws
     s3 = aws.client("s3")

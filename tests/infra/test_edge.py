@@ -1,5 +1,5 @@
 """Devices: certificate-based credentials through a role alias, access to their own keys only,
-and the edge client's Greengrass component built by ``sfl.recipes``."""
+and the edge client's Greengrass component built by ``sfl.build.recipes``."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from stack_template import (
 )
 
 from infra.edge import FederationEdge
-from sfl import recipes
-from sfl.config import FederationConfig
-from sfl.resources import ResourceNames
+from sfl.build import recipes
+from sfl.core.config import FederationConfig
+from sfl.core.resources import ResourceNames
 
 NAMES = ResourceNames(
     models_bucket="models-bucket",
@@ -187,7 +187,7 @@ def test_devices_write_only_their_heartbeat_in_their_own_client_item(synthesized
                 "last_seen",
                 "expires_at",
                 "registered_at",
-                "active_shard",  # the selection index's partition (sfl.resources)
+                "active_shard",  # the selection index's partition (sfl.core.resources)
             ],
         },
         "StringEqualsIfExists": {
@@ -337,7 +337,7 @@ def test_component_version_changes_when_a_referenced_table_would_be_replaced(mon
     import dataclasses
 
     from infra import state as state_module
-    from sfl.resources import CLIENTS_TABLE, KeyAttribute
+    from sfl.core.resources import CLIENTS_TABLE, KeyAttribute
 
     def version() -> str:
         stack = bare_app_stack()

@@ -59,7 +59,7 @@ class Exercised:
 def exercised(
     synthesized: Synthesized, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Exercised]:
-    from sfl.resources import CLIENTS_TABLE, ROUNDS_TABLE
+    from sfl.core.resources import CLIENTS_TABLE, ROUNDS_TABLE
 
     with local_aws_without_docker() as aws:
         deployment = deploy(aws, synthesized, stack_name="Sfl-LeastPrivilege")
@@ -83,11 +83,11 @@ def exercised(
 def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Path) -> None:
     from edge_client.client import EdgeClient
     from edge_client.settings import parse_settings
-    from sfl import layout
+    from sfl.core import layout
+    from sfl.learning.splits import write_client_splits
+    from sfl.learning.tasks import load_task
     from sfl.local.emulator import lambda_environment
     from sfl.local.lambdas import LocalFunction
-    from sfl.splits import write_client_splits
-    from sfl.tasks import load_task
 
     aws = deployment.aws
     outputs = deployment.outputs
@@ -156,7 +156,7 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
     s3 = aws.client("s3")
     # The operator's held-out set (sfl eval-data upload): the averager scores each new model
     # on it after closing a round, and writes the version's lineage beside it.
-    from sfl.evaluation import encode_eval_set
+    from sfl.server.evaluation import encode_eval_set
 
     s3.put_object(
         Bucket=outputs["ModelsBucketName"],
@@ -194,7 +194,7 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
     assert tick("averager")["status"] in {"CLOSED", "ABANDONED"}
     # The operator asks for a rollback (sfl models rollback 0): the initiator reads the control
     # record, writes version 0 again as the next version with its lineage, clears the request.
-    from sfl.control import ControlStore
+    from sfl.state.control import ControlStore
 
     control = ControlStore(aws.client("dynamodb"), rounds_table)
     control.request_rollback(experiment, 0, now=time.time())
@@ -306,7 +306,7 @@ def role_name(exercised: Exercised, function_output: str | None) -> str:
 
 def test_model_versions_are_written_only_with_if_none_match(exercised: Exercised):
     """The averager's model writes carry If-None-Match, and its role refuses one without."""
-    from sfl import layout
+    from sfl.core import layout
 
     policies = policies_of(exercised, "AveragerFunctionName")
     models = exercised.deployment.outputs["ModelsBucketName"]
@@ -368,7 +368,7 @@ def test_the_initiator_may_read_only_the_control_partition(exercised: Exercised)
     """The initiator reads the operator's control record and clears a carried-out rollback;
     its role refuses a GetItem of a round record. (It may update round records: a new round's
     slots_ready flag, and abandoning a round whose initiator died before setting it.)"""
-    from sfl.control import control_partition
+    from sfl.state.control import control_partition
 
     outputs = exercised.deployment.outputs
     policies = policies_of(exercised, "InitiatorFunctionName")

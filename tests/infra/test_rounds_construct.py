@@ -269,10 +269,19 @@ def test_initiator_zip_holds_the_handler_core_modules_and_pins_only(synthesized)
         "typing_extensions-4.16.0.dist-info",
     }
     modules = {p.relative_to(asset).as_posix() for p in (asset / "sfl").rglob("*.py")}
-    assert {"sfl/__init__.py", "sfl/config.py", "sfl/layout.py", "sfl/resources.py"} <= modules
+    assert {
+        "sfl/__init__.py",
+        "sfl/core/config.py",
+        "sfl/core/layout.py",
+        "sfl/core/resources.py",
+    } <= modules
     # The heavy half of the core stays out.
-    assert not modules & {"sfl/codec.py", "sfl/averager.py", "sfl/strategies/aggregation.py"}
-    assert not any(m.startswith(("sfl/tasks/", "sfl/local/")) for m in modules)
+    assert not modules & {
+        "sfl/learning/codec.py",
+        "sfl/server/averager.py",
+        "sfl/learning/rules/aggregation.py",
+    }
+    assert not any(m.startswith(("sfl/learning/tasks/", "sfl/local/")) for m in modules)
     assert not list(asset.rglob("*.pyc"))
 
 

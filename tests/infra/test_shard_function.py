@@ -18,7 +18,7 @@ from stack_template import (
 )
 
 from infra.rounds import SHARD_FUNCTION_ENV, SHARD_HANDLER
-from sfl import shards
+from sfl.server import shards
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from stack_template import (
 )
 
 from infra.config import InfraConfig, StackConfig
-from sfl import recipes
-from sfl.config import ConfigError, FederationConfig
-from sfl.resources import UPDATES_BUCKET, ResourceNames
+from sfl.build import recipes
+from sfl.core.config import ConfigError, FederationConfig
+from sfl.core.resources import UPDATES_BUCKET, ResourceNames
 
 # Each role's exact access is proven against the calls its code makes, in
 # test_least_privilege.py; here, what no policy may ever hold.
@@ -163,7 +163,7 @@ def test_lambdas_and_devices_read_one_configuration(synthesized):
         ]
         assert {k: env[k] for k in expected_names} == expected_names
         assert {k: env[k] for k in federation.to_env()} == federation.to_env()
-    # The devices' component configuration: the same config and names, through sfl.recipes.
+    # The devices' component configuration: the same config and names, through sfl.build.recipes.
     (component,) = synthesized.resources("AWS::GreengrassV2::ComponentVersion").values()
     recipe = json.loads(render(component["Properties"]["InlineRecipe"]))
     placeholders = ResourceNames(**{attr: f"<Ref:{lg}>" for attr, lg in refs.items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aws_cdk import Stack, assertions
 
 from infra.state import FederationState
-from sfl.resources import ACTIVE_INDEX, CLIENTS_TABLE, ROUNDS_TABLE, TableSpec
+from sfl.core.resources import ACTIVE_INDEX, CLIENTS_TABLE, ROUNDS_TABLE, TableSpec
 
 
 def key_schema(spec: TableSpec) -> list[dict[str, str]]:

@@ -9,7 +9,7 @@ from aws_cdk import Stack, assertions
 from stack_template import resource_json
 
 from infra.storage import FederationStorage
-from sfl import layout
+from sfl.core import layout
 
 
 def build(stack: Stack, *, retain_data: bool = False) -> FederationStorage:

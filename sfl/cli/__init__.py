@@ -1,0 +1,1 @@
+"""The ``sfl`` command: one tree, a module per command group."""

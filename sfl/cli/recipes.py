@@ -1,0 +1,147 @@
+"""``sfl recipes``: write the edge client's Greengrass recipe (JSON + YAML), optionally its zip.
+
+The federation's settings come from ``cdk.json`` (context ``sfl``, as the stack reads them);
+deployed names default to placeholders to replace with the stack's outputs. The deployed
+stack registers its own component version: these files are for the console or the GDK.
+``--wheel-bundle DIR`` adds the offline option: a zip of the wheels in DIR as a second
+artifact, which Install then uses with no package index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+PLACEHOLDER_PREFIX = "REPLACE_WITH_"
+DEFAULT_OUT = Path("greengrass_recipes")
+DEFAULT_CDK_JSON = Path("cdk.json")
+
+
+def _placeholder(output_name: str) -> str:
+    return f"{PLACEHOLDER_PREFIX}STACK_OUTPUT_{output_name}"
+
+
+def _context(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    context = json.loads(path.read_text(encoding="utf-8")).get("context", {})
+    return context if isinstance(context, dict) else {}
+
+
+def _default_component_name(context: dict[str, Any]) -> str:
+    # Mirrors the stack (infra.config.InfraConfig.resolved_component_name).
+    from sfl.build.recipes import DEFAULT_COMPONENT_NAME
+
+    infra = context.get("sfl_infra", {})
+    if infra.get("component_name"):
+        return str(infra["component_name"])
+    if infra.get("stack_prefix"):
+        return f"{infra['stack_prefix']}.EdgeClient"
+    return DEFAULT_COMPONENT_NAME
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sfl.build.artifact import ARCHIVE_NAME, build_client_artifact, build_wheel_bundle
+    from sfl.build.recipes import DeviceDefaults, WheelBundle, build_recipe, write_recipes
+    from sfl.core.config import CONTEXT_KEY, FederationConfig
+    from sfl.core.resources import ResourceNames
+
+    cdk_json = args.cdk_json if args.cdk_json is not None else DEFAULT_CDK_JSON
+    context = _context(cdk_json)
+    config = FederationConfig.from_mapping(
+        context.get(CONTEXT_KEY, {}), source=f"{cdk_json} context {CONTEXT_KEY!r}"
+    )
+    names = ResourceNames(
+        models_bucket=args.models_bucket,
+        updates_bucket=args.updates_bucket,
+        clients_table=args.clients_table,
+        rounds_table="",  # devices never read the rounds table
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact_path = args.artifact_out or Path(scratch) / ARCHIVE_NAME
+        artifact = build_client_artifact(artifact_path)
+        bundle = None
+        if args.wheel_bundle is not None:
+            built = build_wheel_bundle(args.wheel_bundle, args.wheel_bundle_out)
+            bundle = WheelBundle(uri=args.wheel_bundle_uri, sha256=built.sha256)
+        recipe = build_recipe(
+            config,
+            names,
+            region=args.region,
+            component_name=args.component_name or _default_component_name(context),
+            artifact_uri=args.artifact_uri,
+            artifact_sha256=artifact.sha256,
+            device=DeviceDefaults(data_dir=args.data_dir),
+            wheel_bundle=bundle,
+        )
+    for path in write_recipes(args.out, recipe):
+        print(f"wrote {path}")
+    if args.artifact_out:
+        print(f"wrote {args.artifact_out} (sha256 {artifact.sha256})")
+        print(f"upload it to {args.artifact_uri}")
+    if bundle is not None:
+        print(f"wrote {args.wheel_bundle_out} (sha256 {bundle.sha256})")
+        print(f"upload it to {args.wheel_bundle_uri}")
+    print(f"component {recipe['ComponentName']} version {recipe['ComponentVersion']}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``sfl recipes`` on the ``sfl`` command's subparsers."""
+    from sfl.build.artifact import ARCHIVE_NAME, WHEEL_BUNDLE_NAME
+
+    p = subparsers.add_parser(
+        "recipes",
+        help="write the edge client's Greengrass V2 recipe (JSON and YAML)",
+        description=(
+            "Write the edge client's Greengrass V2 recipe as JSON and YAML. The federation's "
+            "settings come from cdk.json (context 'sfl'); stack-specific names default to "
+            "REPLACE_WITH_... placeholders. A deployed stack registers its own version."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}/")
+    p.add_argument(
+        "--cdk-json",
+        type=Path,
+        default=None,
+        help=f"read the federation config from this file's context (default {DEFAULT_CDK_JSON})",
+    )
+    p.add_argument(
+        "--component-name", help="default: as the stack names it ('<prefix>.EdgeClient')"
+    )
+    p.add_argument("--region", default=f"{PLACEHOLDER_PREFIX}STACK_REGION")
+    p.add_argument("--models-bucket", default=_placeholder("ModelsBucketName"))
+    p.add_argument("--updates-bucket", default=_placeholder("UpdatesBucketName"))
+    p.add_argument("--clients-table", default=_placeholder("ClientsTableName"))
+    p.add_argument("--data-dir", default="data", help="relative to the component's work path")
+    p.add_argument(
+        "--artifact-uri",
+        default=f"s3://{PLACEHOLDER_PREFIX}ARTIFACT_BUCKET/{ARCHIVE_NAME}",
+        help="where the client zip is uploaded (s3://bucket/key.zip)",
+    )
+    p.add_argument(
+        "--artifact-out", type=Path, help="also write the client zip here, to upload yourself"
+    )
+    p.add_argument(
+        "--wheel-bundle",
+        type=Path,
+        metavar="DIR",
+        help="offline install: bundle the wheels in DIR (pip download output) as a second "
+        "artifact; Install then uses no package index",
+    )
+    p.add_argument(
+        "--wheel-bundle-out",
+        type=Path,
+        default=Path(WHEEL_BUNDLE_NAME),
+        help=f"where to write the wheel bundle zip (default ./{WHEEL_BUNDLE_NAME})",
+    )
+    p.add_argument(
+        "--wheel-bundle-uri",
+        default=f"s3://{PLACEHOLDER_PREFIX}ARTIFACT_BUCKET/{WHEEL_BUNDLE_NAME}",
+        help="where the wheel bundle is uploaded (s3://bucket/key.zip)",
+    )
+    p.set_defaults(func=_recipes)

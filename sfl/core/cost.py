@@ -1,0 +1,497 @@
+"""What a round, an idle day and a connected fleet cost on AWS, in dollars.
+
+Three steps, each a pure function: ``usage_for_round`` turns what a round measured
+(:class:`RoundFigures`) into counts of billed units (:class:`RoundUsage`); ``estimate``
+prices those counts with the one price table (:mod:`sfl.core.prices`); ``round_cost_summary`` is
+the small dict the averager stores on the round and ``sfl simulate`` writes to history.json.
+Torch-free: the averager, the CLI and the tests all import it.
+
+Every count the round does not measure is an assumption named in :class:`CostAssumptions`
+and documented in docs/cost.md. A daily bill is ``idle_day + fleet_day + rounds x round``:
+the per-round figure is the marginal cost of one round (no schedule ticks, which run whether
+or not a round does, and no idle polls or heartbeats, which the fleet pays per day).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sfl.core import lambda_shapes
+from sfl.core.lambda_shapes import FunctionShape
+from sfl.core.prices import PRICES, Price
+
+GB = 1024**3
+DAYS_PER_MONTH = 730 / 24  # AWS bills a month as 730 hours
+_WRITE_UNIT = 1024  # DynamoDB bytes per write request unit
+_READ_UNIT = 4096  # DynamoDB bytes per (strongly consistent) read request unit
+DYNAMODB_ITEM_LIMIT = 400 * 1024  # DynamoDB's maximum item size
+
+
+class NoPricesError(ValueError):
+    """The price table has no prices for this region: no estimate rather than a wrong one."""
+
+
+def prices_for(region: str) -> Mapping[str, Price]:
+    try:
+        return PRICES[region]
+    except KeyError:
+        raise NoPricesError(
+            f"no prices for region {region!r}: the price table (sfl/core/prices.py) has "
+            f"{', '.join(sorted(PRICES))}; add the region's prices there to estimate it"
+        ) from None
+
+
+def stack_region(env: Mapping[str, str] | None = None, default: str = "us-east-1") -> str:
+    """The region the stack runs in: Lambda sets AWS_REGION; the CLI falls back to the
+    profile's AWS_DEFAULT_REGION, then ``default``."""
+    env = os.environ if env is None else env
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or default
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """What the stack is built with that the bill depends on (defaults: the stack's own)."""
+
+    region: str = "us-east-1"
+    initiator: FunctionShape = lambda_shapes.INITIATOR
+    averager: FunctionShape = lambda_shapes.AVERAGER
+    schedule_minutes: int = 5
+    log_retention_days: int = 30
+    update_expiry_days: int = 30
+    poll_seconds: float = 10.0
+    heartbeat_seconds: float = 60.0
+    alarms: int = 4  # infra/stack.py _alarms: initiator errors, averager errors, DLQ, overdue
+    dashboards: int = 1
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> StackShape:
+        """Inside a deployed function: its region and (for the averager) its own memory from
+        the variables Lambda sets; the initiator's memory from SFL_INITIATOR_MEMORY_MB if the
+        stack passes it, else the stack's default."""
+        env = os.environ if env is None else env
+        averager_mb = int(env.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE") or cls.averager.memory_mb)
+        initiator_mb = int(env.get("SFL_INITIATOR_MEMORY_MB") or cls.initiator.memory_mb)
+        return cls(
+            region=stack_region(env),
+            initiator=dataclasses.replace(cls.initiator, memory_mb=initiator_mb),
+            averager=dataclasses.replace(cls.averager, memory_mb=averager_mb),
+        )
+
+
+@dataclass(frozen=True)
+class CostAssumptions:
+    """Counts a round does not measure, each a stated guess (docs/cost.md explains each)."""
+
+    # Lambda durations when the round did not measure them.
+    update_handling_seconds: float = 0.3  # one S3 event: read round, GET + validate, write
+    initiator_seconds: float = 0.5  # a chained start beyond the measured selection time
+    # Cold starts per round and their billed INIT time (Lambda bills INIT since August 2025).
+    averager_cold_starts: int = 1
+    averager_init_seconds: float = 3.0  # torch import in the container image
+    initiator_cold_starts: int = 1
+    initiator_init_seconds: float = 0.5
+    # CloudWatch Logs bytes per invocation (Lambda's START/END/REPORT + Powertools JSON + EMF).
+    log_bytes_per_update: int = 1_500
+    log_bytes_per_aggregation: int = 4_000
+    log_bytes_per_initiator: int = 2_000
+    # DynamoDB item sizes.
+    round_item_base_bytes: int = 1_500  # round number, config, deadlines, summary
+    selected_id_bytes: int = 40  # one selected client id in the round item
+    answer_bytes: int = 450  # one answer inside the round item (today's protocol)
+    answer_item_bytes: int = 500  # one answer in its own item (answers-table protocol)
+    client_item_bytes: int = 300  # one registry item, read by the initiator's scan
+    # Where answers live: False (this protocol) = each client's slot item, one
+    # TransactWriteItems (answer + counters on the round) per answer; True = inside the round
+    # item as before issue #11 (each write rewrote the whole item), kept for comparison.
+    answers_in_round_item: bool = False
+    selected_in_round_item: bool = False
+    # Small objects devices fetch.
+    assignment_bytes: int = 1_000
+    poll_response_bytes: int = 300  # a 304 Not Modified answer to the conditional GET
+
+
+@dataclass(frozen=True)
+class RoundFigures:
+    """What one round measured (the round record and its summary hold all of it)."""
+
+    selected: int
+    accepted: int
+    model_bytes: int
+    rejected: int = 0  # answers judged and refused: downloaded, validated, recorded
+    other_rejections: int = 0  # late, duplicate, not selected: no download, one write
+    candidates: int = 0  # registry items the initiator read (0: as many as selected)
+    update_bytes: int = 0  # all answers' bytes (0: every answer as big as the model)
+    bytes_to_devices: int = 0  # measured model downloads (0: every selected device, once)
+    aggregate_seconds: float = 0.0
+    update_handling_seconds: float | None = None  # summed over update events; None: assumed
+    initiator_seconds: float | None = None  # None: measured selection + assumed rest
+    select_seconds: float = 0.0
+    stateful_rule: bool = False  # FedAdam & co. read and write server state
+
+
+@dataclass(frozen=True)
+class LambdaUsage:
+    function: str
+    architecture: str
+    memory_mb: int
+    invocations: int
+    seconds: float
+
+    @property
+    def gb_seconds(self) -> float:
+        return self.memory_mb / 1024 * self.seconds
+
+
+@dataclass(frozen=True)
+class RoundUsage:
+    """Billed units of one round (or one idle day, or one fleet day)."""
+
+    lambdas: tuple[LambdaUsage, ...] = ()
+    s3_put_requests: int = 0  # PUT, COPY, POST, LIST
+    s3_get_requests: int = 0  # GET, HEAD, SELECT
+    s3_gb_months: float = 0.0
+    dynamodb_rru: float = 0.0
+    dynamodb_wru: float = 0.0
+    dynamodb_gb_months: float = 0.0  # storage + point-in-time recovery
+    log_bytes: int = 0
+    log_gb_months: float = 0.0
+    custom_metric_months: float = 0.0
+    alarm_months: float = 0.0
+    dashboard_months: float = 0.0
+    ecr_gb_months: float = 0.0
+    greengrass_device_months: float = 0.0
+    bytes_out_internet: int = 0  # S3 -> devices
+    bytes_in_internet: int = 0  # devices -> S3 (free)
+    bytes_s3_to_lambda: int = 0  # within the region (free)
+
+
+@dataclass(frozen=True)
+class RoundCost:
+    """Dollars per line item (every line the table prices, zeros included) and the total."""
+
+    region: str
+    items: Mapping[str, float]
+    total: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", math.fsum(self.items.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"region": self.region, "usd": self.total, "items": dict(self.items)}
+
+
+def estimate(usage: RoundUsage, prices: Mapping[str, Price], region: str = "") -> RoundCost:
+    """Price ``usage`` with ``prices`` (one region's table)."""
+
+    def p(name: str) -> float:
+        return prices[name].unit_price
+
+    items: dict[str, float] = {
+        "lambda_requests": sum(f.invocations for f in usage.lambdas) * p("lambda_request")
+    }
+    for f in usage.lambdas:
+        items[f"lambda_compute_{f.function}"] = f.gb_seconds * p(
+            f"lambda_gb_second_{f.architecture}"
+        )
+    items |= {
+        "s3_put_requests": usage.s3_put_requests * p("s3_put_copy_post_list"),
+        "s3_get_requests": usage.s3_get_requests * p("s3_get_select"),
+        "s3_storage": usage.s3_gb_months * p("s3_storage_gb_month"),
+        "dynamodb_writes": usage.dynamodb_wru * p("dynamodb_write_request_unit"),
+        "dynamodb_reads": usage.dynamodb_rru * p("dynamodb_read_request_unit"),
+        "dynamodb_storage": usage.dynamodb_gb_months
+        * (p("dynamodb_storage_gb_month") + p("dynamodb_pitr_gb_month")),
+        "cloudwatch_logs": usage.log_bytes / GB * p("cloudwatch_logs_ingestion_gb")
+        + usage.log_gb_months * p("cloudwatch_logs_storage_gb_month"),
+        "cloudwatch_metrics": usage.custom_metric_months * p("cloudwatch_custom_metric_month"),
+        "cloudwatch_alarms": usage.alarm_months * p("cloudwatch_alarm_month"),
+        "cloudwatch_dashboards": usage.dashboard_months * p("cloudwatch_dashboard_month"),
+        "ecr_storage": usage.ecr_gb_months * p("ecr_storage_gb_month"),
+        "greengrass_devices": usage.greengrass_device_months * p("greengrass_core_device_month"),
+        "data_transfer_out": usage.bytes_out_internet / GB * p("data_transfer_out_internet_gb"),
+        "data_transfer_in": usage.bytes_in_internet / GB * p("data_transfer_in_gb"),
+        "data_transfer_s3_to_lambda": usage.bytes_s3_to_lambda
+        / GB
+        * p("data_transfer_s3_lambda_same_region_gb"),
+    }
+    return RoundCost(region=region, items=items)
+
+
+def _wru(size: int, *, transactional: bool = False) -> int:
+    return max(1, math.ceil(size / _WRITE_UNIT)) * (2 if transactional else 1)
+
+
+def _rru(size: int, *, strong: bool = True) -> float:
+    return max(1, math.ceil(size / _READ_UNIT)) * (1.0 if strong else 0.5)
+
+
+def round_item_bytes(selected: int, answers: int, a: CostAssumptions) -> int:
+    """The round item's size with ``answers`` recorded in it."""
+    size = a.round_item_base_bytes
+    if a.selected_in_round_item:
+        size += selected * a.selected_id_bytes
+    if a.answers_in_round_item:
+        size += answers * a.answer_bytes
+    return size
+
+
+def usage_for_round(
+    figures: RoundFigures, shape: StackShape, assumptions: CostAssumptions | None = None
+) -> RoundUsage:
+    """The billed units of one round, from what it measured and the stated assumptions.
+
+    Per round: one chained initiator run (selection, round record, assignment); every
+    selected device fetches the assignment and the model once; every answer is an upload
+    and one averager invocation (judged answers download the update and write the answer,
+    other rejections only write); one aggregation re-reads the accepted updates, writes the
+    model, its lineage (and state), closes the round and scores the model; the registry
+    counts the round for every selected client (one GetItem, one UpdateItem each).
+    """
+    a = assumptions or CostAssumptions()
+    f = figures
+    judged = f.accepted + f.rejected
+    events = judged + f.other_rejections
+    closing_size = round_item_bytes(f.selected, events, a)
+    previous_size = closing_size  # the previous round had the same shape
+
+    # --- DynamoDB ---------------------------------------------------------------------------
+    candidates = f.candidates or f.selected
+    rru = _rru(previous_size)  # latest round (query)
+    rru += 1  # runtime configuration (sfl.state.control)
+    rru += max(1, math.ceil(candidates * a.client_item_bytes / _READ_UNIT))  # registry scan
+    # Create: ConditionCheck on round n + Put of round n+1, in one transaction.
+    wru = _wru(previous_size, transactional=True) + _wru(
+        round_item_bytes(f.selected, 0, a), transactional=True
+    )
+    for i in range(events):
+        before = round_item_bytes(f.selected, i, a)
+        rru += _rru(before)  # the averager reads the round
+        if a.answers_in_round_item:
+            # An update is billed on the larger of the item before and after it.
+            wru += _wru(round_item_bytes(f.selected, i + 1, a))
+        else:
+            wru += _wru(a.answer_item_bytes, transactional=True)
+            wru += _wru(round_item_bytes(f.selected, 0, a), transactional=True)
+    # Aggregation: read the round, take the lease, close with the summary, the evaluation.
+    rru += _rru(closing_size)
+    wru += 3 * _wru(closing_size)
+    # Registry: each selected client's round counted once.
+    rru += f.selected * _rru(a.client_item_bytes)
+    wru += f.selected * _wru(a.client_item_bytes)
+
+    # --- S3 ---------------------------------------------------------------------------------
+    gets = 1  # initiator: does the base model exist (HEAD)
+    puts = 1  # initiator: the assignment
+    gets += 2 * f.selected  # devices: assignment + model
+    puts += events  # devices: every answer is an upload
+    gets += judged  # averager: each judged update, once to validate
+    gets += 3 * a.averager_cold_starts  # per container: base header (2 ranges) + base model
+    gets += f.accepted  # aggregation reads the accepted updates again
+    gets += 2  # aggregation: evaluation data HEAD + GET
+    puts += 2  # aggregation: the model version and its lineage
+    if f.stateful_rule:
+        gets += 1
+        puts += 1
+    update_bytes = f.update_bytes or events * f.model_bytes
+    months_kept = shape.update_expiry_days / DAYS_PER_MONTH
+    s3_gb_months = update_bytes / GB * months_kept  # updates until they expire
+    bytes_to_devices = f.bytes_to_devices or f.selected * f.model_bytes
+    bytes_out = bytes_to_devices + f.selected * a.assignment_bytes
+    mean_update = update_bytes / events if events else 0.0
+    # Judged updates are read to validate, accepted ones again to aggregate; the base model
+    # once per container.
+    bytes_to_lambda = int(
+        (judged + f.accepted) * mean_update + a.averager_cold_starts * f.model_bytes
+    )
+
+    # --- Lambda -----------------------------------------------------------------------------
+    handling = (
+        f.update_handling_seconds
+        if f.update_handling_seconds is not None
+        else events * a.update_handling_seconds
+    )
+    averager_seconds = (
+        handling + f.aggregate_seconds + a.averager_cold_starts * a.averager_init_seconds
+    )
+    initiator_run = (
+        f.initiator_seconds
+        if f.initiator_seconds is not None
+        else f.select_seconds + a.initiator_seconds
+    )
+    initiator_seconds = initiator_run + a.initiator_cold_starts * a.initiator_init_seconds
+    lambdas = (
+        LambdaUsage(
+            "initiator",
+            shape.initiator.architecture,
+            shape.initiator.memory_mb,
+            1,
+            initiator_seconds,
+        ),
+        LambdaUsage(
+            "averager",
+            shape.averager.architecture,
+            shape.averager.memory_mb,
+            events + 1,
+            averager_seconds,
+        ),
+    )
+    log_bytes = (
+        events * a.log_bytes_per_update + a.log_bytes_per_aggregation + a.log_bytes_per_initiator
+    )
+    return RoundUsage(
+        lambdas=lambdas,
+        s3_put_requests=puts,
+        s3_get_requests=gets,
+        s3_gb_months=s3_gb_months,
+        dynamodb_rru=rru,
+        dynamodb_wru=wru,
+        log_bytes=log_bytes,
+        log_gb_months=log_bytes / GB * shape.log_retention_days / DAYS_PER_MONTH,
+        bytes_out_internet=bytes_out,
+        bytes_in_internet=update_bytes,
+        bytes_s3_to_lambda=bytes_to_lambda,
+    )
+
+
+@dataclass(frozen=True)
+class IdleAssumptions:
+    """What an idle stack holds and does (docs/cost.md, 'The idle stack')."""
+
+    tick_seconds: float = 0.3  # each function's run on a schedule tick with no round
+    tick_log_bytes: int = 1_500
+    idle_custom_metrics: int = 3  # the initiator's RoundsStarted, OpenRoundAge, ActiveDevices
+    ecr_image_gb: float = 1.5  # the averager image, compressed (torch CPU: one to two GB)
+    table_gb: float = 0.001  # round records and registry
+
+
+def idle_usage_per_day(
+    shape: StackShape,
+    *,
+    model_versions: int,
+    model_bytes: int,
+    assumptions: IdleAssumptions | None = None,
+) -> RoundUsage:
+    """One day of a deployed stack with no device connected: the schedule's ticks (both
+    functions, each reading the latest round; the initiator scans an empty registry),
+    alarms, dashboard, the metrics the ticks publish, ``model_versions`` stored models,
+    the averager's image. Storage of updates is per round (they expire)."""
+    a = assumptions or IdleAssumptions()
+    ticks = 24 * 60 / shape.schedule_minutes
+    month = 1 / DAYS_PER_MONTH
+    log_bytes = int(2 * ticks * a.tick_log_bytes)
+    return RoundUsage(
+        lambdas=(
+            LambdaUsage(
+                "initiator",
+                shape.initiator.architecture,
+                shape.initiator.memory_mb,
+                int(ticks),
+                ticks * a.tick_seconds,
+            ),
+            LambdaUsage(
+                "averager",
+                shape.averager.architecture,
+                shape.averager.memory_mb,
+                int(ticks),
+                ticks * a.tick_seconds,
+            ),
+        ),
+        s3_get_requests=0,
+        s3_gb_months=model_versions * model_bytes / GB * month,
+        # Initiator: latest round, configuration, registry scan; averager: latest round.
+        dynamodb_rru=ticks * 4,
+        dynamodb_gb_months=a.table_gb * month,
+        log_bytes=log_bytes,
+        log_gb_months=log_bytes / GB * shape.log_retention_days / DAYS_PER_MONTH,
+        custom_metric_months=a.idle_custom_metrics * month,
+        alarm_months=shape.alarms * month,
+        dashboard_months=shape.dashboards * month,
+        ecr_gb_months=a.ecr_image_gb * month,
+    )
+
+
+def fleet_usage_per_day(
+    shape: StackShape, devices: int, assumptions: CostAssumptions | None = None
+) -> RoundUsage:
+    """One day of ``devices`` connected devices, rounds or not: each polls the assignment
+    every ``poll_seconds`` (a conditional GET, billed even when it answers 304) and writes a
+    heartbeat every ``heartbeat_seconds``; Greengrass bills each active core device monthly."""
+    a = assumptions or CostAssumptions()
+    polls = int(devices * 86_400 / shape.poll_seconds)
+    heartbeats = devices * 86_400 / shape.heartbeat_seconds
+    return RoundUsage(
+        s3_get_requests=polls,
+        dynamodb_wru=heartbeats * _wru(a.client_item_bytes),
+        bytes_out_internet=polls * a.poll_response_bytes,
+        greengrass_device_months=devices / DAYS_PER_MONTH,
+    )
+
+
+# --- the round record's figure (the averager and simulate call this) ----------------------
+
+
+def round_cost_summary(
+    figures: RoundFigures,
+    shape: StackShape,
+    assumptions: CostAssumptions | None = None,
+) -> dict[str, Any]:
+    """The cost a closing round records (round summary ``cost``, history.json ``cost``).
+
+    Never raises for a region without prices: the round must close regardless, so the
+    summary then says why it has no dollars (``usd`` None, ``unpriced``)."""
+    usage = usage_for_round(figures, shape, assumptions)
+    base: dict[str, Any] = {
+        "region": shape.region,
+        "prices_read_on": sorted({p.read_on for t in PRICES.values() for p in t.values()}),
+        "usage": {
+            "lambda_invocations": {f.function: f.invocations for f in usage.lambdas},
+            "lambda_gb_seconds": {f.function: round(f.gb_seconds, 6) for f in usage.lambdas},
+            "s3_put_requests": usage.s3_put_requests,
+            "s3_get_requests": usage.s3_get_requests,
+            "dynamodb_rru": usage.dynamodb_rru,
+            "dynamodb_wru": usage.dynamodb_wru,
+            "bytes_out_internet": usage.bytes_out_internet,
+            "bytes_in_internet": usage.bytes_in_internet,
+        },
+    }
+    try:
+        prices = prices_for(shape.region)
+    except NoPricesError as e:
+        return {**base, "usd": None, "items": {}, "unpriced": str(e)}
+    cost = estimate(usage, prices, shape.region)
+    return {**base, "usd": cost.total, "items": {k: v for k, v in cost.items.items() if v}}
+
+
+def figures_from_round(
+    *,
+    selected: int,
+    accepted: int,
+    rejected: int,
+    other_rejections: int,
+    candidates: int,
+    summary: Mapping[str, Any],
+    select_seconds: float,
+    update_handling_seconds: float | None = None,
+    stateful_rule: bool = False,
+) -> RoundFigures:
+    """RoundFigures from a closed round's record and summary (model_bytes, bytes_up,
+    bytes_down, aggregate_seconds as the averager writes them)."""
+    return RoundFigures(
+        selected=selected,
+        accepted=accepted,
+        rejected=rejected,
+        other_rejections=other_rejections,
+        candidates=candidates,
+        model_bytes=int(summary.get("model_bytes", 0)),
+        update_bytes=int(summary.get("bytes_up", 0)),
+        bytes_to_devices=int(summary.get("bytes_down", 0)),
+        aggregate_seconds=float(summary.get("aggregate_seconds", 0.0)),
+        update_handling_seconds=update_handling_seconds,
+        select_seconds=select_seconds,
+        stateful_rule=stateful_rule,
+    )

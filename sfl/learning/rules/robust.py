@@ -1,0 +1,143 @@
+"""Robust aggregation rules: coordinate-wise median, trimmed mean, (Multi-)Krum.
+
+They need every update's value of a coordinate at once, so they read updates as chunks
+(the same rows of one tensor from every update): memory is ``CHUNK_ELEMENTS`` float64 values
+plus the model, whatever the number of updates. They ignore claimed example counts, except
+Multi-Krum, which averages the updates it keeps with their bounded weights. The maths
+follows Flower's ``aggregate_median``, ``aggregate_trimmed_avg`` and ``aggregate_krum``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from sfl.learning.rules.aggregation import (
+    Aggregate,
+    FedAvg,
+    Rule,
+    State,
+    UpdateSet,
+    as_rows,
+    cast_like,
+)
+
+# --- pure maths over one chunk (axis 0: updates) ---------------------------------------
+
+
+def coordinate_median(values: torch.Tensor) -> torch.Tensor:
+    """Median along axis 0; with an even count, the mean of the two middle values."""
+    ordered = values.sort(dim=0).values
+    n = values.shape[0]
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(values: torch.Tensor, trim_fraction: float) -> torch.Tensor:
+    """Mean along axis 0 after cutting ``floor(trim_fraction * n)`` values from each tail."""
+    n = values.shape[0]
+    cut = int(trim_fraction * n)
+    return values.sort(dim=0).values[cut : n - cut].mean(dim=0)
+
+
+def add_squared_distances(distances: torch.Tensor, values: torch.Tensor) -> None:
+    """Add this chunk's share of every pairwise squared L2 distance to ``distances``."""
+    flat = values.reshape(values.shape[0], -1)
+    gram = flat @ flat.T  # one matrix product: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b
+    squares = gram.diagonal()
+    distances += (squares[:, None] + squares[None, :] - 2 * gram).clamp(min=0.0)
+
+
+def krum_scores(distances: torch.Tensor, byzantine: int) -> list[float]:
+    """Each update's Krum score: the sum of squared distances to its ``n - f - 2`` nearest
+    other updates (at least one)."""
+    n = distances.shape[0]
+    nearest = max(1, n - byzantine - 2)
+    scores = []
+    for i in range(n):
+        others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
+        scores.append(float(others.sort().values[:nearest].sum()))
+    return scores
+
+
+# --- the rules ---------------------------------------------------------------------------
+
+
+class _Coordinatewise(Rule):
+    """A rule that reduces each coordinate's values across updates to one value."""
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aggregate(
+        self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
+    ) -> Aggregate | None:
+        return _by_chunks(base, updates, self.reduce)
+
+
+def _by_chunks(
+    base: Mapping[str, torch.Tensor],
+    updates: UpdateSet,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+) -> Aggregate | None:
+    out = {name: torch.empty(t.shape, dtype=torch.float64) for name, t in base.items()}
+    seen = False
+    for chunk in updates.chunks():
+        if chunk.values.shape[0] == 0:
+            return None
+        seen = True
+        as_rows(out[chunk.name])[chunk.rows] = reduce(chunk.values)
+    if not seen:
+        return None
+    return Aggregate(model={name: cast_like(v, base[name].dtype) for name, v in out.items()})
+
+
+class Median(_Coordinatewise):
+    """Coordinate-wise median (Yin et al. 2018)."""
+
+    name = "median"
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return coordinate_median(values)
+
+
+class TrimmedMean(_Coordinatewise):
+    """Coordinate-wise trimmed mean (Yin et al. 2018)."""
+
+    name = "trimmed_mean"
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        return trimmed_mean(values, self.params["trim_fraction"])
+
+
+class MultiKrum(Rule):
+    """Multi-Krum (Blanchard et al. 2017): keep the updates closest to their neighbours and
+    average those with their bounded weights; ``keep=1`` is Krum (the best one, as is)."""
+
+    name = "krum"
+
+    def aggregate(
+        self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
+    ) -> Aggregate | None:
+        n = len(updates.weights())
+        if n == 0:
+            return None
+        distances = torch.zeros((n, n), dtype=torch.float64)
+        for chunk in updates.chunks():
+            add_squared_distances(distances, chunk.values)
+        byzantine = math.floor(self.params["byzantine_fraction"] * n)
+        keep = int(self.params["keep"]) or n - byzantine
+        keep = max(1, min(keep, n))
+        scores = krum_scores(distances, byzantine)
+        chosen = sorted(sorted(range(n), key=lambda i: (scores[i], i))[:keep])
+        details = {"krum_kept": chosen, "krum_byzantine": byzantine}
+        if keep == 1:
+            ((tensors, _),) = list(updates.stream(chosen))
+            model = {name: t.clone().contiguous() for name, t in tensors.items()}
+            return Aggregate(model=model, details=details)
+        kept = FedAvg()
+        for tensors, weight in updates.stream(chosen):
+            kept.add(tensors, weight)
+        result = kept.result()
+        return None if result is None else Aggregate(model=result, details=details)
