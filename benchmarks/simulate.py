@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/simulate.py --local-performance
         # 10 digits clients and 40 MNIST clients (the seed's setup), each with the local-mode
         # speed-ups and without them (in-process clients polling every 0.1 s); writes
-        # benchmarks/results/local-performance.json (docs/local-performance.md)
+        # benchmarks/results/local-performance.json (docs/results/local-performance.md)
 
 Targets (issue 2): 10 non-IID clients on digits reach >= 0.90 test accuracy; 10 clients x
 15 rounds finish within 3 minutes on the 2-core development machine. The numbers are
