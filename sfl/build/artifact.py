@@ -32,10 +32,11 @@ REQUIREMENTS_FILE = "requirements-edge.txt"
 _TESTED_MARKERS = ("", 'python_version >= "3.11"')
 
 CLIENT_PACKAGE = "edge_client"
-# Tasks are loaded by name at run time (``sfl.learning.tasks.load_task``), so every built-in task ships.
+# Tasks are loaded by name at run time (``sfl.learning.tasks.load_task``), so every built-in
+# task ships.
 ROOT_PACKAGES = (CLIENT_PACKAGE, "sfl.learning.tasks")
 # Never on a device: the local mode (moto, simulation), the CLI and the Lambda-side modules.
-FORBIDDEN_MODULES = ("sfl.local", "sfl.cli.main", "sfl.cli.recipes", "sfl.server.averager", "sfl.server.initiator")
+FORBIDDEN_MODULES = ("sfl.local", "sfl.cli", "sfl.server.averager", "sfl.server.initiator")
 
 # Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
 # provides them; None: imported only on paths a device never runs (sklearn: a task's
