@@ -91,24 +91,27 @@ def test_rule_parameters_are_kept_as_one_text_however_they_are_written() -> None
     assert as_text.aggregation_params == as_object.aggregation_params == '{"eta":0.03,"tau":0.001}'
 
 
-def test_rule_parameters_are_checked_once_where_the_config_enters(
+def test_rule_parameters_are_read_once_where_the_config_enters(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from sfl.core import params
     from sfl.state.control import effective_config
 
-    calls: list[str] = []
-    resolve = params.resolve
-    monkeypatch.setattr(
-        params, "resolve", lambda rule, given: calls.append(rule) or resolve(rule, given)
-    )
+    reads: list[str] = []
+    parse = params.parse
 
-    deployed = FederationConfig.from_mapping({"aggregation": "fedadam"}, source="cdk.json")
-    assert calls == ["fedadam"]
-    assert effective_config(deployed, {}) is deployed  # no runtime change: nothing re-read
-    assert calls == ["fedadam"]
+    def counted(text: str) -> dict[str, object]:
+        reads.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(params, "parse", counted)
+    given = {"aggregation": "fedadam", "aggregation_params": {"eta": 0.03}}
+    deployed = FederationConfig.from_mapping(given, source="cdk.json")
+    assert reads == ['{"eta":0.03}']
+    assert effective_config(deployed, {}) is deployed  # no runtime change: nothing read again
+    assert len(reads) == 1
     assert effective_config(deployed, {"lr": 0.1}).lr == 0.1  # a runtime record enters
-    assert calls == ["fedadam", "fedadam"]
+    assert len(reads) == 2
 
 
 # --- configuration keys on the command line ---------------------------------------------------

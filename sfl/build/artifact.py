@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_REQUIREMENTS = Path("requirements") / "runtime.txt"
 EDGE_REQUIREMENTS = Path("requirements") / "edge.txt"
 ARCHIVE_NAME = "sfl-edge-client.zip"

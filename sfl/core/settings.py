@@ -14,7 +14,7 @@ import json
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, TypeVar
 
 
 class ConfigError(ValueError):
@@ -123,6 +123,9 @@ def _kind_of(hint: Any) -> type:
     return typing.cast(type, origin)
 
 
+_S = TypeVar("_S", bound="Settings")  # devices run Python 3.10: no Self type
+
+
 class Settings:
     """Base of a frozen dataclass of settings: checked when built, read from a mapping or
     from text, described for help and docs. A subclass adds checks across keys in
@@ -192,7 +195,7 @@ class Settings:
     # --- sources -------------------------------------------------------------------------
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> Self:
+    def from_mapping(cls: type[_S], values: Mapping[str, Any], *, source: str = "config") -> _S:
         """Build from typed values (a ``cdk.json`` context, a JSON record); unknown keys are
         errors."""
         cls.refuse_unknown(values, source=source)
@@ -223,7 +226,7 @@ class Settings:
         cls.refuse_unknown(values, source=source)
         return {k: cls.parse_value(k, v, where=source) for k, v in values.items()}
 
-    def with_overrides(self, values: Mapping[str, str], *, source: str = "--set") -> Self:
+    def with_overrides(self: _S, values: Mapping[str, str], *, source: str = "--set") -> _S:
         """This record with some keys given as text (``KEY=VALUE`` on a command line)."""
         return self.replace(**self.parse_text(values, source=source))
 
@@ -232,7 +235,7 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
-    def replace(self, **changes: Any) -> Self:
+    def replace(self: _S, **changes: Any) -> _S:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     @classmethod
