@@ -113,7 +113,7 @@ def setting(
     )
 
 
-_KINDS: dict[type, dict[str, Key]] = {}
+_KEYS_OF: dict[type, dict[str, Key]] = {}  # each settings class -> its keys, resolved once
 
 
 def _kind_of(hint: Any) -> type:
@@ -139,14 +139,14 @@ class Settings:
     @classmethod
     def key_specs(cls) -> dict[str, Key]:
         """Every key of this class, in declaration order."""
-        found = _KINDS.get(cls)
+        found = _KEYS_OF.get(cls)
         if found is None:
             hints = typing.get_type_hints(cls)
             found = {}
             for f in dataclasses.fields(cls):  # type: ignore[arg-type]
                 check, doc = f.metadata[_SETTING]
                 found[f.name] = Key(f.name, _kind_of(hints[f.name]), check, doc, f)
-            _KINDS[cls] = found
+            _KEYS_OF[cls] = found
         return found
 
     @classmethod
