@@ -233,6 +233,20 @@ def test_cost_reads_memory_from_cdk_json(
     )
 
 
+def test_cost_checks_cdk_json_as_synth_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cdk = json.loads((REPO / "cdk.json").read_text())
+    cdk["context"]["sfl_infra"]["schedule_minutes"] = 0
+    (tmp_path / "cdk.json").write_text(json.dumps(cdk))
+    args = ["cost", "--model-bytes", "1", "--region", "us-east-1"]
+    assert main([*args, "--cdk-json", str(tmp_path / "cdk.json")]) == 2
+    assert (
+        "sfl cost: config key sfl_infra.schedule_minutes: 0 is not allowed; "
+        "allowed: an integer from 1 to 1440" in capsys.readouterr().err
+    )
+
+
 def test_the_installed_command_reads_the_repository_cdk_json(tmp_path: Path) -> None:
     """``sfl`` as installed (infra/ is not a package of it), run outside the repository."""
     sfl = Path(sys.executable).parent / "sfl"

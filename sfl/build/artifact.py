@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_REQUIREMENTS = Path("requirements") / "runtime.txt"
 EDGE_REQUIREMENTS = Path("requirements") / "edge.txt"
 ARCHIVE_NAME = "sfl-edge-client.zip"
@@ -32,10 +32,11 @@ REQUIREMENTS_FILE = "requirements-edge.txt"
 _TESTED_MARKERS = ("", 'python_version >= "3.11"')
 
 CLIENT_PACKAGE = "edge_client"
-# Tasks are loaded by name at run time (``sfl.learning.tasks.load_task``), so every built-in task ships.
+# Tasks are loaded by name at run time (``sfl.learning.tasks.load_task``), so every built-in
+# task ships.
 ROOT_PACKAGES = (CLIENT_PACKAGE, "sfl.learning.tasks")
 # Never on a device: the local mode (moto, simulation), the CLI and the Lambda-side modules.
-FORBIDDEN_MODULES = ("sfl.local", "sfl.cli.main", "sfl.cli.recipes", "sfl.server.averager", "sfl.server.initiator")
+FORBIDDEN_MODULES = ("sfl.local", "sfl.cli", "sfl.server.averager", "sfl.server.initiator")
 
 # Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
 # provides them; None: imported only on paths a device never runs (sklearn: a task's

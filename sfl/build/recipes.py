@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import sfl
 from sfl.build.artifact import REQUIREMENTS_FILE
 from sfl.core.config import FederationConfig
+from sfl.core.device_settings import CONFIGURATION_KEYS
 from sfl.core.resources import ResourceNames
 
 RECIPE_FORMAT_VERSION = "2020-01-25"
@@ -119,16 +120,6 @@ class DeviceDefaults:
 
 
 @dataclass(frozen=True)
-class ConfigurationKey:
-    """A device-owned ``DefaultConfiguration`` key and the variable a lifecycle step sets."""
-
-    key: str
-    variable: str
-    step: str  # "Install" or "Run"
-    doc: str
-
-
-@dataclass(frozen=True)
 class StackSetting:
     """A stack-owned setting: a literal in the ``Run`` step's ``Setenv`` of each version."""
 
@@ -146,34 +137,6 @@ STACK_SETTINGS = (
     StackSetting("SFL_POLL_SECONDS", "idle poll interval"),
     StackSetting("SFL_HEARTBEAT_SECONDS", "heartbeat interval"),
     StackSetting("SFL_ACTIVE_WINDOW_SECONDS", "the federation's active window (registry expiry)"),
-)
-CONFIGURATION_KEYS = (
-    ConfigurationKey(
-        "endpointUrl", "AWS_ENDPOINT_URL", "Run", "another AWS endpoint; '' means AWS's own"
-    ),
-    ConfigurationKey("dataDir", "SFL_DATA_DIR", "Run", "this device's data directory"),
-    ConfigurationKey(
-        "pythonInterpreter", "SFL_INSTALL_PYTHON", "Install", "Python >= 3.10 for the venv"
-    ),
-    ConfigurationKey(
-        "systemSitePackages",
-        "SFL_INSTALL_SYSTEM_SITE_PACKAGES",
-        "Install",
-        "'true': the venv sees the interpreter's site-packages",
-    ),
-    ConfigurationKey(
-        "extraSitePackages",
-        "SFL_INSTALL_EXTRA_SITE_PACKAGES",
-        "Install",
-        "':'-separated directories of preinstalled packages the venv sees",
-    ),
-    ConfigurationKey("pipOptions", "SFL_INSTALL_PIP_OPTIONS", "Install", "extra pip options"),
-    ConfigurationKey(
-        "torchIndexUrl",
-        "SFL_INSTALL_TORCH_INDEX_URL",
-        "Install",
-        "index torch alone comes from (default PyTorch's CPU wheels); '' : the usual index",
-    ),
 )
 
 

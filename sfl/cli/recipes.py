@@ -1,16 +1,16 @@
 """``sfl recipes``: write the edge client's Greengrass recipe (JSON + YAML), optionally its zip.
 
-The federation's settings come from ``cdk.json`` (context ``sfl``, as the stack reads them);
-deployed names default to placeholders to replace with the stack's outputs. The deployed
-stack registers its own component version: these files are for the console or the GDK.
-``--wheel-bundle DIR`` adds the offline option: a zip of the wheels in DIR as a second
-artifact, which Install then uses with no package index.
+The settings come from ``cdk.json`` (contexts ``sfl`` and ``sfl_infra``, read and checked as
+``cdk synth`` reads them, so the component is named as the stack names it); deployed names
+default to placeholders to replace with the stack's outputs. The deployed stack registers its
+own component version: these files are for the console or the GDK. ``--wheel-bundle DIR``
+adds the offline option: a zip of the wheels in DIR as a second artifact, which Install then
+uses with no package index.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +23,20 @@ def _placeholder(output_name: str) -> str:
     return f"{PLACEHOLDER_PREFIX}STACK_OUTPUT_{output_name}"
 
 
-def _context(path: Path | None) -> dict[str, Any]:
-    if path is None or not path.is_file():
-        return {}
-    context = json.loads(path.read_text(encoding="utf-8")).get("context", {})
-    return context if isinstance(context, dict) else {}
-
-
-def _default_component_name(context: dict[str, Any]) -> str:
-    # Mirrors the stack (infra.config.InfraConfig.resolved_component_name).
-    from sfl.build.recipes import DEFAULT_COMPONENT_NAME
-
-    infra = context.get("sfl_infra", {})
-    if infra.get("component_name"):
-        return str(infra["component_name"])
-    if infra.get("stack_prefix"):
-        return f"{infra['stack_prefix']}.EdgeClient"
-    return DEFAULT_COMPONENT_NAME
-
-
 def _recipes(args: argparse.Namespace) -> int:
     import tempfile
 
     from sfl.build.artifact import ARCHIVE_NAME, build_client_artifact, build_wheel_bundle
     from sfl.build.recipes import DeviceDefaults, WheelBundle, build_recipe, write_recipes
-    from sfl.core.config import CONTEXT_KEY, FederationConfig
+    from sfl.core.deployment import StackConfig
     from sfl.core.resources import ResourceNames
 
     cdk_json = args.cdk_json if args.cdk_json is not None else DEFAULT_CDK_JSON
-    context = _context(cdk_json)
-    config = FederationConfig.from_mapping(
-        context.get(CONTEXT_KEY, {}), source=f"{cdk_json} context {CONTEXT_KEY!r}"
+    # Read and checked as 'cdk synth' reads it; no cdk.json: the stack's defaults.
+    stack = (
+        StackConfig.from_cdk_json(cdk_json)
+        if cdk_json.is_file()
+        else StackConfig.from_context(lambda key: None)
     )
     names = ResourceNames(
         models_bucket=args.models_bucket,
@@ -69,10 +52,10 @@ def _recipes(args: argparse.Namespace) -> int:
             built = build_wheel_bundle(args.wheel_bundle, args.wheel_bundle_out)
             bundle = WheelBundle(uri=args.wheel_bundle_uri, sha256=built.sha256)
         recipe = build_recipe(
-            config,
+            stack.federation,
             names,
             region=args.region,
-            component_name=args.component_name or _default_component_name(context),
+            component_name=args.component_name or stack.infra.resolved_component_name,
             artifact_uri=args.artifact_uri,
             artifact_sha256=artifact.sha256,
             device=DeviceDefaults(data_dir=args.data_dir),

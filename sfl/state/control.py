@@ -104,13 +104,9 @@ def effective_config(deployed: FederationConfig, overrides: Mapping[str, Any]) -
             f"config key(s) {', '.join(map(repr, fixed))} are fixed at deploy time "
             "(cdk.json context 'sfl', then a redeploy)"
         )
-    known = set(deployed.to_dict())
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"runtime config: unknown config key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(sorted(known))}"
-        )
+    if not overrides:
+        return deployed
+    FederationConfig.refuse_unknown(overrides, source="runtime config")
     return deployed.replace(**dict(overrides))
 
 
@@ -184,20 +180,14 @@ class ControlStore:
                 f"config key(s) {', '.join(map(repr, fixed))} are fixed at deploy time "
                 "(cdk.json context 'sfl', then a redeploy)"
             )
-        known = set(deployed.to_dict())
-        unknown = sorted(set(unset) - known)
-        if unknown:
-            raise ConfigError(
-                f"unset: unknown config key(s) {', '.join(map(repr, unknown))}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        # Parse the new values with the config's own parser and messages.
-        parsed = deployed.with_overrides(dict(changes), source="sfl config set")
+        FederationConfig.refuse_unknown(unset, source="unset")
+        # The new values as their types; effective_config checks them with the rest, once.
+        parsed = FederationConfig.parse_text(changes, source="sfl config set")
         overrides = {k: v for k, v in current.overrides.items() if k not in unset}
-        overrides.update({k: getattr(parsed, k) for k in changes})
+        overrides.update(parsed)
         config = effective_config(deployed, overrides)
         version = current.config_version + 1
-        changed: dict[str, Any] = {k: getattr(parsed, k) for k in changes}
+        changed: dict[str, Any] = dict(parsed)
         changed.update({k: None for k in unset})
         record = ConfigVersion(version, overrides, now, changed, note)
         self._transact(

@@ -1,0 +1,77 @@
+"""What the operator's commands share: the flags that find a federation, connecting to it,
+output as a rich view or JSON, and a failure as one line on stderr.
+
+Each command finds the federation (``sfl.ops.federation.connect``); a failure to connect is
+one clear line and exit code 1, a bad configuration value exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+from sfl.core.config import ConfigError
+from sfl.ops.federation import DEFAULT_STACK, STACK_ENV, Federation, OpsError, connect, translated
+
+#: A command's body: returns JSON-able data to print, or None when it printed its own view.
+Handler = Callable[[Federation, argparse.Namespace, Console], Any]
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%m-%d %H:%M:%S")
+
+
+def num(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run(handler: Handler, args: argparse.Namespace) -> int:
+    """Connect, run one command, print; a failure is one line on stderr and exit code 1."""
+    out = console()
+    try:
+        with translated("aws", args.command, args.endpoint):
+            fed = connect(
+                args.stack, endpoint_url=args.endpoint, region=args.region, profile=args.profile
+            )
+            data = handler(fed, args, out)
+    except (OpsError, ConfigError) as e:
+        print(f"sfl {args.command}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        return 130
+    if data is not None:
+        print(json.dumps(data, indent=2, default=str, sort_keys=True))
+    return 0
+
+
+def connection_flags(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    """``--stack --endpoint --region --profile`` (and ``--json``): where the federation is."""
+    p.add_argument("--stack", help=f"stack name (default: ${STACK_ENV}, else {DEFAULT_STACK})")
+    p.add_argument("--endpoint", help="local mode: the endpoint 'sfl local up' printed")
+    p.add_argument("--region", help="AWS region (default: your AWS settings)")
+    p.add_argument("--profile", help="AWS profile (default: your AWS settings)")
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def command(
+    sub: Any, name: str, handler: Handler, help: str, *, flags: bool = True
+) -> argparse.ArgumentParser:
+    """Register an operator command that runs ``handler`` against the federation."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    if flags:
+        connection_flags(p)
+    p.set_defaults(func=lambda args: run(handler, args))
+    return p

@@ -1,0 +1,217 @@
+"""The operator's views of a federation: ``sfl status``, ``rounds``, ``watch``, ``devices``
+and ``report``; each prints a readable view with rich, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from sfl.cli.operator import command, num, when
+from sfl.ops import views
+from sfl.ops.federation import Federation, OpsError
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    s = views.status(fed)
+    if args.json:
+        return s
+    where = "local mode" if s["local"] else s["region"]
+    out.print(f"[bold]{s['stack']}[/] ({where}), experiment [bold]{s['experiment']}[/]")
+    state = "[red]PAUSED[/]" if s["paused"] else "[green]running[/]"
+    if s["paused"] and s["pause_reason"]:
+        state += f" ({s['pause_reason']})"
+    out.print(f"federation:  {state}, runtime config version {s['config_version']}")
+    r = s["round"]
+    if r is None:
+        out.print("round:       none yet")
+    else:
+        line = f"round:       {r['round']} {r['status']}"
+        if r["status"] in ("OPEN", "AGGREGATING"):
+            left = r["deadline_at"] - s["now"]
+            line += f", {r['answered']}/{r['selected']} answered, deadline in {left:.0f} s"
+        else:
+            line += f" at {when(r['finished_at'])}, {r['accepted']}/{r['selected']} accepted"
+        out.print(line)
+    out.print(
+        f"rounds:      {s['rounds_closed']} closed, {s['rounds_abandoned']} abandoned"
+        + (
+            f"; rollback to version {s['rollback_to']} pending"
+            if s["rollback_to"] is not None
+            else ""
+        )
+    )
+    out.print(f"devices:     {s['active_devices']} active of {s['known_devices']} known")
+    m = s["latest_model"]
+    if m is None:
+        out.print("model:       version 0 (no round closed yet)")
+    else:
+        out.print(
+            f"model:       version {m['version']} (round {m['round']}), held-out accuracy "
+            f"{num(m['accuracy'])}, clients' {num(m['client_accuracy'])}"
+            + (f"; promoted: {s['promoted_version']}" if s["promoted_version"] is not None else "")
+        )
+    firing = [a for a in s["alarms"] if a["state"] == "ALARM"]
+    if not s["alarms"]:
+        out.print("alarms:      none defined")
+    elif firing:
+        out.print("alarms:      [red]" + ", ".join(a["name"] for a in firing) + "[/] in ALARM")
+    else:
+        out.print(f"alarms:      none in ALARM ({len(s['alarms'])} alarms)")
+    if s["dashboard"]:
+        out.print(f"dashboard:   {s['dashboard']}")
+    return None
+
+
+def _rounds_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=None, show_lines=False)
+    for column, justify in (
+        ("round", "right"), ("status", "left"), ("model", "right"), ("cfg", "right"),
+        ("answered", "right"), ("accepted", "right"), ("rejected", "left"),
+        ("started UTC", "left"), ("time s", "right"), ("accuracy", "right"),
+        ("client acc", "right"),
+    ):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        rejected = ", ".join(f"{k} {v}" for k, v in r["rejections"].items()) or "-"
+        model = f"{r['base_version']}->{r['model_version']}" if r["model_version"] else "-"
+        status = r["status"] if r["status"] != "ABANDONED" else f"[red]{r['status']}[/]"
+        table.add_row(
+            str(r["round"]), status, model, str(r["config_version"]),
+            f"{r['answered']}/{r['selected']}", str(r["accepted"]), rejected,
+            when(r["started_at"]), f"{r['duration_seconds']:.1f}", num(r["accuracy"]),
+            num(r["client_accuracy"]),
+        )  # fmt: skip
+    return table
+
+
+def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    rows = [views.round_row(r) for r in views.rounds_of(fed)]
+    if args.last:
+        rows = rows[-args.last :]
+    if args.json:
+        return rows
+    if not rows:
+        out.print("no rounds yet")
+        return None
+    out.print(_rounds_table(rows))
+    return None
+
+
+def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    rows = views.devices(fed)
+    if args.json:
+        return rows
+    table = Table()
+    for column in ("device", "active", "last seen", "turnaround s", "picked", "answered",
+                   "missed", "rejected"):  # fmt: skip
+        table.add_column(column)
+    for d in rows:
+        table.add_row(
+            d["client_id"],
+            "yes" if d["active"] else "[red]no[/]",
+            _ago(d["last_seen_seconds_ago"]),
+            num(d["ewma_turnaround"], ".1f"),
+            str(d["rounds_picked"]),
+            str(d["rounds_answered"]),
+            str(d["rounds_missed"]),
+            ", ".join(f"{k} {v}" for k, v in d["rejected"].items()) or "-",
+        )
+    out.print(table)
+    return None
+
+
+def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    """Live progress of the open round and accuracy per round, until ``--until-round`` has
+    finished, ``--timeout`` passes or Ctrl-C."""
+    deadline = time.time() + args.timeout if args.timeout else None
+    shown: set[int] = set()
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[deadline]}"), console=out, transient=not args.json,
+        disable=args.json,
+    )  # fmt: skip
+    task_ids: dict[int, Any] = {}
+    finished = [r.round for r in views.rounds_of(fed) if r.status.finished]
+    shown.update(finished[: -args.history] if args.history else finished)
+    with progress:
+        while True:
+            now = time.time()
+            history = views.rounds_of(fed)
+            for r in history:
+                row = views.round_row(r, now)
+                if r.status.finished and r.round not in shown:
+                    shown.add(r.round)
+                    if r.round in task_ids:
+                        progress.remove_task(task_ids.pop(r.round))
+                    if args.json:
+                        print(json.dumps(row, default=str, sort_keys=True), flush=True)
+                    else:
+                        progress.console.print(
+                            f"round {r.round} {row['status']}: {row['accepted']}/{row['selected']}"
+                            f" accepted, {row['duration_seconds']:.1f} s, accuracy "
+                            f"{num(row['accuracy'])} (clients {num(row['client_accuracy'])})"
+                            + (f", {row['abandon_reason']}" if row["abandon_reason"] else "")
+                        )
+                elif not r.status.finished and not args.json:
+                    left = f"deadline in {max(0.0, r.deadline_at - now):.0f} s"
+                    if r.round not in task_ids:
+                        task_ids[r.round] = progress.add_task(
+                            f"round {r.round} {r.status}", total=r.num_selected, deadline=left
+                        )
+                    progress.update(
+                        task_ids[r.round], completed=r.num_answered, deadline=left,
+                        description=f"round {r.round} {r.status}",
+                    )  # fmt: skip
+            if args.until_round and args.until_round in shown:
+                return None
+            if deadline is not None and time.time() >= deadline:
+                raise OpsError(
+                    f"--timeout {args.timeout:g} s passed"
+                    + (f" before round {args.until_round} finished" if args.until_round else "")
+                )
+            time.sleep(args.interval)
+
+
+def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops.report import write_report
+
+    result = write_report(fed, args.out)
+    if args.json:
+        return result
+    out.print(f"{result['rounds']} rounds: {result['history']}")
+    for chart in result["charts"]:
+        out.print(f"  {chart}")
+    return None
+
+
+def add_parser(sub: Any) -> None:
+    command(sub, "status", _status, "the federation now: round, devices, model, alarms")
+    p = command(sub, "rounds", _rounds, "every round: outcome, answers, rejections, accuracy")
+    p.add_argument("--last", type=int, default=0, help="only the last N rounds")
+    p = command(sub, "watch", _watch, "live progress of the open round and accuracy per round")
+    p.add_argument("--until-round", type=int, default=0, help="stop once round N has finished")
+    p.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
+    p.add_argument("--history", type=int, default=5, help="also show the last N finished rounds")
+    command(
+        sub, "devices", _devices, "every device: active, last seen, turnaround, answers, rejections"
+    )
+    p = command(
+        sub, "report", _report, "history.json and charts (accuracy, time, cost) into a folder"
+    )
+    p.add_argument("--out", type=Path, required=True)
