@@ -107,8 +107,8 @@ def run_simulation(rounds: int, out: Path) -> dict[str, Any]:
     totals = [r["seconds"] for r in rows if r["seconds"] is not None]
     overheads = [r["overhead_seconds"] for r in rows if r["overhead_seconds"] is not None]
     return {
-        "command": "sfl simulate --task mnist --partition iid --clients 40 --fraction 1 "
-        f"--local-epochs 1 --rounds {rounds}",
+        "command": "sfl simulate --task mnist --partition iid --clients 40 --set fraction=1 "
+        f"--set local_epochs=1 --rounds {rounds}",
         "rounds": rows,
         "seconds_per_round": sum(totals) / len(totals) if totals else None,
         "overhead_seconds_per_round": sum(overheads) / len(overheads) if overheads else None,
