@@ -382,8 +382,9 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "summary_after_round_1": compare(after),
         "command": (
-            f"sfl simulate --clients 20 --rounds {args.e2e_rounds} --set fraction=0.5 --partition "
-            f"dirichlet --alpha 0.5 --slow-clients {args.e2e_sigma} --set selection=RULE --seed SEED"
+            f"sfl simulate --clients 20 --rounds {args.e2e_rounds} --set fraction=0.5 "
+            f"--partition dirichlet --alpha 0.5 --slow-clients {args.e2e_sigma} "
+            "--set selection=RULE --seed SEED"
         ),
         "summary": compare(runs),
         "runs": runs,
