@@ -85,6 +85,14 @@ class LocalFederation:
     session's), used and left running; by default the federation starts and stops its own.
     """
 
+    # Inside the ``with`` block:
+    deployment: LocalDeployment
+    initiator: LocalFunction
+    averager: LocalFunction
+    dispatcher: S3EventDispatcher
+    clients: AwsClients  # S3 and DynamoDB clients for the caller's own reads and writes
+    rounds: RoundStore
+
     def __init__(
         self,
         config: FederationConfig,
@@ -113,7 +121,6 @@ class LocalFederation:
         self._exit = ExitStack()
         self._stop = threading.Event()
         self._schedule: threading.Thread | None = None
-        self._parts: _Parts | None = None
 
     # -- starting and stopping ---------------------------------------------------------------
 
@@ -121,29 +128,22 @@ class LocalFederation:
         with ExitStack() as started:
             if self._owns_aws:
                 started.enter_context(self.aws)
-            deployment = provision(self.aws)
+            self.deployment = provision(self.aws)
             started.enter_context(
-                lambda_environment(handler_environment(self.aws, deployment.names, self.config))
+                lambda_environment(handler_environment(self.aws, self.names, self.config))
             )
-            initiator = LocalFunction("initiator", log_path=self._log_path)
-            averager = LocalFunction("averager", log_path=self._log_path)
-            averager.invoke({"sfl": "bootstrap"})
-            clients = self.aws.clients()
-            dispatcher = S3EventDispatcher(
+            self.initiator = LocalFunction("initiator", log_path=self._log_path)
+            self.averager = LocalFunction("averager", log_path=self._log_path)
+            self.averager.invoke({"sfl": "bootstrap"})
+            self.clients = self.aws.clients()
+            self.rounds = RoundStore(self.clients.dynamodb, self.names.rounds_table)
+            self.dispatcher = S3EventDispatcher(
                 self.aws.client("sqs"),
-                deployment.queue_url,
-                averager.invoke,
+                self.deployment.queue_url,
+                self.averager.invoke,
                 **self._delivery,
             ).start()
-            started.callback(dispatcher.stop)
-            self._parts = _Parts(
-                deployment=deployment,
-                initiator=initiator,
-                averager=averager,
-                dispatcher=dispatcher,
-                clients=clients,
-                rounds=RoundStore(clients.dynamodb, deployment.names.rounds_table),
-            )
+            started.callback(self.dispatcher.stop)
             self._exit = started.pop_all()
         return self
 
@@ -169,43 +169,12 @@ class LocalFederation:
     # -- what is running ---------------------------------------------------------------------
 
     @property
-    def _running(self) -> _Parts:
-        if self._parts is None:
-            raise RuntimeError("the federation is not running: use `with LocalFederation(...)`")
-        return self._parts
-
-    @property
     def endpoint_url(self) -> str:
         return self.aws.endpoint_url
 
     @property
-    def deployment(self) -> LocalDeployment:
-        return self._running.deployment
-
-    @property
     def names(self) -> ResourceNames:
         return self.deployment.names
-
-    @property
-    def clients(self) -> AwsClients:
-        """S3 and DynamoDB clients for the caller's own reads and writes."""
-        return self._running.clients
-
-    @property
-    def initiator(self) -> LocalFunction:
-        return self._running.initiator
-
-    @property
-    def averager(self) -> LocalFunction:
-        return self._running.averager
-
-    @property
-    def dispatcher(self) -> S3EventDispatcher:
-        return self._running.dispatcher
-
-    @property
-    def rounds(self) -> RoundStore:
-        return self._running.rounds
 
     def operator_env(self) -> dict[str, str]:
         """What an operator's shell needs to run ``sfl`` commands against this federation."""
@@ -310,15 +279,3 @@ class LocalFederation:
         """A pause for one in-process client that ends when the assignment is written (see
         ``ChangeFeed.waiter``), so a local client need not poll tightly."""
         return self.aws.feed.waiter(self.names.models_bucket, layout.ASSIGNMENT_KEY, stop)
-
-
-@dataclass(frozen=True)
-class _Parts:
-    """What a running federation holds."""
-
-    deployment: LocalDeployment
-    initiator: LocalFunction
-    averager: LocalFunction
-    dispatcher: S3EventDispatcher
-    clients: AwsClients
-    rounds: RoundStore

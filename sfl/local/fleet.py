@@ -1,11 +1,12 @@
 """``sfl local up``: a running federation on this machine for the operator's commands.
 
 The same ``LocalFederation`` as ``sfl simulate`` (moto's server, the resources from
-``sfl.core.resources``, both Lambda handlers in-process) with real ``EdgeClient`` loops, run on
-a schedule until stopped instead of for a fixed number of rounds. It registers what ``cdk deploy`` would leave behind
-for an operator to find: the two functions (with the deployed configuration as their
-environment), the alarms, and a CloudFormation stack whose outputs name them all, so every
-``sfl`` operations command runs unchanged against ``--endpoint``.
+``sfl.core.resources``, both Lambda handlers in-process) with real ``EdgeClient`` loops, run
+on a schedule until stopped instead of for a fixed number of rounds. It registers what
+``cdk deploy`` would leave behind for an operator to find: the two functions (with the
+deployed configuration as their environment), the alarms, and a CloudFormation stack whose
+outputs name them all, so every ``sfl`` operations command runs unchanged against
+``--endpoint``.
 """
 
 from __future__ import annotations
