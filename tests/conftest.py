@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.learning import codec
 from sfl.local.emulator import LocalAws, LocalDeployment, lambda_environment, provision
+from sfl.local.federation import LocalFederation, handler_environment
 from sfl.state.aws import AwsClients
 from sfl.state.registry import ClientRegistry
 
@@ -39,13 +41,7 @@ class Stack:
         return self.deployment.names
 
     def env(self) -> dict[str, str]:
-        return {
-            **self.aws.env(),
-            **self.names.to_env(),
-            **self.config.to_env(),
-            "POWERTOOLS_METRICS_DISABLED": "true",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-        }
+        return handler_environment(self.aws, self.names, self.config)
 
     def put_model(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
         self.clients.s3.put_object(
@@ -118,15 +114,28 @@ TINY_MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.
 TRAINED = {name: t * 2.0 for name, t in TINY_MODEL.items()}
 
 
-@pytest.fixture
-def stack(local_aws: LocalAws) -> Iterator[Stack]:
-    config = FederationConfig(
+def _test_config() -> FederationConfig:
+    return FederationConfig(
         experiment="test",
         selection="all",
         round_deadline_seconds=600,
         aggregation_lease_seconds=30,
     )
+
+
+@pytest.fixture
+def stack(local_aws: LocalAws) -> Iterator[Stack]:
+    """Fresh resources and the handlers' environment; the test drives the handlers itself."""
     deployment = provision(local_aws)
-    stack = Stack(local_aws, deployment, local_aws.clients(), config)
+    stack = Stack(local_aws, deployment, local_aws.clients(), _test_config())
     with lambda_environment(stack.env()):
         yield stack
+
+
+@pytest.fixture
+def federation(local_aws: LocalAws, tmp_path: Path) -> Iterator[LocalFederation]:
+    """A running federation (handlers, S3-event delivery, model version 0) on fresh resources."""
+    with LocalFederation(
+        _test_config(), aws=local_aws, log_path=tmp_path / "lambda-logs.jsonl"
+    ) as running:
+        yield running

@@ -78,8 +78,8 @@ def sfl_json(fleet: LocalFleet, *argv: str) -> Any:
 
 
 def rounds(fleet: LocalFleet) -> RoundStore:
-    assert fleet.deployment is not None
-    return RoundStore(fleet._aws.clients().dynamodb, fleet.deployment.names.rounds_table)
+    federation = fleet.federation
+    return RoundStore(federation.aws.clients().dynamodb, federation.names.rounds_table)
 
 
 def run_round(fleet: LocalFleet) -> int:
@@ -100,9 +100,8 @@ def run_round(fleet: LocalFleet) -> int:
 
 
 def s3_bytes(fleet: LocalFleet, key: str) -> bytes:
-    assert fleet.deployment is not None
-    s3 = fleet._aws.clients().s3
-    return bytes(s3.get_object(Bucket=fleet.deployment.names.models_bucket, Key=key)["Body"].read())
+    s3 = fleet.federation.aws.clients().s3
+    return bytes(s3.get_object(Bucket=fleet.federation.names.models_bucket, Key=key)["Body"].read())
 
 
 def test_status_before_the_first_round(fleet: LocalFleet) -> None:
@@ -163,7 +162,7 @@ def test_config_set_reaches_the_next_round_and_its_averager(fleet: LocalFleet) -
     assert record.config_version == 1 and record.train_config["lr"] == 0.02
     assert record.train_config["local_epochs"] == 2
     # The averager judges the round by the configuration it recorded, not the deployed one.
-    averager = Averager(fleet._aws.clients(), fleet.deployment.names, fleet.config)  # type: ignore[union-attr]
+    averager = Averager(fleet.federation.aws.clients(), fleet.federation.names, fleet.config)
     assert fleet.config.lr != 0.02 and averager.round_config(record).lr == 0.02
     shown = sfl_json(fleet, "config", "show")
     lr = next(k for k in shown["keys"] if k["key"] == "lr")
@@ -181,7 +180,9 @@ def test_config_set_refuses_bad_values_with_the_config_message(fleet: LocalFleet
     assert code == 2 and "round_soft_deadline_seconds" in err
     code, _, err = sfl(fleet, "config", "set", "task=mnist")
     assert code == 2 and "fixed at deploy time" in err
-    state = ControlStore(fleet._aws.clients().dynamodb, fleet.deployment.names.rounds_table)  # type: ignore[union-attr]
+    state = ControlStore(
+        fleet.federation.aws.clients().dynamodb, fleet.federation.names.rounds_table
+    )
     assert state.state("default").config_version == 1  # nothing was written
 
 
@@ -231,7 +232,7 @@ def test_models_list_pull_and_promote(fleet: LocalFleet, tmp_path: Path) -> None
 
 
 def test_rollback_starts_the_next_round_from_an_earlier_version(fleet: LocalFleet) -> None:
-    newest = max(LineageStore(fleet._aws.clients(), fleet.deployment.names).versions())  # type: ignore[union-attr]
+    newest = max(LineageStore(fleet.federation.aws.clients(), fleet.federation.names).versions())
     assert sfl_json(fleet, "models", "rollback", "1") == {"rollback_to": 1, "newest": newest}
     number = run_round(fleet)
     record = rounds(fleet).get("default", number)
@@ -301,7 +302,7 @@ def test_report_writes_history_and_charts(fleet: LocalFleet, tmp_path: Path) -> 
 
 
 def test_alarm_in_alarm_state_shows_in_status(fleet: LocalFleet) -> None:
-    cloudwatch = fleet._aws.client("cloudwatch")
+    cloudwatch = fleet.federation.aws.client("cloudwatch")
     name = f"{STACK}-AveragerErrorsAlarm"
     cloudwatch.set_alarm_state(AlarmName=name, StateValue="ALARM", StateReason="test")
     try:

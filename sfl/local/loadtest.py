@@ -4,8 +4,8 @@ A virtual client is a real ``EdgeClient`` (registry heartbeat, conditional poll 
 assignment, the base model's download, the upload under its own key) that skips training:
 its update is one of a few precomputed payloads — the base model plus a small deterministic
 perturbation, encoded once — under a safetensors header written for that client and round.
-Uploads run from a bounded thread pool; S3 events reach the averager handler through the
-emulator's queue and ``S3EventDispatcher``, exactly as in ``sfl simulate``. Each phase of the
+Uploads run from a bounded thread pool into the same ``LocalFederation`` as ``sfl simulate``
+runs (S3 events reach the averager handler through the emulator's queue). Each phase of the
 round is timed, and the round item's size is computed the way DynamoDB counts it.
 """
 
@@ -30,17 +30,13 @@ from torch import nn
 
 from edge_client.client import Assignment, EdgeClient
 from edge_client.global_model import size_limit
-from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
-from sfl.core.resources import ROUNDS_TABLE
 from sfl.learning import codec
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import TrainingTask
 from sfl.learning.tasks.digits import DigitsMlpTask
-from sfl.local.dispatcher import S3EventDispatcher
-from sfl.local.emulator import LocalAws, LocalDeployment, lambda_environment, provision
-from sfl.local.lambdas import LocalFunction
+from sfl.local.federation import LocalFederation, round_key
 from sfl.state.aws import RETRY_CONFIG, AwsClients, make_clients
 from sfl.state.dynamo import from_item
 from sfl.state.model_store import ModelStore
@@ -207,17 +203,17 @@ def run_loadtest(options: LoadTestOptions, progress: ProgressFn | None = None) -
     say = progress or (lambda _: None)
     config = options.federation_config()
     task = load_task(options.task)
-    with LocalAws() as aws:
-        deployment = provision(aws)
-        env = {
-            **aws.env(),
-            **deployment.names.to_env(),
-            **config.to_env(),
-            "POWERTOOLS_METRICS_DISABLED": "true",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-        }
-        with lambda_environment(env):
-            report = _run(options, config, task, aws, deployment, say)
+    log_path = options.out.with_suffix(".lambda-logs.jsonl") if options.out else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with LocalFederation(
+        config,
+        tick_seconds=options.tick_seconds,
+        log_path=log_path,
+        averager_concurrency=options.averager_concurrency,
+        seed=options.seed,
+    ) as federation:
+        report = _run(options, task, federation, say)
     path = None
     if options.out is not None:
         options.out.parent.mkdir(parents=True, exist_ok=True)
@@ -228,21 +224,14 @@ def run_loadtest(options: LoadTestOptions, progress: ProgressFn | None = None) -
 
 def _run(
     options: LoadTestOptions,
-    config: FederationConfig,
     task: TrainingTask,
-    aws: LocalAws,
-    deployment: LocalDeployment,
+    federation: LocalFederation,
     say: ProgressFn,
 ) -> dict[str, Any]:
-    names = deployment.names
     rss_start = peak_rss_bytes()
-    log_path = options.out.with_suffix(".lambda-logs.jsonl") if options.out else None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    initiator = LocalFunction("initiator", log_path=log_path)
-    averager = LocalFunction("averager", log_path=log_path)
-    averager.invoke({"sfl": "bootstrap"})
-    control = aws.clients()
+    config = federation.config
+    names = federation.names
+    control = federation.clients
 
     reference = task.build_model(seed=config.seed).state_dict()
     model_limit = size_limit(reference)
@@ -253,8 +242,8 @@ def _run(
     # One pair of clients for every virtual client: boto3 clients are thread-safe (sessions
     # are not), and building one per thread costs most of a second each.
     shared = make_clients(
-        endpoint_url=aws.endpoint_url,
-        session=aws.session(),
+        endpoint_url=federation.endpoint_url,
+        session=federation.aws.session(),
         config=RETRY_CONFIG.merge(Config(max_pool_connections=options.workers)),
     )
 
@@ -262,29 +251,16 @@ def _run(
     devices: dict[str, EdgeClient] = {}
 
     def device(cid: str) -> EdgeClient:
-        settings = ClientSettings(
-            client_id=cid,
-            models_bucket=names.models_bucket,
-            updates_bucket=names.updates_bucket,
-            clients_table=names.clients_table,
+        settings = federation.client_settings(
+            cid,
             data_dir=Path("."),  # never read: a virtual client does not train
             task=options.task,
-            poll_seconds=config.poll_seconds,
-            heartbeat_seconds=config.heartbeat_seconds,
-            active_window_seconds=config.active_window_seconds,
         )
         return EdgeClient(settings, shared, task)
 
     counters = Counters()
     phases: dict[str, float | None] = dict.fromkeys(PHASES)
     errors: list[str] = []
-    dispatcher = S3EventDispatcher(
-        aws.client("sqs"),
-        deployment.queue_url,
-        averager.invoke,
-        concurrency=options.averager_concurrency,
-        seed=options.seed,
-    ).start()
     try:
         with ThreadPoolExecutor(options.workers, thread_name_prefix="virtual-client") as pool:
             say(f"registry: {options.clients} virtual clients heartbeat")
@@ -299,7 +275,7 @@ def _run(
 
             say("selection: the initiator starts the round")
             with _phase(phases, "selection"):
-                started = initiator.invoke({"source": "sfl.local"})
+                started = federation.start_round()
             if not started["started"]:
                 raise LoadTestError(f"the initiator did not start a round: {started['reason']}")
             number = int(started["round"])
@@ -323,13 +299,13 @@ def _run(
             uploads_done = time.perf_counter()
 
         say("acceptance and aggregation: waiting for the averager")
-        status, left_open_at = _wait_for_round(
-            control, names.rounds_table, config, number, averager, options
+        waited = federation.wait_for_round(
+            number, timeout=options.deadline_seconds + 120, min_read_interval=0.05
         )
-        if left_open_at is not None:
-            phases["acceptance"] = max(0.0, left_open_at - uploads_done)
+        if waited.left_open_at is not None:
+            phases["acceptance"] = max(0.0, waited.left_open_at - uploads_done)
     finally:
-        dispatcher.stop()
+        federation.stop_events()
 
     item = _round_item(control, names.rounds_table, config.experiment, number)
     record = from_item(item)
@@ -357,7 +333,7 @@ def _run(
         "averager_concurrency": options.averager_concurrency,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "round": number,
-        "status": status,
+        "status": waited.status,
         "abandon_reason": record.get("abandon_reason") or None,
         "model_version": model_version,
         "model_written": model_written,
@@ -367,10 +343,10 @@ def _run(
         "upload_errors": len(errors),
         "upload_error_examples": errors[:5],
         "phases": phases,
-        "averager_invocations": dispatcher.invocations,
-        "averager_failures": dispatcher.failures,
-        "tick_failures": averager.scheduled_failures,
-        "last_tick_error": averager.last_scheduled_error or None,
+        "averager_invocations": federation.dispatcher.invocations,
+        "averager_failures": federation.dispatcher.failures,
+        "tick_failures": federation.averager.scheduled_failures,
+        "last_tick_error": federation.averager.last_scheduled_error or None,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_rss_bytes_at_start": rss_start,
         "bytes_up": counters.values.get("bytes_up", 0),
@@ -430,56 +406,13 @@ def _answer(
     return None
 
 
-def _round_key(experiment: str, number: int) -> dict[str, Any]:
-    sort_key = ROUNDS_TABLE.sort_key
-    assert sort_key is not None
-    return {
-        ROUNDS_TABLE.partition_key.name: {"S": experiment},
-        sort_key.name: {"N": str(number)},
-    }
-
-
 def _round_item(control: AwsClients, table: str, experiment: str, number: int) -> dict[str, Any]:
     """The round item as GetItem returns it (its size is what DynamoDB bills and limits)."""
     response = control.dynamodb.get_item(
-        TableName=table, Key=_round_key(experiment, number), ConsistentRead=True
+        TableName=table, Key=round_key(experiment, number), ConsistentRead=True
     )
     item: dict[str, Any] = response.get("Item", {})
     return item
-
-
-def _wait_for_round(
-    control: AwsClients,
-    table: str,
-    config: FederationConfig,
-    number: int,
-    averager: LocalFunction,
-    options: LoadTestOptions,
-) -> tuple[str, float | None]:
-    """Wait until the round is CLOSED or ABANDONED, ticking the averager's watchdog on our
-    own clock. Returns the final status and when the round left OPEN (all answers in)."""
-    left_open_at: float | None = None
-    next_tick = time.time() + options.tick_seconds
-    hard_stop = time.time() + options.deadline_seconds + 120
-    status = "OPEN"
-    while time.time() < hard_stop:
-        response = control.dynamodb.get_item(
-            TableName=table,
-            Key=_round_key(config.experiment, number),
-            ConsistentRead=True,
-            ProjectionExpression="#s",
-            ExpressionAttributeNames={"#s": "status"},
-        )
-        status = response.get("Item", {}).get("status", {}).get("S", "OPEN")
-        if status != "OPEN" and left_open_at is None:
-            left_open_at = time.perf_counter()
-        if status in ("CLOSED", "ABANDONED"):
-            return status, left_open_at
-        if time.time() >= next_tick:
-            averager.invoke_scheduled({"sfl": "tick"})
-            next_tick = time.time() + options.tick_seconds
-        time.sleep(0.05)
-    return status, left_open_at
 
 
 def _exists(control: AwsClients, bucket: str, key: str) -> bool:

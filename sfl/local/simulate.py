@@ -1,15 +1,14 @@
 """``sfl simulate``: N edge clients, the two Lambda handlers, S3 and DynamoDB on one machine.
 
-The initiator runs on this module's own clock (EventBridge rules never fire in the
-emulator) and is chained as soon as a round finishes; S3 events reach the averager through
-the emulator's queue and ``S3EventDispatcher``; the clients are real ``EdgeClient`` loops.
-Each new global model is scored on the task's held-out test split.
+A ``LocalFederation`` runs the endpoint, the handlers and the S3-event delivery; here the
+initiator is chained as soon as a round finishes (EventBridge rules never fire in the
+emulator), the clients are real ``EdgeClient`` loops (with optional faults and attackers),
+and each new global model is scored on the task's held-out test split.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -19,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from botocore.exceptions import BotoCoreError
 
-from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
@@ -29,21 +26,18 @@ from sfl.learning.splits import default_client_ids, write_client_splits
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import ArrayDataset, TrainingTask
 from sfl.local.attacks import HostileTask
-from sfl.local.dispatcher import S3EventDispatcher
-from sfl.local.emulator import LocalAws, lambda_environment, provision, table_resource
-from sfl.local.faults import FaultLog, FaultPlan, SimulatedCrash, client_hooks, reset_averager_crash
-from sfl.local.lambdas import LocalFunction
+from sfl.local.device import run_client
+from sfl.local.emulator import LocalAws
+from sfl.local.faults import FaultLog, FaultPlan, client_hooks, reset_averager_crash
+from sfl.local.federation import LocalFederation
 from sfl.local.workers import ClientProcesses
-from sfl.state.aws import AwsClients
 from sfl.state.registry import ClientRegistry
-from sfl.state.rounds import Round, RoundState, RoundStore
+from sfl.state.rounds import Round, RoundState
 
 #: How often a woken-up local client still polls on its own: the wake-up, not this, is what
 #: starts its rounds; the poll is the device's behaviour, kept as a fallback.
 WAKE_FALLBACK_POLL_SECONDS = 2.0
 
-
-logger = logging.getLogger(__name__)
 
 #: From this many clients on, ``sfl simulate`` runs them in worker processes by default.
 PROCESS_CLIENTS_FROM = 16
@@ -170,20 +164,16 @@ def run_simulation(
     )
     config = options.federation_config()
 
-    with LocalAws() as aws:
-        deployment = provision(aws)
-        names = deployment.names
-        env = {
-            **aws.env(),
-            **names.to_env(),
-            **config.to_env(),
-            "POWERTOOLS_METRICS_DISABLED": "true",
-            "POWERTOOLS_LOG_LEVEL": "WARNING",
-        }
-        with lambda_environment(env):
-            return _run(
-                options, task, test, client_ids, config, aws, deployment, progress, wall_start, plan
-            )
+    with LocalFederation(
+        config,
+        tick_seconds=options.tick_seconds,
+        log_path=out / "lambda-logs.jsonl",
+        averager_concurrency=options.averager_concurrency,
+        extra_deliveries=options.duplicate_deliveries,
+        drop_rate=options.drop_events,
+        seed=options.seed,
+    ) as federation:
+        return _run(options, task, test, client_ids, federation, progress, wall_start, plan)
 
 
 def _run(
@@ -191,30 +181,15 @@ def _run(
     task: TrainingTask,
     test: ArrayDataset,
     client_ids: list[str],
-    config: FederationConfig,
-    aws: LocalAws,
-    deployment: Any,
+    federation: LocalFederation,
     progress: ProgressFn | None,
     wall_start: float,
     plan: FaultPlan,
 ) -> SimulationResult:
-    names = deployment.names
-    log_path = options.out / "lambda-logs.jsonl"
-    initiator = LocalFunction("initiator", log_path=log_path)
-    averager = LocalFunction("averager", log_path=log_path)
-    averager.invoke({"sfl": "bootstrap"})
-
-    control = aws.clients()
-    store = RoundStore(control.dynamodb, names.rounds_table)
-    dispatcher = S3EventDispatcher(
-        aws.client("sqs"),
-        deployment.queue_url,
-        averager.invoke,
-        concurrency=options.averager_concurrency,
-        extra_deliveries=options.duplicate_deliveries,
-        drop_rate=options.drop_events,
-        seed=options.seed,
-    ).start()
+    config = federation.config
+    names = federation.names
+    control = federation.clients
+    aws = federation.aws
 
     stop = threading.Event()
     faults = FaultLog()
@@ -225,26 +200,17 @@ def _run(
     processes = options.worker_processes()
     clients: list[tuple[ClientSettings, bool]] = []
     for cid in client_ids:
-        settings = ClientSettings(
-            client_id=cid,
-            models_bucket=names.models_bucket,
-            updates_bucket=names.updates_bucket,
-            clients_table=names.clients_table,
+        settings = federation.client_settings(
+            cid,
             data_dir=options.out / "data" / cid,
             task=options.task,
             poll_seconds=options.client_poll_seconds(),
-            heartbeat_seconds=config.heartbeat_seconds,
-            active_window_seconds=config.active_window_seconds,
         )
         clients.append((settings, cid in attackers))
         hooks, slowdowns[cid] = client_hooks(plan, cid, faults, stop)
         if processes:
             continue
-        wake = (
-            aws.feed.waiter(names.models_bucket, layout.ASSIGNMENT_KEY, stop)
-            if options.wake_ups
-            else None
-        )
+        wake = federation.assignment_wake_up(stop) if options.wake_ups else None
         thread = threading.Thread(
             target=run_client,
             args=(
@@ -291,13 +257,11 @@ def _run(
             control, names.clients_table, len(client_ids), config, 300.0 if processes else 60.0
         )
         while len(rows) < options.rounds:
-            result = initiator.invoke({"source": "sfl.local"})
+            result = federation.start_round()
             if not result["started"] and result["round"] is None:
                 raise SimulationError(f"the initiator could not start a round: {result['reason']}")
             number = result["round"]
-            finished = _wait_for_round(
-                store, config, number, averager, options, aws, control.dynamodb, names.rounds_table
-            )
+            finished = _wait_for_round(federation, number, options)
             row = history_row(finished)
             row["faults"] = faults.for_round(number)
             if finished.status is RoundState.CLOSED and finished.model_version is not None:
@@ -315,17 +279,18 @@ def _run(
             workers.stop()
         for thread in threads:
             thread.join(timeout=30)
-        dispatcher.stop()
+        federation.stop_events()
 
     # Rebuild each row from the final round record: late uploads are recorded after a
     # round finished, and belong in its history too.
-    final = {r.round: r for r in store.history(config.experiment)}
+    final = {r.round: r for r in federation.rounds.history(config.experiment)}
     for i, row in enumerate(rows):
         if row["round"] in final:
             rebuilt = history_row(final[row["round"]])
             rebuilt.update(accuracy=row["accuracy"], loss=row["loss"], faults=row["faults"])
             rows[i] = rebuilt
     wall_seconds = time.time() - wall_start
+    dispatcher, averager = federation.dispatcher, federation.averager
     history: dict[str, Any] = {
         "task": options.task,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
@@ -373,37 +338,6 @@ def _relay_wake_ups(
             workers.notify()
 
 
-def run_client(
-    settings: ClientSettings,
-    make_clients: Callable[[], AwsClients],
-    task: TrainingTask,
-    stop: threading.Event,
-    hooks: Any,
-    restart_after: float,
-    wake: Callable[[float], None] | None,
-) -> None:
-    """One device: an EdgeClient that, when it crashes, is restarted like a Greengrass
-    component, having lost the round it was working on. Creating its AWS clients fetches
-    credentials; if the credentials endpoint does not answer in time (a loaded machine),
-    the component starts again, as Greengrass restarts one that exited."""
-    resume_after_round = 0
-    while not stop.is_set():
-        try:
-            aws_clients = make_clients()
-        except BotoCoreError as error:
-            logger.warning("%s: no AWS clients (%s); restarting", settings.client_id, error)
-            stop.wait(1.0)
-            continue
-        client = EdgeClient(settings, aws_clients, task, stop=stop, hooks=hooks, wake=wake)
-        client._last_round_seen = resume_after_round
-        try:
-            client.run()
-            return
-        except SimulatedCrash:
-            resume_after_round = client._last_round_seen
-            stop.wait(min(restart_after, 2.0))
-
-
 def _model_writes(control: Any, bucket: str) -> dict[str, int]:
     """How many times each global model version's key was written (the bucket is versioned;
     the versions' lineage records beside them are not counted)."""
@@ -433,57 +367,22 @@ def _wait_for_clients(
     )
 
 
-def _wait_for_round(
-    store: RoundStore,
-    config: FederationConfig,
-    number: int,
-    averager: LocalFunction,
-    options: SimulationOptions,
-    aws: LocalAws,
-    ddb: Any,
-    table: str,
-) -> Round:
-    """Wait for a round to finish, ticking the averager's watchdog on our own clock.
-
-    The round's status is read (alone: the item holds every answer) when the rounds table
-    was written, and at least every tick."""
-    next_tick = time.time() + options.tick_seconds
-    hard_stop = time.time() + options.round_timeout_seconds + 60
-    resource = table_resource(table)
-    seen = aws.feed.writes(resource, "")
-    while time.time() < hard_stop:
-        if _round_status(ddb, table, config.experiment, number) in FINISHED:
-            current = store.get(config.experiment, number)
-            if current is not None and current.status.finished:
-                return current
-        if time.time() >= next_tick:
-            averager.invoke_scheduled({"sfl": "tick"})
-            next_tick = time.time() + options.tick_seconds
-        seen = aws.feed.wait(resource, "", seen, max(0.0, next_tick - time.time()))
+def _wait_for_round(federation: LocalFederation, number: int, options: SimulationOptions) -> Round:
+    """The finished round's record; a round that outlives its deadline by a minute stops
+    the simulation."""
+    timeout = options.round_timeout_seconds + 60
+    if federation.wait_for_round(number, timeout=timeout).finished:
+        finished = federation.rounds.get(federation.config.experiment, number)
+        if finished is not None and finished.status.finished:
+            return finished
+    averager = federation.averager
     failed = ""
     if averager.scheduled_failures:
         failed = (
             f"; {averager.scheduled_failures} averager tick(s) failed, the last with "
             f"{averager.last_scheduled_error} (tracebacks in lambda-logs.jsonl)"
         )
-    raise SimulationError(
-        f"round {number} did not finish within {options.round_timeout_seconds + 60} s{failed}"
-    )
-
-
-FINISHED = frozenset(s.value for s in RoundState if s.finished)
-
-
-def _round_status(ddb: Any, table: str, experiment: str, number: int) -> str | None:
-    """The round's status attribute only: a consistent read that skips the answers."""
-    item = ddb.get_item(
-        TableName=table,
-        Key={"experiment": {"S": experiment}, "round": {"N": str(number)}},
-        ConsistentRead=True,
-        ProjectionExpression="#s",
-        ExpressionAttributeNames={"#s": "status"},
-    ).get("Item")
-    return item["status"]["S"] if item and "status" in item else None
+    raise SimulationError(f"round {number} did not finish within {timeout} s{failed}")
 
 
 def _evaluate_version(

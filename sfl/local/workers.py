@@ -20,7 +20,8 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from edge_client.settings import ClientSettings
-from sfl.local.faults import FaultLog, FaultPlan
+from sfl.local.device import run_client
+from sfl.local.faults import FaultLog, FaultPlan, client_hooks
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,6 @@ def _worker_main(spec: WorkerSpec, stop: Any, cond: Any, writes: Any, faults_out
 
     from sfl.learning.tasks import load_task
     from sfl.local.attacks import HostileTask
-    from sfl.local.simulate import run_client
 
     os.environ.update(dict(spec.env))
     torch.set_num_threads(1)
@@ -73,8 +73,6 @@ def _worker_main(spec: WorkerSpec, stop: Any, cond: Any, writes: Any, faults_out
                 seen = writes.value
 
         return pause
-
-    from sfl.local.faults import client_hooks
 
     threads = []
     for settings, is_hostile in spec.clients:
