@@ -17,10 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
 from sfl.core.config import DEPLOY_TIME_KEYS, ConfigError, FederationConfig
-from sfl.state.aws import error_code
+from sfl.state.conditional import conditional
 from sfl.state.dynamo import from_item, serialize
 
 if TYPE_CHECKING:
@@ -220,38 +218,36 @@ class ControlStore:
             if expected_version == 0
             else "config_version = :expected"
         )
-        try:
-            self._ddb.transact_write_items(
-                TransactItems=[
-                    {
-                        "Update": {
-                            "TableName": self._table,
-                            "Key": self._key(experiment, STATE_SORT_KEY),
-                            "UpdateExpression": update,
-                            "ConditionExpression": condition,
-                            "ExpressionAttributeValues": {
-                                **values,
-                                ":expected": serialize(expected_version),
-                            },
-                        }
-                    },
-                    {
-                        "Put": {
-                            "TableName": self._table,
-                            "Item": dict(version_item),
-                            "ConditionExpression": "attribute_not_exists(#r)",
-                            "ExpressionAttributeNames": {"#r": "round"},
-                        }
-                    },
-                ]
-            )
-        except ClientError as e:
-            if error_code(e) in {"TransactionCanceledException", "ConditionalCheckFailedException"}:
-                raise ControlConflict(
-                    "the runtime configuration changed while this change was being written; "
-                    "look at 'sfl config show' and try again"
-                ) from e
-            raise
+        write = conditional(
+            self._ddb.transact_write_items,
+            TransactItems=[
+                {
+                    "Update": {
+                        "TableName": self._table,
+                        "Key": self._key(experiment, STATE_SORT_KEY),
+                        "UpdateExpression": update,
+                        "ConditionExpression": condition,
+                        "ExpressionAttributeValues": {
+                            **values,
+                            ":expected": serialize(expected_version),
+                        },
+                    }
+                },
+                {
+                    "Put": {
+                        "TableName": self._table,
+                        "Item": dict(version_item),
+                        "ConditionExpression": "attribute_not_exists(#r)",
+                        "ExpressionAttributeNames": {"#r": "round"},
+                    }
+                },
+            ],
+        )
+        if not write.written:
+            raise ControlConflict(
+                "the runtime configuration changed while this change was being written; "
+                "look at 'sfl config show' and try again"
+            ) from write.refusal
 
     # --- pause, rollback, promotion ------------------------------------------------------
 
@@ -289,19 +285,14 @@ class ControlStore:
 
     def rollback_done(self, experiment: str, version: int) -> bool:
         """Clear a rollback request the initiator carried out, unless a newer one replaced it."""
-        try:
-            self._ddb.update_item(
-                TableName=self._table,
-                Key=self._key(experiment, STATE_SORT_KEY),
-                UpdateExpression="REMOVE rollback_to, rollback_requested_at",
-                ConditionExpression="rollback_to = :v",
-                ExpressionAttributeValues={":v": serialize(version)},
-            )
-        except ClientError as e:
-            if error_code(e) == "ConditionalCheckFailedException":
-                return False
-            raise
-        return True
+        return conditional(
+            self._ddb.update_item,
+            TableName=self._table,
+            Key=self._key(experiment, STATE_SORT_KEY),
+            UpdateExpression="REMOVE rollback_to, rollback_requested_at",
+            ConditionExpression="rollback_to = :v",
+            ExpressionAttributeValues={":v": serialize(version)},
+        ).written
 
     def promoted(self, experiment: str, version: int, *, now: float) -> None:
         self._set(

@@ -19,7 +19,8 @@ from botocore.exceptions import ClientError
 
 from sfl.core import layout
 from sfl.core.resources import ResourceNames
-from sfl.state.aws import AwsClients, error_code, is_not_found
+from sfl.state.aws import AwsClients, is_not_found
+from sfl.state.conditional import conditional
 from sfl.state.model_store import ModelStore
 from sfl.state.rounds import Round, RoundState
 
@@ -99,19 +100,14 @@ class LineageStore:
 
     def put(self, lineage: ModelLineage) -> bool:
         """Write a version's lineage once; False if it was already there."""
-        try:
-            self._s3.put_object(
-                Bucket=self._bucket,
-                Key=layout.lineage_key(lineage.version),
-                Body=json.dumps(lineage.to_dict(), sort_keys=True).encode(),
-                ContentType="application/json",
-                IfNoneMatch="*",
-            )
-        except ClientError as e:
-            if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
-                return False
-            raise
-        return True
+        return conditional(
+            self._s3.put_object,
+            Bucket=self._bucket,
+            Key=layout.lineage_key(lineage.version),
+            Body=json.dumps(lineage.to_dict(), sort_keys=True).encode(),
+            ContentType="application/json",
+            IfNoneMatch="*",
+        ).written
 
     def get(self, version: int) -> ModelLineage | None:
         try:

@@ -19,6 +19,7 @@ from botocore.exceptions import ClientError
 from sfl.core import layout
 from sfl.core.header import Header, header_length, parse_header
 from sfl.state.aws import error_code, is_not_found
+from sfl.state.conditional import conditional
 
 STATE_FORMAT = "sfl-state/1"
 
@@ -128,10 +129,6 @@ class ModelStore:
     # --- writing once -------------------------------------------------------------------
 
     def _put_once(self, key: str, body: bytes) -> bool:
-        try:
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
-        except ClientError as e:
-            if error_code(e) in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
-                return False
-            raise
-        return True
+        return conditional(
+            self.s3.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*"
+        ).written

@@ -1,0 +1,38 @@
+"""Where a round and its slots live in the rounds table.
+
+The round item is keyed by experiment and round number; a round's slot items share the
+partition ``<experiment>#slots#<round>``, one per selected client, so a paginated query reads
+them and the experiment's own partition holds round items only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+SLOTS_MARKER = "#slots#"
+
+
+def slot_partition(experiment: str, number: int) -> str:
+    """The partition key of a round's slot items in the rounds table."""
+    return f"{experiment}{SLOTS_MARKER}{number}"
+
+
+def slot_sort_key(client_id: str) -> int:
+    """A slot's numeric sort key (the rounds table's sort key is a number): 120 bits of the
+    client id's SHA-256, within DynamoDB's 38 digits. The slot also holds the client id and
+    every condition checks it, so even a collision cannot mix two clients' answers."""
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:15], "big")
+
+
+def round_key(experiment: str, number: int) -> dict[str, Any]:
+    """The round item's key."""
+    return {"experiment": {"S": experiment}, "round": {"N": str(number)}}
+
+
+def slot_key(experiment: str, number: int, client_id: str) -> dict[str, Any]:
+    """A client's slot item's key in a round."""
+    return {
+        "experiment": {"S": slot_partition(experiment, number)},
+        "round": {"N": str(slot_sort_key(client_id))},
+    }
