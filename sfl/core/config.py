@@ -280,7 +280,7 @@ class FederationConfig:
                     f"allowed: {f.metadata['allowed']}"
                 )
         try:
-            rule_params.resolve(self.aggregation, rule_params.parse(self.aggregation_params))
+            rule_params.check(self.aggregation, rule_params.parse(self.aggregation_params))
         except rule_params.ParamsError as e:
             raise ConfigError(f"config key 'aggregation_params': {e}") from e
         if self.round_soft_deadline_seconds > self.round_deadline_seconds:
