@@ -4,8 +4,9 @@ The zip holds the handler, the modules of the core package it imports (found by 
 its imports, inside functions too), and the pure-Python distributions its
 ``requirements.txt`` pins, copied from the environment that runs ``cdk synth`` after
 checking each installed version against its pin. boto3 comes with the Lambda runtime.
-Bundling fails, naming the importer, if the handler reaches a heavy dependency (torch) or a
-core module that does not exist.
+That it carries no torch is the import contract "The initiator's zip and the torch-free core
+carry no torch" (``pyproject.toml``, ``lint-imports``), not a list here; bundling fails if
+the handler imports a module of the core package that does not exist.
 """
 
 from __future__ import annotations
@@ -23,15 +24,11 @@ from typing import Any
 import jsii
 from aws_cdk import ILocalBundling
 
-# Never in the initiator: it is boto3-only, and these would not import on the runtime anyway.
-FORBIDDEN_IMPORTS = frozenset(
-    {"torch", "torchvision", "numpy", "safetensors", "sklearn", "matplotlib", "moto"}
-)
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)\s*(?:#.*)?$")
 
 
 class BundlingError(RuntimeError):
-    """The initiator cannot be packaged as a torch-free zip."""
+    """The initiator cannot be packaged (a core module missing, a pin not installed)."""
 
 
 @dataclass(frozen=True)
@@ -61,20 +58,18 @@ def core_modules(handler: Path, *, source_root: Path, package: str) -> dict[str,
     or from the handler's own folder; everything else must come from the runtime or a pin."""
     finder = modulefinder.ModuleFinder(path=[str(source_root), str(handler.parent)])
     finder.run_script(str(handler))
-    forbidden = {
-        name: sorted(importers)
-        for name, importers in finder.badmodules.items()
-        if name.split(".")[0] in FORBIDDEN_IMPORTS
-    }
-    if forbidden:
-        detail = "; ".join(
-            f"{name} (imported by {', '.join(by)})" for name, by in forbidden.items()
-        )
-        raise BundlingError(f"{handler} must stay torch-free but reaches: {detail}")
     missing, _maybe_attributes = finder.any_missing_maybe()
-    unresolved = [name for name in missing if name.split(".")[0] == package]
+    unresolved = {
+        name: sorted(finder.badmodules.get(name, {}))
+        for name in missing
+        if name.split(".")[0] == package
+    }
     if unresolved:
-        raise BundlingError(f"{handler} imports {package} modules that do not exist: {unresolved}")
+        detail = "; ".join(
+            f"{name} (imported by {', '.join(by) or 'the handler'})"
+            for name, by in unresolved.items()
+        )
+        raise BundlingError(f"{handler} imports {package} modules that do not exist: {detail}")
     root = (source_root / package).resolve()
     own_folder = handler.parent.resolve()
     found = {}

@@ -9,13 +9,19 @@ the assertions are on the objects in S3 and the round record.
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from sfl.core import layout, plugins
+from sfl.core.config import FederationConfig
 from sfl.learning import codec
-from sfl.learning.rules.aggregation import ListUpdates, build_rule
+from sfl.learning.rules.aggregation import AggregationError, ListUpdates, build_rule
+from sfl.server import shards
 from sfl.server.initiator import start_round
 from sfl.state.model_store import ModelStore
 from sfl.state.rounds import RoundState
@@ -166,3 +172,147 @@ def test_bad_input_is_rejected_before_any_rule_sees_it(stack: Stack, rule: str) 
     model = _model(stack, 1)
     assert all(bool(torch.isfinite(model[k]).all()) for k in TINY_MODEL)
     assert model["w"].shape == TINY_MODEL["w"].shape
+
+
+# --- a user's rule, from outside this repository ---------------------------------------------
+
+USER_RULES = '''
+"""A user's own aggregation rules: one module, named by import path in the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfl.core.params import RuleParams, param
+from sfl.learning.rules.aggregation import Abilities, Aggregate, FedAvg, Rule, as_rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShiftParams(RuleParams):
+    """How far the shifted mean moves."""
+
+    shift: float = param(0.0, "added to every averaged value", lo=-1.0, hi=1.0)
+
+
+class ShiftedMean(Rule):
+    """FedAvg plus a constant: its input is the weighted mean, so it sums in shards."""
+
+    name = "shifted_mean"
+    Params = ShiftParams
+    params: ShiftParams
+    abilities = Abilities(sums_in_shards=True)
+
+    def aggregate(self, base, updates, state):
+        averaged = FedAvg().aggregate(base, updates, None)
+        if averaged is None:
+            return None
+        model = {k: v + self.params.shift for k, v in averaged.model.items()}
+        return Aggregate(model=model, details={"shifted_by": self.params.shift})
+
+
+class CoordinateMax(Rule):
+    """The largest value of each coordinate: it reads all updates at once, never in shards."""
+
+    name = "coordinate_max"
+    abilities = Abilities(reads_all_at_once=True)
+
+    def aggregate(self, base, updates, state):
+        out = {k: v.clone() for k, v in base.items()}
+        for chunk in updates.chunks():
+            largest = chunk.values.max(dim=0).values
+            as_rows(out[chunk.name])[chunk.rows] = largest.to(out[chunk.name].dtype)
+        return Aggregate(model=out, details={"max_of": updates.clients()})
+'''
+
+
+@pytest.fixture
+def user_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The module ``user_rules`` in a folder of the test's own, on ``sys.path``."""
+    (tmp_path / "user_rules.py").write_text(USER_RULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "user_rules"
+    sys.modules.pop("user_rules", None)
+
+
+def _sharded_round(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, rule: str, params: str
+) -> tuple[list[int], Any]:
+    """Four clients, shards of two above two updates; every update delivered."""
+    calls: list[int] = []
+    local = shards.local_invoker()
+
+    def invoke(shard: shards.Shard) -> Any:
+        calls.append(shard.index)
+        return local(shard)
+
+    monkeypatch.setattr(shards, "default_invoker", lambda: invoke)
+    clients = ("a", "b", "c", "d")
+    averager, _, store = _setup(
+        stack,
+        *clients,
+        quorum="all_answered",
+        aggregation=rule,
+        aggregation_params=params,
+        aggregation_shard_above=2,
+        aggregation_shard_size=2,
+        norm_bound_factor=0.0,
+    )
+    for i, client in enumerate(clients):
+        assert (
+            _deliver(averager, stack.upload_update(client, 1, _moved(1.0 + 0.5 * i))) == "accepted"
+        )
+    closed = store.get("test", 1)
+    assert closed is not None and closed.status is RoundState.CLOSED
+    return calls, closed
+
+
+def test_a_users_rule_that_sums_in_shards_aggregates_a_sharded_round(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, user_rules: str
+) -> None:
+    calls, closed = _sharded_round(
+        stack, monkeypatch, f"{user_rules}:ShiftedMean", '{"shift": 0.25}'
+    )
+
+    assert sorted(calls) == [0, 1]  # two shards of two: its ability let it shard
+    assert closed.summary["shifted_by"] == 0.25  # the details it reported itself
+    mean = {k: sum(_moved(1.0 + 0.5 * i)[k] for i in range(4)) / 4 for k in TINY_MODEL}
+    model = _model(stack, 1)
+    assert all(torch.allclose(model[k], mean[k] + 0.25, atol=1e-6) for k in TINY_MODEL)
+
+
+def test_a_users_rule_that_reads_all_updates_at_once_is_never_sharded(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, user_rules: str
+) -> None:
+    calls, closed = _sharded_round(stack, monkeypatch, f"{user_rules}:CoordinateMax", "{}")
+
+    assert calls == []  # above the shard threshold, yet read in one invocation
+    assert closed.summary["max_of"] == ["a", "b", "c", "d"]
+    model = _model(stack, 1)
+    largest = {
+        k: torch.stack([_moved(1.0 + 0.5 * i)[k] for i in range(4)]).amax(0) for k in TINY_MODEL
+    }
+    assert all(torch.equal(model[k], largest[k]) for k in TINY_MODEL)
+
+
+def test_a_users_rule_checks_its_parameters_with_its_own_dataclass(user_rules: str) -> None:
+    # Config cannot import a user's rule (it may need torch): it keeps the JSON, unjudged.
+    FederationConfig(aggregation=f"{user_rules}:ShiftedMean", aggregation_params='{"shift": 5}')
+    assert user_rules not in sys.modules
+
+    with pytest.raises(
+        AggregationError,
+        match=r"aggregation 'shifted_mean': parameter 'shift' = 5 is not allowed; "
+        r"allowed: a number from -1 to 1",
+    ):
+        build_rule(f"{user_rules}:ShiftedMean", '{"shift": 5}')
+    with pytest.raises(AggregationError, match=r"unknown parameter\(s\) 'shfit'; known: shift"):
+        build_rule(f"{user_rules}:ShiftedMean", '{"shfit": 0.1}')
+    rule = build_rule(f"{user_rules}:ShiftedMean", '{"shift": -0.5}')
+    assert rule.params == sys.modules[user_rules].ShiftParams(shift=-0.5)
+    assert shards.shardable(rule)
+    assert not shards.shardable(build_rule(f"{user_rules}:CoordinateMax"))
+
+
+def test_a_class_that_is_not_a_rule_is_refused_by_name(user_rules: str) -> None:
+    with pytest.raises(AggregationError, match="'user_rules:ShiftParams' made a ShiftParams"):
+        build_rule(f"{user_rules}:ShiftParams")

@@ -9,6 +9,7 @@ persisted-state path exactly as the averager uses it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -43,12 +44,13 @@ CASES = [
 
 def _flower_params(name: str, params: dict[str, float]) -> dict[str, float]:
     """Our parameters in Flower's terms (Krum takes counts, not a share)."""
-    resolved = rule_params.resolve(name, params)
-    if name == "krum":
-        byzantine = math.floor(resolved["byzantine_fraction"] * CLIENTS)
-        keep = int(resolved["keep"]) or CLIENTS - byzantine
+    resolved = rule_params.check(name, params)
+    assert resolved is not None
+    if isinstance(resolved, rule_params.KrumParams):
+        byzantine = math.floor(resolved.byzantine_fraction * CLIENTS)
+        keep = resolved.keep or CLIENTS - byzantine
         return {"byzantine": byzantine, "keep": 0 if keep == 1 else keep}
-    return resolved
+    return dataclasses.asdict(resolved)
 
 
 def _inputs(seed: int) -> dict[str, np.ndarray]:

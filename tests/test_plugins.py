@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from sfl.cli.main import build_parser
-from sfl.core import plugins
+from sfl.core import params, plugins
 from sfl.core.config import ConfigError, FederationConfig
 from sfl.core.quorum import get_quorum_policy
 from sfl.core.selection import get_selection_strategy
-from sfl.learning.rules.aggregation import get_aggregator
+from sfl.learning.rules.aggregation import AggregationRule, get_aggregator
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import TrainingTask
 
@@ -55,7 +55,21 @@ def test_reading_the_registry_imports_no_torch() -> None:
     code = (
         "import sys; from sfl.core import plugins, config; "
         "[plugins.import_path(k, n) for k in plugins.KINDS for n in plugins.names(k)]; "
+        "config.FederationConfig.from_mapping({'aggregation': 'krum', 'aggregation_params': "
+        "{'keep': 2}}); "
         "print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("name", plugins.names("aggregation"))
+def test_every_builtin_rule_declares_the_identity_it_is_registered_with(name: str) -> None:
+    rule = get_aggregator(name)()
+
+    assert isinstance(rule, AggregationRule)
+    assert rule.name == name
+    assert rule.Params is params.RULES[name].params  # config checks what the rule will check
+    assert rule.params == rule.Params()  # built from defaults
+    assert rule.stateful == rule.abilities.stateful
+    assert not (rule.abilities.sums_in_shards and rule.abilities.reads_all_at_once)

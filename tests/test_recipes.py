@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
+import modulefinder
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from collections.abc import Iterator
 from io import BytesIO
@@ -428,31 +430,55 @@ def test_artifact_is_deterministic(tmp_path: Path) -> None:
     assert first.archive_name == "sfl-edge-client.zip"
 
 
-def test_artifact_holds_the_client_and_nothing_else() -> None:
+def _tree(*packages: str) -> set[str]:
+    """Every module file of these packages in the checkout, as zip entry names."""
+    return {
+        p.relative_to(REPO).as_posix()
+        for package in packages
+        for p in (REPO / package.replace(".", "/")).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+
+
+def test_artifact_is_the_devices_packages_whole_and_nothing_else() -> None:
     data, _ = artifact.client_artifact()
     with zipfile.ZipFile(BytesIO(data)) as archive:
         infos = archive.infolist()
     names = [i.filename for i in infos]
     assert names == sorted(names)
     assert {i.date_time for i in infos} == {(1980, 1, 1, 0, 0, 0)}
-    assert {
-        "edge_client/__main__.py",
-        "edge_client/settings.py",
-        "sfl/__init__.py",
-        "sfl/learning/codec.py",
-        "sfl/core/layout.py",
-        "sfl/state/registry.py",
-        "sfl/learning/tasks/digits.py",
+    assert artifact.device_packages() == ("edge_client", "sfl.core", "sfl.state", "sfl.learning")
+    assert set(names) == {
         "requirements-edge.txt",
-    } <= set(names)
+        "sfl/__init__.py",
+        *_tree("edge_client", "sfl.core", "sfl.state", "sfl.learning"),
+    }
+    assert "sfl/learning/tasks/digits.py" in names and "sfl/learning/rules/robust.py" in names
     for name in names:
-        assert not name.startswith(("sfl/local/", "lambdas/", "tests/", "infra/")), name
-        assert name not in {
-            "sfl/cli/main.py",
-            "sfl/server/averager.py",
-            "sfl/server/initiator.py",
-        }, name
-        assert "__pycache__" not in name
+        assert not name.startswith(
+            ("sfl/local/", "sfl/cli/", "sfl/server/", "sfl/ops/", "sfl/build/"),
+        ), name
+        assert not name.startswith(("lambdas/", "tests/", "infra/")), name
+
+
+def test_the_device_contract_names_every_other_package_of_ours() -> None:
+    """A new sfl package is either shipped to devices or forbidden to what ships: the device
+    contract decides, so edge_client cannot reach beyond what the artifact holds."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (device,) = [
+        c for c in pyproject["tool"]["importlinter"]["contracts"] if c.get("id") == "device"
+    ]
+    assert device["type"] == "forbidden"
+    assert tuple(device["source_modules"]) == artifact.device_packages()
+    packages = {f"sfl.{p.parent.name}" for p in (REPO / "sfl").glob("*/__init__.py")}
+    assert packages - set(device["source_modules"]) <= set(device["forbidden_modules"])
+    assert "infra" in device["forbidden_modules"]
+
+
+def test_the_artifact_needs_the_device_contract(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.importlinter]\ncontracts = []\n")
+    with pytest.raises(artifact.ArtifactError, match="no import contract with id 'device'"):
+        artifact.client_files(tmp_path)
 
 
 def _runtime_pins() -> dict[str, str]:
@@ -482,6 +508,7 @@ def test_edge_requirements_pin_what_runtime_pins_and_no_scikit_learn() -> None:
 def test_edge_requirements_refuse_a_pin_the_tests_did_not_run(tmp_path: Path) -> None:
     for name in ("edge_client", "sfl"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
     (tmp_path / "requirements").mkdir()
     shutil.copy(REPO / "requirements" / "runtime.txt", tmp_path / "requirements")
     edge = (REPO / "requirements" / "edge.txt").read_text()
@@ -490,16 +517,31 @@ def test_edge_requirements_refuse_a_pin_the_tests_did_not_run(tmp_path: Path) ->
         artifact.edge_requirements(tmp_path)
 
 
+def _device_imports() -> set[Path]:
+    """The files a device imports: edge_client's entry point followed through our packages
+    (inside functions too), plus every built-in task (loaded by name)."""
+    finder = modulefinder.ModuleFinder(path=[str(REPO)])
+    finder.run_script(str(REPO / "edge_client" / "__main__.py"))
+    files = {Path(str(m.__file__)) for m in finder.modules.values() if m.__file__}
+    return files | set((REPO / "sfl" / "learning" / "tasks").glob("*.py"))
+
+
 def test_shipped_code_is_python_3_10(tmp_path: Path) -> None:
-    """Devices may run Python 3.10: the client's code parses as 3.10 and avoids 3.11 APIs."""
+    """Devices may run Python 3.10: everything shipped parses as 3.10, and what a device
+    imports avoids 3.11 APIs (other modules of its packages ride along unimported)."""
     newer = re.compile(
         r"\b(StrEnum|datetime\.UTC|from datetime import .*\bUTC\b|tomllib|typing\.Self|"
         r"import .*\bSelf\b|add_note|ExceptionGroup|TaskGroup|asyncio\.timeout|file_digest)"
     )
-    for path in artifact.client_files():
+    shipped = set(artifact.client_files())
+    imported = _device_imports()
+    assert REPO / "edge_client" / "client.py" in imported
+    assert imported <= shipped, sorted(map(str, imported - shipped))
+    for path in shipped:
         source = path.read_text()
         ast.parse(source, filename=str(path), feature_version=(3, 10))
-        assert not newer.search(source), (path, newer.search(source))
+        if path in imported:
+            assert not newer.search(source), (path, newer.search(source))
 
 
 def _fake_wheel(

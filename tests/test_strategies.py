@@ -6,6 +6,7 @@ implementations on random inputs is in ``test_flwr_parity.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -143,21 +144,21 @@ def test_krum_keeps_the_updates_close_to_their_neighbours() -> None:
     honest = [_model([[1.0 + d, 1.0], [1.0, 1.0]], 1.0) for d in (0.0, 0.1, -0.1, 0.05)]
     outlier = _model([[50.0, -50.0], [50.0, 50.0]], 9.0)
     rule = robust.MultiKrum(byzantine_fraction=0.2)
+    updates = ListUpdates([(m, 1.0) for m in (*honest, outlier)], ["a", "b", "c", "d", "odd"])
 
-    result = rule.aggregate(BASE, _updates(*honest, outlier), None)
+    result = rule.aggregate(BASE, updates, None)
 
     assert result is not None and result.details is not None
-    assert result.details["krum_kept"] == [0, 1, 2, 3]
+    assert result.details == {"krum_kept": ["a", "b", "c", "d"], "krum_byzantine": 1}
     assert torch.allclose(result.model["w"], torch.tensor([[1.0125, 1.0], [1.0, 1.0]]))
 
 
 def test_krum_with_keep_one_returns_the_best_update_itself() -> None:
     models = [_model([[v, 0.0], [0.0, 0.0]], 0.0) for v in (0.0, 1.0, 1.5, 30.0)]
-    result = robust.MultiKrum(byzantine_fraction=0.25, keep=1).aggregate(
-        BASE, _updates(*models), None
-    )
+    updates = ListUpdates([(m, 1.0) for m in models], ["c0", "c1", "c2", "c3"])
+    result = robust.MultiKrum(byzantine_fraction=0.25, keep=1).aggregate(BASE, updates, None)
     assert result is not None and result.details is not None
-    assert result.details["krum_kept"] == [1]
+    assert result.details["krum_kept"] == ["c1"]
     assert torch.equal(result.model["w"], models[1]["w"])
 
 
@@ -212,14 +213,16 @@ def test_sfl_config_lists_every_rules_parameters_with_default_and_range(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from sfl.cli.main import main
-    from sfl.core.params import RULE_PARAMS
+    from sfl.core.params import RULES
 
     assert main(["config"]) == 0
 
     out = capsys.readouterr().out
     per_rule = out.split("aggregation_params, per rule", 1)[1].splitlines()[1:]
     listed = [line.split()[:2] for line in per_rule]
-    expected = [[rule, name] for rule, specs in RULE_PARAMS.items() for name in specs]
+    expected = [
+        [rule, f.name] for rule, entry in RULES.items() for f in dataclasses.fields(entry.params)
+    ]
     assert listed == expected
     assert "  fedavgm       server_momentum     0.4      a number from 0 to 0.999" in out
     assert "aggregation_params" in out and "proximal_mu" in out

@@ -1,7 +1,10 @@
 """The edge client's Greengrass artifact: a deterministic zip of the code a device runs.
 
-It holds ``edge_client/``, the ``sfl`` modules the client imports (found by following its
-imports, so ``sfl.local``, the Lambdas and the tests never ship to a device) and
+It holds the packages a device runs, whole: ``edge_client`` and the ``sfl`` packages it
+stands on (``sfl.core``, ``sfl.state``, ``sfl.learning``, with ``sfl/__init__.py``). They are
+named once, as the source modules of the import contract ``device`` in ``pyproject.toml``,
+which forbids them to import any other package of ours (``lint-imports``): so local mode, the
+Lambdas, the CLI, the build and the tests never ship to a device. It also holds
 ``requirements-edge.txt``, a copy of ``requirements/edge.txt`` checked against
 ``requirements/runtime.txt`` so a device runs the versions the tests ran. Same sources, same
 bytes: entries are sorted, timestamps and permissions fixed and nothing is compressed, so the
@@ -18,11 +21,13 @@ import hashlib
 import io
 import re
 import sys
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = "pyproject.toml"
 RUNTIME_REQUIREMENTS = Path("requirements") / "runtime.txt"
 EDGE_REQUIREMENTS = Path("requirements") / "edge.txt"
 ARCHIVE_NAME = "sfl-edge-client.zip"
@@ -31,12 +36,9 @@ REQUIREMENTS_FILE = "requirements-edge.txt"
 # The pins the tests ran apply to these Pythons; other markers are alternatives for others.
 _TESTED_MARKERS = ("", 'python_version >= "3.11"')
 
-CLIENT_PACKAGE = "edge_client"
-# Tasks are loaded by name at run time (``sfl.learning.tasks.load_task``), so every built-in
-# task ships.
-ROOT_PACKAGES = (CLIENT_PACKAGE, "sfl.learning.tasks")
-# Never on a device: the local mode (moto, simulation), the CLI and the Lambda-side modules.
-FORBIDDEN_MODULES = ("sfl.local", "sfl.cli", "sfl.server.averager", "sfl.server.initiator")
+# The import contract (``[tool.importlinter]`` in pyproject.toml) whose source modules are
+# the packages a device runs.
+DEVICE_CONTRACT = "device"
 
 # Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
 # provides them; None: imported only on paths a device never runs (sklearn: a task's
@@ -60,7 +62,7 @@ _WHEEL = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.+!]+)-.+
 
 
 class ArtifactError(ValueError):
-    """The client artifact cannot be built as specified (a forbidden import, a missing pin)."""
+    """The client artifact cannot be built as specified (an unknown import, a missing pin)."""
 
 
 @dataclass(frozen=True)
@@ -76,20 +78,15 @@ class ArtifactInfo:
         return self.path.name
 
 
-@dataclass(frozen=True)
-class _Imports:
-    modules: frozenset[str]  # every dotted name imported (``a.b`` for ``from a import b`` too)
-    top_level: frozenset[str]
-
-
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
     )
 
 
-def _imports(path: Path) -> _Imports:
-    """Names a module imports at run time (``if TYPE_CHECKING:`` blocks are skipped)."""
+def _top_level_imports(path: Path) -> set[str]:
+    """Top-level names a module imports at run time (``if TYPE_CHECKING:`` blocks skipped):
+    what must be installed on a device for it to import."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     typing_only: set[int] = set()
     for node in ast.walk(tree):
@@ -106,69 +103,48 @@ def _imports(path: Path) -> _Imports:
             if node.level or node.module is None:
                 raise ArtifactError(f"{path}: relative import; the client uses absolute ones")
             modules.add(node.module)
-            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return _Imports(frozenset(modules), frozenset(m.partition(".")[0] for m in modules))
+    return {m.partition(".")[0] for m in modules}
 
 
-def _module_file(source_root: Path, dotted: str) -> Path | None:
-    base = source_root.joinpath(*dotted.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _package_files(source_root: Path, dotted: str) -> list[Path]:
-    return sorted(source_root.joinpath(*dotted.split(".")).glob("*.py"))
-
-
-def _dotted(source_root: Path, path: Path) -> str:
-    parts = path.relative_to(source_root).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def device_packages(source_root: Path = SOURCE_ROOT) -> tuple[str, ...]:
+    """The packages a device runs: the source modules of import contract ``device``."""
+    path = source_root / PYPROJECT
+    try:
+        with path.open("rb") as f:
+            contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
+        raise ArtifactError(
+            f"{path}: no import contracts ({e}); the client artifact is built from a checkout"
+        ) from e
+    for contract in contracts:
+        if contract.get("id") == DEVICE_CONTRACT:
+            return tuple(contract["source_modules"])
+    raise ArtifactError(f"{path}: no import contract with id {DEVICE_CONTRACT!r}")
 
 
 def client_files(source_root: Path = SOURCE_ROOT) -> list[Path]:
-    """The client's source files: its packages plus every ``sfl`` module they import."""
-    ours = {CLIENT_PACKAGE, "sfl"}
-    pending = [p for package in ROOT_PACKAGES for p in _package_files(source_root, package)]
-    seen: set[Path] = set()
-    while pending:
-        path = pending.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        dotted = _dotted(source_root, path)
-        # A module needs its parent packages' __init__.py to import.
-        parts = dotted.split(".")
-        for i in range(1, len(parts)):
-            init = _module_file(source_root, ".".join(parts[:i]))
-            if init is not None:
-                pending.append(init)
-        for name in _imports(path).modules:
-            if name.partition(".")[0] not in ours:
-                continue
-            found = _module_file(source_root, name)
-            if found is not None:
-                pending.append(found)
-    for path in seen:
-        dotted = _dotted(source_root, path)
-        for forbidden in FORBIDDEN_MODULES:
-            if dotted == forbidden or dotted.startswith(forbidden + "."):
-                raise ArtifactError(
-                    f"the edge client imports {dotted!r}, which must not ship to devices "
-                    f"(forbidden: {', '.join(FORBIDDEN_MODULES)})"
-                )
-    return sorted(seen)
+    """The client's source files: every module of the device's packages, and the
+    ``__init__.py`` of each package above them (``sfl/__init__.py``)."""
+    files: set[Path] = set()
+    for package in device_packages(source_root):
+        folder = source_root.joinpath(*package.split("."))
+        if not (folder / "__init__.py").is_file():
+            raise ArtifactError(f"{folder}: the device's package {package!r} is not there")
+        files.update(p for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+        parent = folder.parent
+        while parent != source_root:
+            files.add(parent / "__init__.py")
+            parent = parent.parent
+    return sorted(files)
 
 
 def third_party_imports(source_root: Path = SOURCE_ROOT) -> set[str]:
     """Top-level names the client imports that are neither ours nor the standard library."""
     names: set[str] = set()
     for path in client_files(source_root):
-        names |= _imports(path).top_level
-    return {
-        n for n in names if n not in sys.stdlib_module_names and n not in {CLIENT_PACKAGE, "sfl"}
-    }
+        names |= _top_level_imports(path)
+    ours = {package.partition(".")[0] for package in device_packages(source_root)}
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ours}
 
 
 def _runtime_pins(source_root: Path) -> dict[str, str]:

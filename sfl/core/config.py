@@ -251,7 +251,7 @@ class FederationConfig(Settings):
         # The rule's parameters are checked here, once per record, and kept as one text.
         try:
             given = rule_params.parse(self.aggregation_params)
-            rule_params.resolve(self.aggregation, given)
+            rule_params.check(self.aggregation, given)
         except rule_params.ParamsError as e:
             raise ConfigError(f"config key 'aggregation_params': {e}") from e
         object.__setattr__(self, "aggregation_params", rule_params.canonical(given))

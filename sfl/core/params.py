@@ -1,42 +1,121 @@
-"""The parameters of the built-in aggregation rules: names, defaults and allowed ranges.
+"""Aggregation rules as configuration sees them, torch-free: parameters and registrations.
 
-Torch-free, so ``sfl.core.config`` can refuse a bad ``aggregation_params`` wherever the
-configuration is read (cdk synth, the initiator, ``sfl config``) with the same message the
-rule itself would give. A custom rule (an import path) checks its own parameters.
+A rule's parameters are a keyword-only dataclass (``RuleParams``): typed fields with
+defaults, each with its allowed range and one line saying what it does (``param``), checked
+when the dataclass is built. The rule class names its dataclass (``Rule.Params`` in
+``sfl.learning.rules.aggregation``). Rule classes import torch, so the built-in rules'
+dataclasses live here, and each built-in is registered here once (``RULES``: name ->
+implementation and parameters): ``sfl.core.config`` refuses a bad ``aggregation_params``
+wherever configuration is read (cdk synth, the initiator, ``sfl config``) with the same
+message the rule would give, without importing torch. A rule named by its import path
+keeps its dataclass in its own module and checks its parameters when it is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 
 class ParamsError(ValueError):
-    """``aggregation_params`` is not a JSON object of numbers the rule accepts."""
+    """``aggregation_params`` is not a JSON object of values the rule accepts."""
 
 
-@dataclass(frozen=True)
-class Param:
-    default: float
-    lo: float
-    hi: float
-    doc: str
-    integer: bool = False
+_RANGE = "range"
+_DOC = "doc"
+_TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
+_WORDS: dict[type | None, str] = {int: "an integer", float: "a number"}
 
-    def check(self, rule: str, name: str, value: Any) -> float:
-        kind = "an integer" if self.integer else "a number"
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if ok and self.integer:
-            ok = float(value).is_integer()
-        if not ok or not math.isfinite(value) or not self.lo <= value <= self.hi:
+
+def param(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None) -> Any:
+    """A parameter field: its default, one line saying what it does and, for a number, the
+    range it must lie in (``lo``..``hi``, both included)."""
+    metadata: dict[str, Any] = {_DOC: doc}
+    if lo is not None and hi is not None:
+        metadata[_RANGE] = (lo, hi)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _kind(f: dataclasses.Field[Any]) -> type | None:
+    return f.type if isinstance(f.type, type) else _TYPES.get(str(f.type))
+
+
+def allowed(f: dataclasses.Field[Any]) -> str:
+    """What a field accepts, in words (for error messages and ``sfl config``)."""
+    kind = _kind(f)
+    what = _WORDS.get(kind, f"a {getattr(kind, '__name__', 'value')}")
+    if _RANGE in f.metadata:
+        lo, hi = f.metadata[_RANGE]
+        what += f" from {lo:g} to {hi:g}"
+    return what
+
+
+def _checked(f: dataclasses.Field[Any], value: Any) -> Any:
+    """``value`` as the field's type (an integral number for an int, any number for a
+    float), or ``ParamsError`` saying what is allowed."""
+    kind = _kind(f)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = True
+    if kind is int:
+        ok = number and math.isfinite(value) and float(value).is_integer()
+    elif kind is float:
+        ok = number and math.isfinite(value)
+    elif kind is not None:
+        ok = isinstance(value, kind)
+    if ok and _RANGE in f.metadata:
+        lo, hi = f.metadata[_RANGE]
+        ok = lo <= value <= hi
+    if not ok:
+        raise ParamsError(f"parameter {f.name!r} = {value!r} is not allowed; allowed: {allowed(f)}")
+    return kind(value) if kind in (int, float) else value
+
+
+P = TypeVar("P", bound="RuleParams")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleParams:
+    """Base of every rule's parameters: each value is checked against its field when built."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
+
+    @classmethod
+    def from_mapping(cls: type[P], rule: str, given: Mapping[str, Any]) -> P:
+        """The parameters ``given`` (defaults for the rest); unknown names and values out of
+        range are refused, naming ``rule``."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
             raise ParamsError(
-                f"aggregation {rule!r}: parameter {name!r} = {value!r} is not allowed; "
-                f"allowed: {kind} from {self.lo:g} to {self.hi:g}"
+                f"aggregation {rule!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(known) or 'none'}"
             )
-        return int(value) if self.integer else float(value)
+        try:
+            return cls(**given)
+        except ParamsError as e:
+            raise ParamsError(f"aggregation {rule!r}: {e}") from e
+
+
+# --- the built-in rules' parameters ------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoParams(RuleParams):
+    """A rule without parameters (FedAvg, the coordinate-wise median)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAvgMParams(RuleParams):
+    """FedAvgM (Hsu et al.): server momentum on the pseudo-gradient."""
+
+    server_lr: float = param(1.0, "server learning rate on the pseudo-gradient", lo=1e-6, hi=100.0)
+    server_momentum: float = param(0.4, "momentum of the pseudo-gradient", lo=0.0, hi=0.999)
 
 
 _ETA = "server learning rate: how far the server moves along its optimiser's step"
@@ -44,55 +123,86 @@ _TAU = "adaptivity: added to the square root of the second moment"
 _BETA_1 = "decay of the first moment (momentum of the pseudo-gradient)"
 _BETA_2 = "decay of the second moment"
 
-RULE_PARAMS: dict[str, dict[str, Param]] = {
-    "fedavg": {},
-    "fedavgm": {
-        "server_lr": Param(1.0, 1e-6, 100.0, "server learning rate on the pseudo-gradient"),
-        "server_momentum": Param(0.4, 0.0, 0.999, "momentum of the pseudo-gradient"),
-    },
-    "fedadam": {
-        "eta": Param(0.01, 1e-9, 10.0, _ETA),
-        "beta_1": Param(0.9, 0.0, 0.999, _BETA_1),
-        "beta_2": Param(0.99, 0.0, 0.99999, _BETA_2),
-        "tau": Param(1e-3, 1e-12, 10.0, _TAU),
-    },
-    "fedyogi": {
-        "eta": Param(0.01, 1e-9, 10.0, _ETA),
-        "beta_1": Param(0.9, 0.0, 0.999, _BETA_1),
-        "beta_2": Param(0.99, 0.0, 0.99999, _BETA_2),
-        "tau": Param(1e-3, 1e-12, 10.0, _TAU),
-    },
-    "fedadagrad": {
-        "eta": Param(0.01, 1e-9, 10.0, _ETA),
-        "tau": Param(1e-3, 1e-12, 10.0, _TAU),
-    },
-    "median": {},
-    "trimmed_mean": {
-        "trim_fraction": Param(0.2, 0.0, 0.49, "share cut from each tail, per coordinate"),
-    },
-    "krum": {
-        "byzantine_fraction": Param(
-            0.2, 0.0, 0.49, "share of updates assumed hostile (f = floor(share * n))"
-        ),
-        "keep": Param(
-            0, 0, 10_000, "updates averaged (Multi-Krum); 0: n - f; 1: Krum", integer=True
-        ),
-    },
+
+@dataclass(frozen=True, kw_only=True)
+class FedAdagradParams(RuleParams):
+    """FedAdagrad (Reddi et al.): no momentum, the second moment sums squared steps."""
+
+    eta: float = param(0.01, _ETA, lo=1e-9, hi=10.0)
+    tau: float = param(1e-3, _TAU, lo=1e-12, hi=10.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedAdamParams(RuleParams):
+    """FedAdam and FedYogi (Reddi et al.): both moments of the pseudo-gradient."""
+
+    eta: float = param(0.01, _ETA, lo=1e-9, hi=10.0)
+    beta_1: float = param(0.9, _BETA_1, lo=0.0, hi=0.999)
+    beta_2: float = param(0.99, _BETA_2, lo=0.0, hi=0.99999)
+    tau: float = param(1e-3, _TAU, lo=1e-12, hi=10.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrimmedMeanParams(RuleParams):
+    """Coordinate-wise trimmed mean (Yin et al. 2018)."""
+
+    trim_fraction: float = param(0.2, "share cut from each tail, per coordinate", lo=0.0, hi=0.49)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KrumParams(RuleParams):
+    """Multi-Krum (Blanchard et al. 2017)."""
+
+    byzantine_fraction: float = param(
+        0.2, "share of updates assumed hostile (f = floor(share * n))", lo=0.0, hi=0.49
+    )
+    keep: int = param(0, "updates averaged (Multi-Krum); 0: n - f; 1: Krum", lo=0, hi=10_000)
+
+
+# --- registration --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinRule:
+    """A built-in rule: where its class lives (imported when used) and its parameters."""
+
+    implementation: str  # 'package.module:Class'
+    params: type[RuleParams]
+
+
+#: Every built-in aggregation rule, registered once (``sfl.core.plugins`` reads it).
+RULES: dict[str, BuiltinRule] = {
+    "fedavg": BuiltinRule("sfl.learning.rules.aggregation:FedAvg", NoParams),
+    "fedavgm": BuiltinRule("sfl.learning.rules.fedopt:FedAvgM", FedAvgMParams),
+    "fedadam": BuiltinRule("sfl.learning.rules.fedopt:FedAdam", FedAdamParams),
+    "fedyogi": BuiltinRule("sfl.learning.rules.fedopt:FedYogi", FedAdamParams),
+    "fedadagrad": BuiltinRule("sfl.learning.rules.fedopt:FedAdagrad", FedAdagradParams),
+    "median": BuiltinRule("sfl.learning.rules.robust:Median", NoParams),
+    "trimmed_mean": BuiltinRule("sfl.learning.rules.robust:TrimmedMean", TrimmedMeanParams),
+    "krum": BuiltinRule("sfl.learning.rules.robust:MultiKrum", KrumParams),
 }
+
+
+def check(rule: str, given: Mapping[str, Any]) -> RuleParams | None:
+    """A built-in rule's parameters, checked; None for a rule named by its import path (it
+    checks its own when built: importing it here could import torch)."""
+    builtin = RULES.get(rule)
+    return None if builtin is None else builtin.params.from_mapping(rule, given)
 
 
 def describe() -> list[tuple[str, str, str, str]]:
     """(rule, parameter, default, allowed and meaning) for every built-in rule's parameters,
     for ``sfl config`` and the docs."""
-    rows = []
-    for rule, specs in RULE_PARAMS.items():
-        for name, spec in specs.items():
-            kind = "an integer" if spec.integer else "a number"
-            default = str(int(spec.default)) if spec.integer else f"{spec.default:g}"
-            rows.append(
-                (rule, name, default, f"{kind} from {spec.lo:g} to {spec.hi:g}: {spec.doc}")
-            )
-    return rows
+    return [
+        (
+            rule,
+            f.name,
+            f"{f.default:g}" if _kind(f) is float else str(f.default),
+            f"{allowed(f)}: {f.metadata[_DOC]}",
+        )
+        for rule, builtin in RULES.items()
+        for f in dataclasses.fields(builtin.params)
+    ]
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -108,26 +218,6 @@ def parse(text: str) -> dict[str, Any]:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number here")
-
-
-def resolve(rule: str, given: Mapping[str, Any]) -> dict[str, float]:
-    """The rule's parameters: its defaults, overridden by ``given``; unknown names and
-    out-of-range values are refused. A rule not listed here (an import path) gets ``given``
-    unchanged, to check itself."""
-    specs = RULE_PARAMS.get(rule)
-    if specs is None:
-        return dict(given)
-    unknown = sorted(set(given) - set(specs))
-    if unknown:
-        known = ", ".join(specs) or "none"
-        raise ParamsError(
-            f"aggregation {rule!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-            f"known: {known}"
-        )
-    return {
-        name: spec.check(rule, name, given[name]) if name in given else spec.default
-        for name, spec in specs.items()
-    }
 
 
 def canonical(value: str | Mapping[str, Any]) -> str:

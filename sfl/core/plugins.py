@@ -4,6 +4,8 @@ A name maps to a lazy ``module:attribute`` import path, so reading the registry 
 nothing (the initiator stays torch-free). Config validation (``sfl.core.config``), CLI help and
 loading (``sfl.learning.tasks.load_task``, ``get_*`` of each strategy kind) all read it
 here; a custom plug-in is named by its own import path ``package.module:attribute`` instead.
+Aggregation rules register in ``sfl.core.params.RULES``, beside their parameters dataclass,
+so config checks ``aggregation_params`` without torch; this registry reads them from there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import importlib
 import re
 from typing import Any
+
+from sfl.core import params
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
@@ -27,16 +31,8 @@ REGISTRY: dict[str, dict[str, str]] = {
         "random": "sfl.core.selection:select_random",
         "all": "sfl.core.selection:select_all",
     },
-    "aggregation": {
-        "fedavg": "sfl.learning.rules.aggregation:FedAvg",
-        "fedavgm": "sfl.learning.rules.fedopt:FedAvgM",
-        "fedadam": "sfl.learning.rules.fedopt:FedAdam",
-        "fedyogi": "sfl.learning.rules.fedopt:FedYogi",
-        "fedadagrad": "sfl.learning.rules.fedopt:FedAdagrad",
-        "median": "sfl.learning.rules.robust:Median",
-        "trimmed_mean": "sfl.learning.rules.robust:TrimmedMean",
-        "krum": "sfl.learning.rules.robust:MultiKrum",
-    },
+    # Aggregation rules register with their parameters, torch-free: sfl.core.params.RULES.
+    "aggregation": {name: rule.implementation for name, rule in params.RULES.items()},
     "quorum": {
         "all_answered": "sfl.core.quorum:all_answered",
         "min_fraction": "sfl.core.quorum:min_fraction",

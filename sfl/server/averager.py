@@ -496,8 +496,6 @@ class Averager:
         finished = self.clock()
         total_examples = sum(a.num_examples for _, a in used)
         details = dict(result.details or {})
-        if "krum_kept" in details:
-            details["krum_kept"] = [read[i] for i in details["krum_kept"]]
         summary = {
             "participants": len(used),
             "num_examples": total_examples,

@@ -289,6 +289,10 @@ class RoundUpdates:
         self._ensure_spooled()
         return [entry.weight for entry, _ in self._spooled]
 
+    def clients(self) -> list[str]:
+        self._ensure_spooled()
+        return [entry.client for entry, _ in self._spooled]
+
     # --- reading --------------------------------------------------------------------------
 
     def _read_ahead(

@@ -35,8 +35,7 @@ from botocore.exceptions import ClientError
 
 from sfl.core import layout
 from sfl.learning.codec import Header, decode, encode, parse_header
-from sfl.learning.rules.aggregation import AggregationError, FedAvg, PartialSum
-from sfl.learning.rules.fedopt import ServerOptimizer
+from sfl.learning.rules.aggregation import AggregationError, FedAvg, PartialSum, PartialSums
 from sfl.server.round_updates import Entry, RoundUpdates
 from sfl.state.aws import error_code, is_not_found
 
@@ -130,8 +129,8 @@ class Shard:
 
 
 def shardable(rule: AggregationRule) -> bool:
-    """Rules whose input is the weighted mean: sums of shards add up to it."""
-    return isinstance(rule, FedAvg | ServerOptimizer)
+    """A rule that declares it sums in shards (its input is the weighted mean)."""
+    return rule.abilities.sums_in_shards
 
 
 def plan(
@@ -207,7 +206,7 @@ def sum_shard(
 Invoker = Callable[[Shard], Any]
 
 
-class ShardedUpdates:
+class ShardedUpdates(PartialSums):
     """The ``UpdateSet`` a sharded round hands its rule: runs the shards, then offers their
     partial sums (``partial_sums``), in shard order; ``read`` and ``excluded`` as
     ``RoundUpdates`` has them."""
@@ -254,6 +253,9 @@ class ShardedUpdates:
         raise AggregationError("a sharded round offers partial sums only (FedAvg, FedOpt)")
 
     def weights(self) -> list[float]:
+        raise AggregationError("a sharded round offers partial sums only (FedAvg, FedOpt)")
+
+    def clients(self) -> list[str]:
         raise AggregationError("a sharded round offers partial sums only (FedAvg, FedOpt)")
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -313,17 +314,33 @@ def test_initiator_zip_imports_its_handler_with_torch_unavailable(synthesized):
     assert result.returncode == 0, result.stderr
 
 
-def test_bundling_refuses_a_handler_that_reaches_torch(tmp_path):
-    package = tmp_path / "corepkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "light.py").write_text("from corepkg import heavy\n")
-    (package / "heavy.py").write_text("def f():\n    import torch\n")
-    handler = tmp_path / "lambda_dir" / "handler.py"
-    handler.parent.mkdir()
-    handler.write_text("from corepkg import light\n")
-    with pytest.raises(BundlingError, match=r"torch \(imported by corepkg\.heavy\)"):
-        core_modules(handler, source_root=tmp_path, package="corepkg")
+def _contract(contract_id: str) -> dict:  # type: ignore[type-arg]
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    return next(
+        c for c in pyproject["tool"]["importlinter"]["contracts"] if c.get("id") == contract_id
+    )
+
+
+def test_every_core_module_in_the_initiator_zip_is_under_the_torch_free_contract():
+    """The zip carries no torch because each sfl module the bundler picks is a source (or a
+    parent package of one) of the contract forbidding torch, which lint-imports checks."""
+    contract = _contract("torch-free")
+    assert {"torch", "numpy", "safetensors", "sfl.learning"} <= set(contract["forbidden_modules"])
+    sources = contract["source_modules"]
+    handler = REPO_ROOT / "lambdas" / "initiator" / "handler.py"
+    ours = [
+        m
+        for m in core_modules(handler, source_root=REPO_ROOT, package="sfl")
+        if m.startswith("sfl")
+    ]
+
+    def covered(module: str) -> bool:
+        return any(
+            module == s or module.startswith(f"{s}.") or s.startswith(f"{module}.") for s in sources
+        )
+
+    assert "sfl.server.initiator" in ours
+    assert [m for m in ours if not covered(m)] == []
 
 
 def test_bundling_refuses_a_missing_core_module(tmp_path):
@@ -333,7 +350,9 @@ def test_bundling_refuses_a_missing_core_module(tmp_path):
     handler = tmp_path / "lambda_dir" / "handler.py"
     handler.parent.mkdir()
     handler.write_text("import corepkg.gone\n")
-    with pytest.raises(BundlingError, match="do not exist"):
+    with pytest.raises(
+        BundlingError, match=r"do not exist: corepkg\.gone \(imported by __main__\)"
+    ):
         core_modules(handler, source_root=tmp_path, package="corepkg")
 
 

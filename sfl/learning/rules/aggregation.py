@@ -1,16 +1,26 @@
-"""How a round's accepted updates become the next model: the rule interface, and FedAvg.
+"""How a round's accepted updates become the next model: the rule contract, and FedAvg.
 
-A rule is a class built from its parameters (``aggregation_params``); ``aggregate`` sees
-the base model, the round's updates and the server state the rule left beside the base
-model, and returns the next model and the state to keep beside it. Updates reach a rule
-through an ``UpdateSet``, already bounded (weight capped, change clipped) by the averager,
-in one of two shapes:
+A rule owns its identity. Its class declares its ``name``, its parameters (``Params``: a
+torch-free, keyword-only dataclass, ``sfl.core.params.RuleParams``) and its ``abilities``
+(``Abilities``: keeps server state, sums in shards, reads all updates at once); it is built
+from its parameters (``aggregation_params``) and reports what it did in ``Aggregate.details``.
+A built-in registers with one line in ``sfl.core.params.RULES``; a user's rule is one module
+named by its import path ``package.module:Rule``. The averager asks a rule's abilities, never
+its class.
+
+``aggregate`` sees the base model, the round's updates and the server state the rule left
+beside the base model, and returns the next model and the state to keep beside it. Updates
+reach a rule through an ``UpdateSet``, already bounded (weight capped, change clipped) by the
+averager, in one of two shapes:
 
 - ``stream()``: one whole update at a time, for rules that fold updates into a running sum
   (FedAvg and the server optimisers): memory does not grow with the number of updates.
 - ``chunks()``: the same rows of one tensor from every update at once, for rules that look
   at all values of a coordinate (median, trimmed mean, Krum's distances): memory is bounded
   by ``CHUNK_ELEMENTS`` whatever the number of updates.
+
+A rule that sums in shards may instead be handed ``PartialSums``: the updates already summed
+in parallel (``sfl.server.shards``), to be added up.
 
 The arithmetic is pure functions over tensors; fetching updates is the averager's. Sums are
 kept in float64 so that the order of updates does not change the result beyond the output
@@ -22,12 +32,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from sfl.core import params as rule_params
 from sfl.core import plugins
+from sfl.core.params import NoParams, RuleParams
 
 # At most this many float64 values of a tensor chunk, across all updates, are in memory at
 # once (16 MiB; sorting a chunk needs about three times that), unless one row of one tensor
@@ -71,15 +82,10 @@ class UpdateSet(Protocol):
         """The bounded weight of each update that ``chunks`` yields, in its order."""
         ...
 
-
-@dataclass(frozen=True)
-class Aggregate:
-    """The next model, and the server state a stateful rule keeps beside it."""
-
-    model: dict[str, torch.Tensor]
-    state: dict[str, torch.Tensor] | None = None
-    # What the rule did, for the round's summary (e.g. which updates Krum kept).
-    details: Mapping[str, Any] | None = None
+    def clients(self) -> list[str]:
+        """The client id of each update that ``chunks`` yields, in its order: how a rule
+        names the updates it reports on (``Aggregate.details``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,54 @@ class PartialSum:
     dtypes: dict[str, torch.dtype]
 
 
+@runtime_checkable
+class PartialSums(Protocol):
+    """Updates already summed elsewhere (``sfl.server.shards``): handed only to a rule whose
+    abilities say it ``sums_in_shards``, which adds the partial sums up."""
+
+    def partial_sums(self) -> Iterator[PartialSum]:
+        """Each shard's partial sum, in shard order."""
+        ...
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """The next model, and the server state a stateful rule keeps beside it."""
+
+    model: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] | None = None
+    # What the rule did, for the round's summary, naming clients by id (e.g. whom Krum kept).
+    details: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Abilities:
+    """What a rule asks of the averager and offers it; the averager decides by these."""
+
+    stateful: bool = False
+    """Keeps server state beside each model version; ``model_from_state`` remakes the model."""
+    sums_in_shards: bool = False
+    """Its input is the weighted mean of the updates, so shards' partial sums add up to it."""
+    reads_all_at_once: bool = False
+    """Reads every update's values of a coordinate at once (``chunks``): one invocation, its
+    client cap the averager's disk (docs/strategies.md)."""
+
+    def __post_init__(self) -> None:
+        if self.sums_in_shards and self.reads_all_at_once:
+            raise ValueError("a rule that reads all updates at once cannot sum in shards")
+
+
+@runtime_checkable
 class AggregationRule(Protocol):
-    stateful: ClassVar[bool]
+    """The rule contract: identity (name, parameters, abilities) and the maths."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[RuleParams]]
+    abilities: ClassVar[Abilities]
+    params: RuleParams
+
+    @property
+    def stateful(self) -> bool: ...
 
     def aggregate(
         self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
@@ -106,16 +158,22 @@ class AggregationRule(Protocol):
 
 
 class Rule:
-    """What every built-in rule shares: its parameters, resolved against their specs."""
+    """What every rule shares: built from its parameters (keywords), checked by ``Params``."""
 
     name: ClassVar[str] = ""
-    stateful: ClassVar[bool] = False
+    Params: ClassVar[type[RuleParams]] = NoParams
+    abilities: ClassVar[Abilities] = Abilities()
+    params: RuleParams
 
     def __init__(self, **given: Any) -> None:
         try:
-            self.params = rule_params.resolve(self.name, given)
+            self.params = self.Params.from_mapping(self.name, given)
         except rule_params.ParamsError as e:
             raise AggregationError(str(e)) from e
+
+    @property
+    def stateful(self) -> bool:
+        return self.abilities.stateful
 
     def model_from_state(
         self, base: Mapping[str, torch.Tensor], state: State
@@ -130,6 +188,7 @@ class FedAvg(Rule):
     """
 
     name = "fedavg"
+    abilities = Abilities(sums_in_shards=True)
 
     def __init__(self, **given: Any) -> None:
         super().__init__(**given)
@@ -145,9 +204,8 @@ class FedAvg(Rule):
         self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
     ) -> Aggregate | None:
         self.reset()
-        partial_sums = getattr(updates, "partial_sums", None)
-        if partial_sums is not None:  # shards summed elsewhere (sfl.server.shards): add their sums
-            for partial in partial_sums():
+        if isinstance(updates, PartialSums):  # summed in shards: add their sums
+            for partial in updates.partial_sums():
                 self.add_partial(partial)
         else:
             for tensors, weight in updates.stream():
@@ -228,8 +286,15 @@ def row_slices(shape: Sequence[int], updates: int, max_elements: int) -> Iterato
 class ListUpdates:
     """An ``UpdateSet`` over updates already in memory (tests, benchmarks, references)."""
 
-    def __init__(self, updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> None:
+    def __init__(
+        self,
+        updates: Sequence[tuple[Mapping[str, torch.Tensor], float]],
+        clients: Sequence[str] | None = None,
+    ) -> None:
         self.updates = list(updates)
+        self.ids = [str(i) for i in range(len(self.updates))] if clients is None else list(clients)
+        if len(self.ids) != len(self.updates):
+            raise ValueError(f"{len(self.updates)} updates but {len(self.ids)} client ids")
 
     def stream(
         self, indices: Sequence[int] | None = None
@@ -250,6 +315,9 @@ class ListUpdates:
 
     def weights(self) -> list[float]:
         return [w for _, w in self.updates]
+
+    def clients(self) -> list[str]:
+        return list(self.ids)
 
 
 def fedavg(
@@ -284,7 +352,8 @@ def _check_like(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, tor
 
 
 def get_aggregator(name: str) -> Callable[..., AggregationRule]:
-    """The rule class (or factory) ``name`` stands for; call it with the rule's parameters."""
+    """The rule class ``name`` stands for (registered, or an import path ``module:Rule``);
+    call it with the rule's parameters."""
     result: Callable[..., AggregationRule] = plugins.load("aggregation", name)
     return result
 
@@ -295,4 +364,10 @@ def build_rule(name: str, params_json: str = "{}") -> AggregationRule:
         given = rule_params.parse(params_json)
     except rule_params.ParamsError as e:
         raise AggregationError(str(e)) from e
-    return get_aggregator(name)(**given)
+    rule = get_aggregator(name)(**given)
+    if not isinstance(rule, AggregationRule):
+        raise AggregationError(
+            f"aggregation {name!r} made a {type(rule).__name__}, which is not an aggregation "
+            "rule (needs name, Params, abilities, params, aggregate, model_from_state)"
+        )
+    return rule

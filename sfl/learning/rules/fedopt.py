@@ -17,7 +17,9 @@ from collections.abc import Mapping
 
 import torch
 
+from sfl.core.params import FedAdagradParams, FedAdamParams, FedAvgMParams
 from sfl.learning.rules.aggregation import (
+    Abilities,
     Aggregate,
     FedAvg,
     Rule,
@@ -33,7 +35,7 @@ _KEEP = "keep/"  # FedAvg's value of a non-float tensor
 class ServerOptimizer(Rule):
     """FedAvg, then a step of a server optimiser whose state persists between rounds."""
 
-    stateful = True
+    abilities = Abilities(stateful=True, sums_in_shards=True)
     slots: tuple[str, ...] = ()  # per-tensor state, e.g. ("m", "v")
 
     def aggregate(
@@ -104,6 +106,8 @@ class FedAvgM(ServerOptimizer):
     """Server momentum: ``m = momentum * m + (base - avg)``, model ``base - lr * m``."""
 
     name = "fedavgm"
+    Params = FedAvgMParams
+    params: FedAvgMParams
     slots = ("momentum",)
 
     def update(
@@ -112,21 +116,22 @@ class FedAvgM(ServerOptimizer):
         gradient = -delta  # Flower's pseudo-gradient: base - avg
         if old is None:
             return {"momentum": gradient}
-        return {"momentum": self.params["server_momentum"] * old["momentum"] + gradient}
+        return {"momentum": self.params.server_momentum * old["momentum"] + gradient}
 
     def move(self, slots: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        return -self.params["server_lr"] * slots["momentum"]
+        return -self.params.server_lr * slots["momentum"]
 
 
 class _Adaptive(ServerOptimizer):
     """First moment ``m`` as in Adam; the second moment ``v`` is the subclass's."""
 
     slots = ("m", "v")
+    params: FedAdamParams | FedAdagradParams
 
     def update(
         self, delta: torch.Tensor, old: Mapping[str, torch.Tensor] | None, step: int
     ) -> dict[str, torch.Tensor]:
-        beta_1 = self.params.get("beta_1", 0.0)
+        beta_1 = self.params.beta_1 if isinstance(self.params, FedAdamParams) else 0.0
         m = torch.zeros_like(delta) if old is None else old["m"]
         v = torch.zeros_like(delta) if old is None else old["v"]
         return {"m": beta_1 * m + (1.0 - beta_1) * delta, "v": self.second_moment(v, delta)}
@@ -135,41 +140,47 @@ class _Adaptive(ServerOptimizer):
         raise NotImplementedError
 
     def move(self, slots: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
-        return self.rate(step) * slots["m"] / (slots["v"].sqrt() + self.params["tau"])
+        return self.rate(step) * slots["m"] / (slots["v"].sqrt() + self.params.tau)
 
     def rate(self, step: int) -> float:
-        return self.params["eta"]
+        return self.params.eta
 
 
 class FedAdam(_Adaptive):
     """Adam on the pseudo-gradient, with Flower's bias-corrected rate."""
 
     name = "fedadam"
+    Params = FedAdamParams
+    params: FedAdamParams
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        beta_2 = self.params["beta_2"]
+        beta_2 = self.params.beta_2
         return beta_2 * v + (1.0 - beta_2) * delta * delta
 
     def rate(self, step: int) -> float:
         # Flower's FedAdam corrects with exponent (round + 1); ``step`` plays the round.
-        beta_1, beta_2 = self.params["beta_1"], self.params["beta_2"]
-        return self.params["eta"] * math.sqrt(1 - beta_2 ** (step + 1)) / (1 - beta_1 ** (step + 1))
+        beta_1, beta_2 = self.params.beta_1, self.params.beta_2
+        return self.params.eta * math.sqrt(1 - beta_2 ** (step + 1)) / (1 - beta_1 ** (step + 1))
 
 
 class FedYogi(_Adaptive):
     """Yogi: the second moment moves towards ``delta**2`` additively, by its sign."""
 
     name = "fedyogi"
+    Params = FedAdamParams
+    params: FedAdamParams
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         squared = delta * delta
-        return v - (1.0 - self.params["beta_2"]) * squared * torch.sign(v - squared)
+        return v - (1.0 - self.params.beta_2) * squared * torch.sign(v - squared)
 
 
 class FedAdagrad(_Adaptive):
     """Adagrad: the second moment sums ``delta**2``; no momentum (as Flower's)."""
 
     name = "fedadagrad"
+    Params = FedAdagradParams
+    params: FedAdagradParams
 
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return v + delta * delta

@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from sfl.core.params import KrumParams, TrimmedMeanParams
 from sfl.learning.rules.aggregation import (
+    Abilities,
     Aggregate,
     FedAvg,
     Rule,
@@ -67,6 +69,8 @@ def krum_scores(distances: torch.Tensor, byzantine: int) -> list[float]:
 class _Coordinatewise(Rule):
     """A rule that reduces each coordinate's values across updates to one value."""
 
+    abilities = Abilities(reads_all_at_once=True)
+
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -106,16 +110,22 @@ class TrimmedMean(_Coordinatewise):
     """Coordinate-wise trimmed mean (Yin et al. 2018)."""
 
     name = "trimmed_mean"
+    Params = TrimmedMeanParams
+    params: TrimmedMeanParams
 
     def reduce(self, values: torch.Tensor) -> torch.Tensor:
-        return trimmed_mean(values, self.params["trim_fraction"])
+        return trimmed_mean(values, self.params.trim_fraction)
 
 
 class MultiKrum(Rule):
     """Multi-Krum (Blanchard et al. 2017): keep the updates closest to their neighbours and
-    average those with their bounded weights; ``keep=1`` is Krum (the best one, as is)."""
+    average those with their bounded weights; ``keep=1`` is Krum (the best one, as is).
+    Reports the ids of the clients it kept and how many it assumed hostile."""
 
     name = "krum"
+    Params = KrumParams
+    params: KrumParams
+    abilities = Abilities(reads_all_at_once=True)
 
     def aggregate(
         self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
@@ -126,12 +136,13 @@ class MultiKrum(Rule):
         distances = torch.zeros((n, n), dtype=torch.float64)
         for chunk in updates.chunks():
             add_squared_distances(distances, chunk.values)
-        byzantine = math.floor(self.params["byzantine_fraction"] * n)
-        keep = int(self.params["keep"]) or n - byzantine
+        byzantine = math.floor(self.params.byzantine_fraction * n)
+        keep = self.params.keep or n - byzantine
         keep = max(1, min(keep, n))
         scores = krum_scores(distances, byzantine)
         chosen = sorted(sorted(range(n), key=lambda i: (scores[i], i))[:keep])
-        details = {"krum_kept": chosen, "krum_byzantine": byzantine}
+        clients = updates.clients()
+        details = {"krum_kept": [clients[i] for i in chosen], "krum_byzantine": byzantine}
         if keep == 1:
             ((tensors, _),) = list(updates.stream(chosen))
             model = {name: t.clone().contiguous() for name, t in tensors.items()}
