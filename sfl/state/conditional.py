@@ -34,7 +34,9 @@ RETRYABLE_CANCELLATIONS = frozenset(
 )
 
 
-class Write(enum.StrEnum):
+class Write(enum.Enum):
+    """How a conditional write ended (a plain Enum: devices run this module on Python 3.10)."""
+
     WRITTEN = "written"
     CONDITION_FAILED = "condition_failed"  # one item's condition did not hold
     CANCELLED = "cancelled"  # a transaction was cancelled: see its reasons
