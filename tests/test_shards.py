@@ -10,6 +10,7 @@ import torch
 from sfl.core import layout
 from sfl.learning import codec
 from sfl.learning.rules.aggregation import fedavg
+from sfl.local.lambdas import local_shard_invoker
 from sfl.server import shards
 from sfl.server.round_updates import Entry
 from sfl.state.rounds import RoundState, RoundStore
@@ -39,10 +40,10 @@ def _model(stack: Stack, version: int) -> dict[str, torch.Tensor]:
 
 def _round_to_quorum(stack: Stack, monkeypatch: pytest.MonkeyPatch, invoke: Any) -> Any:
     """Five clients, shards of two (three shards); delivering the last update aggregates."""
-    monkeypatch.setattr(shards, "default_invoker", lambda: invoke)
     averager, clock, store = _setup(
         stack,
         *CLIENTS,
+        invoke_shard=invoke,
         quorum="all_answered",
         aggregation_shard_above=2,
         aggregation_shard_size=2,
@@ -60,7 +61,7 @@ def _expected() -> dict[str, torch.Tensor]:
 
 
 def _local_recording(calls: list[Any]) -> shards.Invoker:
-    local = shards.local_invoker()
+    local = local_shard_invoker()
 
     def invoke(shard: shards.Shard) -> Any:
         calls.append(result := local(shard))

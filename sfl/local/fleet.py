@@ -24,6 +24,7 @@ from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
 from sfl.learning.splits import default_client_ids, write_client_splits
 from sfl.learning.tasks import load_task
 from sfl.local.dispatcher import S3EventDispatcher
@@ -137,7 +138,7 @@ class LocalFleet:
         log_path = options.out / "lambda-logs.jsonl"
         self.initiator = LocalFunction("initiator", log_path=log_path)
         self.averager = LocalFunction("averager", log_path=log_path)
-        self.averager.invoke({"sfl": "bootstrap"})
+        self.averager.invoke(BOOTSTRAP_EVENT)
         control = aws.clients()
         if options.eval_data:
             control.s3.put_object(
@@ -183,7 +184,7 @@ class LocalFleet:
         assert self.initiator is not None and self.averager is not None
         next_start = time.time() + self.options.schedule_seconds
         while not self._stop.wait(self.options.tick_seconds):
-            self.averager.invoke_scheduled({"sfl": "tick"})
+            self.averager.invoke_scheduled(TICK_EVENT)
             if time.time() >= next_start:
                 self.initiator.invoke_scheduled(SCHEDULED_EVENT)
                 next_start = time.time() + self.options.schedule_seconds

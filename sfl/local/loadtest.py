@@ -33,6 +33,7 @@ from edge_client.global_model import size_limit
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
 from sfl.core.resources import ROUNDS_TABLE
 from sfl.learning import codec
 from sfl.learning.tasks import load_task
@@ -241,7 +242,7 @@ def _run(
         log_path.parent.mkdir(parents=True, exist_ok=True)
     initiator = LocalFunction("initiator", log_path=log_path)
     averager = LocalFunction("averager", log_path=log_path)
-    averager.invoke({"sfl": "bootstrap"})
+    averager.invoke(BOOTSTRAP_EVENT)
     control = aws.clients()
 
     reference = task.build_model(seed=config.seed).state_dict()
@@ -476,7 +477,7 @@ def _wait_for_round(
         if status in ("CLOSED", "ABANDONED"):
             return status, left_open_at
         if time.time() >= next_tick:
-            averager.invoke_scheduled({"sfl": "tick"})
+            averager.invoke_scheduled(TICK_EVENT)
             next_tick = time.time() + options.tick_seconds
         time.sleep(0.05)
     return status, left_open_at

@@ -25,6 +25,7 @@ from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
 from sfl.learning.splits import default_client_ids, write_client_splits
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import ArrayDataset, TrainingTask
@@ -202,7 +203,7 @@ def _run(
     log_path = options.out / "lambda-logs.jsonl"
     initiator = LocalFunction("initiator", log_path=log_path)
     averager = LocalFunction("averager", log_path=log_path)
-    averager.invoke({"sfl": "bootstrap"})
+    averager.invoke(BOOTSTRAP_EVENT)
 
     control = aws.clients()
     store = RoundStore(control.dynamodb, names.rounds_table)
@@ -457,7 +458,7 @@ def _wait_for_round(
             if current is not None and current.status.finished:
                 return current
         if time.time() >= next_tick:
-            averager.invoke_scheduled({"sfl": "tick"})
+            averager.invoke_scheduled(TICK_EVENT)
             next_tick = time.time() + options.tick_seconds
         seen = aws.feed.wait(resource, "", seen, max(0.0, next_tick - time.time()))
     failed = ""
