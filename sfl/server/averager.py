@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 
 class Averager:
+    """The handler's dispatch target: an upload, or the tick, for one invocation."""
+
     def __init__(
         self,
         aws: AwsClients,

@@ -35,6 +35,8 @@ FinishedListener = Callable[[Round], None]
 
 @dataclass(frozen=True)
 class AveragerContext:
+    """One invocation's stores, settings and listeners (``build`` makes the stores)."""
+
     s3: Any
     names: ResourceNames
     config: FederationConfig  # the deployed one; a round runs with ``round_config(round_)``
