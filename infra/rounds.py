@@ -28,15 +28,15 @@ from constructs import Construct
 from infra.bundling import InitiatorBundling
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
 from sfl.core import lambda_shapes
-from sfl.server.runtime import AVERAGER_SERVICE, INITIATOR_SERVICE, METRICS_NAMESPACE
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
+from sfl.server.runtime import (
+    AVERAGER_SERVICE,
+    INITIATOR_FUNCTION_ENV,
+    INITIATOR_SERVICE,
+    METRICS_NAMESPACE,
+    SHARD_FUNCTION_ENV,
+)
 
-# The events the handlers receive besides S3 notifications.
-TICK_EVENT = {"sfl": "tick"}
-BOOTSTRAP_EVENT = {"sfl": "bootstrap"}
-# The averager finds the initiator (to chain the next round) through this variable.
-INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
-# ... and the shard function (sfl.server.shards.SHARD_FUNCTION_ENV) through this one.
-SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
 SHARD_HANDLER = "handler.shard_handler"
 
 INITIATOR_DIR = Path("lambdas/initiator")

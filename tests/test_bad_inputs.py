@@ -234,7 +234,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_bad_input_is_rejected_recorded_and_the_round_closes_on_the_honest_update(
-    stack: Stack, case: Case, caplog: pytest.LogCaptureFixture
+    stack: Stack, case: Case, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack.config = stack.config.replace(
         max_update_bytes=case.max_update_bytes, max_num_examples=100_000
@@ -245,6 +245,8 @@ def test_bad_input_is_rejected_recorded_and_the_round_closes_on_the_honest_updat
         assert start_round(stack.clients, stack.names, stack.config).started
         stack.register("victim")
         averager = LocalFunction("averager")
+        # The handler sends sfl.* records through its own logger only; caplog listens at the root.
+        monkeypatch.setattr(logging.getLogger("sfl"), "propagate", True)
         caplog.set_level(logging.WARNING, logger="sfl")
 
         result = averager.invoke(case.upload(stack))

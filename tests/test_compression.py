@@ -20,13 +20,14 @@ from hypothesis import strategies as st
 from edge_client.client import Assignment, AssignmentUnreadable
 from sfl.core import layout
 from sfl.core.config import ConfigError, FederationConfig
-from sfl.core.events import UpdateEvent
 from sfl.learning import codec
 from sfl.learning.compression import UpdateCodec, decode_update, encode_update
 from sfl.learning.rules.aggregation import as_rows
 from sfl.learning.tasks.base import ArrayDataset, ClientData
 from sfl.server.acceptance import AcceptedUpdate, Expected, UpdateRejected, validate_update
-from sfl.server.averager import Averager, UpdateOutcome, bootstrap_model
+from sfl.server.answers import UpdateOutcome
+from sfl.server.averager import Averager, bootstrap_model
+from sfl.server.notifications import UpdateEvent
 from sfl.server.round_updates import Entry, RoundUpdates
 from tests.conftest import TRAINED as TINY_TRAINED
 from tests.conftest import Stack

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from sfl.core import layout
-from sfl.core.events import UpdateEvent
 from sfl.learning.rules.aggregation import FedAvg
-from sfl.server import averager as averager_module
+from sfl.server import watchdog
 from sfl.server.averager import Averager
 from sfl.server.initiator import start_round
+from sfl.server.notifications import UpdateEvent
+from sfl.server.shards import Invoker
 from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 
@@ -27,7 +28,9 @@ class Clock:
         return self.now
 
 
-def _setup(stack: Stack, *clients: str, **config: object) -> tuple[Averager, Clock, RoundStore]:
+def _setup(
+    stack: Stack, *clients: str, invoke_shard: Invoker | None = None, **config: object
+) -> tuple[Averager, Clock, RoundStore]:
     stack.config = stack.config.replace(
         round_soft_deadline_seconds=60, round_deadline_seconds=120, **config
     )
@@ -35,7 +38,9 @@ def _setup(stack: Stack, *clients: str, **config: object) -> tuple[Averager, Clo
     stack.put_model(0, TINY_MODEL)
     stack.register(*clients)
     assert start_round(stack.clients, stack.names, stack.config, clock=clock).started
-    averager = Averager(stack.clients, stack.names, stack.config, clock=clock)
+    averager = Averager(
+        stack.clients, stack.names, stack.config, clock=clock, invoke_shard=invoke_shard
+    )
     return averager, clock, RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
 
 
@@ -189,7 +194,7 @@ def test_each_tick_looks_for_a_bounded_window_of_silent_clients(
     at most MAX_RECOVERY_LOOKS silent clients, and successive ticks cover all of them."""
     clients = ("a", "b", "c", "d", "e")
     averager, clock, store = _setup(stack, *clients, quorum="all_answered")
-    monkeypatch.setattr(averager_module, "MAX_RECOVERY_LOOKS", 2)
+    monkeypatch.setattr(watchdog, "MAX_RECOVERY_LOOKS", 2)
     for client in clients:
         stack.upload_update(client, 1, TRAINED)  # no S3 event is ever delivered
 

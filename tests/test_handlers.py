@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sfl.core.events import control_action, s3_updates
+from sfl.core.events import control_action
 from sfl.local.lambdas import LocalFunction
 from sfl.server.initiator import start_round
+from sfl.server.notifications import s3_updates
 from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, TRAINED, Stack
 

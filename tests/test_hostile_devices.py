@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from sfl.core import layout
-from sfl.core.events import UpdateEvent
 from sfl.core.selection import Candidate, cooled_down
 from sfl.learning import codec
 from sfl.learning.rules.aggregation import FedAvg
-from sfl.server.averager import Averager
+from sfl.server import answers
 from sfl.server.initiator import start_round
+from sfl.server.notifications import UpdateEvent
 from sfl.state.registry import ClientRegistry, active_shard
 from sfl.state.rounds import RoundState, storable
 from tests.conftest import TINY_MODEL, TRAINED, Stack
@@ -105,16 +105,14 @@ def test_a_flood_of_junk_uploads_fills_one_entry_of_the_round_record(stack: Stac
 def test_a_bug_while_judging_one_update_costs_that_update_only(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sfl.server.averager as averager_module
-
-    real = averager_module.validate_update
+    real = answers.validate_update
 
     def broken_for_victim(data: bytes, expected: Any, base: Any = None) -> Any:
         if expected.client_id == "victim":
             raise RuntimeError("a bug in our checks")
         return real(data, expected, base)
 
-    monkeypatch.setattr(averager_module, "validate_update", broken_for_victim)
+    monkeypatch.setattr(answers, "validate_update", broken_for_victim)
     averager, _, store = _setup(stack, "honest", "victim", quorum="all_answered")
     assert _deliver(averager, stack.upload_update("victim", 1, TRAINED)) == "rejected"
     _deliver(averager, stack.upload_update("honest", 1, TRAINED))
@@ -134,10 +132,10 @@ def test_the_tick_applies_the_hard_deadline_even_if_every_object_fails(
     averager, clock, store = _setup(stack, "a", "b", quorum="all_answered")
     stack.upload_update("b", 1, TRAINED)  # its event lost; judging it would blow up
 
-    def explode(self: Averager, event: Any) -> Any:
+    def explode(context: Any, event: Any) -> Any:
         raise RuntimeError("per-object work failed")
 
-    monkeypatch.setattr(Averager, "handle_update", explode)
+    monkeypatch.setattr(answers, "handle_update", explode)
     clock.now += 121
 
     assert averager.tick().status == "ABANDONED"

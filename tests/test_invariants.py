@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 import sfl.learning.rules.aggregation as aggregation
 from sfl.core import layout
 from sfl.core.config import FederationConfig
-from sfl.core.events import UpdateEvent
 from sfl.learning import codec
 from sfl.local.emulator import LocalAws, provision
 from sfl.server.averager import Averager
 from sfl.server.initiator import start_round
+from sfl.server.notifications import UpdateEvent
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome, Round, RoundState, RoundStore
 

@@ -28,8 +28,8 @@ def averager_output(stack: Stack) -> Iterator[tuple[LocalFunction, io.StringIO]]
         previous = handler.setStream(logs)
         level = function.module.logger.log_level
         function.module.logger.setLevel("INFO")
-        # The core's records go to the first handler module's log handler in this process
-        # (in Lambda there is only one); whichever ran first, route them to this one here.
+        # The core's records go to the last loaded handler module's log handler in this process
+        # (in Lambda there is only one); whichever was loaded last, route them to this one here.
         core = logging.getLogger("sfl")
         core_handlers, core_level = list(core.handlers), core.level
         core.handlers = [handler]

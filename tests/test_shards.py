@@ -10,7 +10,10 @@ import torch
 from sfl.core import layout
 from sfl.learning import codec
 from sfl.learning.rules.aggregation import fedavg
+from sfl.local.emulator import lambda_environment
+from sfl.local.lambdas import LocalFunction, local_shard_invoker
 from sfl.server import shards
+from sfl.server.initiator import start_round
 from sfl.server.round_updates import Entry
 from sfl.state.rounds import RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack
@@ -39,10 +42,10 @@ def _model(stack: Stack, version: int) -> dict[str, torch.Tensor]:
 
 def _round_to_quorum(stack: Stack, monkeypatch: pytest.MonkeyPatch, invoke: Any) -> Any:
     """Five clients, shards of two (three shards); delivering the last update aggregates."""
-    monkeypatch.setattr(shards, "default_invoker", lambda: invoke)
     averager, clock, store = _setup(
         stack,
         *CLIENTS,
+        invoke_shard=invoke,
         quorum="all_answered",
         aggregation_shard_above=2,
         aggregation_shard_size=2,
@@ -60,7 +63,7 @@ def _expected() -> dict[str, torch.Tensor]:
 
 
 def _local_recording(calls: list[Any]) -> shards.Invoker:
-    local = shards.local_invoker()
+    local = local_shard_invoker()
 
     def invoke(shard: shards.Shard) -> Any:
         calls.append(result := local(shard))
@@ -201,3 +204,30 @@ def test_partial_sums_give_the_rules_their_unsharded_result(rule: str) -> None:
     for name, t in whole.model.items():
         assert sharded.model[name].dtype == t.dtype
         assert torch.allclose(sharded.model[name], t, rtol=0, atol=1e-6), name
+
+
+def test_local_mode_hands_the_averager_handler_its_in_process_shard_function(
+    stack: Stack,
+) -> None:
+    """No invoker is sniffed from the environment: the handler is given one, and local mode
+    gives it the shard handler called in-process, so a large round is summed in shards."""
+    stack.config = stack.config.replace(
+        quorum="all_answered",
+        aggregation_shard_above=2,
+        aggregation_shard_size=2,
+        norm_bound_factor=0.0,
+    )
+    with lambda_environment(stack.env()):
+        stack.put_model(0, TINY_MODEL)
+        stack.register(*CLIENTS)
+        assert start_round(stack.clients, stack.names, stack.config).started
+        averager = LocalFunction("averager")
+        for i, client in enumerate(CLIENTS):
+            averager.invoke(stack.upload_update(client, 1, _moved(i)))
+
+    closed = RoundStore(stack.clients.dynamodb, stack.names.rounds_table).get("test", 1)
+    assert closed is not None and closed.status is RoundState.CLOSED
+    assert closed.summary["participants"] == 5
+    assert len(_partials(stack)) == 3
+    model, expected = _model(stack, 1), _expected()
+    assert all(torch.allclose(model[k], t, rtol=0, atol=1e-6) for k, t in expected.items())

@@ -12,38 +12,51 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import boto3
 from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from sfl.core.events import BOOTSTRAP, TICK, control_action, s3_updates
-from sfl.server.averager import Averager, UpdateOutcome, bootstrap_model
+from sfl.core.events import BOOTSTRAP, TICK, control_action
+from sfl.server.answers import UpdateOutcome, UpdateResult
+from sfl.server.averager import Averager, bootstrap_model
 from sfl.server.evaluation import after_round
+from sfl.server.notifications import s3_updates
 from sfl.server.runtime import (
     AVERAGER_SERVICE,
     GLOBAL_ACCURACY_METRIC,
+    INITIATOR_FUNCTION_ENV,
     METRICS_NAMESPACE,
-    Services,
-    route_core_logs,
+    SHARD_FUNCTION_ENV,
+    services,
 )
-from sfl.server.runtime import services as runtime_services
-from sfl.server.shards import Shard, sum_shard
+from sfl.server.shards import Invoker, Shard, lambda_invoker, sum_shard
 from sfl.state.aws import RETRY_CONFIG
 from sfl.state.rounds import Round, RoundState
 
 logger = Logger(service=AVERAGER_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=AVERAGER_SERVICE)
+# The framework's (sfl.*) records go out through this logger's handler, format and level.
+copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 
-INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
+
+def deployed_shard_invoker() -> Invoker | None:
+    """The shard function the stack deployed (``SFL_SHARD_FUNCTION``), its client made once
+    per container; None when the stack deployed none."""
+    function = os.environ.get(SHARD_FUNCTION_ENV)
+    return _lambda_invoker(function) if function else None
 
 
-def services() -> Services:
-    """Clients, names and config; the first call also routes the core's logs to ours."""
-    route_core_logs(logger.handlers, logger.log_level)
-    return runtime_services()
+_lambda_invoker = cache(lambda_invoker)
+
+#: How this function has a large round's shards summed. Local mode, which runs this module
+#: in-process, sets its own in-process call when it loads it (``sfl.local.lambdas``).
+shard_invoker: Callable[[], Invoker | None] = deployed_shard_invoker
 
 
 def chain_initiator(finished: Round) -> None:
@@ -60,10 +73,10 @@ def chain_initiator(finished: Round) -> None:
     )
 
 
-def round_finished(finished: Round) -> None:
-    """After a round: score and record the new model (``sfl.server.evaluation``: held-out accuracy,
-    lineage), then chain the next round. Scoring never fails the invocation: the round is
-    closed already, and a retried event would not score it again."""
+def score_new_model(finished: Round) -> None:
+    """Score and record the new model (``sfl.server.evaluation``: held-out accuracy, lineage).
+    Scoring never fails the invocation: the round is closed already, and a retried event
+    would not score it again."""
     aws, names, config = services()
     try:
         scores = after_round(aws, names, config, finished)
@@ -75,14 +88,19 @@ def round_finished(finished: Round) -> None:
             metrics.add_metric(
                 name=GLOBAL_ACCURACY_METRIC, unit=MetricUnit.NoUnit, value=scores["accuracy"]
             )
-    chain_initiator(finished)
 
 
 @metrics.log_metrics
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     aws, names, config = services()
-    averager = Averager(aws, names, config, on_round_finished=round_finished)
+    averager = Averager(
+        aws,
+        names,
+        config,
+        invoke_shard=shard_invoker(),
+        on_round_finished=(score_new_model, chain_initiator),
+    )
     action = control_action(event)
     if action == BOOTSTRAP:
         from sfl.learning.tasks import load_task
@@ -131,11 +149,11 @@ def shard_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, An
 
 
 def record_update_metrics(outcome: UpdateOutcome) -> None:
-    if outcome.result == "accepted":
+    if outcome.result is UpdateResult.ACCEPTED:
         metrics.add_metric(name="UpdatesAccepted", unit=MetricUnit.Count, value=1)
-    elif outcome.result == "duplicate":
+    elif outcome.result is UpdateResult.DUPLICATE:
         metrics.add_metric(name="DuplicateDeliveries", unit=MetricUnit.Count, value=1)
-    elif outcome.result == "rejected":
+    elif outcome.result is UpdateResult.REJECTED:
         metrics.add_metric(name="UpdatesRejected", unit=MetricUnit.Count, value=1)
         # One extra data point per reason, so alarms and dashboards can split by it: its own
         # metric set (a dimension of its own), flushed now; honours POWERTOOLS_METRICS_DISABLED.

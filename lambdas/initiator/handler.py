@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -17,19 +18,13 @@ from sfl.server.runtime import (
     INITIATOR_SERVICE,
     METRICS_NAMESPACE,
     OPEN_ROUND_AGE_METRIC,
-    Services,
-    route_core_logs,
+    services,
 )
-from sfl.server.runtime import services as runtime_services
 
 logger = Logger(service=INITIATOR_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=INITIATOR_SERVICE)
-
-
-def services() -> Services:
-    """Clients, names and config; the first call also routes the core's logs to ours."""
-    route_core_logs(logger.handlers, logger.log_level)
-    return runtime_services()
+# The framework's (sfl.*) records go out through this logger's handler, format and level.
+copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 
 
 @metrics.log_metrics

@@ -21,6 +21,7 @@ from typing import Any
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
 from sfl.core.resources import ROUNDS_TABLE, ResourceNames
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import (
@@ -134,7 +135,7 @@ class LocalFederation:
             )
             self.initiator = LocalFunction("initiator", log_path=self._log_path)
             self.averager = LocalFunction("averager", log_path=self._log_path)
-            self.averager.invoke({"sfl": "bootstrap"})
+            self.averager.invoke(BOOTSTRAP_EVENT)
             self.clients = self.aws.clients()
             self.rounds = RoundStore(self.clients.dynamodb, self.names.rounds_table)
             self.dispatcher = S3EventDispatcher(
@@ -191,7 +192,7 @@ class LocalFederation:
     def tick(self) -> bool:
         """One watchdog tick, invoked as EventBridge does (a failure is counted on
         ``averager.scheduled_failures``, not raised); whether it succeeded."""
-        return self.averager.invoke_scheduled({"sfl": "tick"})
+        return self.averager.invoke_scheduled(TICK_EVENT)
 
     def start_schedule(self, *, round_seconds: float) -> None:
         """EventBridge's two rules, until the federation stops: the watchdog tick every

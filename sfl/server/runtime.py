@@ -5,9 +5,7 @@ Shared by both handlers (torch-free, so the initiator's zip can carry it).
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterable
 from functools import lru_cache
 
 from sfl.core.config import FederationConfig
@@ -26,6 +24,14 @@ OPEN_ROUND_AGE_METRIC = "OpenRoundAge"
 ACTIVE_DEVICES_METRIC = "ActiveDevices"
 #: The new model's accuracy on the held-out set, published by the averager (sfl.server.evaluation).
 GLOBAL_ACCURACY_METRIC = "GlobalModelAccuracy"
+
+# Variables the stack sets beside the ``SFL_*`` names and settings (``ResourceNames``,
+# ``FederationConfig``): the functions the averager invokes, by name.
+#: The initiator, chained as soon as a round finishes.
+INITIATOR_FUNCTION_ENV = "SFL_INITIATOR_FUNCTION"
+#: The shard function (``sfl.server.shards``), deployed when ``aggregation_shard_above`` is set.
+SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
+
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
     "AWS_REGION",
@@ -46,12 +52,3 @@ def services() -> Services:
         sorted((k, v) for k, v in os.environ.items() if k.startswith("SFL_") or k in _ENV_KEYS)
     )
     return _services(env)
-
-
-def route_core_logs(handlers: Iterable[logging.Handler], level: int | str) -> None:
-    """Send the core's (``sfl.*``) log records through the handler's JSON formatter, once."""
-    core_logger = logging.getLogger("sfl")
-    if not core_logger.handlers:
-        for handler in handlers:
-            core_logger.addHandler(handler)
-        core_logger.setLevel(level)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 from botocore.exceptions import ClientError
 
 from sfl.core import layout
+from sfl.core.events import CONTROL_KEY
 from sfl.learning.codec import Header, decode, encode, parse_header
 from sfl.learning.rules.aggregation import AggregationError, FedAvg, PartialSum, PartialSums
 from sfl.server.round_updates import Entry, RoundUpdates
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 PARTIALS_PREFIX = layout.PARTIALS_PREFIX
 SHARD_ACTION = "shard"
-SHARD_FUNCTION_ENV = "SFL_SHARD_FUNCTION"
 PARTIAL_FORMAT = "sfl-partial/1"
 _DTYPES = {
     str(d): d
@@ -99,7 +98,7 @@ class Shard:
 
     def to_event(self) -> dict[str, Any]:
         return {
-            "sfl": SHARD_ACTION,
+            CONTROL_KEY: SHARD_ACTION,
             "experiment": self.experiment,
             "round": self.round,
             "base_version": self.base_version,
@@ -275,13 +274,14 @@ def sharded_updates(
     rule: AggregationRule,
     entries: Sequence[Entry],
     config: FederationConfig,
-    invoke: Invoker | None = None,
+    invoke: Invoker | None,
 ) -> ShardedUpdates | None:
-    """The round's updates as shards, if it is to be sharded (else None: read them here)."""
+    """The round's updates as shards, if it is to be sharded (else None: read them here).
+
+    ``invoke``: how a shard is summed, given by the handler (None: no shard function)."""
     above = config.aggregation_shard_above
     if not (above > 0 and len(entries) > above and shardable(rule)):
         return None
-    invoke = invoke or default_invoker()
     if invoke is None:
         logger.warning("aggregation_shard_above is set but no shard function is deployed")
         return None
@@ -299,19 +299,9 @@ def sharded_updates(
 # --- invoking the shard function --------------------------------------------------------
 
 
-def default_invoker() -> Invoker | None:
-    """The deployed shard function (``SFL_SHARD_FUNCTION``); locally the same handler called
-    in-process (``sfl.local.lambdas``); None in a Lambda deployed without a shard function
-    (the stack adds it when ``aggregation_shard_above`` is set at deploy time)."""
-    function = os.environ.get(SHARD_FUNCTION_ENV)
-    if function:
-        return lambda_invoker(function)
-    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
-        return None
-    return local_invoker()
-
-
 def lambda_invoker(function: str) -> Invoker:
+    """The deployed shard function, invoked synchronously (the averager's handler passes it;
+    local mode passes its in-process call, ``sfl.local.lambdas``)."""
     import boto3
     from botocore.config import Config
 
@@ -332,16 +322,5 @@ def lambda_invoker(function: str) -> Invoker:
         if response.get("FunctionError"):
             raise ShardFailed(f"shard {shard.index}: {payload[:500]!r}")
         return json.loads(payload or b"null")
-
-    return invoke
-
-
-def local_invoker() -> Invoker:
-    from sfl.local.lambdas import LocalContext, load_handler
-
-    module = load_handler("averager")
-
-    def invoke(shard: Shard) -> Any:
-        return module.shard_handler(shard.to_event(), LocalContext("averager-shard"))
 
     return invoke

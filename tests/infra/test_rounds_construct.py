@@ -26,13 +26,9 @@ from stack_template import (
 )
 
 from infra.bundling import BundlingError, bundle, core_modules, read_pins
-from infra.rounds import (
-    BOOTSTRAP_EVENT,
-    INITIATOR_FUNCTION_ENV,
-    TICK_EVENT,
-    FederationRounds,
-    FunctionSettings,
-)
+from infra.rounds import FederationRounds, FunctionSettings
+from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
+from sfl.server.runtime import INITIATOR_FUNCTION_ENV
 
 ENVIRONMENT = {"SFL_MODELS_BUCKET": "models", "SFL_LR": "0.05"}
 

@@ -1,0 +1,288 @@
+"""An uploaded update's answer to its round: judged and recorded once, then the round moved on.
+
+Checks that need only the round record come first (a known round, a selected client that
+has not answered, the round OPEN, stored within the round's time), then the object is read
+and judged (``sfl.server.acceptance``) and the answer recorded with a conditional write, so a
+duplicated event is a no-op and a client answers a round once. Anything refused is recorded
+with a stable reason; only AWS errors raise (the event is retried).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from sfl.core import layout
+from sfl.learning.compression import UpdateCodec
+from sfl.server import transitions
+from sfl.server.acceptance import Expected, UpdateRejected, check_size, validate_update
+from sfl.server.base_model import base_model
+from sfl.server.participation import count_answer
+from sfl.state.aws import error_code, is_not_found, is_transient
+from sfl.state.rounds import Answer, Outcome, RecordResult, Round, RoundState
+
+if TYPE_CHECKING:
+    from sfl.server.context import AveragerContext
+    from sfl.server.notifications import UpdateEvent
+
+logger = logging.getLogger(__name__)
+
+# How far S3's clock (event times) and the functions' clocks may disagree.
+CLOCK_TOLERANCE_SECONDS = 1.0
+
+
+class UpdateResult(enum.StrEnum):
+    """What handling one uploaded object came to: the answer recorded for it (``ACCEPTED``,
+    ``REJECTED``: the values of ``sfl.state.rounds.Outcome``) or why it needed none."""
+
+    ACCEPTED = Outcome.ACCEPTED.value
+    REJECTED = Outcome.REJECTED.value
+    DUPLICATE = "duplicate"  # the same object delivered again: its answer stands
+    IGNORED = "ignored"  # not an update for this function (another bucket, or gone)
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    key: str
+    result: UpdateResult
+    reason: str = ""
+    client_id: str = ""
+    round: int | None = None
+    finished_round: int | None = None
+    finished: Round | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, "") and k != "finished"}
+
+
+def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
+    """Judge and record one uploaded object, then move its round on if the answer lets it."""
+    try:
+        key = layout.parse_update_key(event.key)
+    except layout.MalformedKeyError as e:
+        logger.warning(
+            "update rejected",
+            extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
+        )
+        return UpdateOutcome(event.key, UpdateResult.REJECTED, "malformed_key")
+    if event.bucket != ctx.names.updates_bucket:
+        logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
+        return UpdateOutcome(event.key, UpdateResult.IGNORED, "wrong_bucket")
+    client, number = key.client_id, key.round
+    log = {"round": number, "client_id": client, "key": event.key}
+    # O(1) whatever the round's size: the round item (counters) and this client's slot.
+    round_ = ctx.rounds.get(ctx.config.experiment, number, slots=False)
+    if round_ is None:
+        logger.warning("update rejected", extra={**log, "reason": "unknown_round"})
+        return UpdateOutcome(event.key, UpdateResult.REJECTED, "unknown_round", client, number)
+
+    slot = ctx.rounds.slot(ctx.config.experiment, number, client)
+    existing = slot.answer if slot is not None else None
+    if existing is not None and event.etag and existing.etag == _etag(event.etag):
+        logger.info("duplicate delivery ignored", extra=log)
+        return _after_answer(
+            ctx, round_, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number)
+        )
+    if slot is None:
+        return _reject_other(
+            ctx, round_, event, client, "not_selected", "client was not selected for this round"
+        )
+    if existing is not None:
+        return _reject_other(
+            ctx, round_, event, client, "duplicate", "client already answered this round"
+        )
+    if round_.status is not RoundState.OPEN:
+        return _reject_other(
+            ctx, round_, event, client, "round_not_open", f"round is {round_.status}"
+        )
+    arrived_at = _arrival(event, ctx.clock())
+    if arrived_at < round_.created_at - CLOCK_TOLERANCE_SECONDS:
+        # Keys are predictable: an object stored before its round existed was not trained
+        # from the round's model, and would claim a turnaround of zero.
+        return _reject_other(
+            ctx,
+            round_,
+            event,
+            client,
+            "before_round",
+            f"stored {round_.created_at - arrived_at:.1f} s before the round started",
+        )
+    if arrived_at > round_.deadline_at:
+        # Still OPEN only because no tick has ended it yet: when S3 stored the update,
+        # not when it is processed (a retried or recovered event comes later), decides.
+        return _reject_other(
+            ctx,
+            round_,
+            event,
+            client,
+            "past_deadline",
+            f"stored {arrived_at - round_.deadline_at:.1f} s after the round's hard deadline",
+        )
+
+    judging = time.perf_counter()
+    answer = _judge(ctx, round_, event, client)
+    if answer is None:  # the object is gone (deleted before we got to it)
+        return UpdateOutcome(event.key, UpdateResult.IGNORED, "object_missing", client, number)
+    handled = time.perf_counter() - judging
+    try:
+        recorded = ctx.rounds.record_answer(
+            ctx.config.experiment, number, client, answer, handling_seconds=handled
+        )
+    except ClientError as e:
+        if error_code(e) != "ValidationException":
+            raise
+        # DynamoDB refused what we derived from the update: record it as rejected.
+        answer = Answer(
+            outcome=Outcome.REJECTED,
+            key=answer.key,
+            etag=answer.etag,
+            size=answer.size,
+            received_at=answer.received_at,
+            reason=f"unstorable: {str(e)[:200]}",
+        )
+        recorded = ctx.rounds.record_answer(
+            ctx.config.experiment, number, client, answer, handling_seconds=handled
+        )
+    if recorded.result is RecordResult.RECORDED and recorded.round is not None:
+        count_answer(ctx, recorded.round, client, answer)
+        level = logging.INFO if answer.outcome is Outcome.ACCEPTED else logging.WARNING
+        logger.log(level, f"update {answer.outcome.value}", extra={**log, "reason": answer.reason})
+        result = UpdateResult(answer.outcome.value)
+        outcome = UpdateOutcome(event.key, result, answer.reason, client, number)
+        return _after_answer(ctx, recorded.round, outcome)
+    current = recorded.round or round_
+    if recorded.result is RecordResult.ALREADY_ANSWERED:
+        if recorded.answer is not None and recorded.answer.etag == answer.etag:
+            return _after_answer(
+                ctx, current, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number)
+            )
+        return _reject_other(
+            ctx, current, event, client, "duplicate", "client already answered this round"
+        )
+    if recorded.result is RecordResult.NOT_SELECTED:
+        return _reject_other(
+            ctx, current, event, client, "not_selected", "client was not selected for this round"
+        )
+    return _reject_other(
+        ctx, current, event, client, "round_not_open", f"round is {current.status}"
+    )
+
+
+def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
+    """Download and validate one update; an Answer either way (None if it vanished).
+
+    AWS errors propagate (the event is retried); anything else that goes wrong while
+    judging these bytes, including a bug of ours, rejects this one update only."""
+    received_at = _arrival(event, ctx.clock())
+    common: dict[str, Any] = {"key": event.key, "size": event.size, "received_at": received_at}
+    try:
+        config = ctx.round_config(round_)
+        expected = Expected(
+            round=round_.round,
+            client_id=client,
+            base_version=round_.base_version,
+            base_header=ctx.models.header(round_.base_version),
+            max_bytes=config.max_update_bytes,
+            max_num_examples=config.max_num_examples,
+            codec=UpdateCodec.from_config(config),
+        )
+        check_size(event.size, expected.size_limit)
+        try:
+            obj = ctx.s3.get_object(Bucket=event.bucket, Key=event.key)
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            if is_transient(e):
+                raise
+            # The device chose how its object is stored (an archive storage class, a
+            # customer key): what we cannot read is its rejection, not our retry.
+            raise UpdateRejected("unreadable", f"S3 says {error_code(e)}") from e
+        common["etag"] = _etag(obj["ETag"])
+        common["size"] = int(obj["ContentLength"])
+        check_size(common["size"], expected.size_limit)
+        data = obj["Body"].read(expected.size_limit + 1)
+        accepted = validate_update(data, expected, base_model(ctx.models, round_.base_version))
+    except UpdateRejected as e:
+        common.setdefault("etag", _etag(event.etag))
+        return Answer(outcome=Outcome.REJECTED, reason=f"{e.reason}: {e.detail}"[:500], **common)
+    except ClientError:
+        raise
+    except Exception as e:  # our own failure on these bytes costs this update only
+        logger.exception(
+            "update judging failed", extra={"key": event.key, "error": type(e).__name__}
+        )
+        common.setdefault("etag", _etag(event.etag))
+        return Answer(
+            outcome=Outcome.REJECTED,
+            reason=f"internal_error: {type(e).__name__}: {e}"[:500],
+            **common,
+        )
+    meta = accepted.metadata
+    timings = dict(meta.timings)
+    if meta.upload_started_at:
+        round_seconds = max(0.0, round_.deadline_at - round_.created_at)
+        timings["upload_s"] = min(max(0.0, received_at - meta.upload_started_at), round_seconds)
+    return Answer(
+        outcome=Outcome.ACCEPTED,
+        num_examples=meta.num_examples,
+        metrics=dict(meta.metrics),
+        timings=timings,
+        bytes_down=meta.bytes_down,
+        delta_norm=accepted.delta_norm or 0.0,
+        **common,
+    )
+
+
+def _reject_other(
+    ctx: AveragerContext,
+    round_: Round,
+    event: UpdateEvent,
+    client: str,
+    reason: str,
+    detail: str,
+) -> UpdateOutcome:
+    """A refusal that is not the client's answer (not selected, answered already, too early
+    or late): recorded beside the round's answers, bounded per reason."""
+    rejection = {
+        "client_id": client,
+        "key": event.key,
+        "etag": _etag(event.etag),
+        "reason": reason,
+        "detail": detail,
+        "at": ctx.clock(),
+    }
+    ctx.rounds.record_other_rejection(round_.experiment, round_.round, rejection)
+    logger.warning(
+        "update rejected",
+        extra={
+            "round": round_.round,
+            "client_id": client,
+            "key": event.key,
+            "reason": reason,
+            "detail": detail,
+        },
+    )
+    outcome = UpdateOutcome(event.key, UpdateResult.REJECTED, reason, client, round_.round)
+    return _after_answer(ctx, round_, outcome) if reason != "round_not_open" else outcome
+
+
+def _after_answer(ctx: AveragerContext, round_: Round, outcome: UpdateOutcome) -> UpdateOutcome:
+    """An answer (or a refusal) may complete the round's quorum: move the round on."""
+    finished = transitions.advance(ctx, round_)
+    if finished is not None:
+        return replace(outcome, finished_round=finished.round, finished=finished)
+    return outcome
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+def _arrival(event: UpdateEvent, now: float) -> float:
+    """When the update reached S3, if the event says; otherwise now. Never later than now."""
+    return min(event.uploaded_at, now) if event.uploaded_at is not None else now
