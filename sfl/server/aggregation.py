@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sfl.learning.codec import decode, encode, encode_model
 from sfl.learning.rules.aggregation import build_rule
@@ -25,19 +24,9 @@ from sfl.state.rounds import Answer, Outcome, Round
 if TYPE_CHECKING:
     import torch
 
-    from sfl.server.context import AveragerContext
+    from sfl.server.context import Aggregated, AveragerContext
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Aggregated:
-    """A model version written for a round, and the figures its close records."""
-
-    version: int
-    summary: dict[str, Any]
-    finished_at: float
-    stateful_rule: bool  # the rule keeps server state (it is written beside the version)
 
 
 def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:

@@ -23,12 +23,22 @@ from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundStore
 
 if TYPE_CHECKING:
-    from sfl.server.aggregation import Aggregated
     from sfl.server.shards import Invoker
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """A model version written for a round, and the figures its close records."""
+
+    version: int
+    summary: dict[str, Any]
+    finished_at: float
+    stateful_rule: bool  # the rule keeps server state (it is written beside the version)
+
 
 #: Hears of a round this invocation is closing, before the close is written, and returns the
 #: figures it adds to the round's summary (stored with the close: the round's cost).
-ClosingListener = Callable[[Round, "Aggregated"], Mapping[str, Any]]
+ClosingListener = Callable[[Round, Aggregated], Mapping[str, Any]]
 #: Hears of a round this invocation finished, CLOSED or ABANDONED (scoring, the next round).
 FinishedListener = Callable[[Round], None]
 

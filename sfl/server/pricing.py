@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sfl.core.cost import StackShape, figures_from_round, round_cost_summary
 
 if TYPE_CHECKING:
-    from sfl.server.aggregation import Aggregated
+    from sfl.server.context import Aggregated
     from sfl.state.rounds import Round
 
 logger = logging.getLogger(__name__)
