@@ -17,6 +17,7 @@ from sfl.learning.rules.aggregation import build_rule
 from sfl.learning.rules.bounds import bounded_weights, clip_scale, model_norm, norm_bound
 from sfl.server import shards
 from sfl.server.base_model import base_model
+from sfl.server.context import Aggregated
 from sfl.server.round_updates import Entry, RoundUpdates
 from sfl.state.model_store import ModelStore
 from sfl.state.rounds import Answer, Outcome, Round
@@ -24,7 +25,7 @@ from sfl.state.rounds import Answer, Outcome, Round
 if TYPE_CHECKING:
     import torch
 
-    from sfl.server.context import Aggregated, AveragerContext
+    from sfl.server.context import AveragerContext
 
 logger = logging.getLogger(__name__)
 
