@@ -21,6 +21,7 @@ from sfl.core import layout, plugins
 from sfl.core.config import FederationConfig
 from sfl.learning import codec
 from sfl.learning.rules.aggregation import AggregationError, ListUpdates, build_rule
+from sfl.local.lambdas import local_shard_invoker
 from sfl.server import shards
 from sfl.server.initiator import start_round
 from sfl.state.model_store import ModelStore
@@ -239,17 +240,17 @@ def _sharded_round(
 ) -> tuple[list[int], Any]:
     """Four clients, shards of two above two updates; every update delivered."""
     calls: list[int] = []
-    local = shards.local_invoker()
+    local = local_shard_invoker()
 
     def invoke(shard: shards.Shard) -> Any:
         calls.append(shard.index)
         return local(shard)
 
-    monkeypatch.setattr(shards, "default_invoker", lambda: invoke)
     clients = ("a", "b", "c", "d")
     averager, _, store = _setup(
         stack,
         *clients,
+        invoke_shard=invoke,
         quorum="all_answered",
         aggregation=rule,
         aggregation_params=params,
