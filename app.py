@@ -13,7 +13,7 @@ from sfl.core.config import ConfigError
 
 app = App()
 try:
-    build_app(app, source_root=Path(__file__).resolve().parent)
+    build_app(app, app_root=Path(__file__).resolve().parent)
 except ConfigError as e:
     sys.exit(f"cdk.json context: {e}")
 app.synth()

@@ -16,13 +16,15 @@ import modulefinder
 import re
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jsii
 from aws_cdk import ILocalBundling
+
+from sfl.build.app_code import Shipment
 
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)\s*(?:#.*)?$")
 
@@ -53,11 +55,25 @@ def read_pins(requirements: Path) -> list[Pin]:
     return pins
 
 
-def core_modules(handler: Path, *, source_root: Path, package: str) -> dict[str, Path]:
+def core_modules(
+    handler: Path,
+    *,
+    source_root: Path,
+    package: str,
+    plugins: Sequence[str] = (),
+    app_root: Path | None = None,
+) -> dict[str, Path]:
     """Module name -> file of every module the handler imports, transitively, from ``package``
-    or from the handler's own folder; everything else must come from the runtime or a pin."""
-    finder = modulefinder.ModuleFinder(path=[str(source_root), str(handler.parent)])
+    or from the handler's own folder; everything else must come from the runtime or a pin.
+    ``plugins``: modules the handler imports by name at run time (the configured selection),
+    followed too; an app's own are found under ``app_root`` (and shipped whole by the caller)."""
+    search = [str(source_root), str(handler.parent)]
+    if app_root is not None:
+        search.append(str(app_root))
+    finder = modulefinder.ModuleFinder(path=search)
     finder.run_script(str(handler))
+    for name in plugins:
+        finder.import_hook(name)
     missing, _maybe_attributes = finder.any_missing_maybe()
     unresolved = {
         name: sorted(finder.badmodules.get(name, {}))
@@ -122,18 +138,31 @@ def bundle(
     source_root: Path,
     package: str,
     output_dir: Path,
+    app: Shipment | None = None,
+    app_root: Path | None = None,
 ) -> list[str]:
-    """Write the zip's contents into output_dir; returns the core modules it holds."""
+    """Write the zip's contents into output_dir; returns the core modules it holds. ``app``:
+    the user's app code the initiator imports (its selection), copied beside the handler."""
+    app = app or Shipment()
     pins = read_pins(requirements)
-    modules = core_modules(handler, source_root=source_root, package=package)
+    modules = core_modules(
+        handler, source_root=source_root, package=package, plugins=app.modules, app_root=app_root
+    )
     shutil.copyfile(handler, output_dir / handler.name)
-    package_files = {p for p in modules.values() if p.resolve().parent != handler.parent.resolve()}
-    for path in set(modules.values()) - package_files:  # the handler's own helper modules
-        shutil.copyfile(path, output_dir / path.name)
+    root = (source_root / package).resolve()
+    package_files = {p for p in modules.values() if p.resolve().is_relative_to(root)}
+    for path in {p for p in modules.values() if p.resolve().parent == handler.parent.resolve()}:
+        shutil.copyfile(path, output_dir / path.name)  # the handler's own helper modules
     for path in _with_package_inits(package_files, source_root / package):
         target = output_dir / path.relative_to(source_root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
+    for name, data in app.files.items():
+        target = output_dir / name
+        if target.exists():
+            raise BundlingError(f"the app's file {name} would replace the initiator's own")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     for pin in pins:
         vendor_distribution(pin, output_dir)
     return sorted(modules)
@@ -158,11 +187,22 @@ def _with_package_inits(files: Iterable[Path], package_dir: Path) -> set[Path]:
 class InitiatorBundling:
     """CDK local bundling for the initiator's zip (CDK never falls back to Docker)."""
 
-    def __init__(self, *, handler: Path, requirements: Path, source_root: Path, package: str):
+    def __init__(
+        self,
+        *,
+        handler: Path,
+        requirements: Path,
+        source_root: Path,
+        package: str,
+        app: Shipment | None = None,
+        app_root: Path | None = None,
+    ):
         self.handler = handler
         self.requirements = requirements
         self.source_root = source_root
         self.package = package
+        self.app = app
+        self.app_root = app_root
 
     def try_bundle(self, output_dir: str, *_options: Any, **_kw_options: Any) -> bool:
         # jsii passes the BundlingOptions struct positionally; local bundling ignores it.
@@ -172,5 +212,7 @@ class InitiatorBundling:
             source_root=self.source_root,
             package=self.package,
             output_dir=Path(output_dir),
+            app=self.app,
+            app_root=self.app_root,
         )
         return True

@@ -30,6 +30,7 @@ from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
 
 from sfl.build import artifact, recipes
+from sfl.build.app_code import DEVICE, NO_APP, AppCode
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 
@@ -74,6 +75,7 @@ class FederationEdge(Construct):
         federation: FederationConfig,
         resource_names: ResourceNames,
         source_root: Path,
+        app: AppCode = NO_APP,
         device_configuration: Mapping[str, str] | None = None,
         credential_duration_seconds: int = 3_600,
     ) -> None:
@@ -116,6 +118,7 @@ class FederationEdge(Construct):
         built = artifact.build_client_artifact(
             Path(stage.outdir) / "sfl-edge-client" / artifact.ARCHIVE_NAME,
             source_root=source_root,
+            app=app.for_place(DEVICE),
         )
         self.client_artifact = s3_assets.Asset(self, "ClientArtifact", path=str(built.path))
         key = self.client_artifact.s3_object_key

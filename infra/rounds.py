@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsii
-from aws_cdk import AssetHashType, BundlingOptions, Duration, IgnoreMode, RemovalPolicy
+from aws_cdk import AssetHashType, BundlingOptions, Duration, RemovalPolicy, Stage
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -27,6 +27,8 @@ from constructs import Construct
 
 from infra.bundling import InitiatorBundling
 from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
+from sfl.build.app_code import AVERAGER, INITIATOR, NO_APP, AppCode
+from sfl.build.averager_image import stage_build_context
 from sfl.core import lambda_shapes
 from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
 from sfl.server.runtime import (
@@ -40,7 +42,8 @@ from sfl.server.runtime import (
 SHARD_HANDLER = "handler.shard_handler"
 
 INITIATOR_DIR = Path("lambdas/initiator")
-AVERAGER_DOCKERFILE = "lambdas/averager/Dockerfile"
+#: The averager image's build context is staged here, beside the cloud assembly.
+AVERAGER_CONTEXT_DIR = "sfl-averager-image"
 CORE_PACKAGE = "sfl"
 
 _RUNTIMES = {
@@ -72,6 +75,7 @@ class FederationRounds(Construct):
         construct_id: str,
         *,
         source_root: Path,
+        app: AppCode = NO_APP,
         python_version: str,
         environment: Mapping[str, str],
         initiator: FunctionSettings,
@@ -125,12 +129,24 @@ class FederationRounds(Construct):
                         requirements=source_root / INITIATOR_DIR / "requirements.txt",
                         source_root=source_root,
                         package=CORE_PACKAGE,
+                        app=app.for_place(INITIATOR),
+                        app_root=app.root,
                     ),
                 ),
             ),
             **self._function_options(
                 "Initiator", initiator, self.initiator_log_group, environment, INITIATOR_SERVICE
             ),
+        )
+
+        # The averager's image holds exactly the staged context: ours and the app's code.
+        stage = Stage.of(self)
+        if stage is None:
+            raise ValueError("the rounds construct must be inside an App")
+        averager_context = stage_build_context(
+            Path(stage.outdir) / AVERAGER_CONTEXT_DIR,
+            app=app.for_place(AVERAGER),
+            source_root=source_root,
         )
 
         # Sums one shard of a large round (sfl.server.shards): the averager's image, another entry
@@ -146,7 +162,7 @@ class FederationRounds(Construct):
                 "AveragerShard",
                 description="Sums one shard of a large round's updates into a partial sum.",
                 architecture=_ARCHITECTURES[lambda_shapes.AVERAGER.architecture],
-                code=self._averager_image(source_root, python_version, cmd=[SHARD_HANDLER]),
+                code=self._averager_image(averager_context, python_version, cmd=[SHARD_HANDLER]),
                 **self._function_options(
                     "AveragerShard",
                     shard,
@@ -163,7 +179,7 @@ class FederationRounds(Construct):
             "Averager",
             description="Accepts client updates and aggregates a round into the next global model.",
             architecture=_ARCHITECTURES[lambda_shapes.AVERAGER.architecture],
-            code=self._averager_image(source_root, python_version),
+            code=self._averager_image(averager_context, python_version),
             **self._function_options(
                 "Averager",
                 averager,
@@ -207,17 +223,13 @@ class FederationRounds(Construct):
     # --- pieces ------------------------------------------------------------------------------
 
     def _averager_image(
-        self, source_root: Path, python_version: str, cmd: list[str] | None = None
+        self, context: Path, python_version: str, cmd: list[str] | None = None
     ) -> lambda_.DockerImageCode:
         """The averager's image (one asset, built once); ``cmd``: another entry point."""
         return lambda_.DockerImageCode.from_image_asset(
-            str(source_root),
-            file=AVERAGER_DOCKERFILE,
+            str(context),
             platform=ecr_assets.Platform.LINUX_AMD64,
             build_args={"PYTHON_VERSION": python_version},
-            # The context is the repository root; .dockerignore there admits only the
-            # averager's folder and the core package.
-            ignore_mode=IgnoreMode.DOCKER,
             cmd=cmd,
         )
 

@@ -28,6 +28,7 @@ from infra.edge import THING_NAME_VARIABLE, FederationEdge
 from infra.rounds import FederationRounds, FunctionSettings
 from infra.state import FederationState
 from infra.storage import FederationStorage
+from sfl.build import app_code, artifact
 from sfl.core import layout
 from sfl.core.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
 from sfl.server.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
@@ -70,6 +71,7 @@ class FederationStack(Stack):
         *,
         config: StackConfig,
         source_root: Path,
+        app_root: Path | None = None,
         stack_name: str | None = None,
     ) -> None:
         super().__init__(
@@ -79,6 +81,8 @@ class FederationStack(Stack):
             description="Serverless federated learning: Lambda rounds, Greengrass edge clients.",
         )
         infra = config.infra
+        # The user's code that the configuration names, and what each place carries of it.
+        self.app_code = app_code.plan(config.federation, app_root=app_root, source_root=source_root)
         Tags.of(self).add("project", "serverless-federated-learning")
 
         self.storage = FederationStorage(
@@ -103,6 +107,7 @@ class FederationStack(Stack):
             self,
             "Rounds",
             source_root=source_root,
+            app=self.app_code,
             python_version=LAMBDA_PYTHON_VERSION,
             environment=environment,
             initiator=FunctionSettings(
@@ -135,6 +140,7 @@ class FederationStack(Stack):
             federation=config.federation,
             resource_names=self.resource_names,
             source_root=source_root,
+            app=self.app_code,
             device_configuration=infra.device_configuration,
         )
 
@@ -562,10 +568,22 @@ class FederationStack(Stack):
             CfnOutput(self, output_id, value=value, description=description)
 
 
-def build_app(app: App, *, source_root: Path) -> FederationStack:
-    """Configure the federation stack from the app's context and check it with cdk-nag."""
+def build_app(
+    app: App, *, app_root: Path | None = None, source_root: Path = artifact.SOURCE_ROOT
+) -> FederationStack:
+    """Configure the federation stack from the app's context and check it with cdk-nag.
+
+    ``app_root``: the user's app folder (its ``cdk.json``, its packages); code the
+    configuration names by import path ships from there. ``source_root``: the framework's
+    checkout (its ``lambdas/``, ``requirements/`` and packages)."""
     config = StackConfig.from_context(app.node.try_get_context)
-    stack = FederationStack(app, config.infra.stack_name, config=config, source_root=source_root)
+    stack = FederationStack(
+        app,
+        config.infra.stack_name,
+        config=config,
+        source_root=source_root,
+        app_root=app_root if app_root is not None else source_root,
+    )
     Validations.of(app).add_plugins(
         AwsSolutionsChecks(app, write_suppressions_to_cloud_formation=True)
     )

@@ -25,6 +25,10 @@ import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sfl.build.app_code import Shipment
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = "pyproject.toml"
@@ -106,20 +110,25 @@ def _top_level_imports(path: Path) -> set[str]:
     return {m.partition(".")[0] for m in modules}
 
 
-def device_packages(source_root: Path = SOURCE_ROOT) -> tuple[str, ...]:
-    """The packages a device runs: the source modules of import contract ``device``."""
+def contract_source_modules(contract_id: str, source_root: Path = SOURCE_ROOT) -> tuple[str, ...]:
+    """The source modules of one import contract of ``pyproject.toml``, by its ``id``."""
     path = source_root / PYPROJECT
     try:
         with path.open("rb") as f:
             contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
         raise ArtifactError(
-            f"{path}: no import contracts ({e}); the client artifact is built from a checkout"
+            f"{path}: no import contracts ({e}); the framework is used from a checkout"
         ) from e
     for contract in contracts:
-        if contract.get("id") == DEVICE_CONTRACT:
+        if contract.get("id") == contract_id:
             return tuple(contract["source_modules"])
-    raise ArtifactError(f"{path}: no import contract with id {DEVICE_CONTRACT!r}")
+    raise ArtifactError(f"{path}: no import contract with id {contract_id!r}")
+
+
+def device_packages(source_root: Path = SOURCE_ROOT) -> tuple[str, ...]:
+    """The packages a device runs: the source modules of import contract ``device``."""
+    return contract_source_modules(DEVICE_CONTRACT, source_root)
 
 
 def client_files(source_root: Path = SOURCE_ROOT) -> list[Path]:
@@ -289,13 +298,23 @@ def _entry(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def client_artifact(source_root: Path = SOURCE_ROOT) -> tuple[bytes, str]:
-    """The artifact's bytes and their SHA-256 (hex)."""
+def client_artifact(
+    source_root: Path = SOURCE_ROOT, *, app: Shipment | None = None
+) -> tuple[bytes, str]:
+    """The artifact's bytes and their SHA-256 (hex). ``app``: the user's app code a device
+    imports (its task) and its pins, added beside ours (``sfl.build.app_code``)."""
     entries = {
         path.relative_to(source_root).as_posix(): path.read_bytes()
         for path in client_files(source_root)
     }
-    entries[REQUIREMENTS_FILE] = edge_requirements(source_root).encode()
+    requirements = edge_requirements(source_root)
+    if app is not None and not app.empty:
+        clash = sorted(set(app.files) & set(entries))
+        if clash:
+            raise ArtifactError(f"the app's files {clash} would replace the client's own")
+        entries.update(app.files)
+        requirements += app.requirements_text("The app's pins (requirements-task.txt)")
+    entries[REQUIREMENTS_FILE] = requirements.encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name in sorted(entries):
@@ -304,11 +323,13 @@ def client_artifact(source_root: Path = SOURCE_ROOT) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def build_client_artifact(path: Path, *, source_root: Path = SOURCE_ROOT) -> ArtifactInfo:
+def build_client_artifact(
+    path: Path, *, source_root: Path = SOURCE_ROOT, app: Shipment | None = None
+) -> ArtifactInfo:
     """Write the artifact zip to ``path`` (e.g. ``.../sfl-edge-client.zip``) for an S3 asset."""
     if path.suffix != ".zip":
         raise ArtifactError(f"{path}: the artifact must be a .zip (the recipe unpacks it as ZIP)")
-    data, digest = client_artifact(source_root)
+    data, digest = client_artifact(source_root, app=app)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return ArtifactInfo(path=path, sha256=digest)

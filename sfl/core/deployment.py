@@ -9,7 +9,6 @@ fails with the key, the value and what is allowed, in the wording of :mod:`sfl.c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -20,7 +19,6 @@ from typing import Any, ClassVar
 from sfl.core import config, lambda_shapes
 from sfl.core.config import ConfigError, FederationConfig
 from sfl.core.device_settings import CONFIGURATION_KEYS
-from sfl.core.plugins import IMPORT_PATH
 from sfl.core.settings import ANY_BOOL, Allowed, OneOf, Range, Settings, setting
 
 CONTEXT_KEY = "sfl_infra"
@@ -142,7 +140,6 @@ class StackConfig:
     infra: InfraConfig
 
     def __post_init__(self) -> None:
-        _refuse_import_paths(self.federation)
         lease = self.federation.aggregation_lease_seconds
         if self.infra.averager_timeout_seconds > lease:
             # A lease shorter than the function's run time lets a second aggregation start
@@ -175,22 +172,6 @@ class StackConfig:
         if not isinstance(context, Mapping):
             raise ConfigError(f"{path}: 'context' is not allowed; allowed: a JSON object")
         return cls.from_context(context.get, source=str(path))
-
-
-def _refuse_import_paths(federation: FederationConfig) -> None:
-    """A plug-in named by import path runs in local mode only: the initiator's zip, the
-    averager's image and the devices' artifact carry the sfl package and nothing else, so a
-    deployed stack would fail on every invocation. Refuse it before anything is deployed."""
-    for f in dataclasses.fields(federation):
-        value = getattr(federation, f.name)
-        if isinstance(value, str) and IMPORT_PATH.match(value):
-            raise ConfigError(
-                f"config key {FEDERATION_CONTEXT_KEY}.{f.name}: {value!r} is an import path, "
-                "which a deployed stack cannot run: the initiator zip, the averager image and "
-                "the device artifact package only the sfl package. Deploy a built-in name "
-                "(`sfl config` lists them); a custom plug-in runs in local mode "
-                "(`sfl simulate`) only"
-            )
 
 
 def context_mapping(raw: Any, key: str) -> Mapping[str, Any]:

@@ -49,11 +49,12 @@ class Synthesized:
 
 
 def synthesize(
-    outdir: Path, context: Mapping[str, Any] | None = None
+    outdir: Path, context: Mapping[str, Any] | None = None, *, app_root: Path | None = None
 ) -> tuple[FederationStack, Path]:
-    """Build and synthesize the app; returns the stack and the cloud assembly's directory."""
+    """Build and synthesize the app; returns the stack and the cloud assembly's directory.
+    ``app_root``: a user's app folder (default: this repository, the reference app)."""
     app = App(context=dict(cdk_context() if context is None else context), outdir=str(outdir))
-    stack = build_app(app, source_root=REPO_ROOT)
+    stack = build_app(app, source_root=REPO_ROOT, app_root=app_root)
     assembly = app.synth()
     return stack, Path(assembly.directory)
 

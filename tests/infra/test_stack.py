@@ -274,11 +274,6 @@ def test_context_overrides_reach_the_resources(tmp_path: Path):
             r"device_configuration.*'modelsBucket'.*device-owned component settings",
         ),
         ("sfl_infra", {"device_configuration": "dataDir=/x"}, r"device_configuration.*not a dict"),
-        # Plug-ins by import path: no part of a deployed stack would contain them.
-        ("sfl", {"task": "my_tasks.cifar:Task"}, r"sfl.task: 'my_tasks.cifar:Task' is an import"),
-        ("sfl", {"selection": "mine.pick:fastest"}, r"sfl.selection: .* cannot run"),
-        ("sfl", {"quorum": "mine.q:half"}, r"sfl.quorum: 'mine.q:half'.*local mode"),
-        ("sfl", {"aggregation": "mine.agg:median"}, r"sfl.aggregation: .*built-in name"),
     ],
 )
 def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(key, value, message):

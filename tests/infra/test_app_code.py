@@ -1,0 +1,247 @@
+"""A user's app code ships to every place that imports it, and only what can run there.
+
+Each test writes an app in a temporary folder outside this repository, as a user would (a
+package with a task, a selection, a quorum, a rule), and plans or synthesizes its stack.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stack_template import cdk_context, synthesize
+
+from sfl.build.app_code import APP_REQUIREMENTS, AVERAGER, DEVICE, INITIATOR, AppCodeError, plan
+from sfl.core.config import FederationConfig
+
+TASK = '''
+"""My task: a small MLP on my data."""
+from __future__ import annotations
+
+from torch import nn
+
+from sfl.learning.tasks.digits import DigitsTask
+from myapp.model import make_net
+
+
+class Task(DigitsTask):
+    name = "myapp"
+
+    def new_model(self) -> nn.Module:
+        return make_net()
+
+    def load_central_data(self):
+        from sklearn.datasets import load_digits  # simulation only: never on a device
+
+        del load_digits
+        return super().load_central_data()
+'''
+MODEL = '''
+from torch import nn
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+'''
+SELECTION = '''
+"""Pick by name: plain Python over the registry's records."""
+import random
+
+from sfl.core.selection import select_random
+
+
+def pick(*args, **kwargs):
+    return select_random(*args, **kwargs)
+'''
+QUORUM = '''
+from sfl.core.quorum import min_fraction
+
+half = min_fraction
+'''
+
+
+def write_app(root: Path, files: dict[str, str] | None = None) -> Path:
+    """A user's app: package ``myapp`` with a task, a model, a selection and a quorum."""
+    sources = {
+        "myapp/__init__.py": "",
+        "myapp/task.py": TASK,
+        "myapp/model.py": MODEL,
+        "myapp/selection.py": SELECTION,
+        "myapp/quorum.py": QUORUM,
+        "myapp/labels.txt": "zero\none\n",
+        **(files or {}),
+    }
+    for name, text in sources.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def federation(**keys: Any) -> FederationConfig:
+    return FederationConfig.from_mapping(keys, source="test")
+
+
+PILLOW = f"pillow=={importlib.metadata.version('pillow')}"
+
+
+def test_each_place_gets_the_app_code_it_imports_with_the_apps_pins(tmp_path: Path) -> None:
+    app = write_app(tmp_path, {APP_REQUIREMENTS: f"# for the task\n{PILLOW}\n"})
+    code = plan(
+        federation(
+            task="myapp.task:Task", selection="myapp.selection:pick", quorum="myapp.quorum:half"
+        ),
+        app_root=app,
+    )
+    files = {"myapp/__init__.py", "myapp/labels.txt", "myapp/model.py"} | {
+        f"myapp/{m}.py" for m in ("quorum", "selection", "task")
+    }
+    for place in (DEVICE, AVERAGER, INITIATOR):
+        assert set(code.for_place(place).files) == files
+    assert code.for_place(DEVICE).requirements == (PILLOW,)
+    assert code.for_place(AVERAGER).requirements == (PILLOW,)
+    assert code.for_place(INITIATOR).requirements == ()  # the initiator installs none
+    assert code.for_place(DEVICE).modules == ("myapp.task",)
+    assert code.for_place(AVERAGER).modules == ("myapp.task", "myapp.quorum")
+    assert code.for_place(INITIATOR).modules == ("myapp.selection",)
+    assert code.plugins == {
+        "task": "myapp.task:Task",
+        "selection": "myapp.selection:pick",
+        "quorum": "myapp.quorum:half",
+    }
+
+
+def test_built_in_names_ship_no_app_code(tmp_path: Path) -> None:
+    code = plan(federation(task="digits"), app_root=write_app(tmp_path))
+    assert all(code.for_place(p).empty for p in (DEVICE, AVERAGER, INITIATOR))
+
+
+@pytest.mark.parametrize(
+    ("keys", "files", "message"),
+    [
+        ({"task": "myapp.nosuch:Task"}, {}, r"sfl.task 'myapp.nosuch:Task': no module"),
+        ({"task": "myapp.task:Nope"}, {}, r"module 'myapp.task' defines no 'Nope'"),
+        (
+            {"selection": "myapp.greedy:pick"},
+            {"myapp/greedy.py": "import torch\n\ndef pick(*a):\n    return []\n"},
+            r"sfl.selection .*imports 'torch' at module level; the initiator's zip carries "
+            r"boto3 and Powertools only",
+        ),
+        (
+            {"selection": "myapp.greedy:pick"},
+            {"myapp/greedy.py": "from sfl.learning import codec\n\ndef pick(*a):\n    return []\n"},
+            r"imports 'sfl.learning', which the initiator does not carry",
+        ),
+        (
+            {"task": "myapp.frame:Task"},
+            {"myapp/frame.py": "import pandas\n\nclass Task: ...\n"},
+            r"imports 'pandas' at module level, which the device does not have: pin its "
+            r"distribution in the app's requirements-task.txt",
+        ),
+        (
+            {"task": "json.tool:Task"},
+            {"json/__init__.py": "", "json/tool.py": "class Task: ...\n"},
+            r"'json' is a standard-library module",
+        ),
+        (
+            {"task": "numpy.mine:Task"},
+            {"numpy/__init__.py": "", "numpy/mine.py": "class Task: ...\n"},
+            r"'numpy' is the name of a dependency the framework installs",
+        ),
+        (
+            {"task": "edge_client.mine:Task"},
+            {"edge_client/__init__.py": "", "edge_client/mine.py": "class Task: ...\n"},
+            r"an app package named 'edge_client' would replace the framework's",
+        ),
+        (
+            {"task": "sfl.learning.tasks.digits:DigitsTask", "selection": "sfl.learning.x:y"},
+            {},
+            r"sfl.selection 'sfl.learning.x:y': the initiator does not carry 'sfl.learning.x'",
+        ),
+        (
+            {"task": "myapp.task:Task"},
+            {APP_REQUIREMENTS: "torch==2.0.0\n"},
+            r"requirements-task.txt:1: torch==2.0.0 contradicts the framework's torch==2.14.1",
+        ),
+        (
+            {"task": "myapp.task:Task"},
+            {APP_REQUIREMENTS: "pandas>=2\n"},
+            r"requirements-task.txt:1: 'pandas>=2' is not allowed; allowed: 'name==version'",
+        ),
+        (
+            {"task": "myapp.broken:Task"},
+            {"myapp/broken.py": "class Task(:\n"},
+            r"broken.py: invalid syntax",
+        ),
+    ],
+)
+def test_what_cannot_ship_is_refused_with_the_reason(
+    tmp_path: Path, keys: dict[str, str], files: dict[str, str], message: str
+) -> None:
+    app = write_app(tmp_path, files)
+    with pytest.raises(AppCodeError, match=message):
+        plan(federation(**keys), app_root=app)
+
+
+def test_a_pinned_or_optional_or_function_level_import_ships(tmp_path: Path) -> None:
+    app = write_app(
+        tmp_path,
+        {
+            "myapp/images.py": (
+                "from PIL import Image\n"  # pinned below
+                "try:\n    import pandas\nexcept ImportError:\n    pandas = None\n"
+                "class Task:\n    def load(self):\n        import polars\n"
+            ),
+            APP_REQUIREMENTS: PILLOW + "\n",
+        },
+    )
+    code = plan(federation(task="myapp.images:Task"), app_root=app)
+    assert "myapp/images.py" in code.for_place(DEVICE).files
+
+
+def test_an_import_path_without_an_app_folder_is_refused() -> None:
+    with pytest.raises(AppCodeError, match=r"no app folder to ship it from.*sfl new"):
+        plan(federation(task="myapp.task:Task"), app_root=None)
+
+
+def test_the_synthesized_stack_carries_the_app_where_it_runs(tmp_path: Path) -> None:
+    app = write_app(tmp_path / "app", {APP_REQUIREMENTS: PILLOW + "\n"})
+    context = cdk_context()
+    context["sfl"] = {
+        **context["sfl"],
+        "task": "myapp.task:Task",
+        "selection": "myapp.selection:pick",
+        "quorum": "myapp.quorum:half",
+    }
+    stack, assembly = synthesize(tmp_path / "cdk.out", context, app_root=app)
+    manifest = json.loads((assembly / f"{stack.stack_name}.assets.json").read_text())
+    sources = [assembly / f["source"]["path"] for f in manifest["files"].values()]
+
+    # The device artifact: our client and the task, and the app's pins after ours.
+    (client_zip,) = [p for p in sources if p.name.endswith(".zip")]
+    with zipfile.ZipFile(client_zip) as archive:
+        names = set(archive.namelist())
+        requirements = archive.read("requirements-edge.txt").decode()
+    assert {"myapp/task.py", "myapp/model.py", "edge_client/client.py"} <= names
+    assert requirements.rstrip().endswith(PILLOW)
+
+    # The initiator's zip: the selection beside the handler, no torch.
+    (initiator,) = [p for p in sources if (p / "handler.py").is_file()]
+    assert (initiator / "myapp" / "selection.py").is_file()
+    assert (initiator / "sfl" / "core" / "selection.py").is_file()
+    assert not (initiator / "torch").exists()
+
+    # The averager's build context: our server packages, the app under app/, its pins.
+    (image,) = manifest["dockerImages"].values()
+    context_dir = assembly / image["source"]["directory"]
+    staged = {p.relative_to(context_dir).as_posix() for p in context_dir.rglob("*") if p.is_file()}
+    assert {"app/myapp/task.py", "app/myapp/quorum.py", "app/sfl-app.json"} <= staged
+    assert "sfl/server/averager.py" in staged
+    assert not any(p.startswith(("sfl/local/", "sfl/cli/", "sfl/build/")) for p in staged)
+    assert (context_dir / "app-requirements.txt").read_text().rstrip().endswith(PILLOW)
+    app_manifest = json.loads((context_dir / "app" / "sfl-app.json").read_text())
+    assert app_manifest["modules"] == ["myapp.task", "myapp.quorum"]
