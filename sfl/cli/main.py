@@ -21,6 +21,7 @@ from sfl.cli import (
     loadtest,
     local,
     models,
+    new,
     recipes,
     simulate,
     status,
@@ -28,6 +29,7 @@ from sfl.cli import (
 
 #: The command groups, in the order ``sfl --help`` lists them.
 GROUPS = (
+    new,
     simulate,
     loadtest,
     dataset,

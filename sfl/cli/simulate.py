@@ -37,16 +37,60 @@ ALIASES = {
 }
 
 
-def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
-    """Every configuration key the command line sets: key -> (text, the flag that set it);
-    aliases first, so a ``--set`` of the same key wins."""
-    given = {
-        key: (value, flag)
-        for flag, key in ALIASES.items()
-        if (value := getattr(args, flag[2:].replace("-", "_"))) is not None
+#: Keys of an app's cdk.json that a simulation does not take: they time real devices'
+#: rounds (minutes); a simulation keeps its own seconds unless the command line sets them.
+DEVICE_TIMING_KEYS = frozenset({"round_soft_deadline_seconds", "round_deadline_seconds"})
+
+
+def app_keys(app: Path) -> dict[str, tuple[str, str]]:
+    """The federation an app deploys (its ``cdk.json``, context ``sfl``), keyed like
+    ``--set``; the app's folder goes first on the import path (for the simulation's
+    processes too), so the plug-ins it names by import path load. No cdk.json: nothing."""
+    import json
+    import os
+
+    from sfl.core.deployment import FEDERATION_CONTEXT_KEY, context_mapping
+
+    cdk_json = app / "cdk.json"
+    if not cdk_json.is_file():
+        return {}
+    try:
+        context = json.loads(cdk_json.read_text(encoding="utf-8")).get("context", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{cdk_json}: not a JSON object with a 'context' ({e})") from e
+    where = f"{cdk_json} context {FEDERATION_CONTEXT_KEY!r}"
+    keys = {
+        key: (value if isinstance(value, str) else json.dumps(value), where)
+        for key, value in context_mapping(context.get(FEDERATION_CONTEXT_KEY), "sfl").items()
+        if key not in DEVICE_TIMING_KEYS
     }
+    root = str(app.resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p
+    )
+    return keys
+
+
+def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
+    """Every configuration key the run sets: key -> (text, where it was set); the app's
+    cdk.json first, then the aliases, so a ``--set`` of the same key wins."""
+    given = app_keys(args.app)
+    given.update(
+        {
+            key: (value, flag)
+            for flag, key in ALIASES.items()
+            if (value := getattr(args, flag[2:].replace("-", "_"))) is not None
+        }
+    )
     given.update({key: (value, "--set") for key, value in config_pairs(args.set)})
-    FederationConfig.refuse_unknown(given, source="--set")
+    FederationConfig.refuse_unknown(
+        {k: v for k, v in given.items() if v[1] != "--set"}, source=str(args.app / "cdk.json")
+    )
+    FederationConfig.refuse_unknown(
+        {k: v for k, v in given.items() if v[1] == "--set"}, source="--set"
+    )
     return given
 
 
@@ -176,4 +220,11 @@ def add_parser(sub: Any) -> None:
         "--attack", default="scale", choices=ATTACKS, help="what the hostile clients send"
     )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
+    sim.add_argument(
+        "--app",
+        type=Path,
+        default=Path("."),
+        help="an app's folder (default: here): its cdk.json's 'sfl' context is the base "
+        "configuration (not its device deadlines) and its packages import",
+    )
     sim.set_defaults(func=_simulate)

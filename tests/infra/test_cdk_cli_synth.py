@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ def pinned_cli_version() -> str:
     return version
 
 
-def run_cdk(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    if not (REPO_ROOT / "node_modules" / ".bin" / "cdk").exists():
+def run_cdk(tmp_path: Path, *args: str, app: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
+    """The pinned CLI in ``app`` (default: this repository, the reference app)."""
+    cli = REPO_ROOT / "node_modules" / ".bin" / "cdk"
+    if not cli.exists():
         pytest.fail("the pinned CDK CLI is not installed: run 'npm ci' in the repository")
     home = tmp_path / "home"  # no ~/.aws: no credentials, no profile
     home.mkdir(exist_ok=True)
@@ -44,10 +47,12 @@ def run_cdk(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION="20",
         # If synthesis ever needed Docker, it would run this and fail.
         CDK_DOCKER=str(tmp_path / "no-docker-here"),
+        # An app's cdk.json runs "python3 app.py": the Python the framework is installed in.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     )
     return subprocess.run(
-        [shutil.which("npx") or "npx", "--no-install", "cdk", *args, "--no-notices"],
-        cwd=REPO_ROOT,
+        [str(cli), *args, "--no-notices"],
+        cwd=app,
         env=env,
         capture_output=True,
         text=True,
@@ -74,13 +79,15 @@ def test_cli_synthesizes_offline_without_docker_or_credentials(tmp_path):
     (image,) = manifest["dockerImages"].values()
     context = out / image["source"]["directory"]
     staged = sorted(p.relative_to(context).as_posix() for p in context.rglob("*") if p.is_file())
-    # The repository-root build context holds the averager's folder and the core only.
-    assert {p.split("/")[0] for p in staged} == {".dockerignore", "lambdas", "sfl"}
-    assert {p for p in staged if p.startswith("lambdas/")} == {
-        "lambdas/averager/Dockerfile",
-        "lambdas/averager/handler.py",
-        "lambdas/averager/requirements.txt",
+    # The staged build context holds the averager's files and the packages it runs; this
+    # reference app names no code of its own, so app/ holds only the (empty) manifest.
+    assert {p for p in staged if "/" not in p} == {
+        "Dockerfile",
+        "handler.py",
+        "requirements.txt",
+        "app-requirements.txt",
     }
+    assert {p for p in staged if p.startswith("app/")} == {"app/sfl-app.json"}
     # The image holds the packages the averager runs, and never local mode (moto, attacks),
     # the CLI, the operator tools or the build tools.
     packages = {p.split("/")[1] for p in staged if p.startswith("sfl/") and p.count("/") > 1}
@@ -108,3 +115,34 @@ def test_a_bad_context_value_fails_synth_naming_key_value_and_allowed(tmp_path):
     assert "sfl_infra.schedule_minutes" in output
     assert "0 is not allowed" in output
     assert "an integer from 1 to 1440" in output
+
+
+def test_an_app_made_by_new_synthesizes_with_its_task_on_devices_and_in_the_averager(tmp_path):
+    """``sfl new`` outside this repository, then the real CLI's ``cdk synth`` in its folder:
+    the app's own package rides in the device artifact and the averager's build context."""
+    from sfl.build.new_app import create_app
+
+    app = create_app(tmp_path / "leaf-scanner")
+    out = tmp_path / "cdk.out"
+    result = run_cdk(tmp_path, "synth", "--quiet", "--output", str(out), app=app.root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((out / "LeafScanner-Federation.assets.json").read_text())
+    (image,) = manifest["dockerImages"].values()
+    context = out / image["source"]["directory"]
+    assert (context / "app" / "leaf_scanner" / "task.py").read_bytes() == (
+        app.root / "leaf_scanner" / "task.py"
+    ).read_bytes()
+    (client_zip,) = [
+        out / f["source"]["path"]
+        for f in manifest["files"].values()
+        if f["source"]["path"].endswith(".zip")
+    ]
+    with zipfile.ZipFile(client_zip) as archive:
+        assert "leaf_scanner/task.py" in archive.namelist()
+    template = json.loads((out / "LeafScanner-Federation.template.json").read_text())
+    recipe = next(
+        r["Properties"]["InlineRecipe"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::GreengrassV2::ComponentVersion"
+    )
+    assert "leaf_scanner.task:Task" in json.dumps(recipe)
