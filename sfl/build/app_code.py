@@ -61,7 +61,7 @@ INITIATOR_REQUIREMENTS = Path("lambdas/initiator/requirements.txt")
 #: Both Lambda runtimes (zip and base image) come with boto3 and its own dependencies.
 _LAMBDA_RUNTIME = ("boto3", "botocore", "s3transfer", "jmespath", "urllib3")
 #: Top-level names of ours: an app package of one of these names would replace ours.
-_FRAMEWORK_NAMES = frozenset({"sfl", "edge_client", "infra", "handler", "lambdas"})
+FRAMEWORK_NAMES = frozenset({"sfl", "edge_client", "infra", "handler", "lambdas"})
 
 _PIN = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9_.+!-]+)"
@@ -315,7 +315,7 @@ def _app_pins(root: Path, places: _Places) -> tuple[_Pin, ...]:
 
 
 def _refuse_shadowing(label: str, top: str, places: _Places) -> None:
-    if top in _FRAMEWORK_NAMES:
+    if top in FRAMEWORK_NAMES:
         raise AppCodeError(f"{label}: an app package named {top!r} would replace the framework's")
     if top in sys.stdlib_module_names:
         raise AppCodeError(f"{label}: {top!r} is a standard-library module; rename the package")

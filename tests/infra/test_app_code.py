@@ -40,13 +40,13 @@ class Task(DigitsTask):
         del load_digits
         return super().load_central_data()
 '''
-MODEL = '''
+MODEL = """
 from torch import nn
 
 
 def make_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-'''
+"""
 SELECTION = '''
 """Pick by name: plain Python over the registry's records."""
 import random
@@ -57,11 +57,11 @@ from sfl.core.selection import select_random
 def pick(*args, **kwargs):
     return select_random(*args, **kwargs)
 '''
-QUORUM = '''
+QUORUM = """
 from sfl.core.quorum import min_fraction
 
 half = min_fraction
-'''
+"""
 
 
 def write_app(root: Path, files: dict[str, str] | None = None) -> Path:
