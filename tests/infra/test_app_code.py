@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -232,8 +236,28 @@ def test_the_synthesized_stack_carries_the_app_where_it_runs(tmp_path: Path) -> 
     # The initiator's zip: the selection beside the handler, no torch.
     (initiator,) = [p for p in sources if (p / "handler.py").is_file()]
     assert (initiator / "myapp" / "selection.py").is_file()
-    assert (initiator / "sfl" / "core" / "selection.py").is_file()
     assert not (initiator / "torch").exists()
+    # What runs there loads from there alone: the selection in the initiator's zip with
+    # torch and numpy unloadable, the task from the device's unpacked artifact and from the
+    # averager's image (task root + app/) with scikit-learn unloadable, as neither has it.
+    assert (
+        run_from(
+            [initiator],
+            "from sfl.core.selection import get_selection_strategy\n"
+            "print(get_selection_strategy('myapp.selection:pick').__module__)",
+            blocked=("torch", "numpy", "safetensors"),
+        )
+        == "myapp.selection"
+    )
+    unpacked = tmp_path / "device"
+    with zipfile.ZipFile(client_zip) as archive:
+        archive.extractall(unpacked)
+    build = (
+        "from sfl.learning.tasks import load_task\n"
+        "model = load_task('myapp.task:Task').build_model(seed=0)\n"
+        "print(sum(p.numel() for p in model.parameters()))"
+    )
+    assert run_from([unpacked], build, blocked=("sklearn",)) == "650"
 
     # The averager's build context: our server packages, the app under app/, its pins.
     (image,) = manifest["dockerImages"].values()
@@ -245,3 +269,33 @@ def test_the_synthesized_stack_carries_the_app_where_it_runs(tmp_path: Path) -> 
     assert (context_dir / "app-requirements.txt").read_text().rstrip().endswith(PILLOW)
     app_manifest = json.loads((context_dir / "app" / "sfl-app.json").read_text())
     assert app_manifest["modules"] == ["myapp.task", "myapp.quorum"]
+    assert run_from([context_dir / "app", context_dir], build, blocked=("sklearn",)) == "650"
+
+
+def run_from(path: list[Path], code: str, *, blocked: tuple[str, ...]) -> str:
+    """Run ``code`` with only ``path`` (and the installed third-party packages) importable
+    for our code and the app's; ``blocked`` modules cannot load. Returns its last line."""
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        for name in {blocked!r}:
+            sys.modules[name] = None
+        import sfl
+        assert sfl.__file__.startswith({str(path[-1])!r}), sfl.__file__
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe + code],
+        cwd=path[-1],
+        env={
+            "PYTHONPATH": os.pathsep.join(map(str, path)),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
