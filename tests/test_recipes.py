@@ -621,3 +621,29 @@ def test_sfl_recipes_writes_the_wheel_bundle_and_the_recipe_that_uses_it(tmp_pat
     recipe = json.loads((tmp_path / "recipes" / "Sfl.EdgeClient.json").read_text())
     uris = [a["Uri"] for a in recipe["Manifests"][0]["Artifacts"]]
     assert uris[1] == "s3://my-bucket/edge/sfl-edge-wheels.zip"
+
+
+def test_sfl_recipes_in_an_app_ships_its_task_in_the_artifact(tmp_path: Path) -> None:
+    """The console path carries an app's task as 'cdk synth' does (sfl.build.app_code)."""
+    from sfl.build.new_app import create_app
+    from sfl.cli.main import main
+
+    app = create_app(tmp_path / "my-app")
+    artifact = tmp_path / "upload" / "sfl-edge-client.zip"
+    code = main(
+        [
+            "recipes",
+            "--out",
+            str(tmp_path / "recipes"),
+            "--cdk-json",
+            str(app.root / "cdk.json"),
+            "--artifact-out",
+            str(artifact),
+        ]
+    )
+    assert code == 0
+    with zipfile.ZipFile(artifact) as archive:
+        assert archive.read("my_app/task.py") == (app.root / "my_app" / "task.py").read_bytes()
+    recipe = json.loads((tmp_path / "recipes" / "MyApp.EdgeClient.json").read_text())
+    run = recipe["Manifests"][0]["Lifecycle"]["Run"]["Setenv"]
+    assert run["SFL_TASK"] == "my_app.task:Task"

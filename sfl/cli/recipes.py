@@ -26,6 +26,7 @@ def _placeholder(output_name: str) -> str:
 def _recipes(args: argparse.Namespace) -> int:
     import tempfile
 
+    from sfl.build import app_code
     from sfl.build.artifact import ARCHIVE_NAME, build_client_artifact, build_wheel_bundle
     from sfl.build.recipes import DeviceDefaults, WheelBundle, build_recipe, write_recipes
     from sfl.core.deployment import StackConfig
@@ -38,6 +39,10 @@ def _recipes(args: argparse.Namespace) -> int:
         if cdk_json.is_file()
         else StackConfig.from_context(lambda key: None)
     )
+    # The task named by import path ships from the app's folder, as 'cdk synth' ships it.
+    app = app_code.plan(
+        stack.federation, app_root=cdk_json.resolve().parent if cdk_json.is_file() else None
+    )
     names = ResourceNames(
         models_bucket=args.models_bucket,
         updates_bucket=args.updates_bucket,
@@ -46,7 +51,7 @@ def _recipes(args: argparse.Namespace) -> int:
     )
     with tempfile.TemporaryDirectory() as scratch:
         artifact_path = args.artifact_out or Path(scratch) / ARCHIVE_NAME
-        artifact = build_client_artifact(artifact_path)
+        artifact = build_client_artifact(artifact_path, app=app.for_place(app_code.DEVICE))
         bundle = None
         if args.wheel_bundle is not None:
             built = build_wheel_bundle(args.wheel_bundle, args.wheel_bundle_out)
