@@ -874,3 +874,97 @@ def test_component_as_the_nucleus_runs_it_survives_tes_outages_upgrades_and_stop
     assert served >= 2 and refused == 0, (served, refused)  # the token reached it through sudo
     timings["total"] = time.monotonic() - started
     print(f"nucleus test timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+
+
+@pytest.mark.slow
+def test_an_apps_own_task_installs_and_trains_as_the_nucleus_runs_it(
+    stack: Stack,
+    nucleus: Nucleus,
+    runner: StepRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An app made by ``sfl new`` outside this repository, its task named by import path:
+    Install puts its pins in the component's venv, Run (as the component's user, PYTHONPATH
+    the unpacked artifact) trains that task, and the round closes on its update."""
+    import importlib.metadata
+
+    from sfl.build.app_code import APP_REQUIREMENTS, DEVICE, plan
+    from sfl.build.new_app import create_app
+
+    app = create_app(tmp_path / "leaf-scanner")
+    pillow = f"pillow=={importlib.metadata.version('pillow')}"
+    (app.root / APP_REQUIREMENTS).write_text(pillow + "\n")
+    monkeypatch.syspath_prepend(str(app.root))  # this process plays the server and the data
+    config = dataclasses.replace(stack.config, task=app.task, poll_seconds=0.2, heartbeat_seconds=1)
+    shipment = plan(config, app_root=app.root).for_place(DEVICE)
+    info = build_client_artifact(tmp_path / "sfl-edge-client.zip", app=shipment)
+    task = load_task(app.task)
+    write_client_splits(task, tmp_path / "splits", 1, "iid", seed=3, client_ids=[THING])
+    shutil.copytree(tmp_path / "splits" / THING, nucleus.work / "data")
+    for path in [nucleus.work / "data", *(nucleus.work / "data").rglob("*")]:
+        runner.own(path)
+    lifecycle = nucleus.deploy(
+        recipe_for(config, stack.names, stack.aws.region, info.sha256),
+        [info.path],
+        merge={
+            "endpointUrl": stack.aws.endpoint_url,
+            "pythonInterpreter": usable_interpreter(runner),
+            "extraSitePackages": project_site_packages(),
+            "pipOptions": "--no-index",
+        },
+    )
+    installed = nucleus.install(lifecycle)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert f"Requirement already satisfied: {pillow}" in installed.stdout
+
+    reference = task.build_model(seed=0).state_dict()
+    bootstrap_model(stack.clients, stack.names, reference, seed=0)
+    log_path = tmp_path / f"{COMPONENT}.log"
+    dispatcher = S3EventDispatcher(
+        stack.aws.client("sqs"), stack.deployment.queue_url, LocalFunction("averager").invoke
+    ).start()
+    registry = ClientRegistry(stack.clients.dynamodb, stack.names.clients_table)
+    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+    with CredentialEndpoint(token=SVCUID, lifetime_seconds=60) as credentials:
+        try:
+            with log_path.open("w") as log:
+                proc = nucleus.start(
+                    lifecycle, {"AWS_CONTAINER_CREDENTIALS_FULL_URI": credentials.url}, log
+                )
+                try:
+                    deadline = time.time() + 120
+                    while time.time() < deadline and THING not in {
+                        r.client_id
+                        for r in registry.active(now=time.time(), active_window_seconds=600)
+                    }:
+                        assert proc.poll() is None, log_path.read_text()
+                        time.sleep(0.2)
+                    result = start_round(stack.clients, stack.names, config)
+                    assert result.started and result.selected == (THING,), result
+                    closed = store.get(config.experiment, 1)
+                    while time.time() < deadline and not (closed and closed.status.finished):
+                        time.sleep(0.2)
+                        closed = store.get(config.experiment, 1)
+                finally:
+                    killed = nucleus.stop(proc)
+        finally:
+            dispatcher.stop()
+    output = log_path.read_text()
+    assert closed is not None and closed.status is RoundState.CLOSED, (closed, output)
+    assert set(closed.accepted) == {THING}
+    assert not killed and "Traceback" not in output, output
+    # Version 1 is the app's model (its layers, its shapes), trained: it moved from version 0.
+    import torch
+
+    from sfl.core import layout
+    from sfl.learning import codec
+
+    body = stack.clients.s3.get_object(Bucket=stack.names.models_bucket, Key=layout.model_key(1))[
+        "Body"
+    ].read()
+    version_1 = codec.decode(body)
+    assert {k: tuple(v.shape) for k, v in version_1.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }
+    assert not all(torch.equal(version_1[k], reference[k]) for k in reference)
