@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import boto3
+import botocore.loaders
 import botocore.session
 from botocore.credentials import ContainerProvider, CredentialResolver
 
@@ -308,6 +309,10 @@ class AtomicRequests:
                 close()
 
 
+#: Read-only once loaded: the service models and endpoint data every local session uses.
+_LOADER = botocore.loaders.create_loader()
+
+
 class LocalAws:
     """A running moto server, and the credentials endpoint every local process signs its
     requests with; start with ``with LocalAws() as aws:``."""
@@ -352,8 +357,11 @@ class LocalAws:
         return self._credentials
 
     def session(self) -> boto3.session.Session:
-        """A session whose only credential source is the local credentials endpoint."""
+        """A session whose only credential source is the local credentials endpoint. Its
+        service models come from one loader shared by every local session: parsing them
+        again is most of what a new client costs, and a local federation makes hundreds."""
         core = botocore.session.Session()
+        core.register_component("data_loader", _LOADER)
         core.register_component(
             "credential_provider",
             CredentialResolver([ContainerProvider(environ=self.credentials.env())]),
