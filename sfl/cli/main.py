@@ -24,11 +24,13 @@ from sfl.cli import (
     recipes,
     simulate,
     status,
+    task,
 )
 
 #: The command groups, in the order ``sfl --help`` lists them.
 GROUPS = (
     simulate,
+    task,
     loadtest,
     dataset,
     config,
