@@ -22,9 +22,10 @@ Why files and not the local S3: moto over HTTP in this process moves a few hundr
 would measure the emulator; on AWS the bytes come from S3 at the network's rate, which
 ``in_flight`` concurrent downloads are there to fill. Each measurement runs in a fresh
 subprocess; time is wall-clock of the aggregation alone (after imports and loading the base
-model); memory is the subprocess's peak resident set (``VmHWM`` in ``/proc/self/status``;
-not ``ru_maxrss``, which Linux carries over from the parent across ``exec``)
-and the same minus the resident set just before the timed part (imports, base model).
+model), and the subprocess's CPU time (user + system, imports included: on a shared machine
+the steadier figure); memory is the subprocess's peak resident set (``VmHWM`` in
+``/proc/self/status``; not ``ru_maxrss``, which Linux carries over from the parent across
+``exec``) and the same minus the resident set just before the timed part (imports, base model).
 Flower-style is skipped where its projected memory (N times 2 copies) exceeds what the
 machine has free; the skip is written down.
 
@@ -43,6 +44,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -289,10 +291,12 @@ def child(method: str, directory: Path, n: int, model: str, rule: str) -> None:
         runner = {"flower": run_flower, "floor": run_floor}[method]
         seconds, before, clipped = runner(directory, manifest)
     peak = peak_resident_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process, imports included
     print(
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
                 "peak_rss_bytes": peak,
                 "rss_before_bytes": before,
                 "peak_above_before_bytes": peak - before,
@@ -389,7 +393,8 @@ def main() -> None:
                 {"method": method, "n": n, **best, "all_seconds": [r["seconds"] for r in runs]}
             )
             print(
-                f"N={n:4d} {method:7s} {best['seconds']:7.2f} s  "
+                f"N={n:4d} {method:7s} {best['seconds']:7.2f} s "
+                f"(CPU {best['cpu_seconds']:.0f} s with imports) "
                 f"peak {best['peak_rss_bytes'] / 1e6:7.0f} MB "
                 f"(+{best['peak_above_before_bytes'] / 1e6:.0f} MB)"
             )
