@@ -63,9 +63,11 @@ SPOOL_MARGIN = 1.05
 SPOOL_EXTRA_MIB = 64
 # Seconds before the first byte: the image's cold start and torch's import.
 STARTUP_SECONDS = 30
-# Rates of reading and summing updates, divided by ``TIME_MARGIN``: aggregate.py measured
-# about 1.7 GB/s for FedAvg from the page cache, robust_memory.py 24 MB/s for the median
-# from the local S3 endpoint; S3 in Lambda is slower than the page cache, so streaming is
+# Rates of reading and aggregating updates, then divided by ``TIME_MARGIN``. Measured on the
+# 2-core development machine (benchmarks/README.md): FedAvg over 100 resnet18 updates from the
+# page cache, 125 to 310 MB/s (aggregate.py --model resnet18); the median over the same,
+# spooled, 31 MB/s of CPU time (--rule median), and 24 MB/s at 1 M parameters from the S3
+# of local mode (robust_memory.py). S3 in Lambda is slower than the page cache: streaming is
 # counted at 100 MB/s.
 STREAM_BYTES_PER_SECOND = 100e6
 CHUNKED_BYTES_PER_SECOND = 24e6
