@@ -95,7 +95,8 @@ def _step(report: TaskReport, name: str, *, by_task: bool = True) -> Iterator[No
     except _Failed:
         raise
     except Exception as e:
-        report.add(name, Verdict.FAIL, f"raised {_one_line(e)}" if by_task else str(e))
+        why = f"raised {_one_line(e)}" if by_task else " ".join(str(e).split())
+        report.add(name, Verdict.FAIL, why)
         raise _Failed from e
 
 
