@@ -22,10 +22,20 @@ Why files and not the local S3: moto over HTTP in this process moves a few hundr
 would measure the emulator; on AWS the bytes come from S3 at the network's rate, which
 ``in_flight`` concurrent downloads are there to fill. Each measurement runs in a fresh
 subprocess; time is wall-clock of the aggregation alone (after imports and loading the base
-model); memory is the subprocess's peak resident set (``resource.getrusage`` ``ru_maxrss``)
-and the same minus the resident set just before the timed part (imports, base model).
+model), and the subprocess's CPU time (user + system, imports included: on a shared machine
+the steadier figure); memory is the subprocess's peak resident set (``VmHWM`` in
+``/proc/self/status``; not ``ru_maxrss``, which Linux carries over from the parent across
+``exec``) and the same minus the resident set just before the timed part (imports, base model).
 Flower-style is skipped where its projected memory (N times 2 copies) exceeds what the
 machine has free; the skip is written down.
+
+``--model resnet18`` uses torchvision's resnet18 tensors instead (its state dict's 122 names
+and shapes, 11.7 M float32 parameters and the int64 batch-norm counters, 46.8 MB a file;
+built with ``weights=None``, nothing downloaded), and writes ``aggregate-resnet18.json``.
+``--rule median`` (or any built-in rule) runs ``ours`` with that rule: a chunked rule first
+spools every update to a temporary directory, as the averager does in ``/tmp``.
+
+    nice -n 10 python benchmarks/aggregate.py --model resnet18 --sizes 100 --methods ours
 """
 
 from __future__ import annotations
@@ -46,8 +56,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).parent / "results" / "aggregate.json"
-TABLE = Path(__file__).parent / "results" / "aggregate.md"
+RESULTS_DIR = Path(__file__).parent / "results"
 SIZES = (10, 40, 100, 400)
 METHODS = ("floor", "ours", "flower")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -64,11 +73,55 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "out.weight": (10, 128),
     "out.bias": (10,),
 }
+MODELS = ("synthetic", "resnet18")
+# dtypes of tensors that are not float32 (the model's counters): copied from the base as is.
+DTYPES: dict[str, str] = {}
+
+
+def use_model(model: str, directory: Path | None = None) -> None:
+    """Replace SHAPES (and DTYPES) by a real model's state dict's names, shapes and dtypes:
+    from torchvision, or (a measured child, which must not import torchvision: the averager
+    does not) from the ``shapes.json`` that the parent wrote beside the updates."""
+    if model == "synthetic":
+        return
+    shapes_file = None if directory is None else directory / "shapes.json"
+    if shapes_file is not None and shapes_file.exists():
+        saved = json.loads(shapes_file.read_text())
+        shapes = {n: tuple(s) for n, s in saved["shapes"].items()}
+        dtypes = dict(saved["dtypes"])
+    else:
+        import torch
+        import torchvision
+
+        state = getattr(torchvision.models, model)(weights=None).state_dict()
+        shapes = {name: tuple(t.shape) for name, t in state.items()}
+        dtypes = {n: "int64" for n, t in state.items() if t.dtype != torch.float32}
+    SHAPES.clear()
+    SHAPES.update(shapes)
+    DTYPES.clear()
+    DTYPES.update(dtypes)
+
+
+def float_names() -> list[str]:
+    return [n for n in SHAPES if n not in DTYPES]
+
+
+def file_size_bytes() -> int:
+    return sum(int(np.prod(s)) * (8 if n in DTYPES else 4) for n, s in SHAPES.items())
 
 
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident set since its ``exec`` (the kernel's high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def available_bytes() -> int:
@@ -94,20 +147,23 @@ def generate(directory: Path, count: int, seed: int = 0) -> list[dict[str, Any]]
         if len(manifest) >= count:
             return manifest[:count]
     rng = np.random.default_rng(seed)
-    base = {n: rng.standard_normal(s, dtype=np.float32) * 0.05 for n, s in SHAPES.items()}
-    save_file(base, str(directory / "base.safetensors"), metadata={"format": "sfl-model/1"})
-    noise = rng.standard_normal(sum(int(np.prod(s)) for s in SHAPES.values()), dtype=np.float32)
+    floats = float_names()
+    base = {n: rng.standard_normal(SHAPES[n], dtype=np.float32) * 0.05 for n in floats}
+    counters = {n: np.zeros(SHAPES[n], dtype=np.int64) for n in DTYPES}
+    base_file = str(directory / "base.safetensors")
+    save_file({**base, **counters}, base_file, metadata={"format": "sfl-model/1"})
+    noise = rng.standard_normal(sum(int(np.prod(SHAPES[n])) for n in floats), dtype=np.float32)
     noise_norm = float(np.linalg.norm(noise.astype(np.float64)))
-    flat_base = np.concatenate([base[n].reshape(-1) for n in SHAPES])
+    flat_base = np.concatenate([base[n].reshape(-1) for n in floats])
     manifest = []
     for i in range(count):
         size = 0.01 * (5.0 if i % 20 == 7 else float(rng.uniform(0.5, 1.5)))
         shift = int(rng.integers(0, noise.size))
         flat = flat_base + np.roll(noise, shift) * np.float32(size)  # distinct per update
-        update, at = {}, 0
-        for name, shape in SHAPES.items():
-            n = int(np.prod(shape))
-            update[name] = flat[at : at + n].reshape(shape)
+        update, at = dict(counters), 0
+        for name in floats:
+            n = int(np.prod(SHAPES[name]))
+            update[name] = flat[at : at + n].reshape(SHAPES[name])
             at += n
         key = f"updates/{i:04d}.safetensors"
         (directory / key).parent.mkdir(parents=True, exist_ok=True)
@@ -122,14 +178,16 @@ def generate(directory: Path, count: int, seed: int = 0) -> list[dict[str, Any]]
 # --- the three methods (each in its own subprocess) -------------------------------------
 
 
-def run_ours(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, int, int]:
+def run_ours(
+    directory: Path, manifest: list[dict[str, Any]], rule_name: str = "fedavg"
+) -> tuple[float, int, int]:
     from sfl.core.config import FederationConfig
     from sfl.learning.codec import decode, parse_header
     from sfl.learning.rules.aggregation import build_rule
     from sfl.learning.rules.bounds import bounded_weights, clip_scale, model_norm, norm_bound
     from sfl.server.round_updates import Entry, FileSource, RoundUpdates
 
-    config = FederationConfig()
+    config = FederationConfig(aggregation=rule_name)
     body = (directory / "base.safetensors").read_bytes()
     base, header = decode(body), parse_header(body)
     rule = build_rule(config.aggregation, config.aggregation_params)  # loads plugins: setup
@@ -175,12 +233,12 @@ def run_flower(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, 
     results = []
     for m, n in zip(manifest, counts, strict=True):
         arrays = load((directory / m["key"]).read_bytes())
-        results.append(([arrays[name] for name in SHAPES], n))
+        results.append(([arrays[name] for name in float_names()], n))
     # ... then its aggregate(): weighted copies of every layer, summed, divided.
     total = sum(n for _, n in results)
     weighted = [[layer * n for layer in layers] for layers, n in results]
     averaged = [reduce(np.add, per_layer) / total for per_layer in zip(*weighted, strict=True)]
-    assert len(averaged) == len(SHAPES)
+    assert len(averaged) == len(float_names())
     return time.perf_counter() - started, before, 0
 
 
@@ -196,31 +254,49 @@ def run_floor(directory: Path, manifest: list[dict[str, Any]]) -> tuple[float, i
     buffer = bytearray(first.stat().st_size)
     with first.open("rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-    total = np.zeros(sum(int(np.prod(s)) for s in SHAPES.values()), dtype=np.float64)
+        header = json.loads(f.read(header_len))
+    # Every float32 tensor's place in the data section (the counters are skipped).
+    spans = [
+        (v["data_offsets"][0] // 4, v["data_offsets"][1] // 4)
+        for k, v in header.items()
+        if k != "__metadata__" and v["dtype"] == "F32"
+    ]
+    total = np.zeros(sum(b - a for a, b in spans), dtype=np.float64)
     block = 64 * 1024
     scratch = np.empty(block, dtype=np.float64)
     for m, w in zip(manifest, weights, strict=True):
         with (directory / m["key"]).open("rb", buffering=0) as f:
             f.readinto(buffer)
-        values = np.frombuffer(buffer, dtype=np.float32, offset=8 + header_len)
-        for at in range(0, values.size, block):
-            part = values[at : at + block]
-            np.multiply(part, w, out=scratch[: part.size])
-            np.add(total[at : at + block], scratch[: part.size], out=total[at : at + block])
+        data = np.frombuffer(buffer, dtype=np.float32, offset=8 + header_len)
+        into = 0
+        for a, b in spans:
+            values = data[a:b]
+            for at in range(0, values.size, block):
+                part = values[at : at + block]
+                out = total[into + at : into + at + part.size]
+                np.multiply(part, w, out=scratch[: part.size])
+                np.add(out, scratch[: part.size], out=out)
+            into += values.size
     mean = total / sum(weights)
-    assert mean.size == values.size
+    assert mean.size == into
     return time.perf_counter() - started, before, 0
 
 
-def child(method: str, directory: Path, n: int) -> None:
+def child(method: str, directory: Path, n: int, model: str, rule: str) -> None:
+    use_model(model, directory)
     manifest = json.loads((directory / "manifest.json").read_text())[:n]
-    runner = {"ours": run_ours, "flower": run_flower, "floor": run_floor}[method]
-    seconds, before, clipped = runner(directory, manifest)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if method == "ours":
+        seconds, before, clipped = run_ours(directory, manifest, rule)
+    else:
+        runner = {"flower": run_flower, "floor": run_floor}[method]
+        seconds, before, clipped = runner(directory, manifest)
+    peak = peak_resident_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the whole process, imports included
     print(
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime,
                 "peak_rss_bytes": peak,
                 "rss_before_bytes": before,
                 "peak_above_before_bytes": peak - before,
@@ -233,10 +309,13 @@ def child(method: str, directory: Path, n: int) -> None:
 # --- the run ----------------------------------------------------------------------------
 
 
-def measure(method: str, directory: Path, n: int) -> dict[str, Any]:
+def measure(method: str, directory: Path, n: int, model: str, rule: str) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", method, "--dir", str(directory), "--n", str(n)],
+        [
+            *(sys.executable, __file__, "--child", method, "--dir", str(directory)),
+            *("--n", str(n), "--model", model, "--rule", rule),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -253,14 +332,31 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="best of (a shared machine)")
     parser.add_argument("--keep", action="store_true", help="keep the update files")
+    parser.add_argument("--model", choices=MODELS, default="synthetic", help="tensor shapes")
+    parser.add_argument("--rule", default="fedavg", help="the rule 'ours' runs (built-in name)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.dir, args.n)
+        child(args.child, args.dir, args.n, args.model, args.rule)
         return
+    if args.model != "synthetic" and args.dir == parser.get_default("dir"):
+        args.dir = args.dir.with_name(f"{args.dir.name}-{args.model}")
+    suffix = (
+        ""
+        if (args.model, args.rule) == ("synthetic", "fedavg")
+        else (
+            "-" + "-".join(p for p in (args.model, args.rule) if p not in ("synthetic", "fedavg"))
+        )
+    )
+    use_model(args.model)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    (args.dir / "shapes.json").write_text(json.dumps({"shapes": SHAPES, "dtypes": DTYPES}))
+    results = RESULTS_DIR / f"aggregate{suffix}.json"
+    table = RESULTS_DIR / f"aggregate{suffix}.md"
 
-    file_bytes = 4 * sum(int(np.prod(s)) for s in SHAPES.values())
+    file_bytes = file_size_bytes()
     largest = max(args.sizes)
     args.dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.dir).free
@@ -276,7 +372,7 @@ def main() -> None:
     manifest = json.loads((args.dir / "manifest.json").read_text())
     for n in sizes:
         _warm(args.dir, manifest[:n])  # every method then reads from the same page cache
-        for method in METHODS:
+        for method in args.methods:
             projected = 2.2 * n * file_bytes if method == "flower" else 0
             if projected and projected > 0.8 * available_bytes():
                 rows.append(
@@ -289,26 +385,31 @@ def main() -> None:
                 )
                 print(f"N={n:4d} {method:7s} skipped ({rows[-1]['skipped']})")
                 continue
-            runs = [measure(method, args.dir, n) for _ in range(args.repeats)]
+            runs = [
+                measure(method, args.dir, n, args.model, args.rule) for _ in range(args.repeats)
+            ]
             best = min(runs, key=lambda r: r["seconds"])
             rows.append(
                 {"method": method, "n": n, **best, "all_seconds": [r["seconds"] for r in runs]}
             )
             print(
-                f"N={n:4d} {method:7s} {best['seconds']:7.2f} s  "
+                f"N={n:4d} {method:7s} {best['seconds']:7.2f} s "
+                f"(CPU {best['cpu_seconds']:.0f} s with imports) "
                 f"peak {best['peak_rss_bytes'] / 1e6:7.0f} MB "
                 f"(+{best['peak_above_before_bytes'] / 1e6:.0f} MB)"
             )
     summary = _summary(rows, sizes)
     result = {
         "benchmark": "aggregate",
-        "command": "make bench-aggregate",
-        "parameters": sum(int(np.prod(s)) for s in SHAPES.values()),
+        "command": " ".join(["benchmarks/aggregate.py", *sys.argv[1:]]),
+        "model": args.model,
+        "rule_of_ours": args.rule,
+        "parameters": sum(int(np.prod(SHAPES[n])) for n in float_names()),
         "file_bytes": file_bytes,
         "sizes": sizes,
         "repeats": args.repeats,
         "bytes_from": "local files (page cache), the same files for every method",
-        "memory": "peak_rss_bytes: ru_maxrss of a fresh subprocess per measurement; "
+        "memory": "peak_rss_bytes: VmHWM of a fresh subprocess per measurement; "
         "peak_above_before_bytes: minus the resident set just before the timed part",
         "machine": {
             "python": platform.python_version(),
@@ -318,9 +419,9 @@ def main() -> None:
         "rows": rows,
         "summary": summary,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    TABLE.write_text(_table(rows, summary) + "\n")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2) + "\n")
+    table.write_text(_table(rows, summary) + "\n")
     print(_table(rows, summary))
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsii
-from aws_cdk import AssetHashType, BundlingOptions, Duration, RemovalPolicy, Stage
+from aws_cdk import AssetHashType, BundlingOptions, Duration, RemovalPolicy, Size, Stage
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -60,6 +60,7 @@ class FunctionSettings:
     memory_mb: int
     timeout_seconds: int
     reserved_concurrency: int  # 0: draw from the account's unreserved pool
+    ephemeral_mib: int | None = None  # /tmp; None: Lambda's default (512 MiB)
 
 
 class FederationRounds(Construct):
@@ -265,6 +266,9 @@ class FederationRounds(Construct):
             "role": role,
             "memory_size": settings.memory_mb,
             "timeout": Duration.seconds(settings.timeout_seconds),
+            "ephemeral_storage_size": None
+            if settings.ephemeral_mib is None
+            else Size.mebibytes(settings.ephemeral_mib),
             "reserved_concurrent_executions": settings.reserved_concurrency or None,
             "log_group": log_group,
             "environment": {

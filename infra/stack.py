@@ -115,10 +115,12 @@ class FederationStack(Stack):
                 timeout_seconds=infra.initiator_timeout_seconds,
                 reserved_concurrency=infra.initiator_reserved_concurrency,
             ),
+            # Memory, /tmp and timeout sized for the model and the rule (sfl.core.sizing).
             averager=FunctionSettings(
-                memory_mb=infra.averager_memory_mb,
-                timeout_seconds=infra.averager_timeout_seconds,
+                memory_mb=config.averager.memory_mb,
+                timeout_seconds=config.averager.timeout_seconds,
                 reserved_concurrency=infra.averager_reserved_concurrency,
+                ephemeral_mib=config.averager.ephemeral_mib,
             ),
             schedule_minutes=infra.schedule_minutes,
             schedule_enabled=infra.schedule_enabled,
@@ -126,9 +128,10 @@ class FederationStack(Stack):
             # Sharded aggregation (sfl.server.shards) is deployed only when configured: its function
             # and grants exist only then. Same memory and timeout as the averager.
             shard=FunctionSettings(
-                memory_mb=infra.averager_memory_mb,
-                timeout_seconds=infra.averager_timeout_seconds,
+                memory_mb=config.averager.memory_mb,
+                timeout_seconds=config.averager.timeout_seconds,
                 reserved_concurrency=0,
+                ephemeral_mib=config.averager.ephemeral_mib,
             )
             if config.federation.aggregation_shard_above > 0
             else None,

@@ -14,6 +14,7 @@ NOT_OPERATIONS = {
     "simulate",
     "split-dataset",
     "initial-model",
+    "task",  # checks a task on this machine, touches no stack
     "recipes",
     "local",
     "cost",

@@ -25,7 +25,7 @@ def _stack_shape(args: argparse.Namespace) -> StackShape:
     return StackShape(
         region=region,
         initiator=FunctionShape(infra.initiator_memory_mb, StackShape.initiator.architecture),
-        averager=FunctionShape(infra.averager_memory_mb, StackShape.averager.architecture),
+        averager=FunctionShape(config.averager.memory_mb, StackShape.averager.architecture),
         schedule_minutes=infra.schedule_minutes,
         log_retention_days=infra.log_retention_days,
         update_expiry_days=infra.update_expiry_days,

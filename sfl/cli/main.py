@@ -25,12 +25,14 @@ from sfl.cli import (
     recipes,
     simulate,
     status,
+    task,
 )
 
 #: The command groups, in the order ``sfl --help`` lists them.
 GROUPS = (
     new,
     simulate,
+    task,
     loadtest,
     dataset,
     config,

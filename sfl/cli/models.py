@@ -1,8 +1,15 @@
-"""``sfl models list | pull | promote | rollback``: the federation's model versions."""
+"""``sfl models list | pull | promote | rollback | init``: the federation's model versions.
+
+``init --from FILE`` starts a federation from the user's own weights: the file (safetensors,
+or a state dict read with ``torch.load(weights_only=True)``) is checked against the deployed
+task's model and written as version 0, before any round, its lineage naming the file and
+its SHA-256. The same boto3 calls reach AWS and the local endpoint (``--endpoint``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +18,52 @@ from rich.table import Table
 
 from sfl.cli.operator import command, connection_flags, num, when
 from sfl.ops import actions, views
-from sfl.ops.federation import Federation
+from sfl.ops.federation import Federation, OpsError
+from sfl.state.lineage import LineageStore
+from sfl.state.rounds import RoundStore
+
+
+def _start_from(fed: Federation, path: Path, *, replace: bool) -> dict[str, Any]:
+    """The user's weights in ``path`` become model version 0, if no round has started."""
+    from sfl.learning.tasks import load_task
+    from sfl.learning.weights import WeightsError, read_weights
+
+    config = fed.deployed_config
+    rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    started = rounds.latest(config.experiment, slots=False)
+    if started is not None:
+        raise OpsError(
+            f"round {started.round} of experiment {config.experiment!r} has started already: "
+            "a federation starts from your weights before its first round. Deploy another "
+            "stack (sfl_infra.stack_prefix) or experiment (sfl.experiment) for them"
+        )
+    reference = load_task(config.task).build_model(seed=config.seed).state_dict()
+    try:
+        weights = read_weights(path, reference)
+    except WeightsError as e:
+        raise OpsError(f"{e}\n(the deployed task is {config.task!r})") from e
+    body = weights.model_bytes()
+    store = LineageStore(fed.aws, fed.names)
+    if not store.start_from(body, source=weights.source(), now=time.time(), replace=replace):
+        raise OpsError(
+            "model version 0 exists already (the stack writes one from the task's seed when "
+            "it is deployed) and no round has started: run again with --replace to start "
+            "from your weights instead"
+            if not replace
+            else "model version 0 changed while it was being replaced: run again"
+        )
+    late = rounds.latest(config.experiment, slots=False)
+    return {
+        "version": 0,
+        "bytes": len(body),
+        "tensors": len(weights.tensors),
+        "format": weights.format,
+        **weights.source(),
+        "warning": None
+        if late is None
+        else f"round {late.round} started while version 0 was written: its clients may have "
+        "trained from the previous version 0",
+    }
 
 
 def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
@@ -32,7 +84,16 @@ def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
             )  # fmt: skip
         out.print(table)
         return None
-    if args.models_action == "pull":
+    if args.models_action == "init":
+        result = _start_from(fed, args.source, replace=args.replace)
+        message = (
+            f"model version 0 is now {result['source_file']} ({result['format']}, "
+            f"{result['tensors']} tensors, {result['bytes']} bytes, sha256 "
+            f"{result['source_sha256'][:16]}...)"
+        )
+        if result["warning"]:
+            message += f"\nwarning: {result['warning']}"
+    elif args.models_action == "pull":
         result = actions.pull(fed, args.version, args.out)
         message = (
             f"wrote model version {result['version']} to {result['path']} ({result['bytes']} bytes)"
@@ -69,5 +130,21 @@ def add_parser(sub: Any) -> None:
     rollback = actions_.add_parser("rollback", help="the next round starts from VERSION")
     rollback.add_argument("version", type=int, nargs="?", help="default: the newest's parent")
     rollback.add_argument("--cancel", action="store_true", help="drop a pending rollback")
-    for action in (pull, promote, rollback):
+    init = actions_.add_parser(
+        "init", help="start the federation from your own weights (version 0, before round 1)"
+    )
+    init.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="safetensors, or a PyTorch state dict (read with torch.load(weights_only=True))",
+    )
+    init.add_argument(
+        "--replace",
+        action="store_true",
+        help="replace the version 0 the stack wrote from the task's seed (before any round)",
+    )
+    for action in (pull, promote, rollback, init):
         connection_flags(action)

@@ -9,6 +9,7 @@ fails with the key, the value and what is allowed, in the wording of :mod:`sfl.c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sfl.core import config, lambda_shapes
+from sfl.core import config, lambda_shapes, sizing
 from sfl.core.config import ConfigError, FederationConfig
 from sfl.core.device_settings import CONFIGURATION_KEYS
 from sfl.core.settings import ANY_BOOL, Allowed, OneOf, Range, Settings, setting
@@ -74,14 +75,34 @@ class InfraConfig(Settings):
         0, allowed=Range(0, 1_000), doc="initiator reserved concurrency; 0 = do not reserve"
     )
     averager_memory_mb: int = setting(
-        lambda_shapes.AVERAGER.memory_mb,
-        allowed=Range(512, 10_240),
-        doc="averager Lambda memory (MB); torch needs >= 512",
+        0,
+        allowed=Allowed(lambda v: v == 0 or 512 <= v <= 10_240, "0, or 512 to 10240"),
+        doc="averager Lambda memory (MB); 0: derived from the model's size and the rule "
+        f"(sfl.core.sizing, at least {lambda_shapes.AVERAGER.memory_mb}); torch needs >= 512",
     )
     averager_timeout_seconds: int = setting(
-        300,
-        allowed=Range(10, 900),
-        doc="averager Lambda timeout (seconds); at most the federation's aggregation lease",
+        0,
+        allowed=Allowed(lambda v: v == 0 or 10 <= v <= 900, "0, or 10 to 900"),
+        doc="averager Lambda timeout (seconds); 0: derived (at least 300); at most the "
+        "federation's aggregation lease",
+    )
+    averager_ephemeral_mib: int = setting(
+        0,
+        allowed=Allowed(lambda v: v == 0 or 512 <= v <= 10_240, "0, or 512 to 10240"),
+        doc="averager /tmp (MiB), where median, trimmed_mean and krum spool a round's "
+        "updates; 0: derived from the model's size and the updates per round",
+    )
+    model_bytes: int = setting(
+        0,
+        allowed=Range(0, 10 * 1024**3),
+        doc="the task's model size in bytes, as 'sfl task check' prints it, to size the "
+        "averager; 0: known for built-in tasks",
+    )
+    max_round_updates: int = setting(
+        0,
+        allowed=Range(0, 1_000_000),
+        doc="the most updates one round aggregates, to size the averager; 0: "
+        f"sfl.clients_per_round, or {sizing.DEFAULT_ROUND_UPDATES} when that is 0",
     )
     averager_reserved_concurrency: int = setting(
         0, allowed=Range(0, 1_000), doc="averager reserved concurrency; 0 = do not reserve"
@@ -138,8 +159,11 @@ class StackConfig:
 
     federation: FederationConfig
     infra: InfraConfig
+    #: The averager's (and shard function's) memory, /tmp and timeout, derived when built.
+    averager: sizing.AveragerSize = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "averager", size_averager(self.federation, self.infra))
         lease = self.federation.aggregation_lease_seconds
         if self.infra.averager_timeout_seconds > lease:
             # A lease shorter than the function's run time lets a second aggregation start
@@ -172,6 +196,52 @@ class StackConfig:
         if not isinstance(context, Mapping):
             raise ConfigError(f"{path}: 'context' is not allowed; allowed: a JSON object")
         return cls.from_context(context.get, source=str(path))
+
+
+def size_averager(federation: FederationConfig, infra: InfraConfig) -> sizing.AveragerSize:
+    """The averager's size for this task's model and rule (``sfl.core.sizing``), explicit
+    settings checked against the need; a ``ConfigError`` with the numbers if it cannot fit."""
+    model_bytes = infra.model_bytes or sizing.BUILTIN_MODEL_BYTES.get(federation.task, 0)
+    rule = federation.aggregation
+    try:
+        if not model_bytes:
+            if sizing.RuleNeeds.of(rule).reads_all_at_once:
+                key = InfraConfig.label("model_bytes")
+                raise sizing.SizingError(
+                    f"rule {rule!r} spools every update to the averager's ephemeral storage, "
+                    f"which is sized from the model: give {key} the size that "
+                    f"'sfl task check --task {federation.task}' prints"
+                )
+            # A streaming rule's memory does not grow with the updates: the stack's defaults.
+            need = sizing.AveragerNeed(
+                memory_mb=lambda_shapes.AVERAGER.memory_mb,
+                ephemeral_mib=sizing.MIN_EPHEMERAL_MIB,
+                timeout_seconds=min(
+                    sizing.MIN_TIMEOUT_SECONDS, federation.aggregation_lease_seconds
+                ),
+                basis=f"task {federation.task!r} of unknown size (sfl_infra.model_bytes = 0)",
+            )
+        else:
+            need = sizing.averager_need(
+                model_bytes=model_bytes,
+                updates=infra.max_round_updates
+                or federation.clients_per_round
+                or sizing.DEFAULT_ROUND_UPDATES,
+                rule=rule,
+                in_flight=federation.aggregation_in_flight,
+                shard_above=federation.aggregation_shard_above,
+                shard_size=federation.aggregation_shard_size,
+            )
+        return sizing.size_averager(
+            need,
+            memory_mb=infra.averager_memory_mb,
+            ephemeral_mib=infra.averager_ephemeral_mib,
+            timeout_seconds=infra.averager_timeout_seconds,
+            lease_seconds=federation.aggregation_lease_seconds,
+            label=CONTEXT_KEY,
+        )
+    except sizing.SizingError as e:
+        raise ConfigError(str(e)) from e
 
 
 def context_mapping(raw: Any, key: str) -> Mapping[str, Any]:

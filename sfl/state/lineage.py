@@ -40,11 +40,14 @@ class ModelLineage:
     created_at: float | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
     rolled_back_from: int | None = None
+    # A first version from the user's own weights: {"source_file", "source_sha256"}.
+    source: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["participants"] = list(self.participants)
         d["metrics"] = dict(self.metrics)
+        d["source"] = dict(self.source)
         return d
 
     @classmethod
@@ -59,6 +62,7 @@ class ModelLineage:
             created_at=d.get("created_at"),
             metrics=dict(d.get("metrics", {})),
             rolled_back_from=d.get("rolled_back_from"),
+            source={str(k): str(v) for k, v in dict(d.get("source") or {}).items()},
         )
 
 
@@ -108,6 +112,44 @@ class LineageStore:
             ContentType="application/json",
             IfNoneMatch="*",
         ).written
+
+    def start_from(
+        self, body: bytes, *, source: Mapping[str, str], now: float, replace: bool = False
+    ) -> bool:
+        """Write ``body`` as model version 0 with its lineage (kind initial, its source).
+
+        Without ``replace``, only if there is no version 0 yet (False if there is). With it,
+        an existing version 0 is replaced under ``If-Match`` on the ETag read just before, so
+        a concurrent write makes this one fail rather than vanish. Whether a round has started
+        from version 0 already is the caller's question (the round records)."""
+        models = ModelStore(self._s3, self._bucket)
+        if not replace:
+            if not models.put_model(0, body):
+                return False
+        else:
+            key = layout.model_key(0)
+            try:
+                etag = self._s3.head_object(Bucket=self._bucket, Key=key)["ETag"]
+            except ClientError as e:
+                if not is_not_found(e):
+                    raise
+                if not models.put_model(0, body):
+                    return False
+            else:
+                if not conditional(
+                    self._s3.put_object, Bucket=self._bucket, Key=key, Body=body, IfMatch=etag
+                ).written:
+                    return False
+        lineage = ModelLineage(
+            version=0, kind=KIND_INITIAL, parent=None, created_at=now, source=dict(source)
+        )
+        self._s3.put_object(
+            Bucket=self._bucket,
+            Key=layout.lineage_key(0),
+            Body=json.dumps(lineage.to_dict(), sort_keys=True).encode(),
+            ContentType="application/json",
+        )
+        return True
 
     def get(self, version: int) -> ModelLineage | None:
         try:

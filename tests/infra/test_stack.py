@@ -283,7 +283,10 @@ def test_a_bad_value_names_the_key_the_value_and_what_is_allowed(key, value, mes
 
 
 def test_averager_may_not_outlive_the_aggregation_lease():
-    context = {"sfl": {"aggregation_lease_seconds": 120}, "sfl_infra": {}}
+    context = {
+        "sfl": {"aggregation_lease_seconds": 120},
+        "sfl_infra": {"averager_timeout_seconds": 300},
+    }
     with pytest.raises(ConfigError, match=r"averager_timeout_seconds.*300.*at most.*120"):
         StackConfig.from_context(context.get)
 
