@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
@@ -47,6 +47,7 @@ _MAX_MIN_EXAMPLES = 10**9
 # left when the round was picked up), so a decline for the deadline still reaches the round.
 DEADLINE_MARGIN_SECONDS = 10.0
 _DEADLINE_MARGIN_SHARE = 0.1
+_Result = TypeVar("_Result")
 
 
 class RoundInterrupted(Exception):
@@ -324,7 +325,7 @@ class EdgeClient:
 
     def _global_model(self, a: Assignment) -> tuple[Any, int] | None:
         """The round's base model, built and loaded, with its size; None if it is refused."""
-        model = self.task.build_model()
+        model = _task_step("build_model", self.task.build_model)
         reference = model.state_dict()
         limit = size_limit(reference)
         with aws_call("s3", "GetObject"):
@@ -512,10 +513,10 @@ def _snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 
-def _task_step(step: str, call: Callable[..., Any], *args: Any) -> Metrics:
+def _task_step(step: str, call: Callable[..., _Result], *args: Any) -> _Result:
     """One call into the task's own code; whatever it raises costs this round's answer."""
     try:
-        result: Metrics = call(*args)
+        result = call(*args)
     except Exception as e:
         raise RoundDeclined(DeclineReason.TASK_FAILED, f"{step}: {type(e).__name__}: {e}") from e
     return result
