@@ -33,7 +33,7 @@ _KEYS = frozenset({"format", "round", "client_id", "base_version", "reason", "de
 class DeclineReason(enum.StrEnum):
     """Why a picked device gives no update: the whole set a decline may name."""
 
-    NO_DATA = "no_data"  # the device holds no training examples (or no data directory)
+    NO_DATA = "no_data"  # a missing or empty data directory, or no training examples
     TOO_FEW_EXAMPLES = "too_few_examples"  # fewer than the round's ``min_examples``
     TASK_FAILED = "task_failed"  # the task raised while loading, training or evaluating
     NON_FINITE_LOSS = "non_finite_loss"  # training or evaluation reported NaN or Inf
