@@ -4,6 +4,12 @@ Everything the client downloads is checked before it is used: a malformed assign
 skipped, a bad global model (``edge_client.global_model``) costs that round, not the process.
 AWS failures — a token exchange service that is down, no network — are retried with back-off
 in the loop, which a stop (SIGTERM) ends at once.
+
+A picked device reads its data afresh (what it collected since the last round counts). When
+it cannot give an update — no data, fewer examples than the round's ``min_examples``, a task
+that raises, a NaN loss, a model of another shape, training past the deadline — it uploads a
+decline with the reason (``sfl.core.decline``) instead, so the round need not wait for it,
+and goes on to the next round: a task that misbehaves costs one answer, not the process.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
 from sfl.core import layout
+from sfl.core.decline import Decline, DeclineReason, clean_detail
 from sfl.learning import codec
 from sfl.learning.compression import UPDATE_CODECS, UpdateCodec, encode_update
-from sfl.learning.tasks.base import ClientData, TrainConfig, TrainingTask
+from sfl.learning.tasks.base import ClientData, Metrics, TrainConfig, TrainingTask
 from sfl.state.aws import AwsCallFailed, AwsClients, aws_call
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
@@ -34,10 +42,25 @@ MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 _MAX_EPOCHS = 10_000
 _MAX_BATCH = 1_000_000
 _MAX_PROXIMAL_MU = 1_000.0
+_MAX_MIN_EXAMPLES = 10**9
+# Training stops this long before the round's hard deadline (at most a tenth of the time
+# left when the round was picked up), so a decline for the deadline still reaches the round.
+DEADLINE_MARGIN_SECONDS = 10.0
+_DEADLINE_MARGIN_SHARE = 0.1
+_Result = TypeVar("_Result")
 
 
 class RoundInterrupted(Exception):
     """Training was stopped (SIGTERM) before the update was uploaded."""
+
+
+class RoundDeclined(Exception):
+    """This device cannot give an update this round; the server is told why."""
+
+    def __init__(self, reason: DeclineReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = clean_detail(detail)
 
 
 class AssignmentUnreadable(ValueError):
@@ -94,6 +117,11 @@ def _proximal_mu(d: Mapping[str, Any]) -> float:
     return mu
 
 
+def _min_examples(d: Mapping[str, Any]) -> int:
+    """Fewest training examples to train with; assignments written before it existed: 1."""
+    return _int(d, "min_examples", 1, _MAX_MIN_EXAMPLES) if "min_examples" in d else 1
+
+
 def _update_codec(d: Mapping[str, Any]) -> UpdateCodec:
     """How to encode the update; assignments written before codecs existed mean "none"."""
     name = d.get("update_codec", "none")
@@ -119,6 +147,7 @@ class Assignment:
     deadline_at: float
     train_config: TrainConfig
     update_codec: UpdateCodec = field(default_factory=UpdateCodec)
+    min_examples: int = 1
 
     @classmethod
     def from_json(cls, body: bytes) -> Assignment:
@@ -149,6 +178,7 @@ class Assignment:
             deadline_at=_finite(d, "deadline_at"),
             train_config=_train_config(d.get("train_config")),
             update_codec=_update_codec(d["train_config"]),
+            min_examples=_min_examples(d["train_config"]),
         )
 
 
@@ -193,20 +223,16 @@ class EdgeClient:
         self.models = ModelStore(aws.s3, settings.models_bucket)
         self.rounds_answered = 0
         self.rounds_skipped = 0  # picked, but the global model was refused
+        self.rounds_declined = 0  # picked, and told the server why there is no update
         self._assignment_etag: str | None = None
         self._last_round_seen = 0  # rounds up to this one are never answered (again)
         self._next_heartbeat = 0.0
-        self._data: ClientData | None = None
 
     # --- main loop --------------------------------------------------------------------------
 
     def run(self) -> int:
         """Poll and answer until stopped (or max_rounds answered). Returns an exit code."""
-        self._data = self.task.load_client_data(self.settings.data_dir)
-        logger.info(
-            "client started",
-            extra={"client_id": self.settings.client_id, "train_examples": len(self._data.train)},
-        )
+        logger.info("client started", extra={"client_id": self.settings.client_id})
         backoff = self.settings.poll_seconds
         while not self.stop.is_set():
             failed = False
@@ -252,7 +278,7 @@ class EdgeClient:
     def _done(self) -> bool:
         return (
             self.settings.max_rounds is not None
-            and self.rounds_answered >= self.settings.max_rounds
+            and self.rounds_answered + self.rounds_declined >= self.settings.max_rounds
         )
 
     def heartbeat(self) -> None:
@@ -299,7 +325,7 @@ class EdgeClient:
 
     def _global_model(self, a: Assignment) -> tuple[Any, int] | None:
         """The round's base model, built and loaded, with its size; None if it is refused."""
-        model = self.task.build_model()
+        model = _task_step("build_model", self.task.build_model)
         reference = model.state_dict()
         limit = size_limit(reference)
         with aws_call("s3", "GetObject"):
@@ -327,39 +353,64 @@ class EdgeClient:
         return None
 
     def answer(self, a: Assignment) -> None:
-        """Download and check the base model, train, evaluate locally, upload the update."""
-        assert self._data is not None
-        cid = self.settings.client_id
-        log = {"client_id": cid, "round": a.round}
-        logger.info("round picked up", extra=log)
+        """Read the data, download and check the base model, train, evaluate locally, upload
+        the update; or, if this device cannot give one, upload a decline with the reason."""
+        logger.info(
+            "round picked up", extra={"client_id": self.settings.client_id, "round": a.round}
+        )
         started = self.clock()
+        try:
+            self._answer(a, started)
+        except RoundDeclined as e:
+            if self.stop.is_set():  # stopping: nothing half-done is uploaded, not even this
+                raise RoundInterrupted from e
+            self.decline(a, e.reason, e.detail)
+
+    def _answer(self, a: Assignment, started: float) -> None:
+        data = self._client_data(a)
         loaded = self._global_model(a)
         if loaded is None:
             return
         model, bytes_down = loaded
+        reference = _signature(model.state_dict())
         # A compressed update is a change from the base: keep the base to measure it.
         base = None if a.update_codec.name == "none" else _snapshot(model.state_dict())
         downloaded = self.clock()
-        train_metrics = self.task.train(model, self._data.train, a.train_config, self.stop.is_set)
+        stop_at = a.deadline_at - min(
+            DEADLINE_MARGIN_SECONDS, _DEADLINE_MARGIN_SHARE * max(0.0, a.deadline_at - started)
+        )
+
+        def should_stop() -> bool:
+            return self.stop.is_set() or self.clock() >= stop_at
+
+        train_metrics = _task_step(
+            "train", self.task.train, model, data.train, a.train_config, should_stop
+        )
         if self.stop.is_set():
             raise RoundInterrupted
         trained = self.clock()
-        local_eval = self.task.evaluate(model, self._data.eval)
+        if trained >= stop_at:
+            raise RoundDeclined(
+                DeclineReason.DEADLINE,
+                f"training ran {trained - downloaded:.1f} s, until {a.deadline_at - trained:.1f} s "
+                "before the round's deadline",
+            )
+        local_eval = _task_step("evaluate", self.task.evaluate, model, data.eval)
         evaluated = self.clock()
+        if evaluated >= a.deadline_at:
+            raise RoundDeclined(DeclineReason.DEADLINE, "evaluation ended after the deadline")
+        metrics = _reported_metrics(train_metrics, local_eval)
+        trained_state = model.state_dict()
+        _check_trained(trained_state, reference)
         self.hooks.before_upload(a, trained - downloaded)
         if self.stop.is_set():
             raise RoundInterrupted
         metadata = codec.UpdateMetadata(
             round=a.round,
-            client_id=cid,
+            client_id=self.settings.client_id,
             base_version=a.base_version,
-            num_examples=len(self._data.train),
-            metrics={
-                "loss": local_eval.loss,
-                "accuracy": local_eval.accuracy,
-                "eval_examples": float(local_eval.num_examples),
-                "train_loss": train_metrics.loss,
-            },
+            num_examples=len(data.train),
+            metrics=metrics,
             timings={
                 "download_s": downloaded - started,
                 "train_s": trained - downloaded,
@@ -368,7 +419,6 @@ class EdgeClient:
             bytes_down=bytes_down,
             upload_started_at=self.clock(),
         )
-        trained_state = model.state_dict()
         update = encode_update(
             trained_state,
             trained_state if base is None else base,
@@ -376,6 +426,65 @@ class EdgeClient:
             metadata.to_header(),
         )
         self.upload(a, update, started)
+
+    def _client_data(self, a: Assignment) -> ClientData:
+        """The device's data, read afresh for this round (what it collected since counts);
+        ``RoundDeclined`` if there is none, too little, or the task cannot read it. No data:
+        a missing or empty data directory, a task raising ``FileNotFoundError``, or no
+        training examples."""
+        try:
+            if not any(Path(self.settings.data_dir).iterdir()):
+                raise FileNotFoundError(f"data directory {self.settings.data_dir} is empty")
+        except OSError as e:  # missing, not a directory, or unreadable
+            raise RoundDeclined(DeclineReason.NO_DATA, f"{type(e).__name__}: {e}") from e
+        try:
+            data = self.task.load_client_data(self.settings.data_dir)
+            examples = len(data.train)
+        except FileNotFoundError as e:
+            raise RoundDeclined(DeclineReason.NO_DATA, f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # the user's code: its failure costs this round's answer
+            raise RoundDeclined(
+                DeclineReason.TASK_FAILED, f"load_client_data: {type(e).__name__}: {e}"
+            ) from e
+        if examples == 0:
+            raise RoundDeclined(DeclineReason.NO_DATA, "no training examples")
+        if examples < a.min_examples:
+            raise RoundDeclined(
+                DeclineReason.TOO_FEW_EXAMPLES,
+                f"{examples} training examples; the round asks for at least {a.min_examples}",
+            )
+        logger.info(
+            "client data read",
+            extra={"client_id": self.settings.client_id, "round": a.round, "examples": examples},
+        )
+        return data
+
+    def decline(self, a: Assignment, reason: DeclineReason, detail: str) -> None:
+        """Tell the server this device gives no update this round, and why: a decline at the
+        device's own update key (``sfl.core.decline``); then heartbeat."""
+        body = Decline(
+            round=a.round,
+            client_id=self.settings.client_id,
+            base_version=a.base_version,
+            reason=reason,
+            detail=detail,
+        ).encode()
+        with aws_call("s3", "PutObject"):
+            self.aws.s3.put_object(
+                Bucket=self.settings.updates_bucket,
+                Key=layout.update_key(self.settings.client_id, a.round),
+                Body=body,
+            )
+        self.rounds_declined += 1
+        self.heartbeat()
+        # The message carries the fields: Greengrass logs the text, not `extra`.
+        logger.warning(
+            "round %d declined (%s): %s",
+            a.round,
+            reason.value,
+            clean_detail(detail),
+            extra={"client_id": self.settings.client_id, "round": a.round, "reason": reason.value},
+        )
 
     def upload(self, a: Assignment, update: bytes, started: float) -> None:
         """Put the encoded update under the key naming this client and round, then heartbeat.
@@ -402,3 +511,56 @@ class EdgeClient:
 
 def _snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
     return {name: tensor.detach().clone() for name, tensor in state.items()}
+
+
+def _task_step(step: str, call: Callable[..., _Result], *args: Any) -> _Result:
+    """One call into the task's own code; whatever it raises costs this round's answer."""
+    try:
+        result = call(*args)
+    except Exception as e:
+        raise RoundDeclined(DeclineReason.TASK_FAILED, f"{step}: {type(e).__name__}: {e}") from e
+    return result
+
+
+def _reported_metrics(trained: Metrics, evaluated: Metrics) -> dict[str, float]:
+    """The numbers the update reports; a task's NaN, Inf or non-number declines the round."""
+    try:
+        metrics = {
+            "loss": float(evaluated.loss),
+            "accuracy": float(evaluated.accuracy),
+            "eval_examples": float(evaluated.num_examples),
+            "train_loss": float(trained.loss),
+        }
+    except Exception as e:  # not a Metrics, or not numbers
+        raise RoundDeclined(
+            DeclineReason.TASK_FAILED, f"train/evaluate returned no metrics: {type(e).__name__}"
+        ) from e
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise RoundDeclined(DeclineReason.NON_FINITE_LOSS, f"{', '.join(bad)} not finite")
+    return metrics
+
+
+def _signature(state: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], Any]]:
+    return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+
+
+def _check_trained(state: Mapping[str, Any], reference: Mapping[str, Any]) -> None:
+    """The trained model has the base model's names, shapes and dtypes, and finite values;
+    else the round is declined (the averager would refuse it anyway, after the upload)."""
+    import torch
+
+    found = _signature(state)
+    if found != reference:
+        names = sorted(set(found) ^ set(reference)) or sorted(
+            n for n in found if found[n] != reference[n]
+        )
+        raise RoundDeclined(
+            DeclineReason.WRONG_SHAPE,
+            f"{len(names)} tensor(s) differ from the base model, e.g. {names[0][:64]!r}",
+        )
+    for name, t in state.items():
+        if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise RoundDeclined(
+                DeclineReason.NON_FINITE_MODEL, f"tensor {name[:64]!r} holds NaN/Inf"
+            )

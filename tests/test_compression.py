@@ -363,9 +363,11 @@ def test_a_round_in_int8_runs_from_the_assignment_to_the_next_model(
 ) -> None:
     stack.config = stack.config.replace(update_codec="int8", quorum="all_answered", local_epochs=1)
     client = _device(stack, tmp_path)
-    client._data = ClientData(  # a tenth of the digits: the codec, not the training, is tested
-        ArrayDataset(client._data.train.x[:150], client._data.train.y[:150]), client._data.eval
+    full = client.task.load_client_data(client.settings.data_dir)
+    small = ClientData(  # a tenth of the digits: the codec, not the training, is tested
+        ArrayDataset(full.train.x[:150], full.train.y[:150]), full.eval
     )
+    client.task.load_client_data = lambda data_dir: small  # type: ignore[method-assign]
     base = client.task.build_model(seed=0).state_dict()
     bootstrap_model(stack.clients, stack.names, base, seed=0)
     assignment = _picked(stack, client)

@@ -157,7 +157,6 @@ def _device(stack: Stack, tmp_path: Path, client_id: str = "c1") -> EdgeClient:
         stack.clients,
         task,
     )
-    client._data = task.load_client_data(client.settings.data_dir)
     return client
 
 

@@ -82,17 +82,18 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
     for column, justify in (
         ("round", "right"), ("status", "left"), ("model", "right"), ("cfg", "right"),
         ("answered", "right"), ("accepted", "right"), ("rejected", "left"),
-        ("started UTC", "left"), ("time s", "right"), ("accuracy", "right"),
+        ("declined", "left"), ("started UTC", "left"), ("time s", "right"), ("accuracy", "right"),
         ("client acc", "right"),
     ):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         rejected = ", ".join(f"{k} {v}" for k, v in r["rejections"].items()) or "-"
+        declined = ", ".join(f"{k} {v}" for k, v in r["declines"].items()) or "-"
         model = f"{r['base_version']}->{r['model_version']}" if r["model_version"] else "-"
         status = r["status"] if r["status"] != "ABANDONED" else f"[red]{r['status']}[/]"
         table.add_row(
             str(r["round"]), status, model, str(r["config_version"]),
-            f"{r['answered']}/{r['selected']}", str(r["accepted"]), rejected,
+            f"{r['answered']}/{r['selected']}", str(r["accepted"]), rejected, declined,
             when(r["started_at"]), f"{r['duration_seconds']:.1f}", num(r["accuracy"]),
             num(r["client_accuracy"]),
         )  # fmt: skip
@@ -118,7 +119,7 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         return rows
     table = Table()
     for column in ("device", "active", "last seen", "turnaround s", "picked", "answered",
-                   "missed", "rejected"):  # fmt: skip
+                   "missed", "rejected", "declined"):  # fmt: skip
         table.add_column(column)
     for d in rows:
         table.add_row(
@@ -130,6 +131,7 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
             str(d["rounds_answered"]),
             str(d["rounds_missed"]),
             ", ".join(f"{k} {v}" for k, v in d["rejected"].items()) or "-",
+            ", ".join(f"{k} {v}" for k, v in d["declined"].items()) or "-",
         )
     out.print(table)
     return None

@@ -217,6 +217,12 @@ class FederationConfig(Settings):
         allowed=Range(1, 10**12),
         doc="largest num_examples a client may claim",
     )
+    min_examples: int = setting(
+        1,
+        allowed=Range(1, 10**9),
+        doc="fewest training examples a picked device must hold; with fewer it declines the "
+        "round (too_few_examples) instead of training",
+    )
     max_weight_ratio: float = setting(
         3.0,
         allowed=Range(1.0, 1e6),

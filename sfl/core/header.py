@@ -268,17 +268,15 @@ class UpdateMetadata:
         ]
         if missing:
             raise CodecError("metadata_missing", f"metadata lacks {', '.join(missing)}")
-        client_id = metadata["client_id"]
-        if not _CLIENT_ID.fullmatch(client_id):
-            raise CodecError("metadata_malformed", "client_id is not 1-128 of [A-Za-z0-9:_-]")
+        client_id = check_client_id(metadata["client_id"])
         return cls(
-            round=_strict_int(metadata["round"], "round"),
+            round=strict_int(metadata["round"], "round"),
             client_id=client_id,
-            base_version=_strict_int(metadata["base_version"], "base_version"),
-            num_examples=_strict_int(metadata["num_examples"], "num_examples"),
+            base_version=strict_int(metadata["base_version"], "base_version"),
+            num_examples=strict_int(metadata["num_examples"], "num_examples"),
             metrics=_reported(metadata.get("metrics", "{}"), "metrics", -MAX_REPORTED_VALUE),
             timings=_reported(metadata.get("timings", "{}"), "timings", 0.0),
-            bytes_down=_strict_int(
+            bytes_down=strict_int(
                 metadata.get("bytes_down", "0"), "bytes_down", MAX_BYTES_DOWN, minimum=0
             ),
             upload_started_at=_timestamp(metadata.get("upload_started_at", "0")),
@@ -289,7 +287,14 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9:_-]{1,128}")  # sfl.core.layout.CLIENT_ID; 
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 
 
-def _strict_int(text: str, name: str, maximum: int = 10**18, minimum: int = -(10**18)) -> int:
+def check_client_id(text: str) -> str:
+    """A client id as a device may claim it in metadata; ``CodecError`` otherwise."""
+    if not _CLIENT_ID.fullmatch(text):
+        raise CodecError("metadata_malformed", "client_id is not 1-128 of [A-Za-z0-9:_-]")
+    return text
+
+
+def strict_int(text: str, name: str, maximum: int = 10**18, minimum: int = -(10**18)) -> int:
     if not _INTEGER.fullmatch(text):
         raise CodecError("metadata_malformed", f"{name} {text[:40]!r} is not an integer")
     value = int(text)

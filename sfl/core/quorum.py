@@ -13,7 +13,7 @@ from sfl.core.config import FederationConfig
 @dataclass(frozen=True)
 class QuorumView:
     selected: int
-    answered: int  # selected clients with an accepted or rejected update
+    answered: int  # selected clients with an accepted or rejected update, or a decline
     accepted: int
     now: float
     created_at: float

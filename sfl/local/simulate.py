@@ -419,6 +419,7 @@ def history_row(r: Round) -> dict[str, Any]:
             {"client_id": x.get("client_id"), "reason": x.get("reason"), "counted": False}
             for x in r.other_rejections
         ],
+        "declined": [{"client_id": c, "reason": a.reason} for c, a in r.declined.items()],
         "missing": [c for c in r.selected if c not in answered],
         "late": [
             x.get("client_id")

@@ -41,6 +41,8 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
         "accepted": r.num_accepted,
         "rejected": sum(reasons.values()),
         "rejections": dict(sorted(reasons.items())),
+        "declined": r.num_declined,
+        "declines": dict(sorted(r.decline_reasons.items())),
         "other_uploads": sum(int(v) for v in r.rejection_counts.values()),
         "participants": summary.get("participants"),
         "candidates": r.candidates,
@@ -133,6 +135,7 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     picked: Counter[str] = Counter()
     accepted: Counter[str] = Counter()
     rejected: dict[str, Counter[str]] = {}
+    declined: dict[str, Counter[str]] = {}
     turnaround: dict[str, list[float]] = {}
     for r in rounds_of(fed, slots=True):
         picked.update(r.selected)
@@ -141,7 +144,8 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
                 accepted[client] += 1
                 turnaround.setdefault(client, []).append(answer.received_at - r.created_at)
             else:
-                rejected.setdefault(client, Counter())[answer.reason.split(":")[0]] += 1
+                said = declined if answer.outcome.value == "declined" else rejected
+                said.setdefault(client, Counter())[answer.reason.split(":")[0]] += 1
         for other in r.other_rejections:
             client = str(other.get("client_id"))
             reason = str(other.get("reason", "")).split(":")[0]
@@ -163,6 +167,7 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
                 "rounds_missed": c.rounds_missed,
                 "missed_streak": c.missed_streak,
                 "rejected": dict(sorted(rejected.get(c.client_id, Counter()).items())),
+                "declined": dict(sorted(declined.get(c.client_id, Counter()).items())),
             }
         )
     return rows

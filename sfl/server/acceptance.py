@@ -6,6 +6,11 @@ model, in the round's update codec: ``sfl.learning.compression``), then the valu
 tensors, all finite, and a change from the base model). Anything wrong
 raises ``UpdateRejected`` with a stable reason code and a sentence for the logs; nothing
 here touches the global model, and nothing here does I/O.
+
+A device that cannot give an update uploads a decline instead (``sfl.core.decline``): the
+same key, a header with no tensors. ``read_decline`` tells one from an update and checks it
+as strictly (its round, client and base version against the round's, its reason from the
+fixed set); the averager then records it as the client's answer, with no weight.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sfl.core.decline import Decline, is_decline
 from sfl.learning.codec import (
     METADATA_ALLOWANCE_BYTES,
     CodecError,
@@ -93,21 +99,7 @@ def validate_update(
         metadata = UpdateMetadata.from_header(header.metadata)
     except CodecError as e:
         raise UpdateRejected(e.reason, e.detail) from e
-    if metadata.round != expected.round:
-        raise UpdateRejected(
-            "wrong_round", f"metadata says round {metadata.round}, key says {expected.round}"
-        )
-    if metadata.client_id != expected.client_id:
-        raise UpdateRejected(
-            "wrong_client",
-            f"metadata says client {metadata.client_id!r}, key says {expected.client_id!r}",
-        )
-    if metadata.base_version != expected.base_version:
-        raise UpdateRejected(
-            "wrong_base_version",
-            f"trained from model version {metadata.base_version}, "
-            f"round uses {expected.base_version}",
-        )
+    _check_claims(metadata.round, metadata.client_id, metadata.base_version, expected)
     if not 0 < metadata.num_examples <= expected.max_num_examples:
         raise UpdateRejected(
             "bad_num_examples",
@@ -141,6 +133,44 @@ def validate_update(
         if not math.isfinite(norm):
             raise UpdateRejected("non_finite", "the update's change from the base overflows")
     return AcceptedUpdate(metadata=metadata, tensors=tensors, delta_norm=norm)
+
+
+def read_decline(data: bytes, expected: Expected) -> Decline | None:
+    """The decline in ``data``, checked against the round; ``UpdateRejected`` for a decline
+    that is malformed or claims another round, client or base; None when ``data`` does not
+    say it is a decline (an update, or bytes ``validate_update`` refuses in its own words)."""
+    check_size(len(data), expected.size_limit)
+    try:
+        header = parse_header(data, max_header_bytes=expected.max_header_bytes)
+    except CodecError:
+        return None
+    if not is_decline(header.metadata):
+        return None
+    if header.tensors or header.data_length:
+        raise UpdateRejected("malformed_decline", "a decline carries no tensors")
+    try:
+        decline = Decline.from_header(header.metadata)
+    except CodecError as e:
+        raise UpdateRejected(e.reason, e.detail) from e
+    _check_claims(decline.round, decline.client_id, decline.base_version, expected)
+    return decline
+
+
+def _check_claims(round_: int, client_id: str, base_version: int, expected: Expected) -> None:
+    """What the header claims about where it belongs, against the round and the key."""
+    if round_ != expected.round:
+        raise UpdateRejected(
+            "wrong_round", f"metadata says round {round_}, key says {expected.round}"
+        )
+    if client_id != expected.client_id:
+        raise UpdateRejected(
+            "wrong_client", f"metadata says client {client_id!r}, key says {expected.client_id!r}"
+        )
+    if base_version != expected.base_version:
+        raise UpdateRejected(
+            "wrong_base_version",
+            f"trained from model version {base_version}, round uses {expected.base_version}",
+        )
 
 
 def delta_norm(update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> float:

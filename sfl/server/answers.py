@@ -4,7 +4,9 @@ Checks that need only the round record come first (a known round, a selected cli
 has not answered, the round OPEN, stored within the round's time), then the object is read
 and judged (``sfl.server.acceptance``) and the answer recorded with a conditional write, so a
 duplicated event is a no-op and a client answers a round once. Anything refused is recorded
-with a stable reason; only AWS errors raise (the event is retried).
+with a stable reason; only AWS errors raise (the event is retried). A decline
+(``sfl.core.decline``) at the client's update key is judged by the same checks and recorded
+as its answer: declined, with its reason, no weight; the quorum counts it as answered.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from botocore.exceptions import ClientError
 from sfl.core import layout
 from sfl.learning.compression import UpdateCodec
 from sfl.server import transitions
-from sfl.server.acceptance import Expected, UpdateRejected, check_size, validate_update
+from sfl.server.acceptance import (
+    Expected,
+    UpdateRejected,
+    check_size,
+    read_decline,
+    validate_update,
+)
 from sfl.server.base_model import base_model
 from sfl.server.participation import count_answer
 from sfl.state.aws import error_code, is_not_found, is_transient
@@ -42,6 +50,7 @@ class UpdateResult(enum.StrEnum):
 
     ACCEPTED = Outcome.ACCEPTED.value
     REJECTED = Outcome.REJECTED.value
+    DECLINED = Outcome.DECLINED.value
     DUPLICATE = "duplicate"  # the same object delivered again: its answer stands
     IGNORED = "ignored"  # not an update for this function (another bucket, or gone)
 
@@ -150,7 +159,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         )
     if recorded.result is RecordResult.RECORDED and recorded.round is not None:
         count_answer(ctx, recorded.round, client, answer)
-        level = logging.INFO if answer.outcome is Outcome.ACCEPTED else logging.WARNING
+        level = logging.WARNING if answer.outcome is Outcome.REJECTED else logging.INFO
         logger.log(level, f"update {answer.outcome.value}", extra={**log, "reason": answer.reason})
         result = UpdateResult(answer.outcome.value)
         outcome = UpdateOutcome(event.key, result, answer.reason, client, number)
@@ -174,7 +183,8 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
 
 
 def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
-    """Download and validate one update; an Answer either way (None if it vanished).
+    """Download and validate one update (or decline); an Answer either way (None if it
+    vanished).
 
     AWS errors propagate (the event is retried); anything else that goes wrong while
     judging these bytes, including a bug of ours, rejects this one update only."""
@@ -206,6 +216,10 @@ def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str)
         common["size"] = int(obj["ContentLength"])
         check_size(common["size"], expected.size_limit)
         data = obj["Body"].read(expected.size_limit + 1)
+        decline = read_decline(data, expected)
+        if decline is not None:
+            said = decline.reason.value + (f": {decline.detail}" if decline.detail else "")
+            return Answer(outcome=Outcome.DECLINED, reason=said, **common)
         accepted = validate_update(data, expected, base_model(ctx.models, round_.base_version))
     except UpdateRejected as e:
         common.setdefault("etag", _etag(event.etag))

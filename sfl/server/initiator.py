@@ -193,6 +193,7 @@ def start_round(
             "proximal_mu": config.proximal_mu,
             "update_codec": config.update_codec,
             "topk_fraction": config.topk_fraction,
+            "min_examples": config.min_examples,
         },
         candidates=len(active),
         select_seconds=now - started,

@@ -1,7 +1,15 @@
 """The clients' server-side records: each round a selected client answered or missed, folded
 into its registry item (turnaround EWMA, answered / missed, recent picks, the accepted
 update's bounded utility), which selection reads. Best effort: the registry is advisory,
-the round record is the truth."""
+the round record is the truth.
+
+A decline (``sfl.core.decline``) counts as a miss, with the whole round as its turnaround,
+exactly as silence or a rejected update does: the round gained nothing from the device, so
+selection and benching (``missed_streak``) treat it the same. What a decline changes is the
+round, not the device's standing: the round stops waiting for it. So declining can neither
+stall a round (it closes sooner) nor spare a device the consequences of giving nothing, and
+an honest device with no data is benched like a silent one until it has some.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 def count_answer(ctx: AveragerContext, round_: Round, client: str, answer: Answer | None) -> None:
     """Fold this round into the client's record: answered if ``answer`` was accepted, else
-    missed (a rejection, or ``None``: no answer by the round's end)."""
+    missed (a rejection, a decline, or ``None``: no answer by the round's end)."""
     answered = answer is not None and answer.outcome is Outcome.ACCEPTED
     config = ctx.round_config(round_)
     utility = None

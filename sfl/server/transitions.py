@@ -71,7 +71,7 @@ def advance(ctx: AveragerContext, round_: Round) -> Round | None:
     if won is None:
         return None
     if not won.num_accepted:
-        reason = "no acceptable update: every answer was rejected"
+        reason = "no acceptable update: every answer was rejected or declined"
         if ctx.rounds.abandon(won.experiment, won.round, reason, ctx.clock(), owner=ctx.owner):
             return _finished(ctx, won.round)
         return None

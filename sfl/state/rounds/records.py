@@ -14,8 +14,9 @@ from sfl.state.dynamo import from_item, to_item
 
 
 def rejection_reason(reason: str) -> str:
-    """A rejected answer's reason without its detail ("shape: ..." -> "shape"): one of the
-    averager's own words, so a bounded set of map keys."""
+    """A rejected or declined answer's reason without its detail ("shape: ..." -> "shape"):
+    one of the averager's own words or of ``sfl.core.decline.DeclineReason`` (checked before
+    it is recorded), so a bounded set of map keys."""
     return reason.split(":")[0][:64] or "unknown"
 
 
@@ -37,11 +38,13 @@ class RoundState(enum.StrEnum):
 class Outcome(enum.StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
+    DECLINED = "declined"  # the client said it cannot give an update (sfl.core.decline)
 
 
 @dataclass(frozen=True)
 class Answer:
-    """A selected client's answer to a round: an accepted update or the reason it was not."""
+    """A selected client's answer to a round: an accepted update, or the reason it was
+    rejected or declined ("<reason>: <detail>")."""
 
     outcome: Outcome
     key: str
@@ -123,11 +126,13 @@ class Round:
     answered_count: int = 0
     accepted_count: int = 0
     rejected_count: int = 0
+    declined_count: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     # Seconds the averager spent judging the recorded answers (for the round's cost).
     handling_seconds: float = 0.0
     answer_rejections: Mapping[str, int] = field(default_factory=dict)  # per reason
+    answer_declines: Mapping[str, int] = field(default_factory=dict)  # per decline reason
     slots_ready: bool = True  # False until the initiator wrote every slot
     slots_loaded: bool = True  # selected/answers hold the slots (False: counters only)
 
@@ -138,6 +143,10 @@ class Round:
     @property
     def rejected(self) -> dict[str, Answer]:
         return {c: a for c, a in sorted(self.answers.items()) if a.outcome is Outcome.REJECTED}
+
+    @property
+    def declined(self) -> dict[str, Answer]:
+        return {c: a for c, a in sorted(self.answers.items()) if a.outcome is Outcome.DECLINED}
 
     # Counts that need no slots: the counters when stored, else the loaded slots.
     @property
@@ -155,6 +164,22 @@ class Round:
     @property
     def num_rejected(self) -> int:
         return self.rejected_count or len(self.rejected)
+
+    @property
+    def num_declined(self) -> int:
+        return self.declined_count or len(self.declined)
+
+    @property
+    def decline_reasons(self) -> dict[str, int]:
+        """Selected clients' declines per reason: the round item's counts, or its loaded
+        answers."""
+        if self.answer_declines:
+            return {k: int(v) for k, v in self.answer_declines.items()}
+        reasons: dict[str, int] = {}
+        for answer in self.declined.values():
+            reason = rejection_reason(answer.reason)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        return reasons
 
     @property
     def rejection_reasons(self) -> dict[str, int]:
@@ -179,11 +204,13 @@ class Round:
                 "answered_count": self.answered_count,
                 "accepted_count": self.accepted_count,
                 "rejected_count": self.rejected_count,
+                "declined_count": self.declined_count,
                 "bytes_up": self.bytes_up,
                 "bytes_down": self.bytes_down,
                 "handling_seconds": self.handling_seconds,
                 "slots_ready": self.slots_ready,
                 "answer_rejections": dict(self.answer_rejections),
+                "answer_declines": dict(self.answer_declines),
                 "created_at": self.created_at,
                 "deadline_at": self.deadline_at,
                 "soft_deadline_at": self.soft_deadline_at or self.deadline_at,
@@ -246,10 +273,16 @@ class Round:
                     "rejected_count", sum(a.outcome is Outcome.REJECTED for a in answers.values())
                 )
             ),
+            declined_count=int(
+                d.get(
+                    "declined_count", sum(a.outcome is Outcome.DECLINED for a in answers.values())
+                )
+            ),
             bytes_up=int(d.get("bytes_up", sum(a.size for a in answers.values()))),
             bytes_down=int(d.get("bytes_down", sum(a.bytes_down for a in answers.values()))),
             handling_seconds=float(d.get("handling_seconds", 0.0)),
             answer_rejections={k: int(v) for k, v in d.get("answer_rejections", {}).items()},
+            answer_declines={k: int(v) for k, v in d.get("answer_declines", {}).items()},
             slots_ready=bool(d.get("slots_ready", True)),
             slots_loaded=legacy,
         )

@@ -276,16 +276,19 @@ class RoundStore:
         puts the answer in the client's slot and grows the round's counters, or does neither.
         A TransactionConflict (a concurrent answer on the same round item) is retried."""
         accepted = answer.outcome is Outcome.ACCEPTED
+        declined = answer.outcome is Outcome.DECLINED
         counters = (
             "ADD answered_count :one, accepted_count :acc, rejected_count :rej, "
-            "bytes_up :up, bytes_down :down, handling_seconds :handled"
+            "declined_count :dec, bytes_up :up, bytes_down :down, handling_seconds :handled"
         )
         names = {"#s": "status"}
         values: dict[str, Any] = {}
         if not accepted:
+            # Per reason: a rejection's (the averager's word) or a decline's (from its set).
+            per_reason = "answer_declines" if declined else "answer_rejections"
             counters = (
-                "SET answer_rejections.#reason = "
-                "if_not_exists(answer_rejections.#reason, :zero) + :one " + counters
+                f"SET {per_reason}.#reason = "
+                f"if_not_exists({per_reason}.#reason, :zero) + :one " + counters
             )
             names["#reason"] = rejection_reason(answer.reason)
             values[":zero"] = {"N": "0"}
@@ -303,7 +306,8 @@ class RoundStore:
                         ":true": {"BOOL": True},
                         ":one": {"N": "1"},
                         ":acc": {"N": "1" if accepted else "0"},
-                        ":rej": {"N": "0" if accepted else "1"},
+                        ":rej": {"N": "0" if accepted or declined else "1"},
+                        ":dec": {"N": "1" if declined else "0"},
                         ":up": {"N": str(max(0, int(answer.size)))},
                         ":down": {"N": str(max(0, int(answer.bytes_down)))},
                         ":handled": serialize(max(0.0, round(handling_seconds, 6))),
