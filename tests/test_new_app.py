@@ -69,12 +69,15 @@ def test_names_come_from_the_folder(folder: str, package: str, prefix: str) -> N
 
 
 @pytest.mark.slow
-def test_an_app_made_by_new_passes_its_own_test_and_learns_in_simulate(tmp_path: Path) -> None:
+def test_an_app_made_by_new_passes_its_own_test_and_task_check_and_learns_in_simulate(tmp_path: Path) -> None:
     root = tmp_path / "my-app"
     assert main(["new", str(root)]) == 0
     tested = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=root)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "2 passed" in tested.stdout
+    checked = run(["-m", "sfl.cli.main", "task", "check"], cwd=root)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "task my_app.task:Task: ok" in checked.stdout
     simulated = run(
         [
             "-m",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sfl.cli.app import federation_keys
 from sfl.cli.config import add_set_flag, config_pairs
 from sfl.cli.dataset import partition_flags
 from sfl.core import plugins
@@ -42,41 +43,10 @@ ALIASES = {
 DEVICE_TIMING_KEYS = frozenset({"round_soft_deadline_seconds", "round_deadline_seconds"})
 
 
-def app_keys(app: Path) -> dict[str, tuple[str, str]]:
-    """The federation an app deploys (its ``cdk.json``, context ``sfl``), keyed like
-    ``--set``; the app's folder goes first on the import path (for the simulation's
-    processes too), so the plug-ins it names by import path load. No cdk.json: nothing."""
-    import json
-    import os
-
-    from sfl.core.deployment import FEDERATION_CONTEXT_KEY, context_mapping
-
-    cdk_json = app / "cdk.json"
-    if not cdk_json.is_file():
-        return {}
-    try:
-        context = json.loads(cdk_json.read_text(encoding="utf-8")).get("context", {})
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{cdk_json}: not a JSON object with a 'context' ({e})") from e
-    where = f"{cdk_json} context {FEDERATION_CONTEXT_KEY!r}"
-    keys = {
-        key: (value if isinstance(value, str) else json.dumps(value), where)
-        for key, value in context_mapping(context.get(FEDERATION_CONTEXT_KEY), "sfl").items()
-        if key not in DEVICE_TIMING_KEYS
-    }
-    root = str(app.resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p
-    )
-    return keys
-
-
 def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """Every configuration key the run sets: key -> (text, where it was set); the app's
     cdk.json first, then the aliases, so a ``--set`` of the same key wins."""
-    given = app_keys(args.app)
+    given = federation_keys(args.app, skip=DEVICE_TIMING_KEYS)
     given.update(
         {
             key: (value, flag)

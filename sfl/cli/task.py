@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sfl.cli.app import import_from
 from sfl.core.config import CONTEXT_KEY as FEDERATION_KEY
 from sfl.core.config import FederationConfig
 from sfl.core.deployment import CONTEXT_KEY as INFRA_KEY
@@ -56,6 +57,7 @@ def _check(args: argparse.Namespace) -> int:
     from sfl.learning.tasks.check import check_task
 
     federation, infra = _configs(args.cdk_json)
+    import_from(args.cdk_json.parent)  # the app's packages, for a task named by import path
     task = args.task or federation.task
     print(f"checking task {task}")
     report = check_task(
