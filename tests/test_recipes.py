@@ -249,6 +249,7 @@ def test_stack_owned_settings_are_literals_of_each_version_not_device_configurat
         "SFL_CLIENTS_TABLE": NAMES.clients_table,
         "AWS_REGION": "eu-west-1",
         "SFL_TASK": "mnist",
+        "SFL_TASK_PARAMS": "{}",
         "SFL_POLL_SECONDS": "2.5",
         "SFL_HEARTBEAT_SECONDS": "30",
         "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),
