@@ -7,6 +7,7 @@ import csv
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from sfl.local.synthetic_images import write_image_folders
 SMALL_IMAGES = {"architecture": "small_cnn", "num_classes": 4, "image_size": 16}
 
 
-def _simulate(out: Path, task: str, params: dict[str, object], **options: object) -> dict:
+def _simulate(out: Path, task: str, params: dict[str, object], **options: object) -> dict[str, Any]:
     """Three in-process clients, a few rounds; the history ``sfl simulate`` writes."""
     run_simulation(
         SimulationOptions(
@@ -36,7 +37,7 @@ def _simulate(out: Path, task: str, params: dict[str, object], **options: object
             **options,  # type: ignore[arg-type]
         )
     )
-    history: dict = json.loads((out / "history.json").read_text())
+    history: dict[str, Any] = json.loads((out / "history.json").read_text())
     return history
 
 
@@ -156,7 +157,7 @@ def test_a_users_task_outside_the_repository_takes_task_params_in_the_simulation
     assert task.build_model().state_dict()["1.weight"].shape == (12, 64)
     with pytest.raises(TaskError, match=r"'width' = 0 is not allowed; allowed: an integer from 1"):
         load_task("widetask:WideDigits", {"width": 0})
-    with pytest.raises(TaskError, match="unknown parameter.*'depth'; known: width"):
+    with pytest.raises(TaskError, match=r"unknown parameter.*'depth'; known: width"):
         load_task("widetask:WideDigits", {"depth": 3})
 
     history = _simulate(
@@ -193,7 +194,7 @@ def test_config_refuses_bad_image_folder_params_saying_what_is_allowed(
 def test_config_refuses_tabular_params_without_a_feature_count() -> None:
     with pytest.raises(ConfigError, match="'feature_columns' and 'num_features' are both unset"):
         FederationConfig(task="tabular", task_params='{"num_classes": 3}')
-    with pytest.raises(ConfigError, match="'file' = '../x.csv' is not allowed"):
+    with pytest.raises(ConfigError, match=r"'file' = '\.\./x\.csv' is not allowed"):
         FederationConfig(task="tabular", task_params='{"num_features": 2, "file": "../x.csv"}')
 
 
@@ -290,7 +291,7 @@ def test_image_folder_labels_follow_classes_when_a_device_lacks_some(tmp_path: P
     data = task.load_client_data(tmp_path)
     assert sorted(set(data.train.y.tolist())) == [classes.index(n) for n in names]
 
-    with pytest.raises(ClientDataError, match="holds 3 class folder.*num_classes is 4"):
+    with pytest.raises(ClientDataError, match=r"holds 3 class folder.*num_classes is 4"):
         load_task("image_folder", SMALL_IMAGES).load_client_data(tmp_path)
 
 
@@ -304,7 +305,7 @@ def test_missing_or_empty_data_gives_a_clear_error(tmp_path: Path) -> None:
         images.load_client_data(tmp_path)
 
     table = load_task("tabular", {"num_features": 2})
-    with pytest.raises(NoClientDataError, match="data.csv does not exist"):
+    with pytest.raises(NoClientDataError, match=r"data\.csv does not exist"):
         table.load_client_data(tmp_path)
     (tmp_path / "data.csv").write_text("temperature,vibration,label\n")
     with pytest.raises(NoClientDataError, match="holds a header and no rows"):
