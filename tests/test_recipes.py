@@ -493,7 +493,14 @@ def _runtime_pins() -> dict[str, str]:
 def test_edge_requirements_pin_what_runtime_pins_and_no_scikit_learn() -> None:
     runtime = _runtime_pins()
     pins = artifact.edge_pins()
-    assert {p.name for p in pins} == {"boto3", "numpy", "safetensors", "torch"}
+    assert {p.name for p in pins} == {
+        "boto3",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "torch",
+        "torchvision",
+    }
     for pin in pins:
         if pin.marker in {"", 'python_version >= "3.11"'}:
             assert runtime[pin.name] == pin.version, pin
