@@ -30,7 +30,7 @@ _RANGE = "range"
 _CHOICES = "choices"
 _DOC = "doc"
 _TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
-_WORDS: dict[type | None, str] = {int: "an integer", float: "a number"}
+_WORDS: dict[type | None, str] = {int: "an integer", float: "a number", str: "a text"}
 #: Longest list a list-valued parameter may hold (config values stay small).
 MAX_LIST = 64
 
