@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_client.settings import parse_settings
 from sfl.build import recipes
@@ -382,3 +384,33 @@ def test_the_dataset_images_command_writes_class_folders(tmp_path: Path) -> None
     assert main(["dataset", "images", "--out", str(tmp_path), "--classes", "3",
                  "--per-class", "2", "--size", "16"]) == 0  # fmt: skip
     assert sorted(len(list(p.iterdir())) for p in tmp_path.iterdir()) == [2, 2, 2]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(alphabet=st.sampled_from('0123456789.,-e"\n\r abxnaif'), max_size=300))
+def test_any_csv_text_loads_or_is_refused_with_a_client_data_error(
+    tmp_path: Path, text: str
+) -> None:
+    (tmp_path / "data.csv").write_text(text, encoding="utf-8")
+    task = load_task("tabular", {"feature_columns": ["a", "b"], "label_column": "x"})
+    try:
+        data = task.load_client_data(tmp_path)
+    except ClientDataError:
+        return
+    assert data.train.x.shape[1:] == (2,) and np.isfinite(data.train.x).all()
+    assert set(data.train.y.tolist()) <= {0, 1}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(blob=st.binary(max_size=2_000))
+def test_any_bytes_in_an_image_file_are_skipped_not_raised(tmp_path: Path, blob: bytes) -> None:
+    write_image_folders(tmp_path, num_classes=4, per_class=1, size=16)
+    (tmp_path / "00-red-circle" / "odd.png").write_bytes(blob)
+    data = load_task("image_folder", {**SMALL_IMAGES, "eval_fraction": 0}).load_client_data(
+        tmp_path
+    )
+    assert len(data.train) in (4, 5)
