@@ -414,3 +414,23 @@ def test_any_bytes_in_an_image_file_are_skipped_not_raised(tmp_path: Path, blob:
         tmp_path
     )
     assert len(data.train) in (4, 5)
+
+
+def test_split_dataset_writes_each_device_a_csv_and_refuses_bad_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sfl.cli.main import main
+
+    _blobs_csv(tmp_path / "central.csv", rows=60)
+    params = {"root": str(tmp_path / "central.csv"), "num_features": 2, "num_classes": 3}
+    out = tmp_path / "splits"
+    split = ["split-dataset", "--task", "tabular", "--clients", "2", "--partition", "iid"]
+
+    assert main([*split, "--task-params", json.dumps(params), "--out", str(out)]) == 0
+    for client in ("client-00", "client-01"):
+        rows = (out / client / "data.csv").read_text().splitlines()
+        assert rows[0] == "temperature,vibration,label" and len(rows) > 10
+
+    bad = json.dumps({**params, "hidden": [0]})
+    assert main([*split, "--task-params", bad, "--out", str(out)]) == 2
+    assert "parameter 'hidden' = [0] is not allowed" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Aggregation rules as configuration sees them, torch-free: parameters and registrations.
+"""Plug-in parameters as configuration sees them, torch-free; the aggregation rules' registrations.
 
 A plug-in's parameters are a keyword-only dataclass (``PluginParams``; a rule's derive from
 ``RuleParams``, a task's from ``sfl.core.task_params.TaskParams``): typed fields with
