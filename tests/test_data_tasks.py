@@ -434,3 +434,21 @@ def test_split_dataset_writes_each_device_a_csv_and_refuses_bad_params(
     bad = json.dumps({**params, "hidden": [0]})
     assert main([*split, "--task-params", bad, "--out", str(out)]) == 2
     assert "parameter 'hidden' = [0] is not allowed" in capsys.readouterr().err
+
+
+def test_cdk_json_with_a_bad_task_parameter_is_refused_as_cdk_synth_reads_it(
+    tmp_path: Path,
+) -> None:
+    from sfl.core.deployment import StackConfig
+
+    cdk_json = tmp_path / "cdk.json"
+    sfl = {"task": "image_folder", "task_params": {"architecture": "resnet18", "num_classes": 3}}
+    cdk_json.write_text(json.dumps({"app": "python3 app.py", "context": {"sfl": sfl}}))
+    assert StackConfig.from_cdk_json(cdk_json).federation.task_params == (
+        '{"architecture":"resnet18","num_classes":3}'
+    )
+
+    sfl["task_params"] = {"architecture": "resnet18", "image_size": 4}
+    cdk_json.write_text(json.dumps({"app": "python3 app.py", "context": {"sfl": sfl}}))
+    with pytest.raises(ConfigError, match="'image_size' = 4 is not allowed; allowed: an integer"):
+        StackConfig.from_cdk_json(cdk_json)
