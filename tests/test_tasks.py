@@ -220,7 +220,8 @@ def test_load_task_by_name_and_by_import_path() -> None:
     [
         (
             "cifar",
-            "unknown task 'cifar'; allowed: digits, digits_mlp, mnist, image_folder, tabular, or an import path",
+            "unknown task 'cifar'; allowed: digits, digits_mlp, mnist, image_folder, tabular, "
+            "or an import path",
         ),
         ("sfl.no_such_module:Task", "cannot import module 'sfl.no_such_module'"),
         ("sfl.learning.tasks.digits:NoSuchTask", "has no 'NoSuchTask'"),
