@@ -94,7 +94,9 @@ class ImageFolderParams(TaskParams):
     test_fraction: float = param(0.2, _TEST_FRACTION, lo=0.01, hi=0.9)
     split_seed: int = param(0, _SPLIT_SEED, lo=0, hi=2**31 - 1)
     eval_fraction: float = param(0.2, _EVAL_FRACTION, lo=0.0, hi=0.9)
-    max_examples: int = param(100_000, _MAX_EXAMPLES, lo=1, hi=10_000_000)
+    max_examples: int = param(
+        10_000, _MAX_EXAMPLES + " (each image takes 12 x image_size^2 bytes)", lo=1, hi=10_000_000
+    )
 
     def check_together(self) -> None:
         for name in ("mean", "std"):
