@@ -61,7 +61,7 @@ def run_client(settings: ClientSettings, stop: threading.Event) -> int:
     from edge_client.client import EdgeClient
     from sfl.learning.tasks import load_task
 
-    task = load_task(settings.task)
+    task = load_task(settings.task, settings.task_params)
     aws = connect(settings, stop)
     if aws is None:
         logger.info("client stopped", extra={"client_id": settings.client_id})

@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfl.core import task_params as task_params_
 from sfl.core.config import FederationConfig
 from sfl.core.layout import validate_client_id
+from sfl.core.params import ParamsError
 
 _DEFAULTS = FederationConfig()
 
@@ -22,6 +24,7 @@ class ClientSettings:
     clients_table: str
     data_dir: Path
     task: str = _DEFAULTS.task
+    task_params: str = _DEFAULTS.task_params  # a JSON object, checked when parsed
     endpoint_url: str | None = None
     region: str | None = None
     poll_seconds: float = _DEFAULTS.poll_seconds
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients-table", help="defaults to $SFL_CLIENTS_TABLE")
     p.add_argument("--data-dir", type=Path, help="defaults to $SFL_DATA_DIR")
     p.add_argument("--task", help=f"task name or import path (default {_DEFAULTS.task})")
+    p.add_argument(
+        "--task-params", metavar="JSON", help="the task's parameters; defaults to $SFL_TASK_PARAMS"
+    )
     p.add_argument("--endpoint-url", help="AWS endpoint (local emulator); default: AWS")
     p.add_argument("--region", help="AWS region (default from the environment)")
     p.add_argument("--poll-seconds", type=float)
@@ -84,6 +90,14 @@ def parse_settings(
     if data_dir is None:
         parser.error("--data-dir is required (or set SFL_DATA_DIR)")
 
+    task = args.task or env.get("SFL_TASK") or _DEFAULTS.task
+    raw_params = args.task_params or env.get("SFL_TASK_PARAMS") or _DEFAULTS.task_params
+    try:
+        given = task_params_.parse(raw_params)
+        task_params_.check(task, given)  # a built-in's; a task by import path checks its own
+    except ParamsError as e:
+        parser.error(f"--task-params / SFL_TASK_PARAMS: {e}")
+
     def number(value: float | None, name: str, default: float) -> float:
         if value is not None:
             return value
@@ -102,7 +116,8 @@ def parse_settings(
         updates_bucket=need(args.updates_bucket, "--updates-bucket", "SFL_UPDATES_BUCKET"),
         clients_table=need(args.clients_table, "--clients-table", "SFL_CLIENTS_TABLE"),
         data_dir=data_dir,
-        task=args.task or env.get("SFL_TASK") or _DEFAULTS.task,
+        task=task,
+        task_params=task_params_.canonical(given),
         endpoint_url=args.endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
         region=args.region or _env(env, "AWS_REGION", "AWS_DEFAULT_REGION"),
         poll_seconds=number(args.poll_seconds, "SFL_POLL_SECONDS", _DEFAULTS.poll_seconds),

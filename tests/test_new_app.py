@@ -69,7 +69,9 @@ def test_names_come_from_the_folder(folder: str, package: str, prefix: str) -> N
 
 
 @pytest.mark.slow
-def test_an_app_made_by_new_passes_its_own_test_and_task_check_and_learns_in_simulate(tmp_path: Path) -> None:
+def test_an_app_made_by_new_passes_its_own_test_and_task_check_and_learns_in_simulate(
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "my-app"
     assert main(["new", str(root)]) == 0
     tested = run(["-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=root)

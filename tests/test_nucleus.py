@@ -641,20 +641,25 @@ def _installed(nucleus: Nucleus) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_install_takes_torch_alone_from_the_cpu_index(
+def test_install_takes_torch_and_torchvision_alone_from_the_cpu_index(
     stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
 ) -> None:
-    """PyPI's torch (here a stand-in needing a CUDA package nobody has) is never chosen."""
+    """PyPI's torch and torchvision (stand-ins needing a CUDA package nobody has) are never
+    chosen."""
     stand_ins = fake_device_wheels(tmp_path / "pypi-wheels")
     for wheel in stand_ins.glob("torch-*"):
         wheel.unlink()
     _fake_wheel(stand_ins, "torch", "2.14.1", requires=["nvidia-cuda-stand-in==13"])
     _fake_wheel(stand_ins, "sympy-stand-in", "1.0")  # a dependency of torch, on PyPI only
     pypi = simple_index(nucleus.root / "pypi", sorted(stand_ins.iterdir()))
+    for wheel in stand_ins.glob("torchvision-*"):
+        wheel.unlink()
+    _fake_wheel(stand_ins, "torchvision", "0.29.1", requires=["nvidia-cuda-stand-in==13"])
     cpu_torch = _fake_wheel(
         tmp_path / "cpu-wheels", "torch", "2.14.1+cpu", requires=["sympy-stand-in>=1"]
     )
-    cpu = simple_index(nucleus.root / "cpu", [cpu_torch])
+    cpu_vision = _fake_wheel(tmp_path / "cpu-wheels", "torchvision", "0.29.1+cpu")
+    cpu = simple_index(nucleus.root / "cpu", [cpu_torch, cpu_vision])
     zip_path, sha = client_zip(tmp_path)
     lifecycle = nucleus.deploy(
         recipe_for(stack.config, stack.names, "eu-west-1", sha),
@@ -669,6 +674,7 @@ def test_install_takes_torch_alone_from_the_cpu_index(
     assert done.returncode == 0, done.stdout + done.stderr
     installed = _installed(nucleus)
     assert installed["torch"] == "2.14.1+cpu"
+    assert installed["torchvision"] == "0.29.1+cpu"
     assert {"boto3", "numpy", "safetensors", "sympy-stand-in"} <= set(installed)
     assert "nvidia-cuda-stand-in" not in installed
 

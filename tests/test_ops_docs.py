@@ -13,6 +13,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "operate.md"
 NOT_OPERATIONS = {
     "simulate",
     "split-dataset",
+    "dataset",  # generates data to simulate with
     "initial-model",
     "task",  # checks a task on this machine, touches no stack
     "recipes",

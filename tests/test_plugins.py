@@ -16,6 +16,8 @@ from sfl.learning.rules.aggregation import AggregationRule, get_aggregator
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import TrainingTask
 
+#: Parameters a registered task cannot do without (the tabular task's input width).
+REQUIRED_TASK_PARAMS = {"tabular": {"num_features": 4}}
 LOADERS = {
     "selection": get_selection_strategy,
     "aggregation": get_aggregator,
@@ -30,11 +32,13 @@ def test_every_registered_name_resolves_and_is_valid_config(kind: str, name: str
     loaded = plugins.load(kind, name)
 
     assert callable(loaded)
+    given = REQUIRED_TASK_PARAMS.get(name, {}) if kind == "task" else {}
     if kind == "task":
-        assert isinstance(load_task(name), TrainingTask)
+        assert isinstance(load_task(name, given), TrainingTask)
     else:
         assert LOADERS[kind](name) is loaded
-    FederationConfig.from_mapping({kind: name})  # config validation accepts it
+    extra = {"task_params": given} if given else {}
+    FederationConfig.from_mapping({kind: name, **extra})  # config validation accepts it
 
 
 def test_config_refuses_an_unregistered_name_with_the_registrys_list() -> None:

@@ -249,6 +249,7 @@ def test_stack_owned_settings_are_literals_of_each_version_not_device_configurat
         "SFL_CLIENTS_TABLE": NAMES.clients_table,
         "AWS_REGION": "eu-west-1",
         "SFL_TASK": "mnist",
+        "SFL_TASK_PARAMS": "{}",
         "SFL_POLL_SECONDS": "2.5",
         "SFL_HEARTBEAT_SECONDS": "30",
         "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),
@@ -492,7 +493,14 @@ def _runtime_pins() -> dict[str, str]:
 def test_edge_requirements_pin_what_runtime_pins_and_no_scikit_learn() -> None:
     runtime = _runtime_pins()
     pins = artifact.edge_pins()
-    assert {p.name for p in pins} == {"boto3", "numpy", "safetensors", "torch"}
+    assert {p.name for p in pins} == {
+        "boto3",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "torch",
+        "torchvision",
+    }
     for pin in pins:
         if pin.marker in {"", 'python_version >= "3.11"'}:
             assert runtime[pin.name] == pin.version, pin

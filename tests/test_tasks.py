@@ -218,7 +218,11 @@ def test_load_task_by_name_and_by_import_path() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("cifar", "unknown task 'cifar'; allowed: digits, digits_mlp, mnist, or an import path"),
+        (
+            "cifar",
+            "unknown task 'cifar'; allowed: digits, digits_mlp, mnist, image_folder, tabular, "
+            "or an import path",
+        ),
         ("sfl.no_such_module:Task", "cannot import module 'sfl.no_such_module'"),
         ("sfl.learning.tasks.digits:NoSuchTask", "has no 'NoSuchTask'"),
         ("sfl.learning.tasks.digits:TEST_FRACTION", "not a class or function"),

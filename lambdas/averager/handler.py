@@ -103,9 +103,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     )
     action = control_action(event)
     if action == BOOTSTRAP:
-        from sfl.learning.tasks import load_task
+        from sfl.learning.tasks import configured_task
 
-        model = load_task(config.task).build_model(seed=config.seed)
+        model = configured_task(config).build_model(seed=config.seed)
         wrote = bootstrap_model(aws, names, model.state_dict(), seed=config.seed)
         return {"bootstrap": "written" if wrote else "already present"}
     if action == TICK:

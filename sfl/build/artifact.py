@@ -51,9 +51,11 @@ EDGE_DISTRIBUTIONS: dict[str, str | None] = {
     "boto3": "boto3",
     "botocore": "boto3",
     "numpy": "numpy",
+    "PIL": "pillow",  # the image_folder task reads images
     "safetensors": "safetensors",
     "sklearn": None,
     "torch": "torch",
+    "torchvision": "torchvision",  # the image_folder task's architectures
 }
 
 _FIXED_TIMESTAMP = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold

@@ -134,6 +134,7 @@ STACK_SETTINGS = (
     StackSetting(_RUN_ENV["clients_table"], "the client registry"),
     StackSetting("AWS_REGION", "the stack's AWS region"),
     StackSetting("SFL_TASK", "training task name or import path"),
+    StackSetting("SFL_TASK_PARAMS", "the task's parameters, a JSON object"),
     StackSetting("SFL_POLL_SECONDS", "idle poll interval"),
     StackSetting("SFL_HEARTBEAT_SECONDS", "heartbeat interval"),
     StackSetting("SFL_ACTIVE_WINDOW_SECONDS", "the federation's active window (registry expiry)"),
@@ -205,11 +206,12 @@ if [ -n "$wheels" ]; then
   echo "sfl install: offline, from the wheel bundle $wheels"
   pip_install --no-index --find-links "$wheels" $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
 else
-  torch=$(grep -E '^torch==' "$requirements" || true)
+  torch=$(grep -E '^(torch|torchvision)==' "$requirements" || true)
   if [ -n "$SFL_INSTALL_TORCH_INDEX_URL" ] && [ -n "$torch" ]; then
-    # torch alone from its index (CPU wheels by default); its dependencies come from below
+    # torch and torchvision alone from their index (CPU wheels by default: PyPI's are built
+    # for CUDA on Linux); their dependencies come from below. One pin per line, unquoted.
     pip_install --no-deps $SFL_INSTALL_PIP_OPTIONS --index-url "$SFL_INSTALL_TORCH_INDEX_URL" \\
-      "$torch"
+      $torch
   fi
   pip_install $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
 fi
@@ -263,6 +265,7 @@ def stack_settings(
         _RUN_ENV["clients_table"]: names.clients_table,
         "AWS_REGION": region,
         "SFL_TASK": config.task,
+        "SFL_TASK_PARAMS": config.task_params,
         "SFL_POLL_SECONDS": str(config.poll_seconds),
         "SFL_HEARTBEAT_SECONDS": str(config.heartbeat_seconds),
         "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from sfl.cli.operator import connection_flags, run, when
 from sfl.core import params as rule_params
+from sfl.core import task_params
 from sfl.core.config import ConfigError, describe
 from sfl.ops import actions
 from sfl.ops.federation import Federation
@@ -58,6 +59,9 @@ def _reference(args: argparse.Namespace) -> int:
     print("\naggregation_params, per rule (a JSON object; unknown names are refused):")
     for rule, name, default, meaning in rule_params.describe():
         print(f"  {rule:<13} {name:<19} {default:<8} {meaning}")
+    print("\ntask_params, per task (a JSON object; unknown names are refused; docs/tasks.md):")
+    for task, name, default, meaning in task_params.describe():
+        print(f"  {task:<13} {name:<19} {default:<8} {meaning}")
     return 0
 
 

@@ -40,7 +40,7 @@ def _model_bytes(args: argparse.Namespace) -> int:
     from sfl.learning import codec
     from sfl.learning.tasks import load_task
 
-    model = load_task(args.task).build_model(seed=0)
+    model = load_task(args.task, args.task_params).build_model(seed=0)
     return len(codec.encode_model(model.state_dict(), version=0, seed=0))
 
 
@@ -123,6 +123,9 @@ def add_parser(sub: Any) -> None:
     size.add_argument("--model-bytes", type=int, default=None, help="the model file's bytes")
     size.add_argument(
         "--task", default="mnist", help="take the model's size from this task's model (torch)"
+    )
+    p.add_argument(
+        "--task-params", default="{}", metavar="JSON", help="the task's parameters (a JSON object)"
     )
     p.add_argument("--update-bytes", type=int, default=0, help="per update (model's size)")
     p.add_argument("--rounds-per-day", type=float, default=24.0)

@@ -1,4 +1,5 @@
-"""``sfl split-dataset``: per-client data files for devices, split as ``sfl simulate`` splits."""
+"""``sfl split-dataset``: per-client data for devices, split as ``sfl simulate`` splits;
+``sfl dataset images``: synthetic class folders for the ``image_folder`` task."""
 
 from __future__ import annotations
 
@@ -20,11 +21,15 @@ def partition_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _split_dataset(args: argparse.Namespace) -> int:
+    from sfl.core.config import FederationConfig
     from sfl.learning.splits import write_client_splits
-    from sfl.learning.tasks import load_task
+    from sfl.learning.tasks import configured_task
 
+    config = FederationConfig.from_mapping(
+        {"task": args.task, "task_params": args.task_params}, source="command line"
+    )
     summaries = write_client_splits(
-        load_task(args.task),
+        configured_task(config),
         args.out,
         args.clients,
         args.partition,
@@ -38,11 +43,48 @@ def _split_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(args: argparse.Namespace) -> int:
+    from sfl.local.synthetic_images import write_image_folders
+
+    written = write_image_folders(
+        args.out,
+        num_classes=args.classes,
+        per_class=args.per_class,
+        size=args.size,
+        seed=args.seed,
+    )
+    print(
+        f"wrote {len(written)} class folders of {args.per_class} {args.size}x{args.size} "
+        f"PNG images to {args.out}: {', '.join(c.name for c in written)}"
+    )
+    return 0
+
+
 def add_parser(sub: Any) -> None:
-    split = sub.add_parser("split-dataset", help="write per-client data files for devices")
+    split = sub.add_parser("split-dataset", help="write per-client data for devices")
     split.add_argument("--task", default="digits", help=f"one of {plugins.allowed('task')}")
+    split.add_argument(
+        "--task-params",
+        default="{}",
+        metavar="JSON",
+        help='the task\'s parameters, e.g. \'{"root": "images", "num_classes": 10}\'',
+    )
     partition_flags(split)
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--eval-fraction", type=float, default=0.2)
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(func=_split_dataset)
+
+    dataset = sub.add_parser("dataset", help="generate datasets to simulate with")
+    kinds = dataset.add_subparsers(dest="dataset_kind", required=True)
+    images = kinds.add_parser(
+        "images",
+        help="synthetic, learnable class folders of PNG images (a shape and colour per class) "
+        "for the image_folder task",
+    )
+    images.add_argument("--out", type=Path, required=True)
+    images.add_argument("--classes", type=int, default=10)
+    images.add_argument("--per-class", type=int, default=50)
+    images.add_argument("--size", type=int, default=64, help="pixels, square")
+    images.add_argument("--seed", type=int, default=0)
+    images.set_defaults(func=_images)

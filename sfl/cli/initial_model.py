@@ -13,7 +13,7 @@ def _initial_model(args: argparse.Namespace) -> int:
     from sfl.learning.tasks import load_task
     from sfl.learning.weights import read_weights
 
-    model = load_task(args.task).build_model(seed=args.seed)
+    model = load_task(args.task, args.task_params).build_model(seed=args.seed)
     if args.source is not None:
         weights = read_weights(args.source, model.state_dict())  # WeightsError: exit 2
         args.out.write_bytes(weights.model_bytes())
@@ -30,6 +30,9 @@ def _initial_model(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     init = sub.add_parser("initial-model", help="write global model version 0 to a file")
     init.add_argument("--task", default="digits")
+    init.add_argument(
+        "--task-params", default="{}", metavar="JSON", help="the task's parameters (a JSON object)"
+    )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument(
         "--from",

@@ -4,7 +4,7 @@ fault injection and hostile devices.
 Configuration keys go through ``--set KEY=VALUE``. A few keys also shape the simulation
 itself (its data split, its random draws, how long it waits for a round) and keep a flag
 people type daily, an alias of ``--set``: ``--task``, ``--seed``, ``--soft-deadline`` and
-``--deadline``. A ``--set`` of the same key wins over its alias.
+``--deadline``; ``--task-params`` is one too. A ``--set`` of the same key wins over its alias.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sfl.local.attacks import ATTACKS
 #: each sets; the simulation builds the rest of its configuration from them.
 SHAPING_KEYS = {
     "task": "task",
+    "task_params": "task_params",
     "seed": "seed",
     "round_soft_deadline_seconds": "soft_deadline_seconds",
     "round_deadline_seconds": "round_timeout_seconds",
@@ -32,6 +33,7 @@ SHAPING_KEYS = {
 #: The flags kept beside ``--set``: flag -> the key it sets.
 ALIASES = {
     "--task": "task",
+    "--task-params": "task_params",
     "--seed": "seed",
     "--soft-deadline": "round_soft_deadline_seconds",
     "--deadline": "round_deadline_seconds",
@@ -141,11 +143,17 @@ def add_parser(sub: Any) -> None:
             f"{kind} {', '.join(plugins.names(kind))}"
             for kind in ("selection", "aggregation", "quorum")
         )
-        + ". Four keys keep a flag of their own.",
+        + ". Five keys keep a flag of their own.",
     )
     add_set_flag(keys)
     keys.add_argument(
         "--task", help=f"--set task=T (default digits): one of {plugins.allowed('task')}"
+    )
+    keys.add_argument(
+        "--task-params",
+        metavar="JSON",
+        help='--set task_params=JSON: the task\'s parameters, e.g. \'{"root": "images", '
+        '"num_classes": 10}\' for image_folder (docs/tasks.md)',
     )
     keys.add_argument("--seed", help="--set seed=N (default 0): also the data split and faults")
     keys.add_argument(

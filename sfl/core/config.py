@@ -15,6 +15,7 @@ from typing import Any
 
 from sfl.core import params as rule_params
 from sfl.core import plugins
+from sfl.core import task_params as task_params_
 from sfl.core.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
 from sfl.core.settings import Allowed, OneOf, Range, Settings, setting
 from sfl.core.settings import ConfigError as ConfigError
@@ -27,7 +28,9 @@ EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Keys fixed at deploy time: the experiment names every record, the task fixes the model's
 #: shape, and devices read heartbeat and poll periods from their component configuration.
 #: Every other key may change between rounds (``sfl config set``, ``sfl.state.control``).
-DEPLOY_TIME_KEYS = frozenset({"experiment", "task", "heartbeat_seconds", "poll_seconds"})
+DEPLOY_TIME_KEYS = frozenset(
+    {"experiment", "task", "task_params", "heartbeat_seconds", "poll_seconds"}
+)
 
 
 def _plugin(kind: str) -> Allowed:
@@ -50,6 +53,12 @@ class FederationConfig(Settings):
         "digits",
         allowed=_plugin("task"),
         doc="training task (model, data, train, evaluate)",
+    )
+    task_params: str = setting(
+        "{}",
+        allowed=Allowed(lambda v: True, "a JSON object of the task's parameters (docs/tasks.md)"),
+        doc='parameters of the task, e.g. {"architecture": "resnet18", "num_classes": 5} '
+        "for image_folder",
     )
     selection: str = setting(
         "fast_clients",
@@ -251,6 +260,8 @@ class FederationConfig(Settings):
             object.__setattr__(
                 self, "aggregation_params", rule_params.canonical(self.aggregation_params)
             )
+        if isinstance(self.task_params, Mapping):
+            object.__setattr__(self, "task_params", task_params_.canonical(self.task_params))
         super().__post_init__()
 
     def check_together(self) -> None:
@@ -261,6 +272,13 @@ class FederationConfig(Settings):
         except rule_params.ParamsError as e:
             raise ConfigError(f"config key 'aggregation_params': {e}") from e
         object.__setattr__(self, "aggregation_params", rule_params.canonical(given))
+        # The task's parameters likewise (a task named by import path checks its own).
+        try:
+            given_task = task_params_.parse(self.task_params)
+            task_params_.check(self.task, given_task)
+        except rule_params.ParamsError as e:
+            raise ConfigError(f"config key 'task_params': {e}") from e
+        object.__setattr__(self, "task_params", task_params_.canonical(given_task))
         if self.round_soft_deadline_seconds > self.round_deadline_seconds:
             raise ConfigError(
                 f"config key 'round_soft_deadline_seconds': {self.round_soft_deadline_seconds} "

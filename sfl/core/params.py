@@ -1,8 +1,9 @@
-"""Aggregation rules as configuration sees them, torch-free: parameters and registrations.
+"""Plug-in parameters as configuration sees them, torch-free; the aggregation rules' registrations.
 
-A rule's parameters are a keyword-only dataclass (``RuleParams``): typed fields with
-defaults, each with its allowed range and one line saying what it does (``param``), checked
-when the dataclass is built. The rule class names its dataclass (``Rule.Params`` in
+A plug-in's parameters are a keyword-only dataclass (``PluginParams``; a rule's derive from
+``RuleParams``, a task's from ``sfl.core.task_params.TaskParams``): typed fields with
+defaults, each with its allowed range or values and one line saying what it does (``param``),
+checked when the dataclass is built. The rule class names its dataclass (``Rule.Params`` in
 ``sfl.learning.rules.aggregation``). Rule classes import torch, so the built-in rules'
 dataclasses live here, and each built-in is registered here once (``RULES``: name ->
 implementation and parameters): ``sfl.core.config`` refuses a bad ``aggregation_params``
@@ -18,46 +19,69 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 
 class ParamsError(ValueError):
-    """``aggregation_params`` is not a JSON object of values the rule accepts."""
+    """A plug-in's parameters are not a JSON object of values it accepts."""
 
 
 _RANGE = "range"
+_CHOICES = "choices"
 _DOC = "doc"
 _TYPES: dict[str, type] = {"float": float, "int": int, "bool": bool, "str": str}
-_WORDS: dict[type | None, str] = {int: "an integer", float: "a number"}
+_WORDS: dict[type | None, str] = {int: "an integer", float: "a number", str: "a text"}
+#: Longest list a list-valued parameter may hold (config values stay small).
+MAX_LIST = 64
 
 
-def param(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None) -> Any:
-    """A parameter field: its default, one line saying what it does and, for a number, the
-    range it must lie in (``lo``..``hi``, both included)."""
+def param(
+    default: Any,
+    doc: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A parameter field: its default, one line saying what it does and, for a number (or
+    each number of a list), the range it must lie in (``lo``..``hi``, both included), or for
+    a text the values it may take (``choices``)."""
     metadata: dict[str, Any] = {_DOC: doc}
     if lo is not None and hi is not None:
         metadata[_RANGE] = (lo, hi)
+    if choices is not None:
+        metadata[_CHOICES] = tuple(choices)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _kind(f: dataclasses.Field[Any]) -> type | None:
-    return f.type if isinstance(f.type, type) else _TYPES.get(str(f.type))
+def _kind(f: dataclasses.Field[Any]) -> tuple[type | None, bool]:
+    """The field's value type, and whether the field is a list of them
+    (``tuple[float, ...]``, given in JSON as a list)."""
+    if isinstance(f.type, type):
+        return f.type, False
+    text = str(f.type).replace(" ", "")
+    if text.startswith("tuple[") and text.endswith(",...]"):
+        return _TYPES.get(text[len("tuple[") : -len(",...]")]), True
+    return _TYPES.get(text), False
 
 
 def allowed(f: dataclasses.Field[Any]) -> str:
     """What a field accepts, in words (for error messages and ``sfl config``)."""
-    kind = _kind(f)
-    what = _WORDS.get(kind, f"a {getattr(kind, '__name__', 'value')}")
+    kind, listed = _kind(f)
+    if _CHOICES in f.metadata:
+        what = f"one of {', '.join(f.metadata[_CHOICES])}"
+    else:
+        what = _WORDS.get(kind, f"a {getattr(kind, '__name__', 'value')}")
     if _RANGE in f.metadata:
         lo, hi = f.metadata[_RANGE]
         what += f" from {lo:g} to {hi:g}"
+    if listed:
+        what = f"a list of up to {MAX_LIST} items, each {what}"
     return what
 
 
-def _checked(f: dataclasses.Field[Any], value: Any) -> Any:
-    """``value`` as the field's type (an integral number for an int, any number for a
-    float), or ``ParamsError`` saying what is allowed."""
-    kind = _kind(f)
+def _one(f: dataclasses.Field[Any], kind: type | None, value: Any) -> tuple[bool, Any]:
+    """Whether one value fits the field, and the value as the field's type."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
     ok = True
     if kind is int:
@@ -69,37 +93,84 @@ def _checked(f: dataclasses.Field[Any], value: Any) -> Any:
     if ok and _RANGE in f.metadata:
         lo, hi = f.metadata[_RANGE]
         ok = lo <= value <= hi
+    if ok and _CHOICES in f.metadata:
+        ok = value in f.metadata[_CHOICES]
+    return ok, (kind(value) if ok and kind in (int, float) else value)
+
+
+def _checked(f: dataclasses.Field[Any], value: Any) -> Any:
+    """``value`` as the field's type (an integral number for an int, any number for a
+    float, a tuple for a list), or ``ParamsError`` saying what is allowed."""
+    kind, listed = _kind(f)
+    if listed:
+        ok = isinstance(value, list | tuple) and len(value) <= MAX_LIST
+        items = [_one(f, kind, v) for v in value] if ok else []
+        ok = ok and all(fits for fits, _ in items)
+        checked: Any = tuple(v for _, v in items)
+    else:
+        ok, checked = _one(f, kind, value)
     if not ok:
         raise ParamsError(f"parameter {f.name!r} = {value!r} is not allowed; allowed: {allowed(f)}")
-    return kind(value) if kind in (int, float) else value
+    return checked
 
 
-P = TypeVar("P", bound="RuleParams")
+P = TypeVar("P", bound="PluginParams")
 
 
 @dataclass(frozen=True, kw_only=True)
-class RuleParams:
-    """Base of every rule's parameters: each value is checked against its field when built."""
+class PluginParams:
+    """Base of every plug-in's parameters: each value is checked against its field when built.
+
+    ``KIND`` names the plug-in kind in messages (``aggregation 'krum': ...``); a subclass
+    may check its fields together in ``check_together`` (raise ``ParamsError``)."""
+
+    KIND: ClassVar[str] = "plug-in"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _checked(f, getattr(self, f.name)))
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Checks across fields (none by default)."""
 
     @classmethod
-    def from_mapping(cls: type[P], rule: str, given: Mapping[str, Any]) -> P:
+    def from_mapping(cls: type[P], name: str, given: Mapping[str, Any]) -> P:
         """The parameters ``given`` (defaults for the rest); unknown names and values out of
-        range are refused, naming ``rule``."""
+        range are refused, naming the plug-in ``name``."""
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise ParamsError(
-                f"aggregation {rule!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"{cls.KIND} {name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                 f"known: {', '.join(known) or 'none'}"
             )
         try:
             return cls(**given)
         except ParamsError as e:
-            raise ParamsError(f"aggregation {rule!r}: {e}") from e
+            raise ParamsError(f"{cls.KIND} {name!r}: {e}") from e
+
+
+def describe_fields(params: type[PluginParams]) -> list[tuple[str, str, str]]:
+    """(parameter, default, allowed and meaning) of each field, for ``sfl config`` and docs."""
+    rows = []
+    for f in dataclasses.fields(params):
+        kind, listed = _kind(f)
+        if listed:
+            default = json.dumps(list(f.default))  # type: ignore[arg-type]
+        elif kind is float:
+            default = f"{f.default:g}"
+        else:
+            default = str(f.default)
+        rows.append((f.name, default, f"{allowed(f)}: {f.metadata[_DOC]}"))
+    return rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleParams(PluginParams):
+    """Base of every aggregation rule's parameters."""
+
+    KIND: ClassVar[str] = "aggregation"
 
 
 # --- the built-in rules' parameters ------------------------------------------------------
@@ -194,25 +265,24 @@ def describe() -> list[tuple[str, str, str, str]]:
     """(rule, parameter, default, allowed and meaning) for every built-in rule's parameters,
     for ``sfl config`` and the docs."""
     return [
-        (
-            rule,
-            f.name,
-            f"{f.default:g}" if _kind(f) is float else str(f.default),
-            f"{allowed(f)}: {f.metadata[_DOC]}",
-        )
-        for rule, builtin in RULES.items()
-        for f in dataclasses.fields(builtin.params)
+        (rule, *row) for rule, builtin in RULES.items() for row in describe_fields(builtin.params)
     ]
 
 
 def parse(text: str) -> dict[str, Any]:
     """``aggregation_params`` as a dict: a JSON object (``{}`` for none)."""
+    return parse_object(text, "aggregation_params")
+
+
+def parse_object(text: str, key: str) -> dict[str, Any]:
+    """A parameters key (``aggregation_params``, ``task_params``) as a dict: a JSON object
+    (``{}`` for none)."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
-        raise ParamsError(f"aggregation_params {text!r} is not JSON: {e}") from e
+        raise ParamsError(f"{key} {text!r} is not JSON: {e}") from e
     if not isinstance(value, dict):
-        raise ParamsError(f"aggregation_params {text!r} is not a JSON object")
+        raise ParamsError(f"{key} {text!r} is not a JSON object")
     return value
 
 
@@ -220,7 +290,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number here")
 
 
-def canonical(value: str | Mapping[str, Any]) -> str:
+def canonical(value: str | Mapping[str, Any], key: str = "aggregation_params") -> str:
     """One text for one set of parameters (sorted keys, compact): how config stores them."""
-    mapping = parse(value) if isinstance(value, str) else dict(value)
+    mapping = parse_object(value, key) if isinstance(value, str) else dict(value)
     return json.dumps(mapping, sort_keys=True, separators=(",", ":"))

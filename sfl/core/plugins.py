@@ -5,7 +5,8 @@ nothing (the initiator stays torch-free). Config validation (``sfl.core.config``
 loading (``sfl.learning.tasks.load_task``, ``get_*`` of each strategy kind) all read it
 here; a custom plug-in is named by its own import path ``package.module:attribute`` instead.
 Aggregation rules register in ``sfl.core.params.RULES``, beside their parameters dataclass,
-so config checks ``aggregation_params`` without torch; this registry reads them from there.
+so config checks ``aggregation_params`` without torch; tasks likewise in
+``sfl.core.task_params.TASKS`` (``task_params``). This registry reads both from there.
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ import importlib
 import re
 from typing import Any
 
-from sfl.core import params
+from sfl.core import params, task_params
 
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 KINDS = ("task", "selection", "aggregation", "quorum")
 REGISTRY: dict[str, dict[str, str]] = {
-    "task": {
-        "digits": "sfl.learning.tasks.digits:DigitsTask",
-        "digits_mlp": "sfl.learning.tasks.digits:DigitsMlpTask",
-        "mnist": "sfl.learning.tasks.mnist:MnistTask",
-    },
+    # Tasks register with their parameters, torch-free: sfl.core.task_params.TASKS.
+    "task": {name: task.implementation for name, task in task_params.TASKS.items()},
     "selection": {
         "fast_clients": "sfl.core.selection:select_fast_clients",
         "utility": "sfl.core.selection:select_by_utility",

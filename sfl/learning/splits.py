@@ -1,8 +1,10 @@
-"""Deal a task's dataset out to simulated clients: one data file per client and a manifest.
+"""Deal a task's dataset out to simulated clients: one data directory per client and a manifest.
 
 Each client's share (see ``sfl.learning.partition``) is cut into a training and a local evaluation
-split and written to ``<out_dir>/<client_id>/data.safetensors``, which the task's
-``load_client_data`` reads back; ``<out_dir>/manifest.json`` records who holds what.
+split and written to ``<out_dir>/<client_id>/`` in the task's own layout (its
+``write_client_data``: class folders of images, a CSV file), or by default to
+``<out_dir>/<client_id>/data.safetensors``; the task's ``load_client_data`` reads it back as a
+device would. ``<out_dir>/manifest.json`` records who holds what.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from safetensors.numpy import save_file
 
 from sfl.core.layout import CLIENT_ID
 from sfl.learning.partition import partition
-from sfl.learning.tasks.base import CLIENT_DATA_FILE, ArrayDataset, TrainingTask
+from sfl.learning.tasks.base import CLIENT_DATA_FILE, ArrayDataset, ClientData, TrainingTask
 
 MANIFEST_FILE = "manifest.json"
 
@@ -74,16 +76,21 @@ def write_client_splits(
         train, eval_ = _subset(pool, share[n_eval:]), _subset(pool, share[:n_eval])
         client_dir = out_dir / client_id
         client_dir.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"x_train": train.x, "y_train": train.y, "x_eval": eval_.x, "y_eval": eval_.y},
-            str(client_dir / CLIENT_DATA_FILE),
-            metadata={
-                "task": task.name,
-                "scheme": scheme,
-                "seed": str(seed),
-                "client_id": client_id,
-            },
-        )
+        share_data = ClientData(train=train, eval=eval_)
+        writer = getattr(task, "write_client_data", None)
+        if callable(writer):
+            writer(client_dir, share_data)
+        else:
+            save_file(
+                {"x_train": train.x, "y_train": train.y, "x_eval": eval_.x, "y_eval": eval_.y},
+                str(client_dir / CLIENT_DATA_FILE),
+                metadata={
+                    "task": task.name,
+                    "scheme": scheme,
+                    "seed": str(seed),
+                    "client_id": client_id,
+                },
+            )
         histogram = np.bincount(pool.y[share], minlength=central.num_classes)
         summaries.append(
             SplitSummary(

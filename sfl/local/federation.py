@@ -263,7 +263,8 @@ class LocalFederation:
         poll_seconds: float | None = None,
     ) -> ClientSettings:
         """A device's settings as the stack's component configuration gives them: this
-        federation's names and timings (``task`` and ``poll_seconds`` default to the config's)."""
+        federation's names and timings (``task`` and ``poll_seconds`` default to the config's;
+        the task's parameters are the config's)."""
         return ClientSettings(
             client_id=client_id,
             models_bucket=self.names.models_bucket,
@@ -271,6 +272,7 @@ class LocalFederation:
             clients_table=self.names.clients_table,
             data_dir=data_dir,
             task=self.config.task if task is None else task,
+            task_params=self.config.task_params,
             poll_seconds=self.config.poll_seconds if poll_seconds is None else poll_seconds,
             heartbeat_seconds=self.config.heartbeat_seconds,
             active_window_seconds=self.config.active_window_seconds,

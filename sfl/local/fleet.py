@@ -25,7 +25,7 @@ from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.learning.splits import default_client_ids, write_client_splits
-from sfl.learning.tasks import load_task
+from sfl.learning.tasks import configured_task
 from sfl.local.federation import LocalFederation
 from sfl.ops.federation import (
     ALARMS_OUTPUT,
@@ -71,8 +71,11 @@ class FleetOptions:
     )
 
     def federation_config(self) -> FederationConfig:
-        base = FederationConfig(task=self.task, seed=self.seed, **self.defaults)
-        return base.with_overrides(dict(self.config_overrides))
+        overrides = dict(self.config_overrides)
+        # The task and its parameters are checked together: both go in at once.
+        params = overrides.pop("task_params", "{}")
+        base = FederationConfig(task=self.task, task_params=params, seed=self.seed, **self.defaults)
+        return base.with_overrides(overrides)
 
 
 class LocalFleet:
@@ -100,7 +103,7 @@ class LocalFleet:
 
     def __enter__(self) -> LocalFleet:
         options = self.options
-        task = load_task(options.task)
+        task = configured_task(self.config)
         client_ids = default_client_ids(options.clients)
         write_client_splits(
             task, options.out / "data", options.clients, options.partition, options.seed,

@@ -33,7 +33,7 @@ from edge_client.global_model import size_limit
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.learning import codec
-from sfl.learning.tasks import load_task
+from sfl.learning.tasks import configured_task
 from sfl.learning.tasks.base import TrainingTask
 from sfl.learning.tasks.digits import DigitsMlpTask
 from sfl.local.federation import LocalFederation, round_key
@@ -202,7 +202,7 @@ def run_loadtest(options: LoadTestOptions, progress: ProgressFn | None = None) -
     torch.set_num_threads(1)
     say = progress or (lambda _: None)
     config = options.federation_config()
-    task = load_task(options.task)
+    task = configured_task(config)
     log_path = options.out.with_suffix(".lambda-logs.jsonl") if options.out else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)

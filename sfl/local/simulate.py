@@ -23,7 +23,7 @@ from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.learning.splits import default_client_ids, write_client_splits
-from sfl.learning.tasks import load_task
+from sfl.learning.tasks import configured_task
 from sfl.learning.tasks.base import ArrayDataset, TrainingTask
 from sfl.local.attacks import HostileTask
 from sfl.local.device import run_client
@@ -53,6 +53,7 @@ class SimulationOptions:
     clients: int = 10
     rounds: int = 15
     task: str = "digits"
+    task_params: str = "{}"  # a JSON object; its root (if any) is the data dealt out
     partition: str = "dirichlet"
     alpha: float = 0.5
     labels_per_client: int = 2
@@ -99,6 +100,7 @@ class SimulationOptions:
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
             task=self.task,
+            task_params=self.task_params,
             selection=self.selection,
             fraction=self.fraction,
             local_epochs=self.local_epochs,
@@ -149,7 +151,8 @@ def run_simulation(
     reset_averager_crash()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task(options.task)
+    config = options.federation_config()
+    task = configured_task(config)
     test = task.load_central_data().test
     client_ids = default_client_ids(options.clients)
     write_client_splits(
@@ -162,7 +165,6 @@ def run_simulation(
         labels_per_client=options.labels_per_client,
         client_ids=client_ids,
     )
-    config = options.federation_config()
 
     with LocalFederation(
         config,
@@ -233,6 +235,7 @@ def _run(
             clients,
             processes=processes,
             task=options.task,
+            task_params=config.task_params,
             attack=options.attack,
             plan=plan,
             env=aws.env(),

@@ -31,6 +31,7 @@ class WorkerSpec:
 
     clients: tuple[tuple[ClientSettings, bool], ...]  # (settings, hostile)
     task: str
+    task_params: str  # the federation's task_params, a JSON object
     attack: str
     plan: FaultPlan
     env: tuple[tuple[str, str], ...]
@@ -57,7 +58,7 @@ def _worker_main(spec: WorkerSpec, stop: Any, cond: Any, writes: Any, faults_out
 
     os.environ.update(dict(spec.env))
     torch.set_num_threads(1)
-    task = load_task(spec.task)
+    task = load_task(spec.task, spec.task_params)
     hostile = HostileTask(task, spec.attack) if any(h for _, h in spec.clients) else None
     log = _Relay(faults_out)
     local_stop = threading.Event()
@@ -128,6 +129,7 @@ class ClientProcesses:
         *,
         processes: int,
         task: str,
+        task_params: str = "{}",
         attack: str,
         plan: FaultPlan,
         env: dict[str, str],
@@ -154,6 +156,7 @@ class ClientProcesses:
             spec = WorkerSpec(
                 clients=tuple(share),
                 task=task,
+                task_params=task_params,
                 attack=attack,
                 plan=plan,
                 env=tuple(sorted(env.items())),

@@ -182,10 +182,12 @@ def eval_upload(fed: Federation, *, task: str | None, path: Path | None) -> dict
     if path is not None:
         body = path.read_bytes()
     else:
-        from sfl.learning.tasks import load_task
+        from sfl.learning.tasks import configured_task, load_task
 
-        name = task or fed.deployed_config.task
-        body = encode_eval_set(load_task(name).load_central_data().test, task=name)
+        deployed = fed.deployed_config
+        chosen = configured_task(deployed) if task in (None, deployed.task) else load_task(task)
+        name = task or deployed.task
+        body = encode_eval_set(chosen.load_central_data().test, task=name)
     data = decode_eval_set(body)  # refuse what the averager would refuse
     _check_against_model(fed, data)
     fed.aws.s3.put_object(Bucket=fed.names.models_bucket, Key=layout.EVAL_DATA_KEY, Body=body)
@@ -198,12 +200,12 @@ def eval_upload(fed: Federation, *, task: str | None, path: Path | None) -> dict
 
 def _check_against_model(fed: Federation, data: Any) -> None:
     """Score model version 0 on the set here, so a set the task cannot read fails now."""
-    from sfl.learning.tasks import load_task
+    from sfl.learning.tasks import configured_task
     from sfl.server.evaluation import EvalDataError, score_version
 
     config: FederationConfig = fed.deployed_config
     try:
-        score_version(load_task(config.task), fed.aws, fed.names.models_bucket, 0, data)
+        score_version(configured_task(config), fed.aws, fed.names.models_bucket, 0, data)
     except ClientError:
         return  # no version 0 yet: the averager will tell
     except (RuntimeError, ValueError) as e:

@@ -136,10 +136,10 @@ def after_round(
     try:
         data = load_eval_set(aws, names)
         if data is not None:
-            from sfl.learning.tasks import load_task
+            from sfl.learning.tasks import configured_task
 
             scores = score_version(
-                load_task(config.task), aws, names.models_bucket, finished.model_version, data
+                configured_task(config), aws, names.models_bucket, finished.model_version, data
             )
     except Exception as e:  # a bad or replaced set, a model the task cannot load
         logger.warning(

@@ -1,9 +1,14 @@
 """The training-task contract: the seed's Net / LoadData / Train / evaluate customisation points.
 
 A task says what model is trained (``build_model``), what data a client holds
-(``load_client_data``, from a data directory that ``sfl split-dataset`` wrote), how a client
-trains (``train``) and how a model is scored (``evaluate``). Tasks are chosen by name
-(``digits``, ``mnist``) or by import path (``my_package.tasks:MyTask``); see ``sfl.learning.tasks``.
+(``load_client_data``, from the device's data directory, in the task's own layout), how a
+client trains (``train``) and how a model is scored (``evaluate``). Tasks are chosen by name
+(``digits``, ``mnist``, ``image_folder``, ``tabular``) or by import path
+(``my_package.tasks:MyTask``), with parameters; see ``sfl.learning.tasks``.
+
+Optional: ``write_client_data(data_dir, data)`` writes one client's share in the layout
+``load_client_data`` reads (class folders of images, a CSV), so a simulated device reads
+what a real one holds; without it, simulation writes ``data_dir / CLIENT_DATA_FILE``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ if TYPE_CHECKING:
     import torch
 
 CLIENT_DATA_FILE = "data.safetensors"
+
+
+class ClientDataError(ValueError):
+    """A client's data is missing, unreadable or not what the task expects."""
+
+
+class NoClientDataError(ClientDataError):
+    """A client's data directory is missing or holds no examples."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,8 @@ class TrainingTask(Protocol):
         ...
 
     def load_client_data(self, data_dir: Path) -> ClientData:
-        """A client's data from its data directory (``data_dir / CLIENT_DATA_FILE``)."""
+        """A client's data from its data directory, read afresh on every call (a device's
+        data grows between rounds); ``ClientDataError`` when it is missing or bad."""
         ...
 
     def train(

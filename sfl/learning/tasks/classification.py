@@ -20,7 +20,9 @@ from sfl.learning.tasks.base import (
     ArrayDataset,
     CentralData,
     ClientData,
+    ClientDataError,
     Metrics,
+    NoClientDataError,
     ShouldStop,
     TrainConfig,
 )
@@ -30,8 +32,7 @@ EVAL_BATCH_SIZE = 1024
 CLIENT_TENSORS = ("x_train", "y_train", "x_eval", "y_eval")
 
 
-class ClientDataError(ValueError):
-    """A client's data file is missing or does not hold the tensors the task expects."""
+__all__ = ["ClassificationTask", "ClientDataError", "NoClientDataError", "proximal_term"]
 
 
 class ClassificationTask(ABC):
@@ -40,6 +41,8 @@ class ClassificationTask(ABC):
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
+    #: Smaller minibatches are skipped in training (BatchNorm cannot train on one example).
+    min_batch: int = 1
 
     @abstractmethod
     def new_model(self) -> nn.Module:
@@ -59,7 +62,7 @@ class ClassificationTask(ABC):
         """Read ``data_dir / CLIENT_DATA_FILE`` (written by ``sfl.learning.splits``); check it."""
         path = Path(data_dir) / CLIENT_DATA_FILE
         if not path.is_file():
-            raise ClientDataError(
+            raise NoClientDataError(
                 f"client data file {path} does not exist; write it with `sfl split-dataset`"
             )
         try:
@@ -102,6 +105,8 @@ class ClassificationTask(ABC):
                 if should_stop():
                     return _metrics(loss_sum, correct, seen, len(y))
                 batch = order[start : start + config.batch_size]
+                if len(batch) < self.min_batch:
+                    continue
                 logits = model(x[batch])
                 loss = loss_fn(logits, y[batch])
                 objective = loss

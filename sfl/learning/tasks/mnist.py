@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
+from sfl.core.task_params import MnistParams
 from sfl.learning.tasks.base import ArrayDataset, CentralData
 from sfl.learning.tasks.classification import ClassificationTask
 
@@ -46,9 +47,14 @@ class MnistTask(ClassificationTask):
     name = "mnist"
     input_shape = (1, IMAGE_SIDE, IMAGE_SIDE)
     num_classes = 10
+    Params = MnistParams
 
-    def __init__(self, root: Path | str | None = None) -> None:
-        self.root = Path(root) if root is not None else None
+    def __init__(
+        self, params: MnistParams | None = None, *, root: Path | str | None = None
+    ) -> None:
+        """``root`` (or ``task_params`` ``root``): the IDX files' directory."""
+        given = root if root is not None else (params.root if params is not None else "")
+        self.root = Path(given) if given else None
 
     def new_model(self) -> nn.Module:
         return nn.Sequential(
