@@ -178,3 +178,28 @@ def test_initial_model_writes_the_users_weights_to_a_file(tmp_path: Path) -> Non
     other = tmp_path / "mlp.pt"
     torch.save(load_task("digits_mlp").build_model(seed=0).state_dict(), other)
     assert main(["initial-model", "--task", "digits", "--from", str(other), "--out", str(out)]) == 2
+
+
+def test_simulate_init_from_starts_the_run_from_the_users_weights(tmp_path: Path) -> None:
+    """``sfl simulate --init-from FILE``: the run's version 0 is the file's model, so its
+    initial score is that model's, not the seeded one's; a misfit file stops it before set-up."""
+    from sfl.learning.tasks.base import TrainConfig
+
+    task = load_task("digits")
+    data = task.load_central_data()
+    mine = task.build_model(seed=7)  # pretrained: the user's own start, far from chance
+    task.train(mine, data.train, TrainConfig(local_epochs=1, lr=0.05, batch_size=16))
+    save_file(mine.state_dict(), tmp_path / "mine.safetensors")
+    test = data.test
+    expected = task.evaluate(mine, test).accuracy
+    seeded = task.evaluate(task.build_model(seed=0), test).accuracy
+    assert expected > seeded + 0.3  # the check below can tell them apart
+
+    out = tmp_path / "run"
+    args = ["simulate", "--clients", "2", "--rounds", "1", "--out", str(out)]
+    assert main([*args, "--init-from", str(tmp_path / "mine.safetensors")]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert history["initial_accuracy"] == pytest.approx(expected)
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    assert main([*args, "--init-from", str(tmp_path / "other.safetensors")]) == 2

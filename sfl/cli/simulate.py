@@ -90,6 +90,7 @@ def _simulate(args: argparse.Namespace) -> int:
         averager_crash=args.averager_crash,
         attackers=args.attackers,
         attack=args.attack,
+        init_from=args.init_from,
         config_overrides=tuple(
             (k, text) for k, (text, _) in given.items() if k not in SHAPING_KEYS
         ),
@@ -198,6 +199,13 @@ def add_parser(sub: Any) -> None:
         "--attack", default="scale", choices=ATTACKS, help="what the hostile clients send"
     )
     sim.add_argument("--out", type=Path, default=Path("runs/latest"))
+    sim.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="FILE",
+        help="start from your own weights: a safetensors file or a state dict (read with "
+        "torch.load(weights_only=True)), checked against the task's model; becomes version 0",
+    )
     sim.add_argument(
         "--app",
         type=Path,

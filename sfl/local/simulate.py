@@ -25,12 +25,14 @@ from sfl.core.config import FederationConfig
 from sfl.learning.splits import default_client_ids, write_client_splits
 from sfl.learning.tasks import configured_task
 from sfl.learning.tasks.base import ArrayDataset, TrainingTask
+from sfl.learning.weights import read_weights
 from sfl.local.attacks import HostileTask
 from sfl.local.device import run_client
 from sfl.local.emulator import LocalAws
 from sfl.local.faults import FaultLog, FaultPlan, client_hooks, reset_averager_crash
 from sfl.local.federation import LocalFederation
 from sfl.local.workers import ClientProcesses
+from sfl.state.lineage import LineageStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundState
 
@@ -78,6 +80,8 @@ class SimulationOptions:
     attackers: int = 0
     attack: str = "scale"
     config_overrides: tuple[tuple[str, str], ...] = ()
+    #: The user's own weights as version 0 (safetensors, or a weights-only state dict).
+    init_from: Path | None = None
     #: Clients wake when the assignment is written (``ChangeFeed``) and otherwise poll only
     #: every ``WAKE_FALLBACK_POLL_SECONDS``; False: they poll every ``poll_seconds``.
     wake_ups: bool = True
@@ -153,6 +157,12 @@ def run_simulation(
     out.mkdir(parents=True, exist_ok=True)
     config = options.federation_config()
     task = configured_task(config)
+    # Checked before anything starts: a file that does not fit the model costs no set-up.
+    start_weights = (
+        read_weights(options.init_from, task.build_model(seed=config.seed).state_dict())
+        if options.init_from is not None
+        else None
+    )
     test = task.load_central_data().test
     client_ids = default_client_ids(options.clients)
     write_client_splits(
@@ -175,6 +185,13 @@ def run_simulation(
         drop_rate=options.drop_events,
         seed=options.seed,
     ) as federation:
+        if start_weights is not None:  # before round 1: version 0 is the user's
+            LineageStore(federation.clients, federation.names).start_from(
+                start_weights.model_bytes(),
+                source=start_weights.source(),
+                now=time.time(),
+                replace=True,
+            )
         return _run(options, task, test, client_ids, federation, progress, wall_start, plan)
 
 
