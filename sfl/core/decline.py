@@ -30,8 +30,11 @@ MAX_DETAIL_CHARS = 200
 _KEYS = frozenset({"format", "round", "client_id", "base_version", "reason", "detail"})
 
 
-class DeclineReason(enum.StrEnum):
+class DeclineReason(str, enum.Enum):  # noqa: UP042 (devices may run Python 3.10)
     """Why a picked device gives no update: the whole set a decline may name."""
+
+    def __str__(self) -> str:
+        return str(self.value)
 
     NO_DATA = "no_data"  # a missing or empty data directory, or no training examples
     TOO_FEW_EXAMPLES = "too_few_examples"  # fewer than the round's ``min_examples``
