@@ -16,6 +16,7 @@ NOT_OPERATIONS = {
     "dataset",  # generates data to simulate with
     "initial-model",
     "task",  # checks a task on this machine, touches no stack
+    "new",  # writes a new app folder on this machine, touches no stack
     "recipes",
     "local",
     "cost",

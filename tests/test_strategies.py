@@ -218,7 +218,8 @@ def test_sfl_config_lists_every_rules_parameters_with_default_and_range(
     assert main(["config"]) == 0
 
     out = capsys.readouterr().out
-    per_rule = out.split("aggregation_params, per rule", 1)[1].splitlines()[1:]
+    section = out.split("aggregation_params, per rule", 1)[1].split("\n\n", 1)[0]
+    per_rule = section.splitlines()[1:]
     listed = [line.split()[:2] for line in per_rule]
     expected = [
         [rule, f.name] for rule, entry in RULES.items() for f in dataclasses.fields(entry.params)
