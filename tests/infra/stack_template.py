@@ -59,6 +59,22 @@ def synthesize(
     return stack, Path(assembly.directory)
 
 
+def synthesized_stack(
+    outdir: Path, context: Mapping[str, Any] | None = None, *, app_root: Path | None = None
+) -> Synthesized:
+    """The app synthesized, with its template read as the tests read it."""
+    stack, assembly_dir = synthesize(outdir, context, app_root=app_root)
+    template_path = assembly_dir / stack.template_file
+    template_json = json.loads(template_path.read_text())
+    return Synthesized(
+        stack=stack,
+        template=assertions.Template.from_json(template_json),
+        template_json=template_json,
+        template_path=template_path,
+        assembly_dir=assembly_dir,
+    )
+
+
 def statements_of(template_json: Mapping[str, Any], policy_logical_id: str) -> list[dict[str, Any]]:
     policy = template_json["Resources"][policy_logical_id]["Properties"]["PolicyDocument"]
     return list(policy["Statement"])

@@ -6,7 +6,6 @@ package with a task, a selection, a quorum, a rule), and plans or synthesizes it
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -17,80 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stack_template import cdk_context, synthesize
+from stack_template import Synthesized
+from user_app import PILLOW, write_app
 
 from sfl.build.app_code import APP_REQUIREMENTS, AVERAGER, DEVICE, INITIATOR, AppCodeError, plan
 from sfl.core.config import FederationConfig
 
-TASK = '''
-"""My task: a small MLP on my data."""
-from __future__ import annotations
-
-from torch import nn
-
-from sfl.learning.tasks.digits import DigitsTask
-from myapp.model import make_net
-
-
-class Task(DigitsTask):
-    name = "myapp"
-
-    def new_model(self) -> nn.Module:
-        return make_net()
-
-    def load_central_data(self):
-        from sklearn.datasets import load_digits  # simulation only: never on a device
-
-        del load_digits
-        return super().load_central_data()
-'''
-MODEL = """
-from torch import nn
-
-
-def make_net() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-"""
-SELECTION = '''
-"""Pick by name: plain Python over the registry's records."""
-import random
-
-from sfl.core.selection import select_random
-
-
-def pick(*args, **kwargs):
-    return select_random(*args, **kwargs)
-'''
-QUORUM = """
-from sfl.core.quorum import min_fraction
-
-half = min_fraction
-"""
-
-
-def write_app(root: Path, files: dict[str, str] | None = None) -> Path:
-    """A user's app: package ``myapp`` with a task, a model, a selection and a quorum."""
-    sources = {
-        "myapp/__init__.py": "",
-        "myapp/task.py": TASK,
-        "myapp/model.py": MODEL,
-        "myapp/selection.py": SELECTION,
-        "myapp/quorum.py": QUORUM,
-        "myapp/labels.txt": "zero\none\n",
-        **(files or {}),
-    }
-    for name, text in sources.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return root
-
 
 def federation(**keys: Any) -> FederationConfig:
     return FederationConfig.from_mapping(keys, source="test")
-
-
-PILLOW = f"pillow=={importlib.metadata.version('pillow')}"
 
 
 def test_each_place_gets_the_app_code_it_imports_with_the_apps_pins(tmp_path: Path) -> None:
@@ -212,16 +146,10 @@ def test_an_import_path_without_an_app_folder_is_refused() -> None:
         plan(federation(task="myapp.task:Task"), app_root=None)
 
 
-def test_the_synthesized_stack_carries_the_app_where_it_runs(tmp_path: Path) -> None:
-    app = write_app(tmp_path / "app", {APP_REQUIREMENTS: PILLOW + "\n"})
-    context = cdk_context()
-    context["sfl"] = {
-        **context["sfl"],
-        "task": "myapp.task:Task",
-        "selection": "myapp.selection:pick",
-        "quorum": "myapp.quorum:half",
-    }
-    stack, assembly = synthesize(tmp_path / "cdk.out", context, app_root=app)
+def test_the_synthesized_stack_carries_the_app_where_it_runs(
+    user_app_synthesized: Synthesized, tmp_path: Path
+) -> None:
+    stack, assembly = user_app_synthesized.stack, user_app_synthesized.assembly_dir
     manifest = json.loads((assembly / f"{stack.stack_name}.assets.json").read_text())
     sources = [assembly / f["source"]["path"] for f in manifest["files"].values()]
 

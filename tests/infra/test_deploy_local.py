@@ -2,6 +2,11 @@
 on what it made, the Greengrass installer provisions a device against it, and destroying the
 stack afterwards leaves nothing behind.
 
+What is deployed is a user's app made by ``sfl new`` outside this repository, with its own
+task, selection and quorum named by import path (``user_app``): the round trains the app's
+model, picked by the app's selection running from the initiator's zip (torch cannot load
+there).
+
 moto's CloudFormation creates the stack from the template exactly as synthesized, after the
 bootstrap a real account would have (the version parameter, the asset bucket with the zipped
 file assets). What the emulator cannot run, the test does in its place, from the template's
@@ -56,6 +61,7 @@ from local_stack import (
     schedule_inputs,
 )
 from stack_template import Synthesized
+from user_app import PLUGINS
 
 pytestmark = [
     pytest.mark.slow,
@@ -64,8 +70,6 @@ pytestmark = [
 ]
 
 CLIENTS = ["device-a", "device-b"]
-
-
 # --- the emulator and the deployment ---------------------------------------------------------
 
 
@@ -76,8 +80,8 @@ def local_aws() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def deployment(local_aws: Any, synthesized: Synthesized) -> Deployment:
-    return deploy(local_aws, synthesized)
+def deployment(local_aws: Any, user_app_synthesized: Synthesized) -> Deployment:
+    return deploy(local_aws, user_app_synthesized)
 
 
 # --- what was deployed -----------------------------------------------------------------------
@@ -202,8 +206,8 @@ def run_initiator_zip(
     return answer
 
 
-def test_one_round_runs_on_the_deployed_stack(
-    deployment: Deployment, synthesized: Synthesized, tmp_path: Path
+def test_one_round_of_the_apps_task_runs_on_the_deployed_stack(
+    deployment: Deployment, user_app_synthesized: Synthesized, tmp_path: Path
 ):
     from edge_client.client import EdgeClient
     from edge_client.settings import parse_settings
@@ -243,6 +247,7 @@ def test_one_round_runs_on_the_deployed_stack(
     configuration = device_environment(deployment)
     assert configuration["SFL_MODELS_BUCKET"] == outputs["ModelsBucketName"]
     assert configuration["AWS_REGION"] == aws.region
+    assert configuration["SFL_TASK"] == PLUGINS["task"]  # the app's, named by import path
     task = load_task(configuration["SFL_TASK"])
     write_client_splits(task, tmp_path, len(CLIENTS), "iid", seed=3, client_ids=CLIENTS)
     devices = [
@@ -269,7 +274,10 @@ def test_one_round_runs_on_the_deployed_stack(
     #    finds nothing to do yet.
     ticks = schedule_inputs(deployment)
     assert set(ticks) == {outputs["InitiatorFunctionName"], outputs["AveragerFunctionName"]}
-    started = run_initiator_zip(synthesized, initiator_env, ticks[outputs["InitiatorFunctionName"]])
+    assert initiator_env["SFL_SELECTION"] == PLUGINS["selection"]  # the app's, in the zip
+    started = run_initiator_zip(
+        user_app_synthesized, initiator_env, ticks[outputs["InitiatorFunctionName"]]
+    )
     assert started["started"] is True and started["round"] == 1
     assert sorted(started["selected"]) == CLIENTS
 
@@ -306,7 +314,15 @@ def test_one_round_runs_on_the_deployed_stack(
     assert closed is not None and closed.round == 1
     assert closed.status == RoundState.CLOSED
     assert closed.model_version == 1
-    s3.head_object(Bucket=outputs["ModelsBucketName"], Key=layout.model_key(1))
+    from sfl.learning import codec
+
+    version_1 = codec.decode(
+        s3.get_object(Bucket=outputs["ModelsBucketName"], Key=layout.model_key(1))["Body"].read()
+    )
+    reference = task.build_model(seed=0).state_dict()
+    assert {k: tuple(v.shape) for k, v in version_1.items()} == {
+        k: tuple(v.shape) for k, v in reference.items()
+    }  # the app's model, trained by the devices
     tick = invoke_averager(ticks[outputs["AveragerFunctionName"]])
     assert tick["round"] == 1
 
