@@ -33,17 +33,17 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from memory import PeakSampler, resident_bytes
 
 from sfl.core.lambda_shapes import AVERAGER
 from sfl.local.simulate import SimulationOptions, run_simulation
 from sfl.local.synthetic_images import write_image_folders
 
 RESULTS = Path(__file__).parent / "results" / "real_model.json"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 2**20
 
 # One device's round in a fresh process: what its peak resident memory is.
@@ -119,35 +119,6 @@ def averager_round(number: int) -> Any:
         env=dict(os.environ),  # the handlers' environment, set by the running federation
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakSampler:
-    """This process's peak resident memory while the block runs."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.01)
-
-    def __enter__(self) -> PeakSampler:
-        self.peak = resident_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
 
 
 def client_round(params: str, data_dir: Path, codec: str, args: argparse.Namespace) -> Any:

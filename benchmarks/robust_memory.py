@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from memory import PeakSampler, resident_bytes
 
 from sfl.learning.codec import encode, parse_header
 from sfl.learning.rules.aggregation import CHUNK_ELEMENTS, build_rule
@@ -30,34 +30,6 @@ from sfl.local.emulator import LocalAws
 from sfl.server.round_updates import Entry, RoundUpdates
 
 RESULTS = Path(__file__).parent / "results" / "robust_memory.json"
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-class PeakSampler:
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.005)
-
-    def __enter__(self) -> PeakSampler:
-        self.peak = resident_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
 
 
 def measure(n: int, params: int, rules: list[str]) -> list[dict[str, Any]]:
@@ -82,7 +54,7 @@ def measure(n: int, params: int, rules: list[str]) -> list[dict[str, Any]]:
             started = time.perf_counter()
             with (
                 RoundUpdates(s3, "updates", entries, base, base_header) as updates,
-                PeakSampler() as sampler,
+                PeakSampler(interval=0.005) as sampler,
             ):
                 result = rule.aggregate(base, updates, None)
             seconds = time.perf_counter() - started
