@@ -100,3 +100,26 @@ def test_an_app_made_by_new_passes_its_own_test_and_task_check_and_learns_in_sim
     assert history["task"] == "my_app.task:Task"
     final = history["rounds"][-1]["accuracy"]
     assert final > max(0.5, history["initial_accuracy"] + 0.3), history["rounds"]
+
+
+def test_simulate_takes_the_apps_cdk_json_but_not_its_device_deadlines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's configuration is what the folder deploys, minus the minutes a real device's
+    round lasts; the command line still wins, and the folder's packages import."""
+    from sfl.cli.main import build_parser
+    from sfl.cli.simulate import config_keys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "")
+    app = tmp_path / "app"
+    app.mkdir()
+    context = {"sfl": {"lr": 0.2, "local_epochs": 3, "round_deadline_seconds": 900}}
+    (app / "cdk.json").write_text(json.dumps({"context": context}))
+    args = build_parser().parse_args(["simulate", "--app", str(app), "--set", "local_epochs=1"])
+    keys = config_keys(args)
+    assert keys["lr"][0] == "0.2" and "cdk.json" in keys["lr"][1]
+    assert keys["local_epochs"] == ("1", "--set")
+    assert "round_deadline_seconds" not in keys
+    assert str(app.resolve()) == sys.path[0]
+    assert os.environ["PYTHONPATH"] == str(app.resolve())

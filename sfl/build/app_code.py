@@ -26,6 +26,7 @@ that contradicts the framework's is refused. The initiator installs nothing of t
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import re
 import sys
@@ -272,8 +273,15 @@ class _Places:
 
 def _distributions_of(top: str) -> list[str]:
     """The installed distributions that provide import name ``top``, or ``top`` itself."""
-    found = importlib.metadata.packages_distributions().get(top)
+    found = _installed_distributions().get(top)
     return list(found) if found else [top]
+
+
+@functools.cache
+def _installed_distributions() -> Mapping[str, list[str]]:
+    """Import name -> distributions, read once per synthesis (it scans every installed
+    distribution's files)."""
+    return importlib.metadata.packages_distributions()
 
 
 def _read_pins(path: Path) -> dict[str, str]:
