@@ -29,6 +29,12 @@ from sfl.build.app_code import Shipment
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)\s*(?:#.*)?$")
 
 
+# Files an installer writes into a distribution's .dist-info for its own records (PEP 376's
+# INSTALLER and RECORD, PEP 376's REQUESTED, PEP 610's direct_url.json): they differ between
+# machines and installers (pip or uv, asked for or pulled in), not between versions.
+INSTALLER_FILES = frozenset({"INSTALLER", "RECORD", "REQUESTED", "direct_url.json"})
+
+
 class BundlingError(RuntimeError):
     """The initiator cannot be packaged (a core module missing, a pin not installed)."""
 
@@ -118,6 +124,8 @@ def vendor_distribution(pin: Pin, output_dir: Path) -> list[Path]:
         parts = Path(file).parts
         if parts[0] == ".." or "__pycache__" in parts or file.suffix == ".pyc":
             continue  # console scripts outside site-packages; bytecode of this interpreter
+        if parts[0].endswith(".dist-info") and file.name in INSTALLER_FILES:
+            continue  # written by whichever installer ran here: the zip's hash would differ
         if file.suffix in {".so", ".pyd", ".dylib"}:
             raise BundlingError(
                 f"{pin.name} ships compiled code ({file}); it cannot be copied from this "

@@ -406,3 +406,54 @@ def test_requirements_must_be_exact_pins(tmp_path):
         "aws-lambda-powertools",
         "typing-extensions",
     ]
+
+
+def _installed_probe(site: Path, *, installer: str, requested: bool) -> None:
+    """A pure-Python distribution ``hash-probe`` 1.0 as an installer left it in ``site``."""
+    (site / "hash_probe").mkdir(parents=True)
+    (site / "hash_probe" / "__init__.py").write_text("VALUE = 1\n")
+    info = site / "hash_probe-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hash-probe\nVersion: 1.0\n")
+    (info / "WHEEL").write_text("Wheel-Version: 1.0\nRoot-Is-Purelib: true\n")
+    (info / "INSTALLER").write_text(f"{installer}\n")
+    files = ["hash_probe/__init__.py", *(f"{info.name}/{n}" for n in ("METADATA", "WHEEL"))]
+    files.append(f"{info.name}/INSTALLER")
+    if requested:
+        (info / "REQUESTED").write_text("")
+        files.append(f"{info.name}/REQUESTED")
+    (info / "direct_url.json").write_text(json.dumps({"url": site.as_uri()}))
+    files += [f"{info.name}/direct_url.json", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+
+
+def test_the_initiator_zip_is_the_same_whichever_installer_put_its_pins_there(
+    tmp_path, monkeypatch
+):
+    """Two machines with the same pinned version, installed by pip (asked for) and by uv (as
+    a dependency): the zip's files, and so CDK's asset hash, are the same."""
+    handler = tmp_path / "handler.py"
+    handler.write_text("")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("hash-probe==1.0\n")
+    outputs = []
+    for machine, installer, requested in (("a", "pip", True), ("b", "uv", False)):
+        site = tmp_path / machine / "site-packages"
+        _installed_probe(site, installer=installer, requested=requested)
+        with monkeypatch.context() as m:
+            m.syspath_prepend(str(site))
+            out = tmp_path / machine / "out"
+            out.mkdir()
+            bundle(
+                handler=handler,
+                requirements=requirements,
+                source_root=tmp_path,
+                package="corepkg",
+                output_dir=out,
+            )
+        outputs.append(
+            {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        )
+    assert outputs[0] == outputs[1]
+    assert "hash_probe/__init__.py" in outputs[0]
+    assert "hash_probe-1.0.dist-info/METADATA" in outputs[0]  # the licence and name stay
