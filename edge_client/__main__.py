@@ -111,7 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         logging.shutdown()
         os._exit(0)  # the worker may sit in a socket call; the nucleus kills at 5 s anyway
-    return outcome[0] if outcome else 1
+    code = outcome[0] if outcome else 1
+    if stop.is_set():
+        # Stopped: nothing is left to do, and tearing the interpreter down (torch's and the
+        # thread pools' exit hooks) can take seconds of the nucleus's 5 on a busy board.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

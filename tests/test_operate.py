@@ -200,9 +200,13 @@ def test_pause_stops_new_rounds_until_resume(fleet: LocalFleet) -> None:
         "paused": True,
         "reason": "maintenance",
     }
-    refused = sfl_json(fleet, "start-round")
-    assert refused["started"] is False and "paused" in refused["reason"]
+    code, out, err = sfl(fleet, "start-round", "--json")  # it ran, and started nothing
+    refused = json.loads(out)
+    assert code == 1 and refused["started"] is False and "paused" in refused["reason"]
+    assert json.loads(err)["error"].startswith("no round started: ")
     assert len(rounds(fleet).history("default")) == before
+    # Pausing again keeps the first reason unless given a new one.
+    assert sfl(fleet, "pause")[0] == 0
     code, out, _ = sfl(fleet, "status")
     assert code == 0
     assert "PAUSED (maintenance)" in out
@@ -246,6 +250,19 @@ def test_rollback_starts_the_next_round_from_an_earlier_version(fleet: LocalFlee
     assert models[newest + 1]["kind"] == "rollback" and models[newest + 1]["parent"] == 1
     assert models[newest + 2]["parent"] == newest + 1
     assert sfl_json(fleet, "status")["rollback_to"] is None  # carried out once
+    code, _, err = sfl(fleet, "models", "rollback", "--cancel")  # nothing left to cancel
+    assert code == 1 and "no rollback is pending" in err
+
+
+def test_a_pending_rollback_can_be_cancelled_once(fleet: LocalFleet) -> None:
+    assert sfl_json(fleet, "models", "rollback", "1")["rollback_to"] == 1
+    assert sfl_json(fleet, "models", "rollback", "--cancel") == {
+        "cancelled": True,
+        "rollback_to": 1,
+    }
+    assert sfl_json(fleet, "status")["rollback_to"] is None
+    code, out, err = sfl(fleet, "models", "rollback", "--cancel")
+    assert code == 1 and out == "" and "no rollback is pending" in err
 
 
 def test_devices_count_answers_from_the_round_records(fleet: LocalFleet) -> None:

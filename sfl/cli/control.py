@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from sfl.cli.operator import command
+from sfl.cli.args import existing_file
+from sfl.cli.operator import NothingDone, command
 from sfl.ops import actions
 from sfl.ops.federation import Federation
 
@@ -32,15 +32,17 @@ def _resume(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 def _start_round(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     result = actions.start_round(fed)
+    if not result.get("started"):
+        raise NothingDone(
+            f"no round started: {result.get('reason')} (initiator ran {result['ran']})",
+            result if args.json else None,
+        )
     if args.json:
         return result
-    if result.get("started"):
-        out.print(
-            f"round {result['round']} started with {len(result['selected'])} client(s): "
-            f"{', '.join(result['selected'])} (initiator ran {result['ran']})"
-        )
-    else:
-        out.print(f"no round started: {result.get('reason')} (initiator ran {result['ran']})")
+    out.print(
+        f"round {result['round']} started with {len(result['selected'])} client(s): "
+        f"{', '.join(result['selected'])} (initiator ran {result['ran']})"
+    )
     return None
 
 
@@ -66,4 +68,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("action", choices=("upload",))
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task", help="the task's own test split (default: the deployed task)")
-    source.add_argument("--file", type=Path, help="a safetensors file of x [N, ...] and y [N]")
+    source.add_argument(
+        "--file", type=existing_file, help="a safetensors file of x [N, ...] and y [N]"
+    )

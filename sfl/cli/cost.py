@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sfl.cli.args import number, whole
 from sfl.core import cost
 from sfl.core.cost import StackShape
 from sfl.core.deployment import StackConfig
@@ -45,10 +46,12 @@ def _model_bytes(args: argparse.Namespace) -> int:
 
 
 def _cost(args: argparse.Namespace) -> int:
+    accepted = args.clients if args.accepted is None else args.accepted
+    if accepted > args.clients:
+        raise ValueError(f"--accepted {accepted} is more than --clients {args.clients}")
     shape = _stack_shape(args)
     prices = cost.prices_for(shape.region)  # NoPricesError is a ValueError: exit 2, message
     model_bytes = _model_bytes(args)
-    accepted = args.clients if args.accepted is None else args.accepted
     assumptions = cost.CostAssumptions(
         update_handling_seconds=args.update_seconds,
         answers_in_round_item=args.answers_in_round_item,
@@ -117,28 +120,28 @@ def add_parser(sub: Any) -> None:
         "cost",
         help="estimated AWS cost per round, of the idle stack and of the fleet (docs/cost.md)",
     )
-    p.add_argument("--clients", type=int, default=40, help="clients selected per round")
-    p.add_argument("--accepted", type=int, default=None, help="accepted answers (all)")
+    p.add_argument("--clients", type=whole(1), default=40, help="clients selected per round")
+    p.add_argument("--accepted", type=whole(0), default=None, help="accepted answers (all)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--model-bytes", type=int, default=None, help="the model file's bytes")
+    size.add_argument("--model-bytes", type=whole(1), default=None, help="the model file's bytes")
     size.add_argument(
         "--task", default="mnist", help="take the model's size from this task's model (torch)"
     )
     p.add_argument(
         "--task-params", default="{}", metavar="JSON", help="the task's parameters (a JSON object)"
     )
-    p.add_argument("--update-bytes", type=int, default=0, help="per update (model's size)")
-    p.add_argument("--rounds-per-day", type=float, default=24.0)
-    p.add_argument("--aggregate-seconds", type=float, default=0.5, help="measured aggregation")
+    p.add_argument("--update-bytes", type=whole(0), default=0, help="per update (model's size)")
+    p.add_argument("--rounds-per-day", type=number(0, above=True), default=24.0)
+    p.add_argument("--aggregate-seconds", type=number(0), default=0.5, help="measured aggregation")
     p.add_argument(
-        "--update-seconds", type=float, default=0.3, help="averager seconds per update event"
+        "--update-seconds", type=number(0), default=0.3, help="averager seconds per update event"
     )
-    p.add_argument("--model-versions", type=int, default=100, help="model versions stored")
+    p.add_argument("--model-versions", type=whole(1), default=100, help="model versions stored")
     p.add_argument(
         "--answers-in-round-item",
         action="store_true",
-        help="price the protocol before issue #11 (answers inside the round item) instead of "
-        "the slot items (one transaction per answer)",
+        help="price the older protocol (answers inside the round item) instead of the slot "
+        "items (one transaction per answer)",
     )
     p.add_argument("--region", default=None, help="default: AWS_REGION, AWS_DEFAULT_REGION")
     p.add_argument(

@@ -7,16 +7,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from sfl.cli.args import number, whole
 from sfl.core import plugins
 
 
 def partition_flags(p: argparse.ArgumentParser) -> None:
     """How a task's data is split over clients (shared with ``sfl simulate``)."""
-    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--clients", type=whole(1), default=10, help="how many clients (default 10)")
     p.add_argument("--partition", default="dirichlet", choices=("iid", "dirichlet", "shards"))
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument(
-        "--labels-per-client", type=int, default=2, help="labels per client for 'shards'"
+        "--alpha", type=number(0, above=True), default=0.5, help="Dirichlet concentration"
+    )
+    p.add_argument(
+        "--labels-per-client", type=whole(1), default=2, help="labels per client for 'shards'"
     )
 
 

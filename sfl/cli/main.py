@@ -9,8 +9,10 @@ of :mod:`sfl.cli` with an ``add_parser(subparsers)``. Configuration keys are set
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from sfl.cli import (
     config,
@@ -27,6 +29,10 @@ from sfl.cli import (
     status,
     task,
 )
+from sfl.cli.errors import FAILED, INTERRUPTED, USAGE, debugging, fail, silence_stdout
+
+#: The distribution ``sfl`` comes from (``pyproject.toml``).
+DISTRIBUTION = "serverless-federated-learning"
 
 #: The command groups, in the order ``sfl --help`` lists them.
 GROUPS = (
@@ -46,8 +52,28 @@ GROUPS = (
 )
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown (not installed)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line that names the command and its help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfl", description=__doc__.split("\n\n")[0])
+    parser = Parser(
+        prog="sfl",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: 0 done, 1 failed (or did nothing of what was asked), 2 a usage or "
+        "configuration mistake, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"sfl {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parser(sub)
@@ -55,12 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Whatever goes wrong is one line on stderr and an exit code
+    (``sfl.cli.errors``), never a traceback; ``SFL_DEBUG=1`` shows one for what sfl did not
+    expect."""
     args = build_parser().parse_args(argv)
+    as_json = bool(getattr(args, "json", False))
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `sfl ... | head` closed the pipe: nothing more to say
+        silence_stdout()
+        return FAILED
+    except KeyboardInterrupt:
+        return INTERRUPTED
     except ValueError as e:  # ConfigError, PartitionError, TaskError, ...: a clear message
-        print(f"sfl {args.command}: {e}", file=sys.stderr)
-        return 2
+        return fail(args.command, str(e), USAGE, as_json=as_json)
+    except OSError as e:  # a file that is not there, a folder not writable, a full disk
+        where = f": {e.filename}" if e.filename else ""
+        return fail(args.command, f"{e.strerror or e}{where}", FAILED, as_json=as_json)
+    except Exception as e:
+        if debugging():
+            raise
+        return fail(
+            args.command,
+            f"unexpected {type(e).__name__}: {e} (set SFL_DEBUG=1 to see where)",
+            FAILED,
+            as_json=as_json,
+        )
 
 
 if __name__ == "__main__":

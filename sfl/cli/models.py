@@ -16,7 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sfl.cli.operator import command, connection_flags, num, when
+from sfl.cli.args import output_path, whole
+from sfl.cli.operator import NothingDone, command, connection_flags, num, when
 from sfl.ops import actions, views
 from sfl.ops.federation import Federation, OpsError
 from sfl.state.lineage import LineageStore
@@ -103,7 +104,13 @@ def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         message = f"version {result['promoted']} promoted: devices read it at {result['key']}"
     elif args.models_action == "rollback" and args.cancel:
         result = actions.cancel_rollback(fed)
-        message = "rollback request cancelled"
+        if not result["cancelled"]:
+            raise NothingDone(
+                "no rollback is pending (none was asked, or the initiator already carried it "
+                "out: see 'sfl models list')",
+                result if args.json else None,
+            )
+        message = f"the pending rollback to version {result['rollback_to']} is cancelled"
     else:
         result = actions.rollback(fed, args.version)
         message = (
@@ -123,12 +130,12 @@ def add_parser(sub: Any) -> None:
     actions_ = models.add_subparsers(dest="models_action", required=True)
     connection_flags(actions_.add_parser("list", help="every version with its lineage"))
     pull = actions_.add_parser("pull", help="download a version (default: promoted, else newest)")
-    pull.add_argument("version", type=int, nargs="?")
-    pull.add_argument("--out", type=Path, required=True)
+    pull.add_argument("version", type=whole(0), nargs="?")
+    pull.add_argument("--out", type=output_path, required=True, help="the file to write")
     promote = actions_.add_parser("promote", help="the version devices use for inference")
-    promote.add_argument("version", type=int)
+    promote.add_argument("version", type=whole(0))
     rollback = actions_.add_parser("rollback", help="the next round starts from VERSION")
-    rollback.add_argument("version", type=int, nargs="?", help="default: the newest's parent")
+    rollback.add_argument("version", type=whole(0), nargs="?", help="default: the newest's parent")
     rollback.add_argument("--cancel", action="store_true", help="drop a pending rollback")
     init = actions_.add_parser(
         "init", help="start the federation from your own weights (version 0, before round 1)"

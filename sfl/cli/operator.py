@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
+from sfl.cli.errors import FAILED, INTERRUPTED, USAGE, fail
 from sfl.core.config import ConfigError
 from sfl.ops.federation import DEFAULT_STACK, STACK_ENV, Federation, OpsError, connect, translated
 
@@ -37,8 +38,18 @@ def num(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+class NothingDone(Exception):
+    """The command ran but did nothing of what was asked (no round started, no rollback to
+    cancel): ``message`` on stderr, ``data`` (if any) printed as a result, exit code 1."""
+
+    def __init__(self, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.data = data
+
+
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Connect, run one command, print; a failure is one line on stderr and exit code 1."""
+    """Connect, run one command, print; a failure is one line on stderr and exit code 1
+    (2 for a configuration mistake)."""
     out = console()
     try:
         with translated("aws", args.command, args.endpoint):
@@ -47,10 +58,14 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
             )
             data = handler(fed, args, out)
     except (OpsError, ConfigError) as e:
-        print(f"sfl {args.command}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        code = USAGE if isinstance(e, ConfigError) else FAILED
+        return fail(args.command, str(e), code, as_json=bool(getattr(args, "json", False)))
+    except NothingDone as e:
+        if e.data is not None:
+            print(json.dumps(e.data, indent=2, default=str, sort_keys=True))
+        return fail(args.command, str(e), FAILED, as_json=bool(getattr(args, "json", False)))
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     if data is not None:
         print(json.dumps(data, indent=2, default=str, sort_keys=True))
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sfl.cli.app import federation_keys
+from sfl.cli.args import existing_file, number, output_path, share, whole
 from sfl.cli.config import add_set_flag, config_pairs
 from sfl.cli.dataset import partition_flags
 from sfl.core import plugins
@@ -67,6 +68,7 @@ def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from sfl.learning.tasks import configured_task
     from sfl.local.simulate import SimulationError, SimulationOptions, run_simulation
 
     given = config_keys(args)
@@ -96,6 +98,12 @@ def _simulate(args: argparse.Namespace) -> int:
         ),
         **shaping,
     )
+    if options.attackers > options.clients:
+        raise ValueError(
+            f"--attackers {options.attackers} is more than --clients {options.clients}"
+        )
+    # Checked before anything prints or starts: a bad key, value or task is one line.
+    configured_task(options.federation_config())
     print(
         f"sfl simulate: {options.clients} clients, {options.rounds} rounds, task {options.task}, "
         f"{options.partition} partition, local AWS endpoint (moto) on 127.0.0.1",
@@ -135,7 +143,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     sim = sub.add_parser("simulate", help="run the whole system locally against moto's server")
     partition_flags(sim)
-    sim.add_argument("--rounds", type=int, default=15)
+    sim.add_argument("--rounds", type=whole(1), default=15, help="rounds to run (default 15)")
     keys = sim.add_argument_group(
         "configuration",
         "any key of 'sfl config' through --set KEY=VALUE, e.g. --set lr=0.1 --set "
@@ -169,21 +177,21 @@ def add_parser(sub: Any) -> None:
     )
     faults = sim.add_argument_group("fault injection")
     faults.add_argument(
-        "--duplicate-deliveries", type=int, default=0, help="extra copies of each S3 event"
+        "--duplicate-deliveries", type=whole(0), default=0, help="extra copies of each S3 event"
     )
-    faults.add_argument("--drop-events", type=float, default=0.0, help="share of S3 events lost")
+    faults.add_argument("--drop-events", type=share, default=0.0, help="share of S3 events lost")
     faults.add_argument(
-        "--crash-rate", type=float, default=0.0, help="chance a picked client dies mid-round"
+        "--crash-rate", type=share, default=0.0, help="chance a picked client dies mid-round"
     )
     faults.add_argument(
         "--straggler-rate",
-        type=float,
+        type=share,
         default=0.0,
         help="chance a client answers after the deadline",
     )
     faults.add_argument(
         "--slow-clients",
-        type=float,
+        type=number(0),
         default=0.0,
         metavar="SIGMA",
         help="heterogeneous speeds: per-client log-normal slowdown with this sigma",
@@ -193,15 +201,20 @@ def add_parser(sub: Any) -> None:
     )
     hostile = sim.add_argument_group("hostile devices")
     hostile.add_argument(
-        "--attackers", type=int, default=0, help="how many clients are hostile (the first K)"
+        "--attackers", type=whole(0), default=0, help="how many clients are hostile (the first K)"
     )
     hostile.add_argument(
         "--attack", default="scale", choices=ATTACKS, help="what the hostile clients send"
     )
-    sim.add_argument("--out", type=Path, default=Path("runs/latest"))
+    sim.add_argument(
+        "--out",
+        type=output_path,
+        default=Path("runs/latest"),
+        help="the folder for its history, plot and logs (default runs/latest)",
+    )
     sim.add_argument(
         "--init-from",
-        type=Path,
+        type=existing_file,
         metavar="FILE",
         help="start from your own weights: a safetensors file or a state dict (read with "
         "torch.load(weights_only=True)), checked against the task's model; becomes version 0",

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
 from sfl.ops import views
 from sfl.ops.federation import Federation, OpsError
@@ -102,7 +102,7 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
 
 def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     rows = [views.round_row(r) for r in views.rounds_of(fed)]
-    if args.last:
+    if args.last is not None:
         rows = rows[-args.last :]
     if args.json:
         return rows
@@ -204,16 +204,24 @@ def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 def add_parser(sub: Any) -> None:
     command(sub, "status", _status, "the federation now: round, devices, model, alarms")
     p = command(sub, "rounds", _rounds, "every round: outcome, answers, rejections, accuracy")
-    p.add_argument("--last", type=int, default=0, help="only the last N rounds")
+    p.add_argument("--last", type=whole(1), default=None, help="only the last N rounds")
     p = command(sub, "watch", _watch, "live progress of the open round and accuracy per round")
-    p.add_argument("--until-round", type=int, default=0, help="stop once round N has finished")
-    p.add_argument("--timeout", type=float, default=0.0, help="give up after S seconds")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks")
-    p.add_argument("--history", type=int, default=5, help="also show the last N finished rounds")
+    p.add_argument("--until-round", type=whole(1), default=0, help="stop once round N has finished")
+    p.add_argument(
+        "--timeout", type=number(0), default=0.0, help="give up after S seconds (0: never)"
+    )
+    p.add_argument(
+        "--interval", type=number(0.1), default=1.0, help="seconds between looks (default 1)"
+    )
+    p.add_argument(
+        "--history", type=whole(0), default=5, help="also show the last N finished rounds"
+    )
     command(
         sub, "devices", _devices, "every device: active, last seen, turnaround, answers, rejections"
     )
     p = command(
         sub, "report", _report, "history.json and charts (accuracy, time, cost) into a folder"
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--out", type=output_path, required=True, help="the folder to write (made if absent)"
+    )

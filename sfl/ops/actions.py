@@ -124,7 +124,6 @@ def pull(fed: Federation, version: int | None, out: Path) -> dict[str, Any]:
     header = codec.parse_header(body)
     if header.metadata.get("version") != str(version):
         raise OpsError(f"model version {version}'s header says {header.metadata.get('version')!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(body)
     return {
         "version": version,
@@ -169,8 +168,10 @@ def rollback(fed: Federation, version: int | None) -> dict[str, Any]:
 
 
 def cancel_rollback(fed: Federation) -> dict[str, Any]:
-    control(fed).cancel_rollback(fed.experiment)
-    return {"rollback_to": None}
+    """Drop a pending rollback; ``cancelled`` False if there was none to drop."""
+    pending = control(fed).state(fed.experiment).rollback_to
+    cancelled = control(fed).cancel_rollback(fed.experiment)
+    return {"cancelled": cancelled, "rollback_to": pending if cancelled else None}
 
 
 # --- held-out evaluation set -----------------------------------------------------------------

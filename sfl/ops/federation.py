@@ -28,6 +28,7 @@ from botocore.exceptions import (
 
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
+from sfl.ops import local_endpoint
 from sfl.state.aws import RETRY_CONFIG, AwsClients, error_code
 
 #: The stack ``make deploy`` creates (``sfl_infra.stack_prefix`` "Sfl" + "-Federation").
@@ -132,10 +133,13 @@ def connect(
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # botocore reads AWS_DEFAULT_REGION and profiles; the AWS CLI v2 also reads AWS_REGION.
     region = region or os.environ.get("AWS_REGION") or None
-    try:
-        session = boto3.session.Session(profile_name=profile, region_name=region)
-    except ProfileNotFound as e:
-        raise OpsError(f"AWS profile {profile!r} not found in your AWS config: {e}") from e
+    if endpoint_url and local_endpoint.is_local(endpoint_url):
+        session, stack = _local_session(endpoint_url, stack, region, profile)
+    else:
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        except ProfileNotFound as e:
+            raise OpsError(f"AWS profile {profile!r} not found in your AWS config: {e}") from e
     if session.region_name is None:
         raise OpsError("no AWS region: set AWS_REGION (or a profile's region), or pass --region")
     kwargs: dict[str, Any] = {"config": RETRY_CONFIG}
@@ -157,6 +161,36 @@ def connect(
         raise
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stacks[0].get("Outputs", [])}
     return Federation(stack=stack, session=session, outputs=outputs, endpoint_url=endpoint_url)
+
+
+def _local_session(
+    endpoint_url: str, stack: str, region: str | None, profile: str | None
+) -> tuple[boto3.session.Session, str]:
+    """A session for the local federation at ``endpoint_url``: the credentials and region
+    ``sfl local up`` recorded for it, else (a federation started by other code) the ones
+    this shell has. Nothing there is one line."""
+    if not local_endpoint.answers(endpoint_url):
+        raise OpsError(
+            f"nothing answers at {endpoint_url}: is 'sfl local up' still running? (start it "
+            "and pass the --endpoint it prints)"
+        )
+    found = local_endpoint.recorded()
+    if found is None or found.endpoint_url.rstrip("/") != endpoint_url.rstrip("/"):
+        return boto3.session.Session(profile_name=profile, region_name=region), stack
+    try:
+        credentials = found.credentials()
+    except (OSError, ValueError, KeyError) as e:
+        raise OpsError(
+            f"the local federation at {endpoint_url} did not give credentials ({e}): is "
+            "'sfl local up' still running?"
+        ) from e
+    session = boto3.session.Session(
+        aws_access_key_id=credentials["aws_access_key_id"],
+        aws_secret_access_key=credentials["aws_secret_access_key"],
+        aws_session_token=credentials["aws_session_token"],
+        region_name=region or found.region,
+    )
+    return session, stack if stack != DEFAULT_STACK else found.stack
 
 
 def call(service: str, operation: str, fn: Callable[[], T]) -> T:

@@ -262,9 +262,12 @@ class ControlStore:
         self._ddb.update_item(**kwargs)
 
     def pause(self, experiment: str, *, now: float, reason: str = "") -> None:
+        """Pause; pausing again keeps when the pause began, and its reason unless a new one
+        is given."""
+        why = ":why" if reason else "if_not_exists(pause_reason, :why)"
         self._set(
             experiment,
-            "SET paused = :t, paused_at = :now, pause_reason = :why",
+            f"SET paused = :t, paused_at = if_not_exists(paused_at, :now), pause_reason = {why}",
             {":t": {"BOOL": True}, ":now": serialize(now), ":why": {"S": reason}},
         )
 
@@ -280,8 +283,16 @@ class ControlStore:
             {":v": serialize(version), ":now": serialize(now)},
         )
 
-    def cancel_rollback(self, experiment: str) -> None:
-        self._set(experiment, "REMOVE rollback_to, rollback_requested_at", {})
+    def cancel_rollback(self, experiment: str) -> bool:
+        """Drop a pending rollback; False if none was pending (never asked, or already
+        carried out by the initiator)."""
+        return conditional(
+            self._ddb.update_item,
+            TableName=self._table,
+            Key=self._key(experiment, STATE_SORT_KEY),
+            UpdateExpression="REMOVE rollback_to, rollback_requested_at",
+            ConditionExpression="attribute_exists(rollback_to)",
+        ).written
 
     def rollback_done(self, experiment: str, version: int) -> bool:
         """Clear a rollback request the initiator carried out, unless a newer one replaced it."""
