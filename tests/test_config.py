@@ -66,6 +66,15 @@ def test_the_stack_and_the_federation_refuse_an_unknown_key_in_one_wording() -> 
         )
 
 
+def test_a_mistyped_key_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as caught:
+        FederationConfig().with_overrides({"local_epoch": "2"})
+    assert str(caught.value) == (
+        "--set: unknown config key(s) 'local_epoch'; did you mean 'local_epochs' for "
+        "'local_epoch'?"
+    )
+
+
 def test_a_key_given_as_text_names_the_flag_it_came_from() -> None:
     with pytest.raises(ConfigError) as caught:
         FederationConfig().with_overrides({"local_epochs": "two"}, source="--set")

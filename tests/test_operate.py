@@ -194,6 +194,20 @@ def test_config_unset_returns_a_key_to_the_deployed_value(fleet: LocalFleet) -> 
     assert changed["config"]["lr"] == 0.02
 
 
+def test_config_set_checks_a_change_against_the_configuration_in_force(fleet: LocalFleet):
+    """A rule's parameters are checked against the rule in force (set at runtime), not the
+    deployed one; a mistyped key gets a suggestion."""
+    assert sfl_json(fleet, "config", "set", "aggregation=fedadam")["config"]["aggregation"] == (
+        "fedadam"
+    )
+    changed = sfl_json(fleet, "config", "set", 'aggregation_params={"eta": 0.05}')
+    assert json.loads(changed["config"]["aggregation_params"]) == {"eta": 0.05}
+    code, _, err = sfl(fleet, "config", "set", "local_epoch=2")
+    assert code == 2 and "did you mean 'local_epochs' for 'local_epoch'?" in err
+    restored = sfl_json(fleet, "config", "unset", "aggregation", "aggregation_params")
+    assert restored["config"]["aggregation"] == fleet.config.aggregation
+
+
 def test_pause_stops_new_rounds_until_resume(fleet: LocalFleet) -> None:
     before = len(rounds(fleet).history("default"))
     assert sfl_json(fleet, "pause", "--reason", "maintenance") == {

@@ -10,6 +10,7 @@ and a bad one fails with one wording: the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -158,11 +159,20 @@ class Settings:
         """Raise ``ConfigError`` naming every key of ``names`` this class does not have."""
         known = cls.key_specs()
         unknown = sorted(set(names) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
+        if not unknown:
+            return
+        guesses = {
+            name: close[0]
+            for name in unknown
+            if (close := difflib.get_close_matches(name, list(known), n=1, cutoff=0.6))
+        }
+        hints = [f"did you mean {g!r} for {n!r}?" for n, g in guesses.items()]
+        if len(guesses) < len(unknown):
+            hints.append(f"known keys: {', '.join(sorted(known))}")
+        hint = "; ".join(hints)
+        raise ConfigError(
+            f"{source}: unknown config key(s) {', '.join(map(repr, unknown))}; {hint}"
+        )
 
     # --- checks --------------------------------------------------------------------------
 
