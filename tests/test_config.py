@@ -70,8 +70,7 @@ def test_a_mistyped_key_gets_a_suggestion() -> None:
     with pytest.raises(ConfigError) as caught:
         FederationConfig().with_overrides({"local_epoch": "2"})
     assert str(caught.value) == (
-        "--set: unknown config key(s) 'local_epoch'; did you mean 'local_epochs' for "
-        "'local_epoch'?"
+        "--set: unknown config key(s) 'local_epoch'; did you mean 'local_epochs' for 'local_epoch'?"
     )
 
 
