@@ -11,6 +11,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 # pip prints a harmless "Location ... is ignored" line per local wheel here.
 QUIET := sed -u '/is ignored/d'
+# Progress on a first install without pip's wall of text: one line per package it fetches,
+# then what it installed (sed, not grep: no line to show is not a failure).
+PROGRESS := sed -u -n -E -e '/^(ERROR|error|  [×╰│])/p' -e 's/^(Collecting|Downloading|Installing collected packages:|Successfully installed) ?(.{0,110}).*/  pip: \1 \2/p'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
@@ -33,9 +36,11 @@ help:
 	@echo "make destroy  cdk destroy the stack"
 
 $(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyproject.toml
+	@echo "setup 1/2: a virtual environment in $(VENV) with torch and the runtime (a few minutes the first time; torch from PyPI brings its CUDA libraries, about 6 GB in all)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements/runtime.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	$(PIP) install -r requirements/runtime.txt -c requirements/constraints.txt 2>&1 | $(QUIET) | $(PROGRESS)
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	@echo "setup 2/2: done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
 	touch $@
 
 # The CDK app alone (make synth/deploy/destroy): no torch, no CUDA wheels.
@@ -50,10 +55,12 @@ $(VENV)/.mnist: $(VENV)/.runtime
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements/dev.txt
-	$(PIP) install -q -r requirements/dev.txt -c requirements/constraints.txt 2>&1 | $(QUIET)
+	@echo "dev tools: ruff, mypy, pytest, the CDK libraries, cfn-lint, flwr (as a test oracle) ..."
+	$(PIP) install -r requirements/dev.txt -c requirements/constraints.txt 2>&1 | $(QUIET) | $(PROGRESS)
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
+	@echo "the AWS CDK CLI from npm (node_modules) ..."
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 

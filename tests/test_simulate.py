@@ -35,6 +35,17 @@ def test_small_simulation_learns_and_writes_history_and_plot(tmp_path: Path) -> 
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["status"] == "CLOSED" for r in rounds)
     assert [r["model_version"] for r in rounds] == [1, 2, 3]
+    # Set-up steps show before the first row (a log gets them as lines, not a status line).
+    lines = proc.stdout.splitlines()
+    steps = [i for i, line in enumerate(lines) if line.startswith("  ... ")]
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["round", "status"])
+    assert [lines[i] for i in steps] == [
+        "  ... loading task digits",
+        "  ... splitting the data over 4 clients (dirichlet)",
+        "  ... starting the local AWS endpoint (moto) and both functions",
+        "  ... waiting for 4 clients to start and register",
+    ]
+    assert header < steps[0]  # the header first (everything was checked), then the steps
     accuracies = [history["initial_accuracy"]] + [r["accuracy"] for r in rounds]
     assert accuracies[-1] > accuracies[0] + 0.2
     first = rounds[0]

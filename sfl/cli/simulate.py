@@ -115,20 +115,31 @@ def _simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    live = sys.stdout.isatty()
+    clear = "\r\033[K" if live else ""  # the status line gives way to the round's row
+
+    def status(text: str) -> None:
+        # On a terminal, one line that changes in place; in a log, the set-up steps only.
+        if live:
+            print(f"\r\033[K  ... {text}", end="", flush=True)
+        elif not text.startswith("round "):
+            print(f"  ... {text}", flush=True)
+
     def show(row: dict[str, Any]) -> None:
         def fmt(value: float | None, spec: str) -> str:
             return "-" if value is None else format(value, spec)
 
         clients = f"{len(row['accepted'])}/{len(row['selected'])}"
         print(
-            f"{row['round']:>5} {row['status']:>9} {clients:>8} {fmt(row['accuracy'], '.4f'):>9} "
+            f"{clear}{row['round']:>5} {row['status']:>9} {clients:>8} "
+            f"{fmt(row['accuracy'], '.4f'):>9} "
             f"{fmt(row['loss'], '.4f'):>7} {fmt(row['client_accuracy'], '.4f'):>10} "
             f"{fmt(row['timings']['total'], '.2f'):>7} {fmt(row['overhead_seconds'], '.2f'):>10}",
             flush=True,
         )
 
     try:
-        result = run_simulation(options, progress=show)
+        result = run_simulation(options, progress=show, activity=status)
     except SimulationError as e:
         print(f"sfl simulate: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ and each new global model is scored on the task's held-out test split.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,8 @@ WAKE_FALLBACK_POLL_SECONDS = 2.0
 
 #: From this many clients on, ``sfl simulate`` runs them in worker processes by default.
 PROCESS_CLIENTS_FROM = 16
+
+logger = logging.getLogger(__name__)
 
 
 class SimulationError(RuntimeError):
@@ -144,10 +147,17 @@ class SimulationResult:
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
+#: What the simulation is doing right now, in a few words (set-up steps, then the open round's
+#: answers about once a second): for a live status line.
+ActivityFn = Callable[[str], None]
+# How often the open round's answers are read for the status line.
+ACTIVITY_SECONDS = 1.0
 
 
 def run_simulation(
-    options: SimulationOptions, progress: ProgressFn | None = None
+    options: SimulationOptions,
+    progress: ProgressFn | None = None,
+    activity: ActivityFn | None = None,
 ) -> SimulationResult:
     torch.set_num_threads(1)  # many clients share two cores: no intra-op oversubscription
     wall_start = time.time()
@@ -155,7 +165,9 @@ def run_simulation(
     reset_averager_crash()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
+    say = activity or (lambda _: None)
     config = options.federation_config()
+    say(f"loading task {options.task}")
     task = configured_task(config)
     # Checked before anything starts: a file that does not fit the model costs no set-up.
     start_weights = (
@@ -165,6 +177,7 @@ def run_simulation(
     )
     test = task.load_central_data().test
     client_ids = default_client_ids(options.clients)
+    say(f"splitting the data over {options.clients} clients ({options.partition})")
     write_client_splits(
         task,
         out / "data",
@@ -176,6 +189,7 @@ def run_simulation(
         client_ids=client_ids,
     )
 
+    say("starting the local AWS endpoint (moto) and both functions")
     with LocalFederation(
         config,
         tick_seconds=options.tick_seconds,
@@ -192,7 +206,9 @@ def run_simulation(
                 now=time.time(),
                 replace=True,
             )
-        return _run(options, task, test, client_ids, federation, progress, wall_start, plan)
+        return _run(
+            options, task, test, client_ids, federation, progress, wall_start, plan, activity
+        )
 
 
 def _run(
@@ -204,6 +220,7 @@ def _run(
     progress: ProgressFn | None,
     wall_start: float,
     plan: FaultPlan,
+    activity: ActivityFn | None = None,
 ) -> SimulationResult:
     config = federation.config
     names = federation.names
@@ -271,6 +288,16 @@ def _run(
 
     rows: list[dict[str, Any]] = []
     initial_accuracy = _evaluate_version(task, control, names.models_bucket, 0, test)["accuracy"]
+    if activity is not None:
+        activity(f"waiting for {len(client_ids)} clients to start and register")
+        watcher = threading.Thread(
+            target=_report_open_round,
+            args=(federation, activity, stop),
+            name="status",
+            daemon=True,
+        )
+        watcher.start()
+        threads.append(watcher)
     try:
         # Worker processes first import torch and load their data: give them longer.
         _wait_for_clients(
@@ -344,6 +371,26 @@ def _run(
             "tick_failures": averager.scheduled_failures,
         },
     )
+
+
+def _report_open_round(
+    federation: LocalFederation, activity: ActivityFn, stop: threading.Event
+) -> None:
+    """The open round's answers so far, about once a second, until the simulation ends."""
+    experiment = federation.config.experiment
+    while not stop.wait(ACTIVITY_SECONDS):
+        try:
+            latest = federation.rounds.latest(experiment, slots=False)
+        except Exception as e:  # a status line is never worth failing a simulation for
+            logger.debug("status line skipped", extra={"error": type(e).__name__})
+            continue
+        if latest is None or latest.status is not RoundState.OPEN:
+            continue
+        elapsed = time.time() - latest.created_at
+        activity(
+            f"round {latest.round}: {latest.answered_count}/{latest.selected_count} picked "
+            f"clients answered ({latest.accepted_count} accepted), {elapsed:.0f} s"
+        )
 
 
 def _relay_wake_ups(
