@@ -319,7 +319,7 @@ def test_report_writes_history_and_charts(fleet: LocalFleet, tmp_path: Path) -> 
     records = rounds(fleet).history("default")
     assert [r["round"] for r in history["rounds"]] == [r.round for r in records]
     assert all(r["cost"]["usd"] > 0 for r in history["rounds"])
-    assert [v["version"] for v in history["config_versions"]] == [1, 2]
+    assert [v["version"] for v in history["config_versions"]] == [1, 2, 3, 4, 5]
     names = sorted(Path(p).name for p in result["charts"])
     assert names == [
         "accuracy.png",

@@ -69,7 +69,7 @@ def _start_from(fed: Federation, path: Path, *, replace: bool) -> dict[str, Any]
 
 def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     if args.models_action == "list":
-        rows = views.models(fed)
+        rows = views.models(fed, None if args.all else args.last)
         if args.json:
             return rows
         table = Table()
@@ -128,7 +128,16 @@ def add_parser(sub: Any) -> None:
         sub, "models", _models, "model versions: list, pull, promote, rollback", flags=False
     )
     actions_ = models.add_subparsers(dest="models_action", required=True)
-    connection_flags(actions_.add_parser("list", help="every version with its lineage"))
+    listing = actions_.add_parser("list", help="the newest versions with their lineage")
+    connection_flags(listing)
+    count = listing.add_mutually_exclusive_group()
+    count.add_argument(
+        "--last",
+        type=whole(1),
+        default=views.DEFAULT_LAST,
+        help=f"the newest N versions (default {views.DEFAULT_LAST})",
+    )
+    count.add_argument("--all", action="store_true", help="every version (lists the bucket)")
     pull = actions_.add_parser("pull", help="download a version (default: promoted, else newest)")
     pull.add_argument("version", type=whole(0), nargs="?")
     pull.add_argument("--out", type=output_path, required=True, help="the file to write")

@@ -47,8 +47,13 @@ def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         else:
             line += f" at {when(r['finished_at'])}, {r['accepted']}/{r['selected']} accepted"
         out.print(line)
+    counted = (
+        f"{s['rounds_total']} in all; of the newest {s['rounds_counted']}: "
+        if s["rounds_total"] > s["rounds_counted"]
+        else ""
+    )
     out.print(
-        f"rounds:      {s['rounds_closed']} closed, {s['rounds_abandoned']} abandoned"
+        f"rounds:      {counted}{s['rounds_closed']} closed, {s['rounds_abandoned']} abandoned"
         + (
             f"; rollback to version {s['rollback_to']} pending"
             if s["rollback_to"] is not None
@@ -101,9 +106,8 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
-    rows = [views.round_row(r) for r in views.rounds_of(fed)]
-    if args.last is not None:
-        rows = rows[-args.last :]
+    count = None if args.all else (args.last or views.DEFAULT_LAST)
+    rows = [views.round_row(r) for r in views.recent_rounds(fed, count)]
     if args.json:
         return rows
     if not rows:
@@ -148,12 +152,14 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         disable=args.json,
     )  # fmt: skip
     task_ids: dict[int, Any] = {}
-    finished = [r.round for r in views.rounds_of(fed) if r.status.finished]
+    # What came before: the newest --history finished rounds are shown, older ones never read.
+    window = args.history + 2
+    finished = [r.round for r in views.recent_rounds(fed, window) if r.status.finished]
     shown.update(finished[: -args.history] if args.history else finished)
     with progress:
         while True:
             now = time.time()
-            history = views.rounds_of(fed)
+            history = views.recent_rounds(fed, window)
             for r in history:
                 row = views.round_row(r, now)
                 if r.status.finished and r.round not in shown:
@@ -204,7 +210,14 @@ def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 def add_parser(sub: Any) -> None:
     command(sub, "status", _status, "the federation now: round, devices, model, alarms")
     p = command(sub, "rounds", _rounds, "every round: outcome, answers, rejections, accuracy")
-    p.add_argument("--last", type=whole(1), default=None, help="only the last N rounds")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--last",
+        type=whole(1),
+        default=None,
+        help=f"the newest N rounds (default {views.DEFAULT_LAST})",
+    )
+    shown.add_argument("--all", action="store_true", help="every round (reads the history)")
     p = command(sub, "watch", _watch, "live progress of the open round and accuracy per round")
     p.add_argument("--until-round", type=whole(1), default=0, help="stop once round N has finished")
     p.add_argument(

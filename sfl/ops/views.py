@@ -15,12 +15,26 @@ from sfl.state.rounds import Round, RoundState, RoundStore
 
 #: Seen by no heartbeat for this long, a registry item is not listed as a device at all.
 EVERYONE_SECONDS = 10.0**10
+#: How many of the newest rounds ``status`` counts, and ``devices`` reads each device's
+#: answers from: the operator's everyday reads cost the same at round 10 and round 10,000.
+STATUS_ROUNDS = 100
+DEVICE_ROUNDS = 20
+#: What ``rounds`` and ``models list`` show unless asked for more.
+DEFAULT_LAST = 20
 
 
 def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
-    """Every round's record; ``slots=True`` also reads each round's clients and answers
-    (one query per round, a page per ~1 MB), which only the per-device view needs."""
+    """Every round's record (the report's, which is about the whole history); ``slots=True``
+    also reads each round's clients and answers (one query per round)."""
     return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment, slots=slots)
+
+
+def recent_rounds(fed: Federation, count: int | None, *, slots: bool = False) -> list[Round]:
+    """The newest ``count`` rounds, oldest first (``None``: every round)."""
+    if count is None:
+        return rounds_of(fed, slots=slots)
+    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    return store.recent(fed.experiment, count, slots=slots)
 
 
 def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
@@ -71,7 +85,7 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
 def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     config = fed.deployed_config
-    history = rounds_of(fed)
+    history = recent_rounds(fed, STATUS_ROUNDS)
     latest = history[-1] if history else None
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
@@ -94,6 +108,8 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "region": fed.region,
         "experiment": config.experiment,
         "round": round_row(latest, now) if latest is not None else None,
+        "rounds_total": latest.round if latest is not None else 0,
+        "rounds_counted": len(history),  # the newest rounds the two counts below cover
         "rounds_closed": sum(r.status is RoundState.CLOSED for r in history),
         "rounds_abandoned": sum(r.status is RoundState.ABANDONED for r in history),
         "paused": control.paused,
@@ -126,7 +142,8 @@ def alarms(fed: Federation) -> list[dict[str, Any]]:
 
 
 def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
-    """Every client in the registry, with what the round records say about its answers."""
+    """Every client in the registry: what the server counted for it (its registry item),
+    and its answers in the newest ``DEVICE_ROUNDS`` rounds (their records)."""
     now = time.time() if now is None else now
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
@@ -137,7 +154,7 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     rejected: dict[str, Counter[str]] = {}
     declined: dict[str, Counter[str]] = {}
     turnaround: dict[str, list[float]] = {}
-    for r in rounds_of(fed, slots=True):
+    for r in recent_rounds(fed, DEVICE_ROUNDS, slots=True):
         picked.update(r.selected)
         for client, answer in r.answers.items():
             if answer.outcome.value == "accepted":
@@ -162,9 +179,11 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
                 "registered_at": c.registered_at,
                 "ewma_turnaround": c.ewma_turnaround,
                 "last_turnaround": samples[-1] if samples else None,
-                "rounds_picked": picked[c.client_id],
-                "rounds_answered": accepted[c.client_id],
+                "rounds_picked": c.rounds_answered + c.rounds_missed,
+                "rounds_answered": c.rounds_answered,
                 "rounds_missed": c.rounds_missed,
+                "recent_picked": picked[c.client_id],  # in the newest DEVICE_ROUNDS rounds
+                "recent_accepted": accepted[c.client_id],
                 "missed_streak": c.missed_streak,
                 "rejected": dict(sorted(rejected.get(c.client_id, Counter()).items())),
                 "declined": dict(sorted(declined.get(c.client_id, Counter()).items())),
@@ -173,13 +192,21 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def models(fed: Federation) -> list[dict[str, Any]]:
-    """Every global model version with its lineage (from its record, else its round)."""
+def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, Any]]:
+    """The newest ``last`` global model versions (``None``: every one) with their lineage
+    (from its record, else its round)."""
     store = LineageStore(fed.aws, fed.names)
-    versions = store.versions()
+    recent = recent_rounds(fed, last)
+    if last is None:
+        versions = store.versions()
+    else:
+        # The newest version a round knows of; a rollback may have written one after it.
+        known = [v for r in recent for v in (r.base_version, r.model_version) if v is not None]
+        versions = store.versions_from(max(0, max(known, default=0) - last))
+        versions = dict(list(versions.items())[-last:])
     by_version = {
         r.model_version: r
-        for r in rounds_of(fed)
+        for r in recent
         if r.status is RoundState.CLOSED and r.model_version is not None
     }
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)

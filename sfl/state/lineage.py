@@ -171,6 +171,21 @@ class LineageStore:
                     found[version] = {"size": obj["Size"], "written_at": obj["LastModified"]}
         return dict(sorted(found.items()))
 
+    def versions_from(self, first: int) -> dict[int, dict[str, Any]]:
+        """The versions from ``first`` on (the keys sort by version): one listing page for a
+        window of recent versions, whatever the history."""
+        found: dict[int, dict[str, Any]] = {}
+        paginator = self._s3.get_paginator("list_objects_v2")
+        start = layout.model_key(first - 1) if first > 0 else ""
+        for page in paginator.paginate(
+            Bucket=self._bucket, Prefix=layout.MODELS_PREFIX, StartAfter=start
+        ):
+            for obj in page.get("Contents", []):
+                version = layout.model_version_of(obj["Key"])
+                if version is not None and version >= first:
+                    found[version] = {"size": obj["Size"], "written_at": obj["LastModified"]}
+        return dict(sorted(found.items()))
+
     def roll_back(self, source: int, *, now: float, after: int) -> int:
         """Write model ``source`` again as a new version (the first free one above ``after``
         and above every existing version), stamped with its new number, and its lineage.

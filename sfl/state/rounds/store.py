@@ -109,6 +109,26 @@ class RoundStore:
                 return [self.with_slots(r) for r in rounds] if slots else rounds
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
+    def recent(self, experiment: str, count: int, *, slots: bool = False) -> list[Round]:
+        """The newest ``count`` rounds, oldest first: what reading them costs does not grow
+        with the history (a page per ~1 MB of round items)."""
+        rounds: list[Round] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "experiment = :e",
+            "ExpressionAttributeValues": {":e": {"S": experiment}},
+            "ScanIndexForward": False,
+            "ConsistentRead": True,
+        }
+        while len(rounds) < count:
+            response = self._ddb.query(**kwargs, Limit=count - len(rounds))
+            rounds.extend(Round.from_item(i) for i in response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                break
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        rounds.reverse()
+        return [self.with_slots(r) for r in rounds] if slots else rounds
+
     # --- slots ----------------------------------------------------------------------------
 
     def with_slots(self, round_: Round) -> Round:
