@@ -85,17 +85,21 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
 def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     config = fed.deployed_config
-    history = recent_rounds(fed, STATUS_ROUNDS)
-    latest = history[-1] if history else None
+    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    latest = store.latest(fed.experiment, slots=False)
+    outcomes = store.recent_outcomes(fed.experiment, STATUS_ROUNDS)
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
     everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
-    closed = [r for r in history if r.status is RoundState.CLOSED and r.model_version is not None]
+    closed = [n for n, state, version in outcomes if state == "CLOSED" and version is not None]
     model: dict[str, Any] | None = None
+    last = None
     if closed:
-        last = closed[-1]
+        last = latest if latest is not None and latest.round == closed[0] else None
+        last = last or store.get(fed.experiment, closed[0], slots=False)
+    if last is not None:
         model = {
             "version": last.model_version,
             "round": last.round,
@@ -109,9 +113,9 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "experiment": config.experiment,
         "round": round_row(latest, now) if latest is not None else None,
         "rounds_total": latest.round if latest is not None else 0,
-        "rounds_counted": len(history),  # the newest rounds the two counts below cover
-        "rounds_closed": sum(r.status is RoundState.CLOSED for r in history),
-        "rounds_abandoned": sum(r.status is RoundState.ABANDONED for r in history),
+        "rounds_counted": len(outcomes),  # the newest rounds the two counts below cover
+        "rounds_closed": sum(state == RoundState.CLOSED.value for _, state, _ in outcomes),
+        "rounds_abandoned": sum(state == RoundState.ABANDONED.value for _, state, _ in outcomes),
         "paused": control.paused,
         "pause_reason": control.pause_reason or None,
         "rollback_to": control.rollback_to,
@@ -196,26 +200,22 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
     """The newest ``last`` global model versions (``None``: every one) with their lineage
     (from its record, else its round)."""
     store = LineageStore(fed.aws, fed.names)
-    recent = recent_rounds(fed, last)
+    rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    outcomes = rounds.recent_outcomes(fed.experiment, last if last is not None else 10**9)
+    by_version = {v: n for n, state, v in outcomes if state == "CLOSED" and v is not None}
     if last is None:
         versions = store.versions()
     else:
-        # The newest version a round knows of; a rollback may have written one after it.
-        known = [v for r in recent for v in (r.base_version, r.model_version) if v is not None]
-        versions = store.versions_from(max(0, max(known, default=0) - last))
+        # From the newest version a round wrote; a rollback may have written one after it.
+        versions = store.versions_from(max(0, max(by_version, default=0) - last))
         versions = dict(list(versions.items())[-last:])
-    by_version = {
-        r.model_version: r
-        for r in recent
-        if r.status is RoundState.CLOSED and r.model_version is not None
-    }
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     rows = []
     for version, obj in versions.items():
         lineage = store.get(version)
-        if lineage is None and version in by_version:
-            rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
-            lineage = lineage_of_round(rounds.with_slots(by_version[version]))
+        if lineage is None and version in by_version:  # written before lineage records
+            produced = rounds.get(fed.experiment, by_version[version])
+            lineage = lineage_of_round(produced) if produced is not None else None
         if lineage is None:
             lineage = ModelLineage(
                 version=version, kind="initial" if version == 0 else "?", parent=None

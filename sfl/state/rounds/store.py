@@ -129,6 +129,35 @@ class RoundStore:
         rounds.reverse()
         return [self.with_slots(r) for r in rounds] if slots else rounds
 
+    def recent_outcomes(self, experiment: str, count: int) -> list[tuple[int, str, int | None]]:
+        """(round, status, model version) of the newest ``count`` rounds, newest first: the
+        three attributes alone, for counting without reading whole round items."""
+        found: list[tuple[int, str, int | None]] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "experiment = :e",
+            "ExpressionAttributeValues": {":e": {"S": experiment}},
+            "ProjectionExpression": "#r, #s, model_version",
+            "ExpressionAttributeNames": {"#r": "round", "#s": "status"},
+            "ScanIndexForward": False,
+            "ConsistentRead": True,
+        }
+        while len(found) < count:
+            response = self._ddb.query(**kwargs, Limit=count - len(found))
+            for item in response.get("Items", []):
+                version = item.get("model_version", {}).get("N")
+                found.append(
+                    (
+                        int(item["round"]["N"]),
+                        item["status"]["S"],
+                        int(version) if version is not None else None,
+                    )
+                )
+            if "LastEvaluatedKey" not in response:
+                break
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return found
+
     # --- slots ----------------------------------------------------------------------------
 
     def with_slots(self, round_: Round) -> Round:

@@ -1,0 +1,124 @@
+"""Benchmark: how long the operator's everyday commands take as the history grows.
+
+    .venv/bin/python benchmarks/operator_reads.py   # writes benchmarks/results/operator_reads.json
+
+A local federation (``sfl local up``'s, one client, no schedule), then synthetic history
+written straight into its rounds table and models bucket: closed rounds with their slots and
+a model version with its lineage each. ``status``, ``rounds``, ``devices``, ``models list``
+and one look of ``watch`` are timed (in this process, median of 5) at 10 rounds and again at
+10,000. Goal (issue 25): each at most 1 s locally, and the same at both sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sfl.cli.main import main
+from sfl.core import layout
+from sfl.local.fleet import FleetOptions, LocalFleet
+from sfl.state.lineage import ModelLineage
+from sfl.state.rounds import Answer, Outcome, RoundState, RoundStore
+
+RESULTS = Path(__file__).parent / "results" / "operator_reads.json"
+STACK = "Sfl-ReadsBenchmark"
+COMMANDS = {
+    "status": ["status", "--json"],
+    "rounds": ["rounds", "--json"],
+    "devices": ["devices", "--json"],
+    "models list": ["models", "list", "--json"],
+    "watch (one look)": ["watch", "--json", "--timeout", "0.01", "--history", "5"],
+}
+REPEATS = 5
+
+
+def write_history(fleet: LocalFleet, first: int, last: int, client: str) -> None:
+    """Rounds ``first``..``last`` closed, each with one accepted answer and a model version."""
+    federation = fleet.federation
+    clients = federation.aws.clients()
+    store = RoundStore(clients.dynamodb, federation.names.rounds_table)
+    bucket = federation.names.models_bucket
+    template = store.latest(federation.config.experiment, slots=True)
+    assert template is not None, "run one real round first"
+    for number in range(first, last + 1):
+        now = time.time()
+        answer = Answer(
+            outcome=Outcome.ACCEPTED, key=f"synthetic/{number}", size=1000, received_at=now,
+            num_examples=100, metrics={"accuracy": 0.9, "loss": 0.3}, delta_norm=1.0,
+        )  # fmt: skip
+        closed = replace(
+            template, round=number, base_version=number - 1, model_version=number,
+            status=RoundState.CLOSED, created_at=now - 5, finished_at=now, selected=(client,),
+            answers={client: answer}, evaluation={"accuracy": 0.9, "loss": 0.3},
+        )  # fmt: skip
+        clients.dynamodb.put_item(TableName=federation.names.rounds_table, Item=closed.to_item())
+        store.write_slots(closed, (client,))
+        clients.s3.put_object(Bucket=bucket, Key=layout.model_key(number), Body=b"synthetic")
+        lineage = ModelLineage(version=number, kind="round", parent=number - 1, round=number)
+        clients.s3.put_object(
+            Bucket=bucket, Key=layout.lineage_key(number), Body=json.dumps(lineage.to_dict())
+        )
+
+
+def time_commands(fleet: LocalFleet) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    for name, argv in COMMANDS.items():
+        samples = []
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
+                main([*argv, "--endpoint", fleet.endpoint_url, "--stack", STACK])
+            samples.append(time.perf_counter() - started)
+        timings[name] = round(statistics.median(samples), 3)
+    return timings
+
+
+def run(rounds: int) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory() as out,
+        LocalFleet(
+            FleetOptions(out=Path(out), clients=1, schedule_seconds=3600.0, stack=STACK)
+        ) as fleet,
+    ):
+        started = fleet.federation.start_round()
+        assert started["started"], started
+        fleet.federation.wait_for_round(1, timeout=120)
+        client = started["selected"][0]
+        write_history(fleet, 2, 10, client)
+        small = time_commands(fleet)
+        filled = time.perf_counter()
+        write_history(fleet, 11, rounds, client)
+        filled = time.perf_counter() - filled
+        large = time_commands(fleet)
+    return {"at_10_rounds": small, f"at_{rounds}_rounds": large, "fill_seconds": round(filled)}
+
+
+def main_() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = {
+        "measured": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "seconds_median_of": REPEATS,
+        **run(args.rounds),
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main_()
