@@ -131,6 +131,13 @@ class FederationConfig(Settings):
         allowed=Range(1, 1_000),
         doc="rounds over which recent picks are counted and staleness is judged",
     )
+    liveness_window: int = setting(
+        8,
+        allowed=Range(2, 16),
+        doc="a client's misses are counted over its last this many picks: with m >= 2 of "
+        "them missed it sits out 2 ** (m - 1) rounds after each pick, and with at least "
+        "half missed a round waits for it only until the soft deadline",
+    )
     selection_speed_exponent: float = setting(
         4.0,
         allowed=Range(0.0, 10.0),

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sfl.core import plugins
+from sfl.core.liveness import bench_rounds, history_from_streak, valid_history
 
 if TYPE_CHECKING:
     from sfl.core.config import FederationConfig
@@ -44,6 +45,15 @@ class Candidate:
     last_round: int = 0  # the last round it was picked in and counted; 0: never
     utility: float | None = None  # bounded loss x examples of its last accepted update
     recent_picks: float = 0.0  # decayed count of rounds picked in, as of last_round
+    # Its last picks' outcomes (sfl.core.liveness); None: a record from before histories,
+    # judged by its streak of misses.
+    miss_history: int | None = None
+
+    @property
+    def history(self) -> int:
+        if self.miss_history is None:
+            return history_from_streak(self.missed_streak)
+        return valid_history(self.miss_history)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class SelectionPolicy:
         )
 
 
+# Picks over which a client's misses are counted (the config's liveness_window by default).
+LIVENESS_WINDOW = 8
 # The most a client's speed can raise its selection weight over a typical client's.
 MAX_SPEEDUP = 10.0
 # The most (and least) a client's utility can weigh against a typical client's: a device
@@ -89,15 +101,17 @@ def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int)
     return max(1, min(num_active, wanted))
 
 
-def cooled_down(candidates: Sequence[Candidate], round_number: int) -> list[Candidate]:
-    """Clients that keep missing rounds sit some out: after ``s >= 2`` misses in a row, the
-    next ``2 ** (s - 1)`` rounds (at most 32) after the last one. A device that heartbeats
-    but never answers cannot stall every round; it is tried again, less and less often.
-    Never empties the field: if everyone is cooling down, everyone stays."""
+def cooled_down(
+    candidates: Sequence[Candidate], round_number: int, window: int = LIVENESS_WINDOW
+) -> list[Candidate]:
+    """Clients that keep missing rounds sit some out: with ``m >= 2`` misses among their last
+    ``window`` picks, the next ``2 ** (m - 1)`` rounds (at most 32) after their last pick
+    (``sfl.core.liveness.bench_rounds``). Misses are counted over the window, not in a row,
+    so neither a silent device nor one alternating answers and silence stalls every round;
+    it is tried again, less and less often. Never empties the field: if everyone is cooling
+    down, everyone stays."""
     ready = [
-        c
-        for c in candidates
-        if c.missed_streak < 2 or round_number > c.last_round + 2 ** min(c.missed_streak - 1, 5)
+        c for c in candidates if round_number > c.last_round + bench_rounds(c.history, window)
     ]
     return ready or list(candidates)
 
