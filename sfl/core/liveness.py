@@ -58,8 +58,8 @@ def bench_rounds(history: int, window: int) -> int:
 
 def is_doubtful(history: int, window: int) -> bool:
     """Whether a client's recent picks say it will likely not answer: at least two misses,
-    and at least half of its last ``window`` picks. A round waits for it only until the
-    soft deadline (``sfl.core.quorum``); a client that answers every pick, however
-    slowly, is never doubtful."""
+    and at least a third of its last ``window`` picks (an alternating device is, from its
+    second miss). A round waits for it only until the soft deadline (``sfl.core.quorum``);
+    a client that answers every pick, however slowly, is never doubtful."""
     misses, picks = recent_misses(history, window)
-    return misses >= 2 and 2 * misses >= picks
+    return misses >= 2 and 3 * misses >= picks

@@ -4,8 +4,9 @@ its recent picks, recent picks, the accepted update's bounded utility), which se
 liveness read. Best effort: the registry is advisory, the round record is the truth.
 
 Credit is given when the round is finished, not when an answer arrives: only then are the
-round's changes known, and an accepted update whose change is negligible against them
-(``sfl.core.credit``) earns no turnaround sample and no utility: it counts as a miss, so
+round's changes known, and an accepted update whose change is negligible against the typical
+change of recent rounds and this one (``sfl.core.credit``; kept in the registry table's
+server-only ``#changes`` item) earns no turnaround sample and no utility: it counts as a miss, so
 answering at once with the base model plus a trace buys no place in later rounds. The
 invocation that finished the round counts it, once per client (the registry's write is
 conditional on the round number, so a repeat counts nothing).
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from sfl.core.credit import is_negligible, typical_change
+from sfl.core.credit import grown_pool, is_negligible, typical_change
 from sfl.state.registry import statistical_utility
 from sfl.state.rounds import Answer, Outcome, Round
 
@@ -32,6 +33,15 @@ if TYPE_CHECKING:
     from sfl.server.context import AveragerContext
 
 logger = logging.getLogger(__name__)
+
+
+def earns_credit(answer: Answer | None, typical: float) -> bool:
+    """An accepted update whose change is not negligible against the ``typical`` one."""
+    return (
+        answer is not None
+        and answer.outcome is Outcome.ACCEPTED
+        and not is_negligible(answer.delta_norm, typical)
+    )
 
 
 def count_answer(
@@ -45,11 +55,7 @@ def count_answer(
     """Fold this round into the client's record: answered if ``answer`` was accepted and its
     change is not negligible against the round's ``typical`` one, else missed (a rejection,
     a decline, a negligible change, or ``None``: no answer by the round's end)."""
-    answered = (
-        answer is not None
-        and answer.outcome is Outcome.ACCEPTED
-        and not is_negligible(answer.delta_norm, typical)
-    )
+    answered = earns_credit(answer, typical)
     config = ctx.round_config(round_)
     utility = None
     if answer is not None and answered:
@@ -76,14 +82,23 @@ def count_answer(
 
 
 def count_round(ctx: AveragerContext, finished: Round) -> None:
-    """Count a finished round for every client it selected, against the round's accepted
-    changes. Called by the one invocation that finished it; ``finished`` is loaded with its
-    slots."""
-    config = ctx.round_config(finished)
-    typical = typical_change(
-        [a.delta_norm for a in finished.accepted.values()],
-        last_bound=finished.norm_bound_hint,
-        bound_factor=config.norm_bound_factor,
-    )
+    """Count a finished round for every client it selected, against the typical change of
+    recent rounds and this one (``sfl.core.credit``), then keep this round's credited
+    changes for the next. Called by the one invocation that finished it; ``finished`` is
+    loaded with its slots."""
+    try:
+        pool = ctx.registry.recent_changes()
+    except Exception as e:  # bookkeeping: without a reference nothing is judged negligible
+        logger.warning("recent changes not read", extra={"error": type(e).__name__})
+        pool = ()
+    typical = typical_change(pool, [a.delta_norm for a in finished.accepted.values()])
+    credited = []
     for client in finished.selected:
-        count_answer(ctx, finished, client, finished.answers.get(client), typical=typical)
+        answer = finished.answers.get(client)
+        count_answer(ctx, finished, client, answer, typical=typical)
+        if answer is not None and earns_credit(answer, typical):
+            credited.append(answer.delta_norm)
+    try:
+        ctx.registry.record_changes(finished.round, grown_pool(pool, credited))
+    except Exception as e:
+        logger.warning("recent changes not kept", extra={"error": type(e).__name__})

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from sfl.core.layout import CLIENT_ID, validate_client_id
+from sfl.core.credit import CHANGE_POOL_SIZE
 from sfl.core.liveness import EMPTY_HISTORY, history_from_streak, record_pick, valid_history
 from sfl.core.resources import ACTIVE_INDEX, ACTIVE_SHARDS
 from sfl.core.selection import Candidate, decayed_picks
@@ -70,6 +71,10 @@ MAX_CLOCK_SKEW_SECONDS = 300.0
 # The attributes a device may write (the device role's dynamodb:Attributes condition): each
 # a key DynamoDB types (the table's, or the active index's), none the server measured.
 DEVICE_ATTRIBUTES = ("client_id", "last_seen", "active_shard")
+# The server-only item holding recent rounds' credited changes (sfl.core.credit): no thing
+# name holds '#', so no device can write it, and with no shard or heartbeat it is never a
+# candidate nor listed.
+CHANGES_ITEM_ID = "#changes"
 # What the server reads of an item when it counts a round (not even ``registered_at``: an
 # item from before it was the server's may hold whatever a device put there).
 SERVER_READ = (
@@ -334,6 +339,40 @@ class ClientRegistry:
                     "client round not counted",
                     extra={"client_id": client_id, "round": round_number, "error": error_code(e)},
                 )
+                return False
+            raise
+        return True
+
+    def recent_changes(self) -> tuple[float, ...]:
+        """The credited changes of recent rounds (``sfl.core.credit``), oldest first; what
+        is not a bounded list of positive finite numbers reads as none."""
+        item = self._ddb.get_item(
+            TableName=self._table,
+            Key={"client_id": {"S": CHANGES_ITEM_ID}},
+            ConsistentRead=True,
+            ProjectionExpression="norms",
+        ).get("Item")
+        norms = from_item(item).get("norms") if item else None
+        if not isinstance(norms, list):
+            return ()
+        numbers = [_number(n) for n in norms[-CHANGE_POOL_SIZE:]]
+        return tuple(n for n in numbers if n is not None and n > 0)
+
+    def record_changes(self, round_number: int, pool: tuple[float, ...]) -> bool:
+        """Store the pool as of this round, once per round (a later round's wins)."""
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key={"client_id": {"S": CHANGES_ITEM_ID}},
+                UpdateExpression="SET norms = :norms, last_round = :round",
+                ConditionExpression="attribute_not_exists(last_round) OR last_round < :round",
+                ExpressionAttributeValues={
+                    ":norms": {"L": [serialize(round(n, 9)) for n in pool[-CHANGE_POOL_SIZE:]]},
+                    ":round": {"N": str(round_number)},
+                },
+            )
+        except ClientError as e:
+            if error_code(e) == "ConditionalCheckFailedException":
                 return False
             raise
         return True
