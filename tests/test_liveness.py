@@ -37,7 +37,9 @@ def _answer(stack: Stack, averager: Averager, store: RoundStore, client: str, nu
     base = _model(stack, round_.base_version)
     scale = 0.5 + 0.01 * sum(map(ord, client)) % 7
     update = {name: base[name] + scale * DELTA[name] for name in base}
-    _deliver(averager, stack.upload_update(client, number, update, base_version=round_.base_version))
+    _deliver(
+        averager, stack.upload_update(client, number, update, base_version=round_.base_version)
+    )
 
 
 def _finish(averager: Averager, clock: Clock, store: RoundStore, number: int) -> tuple[str, str]:
