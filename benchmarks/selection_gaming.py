@@ -1,6 +1,6 @@
 """Benchmark: can a device earn its way into every round by answering at once with nothing?
 
-    .venv/bin/python benchmarks/selection_gaming.py   # writes benchmarks/results/selection_gaming.json
+    .venv/bin/python benchmarks/selection_gaming.py   # results/selection_gaming.json
 
 Issue 20's "earn a place in every round": one device of 20 answers each pick at once (the
 1 s turnaround floor) with the base model plus a trace (a change of 1e-4 against honest

@@ -63,7 +63,7 @@ def _measured(stack: Stack, client: str) -> dict[str, Any]:
 
 
 def test_a_device_writing_everything_it_may_keeps_its_misses_and_its_bench(stack: Stack) -> None:
-    averager, clock, store = _setup(stack, "a", "ghost")  # min_fraction: closes on "a" alone
+    averager, clock, _ = _setup(stack, "a", "ghost")  # min_fraction: closes on "a" alone
     for number in (1, 2):
         update = stack.upload_update("a", number, _moved(3.0 * number), base_version=number - 1)
         _deliver(averager, update)

@@ -5,8 +5,9 @@ to send at once, and was credited with the fastest turnaround and a full utility
 could earn its way into most rounds by answering instantly with nothing. So an answer is
 credited only once its round is finished, against the typical change of recent rounds and
 this one (a round of one client is judged against others' changes, not its own): one far
-smaller is counted as a miss (no turnaround sample, no utility, a miss in its history). Pure arithmetic,
-shared by the averager (``sfl.server.participation``) and the benchmarks' replay.
+smaller is counted as a miss (no turnaround sample, no utility, a miss in its history).
+Pure arithmetic, shared by the averager (``sfl.server.participation``) and the benchmarks'
+replay.
 """
 
 from __future__ import annotations

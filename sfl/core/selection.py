@@ -110,9 +110,7 @@ def cooled_down(
     so neither a silent device nor one alternating answers and silence stalls every round;
     it is tried again, less and less often. Never empties the field: if everyone is cooling
     down, everyone stays."""
-    ready = [
-        c for c in candidates if round_number > c.last_round + bench_rounds(c.history, window)
-    ]
+    ready = [c for c in candidates if round_number > c.last_round + bench_rounds(c.history, window)]
     return ready or list(candidates)
 
 

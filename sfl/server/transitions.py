@@ -14,8 +14,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sfl.core.quorum import QuorumView, get_quorum_policy
-from sfl.server import aggregation
-from sfl.server import liveness
+from sfl.server import aggregation, liveness
 from sfl.server.participation import count_round
 from sfl.state.rounds import Round, RoundState
 

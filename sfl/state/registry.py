@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from sfl.core.layout import CLIENT_ID, validate_client_id
 from sfl.core.credit import CHANGE_POOL_SIZE
+from sfl.core.layout import CLIENT_ID, validate_client_id
 from sfl.core.liveness import EMPTY_HISTORY, history_from_streak, record_pick, valid_history
 from sfl.core.resources import ACTIVE_INDEX, ACTIVE_SHARDS
 from sfl.core.selection import Candidate, decayed_picks
