@@ -69,6 +69,7 @@ def replay(rule: str, k: int, *, rounds: int = ROUNDS, seed: int = 0, credit: st
     whole_round = float(config.round_deadline_seconds)
     pool: tuple[float, ...] = ()
     gamer_picks = 0
+    honest_uncredited = 0  # honest answers judged negligible: should stay 0
     for number in range(1, rounds + 1):
         candidates = cooled_down(
             [r.candidate() for r in records.values()], number, config.liveness_window
@@ -103,6 +104,8 @@ def replay(rule: str, k: int, *, rounds: int = ROUNDS, seed: int = 0, credit: st
             earned = credit == "at_answer" or not is_negligible(change, typical)
             if earned:
                 credited.append(change)
+            elif client != GAMER:
+                honest_uncredited += 1
             records[client] = records[client].after_round(
                 number,
                 answered=earned,
@@ -112,7 +115,12 @@ def replay(rule: str, k: int, *, rounds: int = ROUNDS, seed: int = 0, credit: st
                 pick_window=config.selection_window,
             )
         pool = grown_pool(pool, credited)
-    return {"gamer_picks": gamer_picks, "rounds": rounds, "share": gamer_picks / rounds}
+    return {
+        "gamer_picks": gamer_picks,
+        "rounds": rounds,
+        "share": gamer_picks / rounds,
+        "honest_uncredited": honest_uncredited,
+    }
 
 
 def main() -> None:
@@ -125,10 +133,11 @@ def main() -> None:
     for rule in RULES:
         for k in PICKS:
             for credit in ("at_answer", "at_finish"):
-                shares = [
-                    replay(rule, k, rounds=args.rounds, seed=seed, credit=credit)["share"]
+                runs = [
+                    replay(rule, k, rounds=args.rounds, seed=seed, credit=credit)
                     for seed in range(args.seeds)
                 ]
+                shares = [run["share"] for run in runs]
                 row = {
                     "rule": rule,
                     "picked_per_round": k,
@@ -138,6 +147,7 @@ def main() -> None:
                     "gamer_share": round(statistics.mean(shares), 4),
                     "gamer_share_per_seed": [round(s, 4) for s in shares],
                     "times_fair": round(statistics.mean(shares) / (k / CLIENTS), 2),
+                    "honest_answers_uncredited": sum(run["honest_uncredited"] for run in runs),
                 }
                 rows.append(row)
                 print(json.dumps(row))
