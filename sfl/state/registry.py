@@ -25,13 +25,16 @@ Why a device can neither reset nor bloat what the server measured:
   string of any size gets in. (moto does not enforce that on UpdateItem; the tests prove it
   from the template's key schema, not through the emulator.) ``registered_at``, once the
   device's, is the server's now: a device once stored 300 KB there.
-- **What it may read back.** The policy's ``dynamodb:ReturnValues`` condition governs
-  ``ReturnValues`` only; IAM has no condition key for ``ReturnValuesOnConditionCheckFailure``
-  (the service authorization reference lists ``Attributes``, ``LeadingKeys``,
-  ``ReturnValues``, ``ReturnConsumedCapacity``, ``Select``...). So a device whose condition
-  fails on purpose, with ``ALL_OLD``, does get its whole item back: the server's figures
-  about itself, never another device's, and never a write. No policy can close that; the
-  figures are the device's own standing, which its answers decide anyway.
+- **What it may read back.** The policy's ``dynamodb:ReturnValues`` condition governs the
+  ``ReturnValues`` parameter only. IAM has no condition key for
+  ``ReturnValuesOnConditionCheckFailure`` (the service authorization reference lists
+  ``Attributes``, ``LeadingKeys``, ``ReturnValues``, ``ReturnConsumedCapacity``, ``Select``
+  and a few more), and AWS documents no filtering of what it returns by
+  ``dynamodb:Attributes``. So it must be taken to get around the condition: a device whose
+  condition fails on purpose, asking for ``ALL_OLD``, gets its whole item back, the server's
+  figures about itself. It cannot write them, nor read another device's item. No policy
+  condition can close this, so we accept it: a device already learns its own standing from
+  whether it is picked.
 
 Every item is read defensively: a malformed one is skipped and logged, never a crash, and a
 heartbeat from the future is refused rather than keeping a device "active" for ever.
