@@ -15,6 +15,8 @@ from __future__ import annotations
 HISTORY_PICKS = 16
 # No pick recorded yet: the marker bit alone.
 EMPTY_HISTORY = 1
+# Picks over which misses are counted unless the config says otherwise (liveness_window).
+DEFAULT_WINDOW = 8
 # A client sits out at most 2 ** this rounds after a pick (32).
 MAX_BENCH_EXPONENT = 5
 

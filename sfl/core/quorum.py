@@ -19,9 +19,9 @@ class QuorumView:
     created_at: float
     soft_deadline_at: float
     deadline_at: float
-    # Selected clients the round still waits for: not answered, and not doubtful (their
-    # recent picks are at least half misses, sfl.core.liveness). None: not looked at (before
-    # the soft deadline a round waits for every client).
+    # Selected clients the round still waits for: not answered, and not doubtful (a third of
+    # their recent picks missed, two at least: sfl.core.liveness). None: not looked at
+    # (before the soft deadline a round waits for every client).
     awaited: int | None = None
 
     @property

@@ -1,7 +1,7 @@
 """Client selection: who trains in the next round. Pure functions over candidates.
 
 Every number a rule sees is measured or bounded by the server (``sfl.state.registry``): turnaround
-EWMA, missed streak, the round it was last picked in, how often it was picked lately, and
+EWMA, its recent misses, the round it was last picked in, how often it was picked lately, and
 the utility of its last accepted update. Rules are deterministic for a given ``rng`` (the
 initiator seeds one per round), never pick nobody when anyone is active, and cost a few
 passes over the candidates plus one sort (medians).
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sfl.core import plugins
-from sfl.core.liveness import bench_rounds, history_from_streak, valid_history
+from sfl.core.liveness import DEFAULT_WINDOW, bench_rounds, history_from_streak, valid_history
 
 if TYPE_CHECKING:
     from sfl.core.config import FederationConfig
@@ -79,8 +79,6 @@ class SelectionPolicy:
         )
 
 
-# Picks over which a client's misses are counted (the config's liveness_window by default).
-LIVENESS_WINDOW = 8
 # The most a client's speed can raise its selection weight over a typical client's.
 MAX_SPEEDUP = 10.0
 # The most (and least) a client's utility can weigh against a typical client's: a device
@@ -102,7 +100,7 @@ def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int)
 
 
 def cooled_down(
-    candidates: Sequence[Candidate], round_number: int, window: int = LIVENESS_WINDOW
+    candidates: Sequence[Candidate], round_number: int, window: int = DEFAULT_WINDOW
 ) -> list[Candidate]:
     """Clients that keep missing rounds sit some out: with ``m >= 2`` misses among their last
     ``window`` picks, the next ``2 ** (m - 1)`` rounds (at most 32) after their last pick
