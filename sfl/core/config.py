@@ -17,6 +17,7 @@ from sfl.core import params as rule_params
 from sfl.core import plugins
 from sfl.core import task_params as task_params_
 from sfl.core.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
+from sfl.core.liveness import DEFAULT_WINDOW, HISTORY_PICKS
 from sfl.core.settings import Allowed, OneOf, Range, Settings, setting
 from sfl.core.settings import ConfigError as ConfigError
 
@@ -130,6 +131,13 @@ class FederationConfig(Settings):
         10,
         allowed=Range(1, 1_000),
         doc="rounds over which recent picks are counted and staleness is judged",
+    )
+    liveness_window: int = setting(
+        DEFAULT_WINDOW,
+        allowed=Range(2, HISTORY_PICKS),
+        doc="a client's misses are counted over its last this many picks: with m >= 2 of "
+        "them missed it sits out 2 ** (m - 1) rounds after each pick, and with a third of "
+        "them missed a round waits for it only until the soft deadline",
     )
     selection_speed_exponent: float = setting(
         4.0,

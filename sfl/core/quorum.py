@@ -19,6 +19,10 @@ class QuorumView:
     created_at: float
     soft_deadline_at: float
     deadline_at: float
+    # Selected clients the round still waits for: not answered, and not doubtful (a third of
+    # their recent picks missed, two at least: sfl.core.liveness). None: not looked at
+    # (before the soft deadline a round waits for every client).
+    awaited: int | None = None
 
     @property
     def past_soft_deadline(self) -> bool:
@@ -33,8 +37,16 @@ QuorumPolicy = Callable[[QuorumView, FederationConfig], bool]
 
 
 def all_answered(view: QuorumView, config: FederationConfig) -> bool:
-    """Every selected client answered (a rejected update is an answer too)."""
-    return view.answered >= view.selected
+    """Every selected client answered (a rejected update is an answer too); or, past the
+    soft deadline, every one but those whose history says they will not answer."""
+    return view.answered >= view.selected or only_doubtful_missing(view)
+
+
+def only_doubtful_missing(view: QuorumView) -> bool:
+    """Past the soft deadline, the round waits for no client that answers its picks: the
+    silent ones are all doubtful. So no device stalls a round by alternating answers and
+    silence, and an honest slow one (never doubtful) is waited for until the hard deadline."""
+    return view.past_soft_deadline and view.awaited == 0
 
 
 def min_fraction(view: QuorumView, config: FederationConfig) -> bool:

@@ -63,6 +63,7 @@ ACTIVE_INDEX = IndexSpec(
         "rounds_answered",
         "rounds_missed",
         "missed_streak",
+        "miss_history",
         "last_round",
         "utility",
         "recent_picks",

@@ -1,7 +1,7 @@
 """Client selection: who trains in the next round. Pure functions over candidates.
 
 Every number a rule sees is measured or bounded by the server (``sfl.state.registry``): turnaround
-EWMA, missed streak, the round it was last picked in, how often it was picked lately, and
+EWMA, its recent misses, the round it was last picked in, how often it was picked lately, and
 the utility of its last accepted update. Rules are deterministic for a given ``rng`` (the
 initiator seeds one per round), never pick nobody when anyone is active, and cost a few
 passes over the candidates plus one sort (medians).
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sfl.core import plugins
+from sfl.core.liveness import DEFAULT_WINDOW, bench_rounds, history_from_streak, valid_history
 
 if TYPE_CHECKING:
     from sfl.core.config import FederationConfig
@@ -44,6 +45,15 @@ class Candidate:
     last_round: int = 0  # the last round it was picked in and counted; 0: never
     utility: float | None = None  # bounded loss x examples of its last accepted update
     recent_picks: float = 0.0  # decayed count of rounds picked in, as of last_round
+    # Its last picks' outcomes (sfl.core.liveness); None: a record from before histories,
+    # judged by its streak of misses.
+    miss_history: int | None = None
+
+    @property
+    def history(self) -> int:
+        if self.miss_history is None:
+            return history_from_streak(self.missed_streak)
+        return valid_history(self.miss_history)
 
 
 @dataclass(frozen=True)
@@ -89,16 +99,16 @@ def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int)
     return max(1, min(num_active, wanted))
 
 
-def cooled_down(candidates: Sequence[Candidate], round_number: int) -> list[Candidate]:
-    """Clients that keep missing rounds sit some out: after ``s >= 2`` misses in a row, the
-    next ``2 ** (s - 1)`` rounds (at most 32) after the last one. A device that heartbeats
-    but never answers cannot stall every round; it is tried again, less and less often.
-    Never empties the field: if everyone is cooling down, everyone stays."""
-    ready = [
-        c
-        for c in candidates
-        if c.missed_streak < 2 or round_number > c.last_round + 2 ** min(c.missed_streak - 1, 5)
-    ]
+def cooled_down(
+    candidates: Sequence[Candidate], round_number: int, window: int = DEFAULT_WINDOW
+) -> list[Candidate]:
+    """Clients that keep missing rounds sit some out: with ``m >= 2`` misses among their last
+    ``window`` picks, the next ``2 ** (m - 1)`` rounds (at most 32) after their last pick
+    (``sfl.core.liveness.bench_rounds``). Misses are counted over the window, not in a row,
+    so neither a silent device nor one alternating answers and silence stalls every round;
+    it is tried again, less and less often. Never empties the field: if everyone is cooling
+    down, everyone stays."""
+    ready = [c for c in candidates if round_number > c.last_round + bench_rounds(c.history, window)]
     return ready or list(candidates)
 
 

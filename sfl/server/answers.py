@@ -30,7 +30,6 @@ from sfl.server.acceptance import (
     validate_update,
 )
 from sfl.server.base_model import base_model
-from sfl.server.participation import count_answer
 from sfl.state.aws import error_code, is_not_found, is_transient
 from sfl.state.rounds import Answer, Outcome, RecordResult, Round, RoundState
 
@@ -158,7 +157,8 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             ctx.config.experiment, number, client, answer, handling_seconds=handled
         )
     if recorded.result is RecordResult.RECORDED and recorded.round is not None:
-        count_answer(ctx, recorded.round, client, answer)
+        # The client's registry record is credited when the round finishes
+        # (sfl.server.participation), against the round's changes.
         level = logging.WARNING if answer.outcome is Outcome.REJECTED else logging.INFO
         logger.log(level, f"update {answer.outcome.value}", extra={**log, "reason": answer.reason})
         result = UpdateResult(answer.outcome.value)

@@ -160,7 +160,7 @@ def start_round(
             f"{len(active)} active client(s), fewer than min_clients={config.min_clients}",
             active_clients=len(active),
         )
-    candidates = cooled_down([c.candidate() for c in active], number)
+    candidates = cooled_down([c.candidate() for c in active], number, config.liveness_window)
     k = clients_to_pick(
         len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
     )

@@ -10,11 +10,12 @@ invocation that finished a round tells the finished listeners (scoring, the next
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sfl.core.quorum import QuorumView, get_quorum_policy
-from sfl.server import aggregation
-from sfl.server.participation import count_missed
+from sfl.server import aggregation, liveness
+from sfl.server.participation import count_round
 from sfl.state.rounds import Round, RoundState
 
 if TYPE_CHECKING:
@@ -28,8 +29,10 @@ MAX_AGGREGATION_ATTEMPTS = 3
 
 
 def quorum_view(ctx: AveragerContext, round_: Round) -> QuorumView:
-    """The round's counts from its item's counters: no slot is read."""
-    return QuorumView(
+    """The round's counts from its item's counters. Only past the soft deadline, with
+    clients still silent, are their slots and registry records read: how many of them the
+    round still waits for (``sfl.server.liveness``)."""
+    view = QuorumView(
         selected=round_.num_selected,
         answered=round_.num_answered,
         accepted=round_.num_accepted,
@@ -38,6 +41,14 @@ def quorum_view(ctx: AveragerContext, round_: Round) -> QuorumView:
         soft_deadline_at=round_.soft_deadline_at or round_.deadline_at,
         deadline_at=round_.deadline_at,
     )
+    if (
+        round_.status is RoundState.OPEN
+        and view.past_soft_deadline
+        and not view.past_deadline
+        and view.answered < view.selected
+    ):
+        return replace(view, awaited=liveness.awaited(ctx, round_))
+    return view
 
 
 def advance(ctx: AveragerContext, round_: Round) -> Round | None:
@@ -116,7 +127,7 @@ def _finished(ctx: AveragerContext, number: int) -> Round | None:
                 "reason": finished.abandon_reason,
             },
         )
-        count_missed(ctx, finished)  # loaded from its slots, once per round
+        count_round(ctx, finished)  # loaded from its slots, once per round
         for listener in ctx.on_finished:
             listener(finished)
     return finished

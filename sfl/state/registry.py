@@ -1,12 +1,43 @@
 """The client registry: who is out there, when they were last seen, how fast they answer.
 
 Two writers, each with its own attributes. A device writes only its own item and only
-``DEVICE_ATTRIBUTES`` (the device role's IAM policy pins both): registration and heartbeats.
-The server (the averager) writes what selection trusts, measured from what S3 and the round
-records say, never from what a device reports: each client's turnaround EWMA (round start to
-the S3 time of its upload) and its answered / missed counts. Every item is read defensively:
-a malformed one is skipped and logged, never a crash, and a heartbeat from the future is
-refused rather than keeping a device "active" for ever.
+``DEVICE_ATTRIBUTES`` (the device role's IAM policy pins both): its key, ``last_seen`` and
+``active_shard``, the heartbeat. The server (the averager) writes what selection and liveness
+trust, measured from what S3 and the round records say, never from what a device reports:
+each client's turnaround EWMA (round start to the S3 time of its upload), its answered /
+missed counts, the outcomes of its last picks (``miss_history``, ``sfl.core.liveness``), its
+utility and recent picks, when it was first counted (``registered_at``) and when the item
+expires (``expires_at``).
+
+Why a device can neither reset nor bloat what the server measured:
+
+- **History survives the device.** The item expires (DynamoDB TTL on ``expires_at``) only
+  when the server says: each counted round pushes ``expires_at`` to ``HISTORY_RETENTION``
+  past it, and no device may write it. (Before, a device wrote its own expiry, had its item
+  deleted, and came back new: unbenched, first in the exploration queue.) An item the server
+  never counted has no expiry at all; the registry still cannot grow past one item per
+  thing, since a device may write only the item keyed by its own thing name.
+- **Typed and bounded where the server reads.** Every attribute a device may write is a key
+  DynamoDB types itself: ``client_id`` the table's (and pinned to the thing name),
+  ``last_seen`` and ``active_shard`` the active index's, both numbers (``N``: at most 38
+  digits). DynamoDB refuses a write that gives an index key attribute another type (the
+  PutItem / UpdateItem API reference: "their types must match the index key schema"), so no
+  string of any size gets in. (moto does not enforce that on UpdateItem; the tests prove it
+  from the template's key schema, not through the emulator.) ``registered_at``, once the
+  device's, is the server's now: a device once stored 300 KB there.
+- **What it may read back.** The policy's ``dynamodb:ReturnValues`` condition governs the
+  ``ReturnValues`` parameter only. IAM has no condition key for
+  ``ReturnValuesOnConditionCheckFailure`` (the service authorization reference lists
+  ``Attributes``, ``LeadingKeys``, ``ReturnValues``, ``ReturnConsumedCapacity``, ``Select``
+  and a few more), and AWS documents no filtering of what it returns by
+  ``dynamodb:Attributes``. So it must be taken to get around the condition: a device whose
+  condition fails on purpose, asking for ``ALL_OLD``, gets its whole item back, the server's
+  figures about itself. It cannot write them, nor read another device's item. No policy
+  condition can close this, so we accept it: a device already learns its own standing from
+  whether it is picked.
+
+Every item is read defensively: a malformed one is skipped and logged, never a crash, and a
+heartbeat from the future is refused rather than keeping a device "active" for ever.
 """
 
 from __future__ import annotations
@@ -14,13 +45,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
+from sfl.core.credit import CHANGE_POOL_SIZE
 from sfl.core.layout import CLIENT_ID, validate_client_id
+from sfl.core.liveness import EMPTY_HISTORY, history_from_streak, record_pick, valid_history
 from sfl.core.resources import ACTIVE_INDEX, ACTIVE_SHARDS
 from sfl.core.selection import Candidate, decayed_picks
 from sfl.state.aws import error_code
@@ -31,12 +65,33 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Registry items expire (DynamoDB TTL) this many heartbeat-windows after the last one.
-EXPIRY_WINDOWS = 4
+# A registry item expires (DynamoDB TTL) this long after the last round the server counted
+# for it: a benched device is picked again within 32 rounds, so its history outlives any
+# bench; a device that left is forgotten after this.
+HISTORY_RETENTION_SECONDS = 90 * 86_400
 # A heartbeat stamped further ahead of the server's clock than this is refused.
 MAX_CLOCK_SKEW_SECONDS = 300.0
-# The attributes a device may write (the device role's dynamodb:Attributes condition).
-DEVICE_ATTRIBUTES = ("client_id", "last_seen", "expires_at", "registered_at", "active_shard")
+# The attributes a device may write (the device role's dynamodb:Attributes condition): each
+# a key DynamoDB types (the table's, or the active index's), none the server measured.
+DEVICE_ATTRIBUTES = ("client_id", "last_seen", "active_shard")
+# The server-only item holding recent rounds' credited changes (sfl.core.credit): no thing
+# name holds '#', so no device can write it, and with no shard or heartbeat it is never a
+# candidate nor listed.
+CHANGES_ITEM_ID = "#changes"
+# What the server reads of an item when it counts a round (not even ``registered_at``: an
+# item from before it was the server's may hold whatever a device put there).
+SERVER_READ = (
+    "client_id",
+    "last_seen",
+    "ewma_turnaround",
+    "rounds_answered",
+    "rounds_missed",
+    "missed_streak",
+    "miss_history",
+    "last_round",
+    "utility",
+    "recent_picks",
+)
 # A turnaround sample is clamped to [1 s, a day]: no answer is instant, and the EWMA stays a
 # small finite number.
 MIN_TURNAROUND_SECONDS = 1.0
@@ -65,6 +120,7 @@ class ClientRecord:
     last_round: int = 0  # the last round the server counted for this client
     utility: float | None = None  # server-bounded loss x examples of its last accepted update
     recent_picks: float = 0.0  # decayed count of rounds it was picked for, as of last_round
+    miss_history: int = EMPTY_HISTORY  # outcomes of its last picks (sfl.core.liveness)
 
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> ClientRecord:
@@ -83,6 +139,8 @@ class ClientRecord:
         ewma = _number(d.get("ewma_turnaround"))
         utility = _number(d.get("utility"))
         recent_picks = _number(d.get("recent_picks"))
+        missed_streak = _count(d.get("missed_streak"))
+        history = _number(d.get("miss_history"))
         return cls(
             client_id=client_id,
             last_seen=last_seen,
@@ -90,7 +148,10 @@ class ClientRecord:
             ewma_turnaround=ewma if ewma is not None and ewma > 0 else None,
             rounds_answered=_count(d.get("rounds_answered")),
             rounds_missed=_count(d.get("rounds_missed")),
-            missed_streak=_count(d.get("missed_streak")),
+            missed_streak=missed_streak,
+            miss_history=valid_history(int(history))
+            if history is not None and history.is_integer()
+            else history_from_streak(missed_streak),
             last_round=_count(d.get("last_round")),
             utility=utility if utility is not None and 0 <= utility <= MAX_UTILITY else None,
             recent_picks=recent_picks
@@ -107,6 +168,7 @@ class ClientRecord:
             last_round=self.last_round,
             utility=self.utility,
             recent_picks=self.recent_picks,
+            miss_history=self.miss_history,
         )
 
     def after_round(
@@ -133,6 +195,7 @@ class ClientRecord:
             last_round=round_number,
             utility=self.utility if fresh is None else round(min(max(fresh, 0.0), MAX_UTILITY), 6),
             recent_picks=round(min(picks, MAX_RECENT_PICKS), 6),
+            miss_history=record_pick(self.miss_history, missed=not answered),
         )
 
 
@@ -187,19 +250,16 @@ class ClientRegistry:
     # --- the device's writes --------------------------------------------------------------
 
     def heartbeat(self, client_id: str, *, now: float, active_window_seconds: float) -> None:
-        """Register or refresh a client (a device's own write: ``DEVICE_ATTRIBUTES`` only)."""
+        """Register or refresh a client (a device's own write: ``DEVICE_ATTRIBUTES`` only).
+        ``active_window_seconds`` is kept for callers; the item's expiry is the server's."""
         validate_client_id(client_id)
         self._ddb.update_item(
             TableName=self._table,
             Key={"client_id": {"S": client_id}},
-            UpdateExpression=(
-                "SET last_seen = :now, expires_at = :expires, active_shard = :shard, "
-                "registered_at = if_not_exists(registered_at, :now)"
-            ),
+            UpdateExpression="SET last_seen = :now, active_shard = :shard",
             ExpressionAttributeValues={
                 ":now": serialize(now),
                 ":shard": {"N": str(active_shard(client_id))},
-                ":expires": {"N": str(int(now + EXPIRY_WINDOWS * active_window_seconds))},
             },
         )
 
@@ -215,17 +275,19 @@ class ClientRegistry:
         b: float,
         utility: float | None = None,
         pick_window: int = 10,
+        now: float | None = None,
     ) -> bool:
-        """Count one round for a client, once: an accepted update (``answered``) or a miss
-        (silent, or a rejected update), and fold the server-measured turnaround into its
-        EWMA (a miss counts as the whole round). Either way the client was picked: its
+        """Count one round for a client, once: an accepted update that did work
+        (``answered``) or a miss (silent, declined, rejected, or a negligible change), and
+        fold the server-measured turnaround into its EWMA (a miss counts as the whole round)
+        and the outcome into its ``miss_history``. Either way the client was picked: its
         ``recent_picks`` grows by one (decayed over ``pick_window`` rounds); an accepted
-        update's ``utility`` (``statistical_utility``) replaces the last one. False if the
-        item is gone or already counted for this round."""
+        update's ``utility`` (``statistical_utility``) replaces the last one. The item's
+        expiry moves to ``HISTORY_RETENTION_SECONDS`` after ``now``. False if the item is
+        gone or already counted for this round."""
+        counted_at = time.time() if now is None else now
         try:
-            item = self._ddb.get_item(
-                TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True
-            ).get("Item")
+            item = self._read_item(client_id)
             if not item:
                 return False
             try:
@@ -253,6 +315,8 @@ class ClientRegistry:
                 UpdateExpression=(
                     f"SET ewma_turnaround = :ewma, last_round = :round, missed_streak = {streak}, "
                     f"{counter} = if_not_exists({counter}, :zero) + :one, "
+                    "miss_history = :history, expires_at = :expires, "
+                    "registered_at = if_not_exists(registered_at, :now), "
                     f"recent_picks = :picks{set_utility}"
                 ),
                 ConditionExpression=(
@@ -264,13 +328,16 @@ class ClientRegistry:
                     ":picks": serialize(after.recent_picks),
                     ":ewma": serialize(after.ewma_turnaround),
                     ":round": {"N": str(round_number)},
+                    ":history": {"N": str(after.miss_history)},
+                    ":expires": {"N": str(int(counted_at + HISTORY_RETENTION_SECONDS))},
+                    ":now": serialize(counted_at),
                     ":zero": {"N": "0"},
                     ":one": {"N": "1"},
                 },
             )
         except ClientError as e:
             if error_code(e) in {"ConditionalCheckFailedException", "ValidationException"}:
-                # Already counted, gone, or a device-written value of the wrong type in the way.
+                # Already counted, gone, or a value of the wrong type in the way.
                 logger.info(
                     "client round not counted",
                     extra={"client_id": client_id, "round": round_number, "error": error_code(e)},
@@ -279,12 +346,55 @@ class ClientRegistry:
             raise
         return True
 
+    def recent_changes(self) -> tuple[float, ...]:
+        """The credited changes of recent rounds (``sfl.core.credit``), oldest first; what
+        is not a bounded list of positive finite numbers reads as none."""
+        item = self._ddb.get_item(
+            TableName=self._table,
+            Key={"client_id": {"S": CHANGES_ITEM_ID}},
+            ConsistentRead=True,
+            ProjectionExpression="norms",
+        ).get("Item")
+        norms = from_item(item).get("norms") if item else None
+        if not isinstance(norms, list):
+            return ()
+        numbers = [_number(n) for n in norms[-CHANGE_POOL_SIZE:]]
+        return tuple(n for n in numbers if n is not None and n > 0)
+
+    def record_changes(self, round_number: int, pool: tuple[float, ...]) -> bool:
+        """Store the pool as of this round, once per round (a later round's wins)."""
+        try:
+            self._ddb.update_item(
+                TableName=self._table,
+                Key={"client_id": {"S": CHANGES_ITEM_ID}},
+                UpdateExpression="SET norms = :norms, last_round = :round",
+                ConditionExpression="attribute_not_exists(last_round) OR last_round < :round",
+                ExpressionAttributeValues={
+                    ":norms": {"L": [serialize(round(n, 9)) for n in pool[-CHANGE_POOL_SIZE:]]},
+                    ":round": {"N": str(round_number)},
+                },
+            )
+        except ClientError as e:
+            if error_code(e) == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
     # --- reads -----------------------------------------------------------------------------
 
-    def get(self, client_id: str) -> ClientRecord | None:
-        item = self._ddb.get_item(
-            TableName=self._table, Key={"client_id": {"S": client_id}}, ConsistentRead=True
+    def _read_item(self, client_id: str) -> dict[str, Any] | None:
+        item: dict[str, Any] | None = self._ddb.get_item(
+            TableName=self._table,
+            Key={"client_id": {"S": client_id}},
+            ConsistentRead=True,
+            ProjectionExpression=", ".join(f"#a{i}" for i in range(len(SERVER_READ))),
+            ExpressionAttributeNames={f"#a{i}": name for i, name in enumerate(SERVER_READ)},
         ).get("Item")
+        return item
+
+    def get(self, client_id: str) -> ClientRecord | None:
+        """A client's record as the server measured it (``SERVER_READ`` only)."""
+        item = self._read_item(client_id)
         if not item:
             return None
         try:

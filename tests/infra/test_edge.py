@@ -182,11 +182,10 @@ def test_devices_write_only_their_heartbeat_in_their_own_client_item(synthesized
     assert table["Condition"] == {
         "ForAllValues:StringEquals": {
             "dynamodb:LeadingKeys": ["${credentials-iot:ThingName}"],
+            # Keys only, each typed by DynamoDB: not the item's expiry, nor registered_at.
             "dynamodb:Attributes": [
                 "client_id",
                 "last_seen",
-                "expires_at",
-                "registered_at",
                 "active_shard",  # the selection index's partition (sfl.core.resources)
             ],
         },

@@ -345,9 +345,19 @@ def test_a_device_may_write_only_its_heartbeat_attributes_of_its_own_item(exerci
         }
         return Request("dynamodb:UpdateItem", table, context)
 
-    assert policies.allows(update("device-a", "last_seen", "expires_at"), me)
+    assert policies.allows(update("device-a", "last_seen", "active_shard"), me)
     assert not policies.allows(update("device-b", "last_seen"), me)
-    for measured in ("ewma_turnaround", "rounds_answered", "missed_streak", "num_examples"):
+    # Neither its item's expiry (TTL would delete the server's history of it) nor the
+    # server's figures, nor registered_at (once any type and size).
+    for measured in (
+        "expires_at",
+        "registered_at",
+        "ewma_turnaround",
+        "rounds_answered",
+        "missed_streak",
+        "miss_history",
+        "num_examples",
+    ):
         assert not policies.allows(update("device-a", "last_seen", measured), me)
     assert not policies.allows(
         update("device-a", "last_seen", **{"dynamodb:ReturnValues": ("ALL_NEW",)}), me
