@@ -89,6 +89,7 @@ class FederationStack(Stack):
             self,
             "Storage",
             update_expiry_days=infra.update_expiry_days,
+            max_update_bytes=config.federation.max_update_bytes,
             log_retention_days=infra.log_retention_days,
             retain_data=infra.retain_data,
         )

@@ -25,6 +25,7 @@ class FederationStorage(Construct):
         construct_id: str,
         *,
         update_expiry_days: int,
+        max_update_bytes: int,
         log_retention_days: int,
         retain_data: bool,
     ) -> None:
@@ -92,6 +93,16 @@ class FederationStorage(Construct):
                     id="ExpireOldUpdates",
                     prefix=layout.UPDATES_PREFIX,
                     expiration=Duration.days(update_expiry_days),
+                ),
+                # Nothing in IAM caps the size of a device's PutObject (up to 5 GB; no
+                # condition key carries it). The averager refuses an upload above the bound
+                # by its S3 event's size before reading a byte, and this rule removes it
+                # after a day (S3's shortest expiry) instead of keeping it for the rest.
+                s3.LifecycleRule(
+                    id="ExpireOversizedUploads",
+                    prefix=layout.UPDATES_PREFIX,
+                    object_size_greater_than=max_update_bytes,
+                    expiration=Duration.days(1),
                 ),
                 s3.LifecycleRule(
                     id="AbortIncompleteUploads",
