@@ -177,9 +177,13 @@ def main() -> None:
         "read_request_units_per_upload": reads,
         "dollars_per_million_junk_uploads": {
             "dynamodb_reads": round(1e6 * reads * price["dynamodb_read_request_unit"], 3),
+            "s3_put_billed_to_the_account": round(1e6 * price["s3_put_copy_post_list"], 2),
             "s3_delete": 0.0,  # S3 does not charge for DELETE requests
             "lambda": round(lambda_per_million, 2),
             "lambda_assumes": f"{ASSUMED_LAMBDA_SECONDS} s at {AVERAGER.memory_mb} MB x86_64",
+        },
+        "before_issue_20": {
+            "dynamodb_writes_per_upload": "2 UpdateItem on the round item (~6 WCU)",
         },
         "kinds": rows,
     }
