@@ -131,7 +131,7 @@ def test_an_upload_larger_than_any_update_expires_after_a_day(storage):
     assert rules["ExpireOversizedUploads"] == {
         "Id": "ExpireOversizedUploads",
         "Prefix": layout.UPDATES_PREFIX,
-        "ObjectSizeGreaterThan": MAX_UPDATE_BYTES,
+        "ObjectSizeGreaterThan": str(MAX_UPDATE_BYTES),  # CloudFormation types it a string
         "ExpirationInDays": 1,
         "Status": "Enabled",
     }

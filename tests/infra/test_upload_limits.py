@@ -16,7 +16,7 @@ def test_the_oversized_upload_rule_uses_the_federations_largest_update(synthesiz
     updates = synthesized.logical_id(synthesized.stack.storage.updates_bucket)
     rules = synthesized.template_json["Resources"][updates]["Properties"]["LifecycleConfiguration"]
     (oversized,) = [r for r in rules["Rules"] if r["Id"] == "ExpireOversizedUploads"]
-    assert oversized["ObjectSizeGreaterThan"] == config.federation.max_update_bytes
+    assert oversized["ObjectSizeGreaterThan"] == str(config.federation.max_update_bytes)
     assert oversized["Prefix"] == layout.UPDATES_PREFIX
     assert oversized["ExpirationInDays"] == 1
 
