@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from botocore.exceptions import ClientError
+
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
 from edge_client.settings import ClientSettings
 from sfl.core import layout
@@ -32,7 +34,7 @@ from sfl.core.decline import Decline, DeclineReason, clean_detail
 from sfl.learning import codec
 from sfl.learning.compression import UPDATE_CODECS, UpdateCodec, encode_update
 from sfl.learning.tasks.base import ClientData, Metrics, TrainConfig, TrainingTask
-from sfl.state.aws import AwsCallFailed, AwsClients, aws_call
+from sfl.state.aws import AwsCallFailed, AwsClients, aws_call, error_code
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 
@@ -292,9 +294,19 @@ class EdgeClient:
         self._next_heartbeat = self.clock() + self.settings.heartbeat_seconds
 
     def poll(self) -> Assignment | None:
-        """Conditional GET of the assignment: a 304 costs almost nothing."""
+        """Conditional GET of the assignment: a 304 costs almost nothing.
+
+        The device role may not list the models bucket, so S3 answers a poll before the first
+        round is published with 403, not 404: until this client has read an assignment, that
+        means "no round yet". Once it has, the assignment is never absent, and 403 is an error.
+        """
         with aws_call("s3", "GetObject"):
-            found = self.models.assignment(self._assignment_etag, MAX_ASSIGNMENT_BYTES + 1)
+            try:
+                found = self.models.assignment(self._assignment_etag, MAX_ASSIGNMENT_BYTES + 1)
+            except ClientError as e:
+                if error_code(e) != "AccessDenied" or self._assignment_etag is not None:
+                    raise
+                found = None
         if found is None:  # unchanged, or no round published yet
             return None
         body, self._assignment_etag = found

@@ -89,6 +89,7 @@ class FederationStack(Stack):
             self,
             "Storage",
             update_expiry_days=infra.update_expiry_days,
+            max_update_bytes=config.federation.max_update_bytes,
             log_retention_days=infra.log_retention_days,
             retain_data=infra.retain_data,
         )
@@ -311,6 +312,14 @@ class FederationStack(Stack):
         models = self.storage.models_bucket
         updates = self.storage.updates_bucket
         _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        # A refused upload that is no answer (not selected, late, repeated) is deleted, only
+        # while it is the object refused: S3 refuses a delete without If-Match (its ETag).
+        _allow(
+            role,
+            ["s3:DeleteObject"],
+            [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")],
+            conditions={"Null": {"s3:if-match": "false"}},
+        )
         # Looking for an upload whose S3 event never arrived (the tick's recovery).
         _allow(role, ["s3:ListBucket"], [updates.bucket_arn])
         # Model versions, and the server state a stateful rule keeps beside them.
@@ -376,16 +385,19 @@ class FederationStack(Stack):
     def _grant_devices(self) -> None:
         role = self.edge.device_role
         models = self.storage.models_bucket
+        # What the edge client reads and nothing more: the assignment, the model versions it
+        # names, and the promoted one for inference. Not a version's lineage record (every
+        # round's participants and scores) nor anything else in the bucket, and no listing:
+        # before the first round S3 answers its poll 403, which it takes for "no round yet".
         _allow(
             role,
             ["s3:GetObject"],
             [
-                models.arn_for_objects(f"{layout.MODELS_PREFIX}*"),
+                models.arn_for_objects(layout.model_key_pattern()),
+                models.arn_for_objects(layout.PROMOTED_MODEL_KEY),
                 models.arn_for_objects(layout.ASSIGNMENT_KEY),
             ],
         )
-        # Polling the assignment before the first round: 404 (not 403) needs ListBucket.
-        _allow(role, ["s3:ListBucket"], [models.bucket_arn])
         # Its own round keys only, stored so the averager can read them: no archive storage
         # class (GetObject would fail) and no customer-provided key (nobody else could read it).
         _allow(
@@ -453,7 +465,10 @@ class FederationStack(Stack):
                 (all_updates, "reads the update of any client selected for the round"),
             ],
             self.edge.device_role: [
-                (models_global, "downloads whichever global model version it is assigned"),
+                (
+                    (models, layout.model_key_pattern()),
+                    "downloads whichever global model version it is assigned",
+                ),
                 (own_updates, "uploads only under its own thing name, one key per round"),
             ],
         }

@@ -25,6 +25,7 @@ class FederationStorage(Construct):
         construct_id: str,
         *,
         update_expiry_days: int,
+        max_update_bytes: int,
         log_retention_days: int,
         retain_data: bool,
     ) -> None:
@@ -85,19 +86,33 @@ class FederationStorage(Construct):
                 ),
             ],
         )
-        self.updates_bucket = self._bucket(
-            UPDATES_BUCKET,
-            lifecycle_rules=[
-                s3.LifecycleRule(
-                    id="ExpireOldUpdates",
-                    prefix=layout.UPDATES_PREFIX,
-                    expiration=Duration.days(update_expiry_days),
-                ),
-                s3.LifecycleRule(
-                    id="AbortIncompleteUploads",
-                    abort_incomplete_multipart_upload_after=Duration.days(1),
-                ),
-            ],
+        updates_rules = [
+            s3.LifecycleRule(
+                id="ExpireOldUpdates",
+                prefix=layout.UPDATES_PREFIX,
+                expiration=Duration.days(update_expiry_days),
+            ),
+            # Nothing in IAM caps the size of a device's PutObject (up to 5 GB; no
+            # condition key carries it). The averager refuses an upload above the bound
+            # by its S3 event's size before reading a byte, and this rule removes it
+            # after a day (S3's shortest expiry) instead of keeping it for the rest.
+            s3.LifecycleRule(
+                id="ExpireOversizedUploads",
+                prefix=layout.UPDATES_PREFIX,
+                object_size_greater_than=max_update_bytes,
+                expiration=Duration.days(1),
+            ),
+            s3.LifecycleRule(
+                id="AbortIncompleteUploads",
+                abort_incomplete_multipart_upload_after=Duration.days(1),
+            ),
+        ]
+        self.updates_bucket = self._bucket(UPDATES_BUCKET, lifecycle_rules=updates_rules)
+        # CloudFormation's schema types a rule's size as a string of digits; CDK renders a
+        # number, which CloudFormation coerces and cfn-lint flags (W9003).
+        oversized = [r.id for r in updates_rules].index("ExpireOversizedUploads")
+        cfn_resource(self.updates_bucket).add_property_override(
+            f"LifecycleConfiguration.Rules.{oversized}.ObjectSizeGreaterThan", str(max_update_bytes)
         )
         skip_checkov(
             self.updates_bucket,

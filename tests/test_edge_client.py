@@ -352,7 +352,7 @@ def test_a_failed_aws_call_is_logged_with_service_operation_and_code(
     client = _device(stack, tmp_path)
     s3 = stack.aws.clients().s3
     stubber = Stubber(s3)
-    stubber.add_client_error("get_object", service_error_code="AccessDenied", http_status_code=403)
+    stubber.add_client_error("get_object", service_error_code="InternalError", http_status_code=500)
     stubber.activate()
     stop = StopAtFirstWait()
     client = EdgeClient(
@@ -362,7 +362,35 @@ def test_a_failed_aws_call_is_logged_with_service_operation_and_code(
     with caplog.at_level(logging.WARNING, logger="edge_client"):
         assert client.run() == 0
 
-    assert "AWS call failed: s3 GetObject AccessDenied" in caplog.text
+    assert "AWS call failed: s3 GetObject InternalError" in caplog.text
+
+
+def test_a_refused_poll_is_no_round_yet_until_an_assignment_was_read(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The device role may not list the models bucket: S3 answers the poll of an assignment
+    not yet published with 403, not 404. Before the client has read one, that is "no round";
+    after, the assignment is never absent, and a 403 is the error it is."""
+    device = _device(stack, tmp_path)
+    s3 = stack.aws.clients().s3
+    client = EdgeClient(
+        device.settings, AwsClients(s3=s3, dynamodb=stack.clients.dynamodb), device.task
+    )
+    with Stubber(s3) as stubber:
+        stubber.add_client_error(
+            "get_object", service_error_code="AccessDenied", http_status_code=403
+        )
+        assert client.poll() is None
+    stack.clients.s3.put_object(
+        Bucket=stack.names.models_bucket, Key=layout.ASSIGNMENT_KEY, Body=b"{}"
+    )
+    assert client.poll() is None  # read (and skipped: not an assignment)
+    with Stubber(s3) as stubber:
+        stubber.add_client_error(
+            "get_object", service_error_code="AccessDenied", http_status_code=403
+        )
+        with pytest.raises(AwsCallFailed):
+            client.poll()
 
 
 def test_aws_call_names_connection_failures_by_their_class() -> None:

@@ -81,27 +81,6 @@ def test_the_bounds_leave_an_honest_round_exactly_fedavg(stack: Stack) -> None:
         assert torch.allclose(model[name], expected, atol=1e-6), name
 
 
-def test_a_flood_of_junk_uploads_fills_one_entry_of_the_round_record(stack: Stack) -> None:
-    averager, _, store = _setup(stack, "a", "b")
-    stack.register("flooder")
-    for i in range(120):
-        body = f"junk {i}".encode()
-        key = layout.update_key("flooder", 1)
-        etag = stack.clients.s3.put_object(Bucket=stack.names.updates_bucket, Key=key, Body=body)[
-            "ETag"
-        ]
-        averager.handle_update(UpdateEvent(stack.names.updates_bucket, key, len(body), etag))
-    stack.register("latecomer")
-    _deliver(averager, stack.upload_update("latecomer", 1, TRAINED))
-
-    round_ = store.get("test", 1)
-    assert round_ is not None
-    by_client = {r["client_id"]: r for r in round_.other_rejections}
-    assert sorted(by_client) == ["flooder", "latecomer"]
-    assert by_client["flooder"]["count"] == 120
-    assert round_.rejection_counts == {"not_selected": 121}
-
-
 def test_a_bug_while_judging_one_update_costs_that_update_only(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -305,8 +284,7 @@ def test_an_update_stored_before_its_round_existed_is_not_an_answer(stack: Stack
 
     assert (outcome.result, outcome.reason) == ("rejected", "before_round")
     after = store.get("test", 1)
-    assert after is not None and "a" not in after.answers
-    assert [r["reason"] for r in after.other_rejections] == ["before_round"]
+    assert after is not None and "a" not in after.answers and after.num_answered == 0
 
 
 def test_an_object_s3_will_not_serve_is_that_updates_rejection(stack: Stack) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from sfl.server.initiator import start_round
 from sfl.state.rounds import Answer, Outcome, RecordResult, Round, RoundState, RoundStore
-from tests.conftest import TINY_MODEL, Stack
+from tests.conftest import Stack
 
 
 def _round(number: int, selected: tuple[str, ...] = ("a", "b"), base: int = 0) -> Round:
@@ -96,24 +95,3 @@ def test_answers_after_close_are_refused(stack: Stack) -> None:
 
     assert late.result is RecordResult.NOT_OPEN
     assert store.get("test", 1).answers == {}  # type: ignore[union-attr]
-
-
-def test_rejections_are_counted_on_a_round_written_before_counts_existed(
-    stack: Stack,
-) -> None:
-    """A deploy over a running round: its record has no rejection_counts map yet."""
-    stack.put_model(0, TINY_MODEL)
-    stack.register("a")
-    assert start_round(stack.clients, stack.names, stack.config).started
-    stack.clients.dynamodb.update_item(
-        TableName=stack.names.rounds_table,
-        Key={"experiment": {"S": "test"}, "round": {"N": "1"}},
-        UpdateExpression="REMOVE rejection_counts",
-    )
-    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
-    rejection = {"client_id": "x", "key": "k", "etag": "e", "reason": "not_selected"}
-
-    assert store.record_other_rejection("test", 1, rejection)
-
-    round_ = store.get("test", 1)
-    assert round_ is not None and round_.rejection_counts == {"not_selected": 1}

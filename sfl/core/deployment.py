@@ -105,7 +105,10 @@ class InfraConfig(Settings):
         f"sfl.clients_per_round, or {sizing.DEFAULT_ROUND_UPDATES} when that is 0",
     )
     averager_reserved_concurrency: int = setting(
-        0, allowed=Range(0, 1_000), doc="averager reserved concurrency; 0 = do not reserve"
+        0,
+        allowed=Range(0, 1_000),
+        doc="averager reserved concurrency, the cap a flood of uploads meets; 0 = do not "
+        "reserve (new accounts have only 10 in all); 10-20 on an account of 1,000",
     )
     log_retention_days: int = setting(
         30,

@@ -27,6 +27,7 @@ UPDATES_PREFIX = "updates/"
 # Partial sums of sharded aggregations (sfl.server.shards), in the models bucket.
 PARTIALS_PREFIX = "partials/"
 UPDATE_SUFFIX = ".safetensors"
+MODEL_SUFFIX = ".safetensors"
 #: The version devices should use for inference (``sfl models promote``): a stable key
 #: beside the versions, which devices may read already.
 PROMOTED_MODEL_KEY = f"{MODELS_PREFIX}promoted.safetensors"
@@ -63,7 +64,13 @@ class UpdateKey:
 def model_key(version: int) -> str:
     if version < 0:
         raise ValueError(f"model version must be >= 0, got {version}")
-    return f"{MODELS_PREFIX}v{version:06d}.safetensors"
+    return f"{MODELS_PREFIX}v{version:06d}{MODEL_SUFFIX}"
+
+
+def model_key_pattern() -> str:
+    """Every global model version's key as an IAM resource pattern: the versions only,
+    not their lineage records beside them."""
+    return f"{MODELS_PREFIX}v*{MODEL_SUFFIX}"
 
 
 def lineage_key(version: int) -> str:

@@ -3,8 +3,11 @@
 Checks that need only the round record come first (a known round, a selected client that
 has not answered, the round OPEN, stored within the round's time), then the object is read
 and judged (``sfl.server.acceptance``) and the answer recorded with a conditional write, so a
-duplicated event is a no-op and a client answers a round once. Anything refused is recorded
-with a stable reason; only AWS errors raise (the event is retried). A decline
+duplicated event is a no-op and a client answers a round once. A selected client's first
+upload is its answer, recorded with a stable reason if refused; any other upload (not
+selected, answered already, too early or late) is refused with a log line and a metric and
+writes nothing, so a flood of them costs two reads each and never loads the round item.
+Only AWS errors raise (the event is retried). A decline
 (``sfl.core.decline``) at the client's update key is judged by the same checks and recorded
 as its answer: declined, with its reason, no weight; the quorum counts it as answered.
 """
@@ -77,6 +80,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             "update rejected",
             extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
         )
+        _discard(ctx, event)
         return UpdateOutcome(event.key, UpdateResult.REJECTED, "malformed_key")
     if event.bucket != ctx.names.updates_bucket:
         logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
@@ -87,6 +91,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     round_ = ctx.rounds.get(ctx.config.experiment, number, slots=False)
     if round_ is None:
         logger.warning("update rejected", extra={**log, "reason": "unknown_round"})
+        _discard(ctx, event)
         return UpdateOutcome(event.key, UpdateResult.REJECTED, "unknown_round", client, number)
 
     slot = ctx.rounds.slot(ctx.config.experiment, number, client)
@@ -170,8 +175,15 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             return _after_answer(
                 ctx, current, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number)
             )
+        # Raced with another delivery of this key: the object may be the one it recorded.
         return _reject_other(
-            ctx, current, event, client, "duplicate", "client already answered this round"
+            ctx,
+            current,
+            event,
+            client,
+            "duplicate",
+            "client already answered this round",
+            discard=False,
         )
     if recorded.result is RecordResult.NOT_SELECTED:
         return _reject_other(
@@ -259,30 +271,46 @@ def _reject_other(
     client: str,
     reason: str,
     detail: str,
+    *,
+    discard: bool = True,
 ) -> UpdateOutcome:
     """A refusal that is not the client's answer (not selected, answered already, too early
-    or late): recorded beside the round's answers, bounded per reason."""
-    rejection = {
-        "client_id": client,
-        "key": event.key,
-        "etag": _etag(event.etag),
-        "reason": reason,
-        "detail": detail,
-        "at": ctx.clock(),
-    }
-    ctx.rounds.record_other_rejection(round_.experiment, round_.round, rejection)
+    or late): a log line here and the handler's metric, the object deleted, nothing written,
+    and the round not moved on (the tick does that). A device can send any number of these,
+    so none may write the round item that every answer's transaction writes too
+    (docs/scale.md, junk uploads)."""
     logger.warning(
         "update rejected",
         extra={
             "round": round_.round,
             "client_id": client,
             "key": event.key,
+            "etag": _etag(event.etag),
+            "size": event.size,
             "reason": reason,
             "detail": detail,
         },
     )
-    outcome = UpdateOutcome(event.key, UpdateResult.REJECTED, reason, client, round_.round)
-    return _after_answer(ctx, round_, outcome) if reason != "round_not_open" else outcome
+    if discard:
+        _discard(ctx, event)
+    return UpdateOutcome(event.key, UpdateResult.REJECTED, reason, client, round_.round)
+
+
+def _discard(ctx: AveragerContext, event: UpdateEvent) -> None:
+    """Delete a refused upload from the updates bucket, only while it is still the object
+    refused (``If-Match`` on its ETag: a newer upload to the key, an accepted answer among
+    them, is never touched), so junk does not pile up until the lifecycle expires it.
+    Best effort: a failed delete is logged, never retried (the lifecycle rule is the floor)."""
+    etag = _etag(event.etag)
+    if not etag or event.bucket != ctx.names.updates_bucket:
+        return
+    try:
+        ctx.s3.delete_object(Bucket=event.bucket, Key=event.key, IfMatch=f'"{etag}"')
+    except ClientError as e:
+        if not is_not_found(e) and error_code(e) not in ("PreconditionFailed", "412"):
+            logger.warning(
+                "refused update not deleted", extra={"key": event.key, "error": error_code(e)}
+            )
 
 
 def _after_answer(ctx: AveragerContext, round_: Round, outcome: UpdateOutcome) -> UpdateOutcome:

@@ -160,6 +160,14 @@ def _s3_object(call: Call, action: str) -> list[Request]:
             if param in call.params:
                 context[condition_key] = (str(call.params[param]),)
     requests = [Request(action, f"arn:aws:s3:::{bucket}/{key}", context)]
+    if action == "s3:DeleteObject" and "IfMatch" in call.params:
+        requests[0] = Request(
+            action, requests[0].resource, {"s3:if-match": (call.params["IfMatch"],)}
+        )
+        if call.params["IfMatch"] != "*":
+            # A conditional delete on an ETag needs s3:GetObject too (S3 user guide,
+            # "Enforce conditional deletes").
+            requests.append(Request("s3:GetObject", requests[0].resource))
     if call.error in _NOT_FOUND or call.status == 404:
         # S3 answers 404 for a missing key only to a caller allowed to list the bucket;
         # anyone else gets 403, which the code would not take for "not there yet".
@@ -296,6 +304,7 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("s3", "GetObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
     ("s3", "HeadObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
     ("s3", "PutObject"): lambda c, a: _s3_object(c, "s3:PutObject"),
+    ("s3", "DeleteObject"): lambda c, a: _s3_object(c, "s3:DeleteObject"),
     ("s3", "ListObjectsV2"): _s3_list,
     ("s3", "GetBucketLocation"): _s3_bucket_location,
     ("dynamodb", "GetItem"): _dynamodb_item("dynamodb:GetItem"),

@@ -171,6 +171,15 @@ def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Pat
         )
         invoke("averager", event)
     assert tick("initiator")["round"] == 2
+    # The operator promotes version 1 (sfl models promote); an app on a device loads it.
+    models = outputs["ModelsBucketName"]
+    s3.copy_object(
+        Bucket=models,
+        Key=layout.PROMOTED_MODEL_KEY,
+        CopySource={"Bucket": models, "Key": layout.model_key(1)},
+    )
+    with recorder.acting_as(f"device:{CLIENTS[0]}"):
+        devices[CLIENTS[0]].models.s3.get_object(Bucket=models, Key=layout.PROMOTED_MODEL_KEY)
     # Round 2: one upload whose S3 event never arrives; the watchdog tick finds it.
     upload(CLIENTS[0], 2)
     time.sleep(0.01)
@@ -253,9 +262,23 @@ def requests_of(
         for call in exercised.recorder.of(principal):
             if (call.service, call.operation) == ("sts", "GetCallerIdentity"):
                 continue  # needs no permission
-            found.extend((r, variables) for r in requests_for(call, exercised.account))
+            requests = requests_for(call, exercised.account)
+            if principal.startswith("device:") and _polled_before_any_round(call):
+                # The edge client takes S3's 403 (no ListBucket) for "no round yet".
+                requests = [r for r in requests if r.action != "s3:ListBucket"]
+            found.extend((r, variables) for r in requests)
     assert found, f"no calls were recorded for {principals}"
     return found
+
+
+def _polled_before_any_round(call: Any) -> bool:
+    from sfl.core import layout
+
+    return (
+        (call.service, call.operation) == ("s3", "GetObject")
+        and call.params.get("Key") == layout.ASSIGNMENT_KEY
+        and call.status == 404
+    )
 
 
 ROLES = {
@@ -391,3 +414,44 @@ def test_the_initiator_may_read_only_the_control_partition(exercised: Exercised)
         a_round = Request(action, table, {"dynamodb:LeadingKeys": ("default",)})
         assert policies.allows(control, {})
         assert policies.allows(a_round, {}) is (action == "dynamodb:UpdateItem")
+
+
+def test_a_device_reads_its_model_and_assignment_but_no_lineage_and_lists_nothing(
+    exercised: Exercised,
+):
+    """The device role allows what the edge client read and refuses a version's lineage
+    (every round's participants and held-out accuracy), the rest of the models bucket, and
+    any listing of it."""
+    from sfl.core import layout
+
+    policies = policies_of(exercised, None)
+    models = f"arn:aws:s3:::{exercised.deployment.outputs['ModelsBucketName']}"
+    me = {THING_NAME: "device-a"}
+    reads = {
+        r.resource.removeprefix(f"{models}/")
+        for r, _ in requests_of(exercised, [f"device:{c}" for c in CLIENTS])
+        if r.action == "s3:GetObject" and r.resource.startswith(f"{models}/")
+    }
+    assert reads == {layout.ASSIGNMENT_KEY, layout.model_key(0), layout.model_key(1)} | {
+        layout.PROMOTED_MODEL_KEY
+    }
+    for key in reads:
+        assert policies.allows(Request("s3:GetObject", f"{models}/{key}"), me)
+    for key in (layout.lineage_key(1), layout.state_key(1), layout.EVAL_DATA_KEY):
+        assert not policies.allows(Request("s3:GetObject", f"{models}/{key}"), me), key
+    for prefix in ("", layout.MODELS_PREFIX, layout.ASSIGNMENT_KEY):
+        listing = Request("s3:ListBucket", models, {"s3:prefix": (prefix,)})
+        assert not policies.allows(listing, me), prefix
+
+
+def test_the_averager_deletes_an_update_only_naming_its_etag(exercised: Exercised):
+    """A refused upload is deleted with If-Match on its ETag; the role refuses a delete
+    without one, so no bug can remove an update it has not looked at."""
+    from sfl.core import layout
+
+    policies = policies_of(exercised, "AveragerFunctionName")
+    updates = exercised.deployment.outputs["UpdatesBucketName"]
+    deletes = [r for r, _ in requests_of(exercised, ["averager"]) if r.action == "s3:DeleteObject"]
+    assert deletes and all(r.context.get("s3:if-match") for r in deletes)
+    blind = Request("s3:DeleteObject", f"arn:aws:s3:::{updates}/{layout.update_key('x', 1)}")
+    assert not policies.allows(blind, {})

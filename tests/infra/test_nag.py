@@ -24,7 +24,7 @@ EXPECTED = {
         "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/*]",
     },
     "TokenExchangeRole": {
-        "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",
+        "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/v*.safetensors]",
         "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/<credentials-iot:ThingName>/"
         "round-*.safetensors]",
     },

@@ -11,10 +11,17 @@ from stack_template import resource_json
 from infra.storage import FederationStorage
 from sfl.core import layout
 
+MAX_UPDATE_BYTES = 3 * 1024 * 1024
+
 
 def build(stack: Stack, *, retain_data: bool = False) -> FederationStorage:
     return FederationStorage(
-        stack, "Storage", update_expiry_days=7, log_retention_days=90, retain_data=retain_data
+        stack,
+        "Storage",
+        update_expiry_days=7,
+        max_update_bytes=MAX_UPDATE_BYTES,
+        log_retention_days=90,
+        retain_data=retain_data,
     )
 
 
@@ -112,6 +119,21 @@ def test_updates_bucket_expires_updates_after_the_configured_days(storage):
     }
     assert rules["AbortIncompleteUploads"]["AbortIncompleteMultipartUpload"] == {
         "DaysAfterInitiation": 1
+    }
+
+
+def test_an_upload_larger_than_any_update_expires_after_a_day(storage):
+    """IAM cannot cap a PutObject's size; S3's lifecycle can remove what is larger than the
+    largest update the averager accepts, after its shortest expiry (a day)."""
+    construct, _, template_json = storage
+    updates = resource_json(template_json, construct.updates_bucket)["Properties"]
+    rules = {rule["Id"]: rule for rule in updates["LifecycleConfiguration"]["Rules"]}
+    assert rules["ExpireOversizedUploads"] == {
+        "Id": "ExpireOversizedUploads",
+        "Prefix": layout.UPDATES_PREFIX,
+        "ObjectSizeGreaterThan": str(MAX_UPDATE_BYTES),  # CloudFormation types it a string
+        "ExpirationInDays": 1,
+        "Status": "Enabled",
     }
 
 

@@ -102,6 +102,8 @@ class Round:
     train_config: Mapping[str, Any]
     answers: Mapping[str, Answer] = field(default_factory=dict)
     soft_deadline_at: float = 0.0  # 0: same as deadline_at
+    # Uploads refused without being an answer (not selected, duplicate, late), as rounds
+    # recorded them before such refusals stopped writing the round item: read, never grown.
     other_rejections: tuple[Mapping[str, Any], ...] = ()
     rejection_counts: Mapping[str, int] = field(default_factory=dict)
     norm_bound_hint: float = 0.0  # the last closed round's norm bound; 0: none yet

@@ -13,9 +13,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from botocore.exceptions import ClientError
-
-from sfl.state.aws import error_code
 from sfl.state.conditional import conditional
 from sfl.state.dynamo import serialize
 from sfl.state.rounds.keys import round_key, slot_key, slot_partition
@@ -27,7 +24,6 @@ from sfl.state.rounds.records import (
     Round,
     RoundState,
     Slot,
-    rejection_key,
     rejection_reason,
     storable,
 )
@@ -35,11 +31,6 @@ from sfl.state.rounds.records import (
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
 
-# Rejections that are not a selected client's answer (unselected senders, late or repeated
-# uploads) are kept on the round record once per client and reason, with a count of how many
-# objects it was, for up to this many (client, reason) pairs; beyond that only the per-reason
-# counts grow. A device flooding uploads fills one entry, not the record.
-MAX_OTHER_REJECTIONS = 100
 # Slot items expire (DynamoDB TTL) this long after their round started; the round item keeps
 # the counts and the summary for good.
 SLOT_RETENTION_SECONDS = 90 * 24 * 3600
@@ -411,86 +402,6 @@ class RoundStore:
             else self.slot(experiment, number, client_id)
         )
         return RecordOutcome.refused(current, slot)
-
-    def record_other_rejection(
-        self, experiment: str, number: int, rejection: dict[str, Any]
-    ) -> bool:
-        """Keep a rejection that is not a selected client's answer: counted per reason, and
-        kept once per client and reason (with how many objects, the last one's key and ETag;
-        a repeated delivery of one object adds nothing) for up to a bound of pairs."""
-        try:
-            return self._record_other_rejection(experiment, number, rejection)
-        except ClientError as e:
-            if error_code(e) != "ValidationException":
-                raise
-        # A round written by an earlier version has no rejection_counts map to count in; a
-        # refusal means the map is there now (or the round is gone): count again either way.
-        conditional(
-            self._ddb.update_item,
-            TableName=self._table,
-            Key=round_key(experiment, number),
-            UpdateExpression="SET rejection_counts = :empty",
-            ConditionExpression=("attribute_exists(#r) AND attribute_not_exists(rejection_counts)"),
-            ExpressionAttributeNames={"#r": "round"},
-            ExpressionAttributeValues={":empty": {"M": {}}},
-        )
-        return self._record_other_rejection(experiment, number, rejection)
-
-    def _record_other_rejection(
-        self, experiment: str, number: int, rejection: dict[str, Any]
-    ) -> bool:
-        key = rejection_key(rejection)
-        names = {"#k": key, "#reason": str(rejection.get("reason", ""))}
-        etag = serialize(str(rejection.get("etag", "")))
-        if conditional(
-            self._ddb.update_item,
-            TableName=self._table,
-            Key=round_key(experiment, number),
-            UpdateExpression=(
-                "SET other_rejections.#k = :r, "
-                "rejection_counts.#reason = if_not_exists(rejection_counts.#reason, :zero) "
-                "+ :one"
-            ),
-            ConditionExpression=(
-                "attribute_exists(#r) AND attribute_not_exists(other_rejections.#k) "
-                "AND size(other_rejections) < :cap"
-            ),
-            ExpressionAttributeNames={**names, "#r": "round"},
-            ExpressionAttributeValues={
-                ":r": serialize({**rejection, "count": 1}),
-                ":cap": {"N": str(MAX_OTHER_REJECTIONS)},
-                ":zero": {"N": "0"},
-                ":one": {"N": "1"},
-            },
-        ).written:
-            return True
-        # Seen this (client, reason) before, or the record is full: count, if a new object.
-        return conditional(
-            self._ddb.update_item,
-            TableName=self._table,
-            Key=round_key(experiment, number),
-            UpdateExpression=(
-                "SET other_rejections.#k.#count = other_rejections.#k.#count + :one, "
-                "other_rejections.#k.#etag = :etag, other_rejections.#k.#key = :key, "
-                "rejection_counts.#reason = if_not_exists(rejection_counts.#reason, :zero) "
-                "+ :one"
-            ),
-            ConditionExpression=(
-                "attribute_exists(other_rejections.#k) AND other_rejections.#k.#etag <> :etag"
-            ),
-            ExpressionAttributeNames={
-                **names,
-                "#count": "count",
-                "#etag": "etag",
-                "#key": "key",
-            },
-            ExpressionAttributeValues={
-                ":etag": etag,
-                ":key": serialize(str(rejection.get("key", ""))),
-                ":zero": {"N": "0"},
-                ":one": {"N": "1"},
-            },
-        ).written
 
     def begin_aggregation(
         self, experiment: str, number: int, owner: str, now: float, lease_seconds: float
