@@ -69,6 +69,8 @@ USAGE_MISTAKES = [
     ("split-dataset", "--alpha", "-0.5", "--out", "x"),
     ("local", "up", "--clients", "0"),
     ("local", "up", "--schedule-seconds", "0"),
+    ("logs", "--round", "0"),
+    ("logs", "--since", "-1"),
     ("no-such-command",),
 ]
 
@@ -100,6 +102,7 @@ OPERATOR_COMMANDS = [
     ("config", "show"),
     ("config", "set", "lr=0.1"),
     ("config", "history"),
+    ("logs", "--round", "1"),
 ]
 
 

@@ -80,6 +80,15 @@ def test_local_up_serves_the_printed_command_from_a_fresh_shell_and_stops(tmp_pa
         assert shown["active_devices"] == 2
         # Rounds are reported as they close, scored.
         _wait_for(lines, r"^round 1 CLOSED: \d+/\d+ accepted, accuracy 0\.\d{4}$", up, 120)
+        logs = subprocess.run(
+            [sys.executable, "-m", "sfl.cli.main", "logs", "--endpoint", endpoint, "--round", "1",
+             "--json"],
+            env=shell, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert logs.returncode == 0, logs.stderr
+        about_round_1 = json.loads(logs.stdout)
+        assert about_round_1 and all(line["round"] == 1 for line in about_round_1)
+        assert any(line["message"] == "update accepted" for line in about_round_1)
         exports = env_file.read_text()  # for scripts, on request only
         assert "AWS_ENDPOINT_URL=" + endpoint in exports and "AWS_ACCESS_KEY_ID" not in exports
     finally:

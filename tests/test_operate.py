@@ -388,3 +388,48 @@ def test_missing_credentials_are_a_clear_error(fleet: LocalFleet, tmp_path: Path
         timeout=60,
     )
     assert result.returncode == 1 and "no AWS region" in result.stderr
+
+
+def test_logs_reads_cloudwatch_logs_by_round_and_device(fleet: LocalFleet) -> None:
+    """On AWS ``sfl logs`` filters the functions' log groups by the JSON fields Powertools
+    writes; here against the emulator's CloudWatch Logs with lines in that shape."""
+    import dataclasses
+
+    from sfl.ops.federation import LOCAL_OUTPUT
+    from sfl.ops.logs import read_logs
+
+    fed = connect(STACK, endpoint_url=fleet.endpoint_url)
+    logs = fed.client("logs")
+    logs.create_log_group(logGroupName="/aws/lambda/averager-test")
+    logs.create_log_stream(logGroupName="/aws/lambda/averager-test", logStreamName="s")
+    now = int(time.time() * 1000)
+    lines = [
+        {"level": "INFO", "message": "update accepted", "round": 7, "client_id": "edge-1"},
+        {"level": "WARNING", "message": "update rejected", "round": 7, "client_id": "edge-2"},
+        {"level": "INFO", "message": "update accepted", "round": 8, "client_id": "edge-1"},
+    ]
+    logs.put_log_events(
+        logGroupName="/aws/lambda/averager-test",
+        logStreamName="s",
+        logEvents=[{"timestamp": now + i, "message": json.dumps(x)} for i, x in enumerate(lines)],
+    )
+    on_aws = dataclasses.replace(
+        fed,
+        outputs={
+            **fed.outputs,
+            LOCAL_OUTPUT: "false",
+            "AveragerLogGroupName": "/aws/lambda/averager-test",
+        },
+    )
+    found = read_logs(on_aws, round_=7, client="edge-2")
+    assert [(x["message"], x["client_id"]) for x in found] == [("update rejected", "edge-2")]
+    assert [x["round"] for x in read_logs(on_aws, client="edge-1")] == [7, 8]
+
+
+def test_the_cloudwatch_filter_is_the_documented_json_pattern() -> None:
+    """CloudWatch Logs' metric-filter syntax for JSON log events: ``{ $.field = value }``
+    joined with ``&&``, strings quoted (moto ignores the pattern, so its text is tested)."""
+    from sfl.ops.logs import filter_pattern
+
+    assert filter_pattern(7, "edge-2") == '{ $.round = 7 && $.client_id = "edge-2" }'
+    assert filter_pattern(None, None) == ""

@@ -46,6 +46,7 @@ def _local_up(args: argparse.Namespace) -> int:
                 credentials_uri=env["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
                 credentials_token=env["AWS_CONTAINER_AUTHORIZATION_TOKEN"],
                 pid=os.getpid(),
+                log_path=str((args.out / "lambda-logs.jsonl").resolve()),
             )
         )
         print(f"sfl local up: stack {args.stack} at {fleet.endpoint_url} (Ctrl-C stops it)")

@@ -238,3 +238,42 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--out", type=output_path, required=True, help="the folder to write (made if absent)"
     )
+    p = command(
+        sub, "logs", _logs, "the functions' log lines about a round or a device (CloudWatch Logs)"
+    )
+    p.add_argument("--round", type=whole(1), default=None, help="lines about round N")
+    p.add_argument("--device", default=None, help="lines about this device (its client id)")
+    p.add_argument(
+        "--since", type=number(0, above=True), default=24.0, help="hours back (default 24)"
+    )
+    p.add_argument("--limit", type=whole(1), default=200, help="at most N lines (default 200)")
+
+
+def _logs(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops.logs import read_logs
+
+    lines = read_logs(
+        fed,
+        round_=args.round,
+        client=args.device,
+        since_seconds=args.since * 3600,
+        limit=args.limit,
+    )
+    if args.json:
+        return lines
+    if not lines:
+        out.print("no log lines match")
+    for line in lines:
+        extra = {
+            k: v
+            for k, v in line.items()
+            if k in ("round", "client_id", "reason", "detail", "error", "key")
+        }
+        fields = " ".join(f"{k}={v}" for k, v in extra.items())
+        out.print(
+            f"{line.get('timestamp', '-')} {line.get('level', '-'):7} "
+            f"{line.get('service', '-')}: {line.get('message', '')} {fields}",
+            markup=False,
+            highlight=False,
+        )
+    return None

@@ -42,17 +42,18 @@ FINISHED = frozenset(s.value for s in RoundState if s.finished)
 
 
 def handler_environment(
-    aws: LocalAws, names: ResourceNames, config: FederationConfig
+    aws: LocalAws, names: ResourceNames, config: FederationConfig, *, log_file: bool = False
 ) -> dict[str, str]:
     """The process environment the local handlers run in: the endpoint and its credentials,
-    the resource names and the configuration as the stack sets them; metrics off and
-    warnings only, so local output stays the command's own."""
+    the resource names and the configuration as the stack sets them; metrics off. Their log
+    lines go to a file at the level they have on AWS (INFO), else only warnings, so the
+    command's own output stays readable."""
     return {
         **aws.env(),
         **names.to_env(),
         **config.to_env(),
         "POWERTOOLS_METRICS_DISABLED": "true",
-        "POWERTOOLS_LOG_LEVEL": "WARNING",
+        "POWERTOOLS_LOG_LEVEL": "INFO" if log_file else "WARNING",
     }
 
 
@@ -131,7 +132,11 @@ class LocalFederation:
                 started.enter_context(self.aws)
             self.deployment = provision(self.aws)
             started.enter_context(
-                lambda_environment(handler_environment(self.aws, self.names, self.config))
+                lambda_environment(
+                    handler_environment(
+                        self.aws, self.names, self.config, log_file=self._log_path is not None
+                    )
+                )
             )
             self.initiator = LocalFunction("initiator", log_path=self._log_path)
             self.averager = LocalFunction("averager", log_path=self._log_path)

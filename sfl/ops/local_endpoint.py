@@ -33,6 +33,7 @@ class LocalEndpoint:
     credentials_uri: str
     credentials_token: str
     pid: int
+    log_path: str = ""  # the functions' log (JSON lines), for `sfl logs`
 
     def credentials(self) -> dict[str, str]:
         """Fresh credentials from the local credential endpoint (boto3's container-provider
