@@ -85,6 +85,33 @@ def clip_scale(norm: float, bound: float) -> float:
     return bound / norm
 
 
+def bounded_round(
+    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+    base: Mapping[str, torch.Tensor],
+    *,
+    max_ratio: float,
+    factor: float,
+    absolute: float = 0.0,
+) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """A round's updates held in memory, (tensors, claimed examples) each, within the round's
+    bounds as the averager bounds them while it streams: (bounded tensors, weight) each. For
+    references, benchmarks and tests."""
+    weights = bounded_weights([n for _, n in updates], max_ratio)
+    norms = [
+        model_norm(
+            {k: t.to(torch.float64) - base[k] for k, t in u.items() if t.dtype.is_floating_point}
+        )
+        for u, _ in updates
+    ]
+    bound = norm_bound(
+        [x for x in norms if x > 0], factor=factor, absolute=absolute, base_norm=model_norm(base)
+    )
+    return [
+        (clip_to_bound(u, base, clip_scale(norm, bound)), w)
+        for (u, _), norm, w in zip(updates, norms, weights, strict=True)
+    ]
+
+
 def clip_to_bound(
     update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], scale: float
 ) -> dict[str, torch.Tensor]:
