@@ -8,6 +8,7 @@ the assertions are on the objects in S3 and the round record.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -320,3 +321,35 @@ def test_a_users_rule_checks_its_parameters_with_its_own_dataclass(user_rules: s
 def test_a_class_that_is_not_a_rule_is_refused_by_name(user_rules: str) -> None:
     with pytest.raises(AggregationError, match="'user_rules:ShiftParams' made a ShiftParams"):
         build_rule(f"{user_rules}:ShiftParams")
+
+
+def _sign_flipped_round() -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Ten updates of a 40-value model within the default bounds: seven honest changes (a
+    shared direction plus each device's own), three of them reversed x10 (``sign_flip``)."""
+    from sfl.core.config import FederationConfig
+    from sfl.learning.rules.bounds import bounded_round
+
+    generator = torch.Generator().manual_seed(30)
+    base = {"w": torch.zeros(40)}
+    shared = torch.randn(40, generator=generator)
+    updates = []
+    for i in range(10):
+        change = shared + 0.8 * torch.randn(40, generator=generator)
+        updates.append(({"w": (-10.0 if i < 3 else 1.0) * change}, 100))
+    config = FederationConfig()
+    return bounded_round(
+        updates, base, max_ratio=config.max_weight_ratio, factor=config.norm_bound_factor
+    )
+
+
+def test_krum_configured_for_30_percent_leaves_out_three_sign_flippers_of_ten() -> None:
+    """``byzantine_fraction`` 0.3 (the threat table's 30% row) keeps the seven honest
+    updates only; the default 0.2 keeps eight, so one reversed update gets in."""
+    bounded = _sign_flipped_round()
+    for fraction, flipped_kept in ((0.3, 0), (0.2, 1)):
+        rule = build_rule("krum", json.dumps({"byzantine_fraction": fraction}))
+        result = rule.aggregate({"w": torch.zeros(40)}, ListUpdates(bounded), None)
+        assert result is not None and result.details is not None
+        kept = result.details["krum_kept"]
+        assert len([c for c in kept if int(c) < 3]) == flipped_kept, (fraction, kept)
+        assert len([c for c in kept if int(c) >= 3]) == 7
