@@ -32,13 +32,17 @@ GOAL_POINTS = 3.0
 
 
 def measure(rule: str, attack: str | None, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    params = dict(args.params).get(rule)
+    overrides: tuple[tuple[str, str], ...] = (("aggregation", rule),)
+    if params is not None:
+        overrides += (("aggregation_params", params),)
     options: dict[str, Any] = {
         "clients": args.clients,
         "rounds": args.rounds,
         "seed": seed,
         "partition": "dirichlet",
         "alpha": 0.5,
-        "config_overrides": (("aggregation", rule),),
+        "config_overrides": overrides,
     }
     if attack is not None:
         options.update(attackers=args.attackers, attack=attack)
@@ -49,6 +53,7 @@ def measure(rule: str, attack: str | None, seed: int, args: argparse.Namespace) 
     accuracies = [r["accuracy"] for r in result.rounds if r["accuracy"] is not None]
     row = {
         "rule": rule,
+        "aggregation_params": params or "{}",
         "attack": attack or "none",
         "seed": seed,
         "clients": args.clients,
@@ -122,6 +127,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--attackers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument(
+        "--params",
+        nargs="+",
+        default=[],
+        type=lambda text: tuple(text.split("=", 1)),
+        metavar="RULE=JSON",
+        help="a rule's aggregation_params, e.g. krum='{\"byzantine_fraction\":0.3}'",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "robustness.json")
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
@@ -139,6 +152,7 @@ def main() -> None:
                         "attackers": args.attackers,
                         "rounds": args.rounds,
                         "seeds": args.seeds,
+                        "aggregation_params": dict(args.params),
                     },
                     "summary": summarize(runs),
                     "runs": runs,

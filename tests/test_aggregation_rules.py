@@ -8,6 +8,7 @@ the assertions are on the objects in S3 and the round record.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Iterator
@@ -49,7 +50,10 @@ def _expected(rule: str, base: dict[str, torch.Tensor], *updates: dict[str, torc
 
 
 def test_a_stateful_rule_writes_its_state_once_beside_the_new_version(stack: Stack) -> None:
-    averager, _, store = _setup(stack, "a", "b", quorum="all_answered", aggregation="fedavgm")
+    # Two changes are clipped to 2x the smaller here, so neither is cut: the rule's own sum.
+    averager, _, store = _setup(
+        stack, "a", "b", quorum="all_answered", aggregation="fedavgm", norm_bound_factor=2.0
+    )
     _deliver(averager, stack.upload_update("a", 1, _moved(1.0)))
     _deliver(averager, stack.upload_update("b", 1, _moved(1.5)))
 
@@ -121,7 +125,7 @@ def test_a_retried_aggregation_that_finds_the_state_written_makes_the_model_from
 
 
 def test_median_leaves_out_what_clipping_let_through(stack: Stack) -> None:
-    """The attacker's reversed update is clipped to 2x the median change, and still pulls a
+    """The attacker's reversed update is clipped to the median change, and still pulls a
     mean; the coordinate-wise median of three honest updates and it is the honest one."""
     clients = ["h1", "h2", "h3", "attacker"]
     averager, _, store = _setup(stack, *clients, quorum="all_answered", aggregation="median")
@@ -141,7 +145,7 @@ def test_krum_names_the_clients_it_kept(stack: Stack) -> None:
     for i, client in enumerate(clients[:4]):
         _deliver(averager, stack.upload_update(client, 1, _moved(1.0 + 0.01 * i)))
     odd = {k: v.clone() for k, v in _moved(1.0).items()}
-    odd["w"][0, 0] += 1.5  # far from the others in one coordinate, within the norm bound
+    odd["w"][0, 0] += 1.5  # far from the others in one coordinate (clipped to the median norm)
     _deliver(averager, stack.upload_update("odd", 1, odd))
 
     closed = store.get("test", 1)
@@ -317,3 +321,35 @@ def test_a_users_rule_checks_its_parameters_with_its_own_dataclass(user_rules: s
 def test_a_class_that_is_not_a_rule_is_refused_by_name(user_rules: str) -> None:
     with pytest.raises(AggregationError, match="'user_rules:ShiftParams' made a ShiftParams"):
         build_rule(f"{user_rules}:ShiftParams")
+
+
+def _sign_flipped_round() -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Ten updates of a 40-value model within the default bounds: seven honest changes (a
+    shared direction plus each device's own), three of them reversed x10 (``sign_flip``)."""
+    from sfl.core.config import FederationConfig
+    from sfl.learning.rules.bounds import bounded_round
+
+    generator = torch.Generator().manual_seed(30)
+    base = {"w": torch.zeros(40)}
+    shared = torch.randn(40, generator=generator)
+    updates = []
+    for i in range(10):
+        change = shared + 0.8 * torch.randn(40, generator=generator)
+        updates.append(({"w": (-10.0 if i < 3 else 1.0) * change}, 100))
+    config = FederationConfig()
+    return bounded_round(
+        updates, base, max_ratio=config.max_weight_ratio, factor=config.norm_bound_factor
+    )
+
+
+def test_krum_configured_for_30_percent_leaves_out_three_sign_flippers_of_ten() -> None:
+    """``byzantine_fraction`` 0.3 (the threat table's 30% row) keeps the seven honest
+    updates only; the default 0.2 keeps eight, so one reversed update gets in."""
+    bounded = _sign_flipped_round()
+    for fraction, flipped_kept in ((0.3, 0), (0.2, 1)):
+        rule = build_rule("krum", json.dumps({"byzantine_fraction": fraction}))
+        result = rule.aggregate({"w": torch.zeros(40)}, ListUpdates(bounded), None)
+        assert result is not None and result.details is not None
+        kept = result.details["krum_kept"]
+        assert len([c for c in kept if int(c) < 3]) == flipped_kept, (fraction, kept)
+        assert len([c for c in kept if int(c) >= 3]) == 7

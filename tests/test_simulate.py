@@ -126,7 +126,8 @@ def test_a_hostile_edge_client_does_not_stop_or_decide_the_federation(tmp_path: 
     (attacker,) = history["attackers"]
     rounds = history["rounds"]
     assert all(r["status"] == "CLOSED" for r in rounds)
-    assert all(r["clipped"] == [attacker] for r in rounds)
+    # clipped to the median change: the attacker every round (and honest ones above it)
+    assert all(attacker in r["clipped"] for r in rounds)
     assert rounds[-1]["accuracy"] > history["initial_accuracy"] + 0.3
 
 

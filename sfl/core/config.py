@@ -241,13 +241,13 @@ class FederationConfig(Settings):
         "round (too_few_examples) instead of training",
     )
     max_weight_ratio: float = setting(
-        3.0,
+        1.0,
         allowed=Range(1.0, 1e6),
         doc="a client's aggregation weight is its num_examples, at most this many times the "
-        "round's median num_examples",
+        "round's median num_examples (1: no client weighs more than the median one)",
     )
     norm_bound_factor: float = setting(
-        2.0,
+        1.0,
         allowed=Range(0.0, 1e6),
         doc="an update's change from the base model is clipped to this many times the round's "
         "median change; 0 turns the adaptive bound off",

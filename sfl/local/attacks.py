@@ -14,6 +14,8 @@ the model if the server trusted it:
   trains on three random halves of its data and sends their mean change minus
   ``ALIE_Z`` times their per-coordinate spread, a shift small enough to look typical
 - ``stale``: an honest update, always trained from the first model the attacker saw
+- ``steer``: ``sign_flip`` while claiming 10,000,000 examples: one device at both bounds
+  (the largest weight and the largest change the round allows), against the honest direction
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ from sfl.learning.tasks.base import (
 if TYPE_CHECKING:
     import torch
 
-ATTACKS = ("scale", "sign_flip", "free_rider", "inflate_examples", "gaussian", "alie", "stale")
+ATTACKS = (
+    "scale",
+    "sign_flip",
+    "free_rider",
+    "inflate_examples",
+    "gaussian",
+    "alie",
+    "stale",
+    "steer",
+)
 INFLATED_EXAMPLES = 10_000_000
 GAUSSIAN_STD = 1.0
 ALIE_Z = 1.5
@@ -68,7 +79,7 @@ class HostileTask:
 
     def load_client_data(self, data_dir: Path) -> ClientData:
         data = self.inner.load_client_data(data_dir)
-        if self.attack == "inflate_examples":
+        if self.attack in ("inflate_examples", "steer"):
             return ClientData(train=InflatedDataset(data.train.x, data.train.y), eval=data.eval)
         return data
 
@@ -105,7 +116,7 @@ class HostileTask:
                 first = self._first_model
             model.load_state_dict(first)
         metrics = self.inner.train(model, honest, config, should_stop)
-        factor = {"scale": 1000.0, "sign_flip": -10.0}.get(self.attack)
+        factor = {"scale": 1000.0, "sign_flip": -10.0, "steer": -10.0}.get(self.attack)
         if factor is not None:
             with torch.no_grad():
                 for name, value in model.state_dict().items():

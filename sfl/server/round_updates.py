@@ -1,11 +1,15 @@
 """A round's accepted updates as the aggregation rules see them (``UpdateSet``), read from S3.
 
 Each update is read with the ETag it was accepted with (a changed object is left out, not
-used), then bounded: weighed with its capped weight and its change from the base model
-scaled by its clip factor. Streaming reads each update once and holds one in memory. Chunked
-access first spools the updates to a temporary directory (disk: one update's size times
-their number) and then reads the same rows of one tensor from every file, so memory stays
-within ``CHUNK_ELEMENTS`` float64 values whatever the number of updates.
+used), then bounded: weighed with its capped weight, its change from the base model scaled
+by its clip factor, and its integer tensors replaced by the base model's
+(``sfl.learning.rules.bounds.keeps_base_value``). Every rule, streamed, chunked or summed in
+shards, reads updates through here, so none sees a device's counters.
+
+Streaming reads each update once and holds one in memory. Chunked access first spools the
+updates to a temporary directory (disk: one update's size times their number) and then
+reads the same rows of one tensor from every file, so memory stays within
+``CHUNK_ELEMENTS`` float64 values whatever the number of updates.
 
 One update that cannot be read or no longer matches the base model is left out and named in
 ``excluded``; an AWS error that may pass (throttling, a timeout) propagates, so the whole
@@ -54,6 +58,7 @@ from sfl.learning.rules.aggregation import (
     as_rows,
     row_slices,
 )
+from sfl.learning.rules.bounds import keeps_base_value
 from sfl.state.aws import error_code, is_not_found, is_transient
 
 logger = logging.getLogger(__name__)
@@ -352,12 +357,13 @@ class RoundUpdates:
         return decode_view(data)
 
     def _bounded(self, entry: Entry, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The update clipped to the round's bound: ``clip_to_bound``'s arithmetic, in place
-        on the freshly decoded tensors (ours alone), a block at a time."""
-        if entry.scale >= 1.0:
-            return tensors
+        """The update within the round's bounds, as ``clip_to_bound`` makes it: float tensors
+        clipped in place on the freshly decoded tensors (ours alone), a block at a time; the
+        others the base model's."""
         for name, t in tensors.items():
-            if t.dtype.is_floating_point:
+            if keeps_base_value(t.dtype):
+                tensors[name] = self.base[name].clone()
+            elif entry.scale < 1.0:
                 _clip_in_place(t, self.base[name], entry.scale)
         return tensors
 
@@ -405,7 +411,9 @@ class RoundUpdates:
             else:
                 value = f.get_slice(name)[rows]
         start = as_rows(self.base[name])[rows]
-        if not start.dtype.is_floating_point or entry.scale >= 1.0:
+        if keeps_base_value(start.dtype):
+            return start.to(torch.float64)
+        if entry.scale >= 1.0:
             return value.to(torch.float64)
         start64 = start.to(torch.float64)
         return start64 + entry.scale * (value.to(torch.float64) - start64)

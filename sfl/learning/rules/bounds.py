@@ -3,8 +3,11 @@
 A device claims its example count and chooses its update; neither may decide the model.
 ``bounded_weights`` caps each claim at a multiple of the round's median claim, and
 ``norm_bound`` / ``clip_to_bound`` shrink an update whose change from the base model is far
-larger than the round's typical change (or than a configured absolute bound). Pure
-functions over numbers and tensors; the averager applies them while it streams.
+larger than the round's typical change (or than a configured absolute bound). Tensors that
+are not floating point (counters such as BatchNorm's ``num_batches_tracked``) cannot be
+clipped or averaged meaningfully, so an update's are replaced by the base model's
+(``keeps_base_value``): no device moves them, under any rule. Pure functions over numbers
+and tensors; the averager applies them while it streams.
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ def model_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((t.to(torch.float64) ** 2).sum()) for t in floats))
 
 
+def keeps_base_value(dtype: torch.dtype) -> bool:
+    """Whether an update's tensor of this dtype is replaced by the base model's: integer and
+    boolean tensors are counters or masks, which no bound on a change can make safe (one
+    device's 2**62 would average to 2**60 and more)."""
+    return not dtype.is_floating_point
+
+
 def clip_scale(norm: float, bound: float) -> float:
     """How much of an update's change to keep: 1, or ``bound / norm`` if it is over."""
     if not norm > bound:
@@ -75,18 +85,45 @@ def clip_scale(norm: float, bound: float) -> float:
     return bound / norm
 
 
+def bounded_round(
+    updates: Sequence[tuple[Mapping[str, torch.Tensor], int]],
+    base: Mapping[str, torch.Tensor],
+    *,
+    max_ratio: float,
+    factor: float,
+    absolute: float = 0.0,
+) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """A round's updates held in memory, (tensors, claimed examples) each, within the round's
+    bounds as the averager bounds them while it streams: (bounded tensors, weight) each. For
+    references, benchmarks and tests."""
+    weights = bounded_weights([n for _, n in updates], max_ratio)
+    norms = [
+        model_norm(
+            {k: t.to(torch.float64) - base[k] for k, t in u.items() if t.dtype.is_floating_point}
+        )
+        for u, _ in updates
+    ]
+    bound = norm_bound(
+        [x for x in norms if x > 0], factor=factor, absolute=absolute, base_norm=model_norm(base)
+    )
+    return [
+        (clip_to_bound(u, base, clip_scale(norm, bound)), w)
+        for (u, _), norm, w in zip(updates, norms, weights, strict=True)
+    ]
+
+
 def clip_to_bound(
     update: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], scale: float
 ) -> dict[str, torch.Tensor]:
     """``base + scale * (update - base)`` for float tensors (computed in float64, returned in
-    the update's dtype, which the aggregate keeps); other tensors unchanged."""
-    if scale >= 1.0:
-        return dict(update)
+    the update's dtype, which the aggregate keeps); other tensors are the base model's."""
     out: dict[str, torch.Tensor] = {}
     for name, t in update.items():
-        if t.dtype.is_floating_point:
+        if keeps_base_value(t.dtype):
+            out[name] = base[name].clone()
+        elif scale >= 1.0:
+            out[name] = t
+        else:
             start = base[name].to(torch.float64)
             out[name] = (start + scale * (t.to(torch.float64) - start)).to(t.dtype)
-        else:
-            out[name] = t
     return out
