@@ -27,7 +27,7 @@ from sfl.cli.main import main
 from sfl.core import layout
 from sfl.local.fleet import FleetOptions, LocalFleet
 from sfl.state.lineage import ModelLineage
-from sfl.state.rounds import Answer, Outcome, RoundState, RoundStore
+from sfl.state.rounds import RoundState, RoundStore
 
 RESULTS = Path(__file__).parent / "results" / "operator_reads.json"
 STACK = "Sfl-ReadsBenchmark"
@@ -39,29 +39,35 @@ COMMANDS = {
     "watch (one look)": ["watch", "--json", "--timeout", "0.01", "--history", "5"],
 }
 REPEATS = 5
+# Rounds with their slot items written (``devices`` reads the newest 20 rounds' slots).
+SLOTTED = 50
 
 
 def write_history(fleet: LocalFleet, first: int, last: int, client: str) -> None:
-    """Rounds ``first``..``last`` closed, each with one accepted answer and a model version."""
+    """Rounds ``first``..``last`` closed, each with a model version and its lineage; the
+    newest ``SLOTTED`` of them also with their slot (what ``devices`` reads)."""
     federation = fleet.federation
     clients = federation.aws.clients()
-    store = RoundStore(clients.dynamodb, federation.names.rounds_table)
+    table = federation.names.rounds_table
+    store = RoundStore(clients.dynamodb, table)
     bucket = federation.names.models_bucket
     template = store.latest(federation.config.experiment, slots=True)
     assert template is not None, "run one real round first"
+    batch: list[dict[str, Any]] = []
     for number in range(first, last + 1):
         now = time.time()
-        answer = Answer(
-            outcome=Outcome.ACCEPTED, key=f"synthetic/{number}", size=1000, received_at=now,
-            num_examples=100, metrics={"accuracy": 0.9, "loss": 0.3}, delta_norm=1.0,
-        )  # fmt: skip
         closed = replace(
             template, round=number, base_version=number - 1, model_version=number,
             status=RoundState.CLOSED, created_at=now - 5, finished_at=now, selected=(client,),
-            answers={client: answer}, evaluation={"accuracy": 0.9, "loss": 0.3},
+            evaluation={"accuracy": 0.9, "loss": 0.3},
         )  # fmt: skip
-        clients.dynamodb.put_item(TableName=federation.names.rounds_table, Item=closed.to_item())
-        store.write_slots(closed, (client,))
+        batch.append({"PutRequest": {"Item": closed.to_item()}})
+        if len(batch) == 25 or number == last:
+            while batch:
+                response = clients.dynamodb.batch_write_item(RequestItems={table: batch})
+                batch = list(response.get("UnprocessedItems", {}).get(table, []))
+        if number > last - SLOTTED:
+            store.write_slots(closed, (client,))
         clients.s3.put_object(Bucket=bucket, Key=layout.model_key(number), Body=b"synthetic")
         lineage = ModelLineage(version=number, kind="round", parent=number - 1, round=number)
         clients.s3.put_object(

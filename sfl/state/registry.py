@@ -80,17 +80,11 @@ DEVICE_ATTRIBUTES = ("client_id", "last_seen", "active_shard")
 CHANGES_ITEM_ID = "#changes"
 # What the server reads of an item when it counts a round (not even ``registered_at``: an
 # item from before it was the server's may hold whatever a device put there).
+# The numbers selection reads through the active index, and the two keys.
 SERVER_READ = (
     "client_id",
     "last_seen",
-    "ewma_turnaround",
-    "rounds_answered",
-    "rounds_missed",
-    "missed_streak",
-    "miss_history",
-    "last_round",
-    "utility",
-    "recent_picks",
+    *(name for name in ACTIVE_INDEX.projected if name != "registered_at"),
 )
 # A turnaround sample is clamped to [1 s, a day]: no answer is instant, and the EWMA stays a
 # small finite number.
