@@ -132,7 +132,7 @@ def simulated(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     seen: list[object] = []
 
-    def stop(options: object, progress: object = None) -> None:
+    def stop(options: object, progress: object = None, activity: object = None) -> None:
         seen.append(options)
         raise simulate.SimulationError("stopped by the test")
 
