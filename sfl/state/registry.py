@@ -84,7 +84,7 @@ CHANGES_ITEM_ID = "#changes"
 SERVER_READ = (
     "client_id",
     "last_seen",
-    *(name for name in ACTIVE_INDEX.projected if name != "registered_at"),
+    *(name for name in ACTIVE_INDEX.projected or () if name != "registered_at"),
 )
 # A turnaround sample is clamped to [1 s, a day]: no answer is instant, and the EWMA stays a
 # small finite number.
