@@ -209,7 +209,7 @@ def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 def add_parser(sub: Any) -> None:
     command(sub, "status", _status, "the federation now: round, devices, model, alarms")
-    p = command(sub, "rounds", _rounds, "every round: outcome, answers, rejections, accuracy")
+    p = command(sub, "rounds", _rounds, "the newest rounds: outcome, answers, rejections, accuracy")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument(
         "--last",
