@@ -316,6 +316,8 @@ def test_eval_data_upload_refuses_a_bad_set_and_scores_with_a_new_one(
 def test_report_writes_history_and_charts(fleet: LocalFleet, tmp_path: Path) -> None:
     result = sfl_json(fleet, "report", "--out", str(tmp_path / "report"))
     history = json.loads((tmp_path / "report" / "history.json").read_text())
+    assert history["schema"] == "sfl-report-history/1"
+    assert len(history["models"]) == len(sfl_json(fleet, "models", "list", "--all"))
     records = rounds(fleet).history("default")
     assert [r["round"] for r in history["rounds"]] == [r.round for r in records]
     assert all(r["cost"]["usd"] > 0 for r in history["rounds"])

@@ -31,6 +31,7 @@ def test_small_simulation_learns_and_writes_history_and_plot(tmp_path: Path) -> 
     proc = _simulate(out, "--clients", "4", "--rounds", "3")
 
     history = json.loads((out / "history.json").read_text())
+    assert history["schema"] == "sfl-simulation-history/1"
     rounds = history["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["status"] == "CLOSED" for r in rounds)

@@ -147,6 +147,9 @@ class SimulationResult:
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
+#: What ``<out>/history.json`` of a simulation holds (docs/history-json.md); the number grows
+#: when a field changes meaning or goes, not when one is added.
+SIMULATION_SCHEMA = "sfl-simulation-history/1"
 #: What the simulation is doing right now, in a few words (set-up steps, then the open round's
 #: answers about once a second): for a live status line.
 ActivityFn = Callable[[str], None]
@@ -339,6 +342,7 @@ def _run(
     wall_seconds = time.time() - wall_start
     dispatcher, averager = federation.dispatcher, federation.averager
     history: dict[str, Any] = {
+        "schema": SIMULATION_SCHEMA,
         "task": options.task,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "config": config.to_dict(),

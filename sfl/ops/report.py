@@ -54,6 +54,11 @@ def round_cost(row: dict[str, Any], averager_memory_mb: int) -> dict[str, float]
     }
 
 
+#: What ``sfl report``'s ``history.json`` holds (docs/history-json.md); the number grows when
+#: a field changes meaning or goes, not when one is added.
+REPORT_SCHEMA = "sfl-report-history/1"
+
+
 def build_history(fed: Federation) -> dict[str, Any]:
     memory = 128
     function = fed.outputs.get(AVERAGER_OUTPUT)
@@ -66,6 +71,7 @@ def build_history(fed: Federation) -> dict[str, Any]:
     for row in rows:
         row["cost"] = round_cost(row, memory)
     return {
+        "schema": REPORT_SCHEMA,
         "stack": fed.stack,
         "experiment": fed.experiment,
         "generated_at": now,
@@ -74,7 +80,7 @@ def build_history(fed: Federation) -> dict[str, Any]:
         "averager_memory_mb": memory,
         "prices_usd": PRICES,
         "rounds": rows,
-        "models": views.models(fed),
+        "models": views.models(fed, None),
     }
 
 
