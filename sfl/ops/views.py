@@ -206,9 +206,7 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
     if last is None:
         versions = store.versions()
     else:
-        # From the newest version a round wrote; a rollback may have written one after it.
-        versions = store.versions_from(max(0, max(by_version, default=0) - last))
-        versions = dict(list(versions.items())[-last:])
+        versions = store.newest_versions(max(by_version, default=0), last)
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     rows = []
     for version, obj in versions.items():

@@ -171,20 +171,30 @@ class LineageStore:
                     found[version] = {"size": obj["Size"], "written_at": obj["LastModified"]}
         return dict(sorted(found.items()))
 
-    def versions_from(self, first: int) -> dict[int, dict[str, Any]]:
-        """The versions from ``first`` on (the keys sort by version): one listing page for a
-        window of recent versions, whatever the history."""
+    def newest_versions(self, known: int, count: int) -> dict[int, dict[str, Any]]:
+        """The newest ``count`` versions, given a version known to exist (``known``: the
+        newest a round wrote): a HEAD per version, from ``known`` up while they exist (a
+        rollback writes one above) and down; no listing, so the cost does not grow with the
+        history (S3 lists in key order, and an emulator lists every key)."""
         found: dict[int, dict[str, Any]] = {}
-        paginator = self._s3.get_paginator("list_objects_v2")
-        start = layout.model_key(first - 1) if first > 0 else ""
-        for page in paginator.paginate(
-            Bucket=self._bucket, Prefix=layout.MODELS_PREFIX, StartAfter=start
-        ):
-            for obj in page.get("Contents", []):
-                version = layout.model_version_of(obj["Key"])
-                if version is not None and version >= first:
-                    found[version] = {"size": obj["Size"], "written_at": obj["LastModified"]}
-        return dict(sorted(found.items()))
+
+        def head(version: int) -> bool:
+            try:
+                obj = self._s3.head_object(Bucket=self._bucket, Key=layout.model_key(version))
+            except ClientError as e:
+                if is_not_found(e):
+                    return False
+                raise
+            found[version] = {"size": obj["ContentLength"], "written_at": obj["LastModified"]}
+            return True
+
+        newest = known
+        while head(newest + 1):
+            newest += 1
+        for version in range(newest, max(-1, newest - count), -1):
+            if version not in found:
+                head(version)
+        return dict(sorted(found.items())[-count:])
 
     def roll_back(self, source: int, *, now: float, after: int) -> int:
         """Write model ``source`` again as a new version (the first free one above ``after``
