@@ -17,6 +17,8 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import boto3
+import botocore.session
+from botocore.credentials import CredentialResolver
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -177,19 +179,26 @@ def _local_session(
     found = local_endpoint.recorded()
     if found is None or found.endpoint_url.rstrip("/") != endpoint_url.rstrip("/"):
         return boto3.session.Session(profile_name=profile, region_name=region), stack
+    # The user's own AWS files stay out of it; credentials come from the loopback endpoint.
+    botocore_session = botocore.session.Session()
+    botocore_session.set_config_variable("config_file", os.devnull)
+    botocore_session.set_config_variable("credentials_file", os.devnull)
     try:
-        credentials = found.credentials()
-    except (OSError, ValueError, KeyError) as e:
+        botocore_session.register_component(
+            "credential_provider", CredentialResolver([found.credential_provider()])
+        )
+        session = boto3.session.Session(
+            botocore_session=botocore_session, region_name=region or found.region
+        )
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise ValueError("no credentials served")
+        credentials.get_frozen_credentials()
+    except (BotoCoreError, ValueError) as e:
         raise OpsError(
             f"the local federation at {endpoint_url} did not give credentials ({e}): is "
             "'sfl local up' still running?"
         ) from e
-    session = boto3.session.Session(
-        aws_access_key_id=credentials["aws_access_key_id"],
-        aws_secret_access_key=credentials["aws_secret_access_key"],
-        aws_session_token=credentials["aws_session_token"],
-        region_name=region or found.region,
-    )
     return session, stack if stack != DEFAULT_STACK else found.stack
 
 

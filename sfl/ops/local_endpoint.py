@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from botocore.credentials import ContainerProvider
 
 #: Where the record lives (default: ``$XDG_STATE_HOME/sfl`` or ``~/.local/state/sfl``).
 STATE_DIR_ENV = "SFL_STATE_DIR"
@@ -35,21 +36,18 @@ class LocalEndpoint:
     pid: int
     log_path: str = ""  # the functions' log (JSON lines), for `sfl logs`
 
-    def credentials(self) -> dict[str, str]:
-        """Fresh credentials from the local credential endpoint (boto3's container-provider
-        request, made here so that no environment variable has to carry it)."""
+    def credential_provider(self) -> ContainerProvider:
+        """boto3's own container-credentials provider, pointed at the local credential
+        endpoint as a Greengrass device's is at its token exchange service (fetched and
+        refreshed by botocore; no environment variable has to carry it, no key is held)."""
         if urlsplit(self.credentials_uri).scheme != "http" or not is_local(self.credentials_uri):
             raise ValueError(f"{self.credentials_uri} is not a loopback http URL")
-        request = urllib.request.Request(  # noqa: S310 - an http loopback URL, checked above
-            self.credentials_uri, headers={"Authorization": self.credentials_token}
+        return ContainerProvider(
+            environ={
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": self.credentials_uri,
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN": self.credentials_token,
+            }
         )
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-            served = json.loads(response.read())
-        return {
-            "aws_access_key_id": served["AccessKeyId"],
-            "aws_secret_access_key": served["SecretAccessKey"],
-            "aws_session_token": served["Token"],
-        }
 
 
 def state_dir() -> Path:
