@@ -82,7 +82,7 @@ typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy
 
 pytest: dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test: dev lint typecheck pytest
 
