@@ -210,6 +210,10 @@ def deploy(
     for name, output in list(template["Outputs"].items()):
         if set(_refs(output["Value"])) & without:
             del template["Outputs"][name]
+    # A left-out resource named in a list (the clean-up's owned policies, a condition's ARNs)
+    # is dropped from it; named anywhere else, the template would not deploy.
+    template["Resources"] = _drop_list_references(template["Resources"], without)
+    assert not set(_refs(template["Resources"])) & without
     removed = {
         logical: resource
         for logical, resource in template["Resources"].items()
@@ -255,6 +259,18 @@ def deploy(
         outputs={o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]},
         account=account,
     )
+
+
+def _drop_list_references(value: Any, gone: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_list_references(v, gone) for k, v in value.items()}
+    if isinstance(value, list):
+        return [
+            _drop_list_references(v, gone)
+            for v in value
+            if not (isinstance(v, dict) and set(_refs(v)) & gone and len(v) == 1)
+        ]
+    return value
 
 
 def _attributes_read(value: Any) -> list[str]:
