@@ -88,7 +88,7 @@ class DestroyCleanup(Construct):
             timeout=TIMEOUT,
         )
         self._grant(role, stack, iot_policy, device_role, owned_role_policies)
-        self._acknowledge(role, stack)
+        self._acknowledge(role)
 
         owned = [p.managed_policy_arn for p in owned_role_policies]
         # Refs, not names: each is a dependency, so CloudFormation deletes this resource (and
@@ -151,7 +151,7 @@ class DestroyCleanup(Construct):
         for statement in statements:
             role.add_to_principal_policy(statement)
 
-    def _acknowledge(self, role: iam.Role, stack: Stack) -> None:
+    def _acknowledge(self, role: iam.Role) -> None:
         iot_arn = "arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>"
         for kind in ("cert", "thinggroup"):
             acknowledge_nag(
