@@ -21,11 +21,12 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from cdk_nag import AwsSolutionsChecks
 from constructs import Construct
 
+from infra.cleanup import DestroyCleanup, give_handlers_log_groups
 from infra.compliance import acknowledge_nag, cfn_resource, ignore_cfn_lint, skip_checkov
 from infra.config import LAMBDA_PYTHON_VERSION, StackConfig
 from infra.dashboard import FederationDashboard
 from infra.edge import THING_NAME_VARIABLE, FederationEdge
-from infra.rounds import FederationRounds, FunctionSettings
+from infra.rounds import FederationRounds, FunctionSettings, _retention
 from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl.build import app_code, artifact
@@ -61,7 +62,8 @@ GREENGRASS_INSTALLER = (
 class FederationStack(Stack):
     """Everything ``cdk deploy`` creates and ``cdk destroy`` removes.
 
-    Attributes: ``storage``, ``state``, ``rounds``, ``edge``.
+    Attributes: ``storage``, ``state``, ``rounds``, ``edge``, ``cleanup``,
+    ``handler_log_groups``.
     """
 
     def __init__(
@@ -163,6 +165,19 @@ class FederationStack(Stack):
             averager=self.rounds.averager,
             region=self.region,
         )
+        # What cdk destroy needs (infra.cleanup): free the IoT policy and the device role first,
+        # and a log group that goes with the stack for each of CDK's own handler functions.
+        retention = _retention(infra.log_retention_days)
+        self.cleanup = DestroyCleanup(
+            self,
+            "DestroyCleanup",
+            iot_policy=self.edge.device_iot_policy,
+            device_role=self.edge.device_role,
+            owned_role_policies=[self.edge.nucleus_policy],
+            retention=retention,
+            source_root=source_root,
+        )
+        self.handler_log_groups = give_handlers_log_groups(self.cleanup, retention)
         self._outputs()
 
     # --- grants ------------------------------------------------------------------------------

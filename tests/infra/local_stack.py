@@ -4,8 +4,9 @@ parameter, the asset bucket with the zipped file assets). What the emulator cann
 helpers here do in its place, from the template's own data:
 
 - Lambda-backed custom resources (CDK's S3 auto-delete and notifications handlers, the
-  AwsCustomResource that asks the averager for model version 0) are removed before create;
-  ``apply_bucket_notifications`` and ``bootstrap_request`` apply their effect.
+  AwsCustomResource that asks the averager for model version 0, the destroy clean-up) are
+  removed before create; ``apply_bucket_notifications`` and ``bootstrap_request`` apply their
+  effect, and ``destroy`` runs the clean-up's own handler at its place in the deletion.
 - moto has no CloudFormation model for some types (``NOT_EMULATED``); it skips them.
 - moto does not run Lambda code, fire schedules or deliver S3 events: tests invoke the
   handlers with the deployed functions' environment, the schedule rule's target input, and
@@ -14,8 +15,10 @@ helpers here do in its place, from the template's own data:
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import sys
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import pytest
-from stack_template import Synthesized
+from stack_template import REPO_ROOT, Synthesized
 
 STACK_NAME = "Sfl-Federation"
 # Types moto's CloudFormation skips (no model): none of them carries data a round needs;
@@ -42,7 +45,32 @@ NOT_EMULATED = {
     "AWS::SNS::TopicPolicy",
 }
 # Lambda-backed custom resources: removed before create, their effect applied by the test.
-APPLIED_BY_TEST = {"Custom::S3AutoDeleteObjects", "Custom::S3BucketNotifications", "Custom::AWS"}
+APPLIED_BY_TEST = {
+    "Custom::S3AutoDeleteObjects",
+    "Custom::S3BucketNotifications",
+    "Custom::AWS",
+    "Custom::DestroyCleanup",
+}
+
+
+def cleanup_handler() -> Any:
+    """The destroy clean-up's Lambda module (``lambdas/cleanup/handler.py``), loaded from its
+    file as the Lambda runtime loads it; no bytecode is written beside it (it is the asset)."""
+    name = "sfl_destroy_cleanup_handler"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, REPO_ROOT / "lambdas" / "cleanup" / "handler.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes
+    return module
 
 
 @contextmanager
@@ -78,6 +106,7 @@ class Deployment:
     outputs: dict[str, str]
     account: str
     deleted: set[str] = field(default_factory=set)  # logical IDs destroy already deleted
+    cleaned_up: list[Any] = field(default_factory=list)  # the destroy clean-up's outcomes
 
     def resolve(self, value: Any) -> Any:
         """Resolve the intrinsics CDK emits here against the deployed stack."""
@@ -107,7 +136,12 @@ class Deployment:
             "AWS::URLSuffix": "amazonaws.com",
             "AWS::StackName": self.stack_name,
         }
-        return pseudo[name] if name in pseudo else self.physical[name]
+        if name in pseudo:
+            return pseudo[name]
+        if self.types.get(name) == "AWS::IoT::Policy":
+            # Ref is the policy's name (moto's physical id is not).
+            return str(self.resolve(self.template["Resources"][name]["Properties"]["PolicyName"]))
+        return self.physical[name]
 
     def _arn(self, logical: str) -> str:
         """``Fn::GetAtt [logical, Arn]`` as CloudFormation documents it for each type."""
@@ -176,6 +210,10 @@ def deploy(
     for name, output in list(template["Outputs"].items()):
         if set(_refs(output["Value"])) & without:
             del template["Outputs"][name]
+    # A left-out resource named in a list (the clean-up's owned policies, a condition's ARNs)
+    # is dropped from it; named anywhere else, the template would not deploy.
+    template["Resources"] = _drop_list_references(template["Resources"], without)
+    assert not set(_refs(template["Resources"])) & without
     removed = {
         logical: resource
         for logical, resource in template["Resources"].items()
@@ -221,6 +259,18 @@ def deploy(
         outputs={o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]},
         account=account,
     )
+
+
+def _drop_list_references(value: Any, gone: frozenset[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_list_references(v, gone) for k, v in value.items()}
+    if isinstance(value, list):
+        return [
+            _drop_list_references(v, gone)
+            for v in value
+            if not (isinstance(v, dict) and set(_refs(v)) & gone and len(v) == 1)
+        ]
+    return value
 
 
 def _attributes_read(value: Any) -> list[str]:
@@ -440,6 +490,22 @@ def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str,
         for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
             for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
                 s3.delete_object(Bucket=bucket, Key=item["Key"], VersionId=item["VersionId"])
+    elif kind == "Custom::DestroyCleanup":
+        # The clean-up's own handler, with the Delete request CloudFormation sends it while
+        # the stack is DELETE_IN_PROGRESS (moto's stack stays CREATE_COMPLETE meanwhile).
+        handler = cleanup_handler()
+        outcome = handler.handle(
+            {
+                "RequestType": "Delete",
+                "StackId": deployment.stack_name,
+                "PhysicalResourceId": handler.PHYSICAL_ID,
+                "ResourceProperties": deployment.resolve(props),
+            },
+            iot=aws.client("iot"),
+            iam=aws.client("iam"),
+            stack_status=lambda _stack: handler.STACK_BEING_DELETED,
+        )
+        deployment.cleaned_up.append(outcome)
     elif kind.startswith("Custom::") or kind in {"AWS::Lambda::Permission"}:
         pass  # nothing of its own remains once its function or bucket is gone
     elif kind == "AWS::IAM::Policy":

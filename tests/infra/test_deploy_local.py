@@ -20,7 +20,8 @@ own data, and says so:
   them. The component's recipe and the Greengrass deployment are read from the template; the
   thing group is created from it as CloudFormation would.
 - moto's stack deletion cannot delete IoT resources or managed policies: ``destroy`` deletes
-  resource by resource as CloudFormation does, and fails where it would.
+  resource by resource in CloudFormation's order (dependents first, from the template), and
+  fails where it would; at the destroy clean-up's place it runs that resource's own handler.
 - moto does not run Lambda code, fire schedules or deliver S3 events: the test invokes the
   handlers with the deployed functions' environment, the schedule rule's target input, and
   S3 event records for the keys the deployed notification filter matches.
@@ -46,7 +47,6 @@ from iam_proof import CallRecorder
 from local_stack import (
     NOT_EMULATED,
     Deployment,
-    StackDeleteFailed,
     apply_bucket_notifications,
     bootstrap_request,
     component_recipe,
@@ -392,17 +392,39 @@ def test_the_stack_s_deployment_puts_its_component_version_on_its_thing_group(
     assert props["TargetArn"] == {"Fn::GetAtt": [group, "Arn"]}
 
 
-def test_destroy_after_a_device_was_installed_leaves_nothing(deployment: Deployment):
+def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
+    deployment: Deployment,
+):
+    """The device keeps its certificate attached to the stack's IoT policy and the stack's
+    role holds a policy someone attached by hand: destroy's clean-up (the stack's own handler,
+    run where CloudFormation would run it) detaches both, and the deletion completes."""
     iot = deployment.aws.client("iot")
+    iam = deployment.aws.client("iam")
+    role = deployment.outputs["TokenExchangeRoleName"]
     (certificate,) = iot.list_thing_principals(thingName="device-c")["principals"]
-    installed = Provisioned("device-c", certificate, certificate.rsplit("/", 1)[-1])
+    log_manager = iam.create_policy(
+        PolicyName="LogManagerByHand",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "logs:PutLogEvents", "Resource": "*"}],
+            }
+        ),
+    )["Policy"]["Arn"]
+    iam.attach_role_policy(RoleName=role, PolicyArn=log_manager)
 
-    # While a certificate still holds the stack's IoT policy, CloudFormation cannot delete it.
-    with pytest.raises(StackDeleteFailed, match=r"AWS::IoT::Policy.*attached"):
-        destroy(deployment)
-    # Retire the device first (docs/deploy.md), then the deletion goes on and completes.
-    decommission(deployment.aws, installed)
-    destroy(deployment)
+    order = destroy(deployment)
+
+    (outcome,) = deployment.cleaned_up
+    assert outcome.detached_targets == [certificate]
+    assert outcome.detached_role_policies == [log_manager]
+    # Cleaned up before CloudFormation reached the IoT policy and the role.
+    policy = deployment_logical_id(deployment, "AWS::IoT::Policy")
+    (cleanup,) = [
+        lg for lg, r in deployment.removed.items() if r["Type"] == "Custom::DestroyCleanup"
+    ]
+    role_logical = next(lg for lg, p in deployment.physical.items() if p == role)
+    assert order.index(cleanup) < min(order.index(policy), order.index(role_logical))
 
     remaining = leftovers(deployment.aws, deployment.stack_name)
     # moto's Lambda, invoked by the S3 notification, logs to /aws/lambda/<name> whatever the
@@ -412,13 +434,20 @@ def test_destroy_after_a_device_was_installed_leaves_nothing(deployment: Deploym
     ]
     assert remaining == {kind: [] for kind in remaining}
     assert deployment.deleted >= set(deployment.physical) - {""}
+    # What destroy leaves, as the README says: the device's thing and certificate (holding
+    # no policy now), and the policy attached by hand (detached, not deleted).
+    assert iot.list_attached_policies(target=certificate)["policies"] == []
+    assert iot.describe_thing(thingName="device-c")["thingName"] == "device-c"
+    assert iam.get_policy(PolicyArn=log_manager)["Policy"]["AttachmentCount"] == 0
+    decommission(deployment.aws, Provisioned("device-c", certificate, certificate.rsplit("/")[-1]))
+    iam.delete_policy(PolicyArn=log_manager)
 
 
-def test_an_installer_made_access_policy_would_block_destroy(
+def test_without_the_stack_s_access_policy_the_installer_s_own_is_left_behind(
     local_aws: Any, synthesized: Synthesized
 ):
     """Why the stack owns '<role>Access': without it the installer creates and attaches its
-    own, and CloudFormation cannot delete a role holding a policy it does not own."""
+    own, which destroy's clean-up detaches so the role goes, but which stays in the account."""
     nucleus = synthesized.logical_id(synthesized.stack.edge.nucleus_policy)
     unowned = deploy(local_aws, synthesized, "Sfl-Unowned", without=frozenset({nucleus}))
     create_thing_group(unowned)
@@ -429,9 +458,12 @@ def test_an_installer_made_access_policy_would_block_destroy(
     assert "AttachRolePolicy" in operations
     decommission(local_aws, device)
 
-    with pytest.raises(StackDeleteFailed, match=r"AWS::IAM::Role.*must detach all policies"):
-        destroy(unowned)
-    assert local_aws.client("iam").get_role(RoleName=role)["Role"]["RoleName"] == role
+    destroy(unowned)
+
+    (outcome,) = unowned.cleaned_up
+    assert [arn.rsplit("/", 1)[-1] for arn in outcome.detached_role_policies] == [f"{role}Access"]
+    assert leftovers(local_aws, unowned.stack_name)["iam policies"] == [f"{role}Access"]
+    assert leftovers(local_aws, unowned.stack_name)["roles"] == []
 
 
 def deployment_logical_id(deployment: Deployment, resource_type: str) -> str:

@@ -28,6 +28,11 @@ EXPECTED = {
         "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/<credentials-iot:ThingName>/"
         "round-*.safetensors]",
     },
+    "DestroyCleanupRole": {
+        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:iot:<AWS::Region>:<AWS::AccountId>:"
+        f"{kind}/*]"
+        for kind in ("cert", "thinggroup")
+    },
     "BucketNotificationsHandler": {
         "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
         "AWSLambdaBasicExecutionRole]"
