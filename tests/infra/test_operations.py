@@ -13,7 +13,7 @@ from infra.config import StackConfig
 from sfl.core import cost
 from sfl.core.config import ConfigError
 
-XRAY_ACTIONS = ["xray:PutTraceSegments", "xray:PutTelemetryRecords"]
+XRAY_ACTIONS = ["xray:PutTelemetryRecords", "xray:PutTraceSegments"]
 
 
 def _role_statements(template_json: dict[str, Any], role_logical_id: str) -> list[dict[str, Any]]:
