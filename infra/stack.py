@@ -168,8 +168,8 @@ class FederationStack(Stack):
     # --- grants ------------------------------------------------------------------------------
 
     def _alarms(self, hard_deadline_seconds: int, schedule_minutes: int, email: str) -> None:
-        """Alarms on Lambda errors and throttles, failed async events sent to the DLQ, and a
-        round still open well past its hard deadline (the watchdog tick should have abandoned it); each
+        """Alarms on Lambda errors, failed async events waiting in the DLQ, and a round still
+        open well past its hard deadline (the watchdog tick should have abandoned it); each
         notifies ``self.alarm_topic`` when it fires and when it clears. ``self.alarms`` has
         their metrics, ``self.alarm_resources`` the alarms."""
         period = Duration.minutes(5)

@@ -97,15 +97,17 @@ def annotate_round(
 ) -> None:
     """Put the round's annotations (and an update's client and result, or a shard's index,
     when given) on the tracer's current subsegment."""
-    tracer.put_annotation(EXPERIMENT_ANNOTATION, experiment)
-    if round_number is not None:
-        tracer.put_annotation(ROUND_ANNOTATION, round_number)
-    if client:
-        tracer.put_annotation(CLIENT_ANNOTATION, client)
-    if result:
-        tracer.put_annotation(RESULT_ANNOTATION, result)
-    if shard is not None:
-        tracer.put_annotation(SHARD_ANNOTATION, shard)
+    annotations: dict[str, str | int | None] = {
+        EXPERIMENT_ANNOTATION: experiment,
+        ROUND_ANNOTATION: round_number,
+        CLIENT_ANNOTATION: client or None,
+        RESULT_ANNOTATION: result or None,
+        SHARD_ANNOTATION: shard,
+    }
+    for key, value in annotations.items():
+        if value is not None:
+            # Powertools types numbers as numbers.Number, which mypy does not match to int.
+            tracer.put_annotation(key, value)  # type: ignore[arg-type]
 
 
 @contextmanager

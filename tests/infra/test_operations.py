@@ -19,9 +19,10 @@ XRAY_ACTIONS = ["xray:PutTelemetryRecords", "xray:PutTraceSegments"]
 def _role_statements(template_json: dict[str, Any], role_logical_id: str) -> list[dict[str, Any]]:
     found = []
     for resource in template_json["Resources"].values():
-        if resource["Type"] == "AWS::IAM::Policy" and {"Ref": role_logical_id} in resource[
-            "Properties"
-        ]["Roles"]:
+        if (
+            resource["Type"] == "AWS::IAM::Policy"
+            and {"Ref": role_logical_id} in resource["Properties"]["Roles"]
+        ):
             found.extend(resource["Properties"]["PolicyDocument"]["Statement"])
     return found
 
