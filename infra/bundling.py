@@ -35,6 +35,13 @@ _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;#]+)
 INSTALLER_FILES = frozenset({"INSTALLER", "RECORD", "REQUESTED", "direct_url.json"})
 
 
+# Distributions whose compiled modules only speed up a pure-Python implementation they ship as
+# well, falling back to it when the compiled one does not import (wrapt/__wrapt__.py). The
+# compiled files here are this machine's (its Python, its architecture), not Lambda's: the
+# zip carries the Python alone.
+OPTIONAL_ACCELERATORS = frozenset({"wrapt"})
+
+
 class BundlingError(RuntimeError):
     """The initiator cannot be packaged (a core module missing, a pin not installed)."""
 
@@ -127,6 +134,8 @@ def vendor_distribution(pin: Pin, output_dir: Path) -> list[Path]:
         if parts[0].endswith(".dist-info") and file.name in INSTALLER_FILES:
             continue  # written by whichever installer ran here: the zip's hash would differ
         if file.suffix in {".so", ".pyd", ".dylib"}:
+            if pin.name in OPTIONAL_ACCELERATORS:
+                continue
             raise BundlingError(
                 f"{pin.name} ships compiled code ({file}); it cannot be copied from this "
                 "machine into a Lambda zip"

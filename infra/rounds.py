@@ -1,8 +1,9 @@
 """What runs the rounds: the initiator (zip), the averager (container image), their schedule.
 
 Both functions log to their own log groups with a retention, send failed asynchronous
-invocations to one failure queue, and run with roles that start empty: the stack grants
-each the exact actions it needs on the exact resources.
+invocations to one failure queue, trace to X-Ray (Powertools Tracer, annotated by round:
+``sfl.server.runtime``), and run with roles that start empty: the stack grants each the
+exact actions it needs on the exact resources.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import jsii
 from aws_cdk import AssetHashType, BundlingOptions, Duration, RemovalPolicy, Size, Stage
+from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -217,9 +219,22 @@ class FederationRounds(Construct):
 
         for function, settings in ((self.initiator, initiator), (self.averager, averager)):
             _skip_function_checks(function, reserved=settings.reserved_concurrency > 0)
+            _acknowledge_tracing_grant(function)
         if self.shard is not None and shard is not None:
             _skip_function_checks(self.shard, reserved=shard.reserved_concurrency > 0)
+            _acknowledge_tracing_grant(self.shard)
         self.initial_model = self._bootstrap()
+
+    def throttle_metrics(self, period: Duration) -> dict[str, cloudwatch.IMetric]:
+        """Each function's ``Throttles`` (invocations refused for want of concurrency), by
+        alarm name: the initiator, the averager, and the shard function when deployed."""
+        functions = {"InitiatorThrottles": self.initiator, "AveragerThrottles": self.averager}
+        if self.shard is not None:
+            functions["AveragerShardThrottles"] = self.shard
+        return {
+            name: function.metric_throttles(period=period, statistic="Sum")
+            for name, function in functions.items()
+        }
 
     # --- pieces ------------------------------------------------------------------------------
 
@@ -271,6 +286,12 @@ class FederationRounds(Construct):
             else Size.mebibytes(settings.ephemeral_mib),
             "reserved_concurrent_executions": settings.reserved_concurrency or None,
             "log_group": log_group,
+            # X-Ray: Lambda samples and records each invocation, the handler's Tracer adds
+            # subsegments (AWS calls, one per update) annotated by round. CDK grants the role
+            # xray:PutTraceSegments and xray:PutTelemetryRecords on "*": those actions have no
+            # resource-level permissions (Service Authorization Reference), so "*" is the only
+            # resource they take.
+            "tracing": lambda_.Tracing.ACTIVE,
             "environment": {
                 **environment,
                 "POWERTOOLS_SERVICE_NAME": service,
@@ -340,6 +361,20 @@ class SendOnlyQueueDestination:
             iam.PolicyStatement(actions=["sqs:SendMessage"], resources=[self.queue.queue_arn])
         )
         return lambda_.DestinationConfig(destination=self.queue.queue_arn)
+
+
+def _acknowledge_tracing_grant(function: lambda_.Function) -> None:
+    """The one wildcard resource in a function's role: X-Ray's, which takes no other."""
+    role = function.role
+    if role is None:
+        raise ValueError(f"{function.node.path} has no execution role")
+    acknowledge_nag(
+        role.node.find_child("DefaultPolicy"),
+        "AwsSolutions-IAM5[Resource::*]",
+        "Active tracing: xray:PutTraceSegments and xray:PutTelemetryRecords, which CDK adds "
+        "for Tracing.ACTIVE, support no resource-level permissions; '*' is the only resource "
+        "IAM accepts for them (no other action of the role has a wildcard resource).",
+    )
 
 
 def _skip_function_checks(function: lambda_.Function, *, reserved: bool) -> None:

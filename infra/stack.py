@@ -196,6 +196,8 @@ class FederationStack(Stack):
             "FailedEvents": self.rounds.failure_queue.metric_number_of_messages_sent(
                 period=period, statistic="Sum"
             ),
+            # Invocations Lambda refused for want of concurrency (docs/deploy.md#concurrency).
+            **self.rounds.throttle_metrics(period),
         }
         created = {
             name: cloudwatch.Alarm(

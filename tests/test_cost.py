@@ -184,7 +184,7 @@ def test_idle_day_counts_the_schedule_alarms_dashboard_and_storage() -> None:
     assert idle.s3_gb_months == pytest.approx(1.0 / cost.DAYS_PER_MONTH)
     items = cost.estimate(idle, US_EAST_1).items
     assert items["cloudwatch_alarms"] == pytest.approx(
-        4 * P["cloudwatch_alarm_month"] / cost.DAYS_PER_MONTH
+        6 * P["cloudwatch_alarm_month"] / cost.DAYS_PER_MONTH
     )
     assert items["cloudwatch_dashboards"] == pytest.approx(
         P["cloudwatch_dashboard_month"] / cost.DAYS_PER_MONTH

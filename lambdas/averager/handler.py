@@ -33,7 +33,10 @@ from sfl.server.runtime import (
     INITIATOR_FUNCTION_ENV,
     METRICS_NAMESPACE,
     SHARD_FUNCTION_ENV,
+    annotate_round,
+    function_tracer,
     services,
+    traced,
 )
 from sfl.server.shards import Invoker, Shard, lambda_invoker, sum_shard
 from sfl.state.aws import RETRY_CONFIG
@@ -41,6 +44,9 @@ from sfl.state.rounds import Round, RoundState
 
 logger = Logger(service=AVERAGER_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=AVERAGER_SERVICE)
+# X-Ray: the S3, DynamoDB and Lambda calls, one subsegment per update judged, annotated with
+# the round (and the update's client and result).
+tracer = function_tracer(AVERAGER_SERVICE)
 # The framework's (sfl.*) records go out through this logger's handler, format and level.
 copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 
@@ -90,6 +96,8 @@ def score_new_model(finished: Round) -> None:
             )
 
 
+# Responses name clients and reasons: they stay in the log lines, not in the trace.
+@tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -110,6 +118,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         return {"bootstrap": "written" if wrote else "already present"}
     if action == TICK:
         tick = averager.tick()
+        annotate_round(tracer, config.experiment, tick.round)
         if tick.finished is not None:
             record_round_metrics(tick.finished)
         recovered = tick.details.get("recovered", [])
@@ -122,7 +131,15 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     outcomes = []
     for update in s3_updates(event):
         logger.append_keys(key=update.key)
-        outcome = averager.handle_update(update)
+        with traced(tracer, "## update"):
+            outcome = averager.handle_update(update)
+            annotate_round(
+                tracer,
+                config.experiment,
+                outcome.round,
+                client=outcome.client_id,
+                result=outcome.result.value,
+            )
         outcomes.append(outcome)
         record_update_metrics(outcome)
         if outcome.finished is not None:
@@ -131,12 +148,14 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     return {"outcomes": [o.to_dict() for o in outcomes]}
 
 
+@tracer.capture_lambda_handler(capture_response=False)
 @logger.inject_lambda_context
 def shard_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     """Sum one shard of a round's updates (invoked by the averager that holds the lease)."""
     aws, names, config = services()
     shard = Shard.from_event(event)
     logger.append_keys(round=shard.round, shard=shard.index)
+    annotate_round(tracer, shard.experiment, shard.round, shard=shard.index)
     averager = Averager(aws, names, config)
     return sum_shard(
         aws.s3,

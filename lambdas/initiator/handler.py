@@ -1,6 +1,6 @@
 """Initiator Lambda: start the next round (schedule, manual invoke, or chained after a round).
 
-Zip-packaged with boto3 and Powertools only; nothing it imports pulls in torch.
+Zip-packaged with boto3, Powertools and the X-Ray SDK only; nothing it imports pulls in torch.
 """
 
 from __future__ import annotations
@@ -18,20 +18,27 @@ from sfl.server.runtime import (
     INITIATOR_SERVICE,
     METRICS_NAMESPACE,
     OPEN_ROUND_AGE_METRIC,
+    annotate_round,
+    function_tracer,
     services,
 )
 
 logger = Logger(service=INITIATOR_SERVICE)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=INITIATOR_SERVICE)
+# X-Ray: this run's S3, DynamoDB and Lambda calls, annotated with the round it opened or found.
+tracer = function_tracer(INITIATOR_SERVICE)
 # The framework's (sfl.*) records go out through this logger's handler, format and level.
 copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 
 
+# The response (every selected client) stays in the log line, not in the trace.
+@tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     aws, names, config = services()
     result = start_round(aws, names, config)
+    annotate_round(tracer, config.experiment, result.round)
     metrics.add_metric(name="RoundsStarted", unit=MetricUnit.Count, value=int(result.started))
     # 0 when no round is running; alarms fire when a round outlives its hard deadline,
     # which only happens if the averager's watchdog tick is not doing its job

@@ -65,7 +65,8 @@ class StackShape:
     update_expiry_days: int = 30
     poll_seconds: float = 10.0
     heartbeat_seconds: float = 60.0
-    alarms: int = 4  # infra/stack.py _alarms: initiator errors, averager errors, DLQ, overdue
+    # infra/stack.py _alarms: errors and throttles of both functions, DLQ, overdue round
+    alarms: int = 6
     dashboards: int = 1
 
     @classmethod

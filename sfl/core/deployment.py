@@ -31,6 +31,12 @@ LOG_RETENTION_DAYS = (
     1096, 1827, 2192, 2557, 2922, 3288, 3653,
 )  # fmt: skip
 
+# Lambda keeps this much of an account's concurrency unreserved, for the functions that reserve
+# none: a reservation that would leave less fails the deploy ("... decreases account's
+# UnreservedConcurrentExecution below its minimum value of [100]"). An account of 10 (a new
+# one) can reserve nothing.
+UNRESERVED_CONCURRENCY = 100
+
 # Stack names: a letter, then letters, digits and '-'; kept short so the names CloudFormation
 # derives from it (bucket names are capped at 63 characters) stay valid.
 _STACK_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,31}$")
@@ -110,6 +116,14 @@ class InfraConfig(Settings):
         doc="averager reserved concurrency, the cap a flood of uploads meets; 0 = do not "
         "reserve (new accounts have only 10 in all); 10-20 on an account of 1,000",
     )
+    account_concurrency: int = setting(
+        1_000,
+        allowed=Range(1, 1_000_000),
+        doc="the account's Lambda concurrent executions in the stack's region (aws lambda "
+        "get-account-settings: AccountLimit.ConcurrentExecutions; 10 on a new account); "
+        f"synthesis refuses reservations that would leave less than {UNRESERVED_CONCURRENCY} "
+        "of it unreserved",
+    )
     log_retention_days: int = setting(
         30,
         allowed=OneOf(LOG_RETENTION_DAYS),
@@ -167,6 +181,7 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "averager", size_averager(self.federation, self.infra))
+        check_reservations(self.infra)
         lease = self.federation.aggregation_lease_seconds
         if self.infra.averager_timeout_seconds > lease:
             # A lease shorter than the function's run time lets a second aggregation start
@@ -199,6 +214,25 @@ class StackConfig:
         if not isinstance(context, Mapping):
             raise ConfigError(f"{path}: 'context' is not allowed; allowed: a JSON object")
         return cls.from_context(context.get, source=str(path))
+
+
+def check_reservations(infra: InfraConfig) -> None:
+    """Refuse reserved concurrency the account cannot give: Lambda keeps
+    :data:`UNRESERVED_CONCURRENCY` of ``account_concurrency`` unreserved (the shard function
+    reserves none). Other functions' reservations in the account are not known here."""
+    reserved = infra.initiator_reserved_concurrency + infra.averager_reserved_concurrency
+    room = max(0, infra.account_concurrency - UNRESERVED_CONCURRENCY)
+    if reserved > room:
+        keys = " + ".join(
+            InfraConfig.label(k)
+            for k in ("initiator_reserved_concurrency", "averager_reserved_concurrency")
+        )
+        raise ConfigError(
+            f"config keys {keys}: {reserved} is not allowed; allowed: at most {room} "
+            f"({InfraConfig.label('account_concurrency')} = {infra.account_concurrency}, less "
+            f"the {UNRESERVED_CONCURRENCY} Lambda keeps unreserved); set them to 0 to draw "
+            "from the unreserved pool, or ask AWS to raise the account's concurrency"
+        )
 
 
 def size_averager(federation: FederationConfig, infra: InfraConfig) -> sizing.AveragerSize:

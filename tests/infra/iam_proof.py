@@ -300,6 +300,15 @@ def _sqs_send(call: Call, account: Account) -> list[Request]:
     return [Request("sqs:SendMessage", arn)]
 
 
+def _xray(action: str) -> Any:
+    def mapper(_call: Call, _account: Account) -> list[Request]:
+        # X-Ray's trace and telemetry writes have no resource-level permissions: IAM
+        # authorises them on "*" (Service Authorization Reference, AWS X-Ray).
+        return [Request(action, "*")]
+
+    return mapper
+
+
 _MAPPERS: dict[tuple[str, str], Any] = {
     ("s3", "GetObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
     ("s3", "HeadObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
@@ -320,6 +329,8 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("logs", "CreateLogStream"): _log_stream("logs:CreateLogStream"),
     ("logs", "PutLogEvents"): _log_stream("logs:PutLogEvents"),
     ("sqs", "SendMessage"): _sqs_send,
+    ("xray", "PutTraceSegments"): _xray("xray:PutTraceSegments"),
+    ("xray", "PutTelemetryRecords"): _xray("xray:PutTelemetryRecords"),
 }
 
 

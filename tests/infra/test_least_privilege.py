@@ -7,7 +7,8 @@ unasked-for uploads, a watchdog tick that finds an upload whose event was lost, 
 past the round's deadlines), and edge clients (heartbeat, polling before any round,
 answering rounds). Besides our code, the platform acts with these roles
 too, and the test plays those calls as the platform makes them: the Lambda service writes a
-function's logs and sends its failed asynchronous events to the on-failure queue, and the
+function's logs and sends its failed asynchronous events to the on-failure queue, Lambda's
+X-Ray daemon sends the segments the function's tracer emitted (active tracing), and the
 Greengrass nucleus downloads the component's artifact (GetBucketLocation, then GetObject,
 as its S3Downloader does).
 
@@ -217,6 +218,7 @@ def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
     outputs = deployment.outputs
     logs = aws.client("logs")
     sqs = aws.client("sqs")
+    xray = aws.client("xray")
     for name, log_group in (
         ("initiator", outputs["InitiatorLogGroupName"]),
         ("averager", outputs["AveragerLogGroupName"]),
@@ -234,6 +236,12 @@ def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
                 QueueUrl=outputs["FailedInvocationsQueueUrl"],
                 MessageBody=json.dumps({"requestContext": {"condition": "RetriesExhausted"}}),
             )
+            # Lambda's X-Ray daemon, with the function's credentials, forwards the segments
+            # its tracer sent over UDP, and its own telemetry.
+            xray.put_trace_segments(TraceSegmentDocuments=[_subsegment_document(name)])
+            xray.put_telemetry_records(
+                TelemetryRecords=[{"Timestamp": time.time(), "SegmentsSentCount": 1}]
+            )
     # The nucleus, with a device's credentials, fetches the component's artifact.
     s3 = aws.client("s3")
     for manifest in component_recipe(deployment)["Manifests"]:
@@ -242,6 +250,23 @@ def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
             with recorder.acting_as(f"device:{CLIENTS[0]}"):
                 s3.get_bucket_location(Bucket=bucket)
                 s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _subsegment_document(function: str) -> str:
+    """One subsegment as the X-Ray SDK in a function emits it (``## lambda_handler``)."""
+    now = time.time()
+    return json.dumps(
+        {
+            "name": "## lambda_handler",
+            "id": "53995c3f42cd8ad8",
+            "trace_id": f"1-{int(now):08x}-{'0' * 24}",
+            "parent_id": "7b7a2c8e1f0d3a44",
+            "type": "subsegment",
+            "start_time": now - 0.3,
+            "end_time": now,
+            "annotations": {"Service": f"sfl-{function}", "round": 1},
+        }
+    )
 
 
 # --- the proof, role by role -----------------------------------------------------------------

@@ -17,8 +17,12 @@ EXPECTED = {
     "AccessLogsBucket": {"AwsSolutions-S1"},
     "FailedInvocations": {"AwsSolutions-SQS3"},
     "AlarmTopic": {"AwsSolutions-SNS2"},
-    "InitiatorRole": {"AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]"},
+    "InitiatorRole": {
+        "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",
+        "AwsSolutions-IAM5[Resource::*]",  # X-Ray's writes take no other resource
+    },
     "AveragerRole": {
+        "AwsSolutions-IAM5[Resource::*]",
         "AwsSolutions-IAM5[Resource::<{models}.Arn>/models/global/*]",
         "AwsSolutions-IAM5[Resource::<{models}.Arn>/state/*]",
         "AwsSolutions-IAM5[Resource::<{updates}.Arn>/updates/*]",

@@ -152,7 +152,9 @@ def test_execution_roles_start_with_logs_only_and_no_managed_policy(rounds):
         queue_arn = arn_of(logical_id(construct.failure_queue))
         # Lambda delivers a failed event with SendMessage; nothing else on the queue.
         assert by_actions[("sqs:SendMessage",)] == queue_arn
-        assert len(statements) == 2  # everything else is granted by the stack
+        # Active tracing: X-Ray's writes, which take no resource but "*".
+        assert by_actions[("xray:PutTelemetryRecords", "xray:PutTraceSegments")] == "*"
+        assert len(statements) == 3  # everything else is granted by the stack
 
 
 # --- failures, schedule, bootstrap -----------------------------------------------------------
@@ -262,6 +264,11 @@ def test_initiator_zip_holds_the_handler_core_modules_and_pins_only(synthesized)
         "sfl",
         "aws_lambda_powertools",
         "aws_lambda_powertools-3.37.0.dist-info",
+        "aws_xray_sdk",
+        "aws_xray_sdk-2.15.0.dist-info",
+        "wrapt",
+        "wrapt-2.5.2.dist-info",
+        "wrapt-stubs",  # wrapt's type stubs, part of its distribution
         "typing_extensions.py",
         "typing_extensions-4.16.0.dist-info",
     }
@@ -280,6 +287,8 @@ def test_initiator_zip_holds_the_handler_core_modules_and_pins_only(synthesized)
     }
     assert not any(m.startswith(("sfl/learning/tasks/", "sfl/local/")) for m in modules)
     assert not list(asset.rglob("*.pyc"))
+    # Compiled for this machine, not for Lambda: wrapt ships as its pure-Python implementation.
+    assert not list(asset.rglob("*.so"))
 
 
 def test_initiator_zip_imports_its_handler_with_torch_unavailable(synthesized):
@@ -404,6 +413,8 @@ def test_requirements_must_be_exact_pins(tmp_path):
         read_pins(requirements)
     assert [p.name for p in read_pins(REPO_ROOT / "lambdas/initiator/requirements.txt")] == [
         "aws-lambda-powertools",
+        "aws-xray-sdk",
+        "wrapt",
         "typing-extensions",
     ]
 

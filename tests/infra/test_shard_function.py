@@ -81,3 +81,18 @@ def test_only_the_averager_may_invoke_the_shard_function(
 def test_without_sharding_configured_there_is_no_shard_function(synthesized: Any) -> None:
     assert synthesized.stack.rounds.shard is None
     assert not any("Shard" in logical for logical in synthesized.resources("AWS::Lambda::Function"))
+
+
+def test_the_shard_function_traces_and_has_its_own_throttle_alarm(
+    sharded: tuple[Any, dict[str, Any]],
+) -> None:
+    stack, template = sharded
+    shard = stack.rounds.shard
+    assert resource_json(template, shard)["Properties"]["TracingConfig"] == {"Mode": "Active"}
+    throttles = [
+        r["Properties"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::CloudWatch::Alarm" and r["Properties"]["MetricName"] == "Throttles"
+    ]
+    dimensions = [d["Value"] for a in throttles for d in a["Dimensions"]]
+    assert {"Ref": logical_id(shard)} in dimensions and len(throttles) == 3

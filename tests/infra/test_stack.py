@@ -304,12 +304,12 @@ def test_missing_context_means_defaults():
     assert config.federation == FederationConfig()
 
 
-def test_alarms_cover_lambda_errors_failed_events_and_an_overdue_round(synthesized):
+def test_alarms_cover_lambda_errors_throttles_failed_events_and_an_overdue_round(synthesized):
     alarms = synthesized.resources("AWS::CloudWatch::Alarm")
     by_metric = {a["Properties"].get("MetricName"): a["Properties"] for a in alarms.values()}
 
-    assert sorted(by_metric) == ["Errors", "NumberOfMessagesSent", "OpenRoundAge"]
-    assert len(alarms) == 4
+    assert sorted(by_metric) == ["Errors", "NumberOfMessagesSent", "OpenRoundAge", "Throttles"]
+    assert len(alarms) == 6
     # A failed event alarms once, in the period it was sent; the queue keeps it for days.
     failed = by_metric["NumberOfMessagesSent"]
     assert failed["Namespace"] == "AWS/SQS" and failed["Statistic"] == "Sum"
