@@ -89,7 +89,7 @@ class FederationRounds(Construct):
         log_retention_days: int,
     ) -> None:
         super().__init__(scope, construct_id)
-        self._retention = _retention(log_retention_days)
+        self._retention = log_retention(log_retention_days)
 
         self.failure_queue = sqs.Queue(
             self,
@@ -434,7 +434,7 @@ _RETENTION = {
 }
 
 
-def _retention(days: int) -> logs.RetentionDays:
+def log_retention(days: int) -> logs.RetentionDays:
     try:
         return _RETENTION[days]
     except KeyError:

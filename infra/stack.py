@@ -26,7 +26,7 @@ from infra.compliance import acknowledge_nag, cfn_resource, ignore_cfn_lint, ski
 from infra.config import LAMBDA_PYTHON_VERSION, StackConfig
 from infra.dashboard import FederationDashboard
 from infra.edge import THING_NAME_VARIABLE, FederationEdge
-from infra.rounds import FederationRounds, FunctionSettings, _retention
+from infra.rounds import FederationRounds, FunctionSettings, log_retention
 from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl.build import app_code, artifact
@@ -167,7 +167,7 @@ class FederationStack(Stack):
         )
         # What cdk destroy needs (infra.cleanup): free the IoT policy and the device role first,
         # and a log group that goes with the stack for each of CDK's own handler functions.
-        retention = _retention(infra.log_retention_days)
+        retention = log_retention(infra.log_retention_days)
         self.cleanup = DestroyCleanup(
             self,
             "DestroyCleanup",

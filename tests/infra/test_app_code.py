@@ -161,8 +161,9 @@ def test_the_synthesized_stack_carries_the_app_where_it_runs(
     assert {"myapp/task.py", "myapp/model.py", "edge_client/client.py"} <= names
     assert requirements.rstrip().endswith(PILLOW)
 
-    # The initiator's zip: the selection beside the handler, no torch.
-    (initiator,) = [p for p in sources if (p / "handler.py").is_file()]
+    # The initiator's zip: the selection beside the handler, no torch (the destroy clean-up's
+    # zip also holds a handler.py, and nothing else).
+    (initiator,) = [p for p in sources if (p / "handler.py").is_file() and (p / "sfl").is_dir()]
     assert (initiator / "myapp" / "selection.py").is_file()
     assert not (initiator / "torch").exists()
     # What runs there loads from there alone: the selection in the initiator's zip with
