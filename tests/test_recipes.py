@@ -362,6 +362,7 @@ def test_install_accepts_python_3_10_and_refuses_3_9(tmp_path: Path) -> None:
         env = {
             "PATH": os.environ["PATH"],
             "SFL_INSTALL_PYTHON": str(fake),
+            "SFL_INSTALL_PLATFORM": "linux-x86_64",
             "SFL_INSTALL_SYSTEM_SITE_PACKAGES": "false",
             "SFL_INSTALL_EXTRA_SITE_PACKAGES": "",
             "SFL_INSTALL_PIP_OPTIONS": "",
