@@ -871,12 +871,8 @@ def test_changing_install_settings_on_an_installed_device_builds_the_venv_anew(
         )
     )
     assert first.returncode != 0 and "torch==2.14.1" in first.stderr, first.stdout + first.stderr
-    # The venv as an Install of an earlier version left it: ensurepip's setuptools in place
-    # (ensurepip again puts back what this version's Install removes; a no-op otherwise).
     python = nucleus.work / "venv" / "bin" / "python"
     env = {"PATH": os.environ["PATH"], "PIP_CONFIG_FILE": os.devnull}
-    ensured = nucleus.runner.run(f'"{python}" -m ensurepip', nucleus.work, env, timeout=120)
-    assert ensured.returncode == 0, ensured.stderr
     site = Path(
         nucleus.runner.run(
             f'"{python}" -c "import sysconfig; print(sysconfig.get_path(\'purelib\'))"',
@@ -885,6 +881,10 @@ def test_changing_install_settings_on_an_installed_device_builds_the_venv_anew(
             timeout=60,
         ).stdout.strip()
     )
+    assert (site / "pip").is_dir() and not list(site.glob("setuptools-*"))  # ensurepip's: gone
+    # The venv as an Install of an earlier version left it: ensurepip's setuptools in place.
+    ensured = nucleus.runner.run(f'"{python}" -m ensurepip', nucleus.work, env, timeout=120)
+    assert ensured.returncode == 0, ensured.stderr
     (old_setuptools,) = site.glob("setuptools-*.dist-info")
     assert int(old_setuptools.name.split("-")[1].split(".")[0]) < 77, old_setuptools.name
 
@@ -908,7 +908,7 @@ def test_a_preinstalled_jetson_torch_is_reused_whatever_its_version(
     """NVIDIA's torch never satisfies ``torch==2.14.1``; with a CPU torch within pip's reach,
     the old Install put that into the venv, shadowing the device's own. Install checks the
     preinstalled one works (numpy in, a training step, safetensors out) and keeps it."""
-    jetson = preinstalled_site(nucleus.root / "jetson-site", torch_version=JETSON_TORCH)
+    jetson = preinstalled_site(nucleus.root / "jetson-site", torch_version=JETSON_TORCH, pip=True)
     cpu_wheels = nucleus.root / "cpu-wheels"
     _fake_wheel(cpu_wheels, "torch", "2.14.1+cpu", requires=["setuptools>=77.0.3"])
     for path in [cpu_wheels, *cpu_wheels.iterdir()]:
