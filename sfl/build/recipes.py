@@ -14,6 +14,11 @@ that are missing):
   configuration merge may change per device; they reach the steps through ``Setenv``
   placeholders, so no value is ever parsed as shell code.
 
+One manifest per architecture torch has Linux wheels for (``ARCHITECTURES``, under
+Greengrass's names), so Greengrass itself refuses the component elsewhere. ``Install`` builds
+the venv anew whenever an install setting changes, and reuses a torch the venv sees outside
+itself (NVIDIA's builds on a Jetson) once a small training step proves it usable.
+
 The nucleus runs steps as ``sudo -n -E -H -u <user> -g <group> -- sh -c <script>``, and sudo's
 default policy removes ``PYTHONPATH``, ``PYTHONHOME``, ``LD_*`` and more from the environment
 even with ``-E`` (``sudo -V`` lists them): nothing a step needs travels in such a variable;
