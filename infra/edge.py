@@ -257,7 +257,22 @@ class FederationEdge(Construct):
         one small batch at a time, roll back to what they ran on failure, and the rollout
         stops when too many fail. ``device_configuration`` (device-owned keys only) is merged
         into every device's running configuration.
+
+        The stack's deployment owns, for the fleet, every device-owned key the recipe
+        defines: the keys it sets are merged, the others reset (``reset`` runs before the
+        merge and the new version's defaults, ``KernelConfigResolver``), so a key removed from
+        ``device_configuration`` returns to the recipe's default on the next revision, and a
+        changed default reaches devices whose running configuration still holds the old one.
+        Keys the recipe does not define (an operator's own, a retired key) are left alone.
+        The cost, in docs/greengrass.md: each revision also resets what another deployment
+        (a site's thing group) merged into those keys.
         """
+        owned = self.recipe["ComponentConfiguration"]["DefaultConfiguration"]
+        reset = [
+            "/" + key.replace("~", "~0").replace("/", "~1")
+            for key in sorted(owned)
+            if key not in device_configuration
+        ]
         deployment = greengrassv2.CfnDeployment
         return deployment(
             self,
@@ -269,9 +284,10 @@ class FederationEdge(Construct):
                     component_version=self.component.attr_component_version,
                     configuration_update=deployment.ComponentConfigurationUpdateProperty(
                         merge=json.dumps(device_configuration, sort_keys=True)
-                    )
-                    if device_configuration
-                    else None,
+                        if device_configuration
+                        else None,
+                        reset=reset or None,
+                    ),
                 )
             },
             deployment_policies=deployment.DeploymentPoliciesProperty(

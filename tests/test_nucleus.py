@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.version import Version
 
 from edge_client.client import EdgeClient
 from edge_client.settings import ClientSettings
@@ -295,6 +296,60 @@ def interpolate(value: Any, configuration: Mapping[str, Any], system: Mapping[st
     return PLACEHOLDER.sub(replace, value)
 
 
+# --- platform: which manifest a device runs -----------------------------------------------------
+
+
+def greengrass_architecture(os_arch: str) -> str:
+    """PlatformResolver.getArchInfo (aws-greengrass-nucleus, src/main/java/com/aws/greengrass/
+    config/PlatformResolver.java): the JVM's ``os.arch`` as Greengrass names it."""
+    arch = os_arch.lower()
+    if arch in ("x86_64", "amd64"):
+        return "amd64"
+    if arch in ("i386", "x86"):
+        return "x86"
+    if "arm" in arch:
+        return "arm"
+    if arch == "aarch64":
+        return "aarch64"
+    return "unknown"
+
+
+def device_platform() -> dict[str, str]:
+    """This machine as the nucleus detects it (a 64-bit JVM reports uname's machine)."""
+    import platform
+
+    return {"os": "linux", "architecture": greengrass_architecture(platform.machine())}
+
+
+def _attribute_satisfied(name: str, label: str | None, template: str | None) -> bool:
+    # PlatformHelper.isAttributeSatisfied (aws-greengrass-component-common,
+    # src/main/java/com/amazon/aws/iot/greengrass/component/common/PlatformHelper.java)
+    if template is None or template == "*":
+        return True
+    if not label:
+        return False
+    if len(template) >= 2 and template.startswith("/") and template.endswith("/"):
+        return re.fullmatch(template[1:-1], label) is not None  # Java's String.matches
+    if name in ("os", "architecture") and template in ("all", "any"):
+        return True
+    if not re.match(r"[a-zA-Z0-9]", template):
+        return False
+    return template == label
+
+
+def find_best_match(
+    device: Mapping[str, str], manifests: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """PlatformHelper.findBestMatch: the first manifest whose every Platform attribute the
+    device satisfies (no Platform is a wildcard); None, and Greengrass refuses the component
+    ("does not claim platform compatibility", ComponentServiceHelper), when none does."""
+    for manifest in manifests:
+        requirement = manifest.get("Platform") or {}
+        if all(_attribute_satisfied(k, device.get(k), v) for k, v in requirement.items()):
+            return manifest
+    return None
+
+
 class Nucleus:
     """One core device's Greengrass root; deploys component versions into it."""
 
@@ -349,7 +404,8 @@ class Nucleus:
             "kernel:rootPath": str(self.root),
             "iot:thingName": THING,
         }
-        (manifest,) = [m for m in recipe["Manifests"] if m["Platform"]["os"] == "linux"]
+        manifest = find_best_match(device_platform(), recipe["Manifests"])
+        assert manifest is not None, f"no manifest for {device_platform()}: Greengrass refuses"
         lifecycle: dict[str, Any] = interpolate(manifest["Lifecycle"], self.configuration, system)
         leftovers = PLACEHOLDER.findall(json.dumps(lifecycle))
         assert not leftovers, leftovers
@@ -714,6 +770,196 @@ def test_install_from_a_wheel_bundle_uses_no_index_and_resumes_in_the_same_venv(
     assert _installed(nucleus)["torch"] == "2.14.1+cpu"  # the bundle's, from no index
 
 
+# --- which manifest a device gets ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("os_arch", "chosen"),
+    [
+        ("amd64", "linux-x86_64"),  # a 64-bit JVM on x86-64
+        ("x86_64", "linux-x86_64"),
+        ("aarch64", "linux-aarch64"),  # Jetson, Graviton, a Raspberry Pi with a 64-bit OS
+        ("arm", None),  # a 32-bit JVM: armv7l boards, or a 32-bit OS on a 64-bit Pi
+        ("i386", None),  # 32-bit x86
+        ("x86", None),
+        ("riscv64", None),  # "unknown" to Greengrass
+    ],
+)
+def test_greengrass_gives_a_device_the_manifest_of_its_architecture_or_refuses(
+    os_arch: str, chosen: str | None
+) -> None:
+    """The nucleus's own matching: amd64 and aarch64 devices each get their manifest (whose
+    Install checks the interpreter is built for it); every other architecture matches none,
+    so Greengrass refuses the component before downloading anything (torch publishes no
+    wheels there)."""
+    recipe = recipe_for(
+        FederationConfig(), ResourceNames("m", "u", "c", "r"), "eu-west-1", "a" * 64
+    )
+    architecture = greengrass_architecture(os_arch)
+    manifest = find_best_match({"os": "linux", "architecture": architecture}, recipe["Manifests"])
+    if chosen is None:
+        assert manifest is None
+    else:
+        assert manifest is not None and manifest["Platform"]["architecture"] == architecture
+        assert manifest["Lifecycle"]["Install"]["Setenv"]["SFL_INSTALL_PLATFORM"] == chosen
+    for other_os in ("darwin", "windows"):
+        assert (
+            find_best_match({"os": other_os, "architecture": "amd64"}, recipe["Manifests"]) is None
+        )
+
+
+# --- settings that change on a device that installed before ------------------------------------
+
+
+def preinstalled_site(
+    directory: Path, *, torch_version: str, torch_source: str | None = None, pip: bool = False
+) -> Path:
+    """A device's preinstalled packages, as a JetPack image has them: this venv's
+    site-packages linked entry by entry, without pip unless asked (Install then runs
+    ensurepip, as on a device whose system Python has torch and no pip), torch's metadata
+    saying ``torch_version``. ``torch_source`` replaces torch's ``__init__`` (a broken build)."""
+    directory.mkdir(parents=True)
+    site = Path(sysconfig.get_paths()["purelib"])
+    skipped = re.compile(
+        r"^(torch-.*\.dist-info)$" if pip else r"^(pip|pip-.*\.dist-info|torch-.*\.dist-info)$"
+    )
+    for entry in site.iterdir():
+        if skipped.match(entry.name) or (torch_source is not None and entry.name == "torch"):
+            continue
+        (directory / entry.name).symlink_to(entry)
+    if torch_source is not None:
+        (directory / "torch").mkdir()
+        (directory / "torch" / "__init__.py").write_text(torch_source)
+    dist_info = directory / f"torch-{torch_version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n"
+        "Requires-Dist: setuptools>=77.0.3\nRequires-Dist: sympy>=1.13.3\n"
+    )
+    (dist_info / "RECORD").write_text("")
+    for path in [directory, *directory.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return directory
+
+
+JETSON_TORCH = "2.5.0a0+872d972e41.nv24.08"  # NVIDIA's JetPack 6 build: never equals a pin
+
+
+@pytest.mark.slow
+def test_changing_install_settings_on_an_installed_device_builds_the_venv_anew(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
+) -> None:
+    """The first Install built the venv (ensurepip's setuptools 66.1.1 from Debian's Python
+    3.11 in it) and could not get torch (an index that does not serve it, as a blocked
+    PyTorch index); the operator then points the device at the torch it already has, offline,
+    as docs/greengrass.md says. That torch's real metadata needs setuptools>=77.0.3, which
+    the old setuptools in the venv would shadow."""
+    zip_path, sha = client_zip(tmp_path)
+    recipe = recipe_for(stack.config, stack.names, "eu-west-1", sha)
+    blocked = nucleus.root / "blocked-index"
+    blocked.mkdir()
+    blocked.chmod(0o755)
+    first = nucleus.install(
+        nucleus.deploy(
+            recipe,
+            [zip_path],
+            merge={
+                "pythonInterpreter": usable_interpreter(runner),
+                "torchIndexUrl": blocked.as_uri(),
+            },
+        )
+    )
+    assert first.returncode != 0 and "torch==2.14.1" in first.stderr, first.stdout + first.stderr
+    python = nucleus.work / "venv" / "bin" / "python"
+    env = {"PATH": os.environ["PATH"], "PIP_CONFIG_FILE": os.devnull}
+    site = Path(
+        nucleus.runner.run(
+            f'"{python}" -c "import sysconfig; print(sysconfig.get_path(\'purelib\'))"',
+            nucleus.work,
+            env,
+            timeout=60,
+        ).stdout.strip()
+    )
+    assert (site / "pip").is_dir() and not list(site.glob("setuptools-*"))  # ensurepip's: gone
+    # The venv as an Install of an earlier version left it: ensurepip's setuptools in place.
+    ensured = nucleus.runner.run(f'"{python}" -m ensurepip', nucleus.work, env, timeout=120)
+    assert ensured.returncode == 0, ensured.stderr
+    (old_setuptools,) = site.glob("setuptools-*.dist-info")
+    assert int(old_setuptools.name.split("-")[1].split(".")[0]) < 77, old_setuptools.name
+
+    changed = nucleus.deploy(
+        recipe,
+        [zip_path],
+        merge={"extraSitePackages": project_site_packages(), "pipOptions": "--no-index"},
+    )
+    second = nucleus.install(changed)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output
+    assert "install settings changed: building" in second.stdout
+    assert "reusing the preinstalled torch 2.14.1" in second.stdout
+    assert not list(site.glob("setuptools-*.dist-info"))  # the project's 84.x is the one seen
+
+
+@pytest.mark.slow
+def test_a_preinstalled_jetson_torch_is_reused_whatever_its_version(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
+) -> None:
+    """NVIDIA's torch never satisfies ``torch==2.14.1``; with a CPU torch within pip's reach,
+    the old Install put that into the venv, shadowing the device's own. Install checks the
+    preinstalled one works (numpy in, a training step, safetensors out) and keeps it."""
+    jetson = preinstalled_site(nucleus.root / "jetson-site", torch_version=JETSON_TORCH, pip=True)
+    cpu_wheels = nucleus.root / "cpu-wheels"
+    _fake_wheel(cpu_wheels, "torch", "2.14.1+cpu", requires=["setuptools>=77.0.3"])
+    for path in [cpu_wheels, *cpu_wheels.iterdir()]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    zip_path, sha = client_zip(tmp_path)
+    lifecycle = nucleus.deploy(
+        recipe_for(stack.config, stack.names, "eu-west-1", sha),
+        [zip_path],
+        merge={
+            "pythonInterpreter": usable_interpreter(runner),
+            "extraSitePackages": str(jetson),
+            "pipOptions": f"--no-index --find-links {cpu_wheels}",
+        },
+    )
+    done = nucleus.install(lifecycle)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"reusing the preinstalled torch {JETSON_TORCH} from {jetson}" in done.stdout, (
+        done.stdout
+    )
+    # pip sees the device's torch (its version normalised), none of the venv's own
+    assert Version(_installed(nucleus)["torch"]) == Version(JETSON_TORCH)
+
+
+@pytest.mark.slow
+def test_a_preinstalled_torch_that_cannot_be_used_is_reported_plainly(
+    stack: Stack, nucleus: Nucleus, runner: StepRunner, tmp_path: Path
+) -> None:
+    broken = preinstalled_site(
+        nucleus.root / "broken-site",
+        torch_version=JETSON_TORCH,
+        torch_source='raise OSError("libcudnn.so.9: cannot open shared object file")\n',
+        pip=True,
+    )
+    zip_path, sha = client_zip(tmp_path)
+    lifecycle = nucleus.deploy(
+        recipe_for(stack.config, stack.names, "eu-west-1", sha),
+        [zip_path],
+        merge={
+            "pythonInterpreter": usable_interpreter(runner),
+            "extraSitePackages": str(broken),
+            "pipOptions": "--no-index",
+        },
+    )
+    failed = nucleus.install(lifecycle)
+    assert failed.returncode != 0
+    assert (
+        f"the preinstalled torch in {broken} cannot be used: "
+        "OSError libcudnn.so.9: cannot open shared object file." in failed.stderr
+    ), failed.stdout + failed.stderr
+
+
 # --- the device-faithful run ------------------------------------------------------------------
 
 
@@ -769,7 +1015,7 @@ def test_component_as_the_nucleus_runs_it_survives_tes_outages_upgrades_and_stop
     first = nucleus.install(lifecycle_a)
     timings["install"] = time.monotonic() - t0
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "Requirement already satisfied: torch==" in first.stdout
+    assert "reusing the preinstalled torch 2.14.1" in first.stdout
     assert (nucleus.work / "venv" / "bin" / "python").lstat().st_uid == runner.uid
     again = nucleus.install(lifecycle_a, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr

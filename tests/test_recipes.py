@@ -362,6 +362,7 @@ def test_install_accepts_python_3_10_and_refuses_3_9(tmp_path: Path) -> None:
         env = {
             "PATH": os.environ["PATH"],
             "SFL_INSTALL_PYTHON": str(fake),
+            "SFL_INSTALL_PLATFORM": "linux-x86_64",
             "SFL_INSTALL_SYSTEM_SITE_PACKAGES": "false",
             "SFL_INSTALL_EXTRA_SITE_PACKAGES": "",
             "SFL_INSTALL_PIP_OPTIONS": "",
@@ -655,3 +656,85 @@ def test_sfl_recipes_in_an_app_ships_its_task_in_the_artifact(tmp_path: Path) ->
     recipe = json.loads((tmp_path / "recipes" / "MyApp.EdgeClient.json").read_text())
     run = recipe["Manifests"][0]["Lifecycle"]["Run"]["Setenv"]
     assert run["SFL_TASK"] == "my_app.task:Task"
+
+
+def _pip_calls(tmp_path: Path, settings: dict[str, str], wheel_bundle: bool = False) -> list[str]:
+    """Install's pip commands for these settings, run with a stand-in interpreter that records
+    each ``-m pip`` and runs every check (version, platform) on this Python with no site."""
+    recipe = recipe_for(
+        wheel_bundle=recipes.WheelBundle(uri=BUNDLE_URI, sha256=SHA_B) if wheel_bundle else None
+    )
+    install = lifecycle(recipe)["Install"]
+    script = install["Script"].replace("{work:path}", str(tmp_path / "work"))
+    script = script.replace("{artifacts:decompressedPath}", str(tmp_path / "artifacts"))
+    (tmp_path / "work").mkdir()
+    client = tmp_path / "artifacts" / "sfl-edge-client"
+    client.mkdir(parents=True)
+    (client / "requirements-edge.txt").write_text(artifact.edge_requirements())
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python3"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        '  -c) case "$2" in *purelib*) echo "$(dirname "$(dirname "$0")")/site"; exit 0;; esac\n'
+        f'      exec {sys.executable} -I -S "$@" ;;\n'
+        '  -m) case "$2" in\n'
+        '        venv) for a; do last=$a; done; mkdir -p "$last/bin" "$last/site"\n'
+        '              ln -s "$0" "$last/bin/python"; exit 0 ;;\n'
+        f'        pip) shift 2; echo "$*" >> {log}; exit 0 ;;\n'
+        "      esac ;;\n"
+        "esac\n"
+        "exit 3\n"
+    )
+    fake.chmod(0o755)
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    configuration = {**defaults, "pythonInterpreter": str(fake), **settings}
+    env = {
+        "PATH": os.environ["PATH"],
+        **{
+            variable: re.sub(
+                r"\{configuration:/(\w+)\}", lambda m: configuration[m[1]], str(template)
+            )
+            for variable, template in install["Setenv"].items()
+        },
+    }
+    done = subprocess.run(
+        ["sh", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in log.read_text().splitlines() if line != "--version"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "torch_index"),
+    [
+        ({}, "https://download.pytorch.org/whl/cpu"),  # the default, amd64 and aarch64
+        (
+            {"torchIndexUrl": "https://mirror.internal/pytorch-cpu/simple"},
+            "https://mirror.internal/pytorch-cpu/simple",
+        ),
+        ({"torchIndexUrl": ""}, None),  # PyPI only: torch comes with the rest
+    ],
+)
+def test_install_takes_torch_from_the_chosen_source(
+    tmp_path: Path, settings: dict[str, str], torch_index: str | None
+) -> None:
+    """Where pip is sent, per choice; the CPU index is out of this machine's reach, so the
+    commands are what is checked (the nucleus test installs from local indexes)."""
+    pypi_mirror = "--index-url https://pypi-mirror.internal/simple"
+    *torch_calls, rest = _pip_calls(tmp_path, {**settings, "pipOptions": pypi_mirror})
+    requirements = tmp_path / "artifacts" / "sfl-edge-client" / "requirements-edge.txt"
+    assert rest.endswith(f"{pypi_mirror} -r {requirements}"), rest
+    if torch_index is None:
+        assert torch_calls == []
+    else:
+        (torch_call,) = torch_calls  # pip takes the last --index-url: torch's own
+        assert "--no-deps" in torch_call
+        assert torch_call.endswith(
+            f"{pypi_mirror} --index-url {torch_index} torch==2.14.1 torchvision==0.29.1"
+        ), torch_call
+
+
+def test_install_with_a_wheel_bundle_asks_no_index(tmp_path: Path) -> None:
+    (only,) = _pip_calls(tmp_path, {}, wheel_bundle=True)
+    assert f"--no-index --find-links {tmp_path}/artifacts/sfl-edge-wheels" in only, only

@@ -14,6 +14,11 @@ that are missing):
   configuration merge may change per device; they reach the steps through ``Setenv``
   placeholders, so no value is ever parsed as shell code.
 
+One manifest per architecture torch has Linux wheels for (``ARCHITECTURES``, under
+Greengrass's names), so Greengrass itself refuses the component elsewhere. ``Install`` builds
+the venv anew whenever an install setting changes, and reuses a torch the venv sees outside
+itself (NVIDIA's builds on a Jetson) once a small training step proves it usable.
+
 The nucleus runs steps as ``sudo -n -E -H -u <user> -g <group> -- sh -c <script>``, and sudo's
 default policy removes ``PYTHONPATH``, ``PYTHONHOME``, ``LD_*`` and more from the environment
 even with ``-E`` (``sudo -V`` lists them): nothing a step needs travels in such a variable;
@@ -50,10 +55,18 @@ PIP_CACHE_DIR = "pip-cache"  # likewise: downloaded wheels survive a failed or r
 INSTALL_STAMP = ".sfl-install-stamp"
 VENV_STAMP = ".sfl-venv-stamp"
 EXTRA_SITE_PACKAGES_PTH = "sfl-extra-site-packages.pth"
+# The requirements less torch and torchvision, when a preinstalled torch is reused.
+REQUIREMENTS_REUSING_TORCH = "requirements-reusing-torch.txt"
 MIN_PYTHON = (3, 10)  # Ubuntu 22.04 and NVIDIA JetPack 6 ship 3.10
 # PyTorch's own index of CPU-only wheels (x86-64 and aarch64): torch comes from here by
 # default, so a device never downloads the CUDA wheels PyPI's torch pulls in on Linux.
 PYTORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+# One manifest per architecture torch publishes Linux wheels for, under Greengrass's names
+# (nucleus PlatformResolver.getArchInfo: os.arch x86_64/amd64 -> amd64, aarch64 -> aarch64;
+# i386/x86 -> x86 and any arm* -> arm match none, so Greengrass refuses the component there),
+# with the interpreter platform (sysconfig.get_platform()) Install requires on each.
+ARCHITECTURES = {"amd64": "linux-x86_64", "aarch64": "linux-aarch64"}
 
 # Greengrass's own placeholder syntax: {namespace:key}, e.g. {configuration:/dataDir}.
 PLACEHOLDER = re.compile(r"\{([.\w]+):([^:}]+)\}")
@@ -177,12 +190,25 @@ if ! "$SFL_INSTALL_PYTHON" -c 'import sys; sys.exit(sys.version_info < (@MIN_PYT
   echo "sfl install: pythonInterpreter $SFL_INSTALL_PYTHON is not Python @MIN_VERSION@+" >&2
   exit 1
 fi
-# The venv is rebuilt only for another interpreter or site-packages setting: an Install cut
-# short (a time-out, a lost network) resumes in the same venv, with pip's cache of wheels.
+built_for=$("$SFL_INSTALL_PYTHON" -c 'import sysconfig; print(sysconfig.get_platform())')
+if [ "$built_for" != "$SFL_INSTALL_PLATFORM" ]; then
+  echo "sfl install: pythonInterpreter $SFL_INSTALL_PYTHON is built for $built_for, this" \\
+    "device's manifest needs $SFL_INSTALL_PLATFORM (torch has no wheels for others)" >&2
+  exit 1
+fi
+# The venv holds what these settings put in it: built anew when one changes, so nothing a
+# previous Install put there (ensurepip's setuptools, a CPU torch) shadows packages a new
+# setting exposes. The same settings after an Install cut short (a time-out, a lost network)
+# resume in the same venv, with pip's cache of wheels.
 made=$( ("$SFL_INSTALL_PYTHON" -c 'import sys; print(sys.executable, sys.version)'; \\
-  echo "$venv_options") | sha256sum | cut -d ' ' -f 1)
+  printf '%s\\n' "$venv_options" "extra=$SFL_INSTALL_EXTRA_SITE_PACKAGES" \\
+  "pip=$SFL_INSTALL_PIP_OPTIONS" "torch=$SFL_INSTALL_TORCH_INDEX_URL" \\
+  "bundle=$([ -z "$wheels" ] || echo yes)") | sha256sum | cut -d ' ' -f 1)
 venv_stamp="$venv/@VENV_STAMP@"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv_stamp" 2>/dev/null || true)" != "$made" ]; then
+  if [ -e "$venv" ]; then
+    echo "sfl install: install settings changed: building $venv anew"
+  fi
   rm -rf "$venv"
   "$SFL_INSTALL_PYTHON" -m venv --without-pip $venv_options "$venv"
   echo "$made" > "$venv_stamp"
@@ -196,11 +222,41 @@ else
 fi
 if ! "$venv/bin/python" -m pip --version > /dev/null 2>&1; then
   "$venv/bin/python" -m ensurepip --default-pip
+  # Python <= 3.11's ensurepip also leaves an old setuptools (65-66) in the venv, which would
+  # shadow a newer one beside a preinstalled torch (torch 2.14 needs >= 77.0.3): pip installs
+  # none, so setuptools is a dependency like any other.
+  if [ -d "$site/setuptools" ]; then
+    "$venv/bin/python" -m pip uninstall --yes --quiet --disable-pip-version-check setuptools
+  fi
 fi
 pip_install() {
   "$venv/bin/python" -m pip install --disable-pip-version-check --no-input \\
     --cache-dir "$work/@PIP_CACHE@" "$@"
 }
+# A torch the venv sees outside itself (systemSitePackages, extraSitePackages) is reused
+# whatever its version string (NVIDIA's builds never equal the pin) once it proves usable
+# below; the pinned torch and torchvision are then not installed (torchvision's pin would
+# pull the pinned torch back in).
+outside() {
+  "$venv/bin/python" -c 'import importlib.util, os, sys
+spec = importlib.util.find_spec(sys.argv[1])
+origin = os.path.abspath(spec.origin) if spec and spec.origin else ""
+ours = os.path.realpath(origin).startswith(os.path.realpath(sys.prefix) + os.sep)
+where = os.path.dirname(origin)
+if spec and spec.submodule_search_locations:
+    where = os.path.dirname(where)
+print(where if origin and not ours else "")' "$1"
+}
+preinstalled=$(outside torch)
+if [ -n "$preinstalled" ]; then
+  echo "sfl install: a preinstalled torch is visible in $preinstalled: not installing torch"
+  if [ -z "$(outside torchvision)" ]; then
+    echo "sfl install: no torchvision beside it: tasks that need torchvision" \\
+      "(image_folder) will not run on this device" >&2
+  fi
+  grep -v -E '^(torch|torchvision)==' "$requirements" > "$venv/@REQUIREMENTS_REUSING@"
+  requirements="$venv/@REQUIREMENTS_REUSING@"
+fi
 set -f
 if [ -n "$wheels" ]; then
   echo "sfl install: offline, from the wheel bundle $wheels"
@@ -214,6 +270,36 @@ else
       $torch
   fi
   pip_install $SFL_INSTALL_PIP_OPTIONS -r "$requirements"
+fi
+set +f
+if [ -n "$preinstalled" ]; then
+  # What the client does with torch, in small: numpy in, a training step, safetensors out.
+  if ! checked=$("$venv/bin/python" -c 'import importlib.metadata, sys
+try:
+    import numpy
+    import torch
+    from safetensors.torch import load, save
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = torch.from_numpy(numpy.ones((3, 4), dtype=numpy.float32))
+    loss = torch.nn.functional.cross_entropy(model(inputs), torch.tensor([0, 1, 0]))
+    loss.backward()
+    optimizer.step()
+    state = load(save(model.state_dict()))
+    assert torch.equal(state["weight"], model.weight.detach()), "safetensors round trip differs"
+except Exception as error:
+    print(type(error).__name__, *str(error).splitlines()[:1])
+    sys.exit(1)
+try:
+    print(importlib.metadata.version("torch"))
+except importlib.metadata.PackageNotFoundError:
+    print(torch.__version__)'); then
+    echo "sfl install: the preinstalled torch in $preinstalled cannot be used: $checked." \\
+      "Repair it, or stop exposing it (systemSitePackages, extraSitePackages) to install" \\
+      "the pinned torch into $venv" >&2
+    exit 1
+  fi
+  echo "sfl install: reusing the preinstalled torch $checked from $preinstalled"
 fi
 echo "$wanted" > "$stamp"
 echo "sfl install: installed $requirements into $venv"
@@ -310,6 +396,7 @@ def _script(template: str, root: str, wheels: str = "") -> str:
         ("@INSTALL_STAMP@", INSTALL_STAMP),
         ("@VENV_STAMP@", VENV_STAMP),
         ("@EXTRA_PTH@", EXTRA_SITE_PACKAGES_PTH),
+        ("@REQUIREMENTS_REUSING@", REQUIREMENTS_REUSING_TORCH),
         ("@PIP_CACHE@", PIP_CACHE_DIR),
         ("@WHEELS@", wheels),
         ("@MIN_PYTHON@", ", ".join(str(n) for n in MIN_PYTHON)),
@@ -400,13 +487,16 @@ def build_recipe(
         },
         "Manifests": [
             {
-                "Platform": {"os": "linux"},
+                "Platform": {"os": "linux", "architecture": architecture},
                 "Lifecycle": {
                     "Install": {
                         "Script": _script(_INSTALL_SCRIPT, root, wheels),
                         "Timeout": INSTALL_TIMEOUT_SECONDS,
                         "RequiresPrivilege": False,
-                        "Setenv": _setenv("Install"),
+                        "Setenv": {
+                            "SFL_INSTALL_PLATFORM": interpreter_platform,
+                            **_setenv("Install"),
+                        },
                     },
                     "Run": {
                         "Script": _script(_RUN_SCRIPT, root),
@@ -417,8 +507,9 @@ def build_recipe(
                         },
                     },
                 },
-                "Artifacts": artifacts,
+                "Artifacts": [dict(a) for a in artifacts],
             }
+            for architecture, interpreter_platform in ARCHITECTURES.items()
         ],
     }
     digest = artifact_sha256 + (wheel_bundle.sha256 if wheel_bundle else "")
@@ -437,7 +528,7 @@ def run_environment(
     """
     defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
     values = {**defaults, **(configuration or {})}
-    (manifest,) = [m for m in recipe["Manifests"] if m["Platform"]["os"] == "linux"]
+    manifest = recipe["Manifests"][0]  # every manifest runs the same Run step
 
     def resolve(match: re.Match[str]) -> str:
         if match[1] != "configuration":

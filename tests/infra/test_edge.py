@@ -115,14 +115,14 @@ def test_component_is_the_generated_recipe_with_the_stack_s_names(edge):
 
 def test_component_artifact_is_the_stack_s_client_zip(edge):
     construct, template = edge
-    (manifest,) = recipe_of(template)["Manifests"]
-    (artifact,) = manifest["Artifacts"]
-    key = construct.client_artifact.s3_object_key
-    assert artifact["Uri"].endswith(f"/{key}")
-    assert artifact["Uri"].startswith("s3://<Sub:cdk-hnb659fds-assets-")
-    assert artifact["Unarchive"] == "ZIP"
-    # Greengrass unpacks into a folder named after the key; the run script looks there.
-    assert f"{{artifacts:decompressedPath}}/{key.removesuffix('.zip')}" in json.dumps(manifest)
+    for manifest in recipe_of(template)["Manifests"]:  # one per architecture
+        (artifact,) = manifest["Artifacts"]
+        key = construct.client_artifact.s3_object_key
+        assert artifact["Uri"].endswith(f"/{key}")
+        assert artifact["Uri"].startswith("s3://<Sub:cdk-hnb659fds-assets-")
+        assert artifact["Unarchive"] == "ZIP"
+        # Greengrass unpacks into a folder named after the key; the run script looks there.
+        assert f"{{artifacts:decompressedPath}}/{key.removesuffix('.zip')}" in json.dumps(manifest)
 
 
 def test_component_version_changes_with_the_configuration():
@@ -291,10 +291,10 @@ def test_the_stack_deploys_its_component_version_to_its_thing_group(synthesized)
     assert props["TargetArn"] == {"Fn::GetAtt": [logical_id(edge.thing_group), "Arn"]}
     # GetAtt: CloudFormation creates the new version before the deployment that uses it and
     # deletes the old version only after the deployment moved off it.
-    assert props["Components"] == {
-        edge.component_name: {
-            "ComponentVersion": {"Fn::GetAtt": [logical_id(edge.component), "ComponentVersion"]}
-        }
+    ((name, spec),) = props["Components"].items()
+    assert name == edge.component_name
+    assert spec["ComponentVersion"] == {
+        "Fn::GetAtt": [logical_id(edge.component), "ComponentVersion"]
     }
     policies = props["DeploymentPolicies"]
     assert policies["FailureHandlingPolicy"] == "ROLLBACK"
@@ -311,7 +311,7 @@ def test_the_deployment_merges_the_configured_device_settings_only_when_asked(ed
     _, template = edge
     (deployment,) = template.find_resources("AWS::GreengrassV2::Deployment").values()
     ((_, spec),) = deployment["Properties"]["Components"].items()
-    assert "ConfigurationUpdate" not in spec  # devices keep their own settings by default
+    assert "Merge" not in spec["ConfigurationUpdate"]  # only resets to the recipe's defaults
 
     stack = bare_app_stack()
     FederationEdge(
