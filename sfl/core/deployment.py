@@ -150,7 +150,7 @@ class InfraConfig(Settings):
             + ", ".join(sorted(_DEVICE_KEYS)),
         ),
         doc="merged into every device's component configuration by the stack's deployment "
-        '(e.g. {"dataDir": "/mnt/fl-data"})',
+        '(e.g. {"dataDir": "/mnt/fl-data"}); the recipe\'s other keys are reset to their defaults',
     )
     component_name: str = setting(
         "",
