@@ -14,6 +14,7 @@ QUIET := sed -u '/is ignored/d'
 # Progress on a first install without pip's wall of text: one line per package it fetches,
 # then what it installed (sed, not grep: no line to show is not a failure).
 PROGRESS := sed -u -n -E -e '/^(ERROR|error|  [×╰│])/p' -e 's/^(Collecting|Downloading|Installing collected packages:|Successfully installed) ?(.{0,110}).*/  pip: \1 \2/p'
+PROGRESS_ONLY := sed -u -n -E -e 's/^(Collecting|Downloading|Installing collected packages:|Successfully installed) ?(.{0,110}).*/  pip: \1 \2/p'
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
@@ -35,12 +36,22 @@ help:
 	@echo "make deploy   cdk deploy the stack to your AWS account (see docs/deploy.md)"
 	@echo "make destroy  cdk destroy the stack"
 
+# torch for the CPU first, from PyTorch's CPU index (no CUDA libraries); where that index cannot
+# be reached, PyPI's torch, which brings its CUDA libraries (the .venv is then about 6.5 GB).
+# --isolated: that index, not the ones a PIP_* variable or the user's pip.conf names.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PINS := $(shell grep -E '^torch(vision)?==' requirements/runtime.txt)
+
 $(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyproject.toml
-	@echo "setup 1/2: a virtual environment in $(VENV) with torch and the runtime (a few minutes the first time; torch from PyPI brings its CUDA libraries, about 6 GB in all)"
+	@echo "setup 1/3: a virtual environment in $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setup 2/3: CPU-only torch from $(TORCH_CPU_INDEX)"
+	@if ! $(PIP) --isolated install --timeout 15 --retries 1 --index-url $(TORCH_CPU_INDEX) $(TORCH_PINS) 2>&1 | $(QUIET) | $(PROGRESS_ONLY); then \
+	  echo "  that index cannot be reached from here: torch comes from PyPI instead, with its CUDA libraries (about 6.5 GB in all; a few minutes)"; fi
+	@echo "setup 3/3: the runtime (torch, if not installed above, scikit-learn, boto3, moto, ...)"
 	$(PIP) install -r requirements/runtime.txt -c requirements/constraints.txt 2>&1 | $(QUIET) | $(PROGRESS)
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
-	@echo "setup 2/2: done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
+	@echo "set-up done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
 	touch $@
 
 # The CDK app alone (make synth/deploy/destroy): no torch, no CUDA wheels.
