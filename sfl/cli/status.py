@@ -154,12 +154,12 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     task_ids: dict[int, Any] = {}
     # What came before: the newest --history finished rounds are shown, older ones never read.
     window = args.history + 2
-    finished = [r.round for r in views.recent_rounds(fed, window) if r.status.finished]
+    history = views.recent_rounds(fed, window)  # one query a look
+    finished = [r.round for r in history if r.status.finished]
     shown.update(finished[: -args.history] if args.history else finished)
     with progress:
         while True:
             now = time.time()
-            history = views.recent_rounds(fed, window)
             for r in history:
                 row = views.round_row(r, now)
                 if r.status.finished and r.round not in shown:
@@ -193,6 +193,7 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
                     + (f" before round {args.until_round} finished" if args.until_round else "")
                 )
             time.sleep(args.interval)
+            history = views.recent_rounds(fed, window)
 
 
 def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
