@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -133,6 +134,8 @@ def main_() -> None:
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "seconds_median_of": REPEATS,
         **run(args.rounds),
+        # Other work on the machine slows every figure: the load when they were taken.
+        "load_average_1_5_15_min": [round(x, 1) for x in os.getloadavg()],
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
