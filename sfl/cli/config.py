@@ -119,8 +119,14 @@ def add_parser(sub: Any) -> None:
         help="every configuration key, default and allowed values; show | set | unset | history "
         "change a federation's configuration between rounds",
     )
-    cfg.add_argument("--json", action="store_true")
-    cfg.add_argument("action", nargs="?", choices=("show", "set", "unset", "history"))
+    cfg.add_argument("--json", action="store_true", help="machine-readable output")
+    cfg.add_argument(
+        "action",
+        nargs="?",
+        choices=("show", "set", "unset", "history"),
+        help="show the configuration in force, set or unset keys, or list the versions; "
+        "none: the reference of every key",
+    )
     cfg.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="for set: KEY=VALUE; unset: KEY")
     cfg.add_argument("--note", default="", help="why (kept with the version)")
     connection_flags(cfg, json_flag=False)

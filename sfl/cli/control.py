@@ -65,7 +65,7 @@ def add_parser(sub: Any) -> None:
     p = command(
         sub, "eval-data", _eval_data, "upload the held-out set the averager scores models on"
     )
-    p.add_argument("action", choices=("upload",))
+    p.add_argument("action", choices=("upload",), help="upload: replace the held-out set")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--task", help="the task's own test split (default: the deployed task)")
     source.add_argument(

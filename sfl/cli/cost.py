@@ -130,8 +130,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--task-params", default="{}", metavar="JSON", help="the task's parameters (a JSON object)"
     )
-    p.add_argument("--update-bytes", type=whole(0), default=0, help="per update (model's size)")
-    p.add_argument("--rounds-per-day", type=number(0, above=True), default=24.0)
+    p.add_argument(
+        "--update-bytes", type=whole(0), default=0, help="per update (0: the model's size)"
+    )
+    p.add_argument(
+        "--rounds-per-day", type=number(0, above=True), default=24.0, help="rounds a day"
+    )
     p.add_argument("--aggregate-seconds", type=number(0), default=0.5, help="measured aggregation")
     p.add_argument(
         "--update-seconds", type=number(0), default=0.3, help="averager seconds per update event"
@@ -150,5 +154,5 @@ def add_parser(sub: Any) -> None:
         default=Path("cdk.json"),
         help="read memory sizes, schedule, retention, poll period from this cdk.json",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cost)

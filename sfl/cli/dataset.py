@@ -13,8 +13,14 @@ from sfl.core import plugins
 
 def partition_flags(p: argparse.ArgumentParser) -> None:
     """How a task's data is split over clients (shared with ``sfl simulate``)."""
-    p.add_argument("--clients", type=whole(1), default=10, help="how many clients (default 10)")
-    p.add_argument("--partition", default="dirichlet", choices=("iid", "dirichlet", "shards"))
+    p.add_argument("--clients", type=whole(1), default=10, help="how many clients")
+    p.add_argument(
+        "--partition",
+        default="dirichlet",
+        choices=("iid", "dirichlet", "shards"),
+        help="iid: shuffled evenly; dirichlet: label shares drawn per client (--alpha); "
+        "shards: a few labels per client (--labels-per-client)",
+    )
     p.add_argument(
         "--alpha", type=number(0, above=True), default=0.5, help="Dirichlet concentration"
     )
@@ -73,9 +79,18 @@ def add_parser(sub: Any) -> None:
         help='the task\'s parameters, e.g. \'{"root": "images", "num_classes": 10}\'',
     )
     partition_flags(split)
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--eval-fraction", type=float, default=0.2)
-    split.add_argument("--out", type=Path, required=True)
+    split.add_argument(
+        "--seed", type=int, default=0, help="seeds the split (same seed, same split)"
+    )
+    split.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="share of each client's data kept for its local evaluation",
+    )
+    split.add_argument(
+        "--out", type=Path, required=True, help="the folder to write (one folder per client)"
+    )
     split.set_defaults(func=_split_dataset)
 
     dataset = sub.add_parser("dataset", help="generate datasets to simulate with")
@@ -85,9 +100,11 @@ def add_parser(sub: Any) -> None:
         help="synthetic, learnable class folders of PNG images (a shape and colour per class) "
         "for the image_folder task",
     )
-    images.add_argument("--out", type=Path, required=True)
-    images.add_argument("--classes", type=int, default=10)
-    images.add_argument("--per-class", type=int, default=50)
+    images.add_argument(
+        "--out", type=Path, required=True, help="the folder to write (one folder per class)"
+    )
+    images.add_argument("--classes", type=int, default=10, help="how many classes")
+    images.add_argument("--per-class", type=int, default=50, help="images per class")
     images.add_argument("--size", type=int, default=64, help="pixels, square")
-    images.add_argument("--seed", type=int, default=0)
+    images.add_argument("--seed", type=int, default=0, help="seeds the images' shapes and noise")
     images.set_defaults(func=_images)

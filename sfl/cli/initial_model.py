@@ -29,11 +29,11 @@ def _initial_model(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     init = sub.add_parser("initial-model", help="write global model version 0 to a file")
-    init.add_argument("--task", default="digits")
+    init.add_argument("--task", default="digits", help="the task whose model it is")
     init.add_argument(
         "--task-params", default="{}", metavar="JSON", help="the task's parameters (a JSON object)"
     )
-    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--seed", type=int, default=0, help="seeds the model's initial weights")
     init.add_argument(
         "--from",
         dest="source",
@@ -41,5 +41,5 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="your own weights (safetensors, or a state dict read with weights_only=True)",
     )
-    init.add_argument("--out", type=Path, required=True)
+    init.add_argument("--out", type=Path, required=True, help="the file to write")
     init.set_defaults(func=_initial_model)

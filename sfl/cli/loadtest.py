@@ -64,9 +64,16 @@ def add_parser(sub: Any) -> None:
     )
     load.add_argument("--payloads", type=int, default=8, help="distinct precomputed updates")
     load.add_argument("--workers", type=int, default=16, help="concurrent virtual clients")
-    load.add_argument("--averager-concurrency", type=int, default=4)
+    load.add_argument(
+        "--averager-concurrency",
+        type=int,
+        default=4,
+        help="averager invocations handling upload events at once",
+    )
     load.add_argument("--deadline", type=int, default=900, help="the round's deadline, seconds")
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--seed", type=int, default=0, help="seeds the model and the updates")
     add_set_flag(load)
-    load.add_argument("--out", type=Path, default=Path("runs/loadtest.json"))
+    load.add_argument(
+        "--out", type=Path, default=Path("runs/loadtest.json"), help="the timings' JSON file"
+    )
     load.set_defaults(func=_loadtest)

@@ -97,15 +97,17 @@ def add_parser(sub: Any) -> None:
     local = sub.add_parser("local", help="local mode: a running federation on this machine")
     local_sub = local.add_subparsers(dest="local_action", required=True)
     up = local_sub.add_parser("up", help="run the federation until Ctrl-C; prints its endpoint")
-    up.add_argument("--clients", type=whole(1), default=4, help="edge clients to run (default 4)")
-    up.add_argument("--task", default="digits", help="the task they train (default digits)")
+    up.add_argument("--clients", type=whole(1), default=4, help="edge clients to run")
+    up.add_argument("--task", default="digits", help="the task they train")
     up.add_argument("--seed", type=whole(0), default=0, help="data split and model seed")
-    up.add_argument("--stack", default=DEFAULT_STACK)
+    up.add_argument(
+        "--stack", default=DEFAULT_STACK, help="the stack name the operator's commands find it by"
+    )
     up.add_argument(
         "--schedule-seconds",
         type=number(0, above=True),
         default=2.0,
-        help="the initiator's period (default 2)",
+        help="seconds between the initiator's scheduled runs",
     )
     add_set_flag(up)
     up.add_argument("--env-file", type=output_path, help="also write the shell exports here")
@@ -113,6 +115,6 @@ def add_parser(sub: Any) -> None:
         "--out",
         type=output_path,
         default=Path("runs/local"),
-        help="the folder for its data, logs and state (default runs/local)",
+        help="the folder for its data, logs and state",
     )
     up.set_defaults(func=_local_up)

@@ -12,7 +12,7 @@ import argparse
 import importlib.metadata
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sfl.cli import (
     config,
@@ -59,8 +59,39 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+def says_its_default(action: argparse.Action) -> bool:
+    """Whether an argument's help ends with its default: every option or positional that
+    takes a value and has one (not a flag's False, an empty list or a computed None)."""
+    taking = action.nargs != 0 and not isinstance(
+        action, argparse._StoreConstAction | argparse._CountAction
+    )
+    return (
+        taking
+        and not action.required
+        and action.default not in (None, argparse.SUPPRESS, [], ())
+        and bool(
+            action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        )
+    )
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every default said the same way: ``(default: X)`` after the argument's help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if says_its_default(action) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage mistake as one line that names the command and its help."""
+    """argparse, with a usage mistake as one line that names the command and its help, and
+    each default in the help (``HelpFormatter``); every subcommand's parser is one too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")

@@ -135,16 +135,20 @@ def add_parser(sub: Any) -> None:
         "--last",
         type=whole(1),
         default=views.DEFAULT_LAST,
-        help=f"the newest N versions (default {views.DEFAULT_LAST})",
+        help="the newest N versions",
     )
     count.add_argument("--all", action="store_true", help="every version (lists the bucket)")
     pull = actions_.add_parser("pull", help="download a version (default: promoted, else newest)")
-    pull.add_argument("version", type=whole(0), nargs="?")
+    pull.add_argument(
+        "version", type=whole(0), nargs="?", help="the version (none: promoted, else newest)"
+    )
     pull.add_argument("--out", type=output_path, required=True, help="the file to write")
     promote = actions_.add_parser("promote", help="the version devices use for inference")
-    promote.add_argument("version", type=whole(0))
+    promote.add_argument("version", type=whole(0), help="the version to promote")
     rollback = actions_.add_parser("rollback", help="the next round starts from VERSION")
-    rollback.add_argument("version", type=whole(0), nargs="?", help="default: the newest's parent")
+    rollback.add_argument(
+        "version", type=whole(0), nargs="?", help="the version (none: the newest's parent)"
+    )
     rollback.add_argument("--cancel", action="store_true", help="drop a pending rollback")
     init = actions_.add_parser(
         "init", help="start the federation from your own weights (version 0, before round 1)"

@@ -91,20 +91,34 @@ def add_parser(subparsers: Any) -> None:
             "REPLACE_WITH_... placeholders. A deployed stack registers its own version."
         ),
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}/")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the folder to write")
     p.add_argument(
         "--cdk-json",
         type=Path,
         default=None,
-        help=f"read the federation config from this file's context (default {DEFAULT_CDK_JSON})",
+        help=f"read the federation config from this file's context (default: {DEFAULT_CDK_JSON})",
     )
     p.add_argument(
         "--component-name", help="default: as the stack names it ('<prefix>.EdgeClient')"
     )
-    p.add_argument("--region", default=f"{PLACEHOLDER_PREFIX}STACK_REGION")
-    p.add_argument("--models-bucket", default=_placeholder("ModelsBucketName"))
-    p.add_argument("--updates-bucket", default=_placeholder("UpdatesBucketName"))
-    p.add_argument("--clients-table", default=_placeholder("ClientsTableName"))
+    p.add_argument(
+        "--region", default=f"{PLACEHOLDER_PREFIX}STACK_REGION", help="the stack's AWS region"
+    )
+    p.add_argument(
+        "--models-bucket",
+        default=_placeholder("ModelsBucketName"),
+        help="the stack's models bucket",
+    )
+    p.add_argument(
+        "--updates-bucket",
+        default=_placeholder("UpdatesBucketName"),
+        help="the stack's updates bucket",
+    )
+    p.add_argument(
+        "--clients-table",
+        default=_placeholder("ClientsTableName"),
+        help="the stack's client registry table",
+    )
     p.add_argument("--data-dir", default="data", help="relative to the component's work path")
     p.add_argument(
         "--artifact-uri",
@@ -125,7 +139,7 @@ def add_parser(subparsers: Any) -> None:
         "--wheel-bundle-out",
         type=Path,
         default=Path(WHEEL_BUNDLE_NAME),
-        help=f"where to write the wheel bundle zip (default ./{WHEEL_BUNDLE_NAME})",
+        help="where to write the wheel bundle zip",
     )
     p.add_argument(
         "--wheel-bundle-uri",

@@ -154,7 +154,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     sim = sub.add_parser("simulate", help="run the whole system locally against moto's server")
     partition_flags(sim)
-    sim.add_argument("--rounds", type=whole(1), default=15, help="rounds to run (default 15)")
+    sim.add_argument("--rounds", type=whole(1), default=15, help="rounds to run")
     keys = sim.add_argument_group(
         "configuration",
         "any key of 'sfl config' through --set KEY=VALUE, e.g. --set lr=0.1 --set "
@@ -167,7 +167,7 @@ def add_parser(sub: Any) -> None:
     )
     add_set_flag(keys)
     keys.add_argument(
-        "--task", help=f"--set task=T (default digits): one of {plugins.allowed('task')}"
+        "--task", help=f"--set task=T (default: digits): one of {plugins.allowed('task')}"
     )
     keys.add_argument(
         "--task-params",
@@ -175,16 +175,16 @@ def add_parser(sub: Any) -> None:
         help='--set task_params=JSON: the task\'s parameters, e.g. \'{"root": "images", '
         '"num_classes": 10}\' for image_folder (docs/tasks.md)',
     )
-    keys.add_argument("--seed", help="--set seed=N (default 0): also the data split and faults")
+    keys.add_argument("--seed", help="--set seed=N (default: 0): also the data split and faults")
     keys.add_argument(
         "--soft-deadline",
         metavar="SECONDS",
-        help="--set round_soft_deadline_seconds=S (default 60): the quorum relaxes",
+        help="--set round_soft_deadline_seconds=S (default: 60): the quorum relaxes",
     )
     keys.add_argument(
         "--deadline",
         metavar="SECONDS",
-        help="--set round_deadline_seconds=S (default 120): the hard deadline",
+        help="--set round_deadline_seconds=S (default: 120): the hard deadline",
     )
     faults = sim.add_argument_group("fault injection")
     faults.add_argument(
@@ -221,7 +221,7 @@ def add_parser(sub: Any) -> None:
         "--out",
         type=output_path,
         default=Path("runs/latest"),
-        help="the folder for its history, plot and logs (default runs/latest)",
+        help="the folder for its history, plot and logs",
     )
     sim.add_argument(
         "--init-from",
@@ -234,7 +234,7 @@ def add_parser(sub: Any) -> None:
         "--app",
         type=Path,
         default=Path("."),
-        help="an app's folder (default: here): its cdk.json's 'sfl' context is the base "
+        help="an app's folder: its cdk.json's 'sfl' context is the base "
         "configuration (not its device deadlines) and its packages import",
     )
     sim.set_defaults(func=_simulate)

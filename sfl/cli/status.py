@@ -154,12 +154,12 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     task_ids: dict[int, Any] = {}
     # What came before: the newest --history finished rounds are shown, older ones never read.
     window = args.history + 2
-    finished = [r.round for r in views.recent_rounds(fed, window) if r.status.finished]
+    history = views.recent_rounds(fed, window)  # one query a look
+    finished = [r.round for r in history if r.status.finished]
     shown.update(finished[: -args.history] if args.history else finished)
     with progress:
         while True:
             now = time.time()
-            history = views.recent_rounds(fed, window)
             for r in history:
                 row = views.round_row(r, now)
                 if r.status.finished and r.round not in shown:
@@ -193,6 +193,7 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
                     + (f" before round {args.until_round} finished" if args.until_round else "")
                 )
             time.sleep(args.interval)
+            history = views.recent_rounds(fed, window)
 
 
 def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
@@ -214,18 +215,18 @@ def add_parser(sub: Any) -> None:
     shown.add_argument(
         "--last",
         type=whole(1),
-        default=None,
-        help=f"the newest N rounds (default {views.DEFAULT_LAST})",
+        default=views.DEFAULT_LAST,
+        help="the newest N rounds",
     )
     shown.add_argument("--all", action="store_true", help="every round (reads the history)")
     p = command(sub, "watch", _watch, "live progress of the open round and accuracy per round")
-    p.add_argument("--until-round", type=whole(1), default=0, help="stop once round N has finished")
+    p.add_argument(
+        "--until-round", type=whole(1), default=0, help="stop once round N has finished (0: never)"
+    )
     p.add_argument(
         "--timeout", type=number(0), default=0.0, help="give up after S seconds (0: never)"
     )
-    p.add_argument(
-        "--interval", type=number(0.1), default=1.0, help="seconds between looks (default 1)"
-    )
+    p.add_argument("--interval", type=number(0.1), default=1.0, help="seconds between looks")
     p.add_argument(
         "--history", type=whole(0), default=5, help="also show the last N finished rounds"
     )
@@ -243,10 +244,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--round", type=whole(1), default=None, help="lines about round N")
     p.add_argument("--device", default=None, help="lines about this device (its client id)")
-    p.add_argument(
-        "--since", type=number(0, above=True), default=24.0, help="hours back (default 24)"
-    )
-    p.add_argument("--limit", type=whole(1), default=200, help="at most N lines (default 200)")
+    p.add_argument("--since", type=number(0, above=True), default=24.0, help="hours back")
+    p.add_argument("--limit", type=whole(1), default=200, help="at most N lines")
 
 
 def _logs(fed: Federation, args: argparse.Namespace, out: Console) -> Any:

@@ -93,6 +93,6 @@ def add_parser(sub: Any) -> None:
         "--cdk-json",
         type=Path,
         default=Path("cdk.json"),
-        help="the project's cdk.json, for the task and the averager's sizing (default: ./cdk.json)",
+        help="the project's cdk.json, for the task and the averager's sizing",
     )
     check.set_defaults(func=_check)

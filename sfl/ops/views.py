@@ -5,22 +5,33 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
+from sfl.core.liveness import HISTORY_PICKS, recent_misses
 from sfl.ops.federation import Federation
 from sfl.state.control import ControlStore
 from sfl.state.lineage import LineageStore, ModelLineage, lineage_of_round
 from sfl.state.registry import ClientRegistry
-from sfl.state.rounds import Round, RoundState, RoundStore
+from sfl.state.rounds import Outcome, Round, RoundRefusals, RoundState, RoundStore
 
 #: Seen by no heartbeat for this long, a registry item is not listed as a device at all.
 EVERYONE_SECONDS = 10.0**10
-#: How many of the newest rounds ``status`` counts, and ``devices`` reads each device's
-#: answers from: the operator's everyday reads cost the same at round 10 and round 10,000.
+#: How many of the newest rounds ``status`` counts, and ``devices`` reads the refusals of
+#: (their rejections and declines per device): the operator's everyday reads cost the same at
+#: round 10 and round 10,000.
 STATUS_ROUNDS = 100
 DEVICE_ROUNDS = 20
 #: What ``rounds`` and ``models list`` show unless asked for more.
 DEFAULT_LAST = 20
+
+
+class RefusedAnswer(NamedTuple):
+    """Answers of a client that were not accepted updates, for one reason."""
+
+    client_id: str
+    outcome: Outcome
+    reason: str
+    times: int = 1
 
 
 def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
@@ -83,17 +94,24 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
 
 
 def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
+    """The federation now: the newest ``STATUS_ROUNDS`` rounds in brief (one bounded query
+    of a few attributes), the latest round and the newest a model came from (one read
+    each), the control record, the registry and the alarms."""
     now = time.time() if now is None else now
     config = fed.deployed_config
     store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
-    latest = store.latest(fed.experiment, slots=False)
-    outcomes = store.recent_outcomes(fed.experiment, STATUS_ROUNDS)
+    outcomes = store.recent_outcomes(fed.experiment, STATUS_ROUNDS)  # newest first
+    latest = store.get(fed.experiment, outcomes[0].round, slots=False) if outcomes else None
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
     everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
-    closed = [n for n, state, version in outcomes if state == "CLOSED" and version is not None]
+    closed = [
+        o.round
+        for o in outcomes
+        if o.status == RoundState.CLOSED.value and o.model_version is not None
+    ]
     model: dict[str, Any] | None = None
     last = None
     if closed:
@@ -114,8 +132,8 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "round": round_row(latest, now) if latest is not None else None,
         "rounds_total": latest.round if latest is not None else 0,
         "rounds_counted": len(outcomes),  # the newest rounds the two counts below cover
-        "rounds_closed": sum(state == RoundState.CLOSED.value for _, state, _ in outcomes),
-        "rounds_abandoned": sum(state == RoundState.ABANDONED.value for _, state, _ in outcomes),
+        "rounds_closed": sum(o.status == RoundState.CLOSED.value for o in outcomes),
+        "rounds_abandoned": sum(o.status == RoundState.ABANDONED.value for o in outcomes),
         "paused": control.paused,
         "pause_reason": control.pause_reason or None,
         "rollback_to": control.rollback_to,
@@ -146,34 +164,29 @@ def alarms(fed: Federation) -> list[dict[str, Any]]:
 
 
 def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
-    """Every client in the registry: what the server counted for it (its registry item),
-    and its answers in the newest ``DEVICE_ROUNDS`` rounds (their records)."""
+    """Every client in the registry: what the server counted for it (its registry item:
+    picks, answers, misses, turnaround, the outcomes of its last picks), and the reasons its
+    uploads were rejected or its answers declined in the newest ``DEVICE_ROUNDS`` rounds.
+
+    Reads the registry, one bounded query of a few attributes of those rounds' items, and
+    the refused answers of only the rounds that counted any (their refused slots): what it
+    costs grows with the fleet and with what went wrong lately, never with the history."""
     now = time.time() if now is None else now
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
     registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
     records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
-    picked: Counter[str] = Counter()
-    accepted: Counter[str] = Counter()
+    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
     rejected: dict[str, Counter[str]] = {}
     declined: dict[str, Counter[str]] = {}
-    turnaround: dict[str, list[float]] = {}
-    for r in recent_rounds(fed, DEVICE_ROUNDS, slots=True):
-        picked.update(r.selected)
-        for client, answer in r.answers.items():
-            if answer.outcome.value == "accepted":
-                accepted[client] += 1
-                turnaround.setdefault(client, []).append(answer.received_at - r.created_at)
-            else:
-                said = declined if answer.outcome.value == "declined" else rejected
-                said.setdefault(client, Counter())[answer.reason.split(":")[0]] += 1
-        for other in r.other_rejections:
-            client = str(other.get("client_id"))
-            reason = str(other.get("reason", "")).split(":")[0]
-            rejected.setdefault(client, Counter())[reason] += int(other.get("count", 1))
+    for outcome in store.recent_refusals(fed.experiment, DEVICE_ROUNDS):
+        for answer in refused_answers(store, fed.experiment, outcome):
+            said = declined if answer.outcome is Outcome.DECLINED else rejected
+            reason = answer.reason.split(":")[0]
+            said.setdefault(answer.client_id, Counter())[reason] += answer.times
     rows = []
     for c in records:
-        samples = turnaround.get(c.client_id, [])
+        misses, picks = recent_misses(c.miss_history, HISTORY_PICKS)
         rows.append(
             {
                 "client_id": c.client_id,
@@ -182,12 +195,12 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
                 "last_seen_seconds_ago": max(0.0, now - c.last_seen),
                 "registered_at": c.registered_at,
                 "ewma_turnaround": c.ewma_turnaround,
-                "last_turnaround": samples[-1] if samples else None,
                 "rounds_picked": c.rounds_answered + c.rounds_missed,
                 "rounds_answered": c.rounds_answered,
                 "rounds_missed": c.rounds_missed,
-                "recent_picked": picked[c.client_id],  # in the newest DEVICE_ROUNDS rounds
-                "recent_accepted": accepted[c.client_id],
+                "last_round": c.last_round or None,  # the last round counted for it
+                "recent_picks": picks,  # its last picks (at most HISTORY_PICKS) ...
+                "recent_misses": misses,  # ... and how many of them it missed
                 "missed_streak": c.missed_streak,
                 "rejected": dict(sorted(rejected.get(c.client_id, Counter()).items())),
                 "declined": dict(sorted(declined.get(c.client_id, Counter()).items())),
@@ -196,17 +209,58 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def refused_answers(
+    store: RoundStore, experiment: str, brief: RoundRefusals
+) -> list[RefusedAnswer]:
+    """A round's refused answers, by client: its refused slots, read only if its item
+    counted any; a round item from before slots and counters holds its answers and its
+    other uploads' rejections itself (one read)."""
+    if brief.refused is not None and not brief.strays:
+        if not brief.refused:
+            return []
+        return [
+            RefusedAnswer(slot.client_id, slot.answer.outcome, slot.answer.reason)
+            for slot in store.slots(experiment, brief.round, only="refused")
+            if slot.answer is not None and slot.answer.outcome is not Outcome.ACCEPTED
+        ]
+    r = store.get(experiment, brief.round, slots=False)
+    if r is None:
+        return []
+    found = [
+        RefusedAnswer(client, a.outcome, a.reason)
+        for client, a in r.answers.items()
+        if a.outcome is not Outcome.ACCEPTED
+    ]
+    found.extend(
+        RefusedAnswer(
+            str(o.get("client_id")),
+            Outcome.REJECTED,
+            str(o.get("reason", "")),
+            int(o.get("count", 1)),
+        )
+        for o in r.other_rejections
+    )
+    return found
+
+
 def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, Any]]:
     """The newest ``last`` global model versions (``None``: every one) with their lineage
     (from its record, else its round)."""
     store = LineageStore(fed.aws, fed.names)
     rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
     outcomes = rounds.recent_outcomes(fed.experiment, last if last is not None else 10**9)
-    by_version = {v: n for n, state, v in outcomes if state == "CLOSED" and v is not None}
+    by_version = {
+        o.model_version: o.round
+        for o in outcomes
+        if o.status == RoundState.CLOSED.value and o.model_version is not None
+    }
     if last is None:
         versions = store.versions()
     else:
-        versions = store.newest_versions(max(by_version, default=0), last)
+        # A version known to exist near the newest: one a round wrote, or started from (a
+        # round's base, even an abandoned one's, is the newest version when it started).
+        known = max([*by_version, *(o.base_version for o in outcomes)], default=0)
+        versions = store.newest_versions(known, last)
     control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
     rows = []
     for version, obj in versions.items():

@@ -223,7 +223,7 @@ def statistical_utility(
 
 
 def update_ewma(previous: float | None, sample: float, b: float) -> float:
-    """The seed's turnaround average: ``b * previous + (1 - b) * sample``; first sample as is."""
+    """A client's turnaround average: ``b * previous + (1 - b) * sample``; first sample as is."""
     if previous is None:
         return sample
     return b * previous + (1.0 - b) * sample

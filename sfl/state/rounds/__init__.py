@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from sfl.state.rounds.keys import slot_partition
 from sfl.state.rounds.records import Answer, Outcome, RecordResult, Round, RoundState, storable
-from sfl.state.rounds.store import SLOT_WRITE_GRACE_SECONDS, RoundStore
+from sfl.state.rounds.store import SLOT_WRITE_GRACE_SECONDS, RoundOutcome, RoundRefusals, RoundStore
 
 __all__ = [
     "SLOT_WRITE_GRACE_SECONDS",
@@ -27,6 +27,8 @@ __all__ = [
     "Outcome",
     "RecordResult",
     "Round",
+    "RoundOutcome",
+    "RoundRefusals",
     "RoundState",
     "RoundStore",
     "slot_partition",

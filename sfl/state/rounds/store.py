@@ -11,10 +11,10 @@ import random
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sfl.state.conditional import conditional
-from sfl.state.dynamo import serialize
+from sfl.state.dynamo import from_item, serialize
 from sfl.state.rounds.keys import round_key, slot_key, slot_partition
 from sfl.state.rounds.records import (
     Answer,
@@ -42,6 +42,26 @@ SLOT_WRITE_GRACE_SECONDS = 15 * 60
 # this many times with jittered backoff before the error goes up (and the S3 event is retried).
 MAX_TRANSACTION_ATTEMPTS = 8
 BATCH_WRITE_ITEMS = 25  # DynamoDB's BatchWriteItem limit
+
+
+class RoundOutcome(NamedTuple):
+    """A round in brief: its state, the model version it started from and the one it wrote."""
+
+    round: int
+    status: str
+    base_version: int
+    model_version: int | None
+
+
+class RoundRefusals(NamedTuple):
+    """How many of a round's selected clients' answers were refused (rejected or declined;
+    None for an item from before the counters, which holds its answers itself), and how
+    many uploads from clients it did not select it rejected (only such old items count
+    them)."""
+
+    round: int
+    refused: int | None
+    strays: int
 
 
 class RoundStore:
@@ -120,30 +140,53 @@ class RoundStore:
         rounds.reverse()
         return [self.with_slots(r) for r in rounds] if slots else rounds
 
-    def recent_outcomes(self, experiment: str, count: int) -> list[tuple[int, str, int | None]]:
-        """(round, status, model version) of the newest ``count`` rounds, newest first: the
-        three attributes alone, for counting without reading whole round items."""
-        found: list[tuple[int, str, int | None]] = []
+    def recent_outcomes(self, experiment: str, count: int) -> list[RoundOutcome]:
+        """The newest ``count`` rounds in brief, newest first: four attributes of each item,
+        for counting and finding model versions without reading whole round items."""
+        return [
+            RoundOutcome(
+                round=int(d["round"]),
+                status=str(d["status"]),
+                base_version=int(d.get("base_version", 0)),
+                model_version=None if d.get("model_version") is None else int(d["model_version"]),
+            )
+            for d in self._newest(
+                experiment, count, ("round", "status", "base_version", "model_version")
+            )
+        ]
+
+    def recent_refusals(self, experiment: str, count: int) -> list[RoundRefusals]:
+        """The newest ``count`` rounds' refusal counts, newest first (``RoundRefusals``)."""
+        attributes = ("round", "rejected_count", "declined_count", "rejection_counts")
+        return [
+            RoundRefusals(
+                round=int(d["round"]),
+                refused=int(d.get("rejected_count", 0)) + int(d.get("declined_count", 0))
+                if "rejected_count" in d
+                else None,
+                strays=sum(int(v) for v in d.get("rejection_counts", {}).values()),
+            )
+            for d in self._newest(experiment, count, attributes)
+        ]
+
+    def _newest(
+        self, experiment: str, count: int, attributes: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
+        """``attributes`` of the newest ``count`` round items, newest first (pages of at
+        most ``count`` items: the cost does not grow with the history)."""
+        found: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "KeyConditionExpression": "experiment = :e",
             "ExpressionAttributeValues": {":e": {"S": experiment}},
-            "ProjectionExpression": "#r, #s, model_version",
-            "ExpressionAttributeNames": {"#r": "round", "#s": "status"},
+            "ProjectionExpression": ", ".join(f"#a{i}" for i in range(len(attributes))),
+            "ExpressionAttributeNames": {f"#a{i}": a for i, a in enumerate(attributes)},
             "ScanIndexForward": False,
             "ConsistentRead": True,
         }
         while len(found) < count:
             response = self._ddb.query(**kwargs, Limit=count - len(found))
-            for item in response.get("Items", []):
-                version = item.get("model_version", {}).get("N")
-                found.append(
-                    (
-                        int(item["round"]["N"]),
-                        item["status"]["S"],
-                        int(version) if version is not None else None,
-                    )
-                )
+            found.extend(from_item(item) for item in response.get("Items", []))
             if "LastEvaluatedKey" not in response:
                 break
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
@@ -165,7 +208,8 @@ class RoundStore:
 
     def slots(self, experiment: str, number: int, *, only: str | None = None) -> Iterator[Slot]:
         """A round's slots, page by page (1 MB each): ``only="accepted"`` those with an
-        accepted answer, ``only="unanswered"`` those still waiting; None: all of them."""
+        accepted answer, ``only="refused"`` those rejected or declined, ``only="unanswered"``
+        those still waiting; None: all of them."""
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "KeyConditionExpression": "experiment = :p",
@@ -175,6 +219,10 @@ class RoundStore:
         if only == "accepted":
             kwargs["FilterExpression"] = "outcome = :accepted"
             kwargs["ExpressionAttributeValues"][":accepted"] = {"S": Outcome.ACCEPTED.value}
+        elif only == "refused":
+            kwargs["FilterExpression"] = "outcome IN (:rejected, :declined)"
+            kwargs["ExpressionAttributeValues"][":rejected"] = {"S": Outcome.REJECTED.value}
+            kwargs["ExpressionAttributeValues"][":declined"] = {"S": Outcome.DECLINED.value}
         elif only == "unanswered":
             kwargs["FilterExpression"] = "attribute_not_exists(answer)"
             kwargs["ProjectionExpression"] = "client_id"
