@@ -7,7 +7,7 @@ initiator seeds one per round), never pick nobody when anyone is active, and cos
 passes over the candidates plus one sort (medians).
 
 - ``random``: a uniform sample, the baseline.
-- ``fast_clients``: the seed's rule, weighted by 1 / turnaround.
+- ``fast_clients``: a sample weighted by 1 / turnaround (fast devices more often).
 - ``utility``: Oort-like (Lai et al., OSDI '21): statistical utility (loss x examples of the
   last accepted update) times a penalty for being slower than the round's preferred
   turnaround. Both ``fast_clients`` and ``utility`` keep an exploration share for clients not

@@ -1,4 +1,4 @@
-"""The training-task contract: the seed's Net / LoadData / Train / evaluate customisation points.
+"""The training-task contract: what a user customises (model, data, training, evaluation).
 
 A task says what model is trained (``build_model``), what data a client holds
 (``load_client_data``, from the device's data directory, in the task's own layout), how a

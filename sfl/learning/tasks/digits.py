@@ -57,7 +57,7 @@ class DigitsTask(ClassificationTask):
 
 
 class DigitsMlpTask(DigitsTask):
-    """The same digits with the seed's MLP shape (inputs, 128, 64, classes): the model of
+    """The same digits with a 2-hidden-layer MLP (inputs, 128, 64, classes): the model of
     the non-IID reference runs (docs/strategies.md), where FedAvg needs ~40 rounds."""
 
     name = "digits_mlp"

