@@ -342,7 +342,7 @@ def _replacement_identity(stack: Stack, resolved: Any) -> dict[str, Any]:
         if isinstance(node, CfnResource)
     }
     identity: dict[str, Any] = {}
-    for logical_id in sorted(set(_references(resolved))):
+    for logical_id in sorted(set(template_references(resolved))):
         resource = by_logical_id.get(logical_id)
         if resource is None:
             continue  # a parameter or pseudo parameter
@@ -358,7 +358,7 @@ def _replacement_identity(stack: Stack, resolved: Any) -> dict[str, Any]:
     return identity
 
 
-def _references(value: Any) -> Iterator[str]:
+def template_references(value: Any) -> Iterator[str]:
     """Logical IDs named by Ref and Fn::GetAtt anywhere in a resolved value."""
     if isinstance(value, Mapping):
         if set(value) == {"Ref"} and isinstance(value["Ref"], str):
@@ -367,7 +367,7 @@ def _references(value: Any) -> Iterator[str]:
             yield str(value["Fn::GetAtt"][0])
         else:
             for item in value.values():
-                yield from _references(item)
+                yield from template_references(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _references(item)
+            yield from template_references(item)

@@ -17,6 +17,7 @@ import pytest
 from local_stack import cleanup_handler
 from stack_template import Synthesized, arn_of, logical_id
 
+from infra.edge import template_references
 from sfl.local.emulator import LocalAws
 
 handler = cleanup_handler()
@@ -341,24 +342,10 @@ def _needs(template: dict[str, Any], logical: str) -> set[str]:
         resource = resources[stack.pop()]
         depends = resource.get("DependsOn", [])
         direct = set([depends] if isinstance(depends, str) else depends)
-        direct |= {r for r in _references(resource.get("Properties", {})) if r in resources}
+        direct |= {r for r in template_references(resource.get("Properties", {})) if r in resources}
         stack.extend(direct - found)
         found |= direct
     return found
-
-
-def _references(value: Any) -> Iterator[str]:
-    if isinstance(value, dict):
-        if set(value) == {"Ref"}:
-            yield value["Ref"]
-        elif set(value) == {"Fn::GetAtt"}:
-            yield value["Fn::GetAtt"][0]
-        else:
-            for item in value.values():
-                yield from _references(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _references(item)
 
 
 def test_the_clean_up_names_the_stack_s_policy_role_and_own_policies(synthesized: Synthesized):
