@@ -601,6 +601,17 @@ def recipe_for(
     )
 
 
+def deploy_client(
+    nucleus: Nucleus, stack: Stack, tmp_path: Path, merge: Mapping[str, str]
+) -> dict[str, Any]:
+    """Deploy this repository's client as the stack's component, with ``merge`` merged into
+    its configuration; the component's lifecycle as the nucleus resolved it."""
+    zip_path, sha = client_zip(tmp_path)
+    return nucleus.deploy(
+        recipe_for(stack.config, stack.names, "eu-west-1", sha), [zip_path], merge=merge
+    )
+
+
 @pytest.fixture
 def nucleus(greengrass_root: Path, runner: StepRunner) -> Iterator[Nucleus]:
     root = greengrass_root / f"device-{secrets.token_hex(4)}"
@@ -663,10 +674,7 @@ def test_an_upgrade_reaches_a_running_device_with_the_stack_s_new_settings(
 def test_install_refuses_bad_settings_with_a_clear_message(
     stack: Stack, nucleus: Nucleus, tmp_path: Path, merge: dict[str, str], message: str
 ) -> None:
-    zip_path, sha = client_zip(tmp_path)
-    lifecycle = nucleus.deploy(
-        recipe_for(stack.config, stack.names, "eu-west-1", sha), [zip_path], merge=merge
-    )
+    lifecycle = deploy_client(nucleus, stack, tmp_path, merge)
     failed = nucleus.install(lifecycle, timeout=120)
     assert failed.returncode != 0 and message in failed.stderr, failed.stderr
     assert not (nucleus.work / "venv").exists()
@@ -716,11 +724,11 @@ def test_install_takes_torch_and_torchvision_alone_from_the_cpu_index(
     )
     cpu_vision = _fake_wheel(tmp_path / "cpu-wheels", "torchvision", "0.29.1+cpu")
     cpu = simple_index(nucleus.root / "cpu", [cpu_torch, cpu_vision])
-    zip_path, sha = client_zip(tmp_path)
-    lifecycle = nucleus.deploy(
-        recipe_for(stack.config, stack.names, "eu-west-1", sha),
-        [zip_path],
-        merge={
+    lifecycle = deploy_client(
+        nucleus,
+        stack,
+        tmp_path,
+        {
             "pythonInterpreter": usable_interpreter(runner),
             "pipOptions": f"--index-url {pypi}",
             "torchIndexUrl": cpu,
@@ -913,11 +921,11 @@ def test_a_preinstalled_jetson_torch_is_reused_whatever_its_version(
     _fake_wheel(cpu_wheels, "torch", "2.14.1+cpu", requires=["setuptools>=77.0.3"])
     for path in [cpu_wheels, *cpu_wheels.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-    zip_path, sha = client_zip(tmp_path)
-    lifecycle = nucleus.deploy(
-        recipe_for(stack.config, stack.names, "eu-west-1", sha),
-        [zip_path],
-        merge={
+    lifecycle = deploy_client(
+        nucleus,
+        stack,
+        tmp_path,
+        {
             "pythonInterpreter": usable_interpreter(runner),
             "extraSitePackages": str(jetson),
             "pipOptions": f"--no-index --find-links {cpu_wheels}",
@@ -942,11 +950,11 @@ def test_a_preinstalled_torch_that_cannot_be_used_is_reported_plainly(
         torch_source='raise OSError("libcudnn.so.9: cannot open shared object file")\n',
         pip=True,
     )
-    zip_path, sha = client_zip(tmp_path)
-    lifecycle = nucleus.deploy(
-        recipe_for(stack.config, stack.names, "eu-west-1", sha),
-        [zip_path],
-        merge={
+    lifecycle = deploy_client(
+        nucleus,
+        stack,
+        tmp_path,
+        {
             "pythonInterpreter": usable_interpreter(runner),
             "extraSitePackages": str(broken),
             "pipOptions": "--no-index",
