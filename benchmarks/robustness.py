@@ -142,7 +142,7 @@ def main() -> None:
         for attack in args.attacks:
             for rule in args.rules:
                 runs.append(measure(rule, None if attack == "none" else attack, seed, args))
-                report = {
+                report: dict[str, Any] = {
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "setup": {

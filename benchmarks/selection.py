@@ -41,7 +41,6 @@ import torch
 
 from sfl.core.config import FederationConfig
 from sfl.core.selection import (
-    Candidate,
     SelectionPolicy,
     clients_to_pick,
     cooled_down,
@@ -131,7 +130,7 @@ def replay(
     clock = 0.0
     rows = []
     for number in range(1, setting.rounds + 1):
-        candidates = cooled_down([Candidate.of(r) for r in records.values()], number)
+        candidates = cooled_down([r.candidate() for r in records.values()], number)
         k = clients_to_pick(
             len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
         )

@@ -57,7 +57,9 @@ GAMER_CHANGE = 1e-4
 GAMER_TURNAROUND_SECONDS = 1.0
 
 
-def replay(rule: str, k: int, *, rounds: int = ROUNDS, seed: int = 0, credit: str = "at_finish"):
+def replay(
+    rule: str, k: int, *, rounds: int = ROUNDS, seed: int = 0, credit: str = "at_finish"
+) -> dict[str, Any]:
     """One federation with the gamer, round by round; the gamer's picks and the rounds."""
     config = FederationConfig(selection=rule, clients_per_round=k, seed=seed)
     strategy = get_selection_strategy(rule)
