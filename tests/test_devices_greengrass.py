@@ -24,6 +24,8 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse, HeadersDict
 from botocore.stub import Stubber
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
 from sfl.cli import operator
@@ -473,3 +475,66 @@ def test_one_look_reads_at_most_max_devices(
     (b,) = [line for line in out.splitlines() if "dev-b" in line]
     assert "│ none " in a and "│ not read " in b
     assert "1 devices not read, past the first 1 devices of a look" in out
+
+
+def test_a_stack_without_the_component_output_reads_unknown_and_asks_nothing() -> None:
+    session = boto3.session.Session(region_name="eu-west-1")
+    fed = Federation(stack="Sfl-Old", session=session, outputs={})
+    states = greengrass.component_states(fed, ["dev-a", "dev-b"])
+    assert {s.reading for s in states.values()} == {Reading.UNKNOWN}
+    assert "no output ComponentName" in (states["dev-a"].reason or "")
+    assert fed._clients == {}
+
+
+class _Answering:
+    """A Greengrass client that answers one device with whatever the test says."""
+
+    def __init__(self, component: dict[str, Any]) -> None:
+        self.component = component
+
+    def get_core_device(self, **_: Any) -> dict[str, Any]:
+        return core_device("UNHEALTHY")
+
+    def list_installed_components(self, **_: Any) -> dict[str, Any]:
+        return {"installedComponents": [self.component]}
+
+
+_MODEL_TEXT = st.text(st.characters(codec="utf-8"), min_size=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    version=_MODEL_TEXT.filter(lambda v: len(v) <= 64),
+    state=st.sampled_from(["NEW", "RUNNING", "ERRORED", "BROKEN", "FINISHED"]),
+    details=st.text(st.characters(codec="utf-8"), min_size=1, max_size=1000),
+    codes=st.lists(st.text(st.characters(codec="utf-8"), min_size=1, max_size=255), max_size=40),
+)
+def test_whatever_a_device_reported_is_shown_as_text_never_as_markup(
+    version: str, state: str, details: str, codes: list[str]
+) -> None:
+    """A device's nucleus writes what Greengrass reports of it (versions, details, codes):
+    within the model's bounds, any of it comes out bounded, printable, and in the table
+    exactly as text (rich markup in it stays literal)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from sfl.cli.status import _greengrass_cells
+
+    component = installed(COMPONENT, version, state, lifecycleStateDetails=details)
+    component["lifecycleStatusCodes"] = codes
+    found = read_state(_Answering(component), THING, COMPONENT, DEPLOYED)
+    assert found.reading is Reading.REPORTED
+    shown = [found.component_version or "", found.lifecycle_details or "", *found.status_codes]
+    assert all(text.isprintable() for text in shown)
+    assert len(found.lifecycle_details or "") <= greengrass.DETAILS_CHARS
+    assert len(found.status_codes) <= greengrass.MAX_STATUS_CODES
+    cell, _since, error = _greengrass_cells(found, now=REPORTED.timestamp())
+    assert Text.from_markup(cell).plain.startswith(f"{found.component_version} {state}")
+    said = ", ".join(found.status_codes)
+    said = f"{said}: {found.lifecycle_details}" if said else str(found.lifecycle_details)
+    assert Text.from_markup(error).plain == (said if len(said) <= 80 else said[:79] + "…")
+    table = Table()
+    for column in ("greengrass", "since", "last error"):
+        table.add_column(column)
+    table.add_row(cell, _since, error)
+    Console(file=io.StringIO(), width=250).print(table)  # renders: no markup error
