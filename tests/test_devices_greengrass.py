@@ -474,7 +474,7 @@ def test_one_look_reads_at_most_max_devices(
     (a,) = [line for line in out.splitlines() if "dev-a" in line]
     (b,) = [line for line in out.splitlines() if "dev-b" in line]
     assert "│ none " in a and "│ not read " in b
-    assert "1 devices not read, past the first 1 devices of a look" in out
+    assert "greengrass: not read for 1 of 2 devices, past the first 1 devices of a look" in out
 
 
 def test_a_stack_without_the_component_output_reads_unknown_and_asks_nothing() -> None:

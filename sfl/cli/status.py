@@ -157,7 +157,8 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     out.print(table)
     unread = [s.reason for s in states.values() if s.reading is greengrass.Reading.NOT_READ]
     if unread and not args.no_greengrass:
-        out.print(f"greengrass: {len(unread)} devices not read, {escape(unread[0] or '')}")
+        why = escape(unread[0] or "")
+        out.print(f"greengrass: not read for {len(unread)} of {len(rows)} devices, {why}")
     return None
 
 
