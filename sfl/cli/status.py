@@ -9,12 +9,13 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
-from sfl.ops import views
+from sfl.ops import greengrass, views
 from sfl.ops.federation import Federation, OpsError
 
 
@@ -119,12 +120,27 @@ def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     rows = views.devices(fed)
+    if args.device:
+        rows = [d for d in rows if d["client_id"] in set(args.device)]
+    states = greengrass.component_states(
+        fed, [d["client_id"] for d in rows], read=not args.no_greengrass
+    )
+    for d in rows:
+        d["greengrass"] = states[d["client_id"]].to_dict()
     if args.json:
         return rows
+    if not rows:
+        out.print("no such device" if args.device else "no devices yet")
+        return None
     table = Table()
-    for column in ("device", "active", "last seen", "turnaround s", "picked", "answered",
-                   "missed", "rejected", "declined"):  # fmt: skip
+    table.add_column("device", no_wrap=True)
+    for column in ("active", "last seen", "turnaround s", "picked", "answered", "missed",
+                   "rejected", "declined"):  # fmt: skip
         table.add_column(column)
+    table.add_column("greengrass", no_wrap=True)  # the component's version and state
+    table.add_column("since")
+    table.add_column("last error", max_width=LAST_ERROR_WIDTH)
+    now = time.time()
     for d in rows:
         table.add_row(
             d["client_id"],
@@ -136,9 +152,51 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
             str(d["rounds_missed"]),
             ", ".join(f"{k} {v}" for k, v in d["rejected"].items()) or "-",
             ", ".join(f"{k} {v}" for k, v in d["declined"].items()) or "-",
+            *_greengrass_cells(states[d["client_id"]], now),
         )
     out.print(table)
+    unread = [s.reason for s in states.values() if s.reading is greengrass.Reading.NOT_READ]
+    if unread and not args.no_greengrass:
+        why = escape(unread[0] or "")
+        out.print(f"greengrass: not read for {len(unread)} of {len(rows)} devices, {why}")
     return None
+
+
+#: What the ``last error`` cell holds of Greengrass's words (``--json`` has all it read),
+#: wrapped to at most this width.
+LAST_ERROR_CHARS = 80
+LAST_ERROR_WIDTH = 40
+
+
+def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[str, str, str]:
+    """The columns greengrass (the component's version and state, or why there is none),
+    since (its last state change) and last error: AWS's words, escaped for rich and cut."""
+    if state.reading is greengrass.Reading.UNKNOWN:
+        return "[yellow]unknown[/]", "-", _cut(state.reason)
+    if state.reading is not greengrass.Reading.REPORTED:  # local, none, not read
+        return state.reading.value, "-", "-"
+    if state.component_version is None:
+        cell = "not installed"
+    else:
+        cell = escape(f"{state.component_version} {state.lifecycle_state or '-'}")
+        if state.lifecycle_state in ("ERRORED", "BROKEN"):
+            cell = f"[red]{cell}[/]"
+        if state.component_current is False:
+            cell += " (old)"
+    if state.core_status == "UNHEALTHY" and state.lifecycle_state not in ("ERRORED", "BROKEN"):
+        cell += ", [red]core UNHEALTHY[/]"  # another component on the device failed
+    changed = state.state_changed_at
+    since = "-" if changed is None else _ago(max(0.0, now - changed))
+    error = ", ".join(state.status_codes)
+    if state.lifecycle_details:
+        error = f"{error}: {state.lifecycle_details}" if error else state.lifecycle_details
+    return cell, since, _cut(error)
+
+
+def _cut(text: str | None) -> str:
+    if not text:
+        return "-"
+    return escape(text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 1] + "…")
 
 
 def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
@@ -230,8 +288,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--history", type=whole(0), default=5, help="also show the last N finished rounds"
     )
-    command(
-        sub, "devices", _devices, "every device: active, last seen, turnaround, answers, rejections"
+    p = command(
+        sub,
+        "devices",
+        _devices,
+        "every device: active, last seen, turnaround, answers, rejections, Greengrass state",
+    )
+    p.add_argument(
+        "--device", action="append", default=[], help="only this device (its client id); repeat"
+    )
+    p.add_argument(
+        "--no-greengrass",
+        action="store_true",
+        help="do not ask Greengrass for the component's state (no greengrass:* calls)",
     )
     p = command(
         sub, "report", _report, "history.json and charts (accuracy, time, cost) into a folder"

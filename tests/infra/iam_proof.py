@@ -309,6 +309,39 @@ def _xray(action: str) -> Any:
     return mapper
 
 
+def _stack_read(call: Call, _account: Account) -> list[Request]:
+    name = str(call.params["StackName"])
+    if not name.startswith("arn:"):
+        # IAM authorises it on the stack's ARN, which holds the stack's id: a name alone
+        # does not say which resource that is.
+        raise LookupError(f"cloudformation:DescribeStacks by name ({name}): name its ARN")
+    return [Request("cloudformation:DescribeStacks", name)]
+
+
+def _iot_policy_targets(call: Call, account: Account) -> list[Request]:
+    arn = f"arn:{account.partition}:iot:{account.region}:{account.account_id}"
+    return [Request("iot:ListTargetsForPolicy", f"{arn}:policy/{call.params['policyName']}")]
+
+
+def _iot_detach_policy(call: Call, _account: Account) -> list[Request]:
+    # Authorised on the target that holds the policy (a certificate's or a thing group's
+    # ARN), not on the policy (Service Authorization Reference, AWS IoT: DetachPolicy).
+    return [Request("iot:DetachPolicy", str(call.params["target"]))]
+
+
+def _role_arn(role_name: str, account: Account) -> str:
+    return f"arn:{account.partition}:iam::{account.account_id}:role/{role_name}"  # path "/"
+
+
+def _iam_role_policies(call: Call, account: Account) -> list[Request]:
+    return [Request("iam:ListAttachedRolePolicies", _role_arn(call.params["RoleName"], account))]
+
+
+def _iam_detach_role_policy(call: Call, account: Account) -> list[Request]:
+    context = {"iam:PolicyARN": (str(call.params["PolicyArn"]),)}
+    return [Request("iam:DetachRolePolicy", _role_arn(call.params["RoleName"], account), context)]
+
+
 _MAPPERS: dict[tuple[str, str], Any] = {
     ("s3", "GetObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
     ("s3", "HeadObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
@@ -331,6 +364,11 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("sqs", "SendMessage"): _sqs_send,
     ("xray", "PutTraceSegments"): _xray("xray:PutTraceSegments"),
     ("xray", "PutTelemetryRecords"): _xray("xray:PutTelemetryRecords"),
+    ("cloudformation", "DescribeStacks"): _stack_read,
+    ("iot", "ListTargetsForPolicy"): _iot_policy_targets,
+    ("iot", "DetachPolicy"): _iot_detach_policy,
+    ("iam", "ListAttachedRolePolicies"): _iam_role_policies,
+    ("iam", "DetachRolePolicy"): _iam_detach_role_policy,
 }
 
 
@@ -432,6 +470,13 @@ _BASE_OPERATORS = {
     "ArnLike": _like,
     "Bool": lambda policy, value: policy.lower() == value.lower(),
 }
+# Negated operators: a value matches when it equals (is like) none of the policy's values.
+_NEGATED = {
+    "StringNotEquals": "StringEquals",
+    "StringNotLike": "StringLike",
+    "ArnNotEquals": "ArnEquals",
+    "ArnNotLike": "ArnLike",
+}
 
 
 def _condition(
@@ -448,15 +493,18 @@ def _condition(
         absent = key not in context
         return all((str(v).lower() == "true") == absent for v in _as_list(policy_values))
     if_exists = name.endswith("IfExists")
-    base = _BASE_OPERATORS.get(name.removesuffix("IfExists"))
+    plain = name.removesuffix("IfExists")
+    negated = plain in _NEGATED
+    base = _BASE_OPERATORS.get(_NEGATED.get(plain, plain))
     if base is None or qualifier not in {"", "ForAllValues", "ForAnyValue"}:
         raise AssertionError(f"this evaluator does not know the condition operator {operator}")
     allowed = [_substitute(str(v), variables) for v in _as_list(policy_values)]
     values = context.get(key)
     if values is None:
-        # A missing key: ForAllValues holds (vacuously), IfExists holds, the rest fail.
-        return qualifier == "ForAllValues" or if_exists
-    matched = [any(base(p, v) for p in allowed) for v in values]
+        # A missing key: ForAllValues holds (vacuously), IfExists holds, a negated operator
+        # holds (the request's value matches none of the policy's), the rest fail.
+        return qualifier == "ForAllValues" or if_exists or (negated and not qualifier)
+    matched = [any(base(p, v) for p in allowed) is not negated for v in values]
     if qualifier == "ForAllValues":
         return all(matched)
     if qualifier == "ForAnyValue":

@@ -138,6 +138,11 @@ class Deployment:
         }
         if name in pseudo:
             return pseudo[name]
+        if name == "AWS::StackId":
+            (stack,) = self.aws.client("cloudformation").describe_stacks(StackName=self.stack_name)[
+                "Stacks"
+            ]
+            return str(stack["StackId"])
         if self.types.get(name) == "AWS::IoT::Policy":
             # Ref is the policy's name (moto's physical id is not).
             return str(self.resolve(self.template["Resources"][name]["Properties"]["PolicyName"]))
@@ -161,6 +166,8 @@ class Deployment:
             return f"{prefix.format('sqs')}:{name.rsplit('/', 1)[-1]}"
         if kind == "AWS::IAM::Role":
             return f"arn:aws:iam::{self.account}:role/{name}"
+        if kind == "AWS::IoT::Policy":
+            return f"{prefix.format('iot')}:policy/{self._ref(logical)}"
         raise AssertionError(f"no ARN rule for {kind}")
 
     def role_policy_documents(self, role_name: str) -> dict[str, dict[str, Any]]:

@@ -172,3 +172,49 @@ def test_a_device_upload_must_be_readable_by_the_averager():
     assert not device.allows(put(own, SSECustomerAlgorithm="AES256"), me)
     assert not device.allows(put("updates/dev-1/junk.bin"), me)
     assert not device.allows(put("updates/dev-10/round-000001.safetensors"), me)
+
+
+def test_the_clean_up_may_detach_any_policy_but_the_stacks_own_from_the_role():
+    """The destroy clean-up's DetachRolePolicy grant as the stack writes it (ArnNotEquals on
+    iam:PolicyARN): a foreign policy's attachment passes, the stack's own does not."""
+    role = "arn:aws:iam::111122223333:role/device-role"
+    own = "arn:aws:iam::111122223333:policy/device-roleAccess"
+    grant = policies(
+        {
+            "Effect": "Allow",
+            "Action": "iam:DetachRolePolicy",
+            "Resource": role,
+            "Condition": {"ArnNotEquals": {"iam:PolicyARN": [own]}},
+        }
+    )
+
+    def detach(policy_arn: str) -> Request:
+        params = {"RoleName": "device-role", "PolicyArn": policy_arn}
+        (request,) = requests_for(call("iam", "DetachRolePolicy", params), ACCOUNT)
+        return request
+
+    assert detach(own).resource == role
+    assert grant.allows(detach("arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy"), {})
+    assert not grant.allows(detach(own), {})
+    # Without the key a negated operator holds: the request's value matches none.
+    assert grant.allows(Request("iam:DetachRolePolicy", role), {})
+
+
+def test_an_iot_policy_is_detached_on_its_target_and_listed_on_itself():
+    cert = "arn:aws:iot:eu-west-1:111122223333:cert/0a1b2c"
+    (detach,) = requests_for(
+        call("iot", "DetachPolicy", {"policyName": "p", "target": cert}), ACCOUNT
+    )
+    assert (detach.action, detach.resource) == ("iot:DetachPolicy", cert)
+    (listing,) = requests_for(call("iot", "ListTargetsForPolicy", {"policyName": "p"}), ACCOUNT)
+    assert listing.resource == "arn:aws:iot:eu-west-1:111122223333:policy/p"
+
+
+def test_a_stack_is_read_by_its_arn():
+    arn = (
+        "arn:aws:cloudformation:eu-west-1:111122223333:stack/S/5e3f0a70-0000-11f0-9c3a-0a1b2c3d4e5f"
+    )
+    (read,) = requests_for(call("cloudformation", "DescribeStacks", {"StackName": arn}), ACCOUNT)
+    assert (read.action, read.resource) == ("cloudformation:DescribeStacks", arn)
+    with pytest.raises(LookupError, match="name its ARN"):
+        requests_for(call("cloudformation", "DescribeStacks", {"StackName": "S"}), ACCOUNT)

@@ -5,7 +5,9 @@ initiator handler (before and after model version 0 exists, with and without an 
 round), the averager handler (the deploy-time bootstrap, S3 events of good, broken and
 unasked-for uploads, a watchdog tick that finds an upload whose event was lost, and one
 past the round's deadlines), and edge clients (heartbeat, polling before any round,
-answering rounds). Besides our code, the platform acts with these roles
+answering rounds), and the destroy clean-up's handler at stack deletion (device
+certificates and a thing group holding the IoT policy, a foreign policy on the device
+role). Besides our code, the platform acts with these roles
 too, and the test plays those calls as the platform makes them: the Lambda service writes a
 function's logs and sends its failed asynchronous events to the on-failure queue, Lambda's
 X-Ray daemon sends the segments the function's tracer emitted (active tracing), and the
@@ -31,6 +33,7 @@ import pytest
 from iam_proof import Account, CallRecorder, Policies, Request, requests_for, role_policies
 from local_stack import (
     Deployment,
+    cleanup_handler,
     component_recipe,
     deploy,
     device_environment,
@@ -54,6 +57,7 @@ class Exercised:
     deployment: Deployment
     recorder: CallRecorder
     account: Account
+    roles: dict[str, str]  # ROLES' key -> the role's name
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,14 @@ def exercised(
         with recorder.active():
             run_code_paths(deployment, recorder, tmp_path_factory.mktemp("devices"))
             play_platform_calls(deployment, recorder)
-        yield Exercised(deployment, recorder, account)
+            cleanup_role = run_destroy_cleanup(deployment, recorder)
+        roles = {
+            "initiator": deployment.function_role_name("InitiatorFunctionName"),
+            "averager": deployment.function_role_name("AveragerFunctionName"),
+            "devices": outputs["TokenExchangeRoleName"],
+            "cleanup": cleanup_role,
+        }
+        yield Exercised(deployment, recorder, account, roles)
 
 
 def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Path) -> None:
@@ -252,6 +263,74 @@ def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
                 s3.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
+def run_destroy_cleanup(deployment: Deployment, recorder: CallRecorder) -> str:
+    """The destroy clean-up's handler with the ``Delete`` request CloudFormation sends it, in
+    the account as devices leave it: certificates and a thing group holding the devices'
+    IoT policy, and a managed policy someone attached to the device role. The Lambda service
+    writes its logs. Returns the name of the function's role.
+
+    moto's stack is never ``DELETE_IN_PROGRESS``: the handler reads the stack's status (the
+    call is made, and recorded) and is then told the status a deletion has."""
+    handler = cleanup_handler()
+    aws = deployment.aws
+    iot, iam = aws.client("iot"), aws.client("iam")
+    ((logical, resource),) = [
+        (lg, r) for lg, r in deployment.removed.items() if r["Type"] == "Custom::DestroyCleanup"
+    ]
+    properties = deployment.resolve(resource["Properties"])
+    policy = properties["IotPolicyName"]
+    for _ in CLIENTS:
+        certificate = iot.create_keys_and_certificate(setAsActive=True)
+        iot.attach_policy(policyName=policy, target=certificate["certificateArn"])
+    group = iot.create_thing_group(thingGroupName=f"{deployment.stack_name}-Devices")
+    iot.attach_policy(policyName=policy, target=group["thingGroupArn"])
+    foreign = iam.create_policy(
+        PolicyName=f"{deployment.stack_name}-LogManager",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": "logs:PutLogEvents", "Resource": "*"}],
+            }
+        ),
+    )["Policy"]["Arn"]
+    iam.attach_role_policy(RoleName=properties["RoleName"], PolicyArn=foreign)
+
+    cloudformation = aws.client("cloudformation")
+    (stack,) = cloudformation.describe_stacks(StackName=deployment.stack_name)["Stacks"]
+    read_status = handler.stack_status_reader(cloudformation)
+
+    def being_deleted(stack_id: str) -> str:
+        assert read_status(stack_id) == "CREATE_COMPLETE"  # moto's, as created
+        return str(handler.STACK_BEING_DELETED)
+
+    event = {
+        "RequestType": "Delete",
+        "StackId": stack["StackId"],
+        "RequestId": "5d4f7c1e-0b1a-4d7e-9a51-2f3c4b5a6d7e",
+        "LogicalResourceId": logical,
+        "PhysicalResourceId": handler.PHYSICAL_ID,
+        "ResourceType": resource["Type"],
+        "ResourceProperties": properties,
+    }
+    with recorder.acting_as("cleanup"):
+        outcome = handler.handle(event, iot=iot, iam=iam, stack_status=being_deleted)
+    assert len(outcome.detached_targets) == len(CLIENTS) + 1
+    assert outcome.detached_role_policies == [foreign]
+
+    function = resource["Properties"]["ServiceToken"]["Fn::GetAtt"][0]
+    function_properties = deployment.template["Resources"][function]["Properties"]
+    log_group = deployment.resolve(function_properties["LoggingConfig"]["LogGroup"])
+    logs = aws.client("logs")
+    with recorder.acting_as("cleanup"):  # the Lambda runtime writes the function's logs
+        logs.create_log_stream(logGroupName=log_group, logStreamName="2026/12/07/[$LATEST]1")
+        logs.put_log_events(
+            logGroupName=log_group,
+            logStreamName="2026/12/07/[$LATEST]1",
+            logEvents=[{"timestamp": int(time.time() * 1000), "message": "START"}],
+        )
+    return str(deployment.resolve(function_properties["Role"]).rsplit("/", 1)[-1])
+
+
 def _subsegment_document(function: str) -> str:
     """One subsegment as the X-Ray SDK in a function emits it (``## lambda_handler``)."""
     now = time.time()
@@ -306,17 +385,19 @@ def _polled_before_any_round(call: Any) -> bool:
     )
 
 
+#: Each role, and the principals whose calls it makes.
 ROLES = {
-    "initiator": (["initiator"], "InitiatorFunctionName"),
-    "averager": (["averager"], "AveragerFunctionName"),
-    "devices": ([f"device:{c}" for c in CLIENTS], None),
+    "initiator": ["initiator"],
+    "averager": ["averager"],
+    "devices": [f"device:{c}" for c in CLIENTS],
+    "cleanup": ["cleanup"],  # the destroy clean-up's function
 }
 
 
 @pytest.mark.parametrize("role", sorted(ROLES))
 def test_every_call_the_code_makes_is_granted(exercised: Exercised, role: str):
-    principals, output = ROLES[role]
-    policies = policies_of(exercised, output)
+    principals = ROLES[role]
+    policies = policies_of(exercised, role)
     denied = sorted(
         {
             f"{r.call}: {r.describe()}"
@@ -329,34 +410,28 @@ def test_every_call_the_code_makes_is_granted(exercised: Exercised, role: str):
 
 @pytest.mark.parametrize("role", sorted(ROLES))
 def test_every_grant_is_used_by_some_call(exercised: Exercised, role: str):
-    principals, output = ROLES[role]
-    policies = policies_of(exercised, output)
+    principals = ROLES[role]
+    policies = policies_of(exercised, role)
     unused = [g.describe() for g in policies.unused(requests_of(exercised, principals))]
     assert not unused, f"{role}: grants no call needed:\n" + "\n".join(unused)
 
 
-def policies_of(exercised: Exercised, function_output: str | None) -> Policies:
+def policies_of(exercised: Exercised, role: str) -> Policies:
     """The role's policies as the synthesized template defines them, resolved against the
     deployed stack (GetAtt as CloudFormation documents it; moto renders a log group's ARN
     without its ':*'). IAM holds the same actions: nothing else reaches the role."""
-    name = role_name(exercised, function_output)
+    name = exercised.roles[role]
     from_template = Policies(exercised.deployment.role_policy_documents(name))
     in_iam = role_policies(exercised.deployment.aws.client("iam"), name)
     assert sorted(g.action for g in in_iam.grants) == sorted(g.action for g in from_template.grants)
     return from_template
 
 
-def role_name(exercised: Exercised, function_output: str | None) -> str:
-    if function_output is None:
-        return exercised.deployment.outputs["TokenExchangeRoleName"]
-    return exercised.deployment.function_role_name(function_output)
-
-
 def test_model_versions_are_written_only_with_if_none_match(exercised: Exercised):
     """The averager's model writes carry If-None-Match, and its role refuses one without."""
     from sfl.core import layout
 
-    policies = policies_of(exercised, "AveragerFunctionName")
+    policies = policies_of(exercised, "averager")
     models = exercised.deployment.outputs["ModelsBucketName"]
     writes = [
         r
@@ -378,7 +453,7 @@ def test_a_device_may_write_only_its_heartbeat_attributes_of_its_own_item(exerci
     """What the device role refuses: another device's item, the fields the server measures,
     reading a whole item back."""
     outputs = exercised.deployment.outputs
-    policies = policies_of(exercised, None)
+    policies = policies_of(exercised, "devices")
     table = (
         f"arn:aws:dynamodb:{exercised.account.region}:{exercised.account.account_id}:table/"
         f"{outputs['ClientsTableName']}"
@@ -429,7 +504,7 @@ def test_the_initiator_may_read_only_the_control_partition(exercised: Exercised)
     from sfl.state.control import control_partition
 
     outputs = exercised.deployment.outputs
-    policies = policies_of(exercised, "InitiatorFunctionName")
+    policies = policies_of(exercised, "initiator")
     table = (
         f"arn:aws:dynamodb:{exercised.account.region}:{exercised.account.account_id}:table/"
         f"{outputs['RoundsTableName']}"
@@ -449,7 +524,7 @@ def test_a_device_reads_its_model_and_assignment_but_no_lineage_and_lists_nothin
     any listing of it."""
     from sfl.core import layout
 
-    policies = policies_of(exercised, None)
+    policies = policies_of(exercised, "devices")
     models = f"arn:aws:s3:::{exercised.deployment.outputs['ModelsBucketName']}"
     me = {THING_NAME: "device-a"}
     reads = {
@@ -474,7 +549,7 @@ def test_the_averager_deletes_an_update_only_naming_its_etag(exercised: Exercise
     without one, so no bug can remove an update it has not looked at."""
     from sfl.core import layout
 
-    policies = policies_of(exercised, "AveragerFunctionName")
+    policies = policies_of(exercised, "averager")
     updates = exercised.deployment.outputs["UpdatesBucketName"]
     deletes = [r for r, _ in requests_of(exercised, ["averager"]) if r.action == "s3:DeleteObject"]
     assert deletes and all(r.context.get("s3:if-match") for r in deletes)
