@@ -18,7 +18,7 @@ PROGRESS_ONLY := sed -u -n -E -e 's/^(Collecting|Downloading|Installing collecte
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-robust bench-noniid bench-aggregate bench-compression bench-scale synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-async bench-robust bench-noniid bench-aggregate bench-compression bench-scale synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench    measure the simulation (accuracy, time, overhead) into benchmarks/results/"
 	@echo "make bench-hostile  one attacker of five vs the default bounds, into benchmarks/results/"
 	@echo "make bench-selection  random vs fast_clients vs utility: time to accuracy (20-40 min)"
+	@echo "make bench-async    buffered vs rounds, same devices training at once: time to accuracy (~60 min)"
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
 	@echo "make bench-aggregate  our aggregation vs Flower-style vs a streaming sum, N = 10-400 (10 GB disk)"
@@ -109,6 +110,9 @@ bench-hostile: setup
 
 bench-selection: setup
 	nice -n 10 $(PY) benchmarks/selection.py
+
+bench-async: setup
+	nice -n 10 $(PY) benchmarks/buffered.py
 
 bench-robust: setup
 	$(PY) benchmarks/robustness.py --seeds 0 1 2

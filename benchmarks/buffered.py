@@ -1,0 +1,512 @@
+"""Benchmark: buffered (asynchronous) aggregation against rounds, time to accuracy.
+
+    .venv/bin/python benchmarks/buffered.py       # writes benchmarks/results/buffered.json (+ .png)
+    make bench-async                              # the same
+
+The same device pool, the same data and the same number of devices training at once
+(``concurrency``), in two modes:
+
+- **rounds**: pick ``concurrency`` devices, wait for the slowest, one step over all of them.
+- **buffered**: ``concurrency`` devices train at all times; each one that finishes is replaced
+  at once by a new pick (from the idle devices, by the same selection rule), starting from the
+  newest version; every ``buffer_size`` accepted updates make one step. An update that started
+  ``tau`` versions ago is rebased on the current model (its change from its own base added to
+  the current model) and weighs its bounded example count times
+  ``sfl.core.staleness.staleness_factor``; more than ``max_staleness`` versions behind, it is
+  refused.
+
+Both modes run the production pieces in one process, as ``benchmarks/selection.py`` does: the
+selection rules, the registry's arithmetic (``ClientRecord.after_round``), the averager's
+bounds (``bounded_round``: weights capped at 3x the median claim, changes clipped at 2x the
+median change, around the model the step applies to), real local training of the digits CNN
+on the client splits ``sfl simulate`` writes. Time is modelled, not slept: a device's
+turnaround is ``overhead + train_seconds x examples x epochs x slowdown``, its slowdown
+log-normal as ``sfl simulate --slow-clients SIGMA`` draws it, and a step takes the averager's
+``aggregation_seconds``. Every mode runs for the modelled time that 40 rounds with random
+selection take at that setting, so final accuracies are compared at equal time.
+
+Measured and written down here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from selection import (
+    AGGREGATION_SECONDS,
+    CLIENT_OVERHEAD_SECONDS,
+    TARGETS,
+    TRAIN_SECONDS_PER_EXAMPLE_EPOCH,
+    Setting,
+    _client_data,
+    _slowdowns,
+)
+
+from sfl.core.config import FederationConfig
+from sfl.core.selection import (
+    SelectionPolicy,
+    cooled_down,
+    get_selection_strategy,
+    select_clients,
+)
+from sfl.core.staleness import staleness_factor
+from sfl.learning.rules.bounds import bounded_round
+from sfl.learning.tasks import load_task
+from sfl.learning.tasks.base import ArrayDataset, ClientData, TrainConfig, TrainingTask
+from sfl.state.registry import ClientRecord, statistical_utility
+
+RESULTS = Path(__file__).parent / "results"
+PARTITIONS = (("dirichlet", 0.5), ("dirichlet", 0.1))
+MODES = (
+    ("rounds", "random"),
+    ("rounds", "utility"),
+    ("buffered", "random"),
+    ("buffered", "utility"),
+)
+
+Model = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Buffered:
+    """The buffered mode's settings (the federation keys of the same names)."""
+
+    buffer_size: int = 5
+    max_staleness: int = 20
+    staleness_weighting: str = "polynomial"
+    staleness_exponent: float = 0.5
+    staleness_hinge: int = 4
+
+
+@dataclass
+class Run:
+    """One federation's pool: its data, its devices' speeds and what the server knows."""
+
+    task: TrainingTask
+    test: ArrayDataset
+    data: dict[str, ClientData]
+    turnaround: dict[str, float]
+    config: FederationConfig
+    rule: str
+
+    def __post_init__(self) -> None:
+        self.strategy = get_selection_strategy(self.rule)
+        self.records = {c: ClientRecord(c, last_seen=0.0, registered_at=0.0) for c in self.data}
+
+    def pick(self, idle: list[str], k: int, number: int, draw: int) -> list[str]:
+        """``k`` of the idle devices, by the configured rule, as the initiator picks."""
+        candidates = cooled_down([self.records[c].candidate() for c in idle], number)
+        rng = random.Random(f"{self.config.seed}/{self.config.experiment}/{number}/{draw}")
+        policy = SelectionPolicy.from_config(self.config, number)
+        return select_clients(self.strategy, candidates, min(k, len(candidates)), rng, policy)
+
+    def train(self, cid: str, base: Model, seed: int) -> tuple[Model, float]:
+        """The device's trained model from ``base``, and the utility the server measures."""
+        local = self.task.build_model()
+        local.load_state_dict(base)
+        cfg = self.config
+        trained = self.task.train(
+            local,
+            self.data[cid].train,
+            TrainConfig(
+                local_epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed
+            ),
+        )
+        metrics = {"train_loss": trained.loss}
+        utility = statistical_utility(metrics, len(self.data[cid].train), cfg.max_num_examples)
+        return {n: t.detach().clone() for n, t in local.state_dict().items()}, utility or 0.0
+
+    def answered(self, cid: str, number: int, utility: float) -> None:
+        self.records[cid] = self.records[cid].after_round(
+            number,
+            answered=True,
+            turnaround=self.turnaround[cid],
+            b=self.config.ewma_b,
+            utility=utility,
+            pick_window=self.config.selection_window,
+        )
+
+    def step(self, current: Model, changes: list[tuple[Model, int, float]]) -> Model:
+        """The averager's step: each change rebased on ``current``, bounded as the averager
+        bounds, weights times their staleness factors, FedAvg's plain mean."""
+        rebased = [
+            ({n: current[n] + change[n] for n in current}, examples)
+            for change, examples, _ in changes
+        ]
+        bounded = bounded_round(
+            rebased,
+            current,
+            max_ratio=self.config.max_weight_ratio,
+            factor=self.config.norm_bound_factor,
+        )
+        # FedBuff's step: the staleness factors shrink each change; they are not normalised
+        # away (a buffer of stale updates moves the model less), the example weights are.
+        total = sum(w for _, w in bounded)
+        weights = [w * factor for (_, w), (_, _, factor) in zip(bounded, changes, strict=True)]
+        out: Model = {}
+        for name, start in current.items():
+            if not start.is_floating_point():
+                out[name] = start.clone()
+                continue
+            origin = start.to(torch.float64)
+            acc = origin.clone()
+            for (tensors, _), w in zip(bounded, weights, strict=True):
+                acc += (w / total) * (tensors[name].to(torch.float64) - origin)
+            out[name] = acc.to(start.dtype)
+        return out
+
+    def accuracy(self, model: Model) -> float:
+        net = self.task.build_model()
+        net.load_state_dict(model)
+        return round(self.task.evaluate(net, self.test).accuracy, 4)
+
+
+def _change(trained: Model, base: Model) -> Model:
+    return {
+        n: (t.to(torch.float64) - base[n].to(torch.float64))
+        if t.is_floating_point()
+        else torch.zeros_like(t)
+        for n, t in trained.items()
+    }
+
+
+def run_rounds(
+    run: Run, concurrency: int, horizon: float, max_rounds: int | None = None
+) -> list[dict[str, Any]]:
+    """Rounds with a barrier: ``concurrency`` picks, the slowest sets the round's length;
+    until ``horizon`` modelled seconds have passed, or ``max_rounds``."""
+    model: Model = {
+        n: t.clone() for n, t in run.task.build_model(seed=run.config.seed).state_dict().items()
+    }
+    clock, rows, number = 0.0, [], 0
+    while clock < horizon and (max_rounds is None or number < max_rounds):
+        number += 1
+        picked = run.pick(list(run.data), concurrency, number, 0)
+        changes = []
+        for cid in picked:
+            trained, utility = run.train(cid, model, run.config.seed + number)
+            changes.append((_change(trained, model), len(run.data[cid].train), 1.0))
+            run.answered(cid, number, utility)
+        model = run.step(model, changes)
+        clock += max(run.turnaround[c] for c in picked) + AGGREGATION_SECONDS
+        rows.append(
+            {"version": number, "elapsed_seconds": round(clock, 3), "accuracy": run.accuracy(model)}
+        )
+    return rows
+
+
+def run_buffered(
+    run: Run, concurrency: int, horizon: float, settings: Buffered
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """No barrier: ``concurrency`` devices always training, a step every ``buffer_size``."""
+    versions: list[Model] = [
+        {n: t.clone() for n, t in run.task.build_model(seed=run.config.seed).state_dict().items()}
+    ]
+    # (finish time, order, client, base version, its trained model, its utility)
+    training: list[tuple[float, int, str, int, Model, float]] = []
+    ready_at: list[tuple[float, int]] = []  # versions being aggregated: (ready time, version)
+    published = 0  # the newest version devices can download
+    draws = 0
+    buffer: list[tuple[Model, int, float]] = []
+    staleness: list[int] = []
+    refused = 0
+    rows: list[dict[str, Any]] = []
+
+    def start(now: float, k: int) -> None:
+        nonlocal draws
+        busy = {entry[2] for entry in training}
+        idle = [c for c in run.data if c not in busy]
+        for cid in run.pick(idle, k, published + 1, draws):
+            draws += 1
+            trained, utility = run.train(cid, versions[published], run.config.seed + draws)
+            finish = now + run.turnaround[cid]
+            heapq.heappush(training, (finish, draws, cid, published, trained, utility))
+
+    start(0.0, concurrency)
+    clock = 0.0
+    while clock < horizon and training:
+        if ready_at and ready_at[0][0] <= training[0][0]:
+            clock, version = heapq.heappop(ready_at)
+            published = version
+            rows.append(
+                {
+                    "version": version,
+                    "elapsed_seconds": round(clock, 3),
+                    "accuracy": run.accuracy(versions[version]),
+                }
+            )
+            continue
+        clock, _, cid, base, trained, utility = heapq.heappop(training)
+        newest = len(versions) - 1
+        tau = newest - base
+        run.answered(cid, newest + 1, utility)
+        if tau > settings.max_staleness:
+            refused += 1
+        else:
+            factor = staleness_factor(
+                settings.staleness_weighting,
+                tau,
+                exponent=settings.staleness_exponent,
+                hinge=settings.staleness_hinge,
+            )
+            buffer.append((_change(trained, versions[base]), len(run.data[cid].train), factor))
+            staleness.append(tau)
+        if len(buffer) >= settings.buffer_size:
+            versions.append(run.step(versions[-1], buffer))
+            buffer = []
+            heapq.heappush(ready_at, (clock + AGGREGATION_SECONDS, len(versions) - 1))
+        start(clock, 1)
+    return rows, {
+        "refused_too_stale": refused,
+        "staleness_mean": round(statistics.fmean(staleness), 3) if staleness else None,
+        "staleness_max": max(staleness) if staleness else None,
+        "updates": len(staleness),
+    }
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    accuracies = [r["accuracy"] for r in rows]
+    result: dict[str, Any] = {
+        "versions": len(rows),
+        "final_accuracy": accuracies[-1],
+        "last5_mean_accuracy": round(statistics.fmean(accuracies[-5:]), 4),
+        "total_seconds": rows[-1]["elapsed_seconds"],
+        "accuracy": accuracies,
+        "elapsed_seconds": [r["elapsed_seconds"] for r in rows],
+    }
+    for target in TARGETS:
+        first = next((r for r in rows if r["accuracy"] >= target), None)
+        result[f"seconds_to_{target:.2f}"] = first["elapsed_seconds"] if first else None
+    return result
+
+
+def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per partition and sigma: each mode's time to accuracy as a ratio of rounds/random's
+    and of rounds/utility's at the same seed, and final accuracy in points against them."""
+    by_key: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_key.setdefault((run["partition"], run["sigma"], run["seed"]), {})[run["label"]] = run
+    groups: dict[tuple[Any, ...], list[dict[str, dict[str, Any]]]] = {}
+    for (partition, sigma, _), labels in by_key.items():
+        groups.setdefault((partition, sigma), []).append(labels)
+    table = []
+    for (partition, sigma), seeds in sorted(groups.items()):
+        for label in seeds[0]:
+            row: dict[str, Any] = {"partition": partition, "sigma": sigma, "mode": label}
+            for baseline in ("rounds/random", "rounds/utility"):
+                for target in TARGETS:
+                    name = f"seconds_to_{target:.2f}"
+                    ratios = [
+                        s[label][name] / s[baseline][name]
+                        for s in seeds
+                        if s[label][name] and s[baseline][name]
+                    ]
+                    row[f"tta_{target:.2f}_vs_{baseline}"] = (
+                        round(statistics.fmean(ratios), 3) if ratios else None
+                    )
+                row[f"final_vs_{baseline}_points"] = round(
+                    100
+                    * statistics.fmean(
+                        s[label]["final_accuracy"] - s[baseline]["final_accuracy"] for s in seeds
+                    ),
+                    2,
+                )
+            for target in TARGETS:
+                name = f"seconds_to_{target:.2f}"
+                reached = [s[label][name] for s in seeds if s[label][name]]
+                row[f"tta_{target:.2f}_reached"] = f"{len(reached)}/{len(seeds)}"
+                row[f"tta_{target:.2f}_seconds_mean"] = (
+                    round(statistics.fmean(reached), 1) if reached else None
+                )
+            row["final_accuracy_mean"] = round(
+                statistics.fmean(s[label]["final_accuracy"] for s in seeds), 4
+            )
+            table.append(row)
+    return table
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    task = load_task("digits")
+    central = task.load_central_data()
+    settings = Buffered(
+        buffer_size=args.buffer_size,
+        max_staleness=args.max_staleness,
+        staleness_weighting=args.staleness_weighting,
+        staleness_exponent=args.staleness_exponent,
+    )
+    runs = []
+    for seed in args.seeds:
+        for partition, alpha in PARTITIONS[: args.partitions]:
+            with tempfile.TemporaryDirectory() as out:
+                data = _client_data(task, Setting(partition, alpha, 0.0, seed), Path(out))
+            for sigma in args.sigmas:
+                setting = Setting(partition, alpha, sigma, seed)
+                slowdowns = _slowdowns(setting, list(data))
+                horizon = 0.0
+                for mode, rule in MODES:
+                    config = FederationConfig(selection=rule, seed=seed)
+                    turnaround = {
+                        cid: CLIENT_OVERHEAD_SECONDS
+                        + args.train_cost * len(d.train) * config.local_epochs * slowdowns[cid]
+                        for cid, d in data.items()
+                    }
+                    run = Run(task, central.test, data, turnaround, config, rule)
+                    started = time.perf_counter()
+                    extra: dict[str, Any] = {}
+                    if mode == "rounds":
+                        if horizon:
+                            rows = run_rounds(run, args.concurrency, horizon)
+                        else:
+                            # rounds/random runs first: its rounds' time is every mode's.
+                            rows = run_rounds(run, args.concurrency, float("inf"), args.rounds)
+                            horizon = rows[-1]["elapsed_seconds"]
+                    else:
+                        rows, extra = run_buffered(run, args.concurrency, horizon, settings)
+                    row = {
+                        "partition": setting.partition_label,
+                        "sigma": sigma,
+                        "seed": seed,
+                        "label": f"{mode}/{rule}",
+                        "horizon_seconds": horizon,
+                        **extra,
+                        **summarise(rows),
+                    }
+                    brief = {
+                        k: v for k, v in row.items() if k not in ("accuracy", "elapsed_seconds")
+                    }
+                    brief["bench_seconds"] = round(time.perf_counter() - started, 1)
+                    print(json.dumps(brief), flush=True)
+                    runs.append(row)
+    return {
+        "model": {
+            "clients": 20,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "buffered": settings.__dict__,
+            "train_seconds_per_example_epoch": args.train_cost,
+            "client_overhead_seconds": CLIENT_OVERHEAD_SECONDS,
+            "aggregation_seconds": AGGREGATION_SECONDS,
+            "horizon": "the modelled time of 40 rounds with random selection, per setting",
+        },
+        "summary": compare(runs),
+        "runs": runs,
+    }
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    partitions = list(dict.fromkeys(r["partition"] for r in runs))
+    sigmas = list(dict.fromkeys(r["sigma"] for r in runs))
+    colours = {
+        "rounds/random": "tab:gray",
+        "rounds/utility": "tab:blue",
+        "buffered/random": "tab:red",
+        "buffered/utility": "tab:green",
+    }
+    fig, axes = plt.subplots(
+        len(partitions),
+        len(sigmas),
+        figsize=(4.2 * len(sigmas), 3.2 * len(partitions)),
+        squeeze=False,
+        sharey=True,
+    )
+    labelled: set[str] = set()
+    for i, partition in enumerate(partitions):
+        for j, sigma in enumerate(sigmas):
+            ax = axes[i][j]
+            for run in runs:
+                if run["partition"] != partition or run["sigma"] != sigma:
+                    continue
+                ax.plot(
+                    run["elapsed_seconds"],
+                    run["accuracy"],
+                    color=colours.get(run["label"], "black"),
+                    alpha=0.7,
+                    linewidth=1,
+                    label=None if run["label"] in labelled else run["label"],
+                )
+                labelled.add(run["label"])
+            for target in TARGETS:
+                ax.axhline(target, color="black", linewidth=0.5, linestyle=":")
+            ax.set_ylim(0.3, 1.0)
+            ax.set_title(f"{partition}, sigma {sigma:g}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(partitions) - 1:
+                ax.set_xlabel("modelled seconds")
+            if j == 0:
+                ax.set_ylabel("test accuracy")
+    fig.legend(loc="upper right", fontsize=8, ncols=2)
+    fig.suptitle("digits, 20 devices, 10 training at once: buffered vs rounds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 1.5])
+    parser.add_argument("--partitions", type=int, default=len(PARTITIONS), choices=(1, 2))
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--buffer-size", type=int, default=Buffered.buffer_size)
+    parser.add_argument("--max-staleness", type=int, default=Buffered.max_staleness)
+    parser.add_argument("--staleness-weighting", default=Buffered.staleness_weighting)
+    parser.add_argument("--staleness-exponent", type=float, default=Buffered.staleness_exponent)
+    parser.add_argument("--train-cost", type=float, default=TRAIN_SECONDS_PER_EXAMPLE_EPOCH)
+    parser.add_argument("--out", type=Path, default=RESULTS / "buffered.json")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="instead of running: one report from reports of the same model run apart "
+        "(e.g. one process per seed)",
+    )
+    args = parser.parse_args()
+    if args.combine:
+        parts = [json.loads(path.read_text()) for path in args.combine]
+        runs = [run for part in parts for run in part["runs"]]
+        report: dict[str, Any] = {
+            **{k: v for k, v in parts[0].items() if k not in ("runs", "summary")},
+            "bench_seconds": round(sum(part["bench_seconds"] for part in parts), 1),
+            "combined_from": len(parts),
+            "summary": compare(runs),
+            "runs": runs,
+        }
+    else:
+        started = time.perf_counter()
+        report = {
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "task": "digits (MNIST's files are not on this machine)",
+            **sweep(args),
+        }
+        report["bench_seconds"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    plot(report["runs"], args.out.with_suffix(".png"))
+    for row in report["summary"]:
+        print(json.dumps(row))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
