@@ -207,4 +207,4 @@ class AnswerResult(enum.StrEnum):
 @dataclass(frozen=True)
 class AnswerOutcome:
     result: AnswerResult
-    ticket: Ticket | None  # the ticket as it is after the attempt (ENDED: as it ended)
+    ticket: Ticket | None  # not recorded: the ticket as it is now (ENDED: as it ended)

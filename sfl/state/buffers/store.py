@@ -417,9 +417,9 @@ class BufferStore:
             reason=answer.reason,
             per_reason="" if accepted else ("answer_declines" if declined else "answer_rejections"),
         )
-        current = self.ticket(ticket.experiment, ticket.number)
         if written:
-            return AnswerOutcome(AnswerResult.RECORDED, current)
+            return AnswerOutcome(AnswerResult.RECORDED, None)
+        current = self.ticket(ticket.experiment, ticket.number)
         if current is None:
             return AnswerOutcome(AnswerResult.NO_SUCH_TICKET, None)
         if current.status is not TicketState.OPEN:
