@@ -30,6 +30,7 @@ from sfl.server.answers import (
     judge,
     refuse_other,
 )
+from sfl.server.participation import count_ticket
 from sfl.state.aws import error_code
 from sfl.state.buffers import AnswerOutcome, AnswerResult, BufferState, Ticket, TicketState
 from sfl.state.rounds import Answer, Outcome
@@ -125,6 +126,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             f"update {answer.outcome.value}",
             extra={"ticket": number, "client_id": client, "reason": answer.reason},
         )
+        count_ticket(ctx, ticket, answer)
         for listener in ctx.on_place_freed:
             listener(number)
         outcome = UpdateOutcome(

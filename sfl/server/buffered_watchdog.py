@@ -17,6 +17,7 @@ from botocore.exceptions import ClientError
 from sfl.core import layout
 from sfl.server import buffered_answers, buffered_steps
 from sfl.server.notifications import UpdateEvent
+from sfl.server.participation import count_ticket
 from sfl.server.watchdog import MAX_RECOVERY_LOOKS, TickOutcome, window
 from sfl.state.buffers import Ticket
 
@@ -47,6 +48,7 @@ def tick(ctx: AveragerContext) -> TickOutcome:
                 extra={"ticket": ticket.number, "client_id": ticket.client_id},
             )
             expired.append(ticket.number)
+            count_ticket(ctx, ticket, None)
             for listener in ctx.on_place_freed:
                 listener(ticket.number)
     closed = buffered_steps.advance(ctx)

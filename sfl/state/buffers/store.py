@@ -40,31 +40,39 @@ MAX_TICKETS_PER_ISSUE = 49
 MAX_TRANSACTION_ATTEMPTS = 8
 
 
+# The partitions' suffixes after the experiment's name (IAM grants name them as leading keys).
+POOL_SUFFIX = "#pool"
+TICKETS_SUFFIX = "#tickets"
+TRAINING_SUFFIX = "#training"
+BUFFERS_SUFFIX = "#buffers"
+MEMBERS_INFIX = "#buffer#"
+
+
 def _key(partition: str, sort: int) -> dict[str, Any]:
     return {"experiment": {"S": partition}, "round": {"N": str(sort)}}
 
 
 def pool_key(experiment: str) -> dict[str, Any]:
-    return _key(f"{experiment}#pool", 0)
+    return _key(experiment + POOL_SUFFIX, 0)
 
 
 def ticket_key(experiment: str, number: int) -> dict[str, Any]:
     """A ticket's record, kept after it ended."""
-    return _key(f"{experiment}#tickets", number)
+    return _key(experiment + TICKETS_SUFFIX, number)
 
 
 def training_key(experiment: str, number: int) -> dict[str, Any]:
     """An open ticket's place: the item exists exactly while the ticket is OPEN, so the
     devices training now are one query of at most ``concurrency`` items."""
-    return _key(f"{experiment}#training", number)
+    return _key(experiment + TRAINING_SUFFIX, number)
 
 
 def buffer_key(experiment: str, number: int) -> dict[str, Any]:
-    return _key(f"{experiment}#buffers", number)
+    return _key(experiment + BUFFERS_SUFFIX, number)
 
 
 def member_partition(experiment: str, buffer: int) -> str:
-    return f"{experiment}#buffer#{buffer}"
+    return f"{experiment}{MEMBERS_INFIX}{buffer}"
 
 
 class BufferStore:
@@ -112,22 +120,22 @@ class BufferStore:
 
     def training(self, experiment: str) -> list[Ticket]:
         """The OPEN tickets, oldest first: at most ``concurrency`` items."""
-        return [Ticket.from_item(i) for i in self._query(f"{experiment}#training")]
+        return [Ticket.from_item(i) for i in self._query(experiment + TRAINING_SUFFIX)]
 
     def tickets(self, experiment: str) -> list[Ticket]:
         """Every ticket record, oldest first (operators and tests: grows with the history)."""
-        return [Ticket.from_item(i) for i in self._query(f"{experiment}#tickets")]
+        return [Ticket.from_item(i) for i in self._query(experiment + TICKETS_SUFFIX)]
 
     def buffer(self, experiment: str, number: int) -> Buffer | None:
         item = self._get(buffer_key(experiment, number))
         return Buffer.from_item(item) if item else None
 
     def newest_buffer(self, experiment: str) -> Buffer | None:
-        items = list(self._query(f"{experiment}#buffers", newest_first=True, limit=1))
+        items = list(self._query(experiment + BUFFERS_SUFFIX, newest_first=True, limit=1))
         return Buffer.from_item(items[0]) if items else None
 
     def buffers(self, experiment: str) -> list[Buffer]:
-        return [Buffer.from_item(i) for i in self._query(f"{experiment}#buffers")]
+        return [Buffer.from_item(i) for i in self._query(experiment + BUFFERS_SUFFIX)]
 
     def members(self, experiment: str, buffer: int) -> list[Member]:
         """A buffer's accepted updates in ticket order: the fixed order the step sums in."""
