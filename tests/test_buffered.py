@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import boto3
 import pytest
 import torch
 
@@ -19,6 +20,8 @@ from sfl.core.config import FederationConfig
 from sfl.learning import codec
 from sfl.local.emulator import LocalAws
 from sfl.local.federation import LocalFederation
+from sfl.ops.buffered_view import pool_status, recent_versions
+from sfl.ops.federation import Federation
 from sfl.server import buffer_step
 from sfl.server.averager import Averager
 from sfl.server.initiator import start_round
@@ -119,6 +122,18 @@ def test_a_too_stale_update_is_refused_through_the_real_handlers(
         assert lineage is not None
         assert (lineage.kind, lineage.parent, lineage.round) == (KIND_BUFFER, 0, 1)
         assert lineage.participants == (first.client_id,)
+
+        # What the operator sees (sfl status / sfl rounds): versions, places, staleness.
+        fed_view = Federation(stack="local", session=boto3.session.Session(), outputs={})
+        fed_view.__dict__.update(aws=clients, names=names, deployed_config=config)
+        status = pool_status(fed_view)
+        assert status is not None
+        assert (status["version"], status["versions_made"], status["training"]) == (1, 1, 0)
+        assert (status["accepted"], status["rejected"], status["expired"]) == (1, 1, 0)
+        assert status["rejections"] == {"too_stale": 1} and status["staleness"] == {"0": 1}
+        assert status["filling"] is None  # the stale update joined no buffer
+        rows = recent_versions(fed_view, 20)
+        assert [(r["buffer"], r["model_version"], r["count"]) for r in rows] == [(1, 1, 1)]
 
 
 def test_a_retried_step_makes_the_bit_same_model_and_state(stack: object) -> None:

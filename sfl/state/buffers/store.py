@@ -137,6 +137,11 @@ class BufferStore:
     def buffers(self, experiment: str) -> list[Buffer]:
         return [Buffer.from_item(i) for i in self._query(experiment + BUFFERS_SUFFIX)]
 
+    def recent_buffers(self, experiment: str, count: int) -> list[Buffer]:
+        """The newest ``count`` buffers, oldest first: one page, whatever the history."""
+        items = self._query(experiment + BUFFERS_SUFFIX, newest_first=True, limit=count)
+        return [Buffer.from_item(i) for i in reversed(list(items))]
+
     def members(self, experiment: str, buffer: int) -> list[Member]:
         """A buffer's accepted updates in ticket order: the fixed order the step sums in."""
         return [Member.from_item(i) for i in self._query(member_partition(experiment, buffer))]
