@@ -13,6 +13,8 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_client.client import Assignment, AssignmentUnreadable
 from sfl.core import layout
@@ -241,6 +243,52 @@ def test_a_device_reads_only_its_own_ticket_and_refuses_malformed_ones() -> None
         Assignment.for_client(bad, "b")
     with pytest.raises(AssignmentUnreadable, match="tickets"):
         Assignment.for_client(b'{"mode": "buffered", "tickets": 3}', "b")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_TICKET = st.fixed_dictionaries(
+    {},
+    optional={
+        "client_id": st.sampled_from(["b", "c"]) | _JSON,
+        "round": st.integers(-2, 2**64) | _JSON,
+        "base_version": st.integers(-2, 2**64) | _JSON,
+        "model_key": st.just(layout.model_key(4)) | _JSON,
+        "deadline_at": st.floats() | _JSON,
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    st.fixed_dictionaries(
+        {"mode": st.just("buffered")},
+        optional={
+            "status": st.just("OPEN") | _JSON,
+            "tickets": st.lists(_TICKET, max_size=3) | _JSON,
+            "train_config": st.just({"lr": 0.1, "local_epochs": 1, "batch_size": 4}) | _JSON,
+        },
+    )
+)
+def test_a_hostile_buffered_assignment_is_a_ticket_none_or_unreadable(
+    assignment: dict[str, object],
+) -> None:
+    """Whatever the published assignment holds, a device reads its ticket, no ticket, or
+    skips the assignment with a reason: nothing else escapes."""
+    try:
+        body = json.dumps(assignment).encode()
+    except ValueError:
+        return
+    try:
+        mine = Assignment.for_client(body, "b")
+    except AssignmentUnreadable:
+        return
+    assert mine is None or (mine.selected == frozenset({"b"}) and mine.round >= 1)
 
 
 @pytest.mark.slow
