@@ -265,7 +265,7 @@ class World:
         assert [b.number for b in stepping] in ([], [len(closed) + 1])
         expected = [layout.model_key(v) for v in range(pool.version + 1)]
         assert sorted(writes) in (
-            (expected, expected + [layout.model_key(pool.version + 1)]) if stepping else (expected,)
+            (expected, [*expected, layout.model_key(pool.version + 1)]) if stepping else (expected,)
         ), f"versions not contiguous: {sorted(writes)}"
 
 
