@@ -198,6 +198,73 @@ def test_a_retried_step_makes_the_bit_same_model_and_state(stack: object) -> Non
     assert not torch.equal(new["w"], codec.decode(models.model_bytes(1))["w"])
 
 
+USER_RULES = """
+from sfl.learning.rules.aggregation import Abilities, Aggregate, FedAvg, Rule
+
+
+class HalfStep(Rule):
+    \"\"\"Half of FedAvg's step: streams, so it steps a buffer.\"\"\"
+
+    name = "half_step"
+
+    def aggregate(self, base, updates, state):
+        mean = FedAvg().aggregate(base, updates, None)
+        if mean is None:
+            return None
+        return Aggregate(model={
+            k: (v.double() + 0.5 * (mean.model[k].double() - v.double())).to(v.dtype)
+            for k, v in base.items()
+        })
+
+
+class AllAtOnce(Rule):
+    \"\"\"Reads every update of a coordinate at once: a buffer cannot give it that.\"\"\"
+
+    name = "all_at_once"
+    abilities = Abilities(reads_all_at_once=True)
+
+    def aggregate(self, base, updates, state):
+        for _ in updates.chunks():
+            pass
+        return None
+"""
+
+
+def test_a_users_rule_steps_a_buffer_if_it_streams_and_is_refused_if_it_reads_all_at_once(
+    stack: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's own rules, written outside the repository and named by import path."""
+    (tmp_path / "my_rules.py").write_text(USER_RULES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    aws, names = stack.clients, stack.names  # type: ignore[attr-defined]
+    start = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
+    stack.put_model(0, start)  # type: ignore[attr-defined]
+    now = time.time()
+    _heartbeat(aws, names.clients_table, "a", "b", now=now)
+    models = ModelStore(aws.s3, names.models_bucket)
+    store = BufferStore(aws.dynamodb, names.rounds_table)
+    base = FederationConfig(
+        experiment="mine", mode="buffered", buffer_size=1, concurrency=2, selection="random"
+    )
+    halving = base.replace(aggregation="my_rules:HalfStep")
+    start_round(aws, names, halving, clock=lambda: now)
+    first, second = store.training("mine")
+    Averager(aws, names, halving, clock=lambda: now).handle_update(
+        _event(aws, names, models, first, 1.0, now)
+    )
+    one = codec.decode(models.model_bytes(1))["w"]
+    assert torch.allclose(one, start["w"] + 0.5)  # half of the (single) update's change
+
+    refusing = base.replace(aggregation="my_rules:AllAtOnce")
+    Averager(aws, names, refusing, clock=lambda: now).handle_update(
+        _event(aws, names, models, second, 1.0, now)
+    )
+    closed = store.buffer("mine", 2)
+    assert closed is not None and closed.status is BufferState.CLOSED
+    assert closed.summary["unchanged"].startswith("the rule cannot step this buffer")
+    assert torch.equal(codec.decode(models.model_bytes(2))["w"], one)
+
+
 def _assert_same(found: bytes, expected: bytes) -> None:
     a, b = codec.decode(found), codec.decode(expected)
     assert a.keys() == b.keys()

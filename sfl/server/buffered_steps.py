@@ -16,6 +16,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sfl.learning.codec import encode_model
+from sfl.learning.rules.aggregation import AggregationError
 from sfl.server import buffer_step
 from sfl.server.base_model import base_model
 from sfl.state.buffers import Buffer, BufferState
@@ -75,7 +76,10 @@ def _make_version(ctx: AveragerContext, won: Buffer) -> dict[str, object]:
     if won.attempts > MAX_STEP_ATTEMPTS:
         return _unchanged(ctx, won, f"the step failed {won.attempts - 1} times")
     members = ctx.buffers.members(won.experiment, won.number)
-    made = buffer_step.step(ctx, won, members)
+    try:
+        made = buffer_step.step(ctx, won, members)
+    except AggregationError as e:  # the rule refuses these updates: a retry would too
+        return _unchanged(ctx, won, f"the rule cannot step this buffer: {e}"[:500])
     if made is None:
         return _unchanged(ctx, won, "no accepted update could be read back")
     return made.summary
