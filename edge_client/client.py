@@ -153,15 +153,37 @@ class Assignment:
 
     @classmethod
     def from_json(cls, body: bytes) -> Assignment:
-        """Parse and check ``rounds/current.json``; raises ``AssignmentUnreadable``."""
-        if len(body) > MAX_ASSIGNMENT_BYTES:
-            raise AssignmentUnreadable(f"{len(body)} bytes, over {MAX_ASSIGNMENT_BYTES}")
-        try:
-            d = json.loads(body, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise AssignmentUnreadable(f"not JSON: {e}") from e
-        if not isinstance(d, dict):
-            raise AssignmentUnreadable("not a JSON object")
+        """Parse and check ``rounds/current.json`` of a round; raises ``AssignmentUnreadable``."""
+        return cls._from_round(_assignment_object(body))
+
+    @classmethod
+    def for_client(cls, body: bytes, client_id: str) -> Assignment | None:
+        """What ``client_id`` is asked to do: the round (whoever it picked), or in buffered
+        mode its own ticket, read as a round of its own (None: no ticket for it)."""
+        d = _assignment_object(body)
+        if d.get("mode") != "buffered":
+            return cls._from_round(d)
+        tickets = _field(d, "tickets", list)
+        mine = [t for t in tickets if isinstance(t, dict) and t.get("client_id") == client_id]
+        if not mine:
+            return None
+        ticket = mine[-1]
+        train_config = _field(d, "train_config", dict)
+        seed = train_config.get("seed", 0)
+        number = ticket.get("round")
+        if isinstance(seed, int) and isinstance(number, int) and not isinstance(number, bool):
+            train_config = {**train_config, "seed": seed + number}
+        return cls._from_round(
+            {
+                **ticket,
+                "status": d.get("status"),
+                "selected": [client_id],
+                "train_config": train_config,
+            }
+        )
+
+    @classmethod
+    def _from_round(cls, d: dict[str, Any]) -> Assignment:
         base_version = _int(d, "base_version", 0, 10**12)
         model_key = _field(d, "model_key", str)
         if model_key != layout.model_key(base_version):
@@ -182,6 +204,18 @@ class Assignment:
             update_codec=_update_codec(d["train_config"]),
             min_examples=_min_examples(d["train_config"]),
         )
+
+
+def _assignment_object(body: bytes) -> dict[str, Any]:
+    if len(body) > MAX_ASSIGNMENT_BYTES:
+        raise AssignmentUnreadable(f"{len(body)} bytes, over {MAX_ASSIGNMENT_BYTES}")
+    try:
+        d = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise AssignmentUnreadable(f"not JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise AssignmentUnreadable("not a JSON object")
+    return d
 
 
 def _no_hook(assignment: Assignment, train_seconds: float) -> None:
@@ -311,7 +345,7 @@ class EdgeClient:
             return None
         body, self._assignment_etag = found
         try:
-            return Assignment.from_json(body)
+            return Assignment.for_client(body, self.settings.client_id)
         except AssignmentUnreadable as e:
             logger.warning("assignment skipped: %s", e, extra={"error": str(e)})
             return None

@@ -33,6 +33,7 @@ from sfl.build import app_code, artifact
 from sfl.core import layout
 from sfl.core.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
 from sfl.server.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
+from sfl.state.buffers.store import MEMBERS_INFIX, POOL_SUFFIX, TRAINING_SUFFIX
 from sfl.state.control import CONTROL_SUFFIX
 from sfl.state.registry import DEVICE_ATTRIBUTES
 
@@ -150,6 +151,7 @@ class FederationStack(Stack):
             device_configuration=infra.device_configuration,
         )
 
+        self._buffered = config.federation.mode == "buffered"
         self._grant_initiator()
         self._grant_averager()
         self._grant_devices()
@@ -323,6 +325,19 @@ class FederationStack(Stack):
             },
         )
 
+        if self._buffered:
+            # Buffered mode (docs/buffered.md): the ticket pool is read on every run; tickets
+            # are issued by a TransactWriteItems of UpdateItem (the pool) and PutItem (each
+            # ticket and its place), granted above.
+            _allow(
+                role,
+                ["dynamodb:GetItem"],
+                [self.state.rounds_table.table_arn],
+                conditions={
+                    "ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"*{POOL_SUFFIX}"]}
+                },
+            )
+
     def _grant_averager(self) -> None:
         """Judges updates, writes each model version once, records rounds and turnarounds."""
         role = _present(self.rounds.averager.role)
@@ -360,6 +375,21 @@ class FederationStack(Stack):
             ["dynamodb:GetItem", "dynamodb:Query", "dynamodb:UpdateItem"],
             [self.state.rounds_table.table_arn],
         )
+        if self._buffered:
+            # Buffered mode: an answer's transaction deletes the ticket's place and puts the
+            # accepted update's member item; a step's begin checks the pool's version.
+            table = self.state.rounds_table.table_arn
+            for action, leading in (
+                ("dynamodb:DeleteItem", f"*{TRAINING_SUFFIX}"),
+                ("dynamodb:PutItem", f"*{MEMBERS_INFIX}*"),
+                ("dynamodb:ConditionCheckItem", f"*{POOL_SUFFIX}"),
+            ):
+                _allow(
+                    role,
+                    [action],
+                    [table],
+                    conditions={"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [leading]}},
+                )
         # The server's own measurements of each client (turnaround, answers): read, update.
         _allow(
             role,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sfl.core.config import ConfigError, FederationConfig, describe
+from sfl.core.config import DEPLOY_TIME_KEYS, ConfigError, FederationConfig, describe
 
 
 def test_defaults_round_trip_through_lambda_environment() -> None:
@@ -174,3 +174,30 @@ def test_simulate_refuses_a_bad_key_before_it_starts(
     assert main(["simulate", *argv]) == 2
     assert message in capsys.readouterr().err
     assert simulated == []
+
+
+def test_buffered_mode_keys_have_defaults_and_rounds_stays_the_default() -> None:
+    config = FederationConfig()
+    assert config.mode == "rounds"
+    buffered = FederationConfig(mode="buffered", buffer_size=3, concurrency=2)
+    assert (buffered.buffer_size, buffered.concurrency) == (3, 2)  # K > concurrency is legal
+    assert FederationConfig(mode="buffered", buffer_size=2, concurrency=8).buffer_size == 2
+    assert "mode" in DEPLOY_TIME_KEYS
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum"])
+def test_buffered_mode_refuses_rules_that_read_every_update_at_once(rule: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{rule}' is not allowed with mode=buffered"):
+        FederationConfig(mode="buffered", aggregation=rule)
+    assert FederationConfig(aggregation=rule).aggregation == rule  # rounds mode keeps them
+
+
+def test_buffered_mode_refuses_shards_and_unknown_weightings() -> None:
+    with pytest.raises(ConfigError, match="aggregation_shard_above"):
+        FederationConfig(mode="buffered", aggregation_shard_above=10)
+    with pytest.raises(ConfigError, match="staleness_weighting"):
+        FederationConfig(mode="buffered", staleness_weighting="exponential")
+    with pytest.raises(ConfigError, match="'mode'"):
+        FederationConfig(mode="async")
+    for rule in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+        assert FederationConfig(mode="buffered", aggregation=rule).aggregation == rule

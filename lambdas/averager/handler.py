@@ -25,7 +25,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from sfl.core.events import BOOTSTRAP, TICK, control_action
 from sfl.server.answers import UpdateOutcome, UpdateResult
 from sfl.server.averager import Averager, bootstrap_model
-from sfl.server.evaluation import after_round
+from sfl.server.evaluation import after_buffer, after_round
 from sfl.server.notifications import s3_updates
 from sfl.server.runtime import (
     AVERAGER_SERVICE,
@@ -40,6 +40,7 @@ from sfl.server.runtime import (
 )
 from sfl.server.shards import Invoker, Shard, lambda_invoker, sum_shard
 from sfl.state.aws import RETRY_CONFIG
+from sfl.state.buffers import Buffer
 from sfl.state.rounds import Round, RoundState
 
 logger = Logger(service=AVERAGER_SERVICE)
@@ -79,6 +80,35 @@ def chain_initiator(finished: Round) -> None:
     )
 
 
+def chain_initiator_for_places(freed: list[int]) -> None:
+    """Buffered mode: fill the training places this invocation freed right away (one
+    initiator invocation however many tickets ended)."""
+    function = os.environ.get(INITIATOR_FUNCTION_ENV)
+    if not function or not freed:
+        return
+    boto3.client("lambda", config=RETRY_CONFIG).invoke(
+        FunctionName=function,
+        InvocationType="Event",
+        Payload=json.dumps({"source": "sfl.server.averager", "ended_tickets": freed}).encode(),
+    )
+
+
+def record_version(closed: Buffer) -> None:
+    """Buffered mode: score a buffer's new version and write its lineage; never fails the
+    invocation (the buffer is closed already)."""
+    aws, names, config = services()
+    try:
+        scores = after_buffer(aws, names, config, closed)
+    except Exception:
+        logger.exception("recording the new version's evaluation and lineage failed")
+        metrics.add_metric(name="EvaluationFailures", unit=MetricUnit.Count, value=1)
+    else:
+        if scores is not None and isinstance(scores.get("accuracy"), float):
+            metrics.add_metric(
+                name=GLOBAL_ACCURACY_METRIC, unit=MetricUnit.NoUnit, value=scores["accuracy"]
+            )
+
+
 def score_new_model(finished: Round) -> None:
     """Score and record the new model (``sfl.server.evaluation``: held-out accuracy, lineage).
     Scoring never fails the invocation: the round is closed already, and a retried event
@@ -102,13 +132,25 @@ def score_new_model(finished: Round) -> None:
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     aws, names, config = services()
+    freed: list[int] = []
     averager = Averager(
         aws,
         names,
         config,
         invoke_shard=shard_invoker(),
         on_round_finished=(score_new_model, chain_initiator),
+        on_version=(record_version,),
+        on_place_freed=(freed.append,),
     )
+    try:
+        return _handle(averager, event)
+    finally:
+        chain_initiator_for_places(freed)
+
+
+def _handle(averager: Averager, event: dict[str, Any]) -> dict[str, Any]:
+    """One invocation's work: bootstrap, the tick, or its S3 records."""
+    aws, names, config = services()
     action = control_action(event)
     if action == BOOTSTRAP:
         from sfl.learning.tasks import configured_task

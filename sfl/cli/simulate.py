@@ -129,7 +129,10 @@ def _simulate(args: argparse.Namespace) -> int:
         def fmt(value: float | None, spec: str) -> str:
             return "-" if value is None else format(value, spec)
 
-        clients = f"{len(row['accepted'])}/{len(row['selected'])}"
+        if "buffer" in row:  # buffered mode: a version, and the updates its buffer took
+            clients = f"{row['participants']}"
+        else:
+            clients = f"{len(row['accepted'])}/{len(row['selected'])}"
         print(
             f"{clear}{row['round']:>5} {row['status']:>9} {clients:>8} "
             f"{fmt(row['accuracy'], '.4f'):>9} "

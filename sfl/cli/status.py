@@ -16,6 +16,7 @@ from rich.table import Table
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
 from sfl.ops import greengrass, views
+from sfl.ops.buffered_view import recent_versions
 from sfl.ops.federation import Federation, OpsError
 
 
@@ -80,7 +81,33 @@ def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         out.print(f"alarms:      none in ALARM ({len(s['alarms'])} alarms)")
     if s["dashboard"]:
         out.print(f"dashboard:   {s['dashboard']}")
+    if s.get("buffered"):
+        _buffered_status(s["buffered"], out)
     return None
+
+
+def _buffered_status(b: dict[str, Any], out: Console) -> None:
+    """Buffered mode's lines of ``sfl status`` (docs/buffered.md)."""
+    filling = b["filling"]
+    out.print(
+        f"buffered:    version {b['version']} ({b['versions_made']} made"
+        + (f", {b['versions_per_hour']:.1f} per hour" if b["versions_per_hour"] else "")
+        + "); "
+        + (
+            f"buffer {filling['buffer']} holds {filling['count']}/{filling['size']}"
+            if filling
+            else "no buffer filling"
+        )
+        + (f"; stepping buffer(s) {b['stepping']}" if b["stepping"] else "")
+    )
+    out.print(
+        f"training:    {b['training']}/{b['concurrency']} devices now; tickets "
+        f"{b['tickets_issued']} issued, {b['accepted']} accepted, {b['rejected']} rejected, "
+        f"{b['declined']} declined, {b['expired']} expired"
+    )
+    if b["staleness"]:
+        spread = ", ".join(f"{tau}: {n}" for tau, n in b["staleness"].items())
+        out.print(f"staleness:   versions behind -> updates, newest buffers: {spread}")
 
 
 def _rounds_table(rows: list[dict[str, Any]]) -> Table:
@@ -107,6 +134,8 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    if fed.deployed_config.mode == "buffered":
+        return _versions(fed, args, out)
     count = None if args.all else (args.last or views.DEFAULT_LAST)
     rows = [views.round_row(r) for r in views.recent_rounds(fed, count)]
     if args.json:
@@ -115,6 +144,40 @@ def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
         out.print("no rounds yet")
         return None
     out.print(_rounds_table(rows))
+    return None
+
+
+def _versions(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    """``sfl rounds`` in buffered mode: the newest buffers and the versions they made."""
+    rows = recent_versions(fed, 10**6 if args.all else (args.last or views.DEFAULT_LAST))
+    if args.json:
+        return rows
+    if not rows:
+        out.print("no buffers yet")
+        return None
+    table = Table(title=None, show_lines=False)
+    for column in (
+        "buffer",
+        "status",
+        "model",
+        "updates",
+        "staleness",
+        "started UTC",
+        "client acc",
+    ):
+        table.add_column(column)
+    for r in rows:
+        model = f"{r['base_version']}->{r['model_version']}" if r["model_version"] else "-"
+        stale = (
+            "-"
+            if r["staleness_mean"] is None
+            else f"{r['staleness_mean']:.1f} (max {r['staleness_max']})"
+        )
+        table.add_row(
+            str(r["buffer"]), r["status"], model, f"{r['count']}/{r['size']}", stale,
+            when(r["started_at"]), num(r["client_accuracy"]),
+        )  # fmt: skip
+    out.print(table)
     return None
 
 

@@ -20,6 +20,8 @@ from sfl.core.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION,
 from sfl.core.liveness import DEFAULT_WINDOW, HISTORY_PICKS
 from sfl.core.settings import Allowed, OneOf, Range, Settings, setting
 from sfl.core.settings import ConfigError as ConfigError
+from sfl.core.sizing import READS_ALL_AT_ONCE
+from sfl.core.staleness import WEIGHTINGS
 
 CONTEXT_KEY = "sfl"
 ENV_PREFIX = "SFL_"
@@ -30,8 +32,12 @@ EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: shape, and devices read heartbeat and poll periods from their component configuration.
 #: Every other key may change between rounds (``sfl config set``, ``sfl.state.control``).
 DEPLOY_TIME_KEYS = frozenset(
-    {"experiment", "task", "task_params", "heartbeat_seconds", "poll_seconds"}
+    {"experiment", "task", "task_params", "heartbeat_seconds", "poll_seconds", "mode"}
 )
+
+#: How the federation turns updates into versions (docs/buffered.md): ``rounds`` waits for
+#: each round's picked devices; ``buffered`` takes a step every ``buffer_size`` updates.
+MODES = ("rounds", "buffered")
 
 
 def _plugin(kind: str) -> Allowed:
@@ -262,6 +268,45 @@ class FederationConfig(Settings):
         allowed=Range(0, 2**31 - 1),
         doc="seed for the initial model and client selection",
     )
+    mode: str = setting(
+        "rounds",
+        allowed=OneOf(MODES),
+        doc="rounds: each round waits for its picked devices; buffered: devices train "
+        "whenever a place is free and every buffer_size accepted updates make one version "
+        "(docs/buffered.md); fixed at deploy time",
+    )
+    buffer_size: int = setting(
+        10,
+        allowed=Range(1, 1_000),
+        doc="'buffered': accepted updates per version (K)",
+    )
+    concurrency: int = setting(
+        10,
+        allowed=Range(1, 10_000),
+        doc="'buffered': most devices training at once; each answer or expiry frees a place",
+    )
+    max_staleness: int = setting(
+        10,
+        allowed=Range(0, 1_000),
+        doc="'buffered': an update more versions behind the step it would join is refused "
+        "(too_stale)",
+    )
+    staleness_weighting: str = setting(
+        "polynomial",
+        allowed=OneOf(WEIGHTINGS),
+        doc="'buffered': how an update's weight falls with its staleness tau: constant 1, "
+        "polynomial 1/(1+tau)**staleness_exponent, or hinge",
+    )
+    staleness_exponent: float = setting(
+        0.5,
+        allowed=Range(0.0, 10.0),
+        doc="'buffered': the polynomial weighting's exponent, the hinge weighting's slope",
+    )
+    staleness_hinge: int = setting(
+        4,
+        allowed=Range(0, 1_000),
+        doc="'buffered': the hinge weighting keeps full weight up to this many versions behind",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.aggregation_params, Mapping):  # cdk.json may give an object
@@ -292,6 +337,24 @@ class FederationConfig(Settings):
                 f"config key 'round_soft_deadline_seconds': {self.round_soft_deadline_seconds} "
                 f"is after round_deadline_seconds={self.round_deadline_seconds}; "
                 "allowed: a number no larger than round_deadline_seconds"
+            )
+        if self.mode == "buffered":
+            self._check_buffered()
+
+    def _check_buffered(self) -> None:
+        """What buffered mode cannot run with, refused with the reason."""
+        if self.aggregation in READS_ALL_AT_ONCE:
+            raise ConfigError(
+                f"config key 'aggregation': {self.aggregation!r} is not allowed with "
+                "mode=buffered: it reads every update of a step at once, and a buffer's "
+                "updates are rebased and streamed one at a time; allowed: fedavg, fedavgm, "
+                "fedadam, fedyogi, fedadagrad, or a rule of yours that streams"
+            )
+        if self.aggregation_shard_above:
+            raise ConfigError(
+                f"config key 'aggregation_shard_above': {self.aggregation_shard_above} is not "
+                "allowed with mode=buffered: a buffer of at most buffer_size updates is "
+                "summed in one invocation; allowed: 0"
             )
 
     # --- the Lambdas' environment --------------------------------------------------------

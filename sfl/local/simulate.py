@@ -29,10 +29,11 @@ from sfl.learning.tasks.base import ArrayDataset, TrainingTask
 from sfl.learning.weights import read_weights
 from sfl.local.attacks import HostileTask
 from sfl.local.device import run_client
-from sfl.local.emulator import LocalAws
+from sfl.local.emulator import LocalAws, table_resource
 from sfl.local.faults import FaultLog, FaultPlan, client_hooks, reset_averager_crash
 from sfl.local.federation import LocalFederation
 from sfl.local.workers import ClientProcesses
+from sfl.state.buffers import Buffer, BufferStore
 from sfl.state.lineage import LineageStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundState
@@ -306,7 +307,9 @@ def _run(
         _wait_for_clients(
             control, names.clients_table, len(client_ids), config, 300.0 if processes else 60.0
         )
-        while len(rows) < options.rounds:
+        if config.mode == "buffered":
+            rows = _run_versions(options, task, test, federation, progress)
+        while config.mode != "buffered" and len(rows) < options.rounds:
             result = federation.start_round()
             if not result["started"] and result["round"] is None:
                 raise SimulationError(f"the initiator could not start a round: {result['reason']}")
@@ -333,7 +336,10 @@ def _run(
 
     # Rebuild each row from the final round record: late uploads are recorded after a
     # round finished, and belong in its history too.
-    final = {r.round: r for r in federation.rounds.history(config.experiment)}
+    final = {
+        r.round: r
+        for r in (federation.rounds.history(config.experiment) if config.mode != "buffered" else [])
+    }
     for i, row in enumerate(rows):
         if row["round"] in final:
             rebuilt = history_row(final[row["round"]])
@@ -375,6 +381,91 @@ def _run(
             "tick_failures": averager.scheduled_failures,
         },
     )
+
+
+def _run_versions(
+    options: SimulationOptions,
+    task: TrainingTask,
+    test: ArrayDataset,
+    federation: LocalFederation,
+    progress: ProgressFn | None,
+) -> list[dict[str, Any]]:
+    """Buffered mode (docs/buffered.md): keep the training places filled (the initiator, as
+    the averager chains it on AWS), tick the watchdog, and score each new version until
+    ``options.rounds`` versions are made. One row per version."""
+    config = federation.config
+    store = BufferStore(federation.clients.dynamodb, federation.names.rounds_table)
+    resource = table_resource(federation.names.rounds_table)
+    rows: list[dict[str, Any]] = []
+    started = time.time()
+    previous_at = started
+    next_tick = started + options.tick_seconds
+    # A version must come within the lease of a ticket and a minute, or the run is stuck.
+    patience = options.round_timeout_seconds + 60
+    seen = federation.aws.feed.writes(resource, "")
+    made_at = time.time()
+    federation.start_round()
+    pool = store.pool(config.experiment)
+    if pool is None:
+        raise SimulationError("the initiator could not open the ticket pool")
+    done = pool.start_version
+    while len(rows) < options.rounds:
+        pool = store.pool(config.experiment) or pool
+        if pool.training < config.concurrency:
+            federation.start_round()
+        if time.time() >= next_tick:
+            federation.tick()
+            next_tick = time.time() + options.tick_seconds
+        for number in range(done - pool.start_version + 1, pool.version - pool.start_version + 1):
+            buffer = store.buffer(config.experiment, number)
+            if buffer is None or buffer.model_version is None:
+                break
+            now = time.time()
+            scores = _evaluate_version(
+                task, federation.clients, federation.names.models_bucket, buffer.model_version, test
+            )
+            row = version_row(buffer, scores, seconds=now - previous_at, at=now - started)
+            previous_at = now
+            made_at = now
+            done = buffer.model_version
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+            if len(rows) >= options.rounds:
+                break
+        if time.time() - made_at > patience:
+            raise SimulationError(f"no new version within {patience} s (version {done})")
+        seen = federation.aws.feed.wait(resource, "", seen, 0.2)
+    return rows
+
+
+def version_row(
+    buffer: Buffer, scores: dict[str, float], *, seconds: float, at: float
+) -> dict[str, Any]:
+    """One version of a buffered run's ``history.json``, with the fields a round's row has
+    that ``plot_history`` reads (``round`` is the version)."""
+    summary = dict(buffer.summary)
+    return {
+        "round": buffer.model_version,
+        "buffer": buffer.number,
+        "status": str(buffer.status),
+        "base_version": buffer.base_version,
+        "model_version": buffer.model_version,
+        "participants": summary.get("participants"),
+        "staleness": summary.get("staleness", {}),
+        "staleness_mean": summary.get("staleness_mean"),
+        "unchanged": summary.get("unchanged"),
+        "accuracy": scores["accuracy"],
+        "loss": scores["loss"],
+        "client_accuracy": summary.get("client_accuracy"),
+        "client_loss": summary.get("client_loss"),
+        "num_examples": summary.get("num_examples", 0),
+        "seconds_since_start": at,
+        "timings": {"total": seconds, "train": None, "aggregate": summary.get("aggregate_seconds")},
+        "overhead_seconds": None,
+        "aggregation_attempts": buffer.attempts,
+        "clipped": list(summary.get("clipped", [])),
+    }
 
 
 def _report_open_round(

@@ -8,6 +8,7 @@ from collections import Counter
 from typing import Any, NamedTuple
 
 from sfl.core.liveness import HISTORY_PICKS, recent_misses
+from sfl.ops.buffered_view import pool_status
 from sfl.ops.federation import Federation
 from sfl.state.control import ControlStore
 from sfl.state.lineage import LineageStore, ModelLineage, lineage_of_round
@@ -145,6 +146,7 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "alarms": alarms(fed),
         "dashboard": fed.outputs.get("DashboardUrl"),
         "now": now,
+        "buffered": pool_status(fed, now) if config.mode == "buffered" else None,
     }
 
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from sfl.learning.codec import decode, encode, encode_model
-from sfl.learning.rules.aggregation import build_rule
+from sfl.learning.rules.aggregation import Aggregate, AggregationRule, build_rule
 from sfl.learning.rules.bounds import bounded_weights, clip_scale, model_norm, norm_bound
 from sfl.server import shards
 from sfl.server.base_model import base_model
@@ -65,7 +66,7 @@ def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
         for client, a in accepted.items()
     ]
     version = round_.base_version + 1
-    previous = _state(ctx, round_.base_version, config.aggregation) if rule.stateful else None
+    previous = previous_state(ctx, rule, config.aggregation, round_.base_version)
     # --- sharded aggregation (sfl.server.shards): above aggregation_shard_above updates, shard
     # invocations sum them in parallel and this one reduces; else they are read here.
     sharded = shards.sharded_updates(
@@ -85,19 +86,17 @@ def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
         excluded = dict(updates.excluded)
     if result is None:
         return None
-    model = result.model
-    if result.state is not None and not ctx.models.put_state(
-        version, encode(result.state, ModelStore.state_metadata(version, config.aggregation))
-    ):
-        stored = _state(ctx, version, config.aggregation)
-        if stored is None:
-            raise RuntimeError(f"server state of version {version} exists for another rule")
-        model = rule.model_from_state(base, stored)
     used = [(client, accepted[client]) for client in read]
-    body = encode_model(model, version=version, round=round_.round, participants=len(used))
-    rewritten = not ctx.models.put_model(version, body)
-    if rewritten:
-        logger.warning("model version already written; keeping it", extra={"version": version})
+    body, rewritten = write_version(
+        ctx,
+        rule,
+        config.aggregation,
+        base,
+        result,
+        version,
+        round=round_.round,
+        participants=len(used),
+    )
     finished = ctx.clock()
     total_examples = sum(a.num_examples for _, a in used)
     details = dict(result.details or {})  # the rule's own report, clients named by id
@@ -119,6 +118,41 @@ def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
         **details,
     }
     return Aggregated(version, summary, finished, stateful_rule=rule.stateful)
+
+
+def write_version(
+    ctx: AveragerContext,
+    rule: AggregationRule,
+    rule_name: str,
+    base: Mapping[str, torch.Tensor],
+    result: Aggregate,
+    version: int,
+    **metadata: Any,
+) -> tuple[bytes, bool]:
+    """Write a rule's result as model ``version`` once: a stateful rule's state first, beside
+    it (a retry that finds the state written makes the model from that state, so model and
+    state always agree), then the model with ``If-None-Match``. Returns the body and whether
+    the version was there already (a retry: kept, not overwritten)."""
+    model = result.model
+    if result.state is not None and not ctx.models.put_state(
+        version, encode(result.state, ModelStore.state_metadata(version, rule_name))
+    ):
+        stored = _state(ctx, version, rule_name)
+        if stored is None:
+            raise RuntimeError(f"server state of version {version} exists for another rule")
+        model = rule.model_from_state(base, stored)
+    body = encode_model(model, version=version, **metadata)
+    rewritten = not ctx.models.put_model(version, body)
+    if rewritten:
+        logger.warning("model version already written; keeping it", extra={"version": version})
+    return body, rewritten
+
+
+def previous_state(
+    ctx: AveragerContext, rule: AggregationRule, rule_name: str, version: int
+) -> dict[str, torch.Tensor] | None:
+    """The server state a stateful rule left beside ``version`` (None: stateless or none)."""
+    return _state(ctx, version, rule_name) if rule.stateful else None
 
 
 def accepted_answers(ctx: AveragerContext, round_: Round) -> dict[str, Answer]:

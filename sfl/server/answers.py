@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from sfl.core import layout
+from sfl.core.config import FederationConfig
 from sfl.learning.compression import UpdateCodec
 from sfl.server import transitions
 from sfl.server.acceptance import (
@@ -80,7 +81,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             "update rejected",
             extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
         )
-        _discard(ctx, event)
+        discard_refused(ctx, event)
         return UpdateOutcome(event.key, UpdateResult.REJECTED, "malformed_key")
     if event.bucket != ctx.names.updates_bucket:
         logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
@@ -91,12 +92,12 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     round_ = ctx.rounds.get(ctx.config.experiment, number, slots=False)
     if round_ is None:
         logger.warning("update rejected", extra={**log, "reason": "unknown_round"})
-        _discard(ctx, event)
+        discard_refused(ctx, event)
         return UpdateOutcome(event.key, UpdateResult.REJECTED, "unknown_round", client, number)
 
     slot = ctx.rounds.slot(ctx.config.experiment, number, client)
     existing = slot.answer if slot is not None else None
-    if existing is not None and event.etag and existing.etag == _etag(event.etag):
+    if existing is not None and event.etag and existing.etag == etag_of(event.etag):
         logger.info("duplicate delivery ignored", extra=log)
         return _after_answer(
             ctx, round_, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number)
@@ -113,7 +114,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         return _reject_other(
             ctx, round_, event, client, "round_not_open", f"round is {round_.status}"
         )
-    arrived_at = _arrival(event, ctx.clock())
+    arrived_at = arrival(event, ctx.clock())
     if arrived_at < round_.created_at - CLOCK_TOLERANCE_SECONDS:
         # Keys are predictable: an object stored before its round existed was not trained
         # from the round's model, and would claim a turnaround of zero.
@@ -195,20 +196,41 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
 
 
 def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str) -> Answer | None:
-    """Download and validate one update (or decline); an Answer either way (None if it
-    vanished).
+    """Download and validate one update (or decline) to a round."""
+    return judge(
+        ctx,
+        event,
+        client,
+        number=round_.round,
+        base_version=round_.base_version,
+        config=ctx.round_config(round_),
+        window_seconds=max(0.0, round_.deadline_at - round_.created_at),
+    )
+
+
+def judge(
+    ctx: AveragerContext,
+    event: UpdateEvent,
+    client: str,
+    *,
+    number: int,
+    base_version: int,
+    config: FederationConfig,
+    window_seconds: float,
+) -> Answer | None:
+    """Download and validate one update (or decline) that answers round (or ticket)
+    ``number`` from ``base_version``; an Answer either way (None if it vanished).
 
     AWS errors propagate (the event is retried); anything else that goes wrong while
     judging these bytes, including a bug of ours, rejects this one update only."""
-    received_at = _arrival(event, ctx.clock())
+    received_at = arrival(event, ctx.clock())
     common: dict[str, Any] = {"key": event.key, "size": event.size, "received_at": received_at}
     try:
-        config = ctx.round_config(round_)
         expected = Expected(
-            round=round_.round,
+            round=number,
             client_id=client,
-            base_version=round_.base_version,
-            base_header=ctx.models.header(round_.base_version),
+            base_version=base_version,
+            base_header=ctx.models.header(base_version),
             max_bytes=config.max_update_bytes,
             max_num_examples=config.max_num_examples,
             codec=UpdateCodec.from_config(config),
@@ -224,7 +246,7 @@ def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str)
             # The device chose how its object is stored (an archive storage class, a
             # customer key): what we cannot read is its rejection, not our retry.
             raise UpdateRejected("unreadable", f"S3 says {error_code(e)}") from e
-        common["etag"] = _etag(obj["ETag"])
+        common["etag"] = etag_of(obj["ETag"])
         common["size"] = int(obj["ContentLength"])
         check_size(common["size"], expected.size_limit)
         data = obj["Body"].read(expected.size_limit + 1)
@@ -232,9 +254,9 @@ def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str)
         if decline is not None:
             said = decline.reason.value + (f": {decline.detail}" if decline.detail else "")
             return Answer(outcome=Outcome.DECLINED, reason=said, **common)
-        accepted = validate_update(data, expected, base_model(ctx.models, round_.base_version))
+        accepted = validate_update(data, expected, base_model(ctx.models, base_version))
     except UpdateRejected as e:
-        common.setdefault("etag", _etag(event.etag))
+        common.setdefault("etag", etag_of(event.etag))
         return Answer(outcome=Outcome.REJECTED, reason=f"{e.reason}: {e.detail}"[:500], **common)
     except ClientError:
         raise
@@ -242,7 +264,7 @@ def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str)
         logger.exception(
             "update judging failed", extra={"key": event.key, "error": type(e).__name__}
         )
-        common.setdefault("etag", _etag(event.etag))
+        common.setdefault("etag", etag_of(event.etag))
         return Answer(
             outcome=Outcome.REJECTED,
             reason=f"internal_error: {type(e).__name__}: {e}"[:500],
@@ -251,8 +273,7 @@ def _judge(ctx: AveragerContext, round_: Round, event: UpdateEvent, client: str)
     meta = accepted.metadata
     timings = dict(meta.timings)
     if meta.upload_started_at:
-        round_seconds = max(0.0, round_.deadline_at - round_.created_at)
-        timings["upload_s"] = min(max(0.0, received_at - meta.upload_started_at), round_seconds)
+        timings["upload_s"] = min(max(0.0, received_at - meta.upload_started_at), window_seconds)
     return Answer(
         outcome=Outcome.ACCEPTED,
         num_examples=meta.num_examples,
@@ -274,6 +295,19 @@ def _reject_other(
     *,
     discard: bool = True,
 ) -> UpdateOutcome:
+    return refuse_other(ctx, round_.round, event, client, reason, detail, discard=discard)
+
+
+def refuse_other(
+    ctx: AveragerContext,
+    number: int,
+    event: UpdateEvent,
+    client: str,
+    reason: str,
+    detail: str,
+    *,
+    discard: bool = True,
+) -> UpdateOutcome:
     """A refusal that is not the client's answer (not selected, answered already, too early
     or late): a log line here and the handler's metric, the object deleted, nothing written,
     and the round not moved on (the tick does that). A device can send any number of these,
@@ -282,26 +316,26 @@ def _reject_other(
     logger.warning(
         "update rejected",
         extra={
-            "round": round_.round,
+            "round": number,
             "client_id": client,
             "key": event.key,
-            "etag": _etag(event.etag),
+            "etag": etag_of(event.etag),
             "size": event.size,
             "reason": reason,
             "detail": detail,
         },
     )
     if discard:
-        _discard(ctx, event)
-    return UpdateOutcome(event.key, UpdateResult.REJECTED, reason, client, round_.round)
+        discard_refused(ctx, event)
+    return UpdateOutcome(event.key, UpdateResult.REJECTED, reason, client, number)
 
 
-def _discard(ctx: AveragerContext, event: UpdateEvent) -> None:
+def discard_refused(ctx: AveragerContext, event: UpdateEvent) -> None:
     """Delete a refused upload from the updates bucket, only while it is still the object
     refused (``If-Match`` on its ETag: a newer upload to the key, an accepted answer among
     them, is never touched), so junk does not pile up until the lifecycle expires it.
     Best effort: a failed delete is logged, never retried (the lifecycle rule is the floor)."""
-    etag = _etag(event.etag)
+    etag = etag_of(event.etag)
     if not etag or event.bucket != ctx.names.updates_bucket:
         return
     try:
@@ -321,10 +355,10 @@ def _after_answer(ctx: AveragerContext, round_: Round, outcome: UpdateOutcome) -
     return outcome
 
 
-def _etag(value: str) -> str:
+def etag_of(value: str) -> str:
     return value.strip('"')
 
 
-def _arrival(event: UpdateEvent, now: float) -> float:
+def arrival(event: UpdateEvent, now: float) -> float:
     """When the update reached S3, if the event says; otherwise now. Never later than now."""
     return min(event.uploaded_at, now) if event.uploaded_at is not None else now

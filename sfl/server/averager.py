@@ -2,7 +2,9 @@
 
 S3 ObjectCreated events (at least once, out of order, possibly concurrent) go to
 ``sfl.server.answers`` (judge, record, move the round on); the periodic tick to
-``sfl.server.watchdog``. Both reach ``sfl.server.transitions`` (quorum, close, abandon), which
+``sfl.server.watchdog``. In buffered mode (``mode=buffered``, docs/buffered.md) they go to
+``sfl.server.buffered_answers`` and ``sfl.server.buffered_watchdog`` instead. In rounds mode
+both reach ``sfl.server.transitions`` (quorum, close, abandon), which
 has ``sfl.server.aggregation`` write the next model. The front only wires them: the stores,
 the shard invoker it is given, and who listens for a round's end (its cost, by default; the
 handler adds scoring and the next round).
@@ -18,10 +20,16 @@ from typing import TYPE_CHECKING, Any
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.learning.codec import Header, encode_model
-from sfl.server import answers, watchdog
+from sfl.server import answers, buffered_answers, buffered_watchdog, watchdog
 from sfl.server.answers import UpdateOutcome
 from sfl.server.base_model import base_model
-from sfl.server.context import AveragerContext, ClosingListener, FinishedListener
+from sfl.server.context import (
+    AveragerContext,
+    ClosingListener,
+    FinishedListener,
+    PlaceFreedListener,
+    VersionListener,
+)
 from sfl.server.pricing import price_round
 from sfl.server.watchdog import TickOutcome
 from sfl.state.aws import AwsClients
@@ -49,10 +57,14 @@ class Averager:
         invoke_shard: Invoker | None = None,
         on_round_closing: Sequence[ClosingListener] = (price_round,),
         on_round_finished: Sequence[FinishedListener] = (),
+        on_version: Sequence[VersionListener] = (),
+        on_place_freed: Sequence[PlaceFreedListener] = (),
     ) -> None:
         """``invoke_shard``: how a large round's shards are summed (``sfl.server.shards``;
         None: in this invocation). ``on_round_closing``: figures stored with a round's close
-        (its cost). ``on_round_finished``: told of each round this averager finished."""
+        (its cost). ``on_round_finished``: told of each round this averager finished.
+        Buffered mode: ``on_version`` is told of each buffer it closed (its version written),
+        ``on_place_freed`` of each ticket it ended."""
         self.context = AveragerContext.build(
             aws,
             names,
@@ -62,12 +74,19 @@ class Averager:
             invoke_shard=invoke_shard,
             on_closing=tuple(on_round_closing),
             on_finished=tuple(on_round_finished),
+            on_version=tuple(on_version),
+            on_place_freed=tuple(on_place_freed),
         )
+        self.buffered = config.mode == "buffered"
 
     def handle_update(self, event: UpdateEvent) -> UpdateOutcome:
+        if self.buffered:
+            return buffered_answers.handle_update(self.context, event)
         return answers.handle_update(self.context, event)
 
     def tick(self) -> TickOutcome:
+        if self.buffered:
+            return buffered_watchdog.tick(self.context)
         return watchdog.tick(self.context)
 
     def round_config(self, round_: Round) -> FederationConfig:

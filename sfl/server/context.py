@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.state.aws import AwsClients
+from sfl.state.buffers import Buffer, BufferStore
 from sfl.state.control import round_config
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
@@ -41,6 +42,11 @@ class Aggregated:
 ClosingListener = Callable[[Round, Aggregated], Mapping[str, Any]]
 #: Hears of a round this invocation finished, CLOSED or ABANDONED (scoring, the next round).
 FinishedListener = Callable[[Round], None]
+#: Buffered mode: hears of a buffer this invocation closed, its version written (lineage).
+VersionListener = Callable[[Buffer], None]
+#: Buffered mode: hears of a ticket this invocation ended (answered or expired), so a training
+#: place is free (the handler chains the initiator to fill it).
+PlaceFreedListener = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -53,11 +59,14 @@ class AveragerContext:
     rounds: RoundStore
     registry: ClientRegistry
     models: ModelStore
+    buffers: BufferStore
     clock: Callable[[], float] = time.time
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)  # as an aggregation lease holder
     invoke_shard: Invoker | None = None  # None: every round is aggregated in this invocation
     on_closing: tuple[ClosingListener, ...] = ()
     on_finished: tuple[FinishedListener, ...] = ()
+    on_version: tuple[VersionListener, ...] = ()
+    on_place_freed: tuple[PlaceFreedListener, ...] = ()
 
     @classmethod
     def build(
@@ -71,6 +80,7 @@ class AveragerContext:
             rounds=RoundStore(aws.dynamodb, names.rounds_table),
             registry=ClientRegistry(aws.dynamodb, names.clients_table),
             models=ModelStore(aws.s3, names.models_bucket),
+            buffers=BufferStore(aws.dynamodb, names.rounds_table),
             **options,
         )
 

@@ -21,7 +21,8 @@ from sfl.core.resources import ResourceNames
 from sfl.learning import codec
 from sfl.learning.tasks.base import ArrayDataset, TrainingTask
 from sfl.state.aws import AwsClients, is_not_found
-from sfl.state.lineage import LineageStore, lineage_of_round
+from sfl.state.buffers import Buffer, BufferStore
+from sfl.state.lineage import LineageStore, lineage_of_buffer, lineage_of_round
 from sfl.state.model_store import ModelStore
 from sfl.state.rounds import Round, RoundState, RoundStore
 
@@ -152,4 +153,37 @@ def after_round(
         RoundStore(aws.dynamodb, names.rounds_table).record_evaluation(
             finished.experiment, finished.round, scores
         )
+    return scores
+
+
+def after_buffer(
+    aws: AwsClients, names: ResourceNames, config: FederationConfig, closed: Buffer
+) -> dict[str, Any] | None:
+    """What follows a closed buffer (buffered mode): score its version on the held-out set
+    (if there is one) and write the version's lineage, naming the devices whose updates
+    were used. Returns the scores, or None without a held-out set."""
+    if closed.model_version is None:
+        return None
+    scores: dict[str, Any] | None = None
+    try:
+        data = load_eval_set(aws, names)
+        if data is not None:
+            from sfl.learning.tasks import configured_task
+
+            scores = score_version(
+                configured_task(config), aws, names.models_bucket, closed.model_version, data
+            )
+    except Exception as e:  # a bad or replaced set, a model the task cannot load
+        logger.warning(
+            "held-out evaluation failed", extra={"buffer": closed.number, "error": str(e)}
+        )
+        scores = {"error": f"{type(e).__name__}: {e}"[:500]}
+    excluded = set(closed.summary.get("excluded", {}) or {})
+    members = BufferStore(aws.dynamodb, names.rounds_table).members(
+        closed.experiment, closed.number
+    )
+    used = [m.client_id for m in members if m.label not in excluded]
+    if closed.summary.get("unchanged"):
+        used = []
+    LineageStore(aws, names).put(lineage_of_buffer(closed, used, scores or {}))
     return scores

@@ -88,6 +88,21 @@ def model_exists(aws: AwsClients, names: ResourceNames, version: int) -> bool:
     return ModelStore(aws.s3, names.models_bucket).has_model(version)
 
 
+def train_config(config: FederationConfig, number: int) -> dict[str, object]:
+    """What a device trains round (or ticket) ``number`` with."""
+    return {
+        "task": config.task,
+        "local_epochs": config.local_epochs,
+        "lr": config.lr,
+        "batch_size": config.batch_size,
+        "seed": config.seed + number,
+        "proximal_mu": config.proximal_mu,
+        "update_codec": config.update_codec,
+        "topk_fraction": config.topk_fraction,
+        "min_examples": config.min_examples,
+    }
+
+
 def start_round(
     aws: AwsClients,
     names: ResourceNames,
@@ -95,7 +110,12 @@ def start_round(
     *,
     clock: Callable[[], float] = time.time,
 ) -> InitiatorResult:
-    """Start the next round if the latest one is finished; otherwise say why not."""
+    """Start the next round if the latest one is finished; otherwise say why not. In
+    buffered mode: issue tickets for the free training places (``sfl.server.ticketing``)."""
+    if config.mode == "buffered":
+        from sfl.server.ticketing import issue_tickets
+
+        return issue_tickets(aws, names, config, clock=clock)
     rounds = RoundStore(aws.dynamodb, names.rounds_table)
     latest = rounds.latest(config.experiment, slots=False)
     if (
@@ -184,17 +204,7 @@ def start_round(
         created_at=now,
         deadline_at=now + config.round_deadline_seconds,
         soft_deadline_at=now + config.round_soft_deadline_seconds,
-        train_config={
-            "task": config.task,
-            "local_epochs": config.local_epochs,
-            "lr": config.lr,
-            "batch_size": config.batch_size,
-            "seed": config.seed + number,
-            "proximal_mu": config.proximal_mu,
-            "update_codec": config.update_codec,
-            "topk_fraction": config.topk_fraction,
-            "min_examples": config.min_examples,
-        },
+        train_config=train_config(config, number),
         candidates=len(active),
         select_seconds=now - started,
         norm_bound_hint=_norm_bound_hint(latest),

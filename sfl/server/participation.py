@@ -26,6 +26,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sfl.core.credit import grown_pool, is_negligible, typical_change
+from sfl.state.buffers import Ticket
 from sfl.state.registry import statistical_utility
 from sfl.state.rounds import Answer, Outcome, Round
 
@@ -102,3 +103,39 @@ def count_round(ctx: AveragerContext, finished: Round) -> None:
         ctx.registry.record_changes(finished.round, grown_pool(pool, credited))
     except Exception as e:
         logger.warning("recent changes not kept", extra={"error": type(e).__name__})
+
+
+def count_ticket(ctx: AveragerContext, ticket: Ticket, answer: Answer | None) -> None:
+    """Buffered mode: fold an ended ticket into its device's record as a round of its own
+    (its number is the ticket's): answered with the server-measured turnaround if its update
+    was accepted, else a miss over the whole lease (rejected, declined, or expired:
+    ``answer`` None). No typical change to judge against yet: an accepted change counts."""
+    answered = earns_credit(answer, 0.0)
+    utility = None
+    if answer is not None and answered:
+        turnaround = answer.received_at - ticket.created_at
+        utility = statistical_utility(
+            answer.metrics, answer.num_examples, ctx.config.max_num_examples
+        )
+    else:
+        turnaround = ticket.deadline_at - ticket.created_at
+    try:
+        ctx.registry.record_round(
+            ticket.client_id,
+            ticket.number,
+            answered=answered,
+            turnaround=max(0.0, turnaround),
+            b=ctx.config.ewma_b,
+            utility=utility,
+            pick_window=ctx.config.selection_window,
+            now=ctx.clock(),
+        )
+    except Exception as e:  # never let bookkeeping fail an update or a tick
+        logger.warning(
+            "client registry not updated",
+            extra={
+                "client_id": ticket.client_id,
+                "ticket": ticket.number,
+                "error": type(e).__name__,
+            },
+        )

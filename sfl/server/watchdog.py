@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from botocore.exceptions import ClientError
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from sfl.server.context import AveragerContext
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The tick looks for at most this many silent clients' uploads (one S3 LIST each): a round of
 # 10,000 would otherwise cost 10,000 LISTs a tick. Which ones rotates from tick to tick, so
@@ -78,7 +79,7 @@ def recover_lost_updates(ctx: AveragerContext, round_: Round) -> tuple[list[str]
     else:  # one paginated query of the slots still waiting
         waiting = ctx.rounds.slots(round_.experiment, round_.round, only="unanswered")
         silent = [s.client_id for s in waiting]
-    for client in _window(sorted(silent), MAX_RECOVERY_LOOKS, int(ctx.clock())):
+    for client in window(sorted(silent), MAX_RECOVERY_LOOKS, int(ctx.clock())):
         key = layout.update_key(client, round_.round)
         try:
             listing = ctx.s3.list_objects_v2(Bucket=ctx.names.updates_bucket, Prefix=key, MaxKeys=1)
@@ -111,7 +112,7 @@ def recover_lost_updates(ctx: AveragerContext, round_: Round) -> tuple[list[str]
     return recovered, None
 
 
-def _window(items: list[str], size: int, turn: int) -> list[str]:
+def window(items: list[T], size: int, turn: int) -> list[T]:
     """``size`` consecutive items (wrapping around) from a start that moves with ``turn``:
     all of them when they fit."""
     if len(items) <= size:

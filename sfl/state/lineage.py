@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from botocore.exceptions import ClientError
 from sfl.core import layout
 from sfl.core.resources import ResourceNames
 from sfl.state.aws import AwsClients, is_not_found
+from sfl.state.buffers import Buffer, BufferState
 from sfl.state.conditional import conditional
 from sfl.state.model_store import ModelStore
 from sfl.state.rounds import Round, RoundState
@@ -27,12 +28,13 @@ from sfl.state.rounds import Round, RoundState
 KIND_ROUND = "round"
 KIND_ROLLBACK = "rollback"
 KIND_INITIAL = "initial"
+KIND_BUFFER = "buffer"  # buffered mode: a full buffer's step (docs/buffered.md)
 
 
 @dataclass(frozen=True)
 class ModelLineage:
     version: int
-    kind: str  # round | rollback | initial
+    kind: str  # round | rollback | initial | buffer
     parent: int | None
     round: int | None = None
     participants: tuple[str, ...] = ()
@@ -91,6 +93,34 @@ def lineage_of_round(r: Round, evaluation: Mapping[str, Any] | None = None) -> M
         participants=tuple(c for c in r.accepted if c not in excluded),
         config_version=r.config_version,
         created_at=r.finished_at,
+        metrics=metrics,
+    )
+
+
+def lineage_of_buffer(
+    buffer: Buffer, participants: Sequence[str], evaluation: Mapping[str, Any] | None = None
+) -> ModelLineage:
+    """The lineage of the version a closed buffer made: its parent is the buffer's base,
+    ``round`` the buffer's number, ``participants`` the devices whose updates were used."""
+    if buffer.status is not BufferState.CLOSED or buffer.model_version is None:
+        raise ValueError(f"buffer {buffer.number} is {buffer.status}: it made no version yet")
+    summary = buffer.summary
+    metrics: dict[str, Any] = {
+        "client_accuracy": summary.get("client_accuracy"),
+        "client_loss": summary.get("client_loss"),
+        "num_examples": summary.get("num_examples"),
+        "staleness": summary.get("staleness"),
+    }
+    scores = dict(evaluation or {})
+    if "accuracy" in scores:
+        metrics.update(accuracy=scores.get("accuracy"), loss=scores.get("loss"))
+    return ModelLineage(
+        version=buffer.model_version,
+        kind=KIND_BUFFER,
+        parent=buffer.base_version,
+        round=buffer.number,
+        participants=tuple(participants),
+        created_at=buffer.finished_at,
         metrics=metrics,
     )
 
