@@ -20,6 +20,7 @@ from edge_client.client import Assignment, AssignmentUnreadable
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.learning import codec
+from sfl.learning.rules.bounds import bounded_weights
 from sfl.local.emulator import LocalAws
 from sfl.local.federation import LocalFederation
 from sfl.ops.buffered_view import pool_status, recent_versions
@@ -196,6 +197,50 @@ def test_a_retried_step_makes_the_bit_same_model_and_state(stack: object) -> Non
     new = codec.decode(written)
     assert torch.equal(new["n"], torch.tensor([7]))  # a counter keeps the current value
     assert not torch.equal(new["w"], codec.decode(models.model_bytes(1))["w"])
+
+
+def test_a_stale_change_moves_the_model_less_as_in_fedbuff(stack: object) -> None:
+    """FedAvg over a buffer of one fresh and one stale update, each moving its own base by
+    +1: the step is ``current + (w_f * 1 + w_s * s(1) * 1) / (w_f + w_s)``; the staleness
+    factor shrinks the stale change instead of being normalised away by the mean."""
+    config = FederationConfig(
+        experiment="fedbuff",
+        mode="buffered",
+        buffer_size=2,
+        concurrency=2,
+        max_staleness=3,
+        aggregation="fedavg",
+        staleness_weighting="polynomial",
+        staleness_exponent=1.0,
+        selection="random",
+    )
+    aws, names = stack.clients, stack.names  # type: ignore[attr-defined]
+    stack.put_model(0, {"w": torch.zeros(2, 2, dtype=torch.float64)})  # type: ignore[attr-defined]
+    now = time.time()
+    clock = lambda: now  # noqa: E731
+    _heartbeat(aws, names.clients_table, "a", "b", now=now)
+    models = ModelStore(aws.s3, names.models_bucket)
+    store = BufferStore(aws.dynamodb, names.rounds_table)
+    averager = Averager(aws, names, config, clock=clock)
+    start_round(aws, names, config, clock=clock)
+    first, stale = store.training("fedbuff")
+    one = Averager(aws, names, config.with_overrides({"buffer_size": "1"}), clock=clock)
+    one.handle_update(_event(aws, names, models, first, 1.0, now))  # version 1: w = 1
+    start_round(aws, names, config, clock=clock)
+    (fresh,) = [t for t in store.training("fedbuff") if t.base_version == 1]
+    for ticket in (stale, fresh):  # stale: from version 0, one version behind
+        outcome = averager.handle_update(_event(aws, names, models, ticket, 1.0, now))
+        assert outcome.result.value == "accepted", outcome
+    # _event's example counts, within the default bounds (at most 1x the median claim)
+    w_stale, w_fresh = bounded_weights(
+        [10 + stale.number, 10 + fresh.number], config.max_weight_ratio
+    )
+    expected = 1.0 + (w_fresh * 1.0 + w_stale * 0.5 * 1.0) / (w_fresh + w_stale)
+    model = codec.decode(models.model_bytes(2))
+    buffer = store.buffer("fedbuff", 2)
+    assert buffer is not None and buffer.summary["clipped"] == []  # shrunk for staleness only
+    assert torch.allclose(model["w"], torch.full((2, 2), expected, dtype=torch.float64))
+    assert expected < 2.0  # what the factor in the weights alone would give: 1 + 1
 
 
 USER_RULES = """

@@ -2,11 +2,15 @@
 
 Each accepted update started from its own version. Its change from that version is rebased on
 the buffer's base (the current model): ``current + scale * (update - its_base)``, where
-``scale`` clips the change to the buffer's norm bound (``sfl.learning.rules.bounds``, as a
-round's). Its weight is its bounded example count times ``staleness_factor`` of how many
-versions behind it is (``sfl.core.staleness``). The configured rule (FedAvg, or a server
-optimiser over the same weighted mean) then makes the version from the current model and the
-rebased updates, summed in ticket order in float64, so a retry makes the bit-same model.
+``scale`` is the clip to the buffer's norm bound (``sfl.learning.rules.bounds``, as a
+round's) times ``staleness_factor`` of how many versions behind it is
+(``sfl.core.staleness``); its weight is its bounded example count. So, as in FedBuff, a stale
+change moves the model less: its factor is not normalised away by the weighted mean (a buffer
+of stale updates takes a shorter step), which is what keeps the step stable when small buffers
+outpace the devices (benchmarks/buffered.py: with the factor in the weights alone, digits at
+``buffer_size`` 3 of 10 training diverged). The configured rule (FedAvg, or a server optimiser
+over the same weighted mean) then makes the version from the current model and the rebased
+updates, summed in ticket order in float64, so a retry makes the bit-same model.
 
 Called by ``sfl.server.buffered_steps`` for the one invocation that holds the buffer's lease;
 writing the version once is ``sfl.server.aggregation.write_version``'s.
@@ -151,8 +155,7 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
         )
         for tau in staleness
     ]
-    examples = bounded_weights([m.answer.num_examples for m in members], config.max_weight_ratio)
-    weights = [w * f for w, f in zip(examples, factors, strict=True)]
+    weights = bounded_weights([m.answer.num_examples for m in members], config.max_weight_ratio)
     bound = bound_of(
         [m.answer.delta_norm for m in members if m.answer.delta_norm > 0],
         factor=config.norm_bound_factor,
@@ -162,10 +165,16 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
     )
     entries = [
         (
-            Entry(m.label, m.answer.key, m.answer.etag, w, clip_scale(m.answer.delta_norm, bound)),
+            Entry(
+                m.label,
+                m.answer.key,
+                m.answer.etag,
+                w,
+                clip_scale(m.answer.delta_norm, bound) * f,
+            ),
             m.base_version,
         )
-        for m, w in zip(members, weights, strict=True)
+        for m, w, f in zip(members, weights, factors, strict=True)
     ]
     updates = BufferUpdates(ctx.s3, ctx.names.updates_bucket, ctx.models, current, entries)
     result = rule.aggregate(
@@ -200,7 +209,7 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
         "model_bytes": len(body),
         "bytes_up": sum(m.answer.size for m in used),
         "norm_bound": bound if math.isfinite(bound) else None,
-        "clipped": [m.label for m, (e, _) in zip(members, entries, strict=True) if e.scale < 1.0],
+        "clipped": [m.label for m in members if clip_scale(m.answer.delta_norm, bound) < 1.0],
         "excluded": dict(updates.excluded),
         "model_already_written": rewritten,
         **dict(result.details or {}),
