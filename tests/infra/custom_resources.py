@@ -212,7 +212,7 @@ def invoke(function: FunctionCode, event: dict[str, Any], endpoint_env: dict[str
     )
 
 
-def request(
+def cloudformation_request(
     request_type: str,
     *,
     stack_id: str,

@@ -9,7 +9,7 @@ helpers here do in its place, from the template's own data:
   part is played here (``custom_resources``): each function's own code, from its synthesized
   asset, gets the Create request once moto made everything it needs, and the Delete request
   at its place in ``destroy``; its answer at the ResponseURL must be SUCCESS.
-- moto's Lambda without Docker answers an asynchronous Invoke and forgets it: ``Lambda``
+- moto's Lambda without Docker answers an asynchronous Invoke and forgets it: ``LambdaQueue``
   keeps each one's payload (``queued``), and the test runs the function on it, as Lambda would.
 - moto has no CloudFormation model for some types (``NOT_EMULATED``); it skips them.
 - moto's stack deletion deletes in no particular order and cannot delete IoT resources or
@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import quote_plus, unquote
 
 import pytest
-from custom_resources import Answer, FunctionCode, code_folder, invoke, request
+from custom_resources import Answer, FunctionCode, cloudformation_request, code_folder, invoke
 from stack_template import REPO_ROOT, Synthesized
 
 STACK_NAME = "Sfl-Federation"
@@ -86,7 +86,7 @@ def cleanup_handler() -> Any:
     return module
 
 
-class Lambda:
+class LambdaQueue:
     """WSGI middleware in front of moto: keeps the payload of every asynchronous Invoke
     (``InvocationType: Event``) it passes on. Lambda would queue it and run the function;
     moto's Lambda without Docker answers 202 and forgets it, so the test runs the function
@@ -122,21 +122,21 @@ class Lambda:
             ]
 
 
-# The Lambda front of each emulator local_aws_without_docker started, by endpoint.
-_LAMBDA: dict[str, Lambda] = {}
+# The queue of each emulator local_aws_without_docker started, by endpoint.
+_LAMBDA: dict[str, LambdaQueue] = {}
 
 
 @contextmanager
 def local_aws_without_docker() -> Iterator[Any]:
     """The local endpoint; moto would try Docker to run a function's code (an S3
     notification or an invoke from the averager): it answers such invokes without running,
-    and ``Lambda`` keeps the asynchronous ones' payloads."""
+    and ``LambdaQueue`` keeps the asynchronous ones' payloads."""
     from sfl.local.emulator import LocalAws
 
     with LocalAws() as aws:
         _moto_config(aws.endpoint_url, {"lambda": {"use_docker": False}})
         server = aws._server._server  # the WSGI server moto's thread runs
-        front = Lambda(server.app)
+        front = LambdaQueue(server.app)
         server.app = front
         _LAMBDA[aws.endpoint_url] = front
         try:
@@ -146,8 +146,8 @@ def local_aws_without_docker() -> Iterator[Any]:
             _moto_config(aws.endpoint_url, {"lambda": {"use_docker": True}})
 
 
-def lambda_front(aws: Any) -> Lambda:
-    """The emulator's ``Lambda`` (only local_aws_without_docker's emulators have one)."""
+def lambda_queue(aws: Any) -> LambdaQueue:
+    """The emulator's ``LambdaQueue`` (only local_aws_without_docker's emulators have one)."""
     return _LAMBDA[aws.endpoint_url]
 
 
@@ -189,7 +189,7 @@ class Deployment:
         cloud assembly), and the answer the function sent back."""
         resource = self.removed[logical]
         properties = self.resolve(resource["Properties"])
-        event = request(
+        event = cloudformation_request(
             request_type,
             stack_id=self.stack_id,
             logical_id=logical,

@@ -51,13 +51,12 @@ from local_stack import (
     CUSTOM_RESOURCE_TYPES,
     NOT_EMULATED,
     Deployment,
-    StackDeleteFailed,
     component_recipe,
     create_thing_group,
     deploy,
     destroy,
     device_environment,
-    lambda_front,
+    lambda_queue,
     leftovers,
     local_aws_without_docker,
     notified,
@@ -268,7 +267,7 @@ def test_one_round_of_the_apps_task_runs_on_the_deployed_stack(
     # 1. Deploy-time: CDK's handlers wired the notifications and asked, through Lambda's
     #    Invoke, for model version 0; Lambda runs the averager on what was queued.
     notifications = s3.get_bucket_notification_configuration(Bucket=outputs["UpdatesBucketName"])
-    (queued,) = lambda_front(aws).queued(outputs["AveragerFunctionName"])
+    (queued,) = lambda_queue(aws).queued(outputs["AveragerFunctionName"])
     assert invoke_averager(queued) == {"bootstrap": "written"}
     s3.head_object(Bucket=outputs["ModelsBucketName"], Key=layout.model_key(0))
 
@@ -518,32 +517,6 @@ def test_without_the_stack_s_access_policy_the_installer_s_own_is_left_behind(
     policies = iam.list_policies(Scope="Local")["Policies"]
     (access,) = [p for p in policies if p["PolicyName"] == f"{role}Access"]
     assert access["AttachmentCount"] == 0
-
-
-def test_without_the_clean_up_destroy_stops_at_the_policy_a_device_holds(
-    local_aws: Any, synthesized: Synthesized
-):
-    """What the clean-up is for: without it, CloudFormation's deletion reaches the IoT policy
-    while a device's certificate holds it, and fails there (DELETE_FAILED)."""
-    cleanup = synthesized.logical_id(synthesized.stack.cleanup.resource)
-    bare = deploy(local_aws, synthesized, "Sfl-NoCleanup", without=frozenset({cleanup}))
-    create_thing_group(bare)
-    device, _ = provision_device(bare, "device-e")
-    policy = bare.outputs["DeviceIotPolicyName"]
-
-    with pytest.raises(StackDeleteFailed, match="AWS::IoT::Policy"):
-        destroy(bare)
-
-    status = local_aws.client("cloudformation").describe_stacks(StackName=bare.stack_id)
-    assert status["Stacks"][0]["StackStatus"] == "DELETE_FAILED"
-    iot = local_aws.client("iot")
-    assert iot.list_targets_for_policy(policyName=policy)["targets"]
-    # The operator detaches by hand and retries: the deletion goes on from where it stopped.
-    decommission(local_aws, device)
-    for target in iot.list_targets_for_policy(policyName=policy)["targets"]:
-        iot.detach_policy(policyName=policy, target=target)
-    destroy(bare)
-    assert leftovers(local_aws, bare.stack_name)["iot policies"] == []
 
 
 def deployment_logical_id(deployment: Deployment, resource_type: str) -> str:
