@@ -4,13 +4,21 @@ parameter, the asset bucket with the zipped file assets). What the emulator cann
 helpers here do in its place, from the template's own data:
 
 - Lambda-backed custom resources (CDK's S3 auto-delete and notifications handlers, the
-  AwsCustomResource that asks the averager for model version 0, the destroy clean-up) are
-  removed before create; ``apply_bucket_notifications`` and ``bootstrap_request`` apply their
-  effect, and ``destroy`` runs the clean-up's own handler at its place in the deletion.
+  AwsCustomResource that asks the averager for model version 0, the destroy clean-up): moto
+  would hand them to Docker, so they are left out of what it creates, and CloudFormation's
+  part is played here (``custom_resources``): each function's own code, from its synthesized
+  asset, gets the Create request once moto made everything it needs, and the Delete request
+  at its place in ``destroy``; its answer at the ResponseURL must be SUCCESS.
+- moto's Lambda without Docker answers an asynchronous Invoke and forgets it: ``LambdaQueue``
+  keeps each one's payload (``queued``), and the test runs the function on it, as Lambda would.
 - moto has no CloudFormation model for some types (``NOT_EMULATED``); it skips them.
+- moto's stack deletion deletes in no particular order and cannot delete IoT resources or
+  managed policies: ``destroy`` deletes in CloudFormation's order, derived from the
+  template's dependency graph (dependents first), each resource through its service's delete
+  call, with the stack ``DELETE_IN_PROGRESS`` meanwhile.
 - moto does not run Lambda code, fire schedules or deliver S3 events: tests invoke the
   handlers with the deployed functions' environment, the schedule rule's target input, and
-  S3 event records for the keys the deployed notification filter matches.
+  S3 event records for the keys the deployed notification configuration matches.
 """
 
 from __future__ import annotations
@@ -18,17 +26,21 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import re
 import sys
+import threading
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, unquote
 
 import pytest
+from custom_resources import Answer, FunctionCode, cloudformation_request, code_folder, invoke
 from stack_template import REPO_ROOT, Synthesized
 
 STACK_NAME = "Sfl-Federation"
@@ -44,8 +56,9 @@ NOT_EMULATED = {
     "AWS::CloudWatch::Alarm",
     "AWS::SNS::TopicPolicy",
 }
-# Lambda-backed custom resources: removed before create, their effect applied by the test.
-APPLIED_BY_TEST = {
+# Lambda-backed custom resources: left out of what moto creates, their functions' own code
+# run with CloudFormation's requests.
+CUSTOM_RESOURCE_TYPES = {
     "Custom::S3AutoDeleteObjects",
     "Custom::S3BucketNotifications",
     "Custom::AWS",
@@ -73,18 +86,69 @@ def cleanup_handler() -> Any:
     return module
 
 
+class LambdaQueue:
+    """WSGI middleware in front of moto: keeps the payload of every asynchronous Invoke
+    (``InvocationType: Event``) it passes on. Lambda would queue it and run the function;
+    moto's Lambda without Docker answers 202 and forgets it, so the test runs the function
+    on what was queued."""
+
+    _INVOKE = re.compile(r"/2015-03-31/functions/([^/]+)/invocations")
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+        self._queued: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        invoked = self._INVOKE.fullmatch(environ.get("PATH_INFO", ""))
+        if (
+            invoked is not None
+            and environ.get("REQUEST_METHOD") == "POST"
+            and environ.get("HTTP_X_AMZ_INVOCATION_TYPE") == "Event"
+        ):
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)
+            with self._lock:
+                self._queued.append((unquote(invoked.group(1)), body))
+        return self.app(environ, start_response)
+
+    def queued(self, function_name: str) -> list[Any]:
+        """The payloads asynchronously sent to a function (by name or ARN), oldest first."""
+        with self._lock:
+            return [
+                json.loads(body)
+                for name, body in self._queued
+                if name.rsplit(":", 1)[-1] == function_name
+            ]
+
+
+# The queue of each emulator local_aws_without_docker started, by endpoint.
+_LAMBDA: dict[str, LambdaQueue] = {}
+
+
 @contextmanager
 def local_aws_without_docker() -> Iterator[Any]:
     """The local endpoint; moto would try Docker to run a function's code (an S3
-    notification or an invoke from the averager): it answers such invokes without running."""
+    notification or an invoke from the averager): it answers such invokes without running,
+    and ``LambdaQueue`` keeps the asynchronous ones' payloads."""
     from sfl.local.emulator import LocalAws
 
     with LocalAws() as aws:
         _moto_config(aws.endpoint_url, {"lambda": {"use_docker": False}})
+        server = aws._server._server  # the WSGI server moto's thread runs
+        front = LambdaQueue(server.app)
+        server.app = front
+        _LAMBDA[aws.endpoint_url] = front
         try:
             yield aws
         finally:
+            del _LAMBDA[aws.endpoint_url]
             _moto_config(aws.endpoint_url, {"lambda": {"use_docker": True}})
+
+
+def lambda_queue(aws: Any) -> LambdaQueue:
+    """The emulator's ``LambdaQueue`` (only local_aws_without_docker's emulators have one)."""
+    return _LAMBDA[aws.endpoint_url]
 
 
 def _moto_config(endpoint_url: str, config: dict[str, Any]) -> None:
@@ -95,18 +159,66 @@ def _moto_config(endpoint_url: str, config: dict[str, Any]) -> None:
         assert response.status in {200, 201}
 
 
+@dataclass(frozen=True)
+class Sent:
+    """A request CloudFormation sent a custom resource's function, and its answer."""
+
+    request_type: str
+    logical_id: str
+    resource_type: str
+    answer: Answer
+
+
 @dataclass
 class Deployment:
     aws: Any
     stack_name: str
+    stack_id: str
     template: dict[str, Any]
-    removed: dict[str, dict[str, Any]]  # custom resources, by logical id
+    assembly_dir: Path  # the cloud assembly: the functions' code
+    removed: dict[str, dict[str, Any]]  # custom resources (not created by moto), by logical id
     physical: dict[str, str]  # logical id -> physical id
-    types: dict[str, str]  # logical id -> type, as the emulator created them
+    types: dict[str, str]  # logical id -> type, as created (moto's, then the custom resources)
     outputs: dict[str, str]
     account: str
     deleted: set[str] = field(default_factory=set)  # logical IDs destroy already deleted
-    cleaned_up: list[Any] = field(default_factory=list)  # the destroy clean-up's outcomes
+    sent: list[Sent] = field(default_factory=list)  # custom resource requests, in order
+
+    def send(self, logical: str, request_type: str) -> Answer:
+        """CloudFormation's request to a custom resource's function (its own code, from the
+        cloud assembly), and the answer the function sent back."""
+        resource = self.removed[logical]
+        properties = self.resolve(resource["Properties"])
+        event = cloudformation_request(
+            request_type,
+            stack_id=self.stack_id,
+            logical_id=logical,
+            resource_type=resource["Type"],
+            service_token=properties["ServiceToken"],
+            properties=properties,
+            physical_id=None if request_type == "Create" else self.physical[logical],
+        )
+        (function,) = _refs(resource["Properties"]["ServiceToken"])
+        with self.function_code(function) as code:
+            answer = invoke(code, event, self.aws.env())
+        self.sent.append(Sent(request_type, logical, resource["Type"], answer))
+        return answer
+
+    @contextmanager
+    def function_code(self, logical: str) -> Iterator[FunctionCode]:
+        """A deployed function's code (its asset in the cloud assembly), runtime and
+        environment, as the template gives them."""
+        props = self.template["Resources"][logical]["Properties"]
+        environment = self.resolve(props.get("Environment", {}).get("Variables", {}))
+        with code_folder(self.template["Resources"][logical], self.assembly_dir) as folder:
+            yield FunctionCode(
+                name=self.physical[logical],
+                runtime=props["Runtime"],
+                handler=props["Handler"],
+                code=folder,
+                environment={k: str(v) for k, v in environment.items()},
+                timeout=int(props.get("Timeout", 3)),
+            )
 
     def resolve(self, value: Any) -> Any:
         """Resolve the intrinsics CDK emits here against the deployed stack."""
@@ -226,7 +338,7 @@ def deploy(
         for logical, resource in template["Resources"].items()
         if resource["Type"].startswith("Custom::")
     }
-    assert {r["Type"] for r in removed.values()} == APPLIED_BY_TEST
+    assert {r["Type"] for r in removed.values()} <= CUSTOM_RESOURCE_TYPES
     deployable = json.loads(json.dumps(template))
     for logical in removed:
         del deployable["Resources"][logical]
@@ -256,16 +368,30 @@ def deploy(
     stack = cloudformation.describe_stacks(StackName=stack_name)["Stacks"][0]
     assert stack["StackStatus"] == "CREATE_COMPLETE", stack.get("StackStatusReason")
     summaries = cloudformation.list_stack_resources(StackName=stack_name)["StackResourceSummaries"]
-    return Deployment(
+    deployment = Deployment(
         aws=aws,
         stack_name=stack_name,
+        stack_id=stack["StackId"],
         template=template,
+        assembly_dir=synthesized.assembly_dir,
         removed=removed,
         physical={s["LogicalResourceId"]: s["PhysicalResourceId"] for s in summaries},
         types={s["LogicalResourceId"]: s["ResourceType"] for s in summaries},
         outputs={o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]},
         account=account,
     )
+    # Nothing in the template needs a custom resource and none needs another, so
+    # CloudFormation creates them last, at once: each function gets its Create.
+    assert not set(_refs(deployable)) & set(removed)
+    assert deletion_waves(template["Resources"], set(removed)) == [sorted(removed)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sent = pool.map(lambda logical: deployment.send(logical, "Create"), removed)
+        answers = dict(zip(removed, sent, strict=True))
+    for logical, answer in answers.items():
+        assert answer.status == "SUCCESS", f"{logical}: {answer.reason}\n{answer.logs[-4000:]}"
+        deployment.physical[logical] = answer.physical_id
+        deployment.types[logical] = removed[logical]["Type"]
+    return deployment
 
 
 def _drop_list_references(value: Any, gone: frozenset[str]) -> Any:
@@ -324,29 +450,6 @@ def _zip(directory: Path) -> bytes:
 
 
 # --- what was deployed -----------------------------------------------------------------------
-
-
-def apply_bucket_notifications(deployment: Deployment) -> dict[str, Any]:
-    """What CDK's notifications handler does: put the configuration from its properties."""
-    (props,) = [
-        deployment.resolve(r["Properties"])
-        for r in deployment.removed.values()
-        if r["Type"] == "Custom::S3BucketNotifications"
-    ]
-    s3 = deployment.aws.client("s3")
-    s3.put_bucket_notification_configuration(
-        Bucket=props["BucketName"],
-        NotificationConfiguration=props["NotificationConfiguration"],
-    )
-    deployed: dict[str, Any] = s3.get_bucket_notification_configuration(Bucket=props["BucketName"])
-    return deployed
-
-
-def bootstrap_request(deployment: Deployment) -> dict[str, Any]:
-    """The Lambda Invoke the deploy-time AwsCustomResource makes, resolved."""
-    (resource,) = [r for r in deployment.removed.values() if r["Type"] == "Custom::AWS"]
-    request: dict[str, Any] = json.loads(deployment.resolve(resource["Properties"]["Create"]))
-    return request
 
 
 def schedule_inputs(deployment: Deployment) -> dict[str, dict[str, Any]]:
@@ -433,11 +536,15 @@ def create_thing_group(deployment: Deployment) -> str:
 
 
 def destroy(deployment: Deployment) -> list[str]:
-    """``cdk destroy``, played resource by resource as CloudFormation deletes a stack:
-    dependents first, each through its service's own delete call, stopping at the first
-    failure (moto's own stack deletion cannot delete IoT resources or managed policies, so
-    the test deletes them the way CloudFormation does). A second call, like a retried stack
-    deletion, goes on with what is left. Returns the logical IDs deleted."""
+    """``cdk destroy`` as CloudFormation deletes a stack: the stack ``DELETE_IN_PROGRESS``,
+    then the resources in waves from the template's dependency graph (a resource goes once
+    nothing left needs it; a wave's resources at once, as CloudFormation does), stopping after
+    a wave in which one failed (``DELETE_FAILED``). A custom resource gets its function's
+    Delete request (its own code: CDK's auto-delete empties its bucket, the clean-up frees the
+    IoT policy and the role); any other resource its service's delete call (moto's own stack
+    deletion tries resources in no order and cannot delete IoT resources or managed
+    policies). A second call, like a retried stack deletion, goes on with what is left.
+    Returns the logical IDs deleted, wave by wave."""
     resources = deployment.template["Resources"]
     present = {
         lg: kind
@@ -445,41 +552,91 @@ def destroy(deployment: Deployment) -> list[str]:
         # moto skipped the types it has no model for; the test may have made one in its place
         if lg and (kind not in NOT_EMULATED or deployment.physical.get(lg))
     }
-    present.update({lg: r["Type"] for lg, r in deployment.removed.items()})
-    order = _dependents_first(resources, set(present) - deployment.deleted)
-    for logical in order:
-        try:
+
+    def delete(logical: str) -> None:
+        if logical in deployment.removed:
+            answer = deployment.send(logical, "Delete")
+            if answer.status != "SUCCESS":
+                raise AssertionError(f"{answer.reason}\n{answer.logs[-4000:]}")
+        else:
             _delete(deployment, logical, present[logical], resources[logical])
-        except Exception as e:
-            raise StackDeleteFailed(f"{logical} ({present[logical]}): {e}") from e
-        deployment.deleted.add(logical)
-    return order
+
+    deleted: list[str] = []
+    _set_stack_status(deployment, "DELETE_IN_PROGRESS")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for wave in deletion_waves(resources, set(present) - deployment.deleted):
+            failures = {}
+            for logical, future in [(lg, pool.submit(delete, lg)) for lg in wave]:
+                error = future.exception()
+                if error is None:
+                    deployment.deleted.add(logical)
+                    deleted.append(logical)
+                else:
+                    failures[logical] = error
+            if failures:
+                _set_stack_status(deployment, "DELETE_FAILED")
+                logical, error = next(iter(failures.items()))
+                raise StackDeleteFailed(f"{logical} ({present[logical]}): {error}") from error
+    _set_stack_status(deployment, "DELETE_COMPLETE")
+    return deleted
 
 
-def _dependents_first(resources: dict[str, Any], present: set[str]) -> list[str]:
+def _set_stack_status(deployment: Deployment, status: str) -> None:
+    """The stack's status as CloudFormation shows it while it deletes (what the clean-up's
+    handler reads with DescribeStacks); moto's stack is in this process."""
+    from moto.cloudformation.models import cloudformation_backends
+
+    backend = cloudformation_backends[deployment.account][deployment.aws.region]
+    stack = backend.stacks.get(deployment.stack_id) or backend.deleted_stacks[deployment.stack_id]
+    stack.status = status
+    if status == "DELETE_COMPLETE":
+        backend.deleted_stacks[stack.stack_id] = backend.stacks.pop(stack.stack_id)
+
+
+def deletion_waves(resources: dict[str, Any], present: set[str]) -> list[list[str]]:
+    """CloudFormation's deletion order for ``present``: dependents before what they depend
+    on (Ref, Fn::GetAtt, Fn::Sub, DependsOn); each wave holds what nothing left needs, which
+    CloudFormation deletes at once."""
+
     def needs(logical: str) -> set[str]:
         resource = resources[logical]
         depends = resource.get("DependsOn", [])
         named = set([depends] if isinstance(depends, str) else depends)
         return (named | set(_refs(resource.get("Properties", {})))) & present
 
-    order: list[str] = []
+    needed = {lg: needs(lg) for lg in present}
+    waves: list[list[str]] = []
     remaining = set(present)
     while remaining:
-        # A resource goes once nothing left still needs it.
-        ready = sorted(lg for lg in remaining if not any(lg in needs(o) for o in remaining - {lg}))
-        assert ready, f"dependency cycle among {sorted(remaining)}"
-        order.extend(ready)
-        remaining -= set(ready)
-    return order
+        still_needed = {n for lg in remaining for n in needed[lg]}
+        wave = sorted(remaining - still_needed)
+        assert wave, f"dependency cycle among {sorted(remaining)}"
+        waves.append(wave)
+        remaining -= set(wave)
+    return waves
+
+
+def deletion_order(resources: dict[str, Any], present: set[str]) -> list[str]:
+    """The waves, one after the other."""
+    return [lg for wave in deletion_waves(resources, present) for lg in wave]
+
+
+_SUBSTITUTED = re.compile(r"\$\{([A-Za-z0-9]+)(?:\.[A-Za-z0-9.]+)?\}")
 
 
 def _refs(value: Any) -> list[str]:
+    """Logical IDs (and parameters) a template value names: Ref, Fn::GetAtt, Fn::Sub."""
     if isinstance(value, dict):
         if set(value) == {"Ref"}:
             return [value["Ref"]]
         if set(value) == {"Fn::GetAtt"}:
             return [value["Fn::GetAtt"][0]]
+        if set(value) == {"Fn::Sub"}:
+            text, variables = (
+                (value["Fn::Sub"], {}) if isinstance(value["Fn::Sub"], str) else value["Fn::Sub"]
+            )
+            named = [n for n in _SUBSTITUTED.findall(text) if n not in variables]
+            return named + _refs(variables)
         return [r for v in value.values() for r in _refs(v)]
     if isinstance(value, list):
         return [r for v in value for r in _refs(v)]
@@ -487,34 +644,13 @@ def _refs(value: Any) -> list[str]:
 
 
 def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str, Any]) -> None:
+    """A resource's deletion through its service's own call, as CloudFormation's handler for
+    its type makes it."""
     aws = deployment.aws
     props = resource.get("Properties", {})
     physical = deployment.physical.get(logical, "")
-    if kind == "Custom::S3AutoDeleteObjects":
-        # CDK's handler empties its bucket (every version) before the bucket goes.
-        s3 = aws.client("s3")
-        bucket = deployment.resolve(props["BucketName"])
-        for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket):
-            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
-                s3.delete_object(Bucket=bucket, Key=item["Key"], VersionId=item["VersionId"])
-    elif kind == "Custom::DestroyCleanup":
-        # The clean-up's own handler, with the Delete request CloudFormation sends it while
-        # the stack is DELETE_IN_PROGRESS (moto's stack stays CREATE_COMPLETE meanwhile).
-        handler = cleanup_handler()
-        outcome = handler.handle(
-            {
-                "RequestType": "Delete",
-                "StackId": deployment.stack_name,
-                "PhysicalResourceId": handler.PHYSICAL_ID,
-                "ResourceProperties": deployment.resolve(props),
-            },
-            iot=aws.client("iot"),
-            iam=aws.client("iam"),
-            stack_status=lambda _stack: handler.STACK_BEING_DELETED,
-        )
-        deployment.cleaned_up.append(outcome)
-    elif kind.startswith("Custom::") or kind in {"AWS::Lambda::Permission"}:
-        pass  # nothing of its own remains once its function or bucket is gone
+    if kind == "AWS::Lambda::Permission":
+        pass  # nothing of its own remains once its function is gone
     elif kind == "AWS::IAM::Policy":
         for role in deployment.resolve(props["Roles"]):
             aws.client("iam").delete_role_policy(RoleName=role, PolicyName=props["PolicyName"])

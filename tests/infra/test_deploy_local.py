@@ -9,22 +9,25 @@ there).
 
 moto's CloudFormation creates the stack from the template exactly as synthesized, after the
 bootstrap a real account would have (the version parameter, the asset bucket with the zipped
-file assets). What the emulator cannot run, the test does in its place, from the template's
-own data, and says so:
+file assets). What the emulator cannot run, the test plays from the template's own data
+(``local_stack``), and says so:
 
-- Lambda-backed custom resources (CDK's S3 auto-delete and notifications handlers, the
-  AwsCustomResource that asks the averager for model version 0) are removed before create;
-  the test applies the notification configuration from the custom resource's properties and
-  makes the bootstrap call from its ``Create`` request.
+- Lambda-backed custom resources run their functions' own code from the cloud assembly, with
+  the requests CloudFormation sends and a ResponseURL the test serves (``custom_resources``):
+  CDK's notifications handler puts the updates bucket's configuration, CDK's AwsCustomResource
+  invokes the averager (moto's Lambda keeps the payload; the test runs the averager on it, as
+  Lambda would), CDK's auto-delete handler empties the buckets at destroy, and the stack's
+  clean-up frees the IoT policy and the device role.
 - moto has no CloudFormation model for some types (listed in ``NOT_EMULATED``); it skips
   them. The component's recipe and the Greengrass deployment are read from the template; the
   thing group is created from it as CloudFormation would.
-- moto's stack deletion cannot delete IoT resources or managed policies: ``destroy`` deletes
-  resource by resource in CloudFormation's order (dependents first, from the template), and
-  fails where it would; at the destroy clean-up's place it runs that resource's own handler.
+- ``destroy`` deletes in CloudFormation's order, derived from the template's dependency
+  graph, each resource through its service's delete call (moto's stack deletion keeps no
+  order and cannot delete IoT resources or managed policies), and fails where CloudFormation
+  would.
 - moto does not run Lambda code, fire schedules or deliver S3 events: the test invokes the
   handlers with the deployed functions' environment, the schedule rule's target input, and
-  S3 event records for the keys the deployed notification filter matches.
+  S3 event records for the keys the deployed notification configuration matches.
 
 So the round proves that code and template agree on names, keys and event wiring, and the
 installer and destroy prove the stack owns what a device's installation would otherwise leave.
@@ -45,15 +48,15 @@ import pytest
 from greengrass_installer import GreengrassInstaller, Provisioned, decommission
 from iam_proof import CallRecorder
 from local_stack import (
+    CUSTOM_RESOURCE_TYPES,
     NOT_EMULATED,
     Deployment,
-    apply_bucket_notifications,
-    bootstrap_request,
     component_recipe,
     create_thing_group,
     deploy,
     destroy,
     device_environment,
+    lambda_queue,
     leftovers,
     local_aws_without_docker,
     notified,
@@ -94,11 +97,37 @@ def test_emulator_created_everything_but_the_listed_types(deployment: Deployment
         if logical not in deployment.removed
     }
     # (moto reports Lambda permissions and the role alias without a physical id.)
-    created = {lg for lg in deployment.types if lg}
+    created = {lg for lg in deployment.types if lg and lg not in deployment.removed}
     assert created <= set(in_template)
     skipped_types = {kind for lg, kind in in_template.items() if lg not in created}
     assert skipped_types == NOT_EMULATED
     assert {in_template[lg] for lg in created}.isdisjoint(NOT_EMULATED)
+
+
+def test_every_custom_resource_s_own_function_answered_its_create(deployment: Deployment):
+    created = [(s.logical_id, s.resource_type, s.answer.status) for s in deployment.sent]
+    assert sorted(created) == [
+        (logical, resource["Type"], "SUCCESS")
+        for logical, resource in sorted(deployment.removed.items())
+    ]
+    assert {s.request_type for s in deployment.sent} == {"Create"}
+    assert {kind for _, kind, _ in created} == CUSTOM_RESOURCE_TYPES
+
+
+def test_cdk_s_notifications_handler_put_the_template_s_configuration(deployment: Deployment):
+    """CDK's inline handler, not the test, wired the updates bucket to the averager."""
+    bucket = deployment.outputs["UpdatesBucketName"]
+    deployed = deployment.aws.client("s3").get_bucket_notification_configuration(Bucket=bucket)
+    (resource,) = [
+        r for r in deployment.removed.values() if r["Type"] == "Custom::S3BucketNotifications"
+    ]
+    wanted = deployment.resolve(resource["Properties"]["NotificationConfiguration"])
+    ((target,),) = [deployed["LambdaFunctionConfigurations"]]
+    ((wanted_target,),) = [wanted["LambdaFunctionConfigurations"]]
+    assert target["LambdaFunctionArn"] == wanted_target["LambdaFunctionArn"]
+    assert target["Events"] == wanted_target["Events"]
+    rules = {r["Name"].lower(): r["Value"] for r in target["Filter"]["Key"]["FilterRules"]}
+    assert rules == {r["Name"]: r["Value"] for r in wanted_target["Filter"]["Key"]["FilterRules"]}
 
 
 def test_deployed_tables_are_the_shared_definitions(deployment: Deployment):
@@ -235,11 +264,11 @@ def test_one_round_of_the_apps_task_runs_on_the_deployed_stack(
         with lambda_environment(averager_env):
             return averager.invoke(event)
 
-    # 1. Deploy-time: notifications wired, model version 0 asked for.
-    notifications = apply_bucket_notifications(deployment)
-    request = bootstrap_request(deployment)
-    assert request["parameters"]["FunctionName"] == outputs["AveragerFunctionName"]
-    assert invoke_averager(json.loads(request["parameters"]["Payload"])) == {"bootstrap": "written"}
+    # 1. Deploy-time: CDK's handlers wired the notifications and asked, through Lambda's
+    #    Invoke, for model version 0; Lambda runs the averager on what was queued.
+    notifications = s3.get_bucket_notification_configuration(Bucket=outputs["UpdatesBucketName"])
+    (queued,) = lambda_queue(aws).queued(outputs["AveragerFunctionName"])
+    assert invoke_averager(queued) == {"bootstrap": "written"}
     s3.head_object(Bucket=outputs["ModelsBucketName"], Key=layout.model_key(0))
 
     # 2. Devices configured only by the component's default configuration (plus the
@@ -395,12 +424,16 @@ def test_the_stack_s_deployment_puts_its_component_version_on_its_thing_group(
 def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
     deployment: Deployment,
 ):
-    """The device keeps its certificate attached to the stack's IoT policy and the stack's
-    role holds a policy someone attached by hand: destroy's clean-up (the stack's own handler,
-    run where CloudFormation would run it) detaches both, and the deletion completes."""
+    """The device keeps its certificate attached to the stack's IoT policy, the stack's role
+    holds a policy someone attached by hand, and the versioned models bucket holds every
+    model version and an overwritten, deleted key. In CloudFormation's order, CDK's
+    auto-delete handler empties each bucket before it goes and the stack's clean-up frees
+    the IoT policy and the role before they go: the deletion completes."""
     iot = deployment.aws.client("iot")
     iam = deployment.aws.client("iam")
+    s3 = deployment.aws.client("s3")
     role = deployment.outputs["TokenExchangeRoleName"]
+    models = deployment.outputs["ModelsBucketName"]
     (certificate,) = iot.list_thing_principals(thingName="device-c")["principals"]
     log_manager = iam.create_policy(
         PolicyName="LogManagerByHand",
@@ -412,13 +445,23 @@ def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
         ),
     )["Policy"]["Arn"]
     iam.attach_role_policy(RoleName=role, PolicyArn=log_manager)
+    s3.put_bucket_versioning(Bucket=models, VersioningConfiguration={"Status": "Enabled"})
+    for body in (b"first", b"second"):
+        s3.put_object(Bucket=models, Key="notes/operator.txt", Body=body)
+    s3.delete_object(Bucket=models, Key="notes/operator.txt")
+    stored = s3.list_object_versions(Bucket=models)
+    assert len(stored["Versions"]) >= 3 and len(stored["DeleteMarkers"]) == 1
+    already = len(deployment.sent)
 
     order = destroy(deployment)
 
-    (outcome,) = deployment.cleaned_up
-    assert outcome.detached_targets == [certificate]
-    assert outcome.detached_role_policies == [log_manager]
-    # Cleaned up before CloudFormation reached the IoT policy and the role.
+    # Each custom resource's own function got its Delete before what it names went.
+    deletes = deployment.sent[already:]
+    assert {(s.request_type, s.answer.status) for s in deletes} == {("Delete", "SUCCESS")}
+    assert sorted(s.logical_id for s in deletes) == sorted(deployment.removed)
+    for sent in deletes:
+        for named in _named(deployment.removed[sent.logical_id]):
+            assert order.index(sent.logical_id) < order.index(named), (sent.logical_id, named)
     policy = deployment_logical_id(deployment, "AWS::IoT::Policy")
     (cleanup,) = [
         lg for lg, r in deployment.removed.items() if r["Type"] == "Custom::DestroyCleanup"
@@ -443,6 +486,14 @@ def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
     iam.delete_policy(PolicyArn=log_manager)
 
 
+def _named(resource: dict[str, Any]) -> set[str]:
+    """The resources a custom resource's properties name (other than its function)."""
+    from local_stack import _refs
+
+    properties = {k: v for k, v in resource["Properties"].items() if k != "ServiceToken"}
+    return set(_refs(properties))
+
+
 def test_without_the_stack_s_access_policy_the_installer_s_own_is_left_behind(
     local_aws: Any, synthesized: Synthesized
 ):
@@ -460,10 +511,12 @@ def test_without_the_stack_s_access_policy_the_installer_s_own_is_left_behind(
 
     destroy(unowned)
 
-    (outcome,) = unowned.cleaned_up
-    assert [arn.rsplit("/", 1)[-1] for arn in outcome.detached_role_policies] == [f"{role}Access"]
     assert leftovers(local_aws, unowned.stack_name)["iam policies"] == [f"{role}Access"]
     assert leftovers(local_aws, unowned.stack_name)["roles"] == []
+    iam = local_aws.client("iam")
+    policies = iam.list_policies(Scope="Local")["Policies"]
+    (access,) = [p for p in policies if p["PolicyName"] == f"{role}Access"]
+    assert access["AttachmentCount"] == 0
 
 
 def deployment_logical_id(deployment: Deployment, resource_type: str) -> str:

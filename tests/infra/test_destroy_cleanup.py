@@ -5,16 +5,15 @@ function the stack makes logs to a group that has a retention and goes with the 
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import custom_resources
 import pytest
-from local_stack import cleanup_handler
+from local_stack import cleanup_handler, deletion_waves
 from stack_template import Synthesized, arn_of, logical_id
 
 from infra.edge import template_references
@@ -259,26 +258,8 @@ def test_short_of_time_it_fails_with_how_far_it_got_and_a_retry_finishes(fleet: 
 @pytest.fixture
 def response_url() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A stand-in for the pre-signed S3 URL CloudFormation waits on; keeps each answer."""
-    answers: list[dict[str, Any]] = []
-
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:
-            length = int(self.headers["Content-Length"])
-            answers.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *_args: Any) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/response", answers
-    finally:
-        server.shutdown()
-        server.server_close()
+    with custom_resources.response_url() as served:
+        yield served
 
 
 class Context:
@@ -382,6 +363,29 @@ def test_the_clean_up_runs_before_the_policy_and_role_go_and_its_function_after(
         assert logical_id(own) in needs  # the clean-up's own parts outlive it
     # Nothing else waits for it: it goes first.
     assert not any(cleanup in _needs(template, lg) for lg in template["Resources"] if lg != cleanup)
+
+
+def test_cdk_destroy_s_order_reaches_the_clean_up_before_the_policy_and_the_role(
+    synthesized: Synthesized,
+):
+    """The order the deploy rehearsal's destroy follows, from the template's dependency graph
+    alone: the clean-up in the first wave, the IoT policy, the device role and the stack's own
+    policy on it in later ones, the clean-up's function after it; every custom resource goes
+    before what it names (CDK's auto-delete before its bucket)."""
+    resources = synthesized.template_json["Resources"]
+    waves = deletion_waves(resources, set(resources))
+    wave_of = {logical: n for n, wave in enumerate(waves) for logical in wave}
+    stack = synthesized.stack
+    cleanup = logical_id(stack.cleanup.resource)
+    assert wave_of[cleanup] == 0
+    edge = stack.edge
+    for freed in (edge.device_iot_policy, edge.device_role, edge.nucleus_policy):
+        assert wave_of[logical_id(freed)] > wave_of[cleanup]
+    assert wave_of[logical_id(stack.cleanup.function)] > wave_of[cleanup]
+    for logical, resource in resources.items():
+        if resource["Type"].startswith("Custom::"):
+            named = set(template_references(resource["Properties"])) & set(resources)
+            assert named and all(wave_of[n] > wave_of[logical] for n in named), logical
 
 
 def test_the_clean_up_may_make_exactly_its_calls_on_the_stack_s_resources(
