@@ -37,14 +37,14 @@ class RefusedAnswer(NamedTuple):
 def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
     """Every round's record (the report's, which is about the whole history); ``slots=True``
     also reads each round's clients and answers (one query per round)."""
-    return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment, slots=slots)
+    return RoundStore(fed.client("dynamodb"), fed.names.rounds_table).history(fed.experiment, slots=slots)
 
 
 def recent_rounds(fed: Federation, count: int | None, *, slots: bool = False) -> list[Round]:
     """The newest ``count`` rounds, oldest first (``None``: every round)."""
     if count is None:
         return rounds_of(fed, slots=slots)
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     return store.recent(fed.experiment, count, slots=slots)
 
 
@@ -99,11 +99,11 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     each), the control record, the registry and the alarms."""
     now = time.time() if now is None else now
     config = fed.deployed_config
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     outcomes = store.recent_outcomes(fed.experiment, STATUS_ROUNDS)  # newest first
     latest = store.get(fed.experiment, outcomes[0].round, slots=False) if outcomes else None
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
-    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
+    registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
@@ -172,11 +172,11 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     the refused answers of only the rounds that counted any (their refused slots): what it
     costs grows with the fleet and with what went wrong lately, never with the history."""
     now = time.time() if now is None else now
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
-    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     rejected: dict[str, Counter[str]] = {}
     declined: dict[str, Counter[str]] = {}
     for outcome in store.recent_refusals(fed.experiment, DEVICE_ROUNDS):
@@ -247,7 +247,7 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
     """The newest ``last`` global model versions (``None``: every one) with their lineage
     (from its record, else its round)."""
     store = LineageStore(fed.aws, fed.names)
-    rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    rounds = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     outcomes = rounds.recent_outcomes(fed.experiment, last if last is not None else 10**9)
     by_version = {
         o.model_version: o.round
@@ -261,7 +261,7 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
         # round's base, even an abandoned one's, is the newest version when it started).
         known = max([*by_version, *(o.base_version for o in outcomes)], default=0)
         versions = store.newest_versions(known, last)
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
     rows = []
     for version, obj in versions.items():
         lineage = store.get(version)
