@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from sfl.core.liveness import HISTORY_PICKS, recent_misses
 from sfl.ops.federation import Federation
 from sfl.state.control import ControlStore
-from sfl.state.lineage import LineageStore, ModelLineage, lineage_of_round
+from sfl.state.lineage import PARALLEL_READS, LineageStore, ModelLineage, lineage_of_round
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome, Round, RoundRefusals, RoundState, RoundStore
 
@@ -262,9 +263,11 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
         known = max([*by_version, *(o.base_version for o in outcomes)], default=0)
         versions = store.newest_versions(known, last)
     control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
+    with ThreadPoolExecutor(max_workers=PARALLEL_READS) as pool:
+        records = dict(zip(versions, pool.map(store.get, versions), strict=True))
     rows = []
     for version, obj in versions.items():
-        lineage = store.get(version)
+        lineage = records[version]
         if lineage is None and version in by_version:  # written before lineage records
             produced = rounds.get(fed.experiment, by_version[version])
             lineage = lineage_of_round(produced) if produced is not None else None
