@@ -262,15 +262,24 @@ def test_the_initiator_names_each_round_it_starts_the_newest(stack: Stack) -> No
     store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
     experiment = stack.config.experiment
     assert store.newest_number(experiment) is None
-    for number in range(1, 6):
+    for number in range(1, 5):
         assert initiator.invoke({})["round"] == number
         assert store.abandon(experiment, number, "deadline passed", time.time())
+    assert initiator.invoke({})["round"] == 5
+    assert store.begin_aggregation(experiment, 5, "averager", time.time(), 60) is not None
+    summary = {"participants": 2, "client_accuracy": 0.8, "clipped": list(DEVICES)}
+    assert store.close(experiment, 5, "averager", 1, time.time(), summary)
 
     assert store.newest_number(experiment) == 5
     newest = store.recent(experiment, 3)
     assert [r.round for r in newest] == [3, 4, 5]
     assert newest == store.history(experiment, slots=False)[-3:]
     assert [o.round for o in store.recent_outcomes(experiment, 10)] == [5, 4, 3, 2, 1]
+    # What ``sfl rounds`` shows of them, read with only the attributes it shows.
+    shown = store.recent(experiment, 3, attributes=views.ROW_ATTRIBUTES)
+    now = time.time()
+    assert [views.round_row(r, now) for r in shown] == [views.round_row(r, now) for r in newest]
+    assert shown[-1].summary == {"participants": 2, "client_accuracy": 0.8}
 
 
 def test_rounds_made_without_naming_the_newest_are_still_read(stack: Stack) -> None:

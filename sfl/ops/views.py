@@ -24,6 +24,22 @@ STATUS_ROUNDS = 100
 DEVICE_ROUNDS = 20
 #: What ``rounds`` and ``models list`` show unless asked for more.
 DEFAULT_LAST = 20
+#: What ``round_row`` reads of a round item (``summary.x``: only that key of its summary):
+#: a round's configuration and its aggregation's report on each client stay where they are.
+ROW_SUMMARY = (
+    "participants", "aggregate_seconds", "client_accuracy", "client_loss", "num_examples",
+    "bytes_up", "bytes_down", "model_bytes",
+)  # fmt: skip
+ROW_ATTRIBUTES = (
+    "experiment", "round", "status", "base_version", "model_version", "config_version",
+    "created_at", "deadline_at", "soft_deadline_at", "finished_at", "train_config",
+    "candidates", "aggregation_attempts", "abandon_reason", "evaluation", "selected_count",
+    "answered_count", "accepted_count", "rejected_count", "declined_count", "bytes_up",
+    "bytes_down", "rejection_counts", "answer_rejections", "answer_declines",
+    # A round item from before slots and counters holds its clients and answers itself.
+    "selected", "answers",
+    *(f"summary.{key}" for key in ROW_SUMMARY),
+)  # fmt: skip
 
 
 class RefusedAnswer(NamedTuple):
@@ -41,12 +57,13 @@ def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
     return RoundStore(fed.client("dynamodb"), fed.names.rounds_table).history(fed.experiment, slots=slots)
 
 
-def recent_rounds(fed: Federation, count: int | None, *, slots: bool = False) -> list[Round]:
-    """The newest ``count`` rounds, oldest first (``None``: every round)."""
+def recent_rounds(fed: Federation, count: int | None) -> list[Round]:
+    """The newest ``count`` rounds, oldest first (``None``: every round), with what
+    ``round_row`` shows of them (``ROW_ATTRIBUTES``)."""
     if count is None:
-        return rounds_of(fed, slots=slots)
+        return rounds_of(fed)
     store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
-    return store.recent(fed.experiment, count, slots=slots)
+    return store.recent(fed.experiment, count, attributes=ROW_ATTRIBUTES)
 
 
 def round_row(r: Round, now: float | None = None) -> dict[str, Any]:

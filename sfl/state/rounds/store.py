@@ -71,6 +71,21 @@ class RoundRefusals(NamedTuple):
     strays: int
 
 
+def projection(attributes: tuple[str, ...]) -> dict[str, Any]:
+    """A ``ProjectionExpression`` of ``attributes`` (``a.b``: the map ``a``'s key ``b``),
+    every name a placeholder (so that no reserved word can break it)."""
+    names: dict[str, str] = {}
+    paths = []
+    for attribute in attributes:
+        parts = []
+        for name in attribute.split("."):
+            placeholder = next((k for k, v in names.items() if v == name), f"#a{len(names)}")
+            names[placeholder] = name
+            parts.append(placeholder)
+        paths.append(".".join(parts))
+    return {"ProjectionExpression": ", ".join(paths), "ExpressionAttributeNames": names}
+
+
 class RoundStore:
     """Round records in the rounds table; every write is conditional."""
 
@@ -127,12 +142,21 @@ class RoundStore:
                 return [self.with_slots(r) for r in rounds] if slots else rounds
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
-    def recent(self, experiment: str, count: int, *, slots: bool = False) -> list[Round]:
+    def recent(
+        self,
+        experiment: str,
+        count: int,
+        *,
+        slots: bool = False,
+        attributes: tuple[str, ...] | None = None,
+    ) -> list[Round]:
         """The newest ``count`` rounds, oldest first: what reading them costs does not grow
-        with the history (by key, ``by_key``; else a page per ~1 MB of round items)."""
-        items = self.by_key(experiment, count)
+        with the history (by key, ``by_key``; else a page per ~1 MB of round items).
+        ``attributes``: only those of each item (paths such as ``summary.participants``
+        too; what ``Round.from_item`` requires among them), the rest left at their defaults."""
+        items = self.by_key(experiment, count, attributes)
         if items is None:
-            items = self._query_newest(experiment, count, None)
+            items = self._query_newest(experiment, count, attributes)
         rounds = [Round.from_item(i) for i in reversed(items)]
         return [self.with_slots(r) for r in rounds] if slots else rounds
 
@@ -179,9 +203,7 @@ class RoundStore:
             }
             if attributes is not None:
                 # The key too: it says which round an item is.
-                wanted = ("round", *(a for a in attributes if a != "round"))
-                request["ProjectionExpression"] = ", ".join(f"#a{i}" for i in range(len(wanted)))
-                request["ExpressionAttributeNames"] = {f"#a{i}": a for i, a in enumerate(wanted)}
+                request.update(projection(("round", *(a for a in attributes if a != "round"))))
             pending: dict[str, Any] = {self._table: request}
             attempt = 0
             while pending:
@@ -247,8 +269,7 @@ class RoundStore:
             "ConsistentRead": True,
         }
         if attributes is not None:
-            kwargs["ProjectionExpression"] = ", ".join(f"#a{i}" for i in range(len(attributes)))
-            kwargs["ExpressionAttributeNames"] = {f"#a{i}": a for i, a in enumerate(attributes)}
+            kwargs.update(projection(attributes))
         while len(found) < count:
             response = self._ddb.query(**kwargs, Limit=count - len(found))
             found.extend(response.get("Items", []))
