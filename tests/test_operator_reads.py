@@ -26,11 +26,11 @@ import pytest
 
 from sfl.cli.main import main
 from sfl.core import layout
+from sfl.local.lambdas import LocalFunction
 from sfl.ops import views
 from sfl.ops.federation import INITIATOR_OUTPUT, LOCAL_OUTPUT, OUTPUT_NAMES, Federation
 from sfl.state.dynamo import to_item
 from sfl.state.lineage import ModelLineage
-from sfl.local.lambdas import LocalFunction
 from sfl.state.rounds import Answer, Outcome, Round, RoundState, RoundStore
 from sfl.state.rounds.keys import NEWEST_ATTRIBUTE, newest_key, slot_key
 from tests.conftest import TINY_MODEL, Stack

@@ -54,7 +54,9 @@ class RefusedAnswer(NamedTuple):
 def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
     """Every round's record (the report's, which is about the whole history); ``slots=True``
     also reads each round's clients and answers (one query per round)."""
-    return RoundStore(fed.client("dynamodb"), fed.names.rounds_table).history(fed.experiment, slots=slots)
+    return RoundStore(fed.client("dynamodb"), fed.names.rounds_table).history(
+        fed.experiment, slots=slots
+    )
 
 
 def recent_rounds(fed: Federation, count: int | None) -> list[Round]:
