@@ -49,6 +49,9 @@ SLOT_WRITE_GRACE_SECONDS = 15 * 60
 MAX_TRANSACTION_ATTEMPTS = 8
 BATCH_WRITE_ITEMS = 25  # DynamoDB's BatchWriteItem limit
 BATCH_GET_KEYS = 100  # DynamoDB's BatchGetItem limit
+# A window of more rounds than this (``models list --all``: the whole history) is read by
+# Query, a page per MB, rather than by key, a request per 100 rounds.
+MAX_KEYED_ROUNDS = 1_000
 
 
 class RoundOutcome(NamedTuple):
@@ -180,7 +183,10 @@ class RoundStore:
         read by key: the newest round's number (``newest_number``), then one BatchGetItem per
         100 rounds, which costs what the items do, whatever the history's length. The round
         after the newest is asked too: if it exists, a round was created without naming
-        itself the newest (by code from before that item), and None says to query instead."""
+        itself the newest (by code from before that item), and None says to query instead
+        (None too for more than ``MAX_KEYED_ROUNDS``)."""
+        if count > MAX_KEYED_ROUNDS:
+            return None
         newest = self.newest_number(experiment)
         if newest is None:
             return None
