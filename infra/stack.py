@@ -298,8 +298,9 @@ class FederationStack(Stack):
             ["dynamodb:Query"],
             [f"{self.state.clients_table.table_arn}/index/{ACTIVE_INDEX.name}"],
         )
-        # The newest round is a Query; round 1 is a PutItem, each later one a TransactWriteItems
-        # (Put of round n+1, ConditionCheck of round n). Its selected clients' slots are a
+        # The newest round is a Query; each round is a TransactWriteItems (Put of round n+1,
+        # ConditionCheck of round n, UpdateItem of the item naming the newest round, which the
+        # operator's reads start from). Its selected clients' slots are a
         # BatchWriteItem, then an UpdateItem marks them ready (or abandons a round whose
         # initiator died before that); an open round's assignment is re-published from a
         # Query of its slots.

@@ -18,7 +18,7 @@ import time
 import zipfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,14 @@ import pytest
 
 from sfl.cli.main import main
 from sfl.core import layout
+from sfl.local.lambdas import LocalFunction
 from sfl.ops import views
 from sfl.ops.federation import INITIATOR_OUTPUT, LOCAL_OUTPUT, OUTPUT_NAMES, Federation
 from sfl.state.dynamo import to_item
 from sfl.state.lineage import ModelLineage
-from sfl.state.rounds import Answer, Outcome, Round, RoundState
-from sfl.state.rounds.keys import slot_key
-from tests.conftest import Stack
+from sfl.state.rounds import Answer, Outcome, Round, RoundState, RoundStore
+from sfl.state.rounds.keys import NEWEST_ATTRIBUTE, newest_key, slot_key
+from tests.conftest import TINY_MODEL, Stack
 
 STACK = "Sfl-ReadsTest"
 # The windows the commands read, small so that a short history already outgrows them.
@@ -144,6 +145,8 @@ def write_history(stack: Stack, first: int, last: int) -> None:
             Key=layout.lineage_key(number),
             Body=json.dumps(lineage.to_dict()),
         )
+    # What ``RoundStore.create`` writes with each round: the newest round's number.
+    items.append(newest_key(experiment) | {NEWEST_ATTRIBUTE: {"N": str(last)}})
     for start in range(0, len(items), 25):
         batch = [{"PutRequest": {"Item": item}} for item in items[start : start + 25]]
         assert not stack.clients.dynamodb.batch_write_item(RequestItems={table: batch}).get(
@@ -198,17 +201,32 @@ def test_each_command_reads_the_same_at_any_history_length(
     after = {name: reads(federation, argv, monkeypatch) for name, argv in COMMANDS.items()}
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}
     reads_before = {k: v[0] for k, v in before.items()}
-    # Each reads its window, not the history: one query for the rounds (devices: and the
-    # refused slots of the rounds that counted refusals), a HEAD and a GET per version shown.
+    # Each reads its window by key, not the history, and queries nothing but a refused
+    # round's slots: the newest round's number (a GetItem), its window (one BatchGetItem,
+    # with the round after the newest), a HEAD and a GET per version shown.
     assert reads_before["rounds"] == Counter(
-        {"GetFunctionConfiguration": 1, "Query": 1, "Query items": WINDOW}
+        {
+            "GetFunctionConfiguration": 1,
+            "GetItem": 1,
+            "BatchGetItem": 1,
+            "BatchGetItem items": WINDOW,
+        }
     )
-    assert reads_before["status"]["Query"] == 1
-    assert reads_before["status"]["Query items"] == 2 * WINDOW
+    # watch: its --history 2 finished rounds and two more (the open round, and one that may
+    # finish meanwhile).
+    assert reads_before["watch"] == reads_before["rounds"] + Counter({"BatchGetItem items": 1})
+    assert reads_before["status"]["Query"] == 0
+    assert reads_before["status"]["BatchGetItem"] == 1
+    assert reads_before["status"]["BatchGetItem items"] == 2 * WINDOW
+    assert reads_before["models list"]["Query"] == 0
     assert reads_before["models list"]["HeadObject"] == WINDOW + 1
+    assert reads_before["models list"]["GetObject"] == WINDOW
     # Rounds 7..9: dev-b declined in round 7, dev-a was rejected in round 9: their slots.
-    assert reads_before["devices"]["Query"] == 1 + 2
-    assert reads_before["watch"]["Query"] == 1
+    assert reads_before["devices"]["Query"] == 2
+    assert reads_before["devices"]["BatchGetItem items"] == WINDOW
+    # The S3 client is made only by the command that reads the models bucket.
+    assert not any(k.endswith("Object") for name, c in reads_before.items() for k in c
+                   if name != "models list")  # fmt: skip
 
 
 def test_what_the_commands_show_is_the_newest_window(
@@ -232,3 +250,54 @@ def test_what_the_commands_show_is_the_newest_window(
     assert devices["dev-b"]["declined"] == {"declined_why": 1}
     assert devices["dev-b"]["rejected"] == {}
     assert [r["round"] for r in shown["watch"]] == [newest - 1, newest]
+
+
+def test_the_initiator_names_each_round_it_starts_the_newest(stack: Stack) -> None:
+    """The initiator handler starts five rounds (each abandoned in turn, as a deadline
+    would): the item naming the newest round says 5, and the newest rounds read by key are
+    the ones a query of the whole partition finds."""
+    stack.put_model(0, TINY_MODEL)
+    stack.register(*DEVICES)
+    initiator = LocalFunction("initiator")
+    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+    experiment = stack.config.experiment
+    assert store.newest_number(experiment) is None
+    for number in range(1, 5):
+        assert initiator.invoke({})["round"] == number
+        assert store.abandon(experiment, number, "deadline passed", time.time())
+    assert initiator.invoke({})["round"] == 5
+    assert store.begin_aggregation(experiment, 5, "averager", time.time(), 60) is not None
+    summary = {"participants": 2, "client_accuracy": 0.8, "clipped": list(DEVICES)}
+    assert store.close(experiment, 5, "averager", 1, time.time(), summary)
+
+    assert store.newest_number(experiment) == 5
+    newest = store.recent(experiment, 3)
+    assert [r.round for r in newest] == [3, 4, 5]
+    assert newest == store.history(experiment, slots=False)[-3:]
+    assert [o.round for o in store.recent_outcomes(experiment, 10)] == [5, 4, 3, 2, 1]
+    # What ``sfl rounds`` shows of them, read with only the attributes it shows.
+    shown = store.recent(experiment, 3, attributes=views.ROW_ATTRIBUTES)
+    now = time.time()
+    assert [views.round_row(r, now) for r in shown] == [views.round_row(r, now) for r in newest]
+    assert shown[-1].summary == {"participants": 2, "client_accuracy": 0.8}
+
+
+def test_rounds_made_without_naming_the_newest_are_still_read(stack: Stack) -> None:
+    """A round item written by code from before the newest-round item (an upgrade while a
+    round was starting): reads by key notice the round after the one named and query."""
+    store = RoundStore(stack.clients.dynamodb, stack.names.rounds_table)
+    experiment = stack.config.experiment
+    first = Round(
+        experiment=experiment, round=1, status=RoundState.ABANDONED, base_version=0,
+        selected=DEVICES, created_at=time.time(), deadline_at=time.time() + 60,
+        train_config={"lr": 0.05},
+    )  # fmt: skip
+    assert store.create(replace(first, status=RoundState.OPEN), None)
+    assert store.abandon(experiment, 1, "deadline passed", time.time())
+    stack.clients.dynamodb.put_item(
+        TableName=stack.names.rounds_table, Item=replace(first, round=2).to_item()
+    )
+
+    assert store.newest_number(experiment) == 1
+    assert [r.round for r in store.recent(experiment, 5)] == [1, 2]
+    assert store.by_key(experiment, 5) is None

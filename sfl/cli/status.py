@@ -10,7 +10,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from sfl.cli.args import number, output_path, whole
@@ -265,6 +264,8 @@ def _cut(text: str | None) -> str:
 def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     """Live progress of the open round and accuracy per round, until ``--until-round`` has
     finished, ``--timeout`` passes or Ctrl-C."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
     deadline = time.time() + args.timeout if args.timeout else None
     shown: set[int] = set()
     progress = Progress(
@@ -275,7 +276,7 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     task_ids: dict[int, Any] = {}
     # What came before: the newest --history finished rounds are shown, older ones never read.
     window = args.history + 2
-    history = views.recent_rounds(fed, window)  # one query a look
+    history = views.recent_rounds(fed, window)  # two reads by key a look
     finished = [r.round for r in history if r.status.finished]
     shown.update(finished[: -args.history] if args.history else finished)
     with progress:

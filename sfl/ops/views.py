@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from sfl.core.liveness import HISTORY_PICKS, recent_misses
 from sfl.ops.buffered_view import pool_status
 from sfl.ops.federation import Federation
 from sfl.state.control import ControlStore
-from sfl.state.lineage import LineageStore, ModelLineage, lineage_of_round
+from sfl.state.lineage import PARALLEL_READS, LineageStore, ModelLineage, lineage_of_round
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome, Round, RoundRefusals, RoundState, RoundStore
 
@@ -24,6 +25,22 @@ STATUS_ROUNDS = 100
 DEVICE_ROUNDS = 20
 #: What ``rounds`` and ``models list`` show unless asked for more.
 DEFAULT_LAST = 20
+#: What ``round_row`` reads of a round item (``summary.x``: only that key of its summary):
+#: a round's configuration and its aggregation's report on each client stay where they are.
+ROW_SUMMARY = (
+    "participants", "aggregate_seconds", "client_accuracy", "client_loss", "num_examples",
+    "bytes_up", "bytes_down", "model_bytes",
+)  # fmt: skip
+ROW_ATTRIBUTES = (
+    "experiment", "round", "status", "base_version", "model_version", "config_version",
+    "created_at", "deadline_at", "soft_deadline_at", "finished_at", "train_config",
+    "candidates", "aggregation_attempts", "abandon_reason", "evaluation", "selected_count",
+    "answered_count", "accepted_count", "rejected_count", "declined_count", "bytes_up",
+    "bytes_down", "rejection_counts", "answer_rejections", "answer_declines",
+    # A round item from before slots and counters holds its clients and answers itself.
+    "selected", "answers",
+    *(f"summary.{key}" for key in ROW_SUMMARY),
+)  # fmt: skip
 
 
 class RefusedAnswer(NamedTuple):
@@ -38,15 +55,18 @@ class RefusedAnswer(NamedTuple):
 def rounds_of(fed: Federation, *, slots: bool = False) -> list[Round]:
     """Every round's record (the report's, which is about the whole history); ``slots=True``
     also reads each round's clients and answers (one query per round)."""
-    return RoundStore(fed.aws.dynamodb, fed.names.rounds_table).history(fed.experiment, slots=slots)
+    return RoundStore(fed.client("dynamodb"), fed.names.rounds_table).history(
+        fed.experiment, slots=slots
+    )
 
 
-def recent_rounds(fed: Federation, count: int | None, *, slots: bool = False) -> list[Round]:
-    """The newest ``count`` rounds, oldest first (``None``: every round)."""
+def recent_rounds(fed: Federation, count: int | None) -> list[Round]:
+    """The newest ``count`` rounds, oldest first (``None``: every round), with what
+    ``round_row`` shows of them (``ROW_ATTRIBUTES``)."""
     if count is None:
-        return rounds_of(fed, slots=slots)
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
-    return store.recent(fed.experiment, count, slots=slots)
+        return rounds_of(fed)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
+    return store.recent(fed.experiment, count, attributes=ROW_ATTRIBUTES)
 
 
 def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
@@ -100,11 +120,11 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     each), the control record, the registry and the alarms."""
     now = time.time() if now is None else now
     config = fed.deployed_config
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     outcomes = store.recent_outcomes(fed.experiment, STATUS_ROUNDS)  # newest first
     latest = store.get(fed.experiment, outcomes[0].round, slots=False) if outcomes else None
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
-    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
+    registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     window = _effective(fed, control.overrides).active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
@@ -174,11 +194,11 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     the refused answers of only the rounds that counted any (their refused slots): what it
     costs grows with the fleet and with what went wrong lately, never with the history."""
     now = time.time() if now is None else now
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
     window = _effective(fed, control.overrides).active_window_seconds
-    registry = ClientRegistry(fed.aws.dynamodb, fed.names.clients_table)
+    registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
-    store = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     rejected: dict[str, Counter[str]] = {}
     declined: dict[str, Counter[str]] = {}
     for outcome in store.recent_refusals(fed.experiment, DEVICE_ROUNDS):
@@ -249,7 +269,7 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
     """The newest ``last`` global model versions (``None``: every one) with their lineage
     (from its record, else its round)."""
     store = LineageStore(fed.aws, fed.names)
-    rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
+    rounds = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)
     outcomes = rounds.recent_outcomes(fed.experiment, last if last is not None else 10**9)
     by_version = {
         o.model_version: o.round
@@ -263,10 +283,12 @@ def models(fed: Federation, last: int | None = DEFAULT_LAST) -> list[dict[str, A
         # round's base, even an abandoned one's, is the newest version when it started).
         known = max([*by_version, *(o.base_version for o in outcomes)], default=0)
         versions = store.newest_versions(known, last)
-    control = ControlStore(fed.aws.dynamodb, fed.names.rounds_table).state(fed.experiment)
+    control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
+    with ThreadPoolExecutor(max_workers=PARALLEL_READS) as pool:
+        records = dict(zip(versions, pool.map(store.get, versions), strict=True))
     rows = []
     for version, obj in versions.items():
-        lineage = store.get(version)
+        lineage = records[version]
         if lineage is None and version in by_version:  # written before lineage records
             produced = rounds.get(fed.experiment, by_version[version])
             lineage = lineage_of_round(produced) if produced is not None else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,10 @@ KIND_ROUND = "round"
 KIND_ROLLBACK = "rollback"
 KIND_INITIAL = "initial"
 KIND_BUFFER = "buffer"  # buffered mode: a full buffer's step (docs/buffered.md)
+
+#: How many versions' objects are asked for at once when the newest are listed: their
+#: round trips overlap instead of adding up (boto3's clients are thread-safe).
+PARALLEL_READS = 8
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,8 @@ class LineageStore:
         """The newest ``count`` versions, given a version known to exist (``known``: the
         newest a round wrote): a HEAD per version, from ``known`` up while they exist (a
         rollback writes one above) and down; no listing, so the cost does not grow with the
-        history (S3 lists in key order, and an emulator lists every key)."""
+        history (S3 lists in key order, and an emulator lists every key). The HEADs below
+        the newest are made ``PARALLEL_READS`` at a time."""
         found: dict[int, dict[str, Any]] = {}
 
         def head(version: int) -> bool:
@@ -221,9 +227,9 @@ class LineageStore:
         newest = known
         while head(newest + 1):
             newest += 1
-        for version in range(newest, max(-1, newest - count), -1):
-            if version not in found:
-                head(version)
+        below = [v for v in range(newest, max(-1, newest - count), -1) if v not in found]
+        with ThreadPoolExecutor(max_workers=PARALLEL_READS) as pool:
+            list(pool.map(head, below))
         return dict(sorted(found.items())[-count:])
 
     def roll_back(self, source: int, *, now: float, after: int) -> int:

@@ -2,7 +2,9 @@
 
 The round item is keyed by experiment and round number; a round's slot items share the
 partition ``<experiment>#slots#<round>``, one per selected client, so a paginated query reads
-them and the experiment's own partition holds round items only.
+them and the experiment's own partition holds round items only. One small item in the
+partition ``<experiment>#newest`` names the newest round, so that the newest rounds can be
+read by key.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import hashlib
 from typing import Any
 
 SLOTS_MARKER = "#slots#"
+NEWEST_SUFFIX = "#newest"
+#: The newest round item's number, in the item ``newest_key`` names.
+NEWEST_ATTRIBUTE = "newest_round"
 
 
 def slot_partition(experiment: str, number: int) -> str:
@@ -36,3 +41,8 @@ def slot_key(experiment: str, number: int, client_id: str) -> dict[str, Any]:
         "experiment": {"S": slot_partition(experiment, number)},
         "round": {"N": str(slot_sort_key(client_id))},
     }
+
+
+def newest_key(experiment: str) -> dict[str, Any]:
+    """The key of the item that names the experiment's newest round (written with it)."""
+    return {"experiment": {"S": f"{experiment}{NEWEST_SUFFIX}"}, "round": {"N": "0"}}

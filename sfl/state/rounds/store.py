@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sfl.state.conditional import conditional
 from sfl.state.dynamo import from_item, serialize
-from sfl.state.rounds.keys import round_key, slot_key, slot_partition
+from sfl.state.rounds.keys import (
+    NEWEST_ATTRIBUTE,
+    newest_key,
+    round_key,
+    slot_key,
+    slot_partition,
+)
 from sfl.state.rounds.records import (
     Answer,
     Outcome,
@@ -42,6 +48,10 @@ SLOT_WRITE_GRACE_SECONDS = 15 * 60
 # this many times with jittered backoff before the error goes up (and the S3 event is retried).
 MAX_TRANSACTION_ATTEMPTS = 8
 BATCH_WRITE_ITEMS = 25  # DynamoDB's BatchWriteItem limit
+BATCH_GET_KEYS = 100  # DynamoDB's BatchGetItem limit
+# A window of more rounds than this (``models list --all``: the whole history) is read by
+# Query, a page per MB, rather than by key, a request per 100 rounds.
+MAX_KEYED_ROUNDS = 1_000
 
 
 class RoundOutcome(NamedTuple):
@@ -62,6 +72,21 @@ class RoundRefusals(NamedTuple):
     round: int
     refused: int | None
     strays: int
+
+
+def projection(attributes: tuple[str, ...]) -> dict[str, Any]:
+    """A ``ProjectionExpression`` of ``attributes`` (``a.b``: the map ``a``'s key ``b``),
+    every name a placeholder (so that no reserved word can break it)."""
+    names: dict[str, str] = {}
+    paths = []
+    for attribute in attributes:
+        parts = []
+        for name in attribute.split("."):
+            placeholder = next((k for k, v in names.items() if v == name), f"#a{len(names)}")
+            names[placeholder] = name
+            parts.append(placeholder)
+        paths.append(".".join(parts))
+    return {"ProjectionExpression": ", ".join(paths), "ExpressionAttributeNames": names}
 
 
 class RoundStore:
@@ -120,25 +145,82 @@ class RoundStore:
                 return [self.with_slots(r) for r in rounds] if slots else rounds
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
 
-    def recent(self, experiment: str, count: int, *, slots: bool = False) -> list[Round]:
+    def recent(
+        self,
+        experiment: str,
+        count: int,
+        *,
+        slots: bool = False,
+        attributes: tuple[str, ...] | None = None,
+    ) -> list[Round]:
         """The newest ``count`` rounds, oldest first: what reading them costs does not grow
-        with the history (a page per ~1 MB of round items)."""
-        rounds: list[Round] = []
-        kwargs: dict[str, Any] = {
-            "TableName": self._table,
-            "KeyConditionExpression": "experiment = :e",
-            "ExpressionAttributeValues": {":e": {"S": experiment}},
-            "ScanIndexForward": False,
-            "ConsistentRead": True,
-        }
-        while len(rounds) < count:
-            response = self._ddb.query(**kwargs, Limit=count - len(rounds))
-            rounds.extend(Round.from_item(i) for i in response.get("Items", []))
-            if "LastEvaluatedKey" not in response:
-                break
-            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
-        rounds.reverse()
+        with the history (by key, ``by_key``; else a page per ~1 MB of round items).
+        ``attributes``: only those of each item (paths such as ``summary.participants``
+        too; what ``Round.from_item`` requires among them), the rest left at their defaults."""
+        items = self.by_key(experiment, count, attributes)
+        if items is None:
+            items = self._query_newest(experiment, count, attributes)
+        rounds = [Round.from_item(i) for i in reversed(items)]
         return [self.with_slots(r) for r in rounds] if slots else rounds
+
+    def newest_number(self, experiment: str) -> int | None:
+        """The newest round's number (one read of the item created with it); None if no
+        round was created since that item was (a store from before it: ask ``latest``)."""
+        response = self._ddb.get_item(
+            TableName=self._table,
+            Key=newest_key(experiment),
+            ProjectionExpression="#n",
+            ExpressionAttributeNames={"#n": NEWEST_ATTRIBUTE},
+            ConsistentRead=True,
+        )
+        value = response.get("Item", {}).get(NEWEST_ATTRIBUTE, {}).get("N")
+        return int(value) if value is not None else None
+
+    def by_key(
+        self, experiment: str, count: int, attributes: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]] | None:
+        """The newest ``count`` round items (only ``attributes``, if given), newest first,
+        read by key: the newest round's number (``newest_number``), then one BatchGetItem per
+        100 rounds, which costs what the items do, whatever the history's length. The round
+        after the newest is asked too: if it exists, a round was created without naming
+        itself the newest (by code from before that item), and None says to query instead
+        (None too for more than ``MAX_KEYED_ROUNDS``)."""
+        if count > MAX_KEYED_ROUNDS:
+            return None
+        newest = self.newest_number(experiment)
+        if newest is None:
+            return None
+        numbers = list(range(newest + 1, max(0, newest - count), -1))
+        found = self._get_rounds(experiment, numbers, attributes)
+        if newest + 1 in found:
+            return None
+        return [found[n] for n in numbers if n in found]
+
+    def _get_rounds(
+        self, experiment: str, numbers: list[int], attributes: tuple[str, ...] | None
+    ) -> dict[int, dict[str, Any]]:
+        """Round items by number (BatchGetItem, 100 keys a call, unprocessed keys asked
+        again); a number with no item is absent."""
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(numbers), BATCH_GET_KEYS):
+            request: dict[str, Any] = {
+                "Keys": [round_key(experiment, n) for n in numbers[start : start + BATCH_GET_KEYS]],
+                "ConsistentRead": True,
+            }
+            if attributes is not None:
+                # The key too: it says which round an item is.
+                request.update(projection(("round", *(a for a in attributes if a != "round"))))
+            pending: dict[str, Any] = {self._table: request}
+            attempt = 0
+            while pending:
+                response = self._ddb.batch_get_item(RequestItems=pending)
+                for item in response.get("Responses", {}).get(self._table, []):
+                    found[int(item["round"]["N"])] = item
+                pending = dict(response.get("UnprocessedKeys") or {})
+                if pending:
+                    attempt += 1
+                    self._sleep(min(1.0, 0.05 * 2**attempt) * random.random())
+        return found
 
     def recent_outcomes(self, experiment: str, count: int) -> list[RoundOutcome]:
         """The newest ``count`` rounds in brief, newest first: four attributes of each item,
@@ -172,21 +254,31 @@ class RoundStore:
     def _newest(
         self, experiment: str, count: int, attributes: tuple[str, ...]
     ) -> list[dict[str, Any]]:
-        """``attributes`` of the newest ``count`` round items, newest first (pages of at
-        most ``count`` items: the cost does not grow with the history)."""
+        """``attributes`` of the newest ``count`` round items, newest first: by key, else a
+        query (pages of at most ``count`` items): the cost does not grow with the history."""
+        items = self.by_key(experiment, count, attributes)
+        if items is None:
+            items = self._query_newest(experiment, count, attributes)
+        return [from_item(item) for item in items]
+
+    def _query_newest(
+        self, experiment: str, count: int, attributes: tuple[str, ...] | None
+    ) -> list[dict[str, Any]]:
+        """The newest ``count`` round items (only ``attributes``, if given), newest first,
+        from a query of the experiment's partition."""
         found: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {
             "TableName": self._table,
             "KeyConditionExpression": "experiment = :e",
             "ExpressionAttributeValues": {":e": {"S": experiment}},
-            "ProjectionExpression": ", ".join(f"#a{i}" for i in range(len(attributes))),
-            "ExpressionAttributeNames": {f"#a{i}": a for i, a in enumerate(attributes)},
             "ScanIndexForward": False,
             "ConsistentRead": True,
         }
+        if attributes is not None:
+            kwargs.update(projection(attributes))
         while len(found) < count:
             response = self._ddb.query(**kwargs, Limit=count - len(found))
-            found.extend(from_item(item) for item in response.get("Items", []))
+            found.extend(response.get("Items", []))
             if "LastEvaluatedKey" not in response:
                 break
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
@@ -319,16 +411,27 @@ class RoundStore:
         )
 
     def _create_item(self, new: Round, previous: Round | None) -> bool:
+        """Put round n+1's item and name it the newest (``newest_key``) in one transaction:
+        the newest round's number is always exact, and read by key (``recent``)."""
         put = {
             "TableName": self._table,
             "Item": new.to_item(),
             "ConditionExpression": "attribute_not_exists(#r)",
             "ExpressionAttributeNames": {"#r": "round"},
         }
+        newest = {
+            "TableName": self._table,
+            "Key": newest_key(new.experiment),
+            "UpdateExpression": "SET #n = :n",
+            "ExpressionAttributeNames": {"#n": NEWEST_ATTRIBUTE},
+            "ExpressionAttributeValues": {":n": {"N": str(new.round)}},
+        }
         if previous is None:
             if new.round != 1:
                 raise ValueError("the first round of an experiment is round 1")
-            return conditional(self._ddb.put_item, **put).written
+            return conditional(
+                self._ddb.transact_write_items, TransactItems=[{"Put": put}, {"Update": newest}]
+            ).written
         if new.round != previous.round + 1:
             raise ValueError(f"round {new.round} cannot follow round {previous.round}")
         # Any cancellation (round n not finished, n+1 there, a concurrent creation): lost.
@@ -348,6 +451,7 @@ class RoundStore:
                     }
                 },
                 {"Put": put},
+                {"Update": newest},
             ],
         ).written
 
