@@ -353,3 +353,16 @@ def test_krum_configured_for_30_percent_leaves_out_three_sign_flippers_of_ten() 
         kept = result.details["krum_kept"]
         assert len([c for c in kept if int(c) < 3]) == flipped_kept, (fraction, kept)
         assert len([c for c in kept if int(c) >= 3]) == 7
+
+
+def test_krum_at_the_30_percent_row_keeps_five_honest_updates_of_ten() -> None:
+    """The threat table's 30% setting (``byzantine_fraction`` 0.4, ``keep`` 5): a margin
+    over three hostile of ten, and half the round averaged, so a sign flipper that looks
+    typical among diverse first-round updates is less likely to be among those kept."""
+    bounded = _sign_flipped_round()
+    rule = build_rule("krum", json.dumps({"byzantine_fraction": 0.4, "keep": 5}))
+    result = rule.aggregate({"w": torch.zeros(40)}, ListUpdates(bounded), None)
+    assert result is not None and result.details is not None
+    kept = result.details["krum_kept"]
+    assert len(kept) == 5 and all(int(c) >= 3 for c in kept), kept
+    assert result.details["krum_byzantine"] == 4

@@ -251,6 +251,7 @@ RULES: dict[str, BuiltinRule] = {
     "median": BuiltinRule("sfl.learning.rules.robust:Median", NoParams),
     "trimmed_mean": BuiltinRule("sfl.learning.rules.robust:TrimmedMean", TrimmedMeanParams),
     "krum": BuiltinRule("sfl.learning.rules.robust:MultiKrum", KrumParams),
+    "clamped_mean": BuiltinRule("sfl.learning.rules.robust:ClampedMean", NoParams),
 }
 
 

@@ -79,7 +79,7 @@ DEFAULT_ROUND_UPDATES = 100
 
 # What each built-in rule asks of the averager, torch-free. The rule classes' ``abilities``
 # (sfl.learning.rules) are the definition; tests/test_sizing.py checks these agree with them.
-READS_ALL_AT_ONCE = frozenset({"median", "trimmed_mean", "krum"})
+READS_ALL_AT_ONCE = frozenset({"median", "trimmed_mean", "krum", "clamped_mean"})
 SUMS_IN_SHARDS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 STATEFUL = frozenset({"fedavgm", "fedadam", "fedyogi", "fedadagrad"})
 

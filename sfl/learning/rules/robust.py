@@ -1,10 +1,12 @@
-"""Robust aggregation rules: coordinate-wise median, trimmed mean, (Multi-)Krum.
+"""Robust aggregation rules: coordinate-wise median, trimmed mean, (Multi-)Krum, the
+clamped mean.
 
 They need every update's value of a coordinate at once, so they read updates as chunks
 (the same rows of one tensor from every update): memory is ``CHUNK_ELEMENTS`` float64 values
 plus the model, whatever the number of updates. They ignore claimed example counts, except
-Multi-Krum, which averages the updates it keeps with their bounded weights. The maths
-follows Flower's ``aggregate_median``, ``aggregate_trimmed_avg`` and ``aggregate_krum``.
+Multi-Krum and the clamped mean, which average with the bounded weights. The maths of the
+first three follows Flower's ``aggregate_median``, ``aggregate_trimmed_avg`` and
+``aggregate_krum``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,51 @@ def krum_scores(distances: torch.Tensor, byzantine: int) -> list[float]:
         others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
         scores.append(float(others.sort().values[:nearest].sum()))
     return scores
+
+
+def add_gram(gram: torch.Tensor, changes: torch.Tensor) -> None:
+    """Add this chunk's share of every pairwise dot product of the updates' changes."""
+    flat = changes.reshape(changes.shape[0], -1)
+    gram += flat @ flat.T
+
+
+def clamp_against_others(
+    gram: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, list[int]]:
+    """Coefficients ``c`` (and which changes were projected) such that ``sum_j c_j x_j`` is
+    the weighted mean of the changes ``x`` after each change's component against the
+    weighted sum of the others is removed.
+
+    Computed from the changes' Gram matrix alone: each change is held as a combination of
+    the originals (rows of ``a``). The change least aligned with the others (most negative
+    cosine) is projected first, the others' sum then taken again with it projected, until
+    none points against the others; each change is projected at most once. Every
+    coefficient stays non-negative, so a projection only ever adds the others' direction.
+    """
+    n = len(weights)
+    a = torch.eye(n, dtype=torch.float64)
+    projected: set[int] = set()
+    for _ in range(n):
+        total = weights @ a
+        worst, chosen = 0.0, None
+        for i in range(n):
+            if i in projected:
+                continue
+            others = total - weights[i] * a[i]
+            others_sq = float(others @ gram @ others)
+            own_sq = float(a[i] @ gram @ a[i])
+            if not (others_sq > 0 and own_sq > 0):
+                continue
+            along = float(a[i] @ gram @ others)
+            cosine = along / math.sqrt(others_sq * own_sq)
+            if cosine < worst:
+                worst, chosen = cosine, (i, others, along / others_sq)
+        if chosen is None:
+            break
+        i, others, coefficient = chosen
+        a[i] = a[i] - coefficient * others
+        projected.add(i)
+    return (weights @ a) / weights.sum(), sorted(projected)
 
 
 # --- the rules ---------------------------------------------------------------------------
@@ -152,3 +199,32 @@ class MultiKrum(Rule):
             kept.add(tensors, weight)
         result = kept.result()
         return None if result is None else Aggregate(model=result, details=details)
+
+
+class ClampedMean(Rule):
+    """The weighted mean after each update's component against the others' is removed
+    (``clamp_against_others``): one device can hold a round back, not turn it around along
+    what the others agree on. Reports the clients whose change was projected."""
+
+    name = "clamped_mean"
+    abilities = Abilities(reads_all_at_once=True)
+
+    def aggregate(
+        self, base: Mapping[str, torch.Tensor], updates: UpdateSet, state: State | None
+    ) -> Aggregate | None:
+        weights = torch.tensor(updates.weights(), dtype=torch.float64)
+        n = len(weights)
+        if n == 0:
+            return None
+        gram = torch.zeros((n, n), dtype=torch.float64)
+        for chunk in updates.chunks():
+            start = as_rows(base[chunk.name])[chunk.rows].to(torch.float64)
+            add_gram(gram, chunk.values - start)
+        share, projected = clamp_against_others(gram, weights)
+        sums = {name: t.to(torch.float64).clone() for name, t in base.items()}
+        for (tensors, _), c in zip(updates.stream(), share.tolist(), strict=True):
+            for name, t in tensors.items():
+                sums[name].add_(t.to(torch.float64) - base[name].to(torch.float64), alpha=c)
+        clients = updates.clients()
+        model = {name: cast_like(v, base[name].dtype) for name, v in sums.items()}
+        return Aggregate(model=model, details={"clamped": [clients[i] for i in projected]})
