@@ -37,6 +37,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -406,6 +408,74 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+E2E_COMMON = [
+    "--clients",
+    "20",
+    "--partition",
+    "dirichlet",
+    "--alpha",
+    "0.5",
+    "--slow-clients",
+    "1",
+    "--seed",
+    "5",
+]
+E2E_MODES = {
+    "rounds": ["--rounds", "20", "--set", "fraction=0.5"],
+    "buffered": ["--rounds", "40", "--set", "mode=buffered", "--set", "concurrency=10"],
+}
+
+
+def e2e_summary(histories: dict[str, Path]) -> dict[str, Any]:
+    """Time to accuracy of ``sfl simulate`` runs, from their history files: summed round
+    (version) seconds, from the start and after the first row (which carries the clients'
+    one-off warm-up in rounds mode)."""
+    out: dict[str, Any] = {}
+    for mode, path in histories.items():
+        history = json.loads(path.read_text())
+        rows = history["rounds"]
+        elapsed, points = 0.0, []
+        for row in rows:
+            elapsed += row["timings"]["total"] or 0.0
+            points.append((elapsed, row["accuracy"] or 0.0))
+        first = points[0][0]
+        result: dict[str, Any] = {
+            "command": "sfl simulate " + " ".join(E2E_COMMON + E2E_MODES[mode]),
+            "rows": len(rows),
+            "wall_seconds": round(history["wall_seconds"], 1),
+            "final_accuracy": round(points[-1][1], 4),
+        }
+        for target in TARGETS:
+            hit = next((t for t, a in points if a >= target), None)
+            result[f"seconds_to_{target:.2f}"] = None if hit is None else round(hit, 1)
+            result[f"seconds_to_{target:.2f}_after_row_1"] = (
+                None if hit is None else round(hit - first, 1)
+            )
+        out[mode] = result
+    for target in TARGETS:
+        for suffix in ("", "_after_row_1"):
+            name = f"seconds_to_{target:.2f}{suffix}"
+            r, b = out["rounds"][name], out["buffered"][name]
+            out[f"ratio_{name}"] = round(b / r, 3) if r and b else None
+    return out
+
+
+def run_e2e(out: Path) -> dict[str, Any]:
+    """Both modes through ``sfl simulate`` (moto over HTTP, the real handlers, edge-client
+    threads sleeping their slowdowns), one after the other."""
+    histories = {}
+    for mode, extra in E2E_MODES.items():
+        folder = out / mode
+        subprocess.run(
+            [sys.executable, "-m", "sfl.cli.main", "simulate", *E2E_COMMON, *extra,
+             "--out", str(folder)],
+            check=True,
+        )  # fmt: skip
+        histories[mode] = folder / "history.json"
+    # Wall-clock seconds depend on what else the machine runs: say how busy it was.
+    return {**e2e_summary(histories), "load_average_at_end": os.getloadavg()}
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -480,7 +550,31 @@ def main() -> None:
         help="instead of running: one report from reports of the same model run apart "
         "(e.g. one process per seed)",
     )
+    parser.add_argument(
+        "--e2e",
+        action="store_true",
+        help="instead of the sweep: both modes end to end through sfl simulate (~10 min)",
+    )
+    parser.add_argument(
+        "--e2e-histories",
+        type=Path,
+        nargs=2,
+        metavar=("ROUNDS", "BUFFERED"),
+        help="instead of running: summarise the history.json of the two --e2e commands",
+    )
     args = parser.parse_args()
+    e2e_out = args.out.with_name(args.out.stem + "-e2e.json")
+    if args.e2e or args.e2e_histories:
+        if args.e2e_histories:
+            rounds, buffered = args.e2e_histories
+            summary = e2e_summary({"rounds": rounds, "buffered": buffered})
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                summary = run_e2e(Path(folder))
+        summary["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        e2e_out.write_text(json.dumps(summary, indent=1) + "\n")
+        print(json.dumps(summary, indent=1))
+        return
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]
         runs = [run for part in parts for run in part["runs"]]
