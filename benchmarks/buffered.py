@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import selection
 import torch
 from selection import (
     AGGREGATION_SECONDS,
@@ -476,57 +477,17 @@ def run_e2e(out: Path) -> dict[str, Any]:
     return {**e2e_summary(histories), "load_average_at_end": os.getloadavg()}
 
 
+LABEL_COLOURS = {
+    "rounds/random": "tab:gray",
+    "rounds/utility": "tab:blue",
+    "buffered/random": "tab:red",
+    "buffered/utility": "tab:green",
+}
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    partitions = list(dict.fromkeys(r["partition"] for r in runs))
-    sigmas = list(dict.fromkeys(r["sigma"] for r in runs))
-    colours = {
-        "rounds/random": "tab:gray",
-        "rounds/utility": "tab:blue",
-        "buffered/random": "tab:red",
-        "buffered/utility": "tab:green",
-    }
-    fig, axes = plt.subplots(
-        len(partitions),
-        len(sigmas),
-        figsize=(4.2 * len(sigmas), 3.2 * len(partitions)),
-        squeeze=False,
-        sharey=True,
-    )
-    labelled: set[str] = set()
-    for i, partition in enumerate(partitions):
-        for j, sigma in enumerate(sigmas):
-            ax = axes[i][j]
-            for run in runs:
-                if run["partition"] != partition or run["sigma"] != sigma:
-                    continue
-                ax.plot(
-                    run["elapsed_seconds"],
-                    run["accuracy"],
-                    color=colours.get(run["label"], "black"),
-                    alpha=0.7,
-                    linewidth=1,
-                    label=None if run["label"] in labelled else run["label"],
-                )
-                labelled.add(run["label"])
-            for target in TARGETS:
-                ax.axhline(target, color="black", linewidth=0.5, linestyle=":")
-            ax.set_ylim(0.3, 1.0)
-            ax.set_title(f"{partition}, sigma {sigma:g}", fontsize=9)
-            ax.grid(alpha=0.3)
-            if i == len(partitions) - 1:
-                ax.set_xlabel("modelled seconds")
-            if j == 0:
-                ax.set_ylabel("test accuracy")
-    fig.legend(loc="upper right", fontsize=8, ncols=2)
-    fig.suptitle("digits, 20 devices, 10 training at once: buffered vs rounds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = "digits, 20 devices, 10 training at once: buffered vs rounds"
+    selection.plot(runs, path, title, "modelled seconds", key="label", colours=LABEL_COLOURS)
 
 
 def main() -> None:

@@ -390,8 +390,20 @@ def run_e2e(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def plot(runs: list[dict[str, Any]], path: Path, title: str, xlabel: str) -> None:
-    """Accuracy over time, one panel per partition and sigma, one line per rule and seed."""
+RULE_COLOURS = {"random": "tab:gray", "fast_clients": "tab:orange", "utility": "tab:blue"}
+
+
+def plot(
+    runs: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    xlabel: str,
+    *,
+    key: str = "rule",
+    colours: dict[str, str] = RULE_COLOURS,
+) -> None:
+    """Accuracy over time, one panel per partition and sigma, one line per run (coloured by
+    its ``key``: the rule, or another benchmark's label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,7 +411,6 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, xlabel: str) -> Non
 
     partitions = list(dict.fromkeys(r["partition"] for r in runs))
     sigmas = list(dict.fromkeys(r["sigma"] for r in runs))
-    colours = {"random": "tab:gray", "fast_clients": "tab:orange", "utility": "tab:blue"}
     fig, axes = plt.subplots(
         len(partitions),
         len(sigmas),
@@ -417,12 +428,12 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str, xlabel: str) -> Non
                 ax.plot(
                     run["elapsed_seconds"],
                     run["accuracy"],
-                    color=colours.get(run["rule"], "tab:green"),
+                    color=colours.get(run[key], "tab:green"),
                     alpha=0.7,
                     linewidth=1,
-                    label=None if run["rule"] in labelled else run["rule"],
+                    label=None if run[key] in labelled else run[key],
                 )
-                labelled.add(run["rule"])
+                labelled.add(run[key])
             for target in TARGETS:
                 ax.axhline(target, color="black", linewidth=0.5, linestyle=":")
             ax.set_ylim(0.3, 1.0)
