@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
@@ -219,8 +219,8 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     out.print(table)
     unread = [s.reason for s in states.values() if s.reading is greengrass.Reading.NOT_READ]
     if unread and not args.no_greengrass:
-        why = escape(unread[0] or "")
-        out.print(f"greengrass: not read for {len(unread)} of {len(rows)} devices, {why}")
+        said = f"greengrass: not read for {len(unread)} of {len(rows)} devices, {unread[0] or ''}"
+        out.print(Text(said))
     return None
 
 
@@ -230,23 +230,27 @@ LAST_ERROR_CHARS = 80
 LAST_ERROR_WIDTH = 40
 
 
-def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[str, str, str]:
+def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[Text, str, Text]:
     """The columns greengrass (the component's version and state, or why there is none),
-    since (its last state change) and last error: AWS's words, escaped for rich and cut."""
+    since (its last state change) and last error: AWS's words as plain text (never read as
+    markup, so they show as they came) and cut."""
     if state.reading is greengrass.Reading.UNKNOWN:
-        return "[yellow]unknown[/]", "-", _cut(state.reason)
+        return Text("unknown", style="yellow"), "-", _cut(state.reason)
     if state.reading is not greengrass.Reading.REPORTED:  # local, none, not read
-        return state.reading.value, "-", "-"
+        return Text(state.reading.value), "-", Text("-")
     if state.component_version is None:
-        cell = "not installed"
+        cell = Text("not installed")
     else:
-        cell = escape(f"{state.component_version} {state.lifecycle_state or '-'}")
-        if state.lifecycle_state in ("ERRORED", "BROKEN"):
-            cell = f"[red]{cell}[/]"
+        failed = state.lifecycle_state in ("ERRORED", "BROKEN")
+        cell = Text(
+            f"{state.component_version} {state.lifecycle_state or '-'}",
+            style="red" if failed else "",
+        )
         if state.component_current is False:
-            cell += " (old)"
+            cell.append(" (old)")
     if state.core_status == "UNHEALTHY" and state.lifecycle_state not in ("ERRORED", "BROKEN"):
-        cell += ", [red]core UNHEALTHY[/]"  # another component on the device failed
+        cell.append(", ")
+        cell.append("core UNHEALTHY", style="red")  # another component on the device failed
     changed = state.state_changed_at
     since = "-" if changed is None else _ago(max(0.0, now - changed))
     error = ", ".join(state.status_codes)
@@ -255,10 +259,10 @@ def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[str
     return cell, since, _cut(error)
 
 
-def _cut(text: str | None) -> str:
+def _cut(text: str | None) -> Text:
     if not text:
-        return "-"
-    return escape(text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 1] + "…")
+        return Text("-")
+    return Text(text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 1] + "…")
 
 
 def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
