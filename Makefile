@@ -52,6 +52,8 @@ $(VENV)/.runtime: requirements/runtime.txt requirements/constraints.txt pyprojec
 	@echo "setup 3/3: the runtime (torch, if not installed above, scikit-learn, boto3, moto, ...)"
 	$(PIP) install -r requirements/runtime.txt -c requirements/constraints.txt 2>&1 | $(QUIET) | $(PROGRESS)
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	@# dp-accounting's metadata caps attrs below 24; the CDK's jsii needs 26 (requirements/runtime.txt)
+	$(PIP) install -q --no-deps $$(grep -E '^dp-accounting==' requirements/constraints.txt) 2>&1 | $(QUIET)
 	@echo "set-up done ($$(du -sh $(VENV) | cut -f1) in $(VENV))"
 	touch $@
 
