@@ -9,10 +9,15 @@ import pytest
 import torch
 from dp_accounting.pld import pld_privacy_accountant
 
-from sfl.core.privacy import default_delta, next_clip, split_noise
+from sfl.core.privacy import PrivacySettings, default_delta, next_clip, split_noise
 from sfl.learning.accountant import Release, epsilon
 from sfl.learning.rules.aggregation import FedAvg
-from sfl.learning.rules.privacy import noisy_count, private_sum, secret_generator
+from sfl.learning.rules.privacy import (
+    noisy_count,
+    private_step,
+    private_sum,
+    secret_generator,
+)
 
 
 def _base() -> dict[str, torch.Tensor]:
@@ -151,3 +156,49 @@ def test_a_release_outside_its_domain_is_refused() -> None:
         Release(sampling_rate=0.1, noise_multiplier=0.0)
     with pytest.raises(ValueError, match="delta"):
         epsilon([Release(0.1, 1.0)], 1.0)
+
+
+def test_a_fixed_step_keeps_its_clip_and_noises_with_the_whole_multiplier() -> None:
+    settings = PrivacySettings(noise_multiplier=0.8, clip=0.5)
+    step = private_step(
+        _clipped_sum([0.001]).partial(),
+        _base(),
+        [0.3],
+        settings=settings,
+        clip=0.5,
+        expected_devices=1.0,
+        generator=secret_generator(),
+    )
+    assert step.next_clip == 0.5 and step.noisy_bits is None
+    noise = step.released.sums["w"] - 0.001
+    assert abs(float(noise.std()) - 0.8 * 0.5) < 0.02 * 0.4
+
+
+def test_an_adaptive_step_counts_the_changes_within_its_clip_and_moves_it() -> None:
+    # One of ten changes is within the clip: the clip grows towards the median. The bits'
+    # noise (0.6) is 6.7 of its deviations away from reaching the target's 5 of 10.
+    settings = PrivacySettings(noise_multiplier=1.0, clip=1.0, clipping="adaptive", bits_stddev=0.6)
+    step = private_step(
+        _clipped_sum([0.0] * 10).partial(),
+        _base(),
+        [0.5] + [50.0] * 9,
+        settings=settings,
+        clip=1.0,
+        expected_devices=10.0,
+        generator=secret_generator(),
+    )
+    assert step.noisy_bits is not None and abs(step.noisy_bits - 1.0) < 4.0
+    assert step.next_clip == pytest.approx(math.exp(-0.2 * (step.noisy_bits / 10 - 0.5)))
+    assert step.next_clip > 1.0
+    # The changes pay for the bits: more noise than the multiplier alone.
+    assert step.noise.changes == pytest.approx((1.0 - (2 * 0.6) ** -2) ** -0.5)
+    with pytest.raises(ValueError, match="norms for"):
+        private_step(
+            _clipped_sum([0.0]).partial(),
+            _base(),
+            [],
+            settings=settings,
+            clip=1.0,
+            expected_devices=1.0,
+            generator=secret_generator(),
+        )

@@ -86,3 +86,35 @@ def next_clip(
         raise ValueError("the clip and the expected number of devices must be > 0")
     within = noisy_bits / expected_devices
     return float(clip * math.exp(-learning_rate * (within - target_quantile)))
+
+
+CLIPPINGS = ("fixed", "adaptive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySettings:
+    """How one DP step is taken: the configured noise and clip (``dp_*`` keys)."""
+
+    noise_multiplier: float  # the step's total: what the accountant is told
+    clip: float  # the fixed clip, or the adaptive clip's starting value
+    clipping: str = "fixed"
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    bits_stddev: float = 0.0  # adaptive only; 0: default_bits_stddev(expected devices)
+
+    def __post_init__(self) -> None:
+        if self.clipping not in CLIPPINGS:
+            raise ValueError(f"unknown DP clipping {self.clipping!r}: one of fixed, adaptive")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"DP clip must be a finite number > 0, got {self.clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ValueError(
+                f"DP noise multiplier must be a finite number > 0, got {self.noise_multiplier}"
+            )
+
+    def split(self, expected_devices: float) -> NoiseSplit:
+        """This step's noise on the changes and on the clip bits."""
+        if self.clipping == "fixed":
+            return split_noise(self.noise_multiplier, 0.0)
+        bits = self.bits_stddev or default_bits_stddev(expected_devices)
+        return split_noise(self.noise_multiplier, bits)

@@ -14,10 +14,12 @@ update (``keeps_base_value``) and stay the base model's.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from sfl.core.privacy import NoiseSplit, PrivacySettings, next_clip
 from sfl.learning.rules.aggregation import PartialSum
 
 
@@ -71,3 +73,54 @@ def noisy_count(count: int, stddev: float, generator: torch.Generator) -> float:
         raise ValueError(f"noise standard deviation must be >= 0, got {stddev}")
     noise = torch.randn((), generator=generator, dtype=torch.float64) if stddev > 0 else 0.0
     return float(count + stddev * noise)
+
+
+@dataclass(frozen=True)
+class PrivateStep:
+    """One DP step's release: the noised sum for the rule, and the clip for the next step."""
+
+    released: PartialSum
+    clip: float  # the clip this step used
+    next_clip: float  # the same if fixed; moved towards the target quantile if adaptive
+    noise: NoiseSplit
+    noisy_bits: float | None  # adaptive only: the released count of changes within the clip
+
+
+def private_step(
+    clipped: PartialSum,
+    base: Mapping[str, torch.Tensor],
+    change_norms: Sequence[float],
+    *,
+    settings: PrivacySettings,
+    clip: float,
+    expected_devices: float,
+    generator: torch.Generator,
+) -> PrivateStep:
+    """DP-FedAvg's step over updates already clipped to ``clip`` and summed with weight 1.
+
+    ``change_norms`` are the summed updates' change norms before clipping (measured by the
+    server): the adaptive clip's bits count those within ``clip``. The averager and the
+    benchmarks call this one function.
+    """
+    if len(change_norms) != clipped.count:
+        raise ValueError(f"{len(change_norms)} norms for {clipped.count} summed updates")
+    noise = settings.split(expected_devices)
+    released = private_sum(
+        clipped,
+        base,
+        expected_devices=expected_devices,
+        stddev=noise.changes * clip,
+        generator=generator,
+    )
+    if settings.clipping == "fixed":
+        return PrivateStep(released, clip, clip, noise, None)
+    within = sum(1 for n in change_norms if n <= clip)
+    bits = noisy_count(within, noise.bits, generator)
+    following = next_clip(
+        clip,
+        bits,
+        expected_devices,
+        target_quantile=settings.target_quantile,
+        learning_rate=settings.clip_learning_rate,
+    )
+    return PrivateStep(released, clip, following, noise, bits)
