@@ -18,6 +18,7 @@ from sfl.core import plugins
 from sfl.core import task_params as task_params_
 from sfl.core.compressed_layout import DEFAULT_TOPK_FRACTION, MIN_TOPK_FRACTION, UPDATE_CODECS
 from sfl.core.liveness import DEFAULT_WINDOW, HISTORY_PICKS
+from sfl.core.privacy import CLIPPINGS, split_noise
 from sfl.core.settings import Allowed, OneOf, Range, Settings, setting
 from sfl.core.settings import ConfigError as ConfigError
 from sfl.core.sizing import READS_ALL_AT_ONCE
@@ -38,6 +39,10 @@ DEPLOY_TIME_KEYS = frozenset(
 #: How the federation turns updates into versions (docs/buffered.md): ``rounds`` waits for
 #: each round's picked devices; ``buffered`` takes a step every ``buffer_size`` updates.
 MODES = ("rounds", "buffered")
+
+#: The one selection DP's accountant covers: every candidate drawn independently
+#: (``sfl.core.selection.select_poisson``, docs/privacy.md).
+DP_SELECTION = "poisson"
 
 
 def _plugin(kind: str) -> Allowed:
@@ -309,6 +314,51 @@ class FederationConfig(Settings):
         doc="'buffered': the hinge weighting keeps full weight up to this many versions behind",
     )
 
+    dp_noise_multiplier: float = setting(
+        0.0,
+        allowed=Range(0.0, 1_000.0),
+        doc="user-level differential privacy (docs/privacy.md): the Gaussian noise on the sum "
+        "of clipped changes, as a multiple of dp_clip; 0 turns DP off",
+    )
+    dp_clip: float = setting(
+        0.0,
+        allowed=Range(0.0, 1e12),
+        doc="DP: the L2 bound on each device's change (the adaptive clip's start); > 0 with DP",
+    )
+    dp_clipping: str = setting(
+        "fixed",
+        allowed=OneOf(CLIPPINGS),
+        doc="DP: a fixed clip, or one that follows dp_target_quantile of the changes' norms "
+        "(Andrew et al. 2021; its estimate is privatised too)",
+    )
+    dp_target_quantile: float = setting(
+        0.5,
+        allowed=Range(0.0, 1.0),
+        doc="DP, adaptive clipping: the share of changes the clip aims to leave unclipped",
+    )
+    dp_clip_learning_rate: float = setting(
+        0.2,
+        allowed=Range(0.0, 10.0),
+        doc="DP, adaptive clipping: how fast the clip moves (geometric step per version)",
+    )
+    dp_clip_bits_stddev: float = setting(
+        0.0,
+        allowed=Range(0.0, 1e9),
+        doc="DP, adaptive clipping: the noise on the count of unclipped changes; 0: the "
+        "expected devices per version / 20",
+    )
+    dp_delta: float = setting(
+        0.0,
+        allowed=Range(0.0, 0.1),
+        doc="DP: the delta epsilon is reported at; 0: 1/N**1.1, N the population sampled from",
+    )
+    dp_epsilon_budget: float = setting(
+        0.0,
+        allowed=Range(0.0, 1e6),
+        doc="DP: pause the experiment before a version would spend more epsilon than this; "
+        "0: no budget",
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.aggregation_params, Mapping):  # cdk.json may give an object
             object.__setattr__(
@@ -341,6 +391,8 @@ class FederationConfig(Settings):
             )
         if self.mode == "buffered":
             self._check_buffered()
+        if self.dp_noise_multiplier > 0:
+            self._check_private()
 
     def _check_buffered(self) -> None:
         """What buffered mode cannot run with, refused with the reason."""
@@ -356,6 +408,45 @@ class FederationConfig(Settings):
                 f"config key 'aggregation_shard_above': {self.aggregation_shard_above} is not "
                 "allowed with mode=buffered: a buffer of at most buffer_size updates is "
                 "summed in one invocation; allowed: 0"
+            )
+
+    @property
+    def private(self) -> bool:
+        """User-level DP is on (docs/privacy.md)."""
+        return self.dp_noise_multiplier > 0
+
+    def _check_private(self) -> None:
+        """What DP cannot run with, refused with the reason (docs/privacy.md)."""
+        if self.dp_clip <= 0:
+            raise ConfigError(
+                "config key 'dp_clip': 0 is not allowed with dp_noise_multiplier > 0: the "
+                "noise is calibrated to the clip; allowed: a number > 0"
+            )
+        if self.selection != DP_SELECTION:
+            raise ConfigError(
+                f"config key 'selection': {self.selection!r} is not allowed with "
+                "dp_noise_multiplier > 0: the accountant covers Poisson sampling of the "
+                "population ('utility' and 'fast_clients' pick by device history, 'random' "
+                f"and 'all' a fixed count); allowed: {DP_SELECTION}"
+            )
+        if self.aggregation in READS_ALL_AT_ONCE:
+            raise ConfigError(
+                f"config key 'aggregation': {self.aggregation!r} is not allowed with "
+                "dp_noise_multiplier > 0: it reads single updates, in ways the Gaussian "
+                "mechanism's sensitivity (one clipped change in a sum) does not bound; "
+                "allowed: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, or a rule of yours "
+                "that sums in shards"
+            )
+        if self.dp_clipping == "adaptive" and self.dp_clip_bits_stddev > 0:
+            try:
+                split_noise(self.dp_noise_multiplier, self.dp_clip_bits_stddev)
+            except ValueError as e:
+                raise ConfigError(f"config key 'dp_clip_bits_stddev': {e}") from e
+        if self.mode == "buffered":
+            raise ConfigError(
+                "config key 'mode': 'buffered' is not allowed with dp_noise_multiplier > 0: "
+                "a buffer takes whoever answers, not a Poisson sample, and this accountant "
+                "does not cover it yet; allowed: rounds"
             )
 
     # --- the Lambdas' environment --------------------------------------------------------

@@ -7,6 +7,7 @@ models bucket (versioned; every object version kept)
     rounds/current.json                 the current assignment, polled by clients
     state/v000001.safetensors           a stateful rule's server state beside that version
                                         (optimiser moments; never readable by devices)
+    state/v000001.privacy.json          a DP version's privacy record (clip, noise, epsilon)
     eval/heldout.safetensors            optional held-out evaluation set (x, y)
 updates bucket
     updates/<client_id>/round-000001.safetensors   one update per client and round
@@ -92,6 +93,13 @@ def state_key(version: int) -> str:
     if version < 0:
         raise ValueError(f"model version must be >= 0, got {version}")
     return f"{STATE_PREFIX}v{version:06d}.safetensors"
+
+
+def privacy_key(version: int) -> str:
+    """The privacy record a DP version's step wrote beside it (``sfl.core.privacy_ledger``)."""
+    if version < 0:
+        raise ValueError(f"model version must be >= 0, got {version}")
+    return f"{STATE_PREFIX}v{version:06d}.privacy.json"
 
 
 def update_key(client_id: str, round_number: int) -> str:

@@ -28,6 +28,7 @@ REGISTRY: dict[str, dict[str, str]] = {
         "utility": "sfl.core.selection:select_by_utility",
         "random": "sfl.core.selection:select_random",
         "all": "sfl.core.selection:select_all",
+        "poisson": "sfl.core.selection:select_poisson",
     },
     # Aggregation rules register with their parameters, torch-free: sfl.core.params.RULES.
     "aggregation": {name: rule.implementation for name, rule in params.RULES.items()},

@@ -13,6 +13,10 @@ passes over the candidates plus one sort (medians).
   turnaround. Both ``fast_clients`` and ``utility`` keep an exploration share for clients not
   picked recently and a cap on how often one client is picked (``SelectionPolicy``).
 - ``all``: everyone.
+- ``poisson``: every candidate independently with probability q (``sampling_rate``), so a
+  round's size varies and may be nobody; the one rule differential privacy's accountant
+  covers (docs/privacy.md). With DP on the initiator draws from the operating system's
+  randomness, never from the seeded ``rng``.
 
 See docs/selection.md for the rules, their parameters and the measurements.
 """
@@ -67,6 +71,7 @@ class SelectionPolicy:
     max_share: float = 1.0  # a client picked in more than this share of recent rounds sits out
     window: int = 10  # rounds over which recent picks are counted and staleness judged
     speed_exponent: float = 4.0  # 'utility': penalty exponent for slower-than-preferred clients
+    sampling_rate: float = 0.0  # 'poisson': each candidate's probability; 0: k / candidates
 
     @classmethod
     def from_config(cls, config: FederationConfig, round_number: int) -> SelectionPolicy:
@@ -97,6 +102,16 @@ def clients_to_pick(num_active: int, *, fraction: float, clients_per_round: int)
         return 0
     wanted = clients_per_round if clients_per_round > 0 else math.ceil(fraction * num_active)
     return max(1, min(num_active, wanted))
+
+
+def sampling_rate(num_candidates: int, *, fraction: float, clients_per_round: int) -> float:
+    """``poisson``'s q: ``clients_per_round`` over the candidates (at most 1), else
+    ``fraction``; the expected round size is ``q x num_candidates``."""
+    if num_candidates <= 0:
+        return 0.0
+    if clients_per_round > 0:
+        return min(1.0, clients_per_round / num_candidates)
+    return min(1.0, fraction)
 
 
 def cooled_down(
@@ -214,6 +229,22 @@ def select_all(candidates: Sequence[Candidate], k: int, rng: random.Random) -> l
 
 def select_random(candidates: Sequence[Candidate], k: int, rng: random.Random) -> list[str]:
     return sorted(rng.sample([c.client_id for c in candidates], k))
+
+
+def select_poisson(
+    candidates: Sequence[Candidate],
+    k: int,
+    rng: random.Random,
+    policy: SelectionPolicy | None = None,
+) -> list[str]:
+    """Each candidate independently with probability q (``policy.sampling_rate``, else
+    ``k / len(candidates)``): Poisson sampling, whose privacy amplification the accountant
+    counts. The round's size varies; it may be nobody (the initiator then starts no round)."""
+    if not candidates:
+        return []
+    q = policy.sampling_rate if policy is not None and policy.sampling_rate > 0 else 0.0
+    q = min(1.0, q or k / len(candidates))
+    return sorted(c.client_id for c in candidates if rng.random() < q)
 
 
 def select_fast_clients(

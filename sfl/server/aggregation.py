@@ -13,10 +13,11 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from sfl.core.privacy_ledger import PrivacyRecord
 from sfl.learning.codec import decode, encode, encode_model
 from sfl.learning.rules.aggregation import Aggregate, AggregationRule, build_rule
 from sfl.learning.rules.bounds import bounded_weights, clip_scale, model_norm, norm_bound
-from sfl.server import shards
+from sfl.server import private_release, shards
 from sfl.server.base_model import base_model
 from sfl.server.context import Aggregated
 from sfl.server.round_updates import Entry, RoundUpdates
@@ -31,42 +32,54 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
+def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | str | None:
     """Write the next model version from the round's accepted updates; None if not one of
-    them could be read back (the round is then abandoned by the caller).
+    them could be read back, or why DP refuses the step (``sfl.server.private_release``):
+    the round is then abandoned by the caller.
 
     Every update is weighed and moved within the round's bounds (``sfl.learning.rules.bounds``):
     its weight at most ``max_weight_ratio`` times the median example count, its change
     from the base model clipped to the round's norm bound. One update that cannot be read
     back is left out (``excluded``), never the round. A stateful rule's server state is
     written once beside the new version, before it; a retry that finds it written makes
-    the model from that state, so model and state always agree.
+    the model from that state, so model and state always agree. With DP on, each update
+    weighs 1 and is clipped to the DP clip, and the rule receives the noised sum instead.
     """
     started = ctx.clock()
     config = ctx.round_config(round_)
     rule = build_rule(config.aggregation, config.aggregation_params)
     accepted = accepted_answers(ctx, round_)
-    weights = dict(
-        zip(
-            accepted,
-            bounded_weights([a.num_examples for a in accepted.values()], config.max_weight_ratio),
-            strict=True,
-        )
-    )
+    version = round_.base_version + 1
+    private = private_release.plan(ctx, round_, config, rule, version) if config.private else None
+    if isinstance(private, str):
+        return private
     base = base_model(ctx.models, round_.base_version)
-    bound = norm_bound(
-        [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
-        factor=config.norm_bound_factor,
-        absolute=config.max_update_norm,
-        fallback=round_.norm_bound_hint,
-        base_norm=model_norm(base),
-    )
+    if private is not None:  # DP: weight 1 each, every change clipped to the DP clip
+        weights = dict.fromkeys(accepted, 1.0)
+        bound = private.clip
+    else:
+        weights = dict(
+            zip(
+                accepted,
+                bounded_weights(
+                    [a.num_examples for a in accepted.values()], config.max_weight_ratio
+                ),
+                strict=True,
+            )
+        )
+        bound = norm_bound(
+            [a.delta_norm for a in accepted.values() if a.delta_norm > 0],
+            factor=config.norm_bound_factor,
+            absolute=config.max_update_norm,
+            fallback=round_.norm_bound_hint,
+            base_norm=model_norm(base),
+        )
     entries = [
         Entry(client, a.key, a.etag, weights[client], clip_scale(a.delta_norm, bound))
         for client, a in accepted.items()
     ]
-    version = round_.base_version + 1
     previous = previous_state(ctx, rule, config.aggregation, round_.base_version)
+    record: PrivacyRecord | None = None
     # --- sharded aggregation (sfl.server.shards): above aggregation_shard_above updates, shard
     # invocations sum them in parallel and this one reduces; else they are read here.
     sharded = shards.sharded_updates(
@@ -81,7 +94,12 @@ def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
         ctx.models.header(round_.base_version),
         in_flight=config.aggregation_in_flight,
     ) as updates:
-        result = rule.aggregate(base, updates, previous)
+        if private is None:
+            result = rule.aggregate(base, updates, previous)
+        else:
+            released = private.release(ctx, base, updates, accepted)
+            result = None if released is None else rule.aggregate(base, released[0], previous)
+            record = None if released is None else released[1]
         read = list(updates.read)
         excluded = dict(updates.excluded)
     if result is None:
@@ -117,6 +135,9 @@ def aggregate(ctx: AveragerContext, round_: Round) -> Aggregated | None:
         "model_already_written": rewritten,
         **details,
     }
+    if record is not None:
+        summary["privacy"] = record.summary()
+        private_release.after_version(ctx, config, record)
     return Aggregated(version, summary, finished, stateful_rule=rule.stateful)
 
 

@@ -18,7 +18,7 @@ from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.state.aws import AwsClients
 from sfl.state.buffers import Buffer, BufferStore
-from sfl.state.control import round_config
+from sfl.state.control import ControlStore, round_config
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundStore
@@ -60,6 +60,7 @@ class AveragerContext:
     registry: ClientRegistry
     models: ModelStore
     buffers: BufferStore
+    control: ControlStore  # the operator's pause (a DP budget spent pauses the experiment)
     clock: Callable[[], float] = time.time
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)  # as an aggregation lease holder
     invoke_shard: Invoker | None = None  # None: every round is aggregated in this invocation
@@ -81,6 +82,7 @@ class AveragerContext:
             registry=ClientRegistry(aws.dynamodb, names.clients_table),
             models=ModelStore(aws.s3, names.models_bucket),
             buffers=BufferStore(aws.dynamodb, names.rounds_table),
+            control=ControlStore(aws.dynamodb, names.rounds_table),
             **options,
         )
 

@@ -15,16 +15,17 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sfl.core import layout
-from sfl.core.config import FederationConfig
+from sfl.core.config import DP_SELECTION, FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.core.selection import (
     SelectionPolicy,
     clients_to_pick,
     cooled_down,
     get_selection_strategy,
+    sampling_rate,
     select_clients,
 )
 from sfl.state.aws import AwsClients
@@ -185,11 +186,21 @@ def start_round(
         len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
     )
     strategy = get_selection_strategy(config.selection)
-    rng = random.Random(f"{config.seed}/{config.experiment}/{number}")
-    policy = SelectionPolicy.from_config(config, number)
-    selected = tuple(select_clients(strategy, candidates, k, rng, policy))
+    q = sampling_rate(
+        len(candidates), fraction=config.fraction, clients_per_round=config.clients_per_round
+    )
+    policy = replace(SelectionPolicy.from_config(config, number), sampling_rate=q)
+    selected = tuple(select_clients(strategy, candidates, k, selection_rng(config, number), policy))
     if not selected:
-        return InitiatorResult(False, None, f"selection {config.selection!r} picked nobody")
+        # Poisson sampling may draw nobody: no round, nothing released; the next run (the
+        # schedule's tick) draws afresh.
+        return InitiatorResult(
+            False,
+            None,
+            f"selection {config.selection!r} picked nobody of {len(candidates)} candidate(s); "
+            "the next run draws again",
+            active_clients=len(active),
+        )
     unknown = set(selected) - {c.client_id for c in candidates}
     if unknown:
         raise ValueError(f"selection {config.selection!r} picked inactive clients {unknown}")
@@ -208,6 +219,7 @@ def start_round(
         candidates=len(active),
         select_seconds=now - started,
         norm_bound_hint=_norm_bound_hint(latest),
+        sampling=_sampling(config, q, len(candidates)),
         config_version=plan.config_version,
         config=config.to_dict(),
     )
@@ -221,6 +233,22 @@ def start_round(
         extra={"round": number, "selected": list(selected), "base_version": base_version},
     )
     return InitiatorResult(True, number, "started", selected, active_clients=len(active))
+
+
+def selection_rng(config: FederationConfig, number: int) -> random.Random:
+    """The round's randomness: seeded by ``seed``, experiment and round (reproducible), or with
+    DP on the operating system's (``SystemRandom``), since a sample anyone can recompute
+    from the configuration gives no privacy amplification (docs/privacy.md)."""
+    if config.private:
+        return random.SystemRandom()
+    return random.Random(f"{config.seed}/{config.experiment}/{number}")
+
+
+def _sampling(config: FederationConfig, rate: float, population: int) -> dict[str, float]:
+    """What a Poisson draw really used, for the averager's DP step and the accountant."""
+    if config.selection != DP_SELECTION:
+        return {}
+    return {"rate": rate, "population": float(population), "expected": rate * population}
 
 
 def _norm_bound_hint(previous: Round | None) -> float:

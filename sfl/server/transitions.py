@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sfl.core.quorum import QuorumView, get_quorum_policy
 from sfl.server import aggregation, liveness
+from sfl.server.context import Aggregated
 from sfl.server.participation import count_round
 from sfl.state.rounds import Round, RoundState
 
@@ -95,8 +96,8 @@ def _aggregate_and_close(ctx: AveragerContext, won: Round) -> bool:
     """The next model version from the round this call holds the lease of, then CLOSED with
     its figures (the closing listeners' with them); ABANDONED if no update could be read."""
     aggregated = aggregation.aggregate(ctx, won)
-    if aggregated is None:
-        reason = "no accepted update could be read back for aggregation"
+    if not isinstance(aggregated, Aggregated):  # None, or DP's refusal
+        reason = aggregated or "no accepted update could be read back for aggregation"
         return ctx.rounds.abandon(won.experiment, won.round, reason, ctx.clock(), owner=ctx.owner)
     summary = dict(aggregated.summary)
     for listener in ctx.on_closing:

@@ -49,12 +49,18 @@ class ModelLineage:
     rolled_back_from: int | None = None
     # A first version from the user's own weights: {"source_file", "source_sha256"}.
     source: Mapping[str, str] = field(default_factory=dict)
+    # A DP version's spending (sfl.core.privacy_ledger): epsilon and delta so far, versions,
+    # noise multiplier, clip, sampling rate; empty for a version made without DP.
+    privacy: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["participants"] = list(self.participants)
         d["metrics"] = dict(self.metrics)
         d["source"] = dict(self.source)
+        d["privacy"] = dict(self.privacy)
+        if not d["privacy"]:
+            del d["privacy"]
         return d
 
     @classmethod
@@ -70,6 +76,7 @@ class ModelLineage:
             metrics=dict(d.get("metrics", {})),
             rolled_back_from=d.get("rolled_back_from"),
             source={str(k): str(v) for k, v in dict(d.get("source") or {}).items()},
+            privacy=dict(d.get("privacy") or {}),
         )
 
 
@@ -99,6 +106,7 @@ def lineage_of_round(r: Round, evaluation: Mapping[str, Any] | None = None) -> M
         config_version=r.config_version,
         created_at=r.finished_at,
         metrics=metrics,
+        privacy=dict(summary.get("privacy") or {}),
     )
 
 

@@ -18,6 +18,7 @@ from botocore.exceptions import ClientError
 
 from sfl.core import layout
 from sfl.core.header import Header, header_length, parse_header
+from sfl.core.privacy_ledger import PrivacyRecord
 from sfl.state.aws import error_code, is_not_found
 from sfl.state.conditional import conditional
 
@@ -99,6 +100,23 @@ class ModelStore:
     def state_metadata(version: int, rule: str) -> dict[str, str]:
         """What a state object's header says: its format, rule and version."""
         return {"format": STATE_FORMAT, "rule": rule, "version": str(version)}
+
+    # --- privacy records ---------------------------------------------------------------
+
+    def privacy_record(self, version: int) -> PrivacyRecord | None:
+        """The privacy record beside DP version ``version``; None if it was made without DP."""
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=layout.privacy_key(version))
+        except ClientError as e:
+            if is_not_found(e):
+                return None
+            raise
+        return PrivacyRecord.from_dict(json.loads(obj["Body"].read()))
+
+    def put_privacy(self, record: PrivacyRecord) -> bool:
+        """Write a version's privacy record unless it exists (False then: keep that one)."""
+        body = json.dumps(record.to_dict(), sort_keys=True).encode()
+        return self._put_once(layout.privacy_key(record.version), body)
 
     # --- the assignment -----------------------------------------------------------------
 

@@ -109,6 +109,9 @@ class Round:
     norm_bound_hint: float = 0.0  # the last closed round's norm bound; 0: none yet
     candidates: int = 0
     select_seconds: float = 0.0
+    # Poisson selection (docs/privacy.md): what the draw really used, which the averager's DP
+    # step and the accountant read: {"rate": q, "population": N, "expected": q x N}.
+    sampling: Mapping[str, float] = field(default_factory=dict)
     lease_owner: str = ""
     lease_expires_at: float = 0.0
     aggregation_attempts: int = 0
@@ -222,6 +225,7 @@ class Round:
                 "norm_bound_hint": self.norm_bound_hint,
                 "candidates": self.candidates,
                 "select_seconds": self.select_seconds,
+                "sampling": dict(self.sampling) or None,
                 "aggregation_attempts": self.aggregation_attempts,
                 "config_version": self.config_version,
                 "config": dict(self.config) or None,
@@ -253,6 +257,7 @@ class Round:
             norm_bound_hint=float(d.get("norm_bound_hint", 0.0)),
             candidates=int(d.get("candidates", 0)),
             select_seconds=float(d.get("select_seconds", 0.0)),
+            sampling={str(k): float(v) for k, v in (d.get("sampling") or {}).items()},
             lease_owner=d.get("lease_owner", ""),
             lease_expires_at=float(d.get("lease_expires_at", 0.0)),
             aggregation_attempts=int(d.get("aggregation_attempts", 0)),
