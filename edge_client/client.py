@@ -33,6 +33,8 @@ from sfl.core import layout
 from sfl.core.decline import Decline, DeclineReason, clean_detail
 from sfl.learning import codec
 from sfl.learning.compression import UPDATE_CODECS, UpdateCodec, encode_update
+from sfl.learning.local_privacy import LOCAL_DELTA, device_epsilon, privatise
+from sfl.learning.rules.privacy import secret_generator
 from sfl.learning.tasks.base import ClientData, Metrics, TrainConfig, TrainingTask
 from sfl.state.aws import AwsCallFailed, AwsClients, aws_call, error_code
 from sfl.state.model_store import ModelStore
@@ -260,6 +262,7 @@ class EdgeClient:
         self.rounds_answered = 0
         self.rounds_skipped = 0  # picked, but the global model was refused
         self.rounds_declined = 0  # picked, and told the server why there is no update
+        self.local_dp_participations = 0  # updates noised here since the process started
         self._assignment_etag: str | None = None
         self._last_round_seen = 0  # rounds up to this one are never answered (again)
         self._next_heartbeat = 0.0
@@ -419,8 +422,11 @@ class EdgeClient:
             return
         model, bytes_down = loaded
         reference = _signature(model.state_dict())
-        # A compressed update is a change from the base: keep the base to measure it.
-        base = None if a.update_codec.name == "none" else _snapshot(model.state_dict())
+        # A compressed update is a change from the base, and local DP clips the change: keep
+        # the base to measure it.
+        local_dp = self.settings.local_dp_clip > 0
+        keep = local_dp or a.update_codec.name != "none"
+        base = _snapshot(model.state_dict()) if keep else None
         downloaded = self.clock()
         stop_at = a.deadline_at - min(
             DEADLINE_MARGIN_SECONDS, _DEADLINE_MARGIN_SHARE * max(0.0, a.deadline_at - started)
@@ -448,6 +454,8 @@ class EdgeClient:
         metrics = _reported_metrics(train_metrics, local_eval)
         trained_state = model.state_dict()
         _check_trained(trained_state, reference)
+        if local_dp and base is not None:
+            trained_state = self._privatise(trained_state, base)
         self.hooks.before_upload(a, trained - downloaded)
         if self.stop.is_set():
             raise RoundInterrupted
@@ -472,6 +480,30 @@ class EdgeClient:
             metadata.to_header(),
         )
         self.upload(a, update, started)
+
+    def _privatise(self, trained: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+        """Local DP (docs/privacy.md): the change clipped and noised here, before upload; the
+        device logs what its participations have cost it."""
+        z = self.settings.local_dp_noise_multiplier
+        out = privatise(
+            trained,
+            base,
+            clip=self.settings.local_dp_clip,
+            noise_multiplier=z,
+            generator=secret_generator(),
+        )
+        self.local_dp_participations += 1
+        spent = device_epsilon(self.local_dp_participations, z)
+        logger.info(
+            "local DP: change clipped and noised before upload",
+            extra={
+                "client_id": self.settings.client_id,
+                "participations": self.local_dp_participations,
+                "epsilon": spent,
+                "delta": LOCAL_DELTA,
+            },
+        )
+        return out
 
     def _client_data(self, a: Assignment) -> ClientData:
         """The device's data, read afresh for this round (what it collected since counts);

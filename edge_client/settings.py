@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ class ClientSettings:
     active_window_seconds: float = _DEFAULTS.active_window_seconds
     max_backoff_seconds: float = 300.0
     max_rounds: int | None = None  # stop after answering this many rounds (tests, demos)
+    # Local DP (docs/privacy.md): the device clips its change to this L2 norm and adds
+    # Gaussian noise of local_dp_noise_multiplier x local_dp_clip before upload; 0: off.
+    local_dp_clip: float = 0.0
+    local_dp_noise_multiplier: float = 0.0
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -65,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the federation's active window; sets how long the registry keeps this client",
     )
     p.add_argument("--max-rounds", type=int)
+    p.add_argument(
+        "--local-dp-clip",
+        type=float,
+        help="local DP: clip this device's change to this L2 norm before upload; defaults to "
+        "$SFL_LOCAL_DP_CLIP, 0 (off)",
+    )
+    p.add_argument(
+        "--local-dp-noise-multiplier",
+        type=float,
+        help="local DP: Gaussian noise of this times the clip on the change; defaults to "
+        "$SFL_LOCAL_DP_NOISE_MULTIPLIER, 0 (clip only)",
+    )
     return p
 
 
@@ -110,6 +127,20 @@ def parse_settings(
             parser.error(f"{name}={raw!r} is not a number")
             raise  # unreachable: parser.error exits
 
+    local_dp_clip = number(args.local_dp_clip, "SFL_LOCAL_DP_CLIP", 0.0)
+    local_dp_noise = number(args.local_dp_noise_multiplier, "SFL_LOCAL_DP_NOISE_MULTIPLIER", 0.0)
+    for value, name in (
+        (local_dp_clip, "--local-dp-clip"),
+        (local_dp_noise, "--local-dp-noise-multiplier"),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"{name}: {value} is not a finite number >= 0")
+    if local_dp_noise > 0 and local_dp_clip <= 0:
+        parser.error(
+            "--local-dp-noise-multiplier needs --local-dp-clip > 0: the noise is a "
+            "multiple of the clip"
+        )
+
     return ClientSettings(
         client_id=client_id,
         models_bucket=need(args.models_bucket, "--models-bucket", "SFL_MODELS_BUCKET"),
@@ -130,4 +161,6 @@ def parse_settings(
             _DEFAULTS.active_window_seconds,
         ),
         max_rounds=args.max_rounds,
+        local_dp_clip=local_dp_clip,
+        local_dp_noise_multiplier=local_dp_noise,
     )

@@ -20,6 +20,7 @@ from sfl.server.runtime import (
     GLOBAL_ACCURACY_METRIC,
     INITIATOR_SERVICE,
     METRICS_NAMESPACE,
+    PRIVACY_EPSILON_METRIC,
 )
 
 PERIOD = Duration.minutes(5)
@@ -104,6 +105,10 @@ class FederationDashboard(Construct):
                 "Global model accuracy (held-out set)",
                 [averager_metric(GLOBAL_ACCURACY_METRIC, "Average", "accuracy")],
                 left_max=1.0,
+            ),
+            _graph(
+                "Privacy spent (epsilon, with DP on)",
+                [averager_metric(PRIVACY_EPSILON_METRIC, "Maximum", "epsilon")],
             ),
         )
         self.dashboard.add_widgets(

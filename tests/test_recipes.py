@@ -241,6 +241,8 @@ def test_stack_owned_settings_are_literals_of_each_version_not_device_configurat
         "extraSitePackages",
         "pipOptions",
         "torchIndexUrl",
+        "localDpClip",
+        "localDpNoiseMultiplier",
     }
     run_env = lifecycle(recipe)["Run"]["Setenv"]
     assert {k: run_env[k] for k in recipes.stack_settings(config, NAMES, region="eu-west-1")} == {

@@ -32,6 +32,7 @@ from sfl.server.runtime import (
     GLOBAL_ACCURACY_METRIC,
     INITIATOR_FUNCTION_ENV,
     METRICS_NAMESPACE,
+    PRIVACY_EPSILON_METRIC,
     SHARD_FUNCTION_ENV,
     annotate_round,
     function_tracer,
@@ -242,4 +243,9 @@ def record_round_metrics(finished: Round) -> None:
         metrics.add_metric(name="ModelBytes", unit=MetricUnit.Bytes, value=summary["model_bytes"])
         metrics.add_metric(
             name="Participants", unit=MetricUnit.Count, value=summary["participants"]
+        )
+    spent = summary.get("privacy") or {}
+    if isinstance(spent.get("epsilon"), int | float):  # DP on: what the experiment has spent
+        metrics.add_metric(
+            name=PRIVACY_EPSILON_METRIC, unit=MetricUnit.NoUnit, value=float(spent["epsilon"])
         )

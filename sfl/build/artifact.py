@@ -46,10 +46,13 @@ DEVICE_CONTRACT = "device"
 
 # Top-level imports of the client's code -> the distribution (as named in runtime.txt) that
 # provides them; None: imported only on paths a device never runs (sklearn: a task's
-# load_central_data). A new third-party import must be added here, or the build fails.
+# load_central_data; dp_accounting: the averager's accountant, which a device with local DP
+# uses to log its own epsilon only if it is installed). A new third-party import must be
+# added here, or the build fails.
 EDGE_DISTRIBUTIONS: dict[str, str | None] = {
     "boto3": "boto3",
     "botocore": "boto3",
+    "dp_accounting": None,
     "numpy": "numpy",
     "PIL": "pillow",  # the image_folder task reads images
     "safetensors": "safetensors",

@@ -379,6 +379,8 @@ def default_configuration(
         "systemSitePackages": "true" if device.system_site_packages else "false",
         "extraSitePackages": device.extra_site_packages,
         "pipOptions": device.pip_options,
+        "localDpClip": "0",
+        "localDpNoiseMultiplier": "0",
         "torchIndexUrl": device.torch_index_url,
     }
     return {k.key: values[k.key] for k in CONFIGURATION_KEYS}

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
+from sfl.core.privacy_ledger import describe as describe_spending
 from sfl.ops import greengrass, views
 from sfl.ops.buffered_view import recent_versions
 from sfl.ops.federation import Federation, OpsError
@@ -71,6 +72,10 @@ def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
             f"{num(m['accuracy'])}, clients' {num(m['client_accuracy'])}"
             + (f"; promoted: {s['promoted_version']}" if s["promoted_version"] is not None else "")
         )
+    if s.get("privacy"):
+        out.print(
+            f"privacy:     {describe_spending(s['privacy'], s['privacy'].get('budget') or 0.0)}"
+        )
     firing = [a for a in s["alarms"] if a["state"] == "ALARM"]
     if not s["alarms"]:
         out.print("alarms:      none defined")
@@ -118,6 +123,9 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
         ("client acc", "right"),
     ):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    private = any(r.get("epsilon") is not None for r in rows)
+    if private:
+        table.add_column("epsilon", justify="right")
     for r in rows:
         rejected = ", ".join(f"{k} {v}" for k, v in r["rejections"].items()) or "-"
         declined = ", ".join(f"{k} {v}" for k, v in r["declines"].items()) or "-"
@@ -128,6 +136,7 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
             f"{r['answered']}/{r['selected']}", str(r["accepted"]), rejected, declined,
             when(r["started_at"]), f"{r['duration_seconds']:.1f}", num(r["accuracy"]),
             num(r["client_accuracy"]),
+            *([num(r.get("epsilon"), ".3g")] if private else []),
         )  # fmt: skip
     return table
 

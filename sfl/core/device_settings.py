@@ -40,6 +40,18 @@ CONFIGURATION_KEYS = (
         "Install",
         "':'-separated directories of preinstalled packages the venv sees",
     ),
+    ConfigurationKey(
+        "localDpClip",
+        "SFL_LOCAL_DP_CLIP",
+        "Run",
+        "local DP: this device clips its change to this L2 norm before upload; 0: off",
+    ),
+    ConfigurationKey(
+        "localDpNoiseMultiplier",
+        "SFL_LOCAL_DP_NOISE_MULTIPLIER",
+        "Run",
+        "local DP: Gaussian noise of this times localDpClip on the change (docs/privacy.md)",
+    ),
     ConfigurationKey("pipOptions", "SFL_INSTALL_PIP_OPTIONS", "Install", "extra pip options"),
     ConfigurationKey(
         "torchIndexUrl",

@@ -611,4 +611,7 @@ def history_row(r: Round) -> dict[str, Any]:
         "clipped": list(summary.get("clipped", [])),
         "rejection_counts": dict(r.rejection_counts),
         "cost": summary.get("cost"),  # estimated dollars, sfl.core.cost (None: abandoned)
+        # DP (docs/privacy.md): the Poisson draw's q, N and q x N, and epsilon and delta so far.
+        "sampling": dict(r.sampling) or None,
+        "privacy": summary.get("privacy"),
     }

@@ -29,7 +29,7 @@ DEFAULT_LAST = 20
 #: a round's configuration and its aggregation's report on each client stay where they are.
 ROW_SUMMARY = (
     "participants", "aggregate_seconds", "client_accuracy", "client_loss", "num_examples",
-    "bytes_up", "bytes_down", "model_bytes",
+    "bytes_up", "bytes_down", "model_bytes", "privacy",
 )  # fmt: skip
 ROW_ATTRIBUTES = (
     "experiment", "round", "status", "base_version", "model_version", "config_version",
@@ -111,6 +111,8 @@ def round_row(r: Round, now: float | None = None) -> dict[str, Any]:
         "abandon_reason": r.abandon_reason or None,
         "lr": r.train_config.get("lr"),
         "local_epochs": r.train_config.get("local_epochs"),
+        # DP (docs/privacy.md): what the experiment had spent after this round's version.
+        "epsilon": (summary.get("privacy") or {}).get("epsilon"),
     }
 
 
@@ -126,7 +128,8 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
     registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     everyone = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
-    window = _effective(fed, control.overrides).active_window_seconds
+    effective = _effective(fed, control.overrides)
+    window = effective.active_window_seconds
     active = [c for c in everyone if c.last_seen >= now - window]
     closed = [
         o.round
@@ -145,6 +148,9 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
             "accuracy": last.evaluation.get("accuracy"),
             "client_accuracy": last.summary.get("client_accuracy"),
         }
+    spent = dict(last.summary.get("privacy") or {}) if last is not None else {}
+    if spent:
+        spent["budget"] = effective.dp_epsilon_budget
     return {
         "stack": fed.stack,
         "local": fed.local,
@@ -162,6 +168,7 @@ def status(fed: Federation, now: float | None = None) -> dict[str, Any]:
         "active_devices": len(active),
         "known_devices": len(everyone),
         "latest_model": model,
+        "privacy": spent or None,  # the newest version's DP spending (docs/privacy.md)
         "promoted_version": control.promoted_version,
         "alarms": alarms(fed),
         "dashboard": fed.outputs.get("DashboardUrl"),
@@ -195,7 +202,8 @@ def devices(fed: Federation, now: float | None = None) -> list[dict[str, Any]]:
     costs grows with the fleet and with what went wrong lately, never with the history."""
     now = time.time() if now is None else now
     control = ControlStore(fed.client("dynamodb"), fed.names.rounds_table).state(fed.experiment)
-    window = _effective(fed, control.overrides).active_window_seconds
+    effective = _effective(fed, control.overrides)
+    window = effective.active_window_seconds
     registry = ClientRegistry(fed.client("dynamodb"), fed.names.clients_table)
     records = registry.everyone(now=now, active_window_seconds=EVERYONE_SECONDS)
     store = RoundStore(fed.client("dynamodb"), fed.names.rounds_table)

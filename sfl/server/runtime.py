@@ -30,6 +30,8 @@ OPEN_ROUND_AGE_METRIC = "OpenRoundAge"
 ACTIVE_DEVICES_METRIC = "ActiveDevices"
 #: The new model's accuracy on the held-out set, published by the averager (sfl.server.evaluation).
 GLOBAL_ACCURACY_METRIC = "GlobalModelAccuracy"
+#: With DP on, the epsilon the experiment has spent after each version (docs/privacy.md).
+PRIVACY_EPSILON_METRIC = "PrivacyEpsilon"
 
 # Variables the stack sets beside the ``SFL_*`` names and settings (``ResourceNames``,
 # ``FederationConfig``): the functions the averager invokes, by name.
