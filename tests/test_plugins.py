@@ -43,7 +43,7 @@ def test_every_registered_name_resolves_and_is_valid_config(kind: str, name: str
 
 def test_config_refuses_an_unregistered_name_with_the_registrys_list() -> None:
     with pytest.raises(
-        ConfigError, match="one of fast_clients, utility, random, all, or an import"
+        ConfigError, match="one of fast_clients, utility, random, all, poisson, or an import"
     ):
         FederationConfig(selection="fastest")
 

@@ -18,8 +18,10 @@ import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from sfl.core import layout
 from sfl.core.privacy import default_delta
 from sfl.learning import codec
+from sfl.local.emulator import lambda_environment
 from sfl.local.lambdas import LocalFunction
 from sfl.server import aggregation
 from sfl.server.context import Aggregated, AveragerContext
@@ -302,3 +304,32 @@ def test_without_dp_the_round_records_no_privacy(stack: Stack, averager: LocalFu
     assert ModelStore(stack.clients.s3, stack.names.models_bucket).privacy_record(1) is None
     lineage = _lineage(stack, 1)
     assert lineage is not None and "privacy" not in json.dumps(lineage.to_dict())
+
+
+def test_a_sharded_private_round_releases_the_clipped_mean_of_its_shards(
+    stack: Stack,
+) -> None:
+    _private(
+        stack,
+        dp_noise_multiplier=1e-6,
+        dp_clip=0.2,
+        quorum="all_answered",
+        aggregation_shard_above=2,
+        aggregation_shard_size=2,
+    )
+    with lambda_environment(stack.env()):  # the handler runs its shards in-process
+        stack.put_model(0, TINY_MODEL)
+        stack.register(*CLIENTS)
+        round_ = _run_round(
+            stack, LocalFunction("averager"), 1, {"a": 10.0, "b": 0.01, "c": 0.01, "d": 0.01}
+        )
+
+    assert round_.status is RoundState.CLOSED, round_.abandon_reason
+    listing = stack.clients.s3.list_objects_v2(
+        Bucket=stack.names.models_bucket, Prefix=layout.PARTIALS_PREFIX
+    )
+    assert listing.get("KeyCount", 0) == 2  # two shards of two
+    a_change = 0.2 / (6**0.5)
+    expected = TINY_MODEL["w"] + (a_change + 3 * 0.01) / 4
+    assert torch.allclose(_model(stack, 1)["w"], expected, atol=1e-4)
+    assert round_.summary["privacy"]["versions"] == 1
