@@ -8,6 +8,8 @@ against an independent dp-accounting computation from the numbers the round reco
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -333,3 +335,32 @@ def test_a_sharded_private_round_releases_the_clipped_mean_of_its_shards(
     expected = TINY_MODEL["w"] + (a_change + 3 * 0.01) / 4
     assert torch.allclose(_model(stack, 1)["w"], expected, atol=1e-4)
     assert round_.summary["privacy"]["versions"] == 1
+
+
+@pytest.mark.slow
+def test_sfl_simulate_with_dp_writes_each_rounds_spending_to_history(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "sfl.cli.main", "simulate", "--clients", "4", "--rounds", "3",
+            "--set", "selection=poisson", "--set", "dp_noise_multiplier=0.8",
+            "--set", "dp_clip=2.0", "--set", "dp_clipping=adaptive",
+            "--set", "dp_clip_bits_stddev=2.0", "--out", str(out),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+    rounds = json.loads((out / "history.json").read_text())["rounds"]
+    assert [r["status"] for r in rounds] == ["CLOSED"] * 3
+    released = [(r["sampling"]["rate"], 0.8) for r in rounds]
+    for count, row in enumerate(rounds, start=1):
+        privacy = row["privacy"]
+        assert privacy["versions"] == count
+        expected = _independent_epsilon(released[:count], privacy["delta"])
+        assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert rounds[1]["privacy"]["clip"] == rounds[0]["privacy"]["next_clip"]
