@@ -7,6 +7,7 @@ against an independent dp-accounting computation from the numbers the round reco
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,16 +16,20 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import boto3
 import dp_accounting
 import pytest
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant
+from rich.console import Console
 
+from sfl.cli.status import _status
 from sfl.core import layout
 from sfl.core.privacy import default_delta
 from sfl.learning import codec
 from sfl.local.emulator import lambda_environment
 from sfl.local.lambdas import LocalFunction
+from sfl.ops.federation import Federation
 from sfl.server import aggregation
 from sfl.server.context import Aggregated, AveragerContext
 from sfl.server.initiator import start_round
@@ -184,6 +189,10 @@ def test_a_spent_budget_pauses_the_experiment_with_the_reason(
     assert control.paused and control.pause_reason.startswith("privacy budget")
     assert "dp_epsilon_budget 1.5" in control.pause_reason
     assert not start_round(stack.clients, stack.names, stack.config).started  # nothing runs
+    # What the operator sees: sfl status's privacy line, and the reason it is paused.
+    shown = _status_text(stack)
+    assert "privacy:     epsilon 0.912 of 1.5 at delta 2.2e-01 after 1 version" in shown
+    assert "PAUSED (privacy budget" in shown
     # Raising the budget and resuming goes on.
     ControlStore(stack.clients.dynamodb, stack.names.rounds_table).resume("test")
     stack.config = stack.config.replace(dp_epsilon_budget=100.0)
@@ -364,3 +373,13 @@ def test_sfl_simulate_with_dp_writes_each_rounds_spending_to_history(tmp_path: P
         expected = _independent_epsilon(released[:count], privacy["delta"])
         assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert rounds[1]["privacy"]["clip"] == rounds[0]["privacy"]["next_clip"]
+
+
+def _status_text(stack: Stack) -> str:
+    """``sfl status`` as printed, over this stack's clients."""
+    fed = Federation(stack="local", session=boto3.session.Session(), outputs={})
+    fed.__dict__.update(names=stack.names, deployed_config=stack.config)
+    fed._clients.update(dynamodb=stack.clients.dynamodb, s3=stack.clients.s3)
+    console = Console(record=True, width=200)
+    _status(fed, argparse.Namespace(json=False), console)
+    return console.export_text()
