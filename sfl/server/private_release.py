@@ -94,7 +94,6 @@ class PrivatePlan:
         base: Mapping[str, torch.Tensor],
         updates: UpdateSet,
         accepted: Mapping[str, Answer],
-        read: Sequence[str] | None = None,
     ) -> tuple[OneRelease, PrivacyRecord] | None:
         """Sum the clipped updates, noise the sum once, and write (or reuse) the record; None
         if not one update could be read (nothing released, nothing written)."""
@@ -103,8 +102,8 @@ class PrivatePlan:
         clipped = summed.partial()
         if not clipped.count:
             return None
-        clients = list(read if read is not None else getattr(updates, "read", []))
-        norms = [accepted[c].delta_norm for c in clients]
+        # The summed updates' norms, measured by the server at acceptance (the clip's bits).
+        norms = [accepted[c].delta_norm for c in getattr(updates, "read", [])]
         step = private_step(
             clipped,
             base,
@@ -119,7 +118,7 @@ class PrivatePlan:
             record = self._record(
                 step.next_clip, step.noise.changes, step.noise.bits, step.noisy_bits, clipped.count
             )
-            if not ctx.models.put_privacy(record):  # another attempt wrote it first: its
+            if not ctx.models.put_privacy(record):  # another attempt wrote it first: keep it
                 record = ctx.models.privacy_record(self.version) or record
         return OneRelease(step.released), record
 
@@ -196,7 +195,7 @@ def plan(
     else:
         clip = settings.clip
     made = PrivatePlan(config, settings, sampling, version, clip, previous, written)
-    if written is None:
+    if written is None and config.dp_epsilon_budget > 0:  # a budget: is this release within?
         releases = with_release(
             previous.releases if previous else (), sampling.rate, settings.noise_multiplier
         )
