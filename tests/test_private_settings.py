@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_client.client import EdgeClient
 from edge_client.settings import parse_settings
@@ -222,3 +224,26 @@ def test_a_device_with_local_dp_uploads_a_clipped_noised_change(
     # Training moves digits' CNN by far more than 0.01; the device clipped it to 0.01.
     assert change_norm(uploaded, base) == pytest.approx(0.01, rel=1e-3)
     assert client.local_dp_participations == 1
+
+
+@given(
+    values=st.lists(
+        st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), min_size=1, max_size=40
+    ),
+    clip=st.floats(min_value=1e-3, max_value=1e3),
+)
+@settings(max_examples=60, deadline=None)
+def test_a_clipped_change_is_never_longer_than_the_clip(values: list[float], clip: float) -> None:
+    base = {"w": torch.zeros(len(values), dtype=torch.float64)}
+    trained = {"w": torch.tensor(values, dtype=torch.float64)}
+    out = privatise(trained, base, clip=clip, noise_multiplier=0.0, generator=torch.Generator())
+    assert change_norm(out, base) <= clip * (1 + 1e-9)
+
+
+@given(pairs=st.lists(st.sampled_from([(0.05, 1.0), (0.04, 1.0), (0.05, 1.2)]), max_size=30))
+def test_the_ledger_counts_every_release_once(pairs: list[tuple[float, float]]) -> None:
+    releases: tuple[tuple[float, float, int], ...] = ()
+    for q, z in pairs:
+        releases = with_release(releases, q, z)
+    assert sum(n for *_, n in releases) == len(pairs)
+    assert {(q, z) for q, z, _ in releases} == set(pairs)
