@@ -27,6 +27,7 @@ from sfl.local.emulator import LocalAws, provision
 from sfl.server.averager import Averager
 from sfl.server.initiator import start_round
 from sfl.server.notifications import UpdateEvent
+from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome, Round, RoundState, RoundStore
 
@@ -56,21 +57,28 @@ class _Crash(aggregation.FedAvg):
         raise RuntimeError("averager crashed mid-aggregation")
 
 
+# User-level DP (docs/privacy.md): Poisson picks, one noised release per version.
+PRIVATE = {"selection": "poisson", "dp_noise_multiplier": 1.0, "dp_clip": 1.0}
+
+
 class World:
-    def __init__(self, aws: LocalAws) -> None:
+    def __init__(self, aws: LocalAws, **keys: Any) -> None:
         self.deployment = provision(aws)
         self.aws = aws.clients()
         self.names = self.deployment.names
         self.now = time.time()
         self.config = FederationConfig(
-            experiment="prop",
-            selection="random",
-            fraction=0.75,
-            quorum="min_fraction",
-            min_answered_fraction=0.5,
-            round_soft_deadline_seconds=30,
-            round_deadline_seconds=60,
-            aggregation_lease_seconds=20,
+            **{
+                "experiment": "prop",
+                "selection": "random",
+                "fraction": 0.75,
+                "quorum": "min_fraction",
+                "min_answered_fraction": 0.5,
+                "round_soft_deadline_seconds": 30,
+                "round_deadline_seconds": 60,
+                "aggregation_lease_seconds": 20,
+                **keys,
+            }
         )
         self.store = RoundStore(self.aws.dynamodb, self.names.rounds_table)
         self.pending: list[UpdateEvent] = []
@@ -190,6 +198,20 @@ class World:
         assert sorted(writes) == [layout.model_key(v) for v in range(version + 1)], (
             "versions not contiguous"
         )
+        if self.config.private:
+            self.check_privacy(version)
+
+    def check_privacy(self, version: int) -> None:
+        """Each DP version has one privacy record, written once, counting every release."""
+        models = ModelStore(self.aws.s3, self.names.models_bucket)
+        listing = self.aws.s3.list_object_versions(
+            Bucket=self.names.models_bucket, Prefix=layout.STATE_PREFIX
+        )
+        records = [v["Key"] for v in listing.get("Versions", []) if v["Key"].endswith(".json")]
+        assert len(records) == len(set(records)), f"a privacy record was written twice: {records}"
+        for v in range(1, version + 1):
+            record = models.privacy_record(v)
+            assert record is not None and record.versions == v, f"version {v}'s record"
 
 
 @settings(
@@ -235,6 +257,33 @@ def test_round_invariants_hold_under_random_schedules(
         STATS["abandoned"] += r.status is RoundState.ABANDONED
         STATS["accepted"] += len(r.accepted)
         STATS["rejected"] += len(r.rejected) + len(r.other_rejections)
+
+
+@settings(
+    max_examples=max(2, EXAMPLES // 4),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=5, max_size=45)
+)
+def test_private_rounds_keep_the_invariants_and_one_record_per_version(
+    local_aws: LocalAws, schedule: list[tuple[str, int]]
+) -> None:
+    """With DP on, a crash mid-aggregation comes after the privacy record and before the
+    model: the retry keeps the record, and every version has exactly one."""
+    world = World(local_aws, **PRIVATE)
+    for action, pick in schedule:
+        world.step(action, pick)
+        world.check()
+    for event in list(world.pending):
+        world.run_averager(lambda a, e=event: a.handle_update(e))
+    world.crash_next = False
+    for _ in range(4):
+        world.now += 65
+        world.run_averager(lambda a: a.tick())
+    world.check()
 
 
 def test_every_requested_schedule_ran_and_the_count_is_reported(capsys: Any) -> None:
