@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 RECORD_FORMAT = "sfl-privacy/1"
@@ -43,7 +43,6 @@ class PrivacyRecord:
     epsilon: float  # spent by the chain so far at ``delta``
     next_epsilon: float  # what one more release at this (q, z) would make it
     first_version: int  # the chain's first DP version
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def versions(self) -> int:
@@ -72,7 +71,6 @@ class PrivacyRecord:
             "next_epsilon": self.next_epsilon,
             "first_version": self.first_version,
             "versions": self.versions,
-            **({"extra": dict(self.extra)} if self.extra else {}),
         }
 
     @classmethod
@@ -101,7 +99,6 @@ class PrivacyRecord:
                 epsilon=float(d["epsilon"]),
                 next_epsilon=float(d["next_epsilon"]),
                 first_version=int(d["first_version"]),
-                extra=dict(d.get("extra") or {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a privacy record: {e}") from e
