@@ -72,8 +72,10 @@ class UpdateOutcome:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "") and k != "finished"}
 
 
-def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
-    """Judge and record one uploaded object, then move its round on if the answer lets it."""
+def addressed(ctx: AveragerContext, event: UpdateEvent) -> layout.UpdateKey | UpdateOutcome:
+    """The client and round (or ticket) an upload's key names, or the outcome that ends it
+    there: a malformed key is refused (and the object deleted), another bucket's ignored.
+    Both modes' ``handle_update`` start here."""
     try:
         key = layout.parse_update_key(event.key)
     except layout.MalformedKeyError as e:
@@ -86,6 +88,14 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     if event.bucket != ctx.names.updates_bucket:
         logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
         return UpdateOutcome(event.key, UpdateResult.IGNORED, "wrong_bucket")
+    return key
+
+
+def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
+    """Judge and record one uploaded object, then move its round on if the answer lets it."""
+    key = addressed(ctx, event)
+    if isinstance(key, UpdateOutcome):
+        return key
     client, number = key.client_id, key.round
     log = {"round": number, "client_id": client, "key": event.key}
     # O(1) whatever the round's size: the round item (counters) and this client's slot.

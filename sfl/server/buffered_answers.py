@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from sfl.core import layout
 from sfl.server import buffered_steps
 from sfl.server.answers import (
     CLOCK_TOLERANCE_SECONDS,
     UpdateOutcome,
     UpdateResult,
+    addressed,
     arrival,
-    discard_refused,
     etag_of,
     judge,
     refuse_other,
@@ -48,18 +47,9 @@ MAX_BUFFER_TRIES = 64
 
 def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     """Judge and record one uploaded object against its ticket, then step full buffers."""
-    try:
-        key = layout.parse_update_key(event.key)
-    except layout.MalformedKeyError as e:
-        logger.warning(
-            "update rejected",
-            extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
-        )
-        discard_refused(ctx, event)
-        return UpdateOutcome(event.key, UpdateResult.REJECTED, "malformed_key")
-    if event.bucket != ctx.names.updates_bucket:
-        logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
-        return UpdateOutcome(event.key, UpdateResult.IGNORED, "wrong_bucket")
+    key = addressed(ctx, event)
+    if isinstance(key, UpdateOutcome):
+        return key
     client, number = key.client_id, key.round
     ticket = ctx.buffers.ticket(ctx.config.experiment, number)
     if ticket is None:
