@@ -160,15 +160,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     except ClientError as e:
         if error_code(e) != "ValidationException":
             raise
-        # DynamoDB refused what we derived from the update: record it as rejected.
-        answer = Answer(
-            outcome=Outcome.REJECTED,
-            key=answer.key,
-            etag=answer.etag,
-            size=answer.size,
-            received_at=answer.received_at,
-            reason=f"unstorable: {str(e)[:200]}",
-        )
+        answer = unstorable(answer, e)
         recorded = ctx.rounds.record_answer(
             ctx.config.experiment, number, client, answer, handling_seconds=handled
         )
@@ -202,6 +194,19 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         )
     return _reject_other(
         ctx, current, event, client, "round_not_open", f"round is {current.status}"
+    )
+
+
+def unstorable(answer: Answer, error: ClientError) -> Answer:
+    """The answer recorded in place of one DynamoDB refused to store (what we derived from
+    the update, its figures): rejected, with DynamoDB's reason."""
+    return Answer(
+        outcome=Outcome.REJECTED,
+        key=answer.key,
+        etag=answer.etag,
+        size=answer.size,
+        received_at=answer.received_at,
+        reason=f"unstorable: {str(error)[:200]}",
     )
 
 

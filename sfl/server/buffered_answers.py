@@ -28,6 +28,7 @@ from sfl.server.answers import (
     etag_of,
     judge,
     refuse_other,
+    unstorable,
 )
 from sfl.server.participation import count_ticket
 from sfl.state.aws import error_code
@@ -99,16 +100,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     except ClientError as e:
         if error_code(e) != "ValidationException":
             raise
-        # DynamoDB refused what we derived from the update: record it as rejected.
-        unstorable = Answer(
-            outcome=Outcome.REJECTED,
-            key=answer.key,
-            etag=answer.etag,
-            size=answer.size,
-            received_at=answer.received_at,
-            reason=f"unstorable: {str(e)[:200]}",
-        )
-        recorded, answer = record(ctx, ticket, unstorable)
+        recorded, answer = record(ctx, ticket, unstorable(answer, e))
     if recorded.result is AnswerResult.RECORDED:
         level = logging.WARNING if answer.outcome is Outcome.REJECTED else logging.INFO
         logger.log(
