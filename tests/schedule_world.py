@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 import sfl.learning.rules.aggregation as aggregation
 from sfl.core import layout
@@ -31,6 +33,24 @@ from sfl.state.registry import ClientRegistry
 MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}
 #: The schedule's actions every world knows; a mode's world adds its own (``act``).
 DELIVERIES = ("deliver", "duplicate", "drop")
+
+
+def schedule_settings(examples: int) -> settings:
+    """Hypothesis's settings for ``examples`` schedules: derandomized, so CI runs the same
+    schedules every time and never flakes on a new one; a world is slow and fixture-built."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+def schedules(actions: Sequence[str], *, min_size: int) -> st.SearchStrategy[list[tuple[str, int]]]:
+    """Schedules of ``min_size`` to 45 steps: an action, and a number that picks its target."""
+    return st.lists(
+        st.tuples(st.sampled_from(actions), st.integers(0, 2**16)), min_size=min_size, max_size=45
+    )
 
 
 class _Crash(aggregation.FedAvg):

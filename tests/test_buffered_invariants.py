@@ -22,8 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
 from sfl.core import layout
 from sfl.core.config import FederationConfig
@@ -32,7 +31,7 @@ from sfl.learning import codec
 from sfl.local.emulator import LocalAws, provision, table_resource
 from sfl.state.buffers import BufferState, BufferStore, Ticket, TicketState
 from sfl.state.rounds import Outcome
-from tests.schedule_world import ScheduleWorld
+from tests.schedule_world import ScheduleWorld, schedule_settings, schedules
 
 CLIENTS = ["c0", "c1", "c2", "c3", "c4"]
 # Weighted by repetition: mostly uploads and deliveries, so that buffers fill and step.
@@ -214,15 +213,8 @@ class World(ScheduleWorld):
         ), f"versions not contiguous: {sorted(writes)}"
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,  # the same schedules on every run: CI never flakes on a new one
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=15, max_size=45)
-)
+@schedule_settings(EXAMPLES)
+@given(schedules(ACTIONS, min_size=15))
 def test_buffered_invariants_hold_under_random_schedules(
     local_aws: LocalAws, schedule: list[tuple[str, int]]
 ) -> None:

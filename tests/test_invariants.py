@@ -15,14 +15,13 @@ import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.local.emulator import LocalAws, provision
 from sfl.state.rounds import Outcome, Round, RoundState, RoundStore
-from tests.schedule_world import ScheduleWorld
+from tests.schedule_world import ScheduleWorld, schedule_settings, schedules
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
 # Weighted by repetition: mostly uploads and deliveries, so that rounds get somewhere.
@@ -121,16 +120,8 @@ class World(ScheduleWorld):
         )
 
 
-@settings(
-    # derandomized: CI runs the same schedules every time
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,  # the same schedules on every run: CI never flakes on a new one
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=5, max_size=45)
-)
+@schedule_settings(EXAMPLES)
+@given(schedules(ACTIONS, min_size=5))
 def test_round_invariants_hold_under_random_schedules(
     local_aws: LocalAws, schedule: list[tuple[str, int]]
 ) -> None:
