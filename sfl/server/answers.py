@@ -124,29 +124,16 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         return _reject_other(
             ctx, round_, event, client, "round_not_open", f"round is {round_.status}"
         )
-    arrived_at = arrival(event, ctx.clock())
-    if arrived_at < round_.created_at - CLOCK_TOLERANCE_SECONDS:
-        # Keys are predictable: an object stored before its round existed was not trained
-        # from the round's model, and would claim a turnaround of zero.
-        return _reject_other(
-            ctx,
-            round_,
-            event,
-            client,
-            "before_round",
-            f"stored {round_.created_at - arrived_at:.1f} s before the round started",
-        )
-    if arrived_at > round_.deadline_at:
-        # Still OPEN only because no tick has ended it yet: when S3 stored the update,
-        # not when it is processed (a retried or recovered event comes later), decides.
-        return _reject_other(
-            ctx,
-            round_,
-            event,
-            client,
-            "past_deadline",
-            f"stored {arrived_at - round_.deadline_at:.1f} s after the round's hard deadline",
-        )
+    untimely = outside_window(
+        event,
+        ctx.clock(),
+        round_.created_at,
+        round_.deadline_at,
+        began="the round started",
+        ended="the round's hard deadline",
+    )
+    if untimely is not None:
+        return _reject_other(ctx, round_, event, client, *untimely)
 
     judging = time.perf_counter()
     answer = _judge(ctx, round_, event, client)
@@ -195,6 +182,28 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     return _reject_other(
         ctx, current, event, client, "round_not_open", f"round is {current.status}"
     )
+
+
+def outside_window(
+    event: UpdateEvent,
+    now: float,
+    opened_at: float,
+    deadline_at: float,
+    *,
+    began: str,
+    ended: str,
+) -> tuple[str, str] | None:
+    """Why an upload stored outside its round's (or ticket's) time is refused, as (reason,
+    detail), or None. Keys are predictable: an object stored before the round existed was
+    not trained from its model, and would claim a turnaround of zero. Past the deadline, a
+    round is still OPEN only because no tick has ended it yet: when S3 stored the update, not
+    when it is processed (a retried or recovered event comes later), decides."""
+    arrived_at = arrival(event, now)
+    if arrived_at < opened_at - CLOCK_TOLERANCE_SECONDS:
+        return "before_round", f"stored {opened_at - arrived_at:.1f} s before {began}"
+    if arrived_at > deadline_at:
+        return "past_deadline", f"stored {arrived_at - deadline_at:.1f} s after {ended}"
+    return None
 
 
 def unstorable(answer: Answer, error: ClientError) -> Answer:

@@ -20,13 +20,12 @@ from botocore.exceptions import ClientError
 
 from sfl.server import buffered_steps
 from sfl.server.answers import (
-    CLOCK_TOLERANCE_SECONDS,
     UpdateOutcome,
     UpdateResult,
     addressed,
-    arrival,
     etag_of,
     judge,
+    outside_window,
     refuse_other,
     unstorable,
 )
@@ -65,25 +64,16 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         return _moved_on(ctx, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number))
     if ticket.status is not TicketState.OPEN:
         return _ended(ctx, event, ticket)
-    arrived_at = arrival(event, ctx.clock())
-    if arrived_at < ticket.created_at - CLOCK_TOLERANCE_SECONDS:
-        return refuse_other(
-            ctx,
-            number,
-            event,
-            client,
-            "before_round",
-            f"stored {ticket.created_at - arrived_at:.1f} s before the ticket was issued",
-        )
-    if arrived_at > ticket.deadline_at:
-        return refuse_other(
-            ctx,
-            number,
-            event,
-            client,
-            "past_deadline",
-            f"stored {arrived_at - ticket.deadline_at:.1f} s after the ticket's lease ended",
-        )
+    untimely = outside_window(
+        event,
+        ctx.clock(),
+        ticket.created_at,
+        ticket.deadline_at,
+        began="the ticket was issued",
+        ended="the ticket's lease ended",
+    )
+    if untimely is not None:
+        return refuse_other(ctx, number, event, client, *untimely)
     answer = judge(
         ctx,
         event,
