@@ -175,17 +175,6 @@ class ScheduleWorld:
         )
         return etag
 
-    def deliver_pending(self) -> None:
-        """Every upload still waiting gets its event, in upload order."""
-        for event in list(self.pending):
-            self.run_averager(lambda a, e=event: a.handle_update(e))
-
-    def run_out_the_clock(self, ticks: int) -> None:
-        """Time runs on past every deadline and lease, the watchdog ticking."""
-        for _ in range(ticks):
-            self.now += 65
-            self.run_averager(lambda a: a.tick())
-
     def model_writes(self) -> dict[str, int]:
         """How many times each model version's key was written (the bucket is versioned)."""
         listing = self.aws.s3.list_object_versions(
