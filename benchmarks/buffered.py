@@ -11,15 +11,16 @@ The same device pool, the same data and the same number of devices training at o
   at once by a new pick (from the idle devices, by the same selection rule), starting from the
   newest version; every ``buffer_size`` accepted updates make one step. An update that started
   ``tau`` versions ago is rebased on the current model (its change from its own base added to
-  the current model) and weighs its bounded example count times
-  ``sfl.core.staleness.staleness_factor``; more than ``max_staleness`` versions behind, it is
-  refused.
+  the current model), its change shrunk by ``sfl.core.staleness.staleness_factor``; more than
+  ``max_staleness`` versions behind, it is refused.
 
 Both modes run the production pieces in one process, as ``benchmarks/selection.py`` does: the
 selection rules, the registry's arithmetic (``ClientRecord.after_round``), the averager's
-bounds (``bounded_round``: weights capped at 3x the median claim, changes clipped at 2x the
-median change, around the model the step applies to), real local training of the digits CNN
-on the client splits ``sfl simulate`` writes. Time is modelled, not slept: a device's
+buffered step (``sfl.server.buffer_step``: ``weigh`` caps weights at 3x the median claim,
+clips changes at 2x the median change and applies the staleness factors, ``rebase`` moves
+each change onto the current model, then the configured rule; a round is a buffer of updates
+0 versions behind), real local training of the digits CNN on the client splits
+``sfl simulate`` writes. Time is modelled, not slept: a device's
 turnaround is ``overhead + train_seconds x examples x epochs x slowdown``, its slowdown
 log-normal as ``sfl simulate --slow-clients SIGMA`` draws it, and a step takes the averager's
 ``aggregation_seconds``. Every mode runs for the modelled time that 40 rounds with random
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import os
 import platform
 import random
@@ -64,10 +66,12 @@ from sfl.core.selection import (
     get_selection_strategy,
     select_clients,
 )
-from sfl.core.staleness import staleness_factor
-from sfl.learning.rules.bounds import bounded_round
+from sfl.learning.rules.aggregation import ListUpdates, build_rule
+from sfl.learning.rules.bounds import model_norm
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import ArrayDataset, ClientData, TrainConfig, TrainingTask
+from sfl.server.acceptance import delta_norm
+from sfl.server.buffer_step import rebase, weigh
 from sfl.state.registry import ClientRecord, statistical_utility
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,6 +84,9 @@ MODES = (
 )
 
 Model = dict[str, torch.Tensor]
+#: An accepted update as a step reads it: (its base model, the trained model, the examples it
+#: claims, how many versions behind the step it is).
+Answer = tuple[Model, Model, int, int]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Run:
     def __post_init__(self) -> None:
         self.strategy = get_selection_strategy(self.rule)
         self.records = {c: ClientRecord(c, last_seen=0.0, registered_at=0.0) for c in self.data}
+        # The last step's norm bound: what a step of fewer than three updates clips to.
+        self.last_bound = 0.0
 
     def pick(self, idle: list[str], k: int, number: int, draw: int) -> list[str]:
         """``k`` of the idle devices, by the configured rule, as the initiator picks."""
@@ -141,48 +150,34 @@ class Run:
             pick_window=self.config.selection_window,
         )
 
-    def step(self, current: Model, changes: list[tuple[Model, int, float]]) -> Model:
-        """The averager's step: each change rebased on ``current``, bounded as the averager
-        bounds, weights times their staleness factors, FedAvg's plain mean."""
-        rebased = [
-            ({n: current[n] + change[n] for n in current}, examples)
-            for change, examples, _ in changes
-        ]
-        bounded = bounded_round(
-            rebased,
-            current,
-            max_ratio=self.config.max_weight_ratio,
-            factor=self.config.norm_bound_factor,
+    def step(self, current: Model, answers: list[Answer]) -> Model:
+        """The averager's step (``sfl.server.buffer_step``): the answers weighed as it weighs
+        a buffer's members (``weigh``), each rebased on ``current``, the configured rule."""
+        weighing = weigh(
+            self.config,
+            [examples for _, _, examples, _ in answers],
+            [delta_norm(trained, base) for base, trained, _, _ in answers],
+            [tau for _, _, _, tau in answers],
+            fallback=self.last_bound,
+            base_norm=model_norm(current),
         )
-        # FedBuff's step: the staleness factors shrink each change; they are not normalised
-        # away (a buffer of stale updates moves the model less), the example weights are.
-        total = sum(w for _, w in bounded)
-        weights = [w * factor for (_, w), (_, _, factor) in zip(bounded, changes, strict=True)]
-        out: Model = {}
-        for name, start in current.items():
-            if not start.is_floating_point():
-                out[name] = start.clone()
-                continue
-            origin = start.to(torch.float64)
-            acc = origin.clone()
-            for (tensors, _), w in zip(bounded, weights, strict=True):
-                acc += (w / total) * (tensors[name].to(torch.float64) - origin)
-            out[name] = acc.to(start.dtype)
-        return out
+        self.last_bound = weighing.bound if math.isfinite(weighing.bound) else 0.0
+        rebased = [
+            (rebase(current, base, trained, scale), weight)
+            for (base, trained, _, _), weight, scale in zip(
+                answers, weighing.weights, weighing.scales, strict=True
+            )
+        ]
+        rule = build_rule(self.config.aggregation, self.config.aggregation_params)
+        result = rule.aggregate(current, ListUpdates(rebased), None)
+        if result is None:
+            raise RuntimeError("a step of no updates")
+        return result.model
 
     def accuracy(self, model: Model) -> float:
         net = self.task.build_model()
         net.load_state_dict(model)
         return round(self.task.evaluate(net, self.test).accuracy, 4)
-
-
-def _change(trained: Model, base: Model) -> Model:
-    return {
-        n: (t.to(torch.float64) - base[n].to(torch.float64))
-        if t.is_floating_point()
-        else torch.zeros_like(t)
-        for n, t in trained.items()
-    }
 
 
 def run_rounds(
@@ -197,12 +192,12 @@ def run_rounds(
     while clock < horizon and (max_rounds is None or number < max_rounds):
         number += 1
         picked = run.pick(list(run.data), concurrency, number, 0)
-        changes = []
+        answers: list[Answer] = []
         for cid in picked:
             trained, utility = run.train(cid, model, run.config.seed + number)
-            changes.append((_change(trained, model), len(run.data[cid].train), 1.0))
+            answers.append((model, trained, len(run.data[cid].train), 0))
             run.answered(cid, number, utility)
-        model = run.step(model, changes)
+        model = run.step(model, answers)
         clock += max(run.turnaround[c] for c in picked) + AGGREGATION_SECONDS
         rows.append(
             {"version": number, "elapsed_seconds": round(clock, 3), "accuracy": run.accuracy(model)}
@@ -211,9 +206,10 @@ def run_rounds(
 
 
 def run_buffered(
-    run: Run, concurrency: int, horizon: float, settings: Buffered
+    run: Run, concurrency: int, horizon: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """No barrier: ``concurrency`` devices always training, a step every ``buffer_size``."""
+    config = run.config
     versions: list[Model] = [
         {n: t.clone() for n, t in run.task.build_model(seed=run.config.seed).state_dict().items()}
     ]
@@ -222,7 +218,7 @@ def run_buffered(
     ready_at: list[tuple[float, int]] = []  # versions being aggregated: (ready time, version)
     published = 0  # the newest version devices can download
     draws = 0
-    buffer: list[tuple[Model, int, float]] = []
+    buffer: list[Answer] = []
     staleness: list[int] = []
     refused = 0
     rows: list[dict[str, Any]] = []
@@ -255,18 +251,12 @@ def run_buffered(
         newest = len(versions) - 1
         tau = newest - base
         run.answered(cid, newest + 1, utility)
-        if tau > settings.max_staleness:
+        if tau > config.max_staleness:
             refused += 1
         else:
-            factor = staleness_factor(
-                settings.staleness_weighting,
-                tau,
-                exponent=settings.staleness_exponent,
-                hinge=settings.staleness_hinge,
-            )
-            buffer.append((_change(trained, versions[base]), len(run.data[cid].train), factor))
+            buffer.append((versions[base], trained, len(run.data[cid].train), tau))
             staleness.append(tau)
-        if len(buffer) >= settings.buffer_size:
+        if len(buffer) >= config.buffer_size:
             versions.append(run.step(versions[-1], buffer))
             buffer = []
             heapq.heappush(ready_at, (clock + AGGREGATION_SECONDS, len(versions) - 1))
@@ -360,7 +350,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 slowdowns = _slowdowns(setting, list(data))
                 horizon = 0.0
                 for mode, rule in MODES:
-                    config = FederationConfig(selection=rule, seed=seed)
+                    # The buffered settings are the federation keys of the same names.
+                    config = FederationConfig(selection=rule, seed=seed, **settings.__dict__)
                     turnaround = {
                         cid: CLIENT_OVERHEAD_SECONDS
                         + args.train_cost * len(d.train) * config.local_epochs * slowdowns[cid]
@@ -377,7 +368,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                             rows = run_rounds(run, args.concurrency, float("inf"), args.rounds)
                             horizon = rows[-1]["elapsed_seconds"]
                     else:
-                        rows, extra = run_buffered(run, args.concurrency, horizon, settings)
+                        rows, extra = run_buffered(run, args.concurrency, horizon)
                     row = {
                         "partition": setting.partition_label,
                         "sigma": sigma,

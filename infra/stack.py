@@ -283,14 +283,16 @@ class FederationStack(Stack):
             ["s3:GetObject", "s3:PutObject"],
             [models.arn_for_objects(layout.ASSIGNMENT_KEY)],
         )
-        # A rollback (sfl models rollback): the chosen version written again as the next
-        # version, and that version's lineage record beside it; each key written once.
-        _allow(
-            role,
-            ["s3:PutObject"],
-            [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
-            conditions={"StringEquals": {"s3:if-none-match": "*"}},
-        )
+        if not self._buffered:
+            # A rollback (sfl models rollback): the chosen version written again as the next
+            # version, and that version's lineage record beside it; each key written once.
+            # (Buffered mode refuses a rollback.)
+            _allow(
+                role,
+                ["s3:PutObject"],
+                [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
+                conditions={"StringEquals": {"s3:if-none-match": "*"}},
+            )
         # Selection reads active clients from the registry's active index, one Query per
         # shard; never a Scan of the whole registry.
         _allow(
@@ -303,15 +305,21 @@ class FederationStack(Stack):
         # operator's reads start from). Its selected clients' slots are a
         # BatchWriteItem, then an UpdateItem marks them ready (or abandons a round whose
         # initiator died before that); an open round's assignment is re-published from a
-        # Query of its slots.
+        # Query of its slots. Buffered mode reads the newest round (where its pool starts)
+        # and writes tickets (below): no round, no slots.
+        round_only = {"dynamodb:ConditionCheckItem", "dynamodb:BatchWriteItem"}
         _allow(
             role,
             [
-                "dynamodb:Query",
-                "dynamodb:PutItem",
-                "dynamodb:ConditionCheckItem",
-                "dynamodb:BatchWriteItem",
-                "dynamodb:UpdateItem",
+                action
+                for action in (
+                    "dynamodb:Query",
+                    "dynamodb:PutItem",
+                    "dynamodb:ConditionCheckItem",
+                    "dynamodb:BatchWriteItem",
+                    "dynamodb:UpdateItem",
+                )
+                if not (self._buffered and action in round_only)
             ],
             [self.state.rounds_table.table_arn],
         )

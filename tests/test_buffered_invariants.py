@@ -16,30 +16,24 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
-import sfl.learning.rules.aggregation as aggregation
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.learning import codec
 from sfl.local.emulator import LocalAws, provision, table_resource
-from sfl.server.averager import Averager
-from sfl.server.initiator import start_round
-from sfl.server.notifications import UpdateEvent
 from sfl.state.buffers import BufferState, BufferStore, Ticket, TicketState
-from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome
+from tests.schedule_world import ScheduleWorld, schedule_settings, schedules
 
 CLIENTS = ["c0", "c1", "c2", "c3", "c4"]
-MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}
 # Weighted by repetition: mostly uploads and deliveries, so that buffers fill and step.
 ACTIONS = [
     *["initiate"] * 3,
@@ -69,11 +63,6 @@ STATS = {
 }
 
 
-class _Crash(aggregation.FedAvg):
-    def result(self) -> dict[str, torch.Tensor] | None:
-        raise RuntimeError("averager crashed mid-step")
-
-
 _TABLES: dict[int, ResourceNames] = {}
 
 
@@ -96,17 +85,14 @@ def _crash_before_close(*args: Any, **kwargs: Any) -> bool:
     raise RuntimeError("averager crashed after writing the version, before closing")
 
 
-class World:
+class World(ScheduleWorld):
+    """Buffered mode: its own experiment on the module's tables, and buckets of its own."""
+
+    # A ticket's lease is judged by when S3 stored its answer.
+    stamps_uploads = True
+
     def __init__(self, aws: LocalAws, number: int, clients: Sequence[str] = CLIENTS) -> None:
-        self.names = fresh_names(aws, number)
-        # The clients table is shared by every world of this module: a world that must not
-        # see the others' misses (which bench a device) names clients of its own.
-        self.clients = list(clients)
-        self.aws = aws.clients()
-        # Each schedule's clock is a day past the last one's: the clients the last schedule
-        # heartbeated (the registry is shared) are long inactive.
-        self.now = time.time() + number * 86_400
-        self.config = FederationConfig(
+        config = FederationConfig(
             experiment=f"buf{number}",
             mode="buffered",
             selection="random",
@@ -117,48 +103,35 @@ class World:
             round_soft_deadline_seconds=30,
             aggregation_lease_seconds=20,
         )
+        # The clients table is shared by every world of this module: a world that must not
+        # see the others' misses (which bench a device) names clients of its own. Each
+        # schedule's clock is a day past the last one's: the clients the last schedule
+        # heartbeated (the registry is shared) are long inactive.
+        names = fresh_names(aws, number)
+        super().__init__(aws.clients(), names, config, clients, time.time() + number * 86_400)
         self.store = BufferStore(self.aws.dynamodb, self.names.rounds_table)
-        self.pending: list[UpdateEvent] = []
-        self.honest_etags: set[str] = set()
-        self.crash_next = False
         self.crash_late = False
         self.feed = aws.feed
         self.checked_at = -1
-        self.aws.s3.put_object(
-            Bucket=self.names.models_bucket,
-            Key=layout.model_key(0),
-            Body=codec.encode_model(MODEL, version=0),
-        )
 
-    def clock(self) -> float:
-        return self.now
-
-    def run_averager(self, call: Any) -> None:
-        original = aggregation.FedAvg
+    @contextmanager
+    def planned_crashes(self) -> Iterator[None]:
+        """Also: the version is written, then the invocation dies before closing."""
         close = BufferStore.close
-        if self.crash_next:
-            aggregation.FedAvg = _Crash  # type: ignore[misc]
-        if self.crash_late:  # the version is written, then the invocation dies before closing
+        if self.crash_late:
             BufferStore.close = _crash_before_close  # type: ignore[method-assign]
         try:
-            call(Averager(self.aws, self.names, self.config, clock=self.clock))
-        except RuntimeError:
-            self.crash_next = self.crash_late = False
-            STATS["crashes"] += 1
+            with super().planned_crashes():
+                yield
         finally:
-            aggregation.FedAvg = original  # type: ignore[misc]
             BufferStore.close = close  # type: ignore[method-assign]
 
-    def initiate(self) -> None:
-        registry = ClientRegistry(self.aws.dynamodb, self.names.clients_table)
-        for client in self.clients:
-            registry.heartbeat(
-                client, now=self.now, active_window_seconds=self.config.active_window_seconds
-            )
-        start_round(self.aws, self.names, self.config, clock=self.clock)
+    def crashed(self) -> None:
+        super().crashed()
+        self.crash_late = False
+        STATS["crashes"] += 1
 
-    def step(self, action: str, pick: int) -> None:
-        rng = random.Random(pick)
+    def act(self, action: str, pick: int, rng: random.Random) -> None:
         if action == "initiate":
             self.initiate()
         elif action in ("upload", "upload_bad", "upload_other"):
@@ -169,41 +142,13 @@ class World:
             # "upload_other": another device uploads to this ticket's number (not_selected)
             client = rng.choice(self.clients) if action == "upload_other" else ticket.client_id
             self.upload(ticket, client, rng, honest=action != "upload_bad")
-        elif action in ("deliver", "duplicate", "drop") and self.pending:
-            event = self.pending[pick % len(self.pending)]  # any order
-            if action != "duplicate":
-                self.pending.remove(event)
-            if action != "drop":
-                self.run_averager(lambda a: a.handle_update(event))
-        elif action == "tick":
-            self.run_averager(lambda a: a.tick())
-        elif action == "wait":
-            self.now += rng.choice([5, 25, 35, 65])
-        elif action == "crash":
-            self.crash_next = True
         elif action == "crash_late":
             self.crash_late = True
 
     def upload(self, ticket: Ticket, client: str, rng: random.Random, *, honest: bool) -> None:
-        scale = 1.0 + rng.random()
-        tensors = {k: v * scale for k, v in MODEL.items()}
-        if not honest:
-            tensors["w"] = torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])
-        meta = codec.UpdateMetadata(
-            round=ticket.number,
-            client_id=client,
-            base_version=ticket.base_version,
-            num_examples=rng.randint(1, 50),
-        )
-        body = codec.encode(tensors, meta.to_header())
-        key = layout.update_key(client, ticket.number)
-        response = self.aws.s3.put_object(Bucket=self.names.updates_bucket, Key=key, Body=body)
-        etag = response["ETag"].strip('"')
+        etag = self.put_update(client, ticket.number, ticket.base_version, rng, honest=honest)
         if honest and client == ticket.client_id:
             self.honest_etags.add(etag)
-        self.pending.append(
-            UpdateEvent(self.names.updates_bucket, key, len(body), etag, uploaded_at=self.now)
-        )
 
     def check(self, *, always: bool = False) -> None:
         # Only after a step that wrote the rounds table (every state change does): each
@@ -256,13 +201,7 @@ class World:
         assert [b.number for b in closed] == list(range(1, len(closed) + 1))
         assert all(b.model_version == b.base_version + 1 for b in closed)
         assert pool.version == pool.start_version + len(closed)
-        listing = self.aws.s3.list_object_versions(
-            Bucket=self.names.models_bucket, Prefix=layout.MODELS_PREFIX
-        )
-        writes: dict[str, int] = {}
-        for v in listing.get("Versions", []):
-            if layout.model_version_of(v["Key"]) is not None:
-                writes[v["Key"]] = writes.get(v["Key"], 0) + 1
+        writes = self.model_writes()
         assert all(n == 1 for n in writes.values()), f"a version was written twice: {writes}"
         # A step that wrote its version and died before its close leaves the next version
         # written while its buffer is still AGGREGATING; the take-over keeps it.
@@ -274,15 +213,8 @@ class World:
         ), f"versions not contiguous: {sorted(writes)}"
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,  # the same schedules on every run: CI never flakes on a new one
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=15, max_size=45)
-)
+@schedule_settings(EXAMPLES)
+@given(schedules(ACTIONS, min_size=15))
 def test_buffered_invariants_hold_under_random_schedules(
     local_aws: LocalAws, schedule: list[tuple[str, int]]
 ) -> None:

@@ -15,24 +15,16 @@ import time
 from typing import Any
 
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given
 
-import sfl.learning.rules.aggregation as aggregation
 from sfl.core import layout
 from sfl.core.config import FederationConfig
-from sfl.learning import codec
 from sfl.local.emulator import LocalAws, provision
-from sfl.server.averager import Averager
-from sfl.server.initiator import start_round
-from sfl.server.notifications import UpdateEvent
 from sfl.state.model_store import ModelStore
-from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome, Round, RoundState, RoundStore
+from tests.schedule_world import ScheduleWorld, schedule_settings, schedules
 
 CLIENTS = ["c0", "c1", "c2", "c3"]
-MODEL = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5])}
 # Weighted by repetition: mostly uploads and deliveries, so that rounds get somewhere.
 ACTIONS = [
     *["initiate"] * 2,
@@ -52,22 +44,15 @@ EXAMPLES = int(os.environ.get("SFL_INVARIANT_EXAMPLES", "16"))
 STATS = {"rounds": 0, "closed": 0, "abandoned": 0, "crashes": 0, "accepted": 0, "rejected": 0}
 
 
-class _Crash(aggregation.FedAvg):
-    def result(self) -> dict[str, torch.Tensor] | None:
-        raise RuntimeError("averager crashed mid-aggregation")
-
-
 # User-level DP (docs/privacy.md): Poisson picks, one noised release per version.
 PRIVATE = {"selection": "poisson", "dp_noise_multiplier": 1.0, "dp_clip": 1.0}
 
 
-class World:
+class World(ScheduleWorld):
+    """Rounds mode on its own freshly provisioned tables and buckets."""
+
     def __init__(self, aws: LocalAws, **keys: Any) -> None:
-        self.deployment = provision(aws)
-        self.aws = aws.clients()
-        self.names = self.deployment.names
-        self.now = time.time()
-        self.config = FederationConfig(
+        config = FederationConfig(
             **{
                 "experiment": "prop",
                 "selection": "random",
@@ -80,43 +65,17 @@ class World:
                 **keys,
             }
         )
+        names = provision(aws).names
+        super().__init__(aws.clients(), names, config, CLIENTS, time.time())
         self.store = RoundStore(self.aws.dynamodb, self.names.rounds_table)
-        self.pending: list[UpdateEvent] = []
-        self.honest_etags: set[str] = set()
-        self.crash_next = False
-        self.aws.s3.put_object(
-            Bucket=self.names.models_bucket,
-            Key=layout.model_key(0),
-            Body=codec.encode_model(MODEL, version=0),
-        )
 
-    def clock(self) -> float:
-        return self.now
+    def crashed(self) -> None:
+        super().crashed()
+        STATS["crashes"] += 1
 
-    def averager(self) -> Averager:
-        return Averager(self.aws, self.names, self.config, clock=self.clock)
-
-    def run_averager(self, call: Any) -> None:
-        original = aggregation.FedAvg
-        if self.crash_next:
-            aggregation.FedAvg = _Crash  # type: ignore[misc]
-        try:
-            call(self.averager())
-        except RuntimeError:
-            self.crash_next = False  # it crashed once, as planned
-            STATS["crashes"] += 1
-        finally:
-            aggregation.FedAvg = original  # type: ignore[misc]
-
-    def step(self, action: str, pick: int) -> None:
-        rng = random.Random(pick)
+    def act(self, action: str, pick: int, rng: random.Random) -> None:
         if action == "initiate":
-            registry = ClientRegistry(self.aws.dynamodb, self.names.clients_table)
-            for client in CLIENTS:
-                registry.heartbeat(
-                    client, now=self.now, active_window_seconds=self.config.active_window_seconds
-                )
-            start_round(self.aws, self.names, self.config, clock=self.clock)
+            self.initiate()
         elif action in ("upload", "upload_bad"):
             latest = self.store.latest("prop")
             if latest is None:
@@ -124,37 +83,11 @@ class World:
             # mostly a selected client; sometimes an unselected or a late one: both refused
             client = rng.choice(latest.selected if rng.random() < 0.8 else CLIENTS)
             self.upload(client, latest, rng, honest=action == "upload")
-        elif action in ("deliver", "duplicate", "drop") and self.pending:
-            event = self.pending[pick % len(self.pending)]  # any order
-            if action != "duplicate":
-                self.pending.remove(event)
-            if action != "drop":
-                self.run_averager(lambda a: a.handle_update(event))
-        elif action == "tick":
-            self.run_averager(lambda a: a.tick())
-        elif action == "wait":
-            self.now += rng.choice([5, 25, 35, 65])
-        elif action == "crash":
-            self.crash_next = True
 
     def upload(self, client: str, latest: Round, rng: random.Random, *, honest: bool) -> None:
-        scale = 1.0 + rng.random()
-        tensors = {k: v * scale for k, v in MODEL.items()}
-        if not honest:
-            tensors["w"] = torch.tensor([[float("nan"), 0.0], [0.0, 0.0]])
-        meta = codec.UpdateMetadata(
-            round=latest.round,
-            client_id=client,
-            base_version=latest.base_version,
-            num_examples=rng.randint(1, 50),
-        )
-        body = codec.encode(tensors, meta.to_header())
-        key = layout.update_key(client, latest.round)
-        response = self.aws.s3.put_object(Bucket=self.names.updates_bucket, Key=key, Body=body)
-        etag = response["ETag"].strip('"')
+        etag = self.put_update(client, latest.round, latest.base_version, rng, honest=honest)
         if honest:
             self.honest_etags.add(etag)
-        self.pending.append(UpdateEvent(self.names.updates_bucket, key, len(body), etag))
 
     def check(self) -> None:
         rounds = self.store.history("prop")
@@ -188,12 +121,7 @@ class World:
                 version += 1
             if r.status in (RoundState.CLOSED, RoundState.AGGREGATING):
                 assert r.accepted, f"round {r.round} aggregating with nothing accepted"
-        listing = self.aws.s3.list_object_versions(
-            Bucket=self.names.models_bucket, Prefix=layout.MODELS_PREFIX
-        )
-        writes: dict[str, int] = {}
-        for v in listing.get("Versions", []):
-            writes[v["Key"]] = writes.get(v["Key"], 0) + 1
+        writes = self.model_writes()
         assert all(n == 1 for n in writes.values()), f"a model version was written twice: {writes}"
         assert sorted(writes) == [layout.model_key(v) for v in range(version + 1)], (
             "versions not contiguous"
@@ -214,16 +142,8 @@ class World:
             assert record is not None and record.versions == v, f"version {v}'s record"
 
 
-@settings(
-    # derandomized: CI runs the same schedules every time
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,  # the same schedules on every run: CI never flakes on a new one
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=5, max_size=45)
-)
+@schedule_settings(EXAMPLES)
+@given(schedules(ACTIONS, min_size=5))
 def test_round_invariants_hold_under_random_schedules(
     local_aws: LocalAws, schedule: list[tuple[str, int]]
 ) -> None:
@@ -259,15 +179,8 @@ def test_round_invariants_hold_under_random_schedules(
         STATS["rejected"] += len(r.rejected) + len(r.other_rejections)
 
 
-@settings(
-    max_examples=max(2, EXAMPLES // 4),
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    st.lists(st.tuples(st.sampled_from(ACTIONS), st.integers(0, 2**16)), min_size=5, max_size=45)
-)
+@schedule_settings(max(2, EXAMPLES // 4))
+@given(schedules(ACTIONS, min_size=5))
 def test_private_rounds_keep_the_invariants_and_one_record_per_version(
     local_aws: LocalAws, schedule: list[tuple[str, int]]
 ) -> None:

@@ -28,6 +28,7 @@ def test_model_keys_are_deterministic_per_version() -> None:
         "updates/a/b/round-000012.safetensors",
         "models/global/v000001.safetensors",
         "updates/client-07/round-000012.pt",
+        "updates/client-07/round-000000.safetensors",
     ],
 )
 def test_malformed_keys_are_rejected(key: str) -> None:

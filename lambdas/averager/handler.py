@@ -94,29 +94,17 @@ def chain_initiator_for_places(freed: list[int]) -> None:
     )
 
 
-def record_version(closed: Buffer) -> None:
-    """Buffered mode: score a buffer's new version and write its lineage; never fails the
-    invocation (the buffer is closed already)."""
+def score_new_model(made: Round | Buffer) -> None:
+    """Score and record a new model version, a closed round's or a buffer's
+    (``sfl.server.evaluation``: held-out accuracy, lineage). Scoring never fails the
+    invocation: the round or buffer is closed already, and a retried event would not score
+    it again."""
     aws, names, config = services()
     try:
-        scores = after_buffer(aws, names, config, closed)
-    except Exception:
-        logger.exception("recording the new version's evaluation and lineage failed")
-        metrics.add_metric(name="EvaluationFailures", unit=MetricUnit.Count, value=1)
-    else:
-        if scores is not None and isinstance(scores.get("accuracy"), float):
-            metrics.add_metric(
-                name=GLOBAL_ACCURACY_METRIC, unit=MetricUnit.NoUnit, value=scores["accuracy"]
-            )
-
-
-def score_new_model(finished: Round) -> None:
-    """Score and record the new model (``sfl.server.evaluation``: held-out accuracy, lineage).
-    Scoring never fails the invocation: the round is closed already, and a retried event
-    would not score it again."""
-    aws, names, config = services()
-    try:
-        scores = after_round(aws, names, config, finished)
+        if isinstance(made, Buffer):
+            scores = after_buffer(aws, names, config, made)
+        else:
+            scores = after_round(aws, names, config, made)
     except Exception:
         logger.exception("recording the new model's evaluation and lineage failed")
         metrics.add_metric(name="EvaluationFailures", unit=MetricUnit.Count, value=1)
@@ -140,7 +128,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         config,
         invoke_shard=shard_invoker(),
         on_round_finished=(score_new_model, chain_initiator),
-        on_version=(record_version,),
+        on_version=(score_new_model,),
         on_place_freed=(freed.append,),
     )
     try:

@@ -128,6 +128,8 @@ def parse_update_key(key: str) -> UpdateKey:
             f"key {key!r}: client id {client_id!r} is not 1-128 of [A-Za-z0-9:_-]"
         )
     parsed = UpdateKey(client_id=client_id, round=int(match["round"]))
+    if parsed.round < 1:  # a device may store round-000000 under its own prefix
+        raise MalformedKeyError(f"key {key!r}: round numbers start at 1")
     if key != update_key(parsed.client_id, parsed.round):
         raise MalformedKeyError(f"key {key!r} is not the round's key for {client_id!r}")
     return parsed

@@ -72,8 +72,10 @@ class UpdateOutcome:
         return {k: v for k, v in self.__dict__.items() if v not in (None, "") and k != "finished"}
 
 
-def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
-    """Judge and record one uploaded object, then move its round on if the answer lets it."""
+def addressed(ctx: AveragerContext, event: UpdateEvent) -> layout.UpdateKey | UpdateOutcome:
+    """The client and round (or ticket) an upload's key names, or the outcome that ends it
+    there: a malformed key is refused (and the object deleted), another bucket's ignored.
+    Both modes' ``handle_update`` start here."""
     try:
         key = layout.parse_update_key(event.key)
     except layout.MalformedKeyError as e:
@@ -86,6 +88,14 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     if event.bucket != ctx.names.updates_bucket:
         logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
         return UpdateOutcome(event.key, UpdateResult.IGNORED, "wrong_bucket")
+    return key
+
+
+def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
+    """Judge and record one uploaded object, then move its round on if the answer lets it."""
+    key = addressed(ctx, event)
+    if isinstance(key, UpdateOutcome):
+        return key
     client, number = key.client_id, key.round
     log = {"round": number, "client_id": client, "key": event.key}
     # O(1) whatever the round's size: the round item (counters) and this client's slot.
@@ -114,29 +124,16 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         return _reject_other(
             ctx, round_, event, client, "round_not_open", f"round is {round_.status}"
         )
-    arrived_at = arrival(event, ctx.clock())
-    if arrived_at < round_.created_at - CLOCK_TOLERANCE_SECONDS:
-        # Keys are predictable: an object stored before its round existed was not trained
-        # from the round's model, and would claim a turnaround of zero.
-        return _reject_other(
-            ctx,
-            round_,
-            event,
-            client,
-            "before_round",
-            f"stored {round_.created_at - arrived_at:.1f} s before the round started",
-        )
-    if arrived_at > round_.deadline_at:
-        # Still OPEN only because no tick has ended it yet: when S3 stored the update,
-        # not when it is processed (a retried or recovered event comes later), decides.
-        return _reject_other(
-            ctx,
-            round_,
-            event,
-            client,
-            "past_deadline",
-            f"stored {arrived_at - round_.deadline_at:.1f} s after the round's hard deadline",
-        )
+    untimely = outside_window(
+        event,
+        ctx.clock(),
+        round_.created_at,
+        round_.deadline_at,
+        began="the round started",
+        ended="the round's hard deadline",
+    )
+    if untimely is not None:
+        return _reject_other(ctx, round_, event, client, *untimely)
 
     judging = time.perf_counter()
     answer = _judge(ctx, round_, event, client)
@@ -150,15 +147,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     except ClientError as e:
         if error_code(e) != "ValidationException":
             raise
-        # DynamoDB refused what we derived from the update: record it as rejected.
-        answer = Answer(
-            outcome=Outcome.REJECTED,
-            key=answer.key,
-            etag=answer.etag,
-            size=answer.size,
-            received_at=answer.received_at,
-            reason=f"unstorable: {str(e)[:200]}",
-        )
+        answer = unstorable(answer, e)
         recorded = ctx.rounds.record_answer(
             ctx.config.experiment, number, client, answer, handling_seconds=handled
         )
@@ -192,6 +181,41 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         )
     return _reject_other(
         ctx, current, event, client, "round_not_open", f"round is {current.status}"
+    )
+
+
+def outside_window(
+    event: UpdateEvent,
+    now: float,
+    opened_at: float,
+    deadline_at: float,
+    *,
+    began: str,
+    ended: str,
+) -> tuple[str, str] | None:
+    """Why an upload stored outside its round's (or ticket's) time is refused, as (reason,
+    detail), or None. Keys are predictable: an object stored before the round existed was
+    not trained from its model, and would claim a turnaround of zero. Past the deadline, a
+    round is still OPEN only because no tick has ended it yet: when S3 stored the update, not
+    when it is processed (a retried or recovered event comes later), decides."""
+    arrived_at = arrival(event, now)
+    if arrived_at < opened_at - CLOCK_TOLERANCE_SECONDS:
+        return "before_round", f"stored {opened_at - arrived_at:.1f} s before {began}"
+    if arrived_at > deadline_at:
+        return "past_deadline", f"stored {arrived_at - deadline_at:.1f} s after {ended}"
+    return None
+
+
+def unstorable(answer: Answer, error: ClientError) -> Answer:
+    """The answer recorded in place of one DynamoDB refused to store (what we derived from
+    the update, its figures): rejected, with DynamoDB's reason."""
+    return Answer(
+        outcome=Outcome.REJECTED,
+        key=answer.key,
+        etag=answer.etag,
+        size=answer.size,
+        received_at=answer.received_at,
+        reason=f"unstorable: {str(error)[:200]}",
     )
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sfl.core.config import FederationConfig
 from sfl.core.staleness import staleness_factor
 from sfl.learning.codec import decode
 from sfl.learning.rules.aggregation import (
@@ -138,14 +139,30 @@ class BufferUpdates:
         return [entry.client for entry, _ in self.entries]
 
 
-def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | None:
-    """Write version ``buffer.version`` from the buffer's members; None if not one of them
-    could be read back (the caller then writes the current model again, with the reason)."""
-    started = ctx.clock()
-    config = ctx.config
-    rule = build_rule(config.aggregation, config.aggregation_params)
-    current = decode(ctx.models.model_bytes(buffer.base_version))
-    staleness = [buffer.base_version - m.base_version for m in members]
+@dataclass(frozen=True)
+class Weighing:
+    """How much each of a buffer's updates counts in its step, and the norm bound."""
+
+    weights: list[float]  # its example count, bounded
+    clips: list[float]  # what of its change the norm bound keeps (1: all)
+    scales: list[float]  # the clip times its staleness factor: what of its change is applied
+    bound: float
+
+
+def weigh(
+    config: FederationConfig,
+    examples: Sequence[int],
+    norms: Sequence[float],
+    staleness: Sequence[int],
+    *,
+    fallback: float,
+    base_norm: float,
+) -> Weighing:
+    """A buffer's step in numbers, from each update's claimed examples, the norm of its
+    change and how many versions behind it is: weights capped at ``max_weight_ratio`` times
+    the median claim, changes clipped to the buffer's bound (``fallback``: the last bound, for
+    a buffer of fewer than three), then shrunk by their staleness factors. Pure, so the
+    benchmark steps as the averager does."""
     factors = [
         staleness_factor(
             config.staleness_weighting,
@@ -155,26 +172,42 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
         )
         for tau in staleness
     ]
-    weights = bounded_weights([m.answer.num_examples for m in members], config.max_weight_ratio)
     bound = bound_of(
-        [m.answer.delta_norm for m in members if m.answer.delta_norm > 0],
+        [n for n in norms if n > 0],
         factor=config.norm_bound_factor,
         absolute=config.max_update_norm,
+        fallback=fallback,
+        base_norm=base_norm,
+    )
+    clips = [clip_scale(n, bound) for n in norms]
+    return Weighing(
+        weights=bounded_weights(examples, config.max_weight_ratio),
+        clips=clips,
+        scales=[c * f for c, f in zip(clips, factors, strict=True)],
+        bound=bound,
+    )
+
+
+def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | None:
+    """Write version ``buffer.version`` from the buffer's members; None if not one of them
+    could be read back (the caller then writes the current model again, with the reason)."""
+    started = ctx.clock()
+    config = ctx.config
+    rule = build_rule(config.aggregation, config.aggregation_params)
+    current = decode(ctx.models.model_bytes(buffer.base_version))
+    staleness = [buffer.base_version - m.base_version for m in members]
+    weighing = weigh(
+        config,
+        [m.answer.num_examples for m in members],
+        [m.answer.delta_norm for m in members],
+        staleness,
         fallback=_previous_bound(ctx, buffer),
         base_norm=model_norm(current),
     )
+    weights, bound = weighing.weights, weighing.bound
     entries = [
-        (
-            Entry(
-                m.label,
-                m.answer.key,
-                m.answer.etag,
-                w,
-                clip_scale(m.answer.delta_norm, bound) * f,
-            ),
-            m.base_version,
-        )
-        for m, w, f in zip(members, weights, factors, strict=True)
+        (Entry(m.label, m.answer.key, m.answer.etag, w, scale), m.base_version)
+        for m, w, scale in zip(members, weights, weighing.scales, strict=True)
     ]
     updates = BufferUpdates(ctx.s3, ctx.names.updates_bucket, ctx.models, current, entries)
     result = rule.aggregate(
@@ -209,7 +242,7 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
         "model_bytes": len(body),
         "bytes_up": sum(m.answer.size for m in used),
         "norm_bound": bound if math.isfinite(bound) else None,
-        "clipped": [m.label for m in members if clip_scale(m.answer.delta_norm, bound) < 1.0],
+        "clipped": [m.label for m, c in zip(members, weighing.clips, strict=True) if c < 1.0],
         "excluded": dict(updates.excluded),
         "model_already_written": rewritten,
         **dict(result.details or {}),

@@ -18,17 +18,16 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from sfl.core import layout
 from sfl.server import buffered_steps
 from sfl.server.answers import (
-    CLOCK_TOLERANCE_SECONDS,
     UpdateOutcome,
     UpdateResult,
-    arrival,
-    discard_refused,
+    addressed,
     etag_of,
     judge,
+    outside_window,
     refuse_other,
+    unstorable,
 )
 from sfl.server.participation import count_ticket
 from sfl.state.aws import error_code
@@ -48,18 +47,9 @@ MAX_BUFFER_TRIES = 64
 
 def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     """Judge and record one uploaded object against its ticket, then step full buffers."""
-    try:
-        key = layout.parse_update_key(event.key)
-    except layout.MalformedKeyError as e:
-        logger.warning(
-            "update rejected",
-            extra={"key": event.key, "reason": "malformed_key", "detail": str(e)},
-        )
-        discard_refused(ctx, event)
-        return UpdateOutcome(event.key, UpdateResult.REJECTED, "malformed_key")
-    if event.bucket != ctx.names.updates_bucket:
-        logger.warning("update ignored", extra={"key": event.key, "bucket": event.bucket})
-        return UpdateOutcome(event.key, UpdateResult.IGNORED, "wrong_bucket")
+    key = addressed(ctx, event)
+    if isinstance(key, UpdateOutcome):
+        return key
     client, number = key.client_id, key.round
     ticket = ctx.buffers.ticket(ctx.config.experiment, number)
     if ticket is None:
@@ -74,25 +64,16 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
         return _moved_on(ctx, UpdateOutcome(event.key, UpdateResult.DUPLICATE, "", client, number))
     if ticket.status is not TicketState.OPEN:
         return _ended(ctx, event, ticket)
-    arrived_at = arrival(event, ctx.clock())
-    if arrived_at < ticket.created_at - CLOCK_TOLERANCE_SECONDS:
-        return refuse_other(
-            ctx,
-            number,
-            event,
-            client,
-            "before_round",
-            f"stored {ticket.created_at - arrived_at:.1f} s before the ticket was issued",
-        )
-    if arrived_at > ticket.deadline_at:
-        return refuse_other(
-            ctx,
-            number,
-            event,
-            client,
-            "past_deadline",
-            f"stored {arrived_at - ticket.deadline_at:.1f} s after the ticket's lease ended",
-        )
+    untimely = outside_window(
+        event,
+        ctx.clock(),
+        ticket.created_at,
+        ticket.deadline_at,
+        began="the ticket was issued",
+        ended="the ticket's lease ended",
+    )
+    if untimely is not None:
+        return refuse_other(ctx, number, event, client, *untimely)
     answer = judge(
         ctx,
         event,
@@ -109,16 +90,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     except ClientError as e:
         if error_code(e) != "ValidationException":
             raise
-        # DynamoDB refused what we derived from the update: record it as rejected.
-        unstorable = Answer(
-            outcome=Outcome.REJECTED,
-            key=answer.key,
-            etag=answer.etag,
-            size=answer.size,
-            received_at=answer.received_at,
-            reason=f"unstorable: {str(e)[:200]}",
-        )
-        recorded, answer = record(ctx, ticket, unstorable)
+        recorded, answer = record(ctx, ticket, unstorable(answer, e))
     if recorded.result is AnswerResult.RECORDED:
         level = logging.WARNING if answer.outcome is Outcome.REJECTED else logging.INFO
         logger.log(

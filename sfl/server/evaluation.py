@@ -124,6 +124,24 @@ def load_eval_set(aws: AwsClients, names: ResourceNames) -> ArrayDataset | None:
     return data
 
 
+def score_held_out(
+    aws: AwsClients, names: ResourceNames, config: FederationConfig, version: int, **where: int
+) -> dict[str, Any] | None:
+    """Model ``version``'s scores on the held-out set, or None without one. An unusable set
+    (or a model the task cannot load) gives its error as the scores, never a failure;
+    ``where`` (the round, or the buffer) goes into the warning."""
+    try:
+        data = load_eval_set(aws, names)
+        if data is None:
+            return None
+        from sfl.learning.tasks import configured_task
+
+        return score_version(configured_task(config), aws, names.models_bucket, version, data)
+    except Exception as e:  # a bad or replaced set, a model the task cannot load
+        logger.warning("held-out evaluation failed", extra={**where, "error": str(e)})
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
 def after_round(
     aws: AwsClients, names: ResourceNames, config: FederationConfig, finished: Round
 ) -> dict[str, Any] | None:
@@ -133,20 +151,7 @@ def after_round(
     round's evaluation error, never a failed round."""
     if finished.status is not RoundState.CLOSED or finished.model_version is None:
         return None
-    scores: dict[str, Any] | None = None
-    try:
-        data = load_eval_set(aws, names)
-        if data is not None:
-            from sfl.learning.tasks import configured_task
-
-            scores = score_version(
-                configured_task(config), aws, names.models_bucket, finished.model_version, data
-            )
-    except Exception as e:  # a bad or replaced set, a model the task cannot load
-        logger.warning(
-            "held-out evaluation failed", extra={"round": finished.round, "error": str(e)}
-        )
-        scores = {"error": f"{type(e).__name__}: {e}"[:500]}
+    scores = score_held_out(aws, names, config, finished.model_version, round=finished.round)
     # The lineage first: scores on the round record mean everything after the round is done.
     LineageStore(aws, names).put(lineage_of_round(finished, scores or {}))
     if scores is not None:
@@ -164,20 +169,7 @@ def after_buffer(
     were used. Returns the scores, or None without a held-out set."""
     if closed.model_version is None:
         return None
-    scores: dict[str, Any] | None = None
-    try:
-        data = load_eval_set(aws, names)
-        if data is not None:
-            from sfl.learning.tasks import configured_task
-
-            scores = score_version(
-                configured_task(config), aws, names.models_bucket, closed.model_version, data
-            )
-    except Exception as e:  # a bad or replaced set, a model the task cannot load
-        logger.warning(
-            "held-out evaluation failed", extra={"buffer": closed.number, "error": str(e)}
-        )
-        scores = {"error": f"{type(e).__name__}: {e}"[:500]}
+    scores = score_held_out(aws, names, config, closed.model_version, buffer=closed.number)
     excluded = set(closed.summary.get("excluded", {}) or {})
     members = BufferStore(aws.dynamodb, names.rounds_table).members(
         closed.experiment, closed.number

@@ -7,12 +7,15 @@ unasked-for uploads, a watchdog tick that finds an upload whose event was lost, 
 past the round's deadlines), and edge clients (heartbeat, polling before any round,
 answering rounds), and the destroy clean-up's handler at stack deletion (device
 certificates and a thing group holding the IoT policy, a foreign policy on the device
-role). Besides our code, the platform acts with these roles
-too, and the test plays those calls as the platform makes them: the Lambda service writes a
-function's logs and sends its failed asynchronous events to the on-failure queue, Lambda's
-X-Ray daemon sends the segments the function's tracer emitted (active tracing), and the
-Greengrass nucleus downloads the component's artifact (GetBucketLocation, then GetObject,
-as its S3Downloader does).
+role). The same proof runs for a stack synthesized with ``mode=buffered``, whose code
+paths are its own: tickets issued and re-issued, a buffer of answers stepped into a version
+(scored, its lineage written, the initiator chained), an answer found by the tick, junk,
+tickets expired, a second step over the first's server state. Besides our code, the
+platform acts with these roles too, and the test plays those calls as the platform makes
+them: the Lambda service writes a function's logs and sends its failed asynchronous events
+to the on-failure queue, Lambda's X-Ray daemon sends the segments the function's tracer
+emitted (active tracing), and the Greengrass nucleus downloads the component's artifact
+(GetBucketLocation, then GetObject, as its S3Downloader does).
 
 Every call is recorded through botocore's events and turned into the IAM requests AWS makes
 for it (``iam_proof.requests_for``: the operation -> action map is the only fixed list); the
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ from local_stack import (
     s3_event,
     schedule_inputs,
 )
-from stack_template import Synthesized
+from stack_template import Synthesized, cdk_context, synthesized_stack
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,14 +63,46 @@ class Exercised:
     roles: dict[str, str]  # ROLES' key -> the role's name
 
 
+#: The buffered stack's federation keys (cdk.json's, and these): a buffer of the two
+#: devices' answers makes a version.
+BUFFERED = {"mode": "buffered", "buffer_size": 2, "concurrency": 2}
+
+
 @pytest.fixture(scope="module")
+def buffered_synthesized(tmp_path_factory: pytest.TempPathFactory) -> Synthesized:
+    """The stack synthesized with ``mode=buffered`` (docs/buffered.md)."""
+    context = cdk_context()
+    context["sfl"] = {**context["sfl"], **BUFFERED}
+    return synthesized_stack(tmp_path_factory.mktemp("buffered-cdk.out"), context)
+
+
+@pytest.fixture(scope="module", params=["rounds", "buffered"])
 def exercised(
-    synthesized: Synthesized, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Exercised]:
+    """The stack of each mode deployed, its code paths run: every proof below holds for
+    both (the default stack, and one synthesized with ``mode=buffered``)."""
+    if request.param == "rounds":
+        synthesized = request.getfixturevalue("synthesized")
+        yield from exercise(synthesized, tmp_path_factory, run_code_paths, "Sfl-LeastPrivilege")
+    else:
+        synthesized = request.getfixturevalue("buffered_synthesized")
+        yield from exercise(
+            synthesized, tmp_path_factory, run_buffered_code_paths, "Sfl-LeastPrivilegeBuffered"
+        )
+
+
+def exercise(
+    synthesized: Synthesized,
+    tmp_path_factory: pytest.TempPathFactory,
+    code_paths: Callable[[Harness], None],
+    stack_name: str,
+) -> Iterator[Exercised]:
+    """Deploy the stack in the emulator and record what the code and the platform call."""
     from sfl.core.resources import CLIENTS_TABLE, ROUNDS_TABLE
 
     with local_aws_without_docker() as aws:
-        deployment = deploy(aws, synthesized, stack_name="Sfl-LeastPrivilege")
+        deployment = deploy(aws, synthesized, stack_name=stack_name)
         outputs = deployment.outputs
         account = Account(
             partition="aws",
@@ -80,7 +115,7 @@ def exercised(
         )
         recorder = CallRecorder()
         with recorder.active():
-            run_code_paths(deployment, recorder, tmp_path_factory.mktemp("devices"))
+            code_paths(Harness(deployment, recorder, tmp_path_factory.mktemp("devices")))
             play_platform_calls(deployment, recorder)
             cleanup_role = run_destroy_cleanup(deployment, recorder)
         roles = {
@@ -92,135 +127,217 @@ def exercised(
         yield Exercised(deployment, recorder, account, roles)
 
 
-def run_code_paths(deployment: Deployment, recorder: CallRecorder, data_dir: Path) -> None:
-    from edge_client.client import EdgeClient
-    from edge_client.settings import parse_settings
-    from sfl.core import layout
-    from sfl.learning.splits import write_client_splits
-    from sfl.learning.tasks import load_task
-    from sfl.local.emulator import lambda_environment
-    from sfl.local.lambdas import LocalFunction
+class Harness:
+    """The deployed functions invoked as Lambda invokes them (with the events the schedule
+    and S3 send), and edge clients acting as the devices; every call recorded under the
+    principal it is made for."""
 
-    aws = deployment.aws
-    outputs = deployment.outputs
-    endpoint = {
-        **aws.env(),
-        "POWERTOOLS_METRICS_DISABLED": "true",
-        "POWERTOOLS_LOG_LEVEL": "WARNING",
-        # A stateful rule's calls are a superset of FedAvg's: it also reads the base
-        # version's server state (absent: 404) and writes the new version's, once.
-        "SFL_AGGREGATION": "fedadam",
-    }
-    functions = {
-        "initiator": (
-            LocalFunction("initiator"),
-            {**deployment.function_environment("InitiatorFunctionName"), **endpoint},
-        ),
-        "averager": (
-            LocalFunction("averager"),
-            {**deployment.function_environment("AveragerFunctionName"), **endpoint},
-        ),
-    }
-    ticks = schedule_inputs(deployment)
+    def __init__(self, deployment: Deployment, recorder: CallRecorder, data_dir: Path) -> None:
+        from edge_client.client import EdgeClient
+        from edge_client.settings import parse_settings
+        from sfl.learning.splits import write_client_splits
+        from sfl.learning.tasks import load_task
+        from sfl.local.lambdas import LocalFunction
 
-    def invoke(name: str, event: dict[str, Any]) -> Any:
-        function, env = functions[name]
-        with recorder.acting_as(name), lambda_environment(env):
+        self.deployment = deployment
+        self.recorder = recorder
+        self.aws = deployment.aws
+        self.outputs = deployment.outputs
+        self.s3 = self.aws.client("s3")
+        endpoint = {
+            **self.aws.env(),
+            "POWERTOOLS_METRICS_DISABLED": "true",
+            "POWERTOOLS_LOG_LEVEL": "WARNING",
+            # A stateful rule's calls are a superset of FedAvg's: it also reads the base
+            # version's server state (absent: 404) and writes the new version's, once.
+            "SFL_AGGREGATION": "fedadam",
+        }
+        self.functions = {
+            "initiator": (
+                LocalFunction("initiator"),
+                {**deployment.function_environment("InitiatorFunctionName"), **endpoint},
+            ),
+            "averager": (
+                LocalFunction("averager"),
+                {**deployment.function_environment("AveragerFunctionName"), **endpoint},
+            ),
+        }
+        self.experiment = self.functions["averager"][1]["SFL_EXPERIMENT"]
+        self.ticks = schedule_inputs(deployment)
+        configuration = device_environment(deployment)
+        self.task_name = configuration["SFL_TASK"]
+        self.task = load_task(self.task_name)
+        write_client_splits(self.task, data_dir, len(CLIENTS), "iid", seed=5, client_ids=CLIENTS)
+        self.devices = {}
+        for client_id in CLIENTS:
+            settings = parse_settings(
+                [],
+                {
+                    **configuration,
+                    **self.aws.env(),
+                    "AWS_IOT_THING_NAME": client_id,
+                    "SFL_DATA_DIR": str(data_dir / client_id),
+                },
+            )
+            with recorder.acting_as(f"device:{client_id}"):
+                device = EdgeClient(settings, self.aws.clients(), self.task)
+                device._data = self.task.load_client_data(settings.data_dir)
+                device.heartbeat()
+                assert device.poll() is None  # no round yet: the assignment is not there
+            self.devices[client_id] = device
+
+    def invoke(self, name: str, event: dict[str, Any]) -> Any:
+        from sfl.local.emulator import lambda_environment
+
+        function, env = self.functions[name]
+        with self.recorder.acting_as(name), lambda_environment(env):
             return function.invoke(event)
 
-    def tick(name: str) -> Any:
+    def tick(self, name: str) -> Any:
         output = "InitiatorFunctionName" if name == "initiator" else "AveragerFunctionName"
-        return invoke(name, ticks[outputs[output]])
+        return self.invoke(name, self.ticks[self.outputs[output]])
 
-    configuration = device_environment(deployment)
-    task = load_task(configuration["SFL_TASK"])
-    write_client_splits(task, data_dir, len(CLIENTS), "iid", seed=5, client_ids=CLIENTS)
-    devices = {}
-    for client_id in CLIENTS:
-        settings = parse_settings(
-            [],
-            {
-                **configuration,
-                **aws.env(),
-                "AWS_IOT_THING_NAME": client_id,
-                "SFL_DATA_DIR": str(data_dir / client_id),
-            },
+    def answer(self, client_id: str, expect_round: int | None = None) -> str:
+        """The device polls, trains and uploads its answer; returns the update's key."""
+        from sfl.core import layout
+
+        with self.recorder.acting_as(f"device:{client_id}"):
+            assignment = self.devices[client_id].poll()
+            assert assignment is not None
+            assert expect_round in (None, assignment.round)
+            self.devices[client_id].answer(assignment)
+        return layout.update_key(client_id, assignment.round)
+
+    def deliver(self, key: str) -> Any:
+        """S3's event for an uploaded object, to the averager."""
+        head = self.s3.head_object(Bucket=self.outputs["UpdatesBucketName"], Key=key)
+        event = s3_event(
+            self.aws.region,
+            self.outputs["UpdatesBucketName"],
+            key,
+            head["ContentLength"],
+            head["ETag"],
         )
-        with recorder.acting_as(f"device:{client_id}"):
-            device = EdgeClient(settings, aws.clients(), task)
-            device._data = task.load_client_data(settings.data_dir)
-            device.heartbeat()
-            assert device.poll() is None  # no round yet: the assignment is not there
-        devices[client_id] = device
+        return self.invoke("averager", event)
 
-    def upload(client_id: str, expect_round: int) -> str:
-        with recorder.acting_as(f"device:{client_id}"):
-            assignment = devices[client_id].poll()
-            assert assignment is not None and assignment.round == expect_round
-            devices[client_id].answer(assignment)
-        return layout.update_key(client_id, expect_round)
+    def upload_eval_set(self) -> None:
+        """The operator's held-out set (sfl eval-data upload): the averager scores each new
+        model on it, and writes the version's lineage beside it."""
+        from sfl.core import layout
+        from sfl.server.evaluation import encode_eval_set
 
+        self.s3.put_object(
+            Bucket=self.outputs["ModelsBucketName"],
+            Key=layout.EVAL_DATA_KEY,
+            Body=encode_eval_set(self.task.load_central_data().test, task=self.task_name),
+        )
+
+    def promote_and_load(self, version: int) -> None:
+        """The operator promotes a version (sfl models promote); an app on a device loads it."""
+        from sfl.core import layout
+
+        models = self.outputs["ModelsBucketName"]
+        self.s3.copy_object(
+            Bucket=models,
+            Key=layout.PROMOTED_MODEL_KEY,
+            CopySource={"Bucket": models, "Key": layout.model_key(version)},
+        )
+        with self.recorder.acting_as(f"device:{CLIENTS[0]}"):
+            self.devices[CLIENTS[0]].models.s3.get_object(
+                Bucket=models, Key=layout.PROMOTED_MODEL_KEY
+            )
+
+    def junk(self, number: int) -> None:
+        """A broken upload from the second device, and one from a device nobody picked: both
+        judged and refused (the device role could never write the second; the test can)."""
+        from sfl.core import layout
+
+        updates = self.outputs["UpdatesBucketName"]
+        for client_id in (CLIENTS[1], "device-unpicked"):
+            key = layout.update_key(client_id, number)
+            put = self.s3.put_object(Bucket=updates, Key=key, Body=b"not a safetensors file")
+            self.invoke("averager", s3_event(self.aws.region, updates, key, 22, put["ETag"]))
+
+    def past_deadline(self, partition: str, number: int, *deadlines: str) -> None:
+        """Time passes: the round's (or ticket's) deadlines are over."""
+        self.aws.client("dynamodb").update_item(
+            TableName=self.outputs["RoundsTableName"],
+            Key={"experiment": {"S": partition}, "round": {"N": str(number)}},
+            UpdateExpression="SET " + ", ".join(f"{d} = :past" for d in deadlines),
+            ExpressionAttributeValues={":past": {"N": str(time.time() - 1)}},
+        )
+
+
+def run_code_paths(harness: Harness) -> None:
+    """Rounds mode: two rounds, a lost event, junk, deadlines, a rollback."""
+    tick, invoke = harness.tick, harness.invoke
     # The first tick can come before the deploy-time bootstrap wrote model version 0.
     assert tick("initiator")["started"] is False
     assert invoke("averager", {"sfl": "bootstrap"}) == {"bootstrap": "written"}
     assert tick("initiator")["round"] == 1
     assert tick("initiator")["started"] is False  # round 1 is open: republish only
-    s3 = aws.client("s3")
-    # The operator's held-out set (sfl eval-data upload): the averager scores each new model
-    # on it after closing a round, and writes the version's lineage beside it.
-    from sfl.server.evaluation import encode_eval_set
-
-    s3.put_object(
-        Bucket=outputs["ModelsBucketName"],
-        Key=layout.EVAL_DATA_KEY,
-        Body=encode_eval_set(task.load_central_data().test, task=configuration["SFL_TASK"]),
-    )
+    harness.upload_eval_set()
     for client_id in CLIENTS:
-        key = upload(client_id, 1)
-        head = s3.head_object(Bucket=outputs["UpdatesBucketName"], Key=key)
-        event = s3_event(
-            aws.region, outputs["UpdatesBucketName"], key, head["ContentLength"], head["ETag"]
-        )
-        invoke("averager", event)
+        harness.deliver(harness.answer(client_id, 1))
     assert tick("initiator")["round"] == 2
-    # The operator promotes version 1 (sfl models promote); an app on a device loads it.
-    models = outputs["ModelsBucketName"]
-    s3.copy_object(
-        Bucket=models,
-        Key=layout.PROMOTED_MODEL_KEY,
-        CopySource={"Bucket": models, "Key": layout.model_key(1)},
-    )
-    with recorder.acting_as(f"device:{CLIENTS[0]}"):
-        devices[CLIENTS[0]].models.s3.get_object(Bucket=models, Key=layout.PROMOTED_MODEL_KEY)
+    harness.promote_and_load(1)
     # Round 2: one upload whose S3 event never arrives; the watchdog tick finds it.
-    upload(CLIENTS[0], 2)
+    harness.answer(CLIENTS[0], 2)
     time.sleep(0.01)
     tick("averager")
-    # A broken upload from the other device, and one from a device nobody picked: both are
-    # judged and rejected (the device role could never write the second; the test can).
-    updates = outputs["UpdatesBucketName"]
-    for client_id in (CLIENTS[1], "device-unpicked"):
-        key = layout.update_key(client_id, 2)
-        put = s3.put_object(Bucket=updates, Key=key, Body=b"not a safetensors file")
-        invoke("averager", s3_event(aws.region, updates, key, 22, put["ETag"]))
+    harness.junk(2)
     # Time passes: the round's deadlines are over, and the watchdog closes or abandons it.
-    rounds_table = outputs["RoundsTableName"]
-    experiment = functions["averager"][1]["SFL_EXPERIMENT"]
-    aws.client("dynamodb").update_item(
-        TableName=rounds_table,
-        Key={"experiment": {"S": experiment}, "round": {"N": "2"}},
-        UpdateExpression="SET deadline_at = :past, soft_deadline_at = :past",
-        ExpressionAttributeValues={":past": {"N": str(time.time() - 1)}},
-    )
+    harness.past_deadline(harness.experiment, 2, "deadline_at", "soft_deadline_at")
     assert tick("averager")["status"] in {"CLOSED", "ABANDONED"}
     # The operator asks for a rollback (sfl models rollback 0): the initiator reads the control
     # record, writes version 0 again as the next version with its lineage, clears the request.
     from sfl.state.control import ControlStore
 
-    control = ControlStore(aws.client("dynamodb"), rounds_table)
-    control.request_rollback(experiment, 0, now=time.time())
+    control = ControlStore(harness.aws.client("dynamodb"), harness.outputs["RoundsTableName"])
+    control.request_rollback(harness.experiment, 0, now=time.time())
     assert tick("initiator")["round"] == 3
-    assert control.state(experiment).rollback_to is None
+    assert control.state(harness.experiment).rollback_to is None
+
+
+def run_buffered_code_paths(harness: Harness) -> None:
+    """Buffered mode: tickets, a buffer of two answers made a version (scored, its lineage
+    written, the initiator chained), a lost event, junk, an expired ticket, a second step."""
+    from sfl.state.buffers import BufferStore
+    from sfl.state.buffers.store import TICKETS_SUFFIX, TRAINING_SUFFIX
+
+    tick, invoke = harness.tick, harness.invoke
+    buffers = BufferStore(harness.aws.client("dynamodb"), harness.outputs["RoundsTableName"])
+    experiment = harness.experiment
+    assert tick("initiator")["started"] is False  # no version 0 yet: no pool
+    assert invoke("averager", {"sfl": "bootstrap"}) == {"bootstrap": "written"}
+    assert tick("initiator")["started"] is True  # a ticket for each device
+    assert tick("initiator")["started"] is False  # both places taken
+    harness.upload_eval_set()
+    for client_id in CLIENTS:
+        harness.deliver(harness.answer(client_id))
+    pool = buffers.pool(experiment)
+    assert pool is not None and pool.version == 1
+    assert tick("initiator")["started"] is True  # the freed places filled again
+    harness.promote_and_load(1)
+    # One answer whose S3 event never arrives; the watchdog tick finds it.
+    harness.answer(CLIENTS[0])
+    time.sleep(0.01)
+    tick("averager")
+    (other,) = buffers.training(experiment)
+    harness.junk(other.number)
+    # Tickets whose lease ended: the watchdog expires them and frees their places.
+    assert tick("initiator")["started"] is True
+    for ticket in buffers.training(experiment):  # the ticket, and its place
+        for partition in (TICKETS_SUFFIX, TRAINING_SUFFIX):
+            harness.past_deadline(experiment + partition, ticket.number, "deadline_at")
+    tick("averager")
+    assert buffers.training(experiment) == []
+    # The second buffer fills (the device that missed its lease sits out): its step reads
+    # version 1's server state.
+    assert tick("initiator")["started"] is True
+    harness.deliver(harness.answer(CLIENTS[0]))
+    pool = buffers.pool(experiment)
+    assert pool is not None and pool.version == 2, pool
 
 
 def play_platform_calls(deployment: Deployment, recorder: CallRecorder) -> None:
