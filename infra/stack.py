@@ -507,9 +507,7 @@ class FederationStack(Stack):
                 principals=[role],
                 actions=list(actions),
                 resources=["*"],  # in a key policy: this key
-                conditions={
-                    "StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}
-                },
+                conditions={"StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}},
             )
         )
 

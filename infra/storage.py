@@ -15,7 +15,6 @@ from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
 from sfl.core import layout
 from sfl.core.resources import MODELS_BUCKET, UPDATES_BUCKET, BucketSpec
 
-
 # What the account (so IAM policies in it, and CloudFormation) may do with the updates key:
 # look after it, never use it. No cryptographic operation and no CreateGrant: only the key
 # policy's own statements, which the stack adds for the roles that use it, let anyone encrypt
