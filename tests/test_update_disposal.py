@@ -18,8 +18,8 @@ from sfl.local.lambdas import LocalFunction
 from sfl.server import answers as judging
 from sfl.server import transitions, update_disposal
 from sfl.server.averager import Averager
-from sfl.server.notifications import s3_updates
 from sfl.server.initiator import start_round
+from sfl.server.notifications import s3_updates
 from sfl.state.rounds import Answer, Outcome, RoundState, RoundStore
 from tests.conftest import TINY_MODEL, Stack
 
@@ -118,12 +118,12 @@ def test_a_crash_before_the_close_keeps_the_updates_and_the_retry_makes_the_same
     crashing = replace(
         averager.context, rounds=_CrashBeforeClose(stack.clients.dynamodb, stack.names.rounds_table)
     )
-    answers = [stack.upload_update(c, 1, _scaled(f)) for c, f in (("a", 2.0), ("b", 3.0))]
+    (first,) = s3_updates(stack.upload_update("a", 1, _scaled(2.0)))
+    (second,) = s3_updates(stack.upload_update("b", 1, _scaled(3.0)))
+    judging.handle_update(crashing, first)
 
     with pytest.raises(RuntimeError, match="timed out"):
-        for event in answers:
-            for update in s3_updates(event):
-                judging.handle_update(crashing, update)
+        judging.handle_update(crashing, second)  # the quorum: aggregates, then dies
     stuck = store.get("test", 1, slots=False)
     assert stuck is not None and stuck.status is RoundState.AGGREGATING
     written = _model(stack, 1)
