@@ -60,8 +60,8 @@ def dispose_answers(ctx: AveragerContext, answers: Iterable[Answer]) -> Disposal
                 },
             )
         except (ClientError, BotoCoreError) as e:
-            code = error_code(e) if isinstance(e, ClientError) else type(e).__name__
-            done.failed.update(dict.fromkeys(batch, code))
+            failure = error_code(e) if isinstance(e, ClientError) else type(e).__name__
+            done.failed.update(dict.fromkeys(batch, failure))
             continue
         errors = {str(e.get("Key", "")): str(e.get("Code", "")) for e in response.get("Errors", [])}
         for key in batch:
