@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from botocore.exceptions import ClientError
 
 from sfl.core import layout
 from sfl.learning import codec
@@ -206,3 +207,32 @@ def test_updates_are_deleted_in_batches_of_at_most_a_thousand_naming_their_etags
     assert _updates(stack) == []
     first = recording.sent[0]["Delete"]["Objects"][0]
     assert first["ETag"] == f'"{answers[0].etag}"'  # only while it is the object answered
+
+
+class _RefusingDeletes:
+    """The S3 client, whose DeleteObjects S3 refuses (a policy changed by hand, say)."""
+
+    def __init__(self, s3: Any) -> None:
+        self._s3 = s3
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s3, name)
+
+    def delete_objects(self, **kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDenied", "Message": "denied"}}, "DeleteObjects")
+
+
+def test_a_refused_delete_leaves_the_updates_to_the_lifecycle_and_the_round_closed(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _open_round(stack, "a", "b")
+    averager = Averager(stack.clients, stack.names, stack.config)
+    refusing = replace(averager.context, s3=_RefusingDeletes(stack.clients.s3))
+    for client in ("a", "b"):
+        (update,) = s3_updates(stack.upload_update(client, 1, _scaled(2.0)))
+        judging.handle_update(refusing, update)
+
+    finished = store.get("test", 1)
+    assert finished is not None and finished.status is RoundState.CLOSED
+    assert len(_updates(stack)) == 2
+    assert "the bucket's lifecycle will expire them" in caplog.text
