@@ -645,3 +645,17 @@ def test_a_device_may_store_an_update_only_under_the_updates_key(exercised: Exer
     assert not policies.allows(put(**{sse: "AES256"}), me)
     other = key.rsplit("/", 1)[0] + "/another-key"
     assert not policies.allows(put(**{sse: "aws:kms", kms_key: other}), me)
+
+
+def test_devices_store_updates_with_one_put_object_never_multipart(exercised: Exercised):
+    """A multipart upload to an SSE-KMS bucket needs kms:Decrypt (S3 decrypts the parts to
+    assemble them), which devices must not have: the edge client sends each update or decline
+    in one PutObject (up to 5 GB; an update is bounded by sfl.max_update_bytes)."""
+    updates = exercised.deployment.outputs["UpdatesBucketName"]
+    writes = [
+        c.operation
+        for principal in ROLES["devices"]
+        for c in exercised.recorder.of(principal)
+        if c.service == "s3" and c.params.get("Bucket") == updates
+    ]
+    assert writes and set(writes) == {"PutObject"}
