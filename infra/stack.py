@@ -353,8 +353,12 @@ class FederationStack(Stack):
         models = self.storage.models_bucket
         updates = self.storage.updates_bucket
         _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        # ... and S3 returns them only to a caller the updates key lets decrypt.
+        self._allow_key(role, "AveragerDecrypts", ["kms:Decrypt"])
         # A refused upload that is no answer (not selected, late, repeated) is deleted, only
         # while it is the object refused: S3 refuses a delete without If-Match (its ETag).
+        # So is every update of a round or buffer once its version is written and the round
+        # or buffer closed (sfl.server.update_disposal: DeleteObjects, each with its ETag).
         _allow(
             role,
             ["s3:DeleteObject"],
@@ -424,6 +428,7 @@ class FederationStack(Stack):
         updates = self.storage.updates_bucket
         partials = models.arn_for_objects(f"{layout.PARTIALS_PREFIX}*")
         _allow(role, ["s3:GetObject"], [updates.arn_for_objects(f"{layout.UPDATES_PREFIX}*")])
+        self._allow_key(role, "ShardDecrypts", ["kms:Decrypt"])
         _allow(
             role,
             ["s3:GetObject"],
@@ -454,8 +459,11 @@ class FederationStack(Stack):
                 models.arn_for_objects(layout.ASSIGNMENT_KEY),
             ],
         )
-        # Its own round keys only, stored so the averager can read them: no archive storage
-        # class (GetObject would fail) and no customer-provided key (nobody else could read it).
+        # Its own round keys only, stored so the averager alone can read them: no archive
+        # storage class (GetObject would fail), no customer-provided key (nobody else could
+        # read it), and no encryption other than the bucket's own key (SSE-S3 or another KMS
+        # key would let whoever may read the bucket read the update).
+        key = self.storage.updates_key
         _allow(
             role,
             ["s3:PutObject"],
@@ -465,10 +473,17 @@ class FederationStack(Stack):
                 )
             ],
             conditions={
-                "StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"},
+                "StringEqualsIfExists": {
+                    "s3:x-amz-storage-class": "STANDARD",
+                    "s3:x-amz-server-side-encryption": "aws:kms",
+                    "s3:x-amz-server-side-encryption-aws-kms-key-id": key.key_arn,
+                },
                 "Null": {"s3:x-amz-server-side-encryption-customer-algorithm": "true"},
             },
         )
+        # Encrypting with the updates key, for S3's PutObject; never decrypting. (The edge
+        # client uploads with one PutObject: a multipart upload would need kms:Decrypt too.)
+        self._allow_key(role, "DevicesEncrypt", ["kms:GenerateDataKey"])
         # Its own registry item only, and only the attributes a device may write: what
         # decides selection and liveness beyond these is the server's to measure.
         _allow(
@@ -486,6 +501,22 @@ class FederationStack(Stack):
                     "dynamodb:ReturnValues": ["NONE", "UPDATED_OLD", "UPDATED_NEW"],
                 },
             },
+        )
+
+    def _allow_key(self, role: iam.IRole, sid: str, actions: Sequence[str]) -> None:
+        """Let ``role`` use the updates key for ``actions``, only through S3 (the one bucket
+        encrypted with it), in the key's own policy: only these statements allow any use of
+        the key (the account's statement allows none, so no IAM policy can grant one). (No
+        condition on the encryption context, the bucket's ARN with an S3 Bucket Key: the
+        bucket names the key, so the key naming the bucket would be a cycle.)"""
+        self.storage.updates_key.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid=sid,
+                principals=[role],
+                actions=list(actions),
+                resources=["*"],  # in a key policy: this key
+                conditions={"StringEquals": {"kms:ViaService": f"s3.{self.region}.amazonaws.com"}},
+            )
         )
 
     def _wire_update_notifications(self) -> None:

@@ -1,10 +1,13 @@
-"""The buckets: global models (versioned), client updates (expiring), and their access logs."""
+"""The buckets: global models (versioned), client updates (expiring, under a key of their own),
+and their access logs."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
@@ -12,11 +15,36 @@ from infra.compliance import acknowledge_nag, cfn_resource, skip_checkov
 from sfl.core import layout
 from sfl.core.resources import MODELS_BUCKET, UPDATES_BUCKET, BucketSpec
 
+# What the account (so IAM policies in it, and CloudFormation) may do with the updates key:
+# look after it, never use it. No cryptographic operation and no CreateGrant: only the key
+# policy's own statements, which the stack adds for the roles that use it, let anyone encrypt
+# or decrypt (docs/deploy.md, who can read an update). PutKeyPolicy is the break-glass path.
+KEY_ADMINISTRATION = (
+    "kms:DescribeKey",
+    "kms:GetKeyPolicy",
+    "kms:PutKeyPolicy",
+    "kms:GetKeyRotationStatus",
+    "kms:EnableKeyRotation",
+    "kms:DisableKeyRotation",
+    "kms:EnableKey",
+    "kms:DisableKey",
+    "kms:UpdateKeyDescription",
+    "kms:ListResourceTags",
+    "kms:TagResource",
+    "kms:UntagResource",
+    "kms:ScheduleKeyDeletion",
+    "kms:CancelKeyDeletion",
+)
+# KMS deletes a key only after a waiting period of 7 to 30 days: the shortest.
+KEY_PENDING_WINDOW_DAYS = 7
+
 
 class FederationStorage(Construct):
-    """Models bucket, updates bucket and access-logs bucket, all private, SSL-only, encrypted.
+    """Models bucket, updates bucket and access-logs bucket, all private, SSL-only, encrypted;
+    the updates bucket with a customer-managed key (``updates_key``) whose policy the stack
+    completes with who may encrypt and who may decrypt.
 
-    Attributes: ``models_bucket``, ``updates_bucket``, ``logs_bucket``.
+    Attributes: ``models_bucket``, ``updates_bucket``, ``updates_key``, ``logs_bucket``.
     """
 
     def __init__(
@@ -107,7 +135,10 @@ class FederationStorage(Construct):
                 abort_incomplete_multipart_upload_after=Duration.days(1),
             ),
         ]
-        self.updates_bucket = self._bucket(UPDATES_BUCKET, lifecycle_rules=updates_rules)
+        self.updates_key = self._updates_key()
+        self.updates_bucket = self._bucket(
+            UPDATES_BUCKET, lifecycle_rules=updates_rules, key=self.updates_key
+        )
         # CloudFormation's schema types a rule's size as a string of digits; CDK renders a
         # number, which CloudFormation coerces and cfn-lint flags (W9003).
         oversized = [r.id for r in updates_rules].index("ExpireOversizedUploads")
@@ -137,14 +168,50 @@ class FederationStorage(Construct):
             "auto_delete_objects": not self._retain,
         }
 
-    def _bucket(self, spec: BucketSpec, *, lifecycle_rules: list[s3.LifecycleRule]) -> s3.Bucket:
+    def _updates_key(self) -> kms.Key:
+        """The updates' key: rotated yearly, administered by the account, used by nobody
+        until the stack names who (``infra.stack``). It goes with the stack unless data is
+        retained (a retained bucket without its key could never be read again); KMS deletes
+        it after the shortest waiting period, not at once."""
+        return kms.Key(
+            self,
+            "UpdatesKey",
+            description=f"{Stack.of(self).stack_name}: client updates (devices encrypt, the "
+            "averager decrypts)",
+            enable_key_rotation=True,
+            pending_window=Duration.days(KEY_PENDING_WINDOW_DAYS),
+            removal_policy=RemovalPolicy.RETAIN if self._retain else RemovalPolicy.DESTROY,
+            policy=iam.PolicyDocument(
+                statements=[
+                    iam.PolicyStatement(
+                        sid="AccountAdministersNeverUses",
+                        principals=[iam.AccountRootPrincipal()],
+                        actions=list(KEY_ADMINISTRATION),
+                        resources=["*"],  # in a key policy: this key
+                    )
+                ]
+            ),
+        )
+
+    def _bucket(
+        self,
+        spec: BucketSpec,
+        *,
+        lifecycle_rules: list[s3.LifecycleRule],
+        key: kms.IKey | None = None,
+    ) -> s3.Bucket:
+        if spec.own_key != (key is not None):
+            raise ValueError(f"{spec.logical_id}: own_key is {spec.own_key} (sfl.core.resources)")
         bucket = s3.Bucket(
             self,
             spec.logical_id,
             **self._common(),
-            # SSE-S3, not KMS: devices and Lambdas then need no key grants, and an idle
-            # stack pays nothing for a customer-managed key.
-            encryption=s3.BucketEncryption.S3_MANAGED,
+            # Models: SSE-S3 (devices read them; nothing private). Updates: their own key,
+            # with an S3 Bucket Key so S3 asks KMS for a data key about once per bucket key's
+            # lifetime rather than once per object.
+            encryption=s3.BucketEncryption.KMS if key else s3.BucketEncryption.S3_MANAGED,
+            encryption_key=key,
+            bucket_key_enabled=True if key else None,
             object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
             versioned=spec.versioned,
             server_access_logs_bucket=self.logs_bucket,

@@ -176,9 +176,16 @@ def test_a_retried_step_makes_the_bit_same_model_and_state(stack: object) -> Non
     fresh = [t for t in store.training("retry") if t.base_version == 1]
     answer(tickets[1], 0.25)  # from version 0: one version behind
     answer(tickets[2], -0.5)
-    answer(fresh[0], 1.0)
+    last = _event(aws, names, models, fresh[0], 1.0, now)
+    # A retry comes before the close, while the updates are there; the close deletes them
+    # (sfl.server.update_disposal), so the test keeps them to put back for its replay.
+    kept = _update_objects(aws, names)
+    assert averager.handle_update(last).result.value == "accepted"
     buffer = store.buffer("retry", 2)
     assert buffer is not None and buffer.status is BufferState.CLOSED
+    assert _update_objects(aws, names) == {}
+    for key, body in kept.items():
+        aws.s3.put_object(Bucket=names.updates_bucket, Key=key, Body=body)
     assert buffer.summary["staleness"] == {"0": 1, "1": 2}
     written = models.model_bytes(2)
     state = models.state_bytes(2, "fedadam")
@@ -319,6 +326,13 @@ def _assert_same(found: bytes, expected: bytes) -> None:
             a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)
         )
     assert codec.parse_header(found).metadata == codec.parse_header(expected).metadata
+
+
+def _update_objects(aws: object, names: object) -> dict[str, bytes]:
+    """Every object in the updates bucket, by key."""
+    s3, bucket = aws.s3, names.updates_bucket  # type: ignore[attr-defined]
+    listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
 
 
 def _event(

@@ -62,6 +62,13 @@ def test_a_client_upload_reaches_the_averager_and_closes_the_round_on_a_new_vers
         Bucket=federation.names.models_bucket, Key=layout.model_key(1)
     )
     assert federation.dispatcher.invocations >= 1 and federation.dispatcher.failures == 0
+    # The invocation that closed the round deleted its update (sfl.server.update_disposal):
+    # once every delivery has returned, the bucket holds none of round 1's.
+    federation.dispatcher.stop()
+    listed = federation.clients.s3.list_objects_v2(
+        Bucket=federation.names.updates_bucket, Prefix=layout.update_key("c1", 1)
+    )
+    assert listed.get("KeyCount", 0) == 0
 
 
 def test_a_round_that_gets_no_answer_is_still_waiting_when_the_wait_ends(

@@ -68,6 +68,8 @@ class StackShape:
     # infra/stack.py _alarms: errors and throttles of both functions, DLQ, overdue round
     alarms: int = 6
     dashboards: int = 1
+    # infra/storage.py: the updates bucket's customer-managed key
+    kms_keys: int = 1
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> StackShape:
@@ -165,6 +167,7 @@ class RoundUsage:
     alarm_months: float = 0.0
     dashboard_months: float = 0.0
     ecr_gb_months: float = 0.0
+    kms_key_months: float = 0.0
     greengrass_device_months: float = 0.0
     bytes_out_internet: int = 0  # S3 -> devices
     bytes_in_internet: int = 0  # devices -> S3 (free)
@@ -213,6 +216,7 @@ def estimate(usage: RoundUsage, prices: Mapping[str, Price], region: str = "") -
         "cloudwatch_alarms": usage.alarm_months * p("cloudwatch_alarm_month"),
         "cloudwatch_dashboards": usage.dashboard_months * p("cloudwatch_dashboard_month"),
         "ecr_storage": usage.ecr_gb_months * p("ecr_storage_gb_month"),
+        "kms_keys": usage.kms_key_months * p("kms_key_month"),
         "greengrass_devices": usage.greengrass_device_months * p("greengrass_core_device_month"),
         "data_transfer_out": usage.bytes_out_internet / GB * p("data_transfer_out_internet_gb"),
         "data_transfer_in": usage.bytes_in_internet / GB * p("data_transfer_in_gb"),
@@ -380,7 +384,8 @@ def idle_usage_per_day(
     """One day of a deployed stack with no device connected: the schedule's ticks (both
     functions, each reading the latest round; the initiator scans an empty registry),
     alarms, dashboard, the metrics the ticks publish, ``model_versions`` stored models,
-    the averager's image. Storage of updates is per round (they expire)."""
+    the averager's image, the updates' KMS key. Storage of updates is per round (deleted
+    once the round is finished)."""
     a = assumptions or IdleAssumptions()
     ticks = 24 * 60 / shape.schedule_minutes
     month = 1 / DAYS_PER_MONTH
@@ -413,6 +418,7 @@ def idle_usage_per_day(
         alarm_months=shape.alarms * month,
         dashboard_months=shape.dashboards * month,
         ecr_gb_months=a.ecr_image_gb * month,
+        kms_key_months=shape.kms_keys * month,
     )
 
 

@@ -130,7 +130,10 @@ class InfraConfig(Settings):
         doc="days the Lambdas' CloudWatch logs and the buckets' access logs are kept",
     )
     update_expiry_days: int = setting(
-        30, allowed=Range(1, 3_650), doc="days after which client updates are deleted"
+        30,
+        allowed=Range(1, 3_650),
+        doc="days after which an update still in the bucket expires (the averager deletes each "
+        "once its round or buffer is finished; this is the backstop)",
     )
     retain_data: bool = setting(
         False,

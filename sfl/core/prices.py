@@ -179,6 +179,16 @@ US_EAST_1: Final[dict[str, Price]] = {
         "commonly published",
         "a device is billed in a month it authenticates with AWS; first 10,000 devices",
     ),
+    "kms_key_month": Price(
+        1.00, 1, "key-month",
+        "https://aws.amazon.com/kms/pricing/ (stored copy: each KMS key you create costs "
+        "$1/month; none while scheduled for deletion)",
+        "quoted",
+        "the updates bucket's customer-managed key; each yearly rotation's new key material "
+        "adds $1/month (the first two, since April 2024); requests $0.03 per 10,000 beyond "
+        "20,000 free a month, few with an S3 Bucket Key",
+        read_on="2026-12-08",
+    ),
     "ecr_storage_gb_month": Price(
         0.10, 1, "GB-month",
         "https://aws.amazon.com/ecr/pricing/ (as quoted on cloudburn.io/blog/amazon-ecr-"

@@ -46,6 +46,9 @@ class BucketSpec:
     versioned: bool
     notify_prefix: str | None = None
     notify_suffix: str | None = None
+    # Encrypted with a customer-managed KMS key of its own (the stack's key policy says who
+    # may encrypt and decrypt; local mode mirrors the bucket's default encryption).
+    own_key: bool = False
 
 
 # Selection reads active clients from this index, never the whole registry: a heartbeat
@@ -94,6 +97,7 @@ UPDATES_BUCKET = BucketSpec(
     versioned=False,
     notify_prefix=layout.UPDATES_PREFIX,
     notify_suffix=layout.UPDATE_SUFFIX,
+    own_key=True,
 )
 BUCKETS = (MODELS_BUCKET, UPDATES_BUCKET)
 

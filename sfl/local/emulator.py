@@ -430,6 +430,24 @@ def provision(aws: LocalAws, *, prefix: str = "sfl-local") -> LocalDeployment:
         s3.create_bucket(Bucket=name)
         if bucket.versioned:
             s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+        if bucket.own_key:
+            # As deployed: SSE-KMS with a key of its own and an S3 Bucket Key. (moto records
+            # the encryption on each object; it enforces no key policy.)
+            key = aws.client("kms").create_key(Description=f"{name}: client updates")
+            s3.put_bucket_encryption(
+                Bucket=name,
+                ServerSideEncryptionConfiguration={
+                    "Rules": [
+                        {
+                            "ApplyServerSideEncryptionByDefault": {
+                                "SSEAlgorithm": "aws:kms",
+                                "KMSMasterKeyID": key["KeyMetadata"]["Arn"],
+                            },
+                            "BucketKeyEnabled": True,
+                        }
+                    ]
+                },
+            )
     sqs = aws.client("sqs")
     queue_url = sqs.create_queue(
         QueueName=f"{prefix}-update-events-{suffix}",

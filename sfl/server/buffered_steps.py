@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sfl.learning.codec import encode_model
 from sfl.learning.rules.aggregation import AggregationError
-from sfl.server import buffer_step
+from sfl.server import buffer_step, update_disposal
 from sfl.server.base_model import base_model
 from sfl.state.buffers import Buffer, BufferState
 
@@ -57,6 +57,9 @@ def advance(ctx: AveragerContext) -> list[Buffer]:
         summary = _make_version(ctx, won)
         if not ctx.buffers.close(won, ctx.owner, ctx.clock(), summary):
             return closed  # the lease was taken over meanwhile: the new holder closes it
+        # The version is written and the pool has moved past this buffer: its updates are
+        # read by nobody again (sfl.server.update_disposal).
+        update_disposal.dispose_buffer(ctx, experiment, won.number)
         done = ctx.buffers.buffer(experiment, won.number) or won
         logger.info(
             "buffer stepped",

@@ -4,7 +4,9 @@ or ABANDONED past its hard deadline, with nothing acceptable, or after failed at
 Every transition is a conditional write on the round record (``sfl.state.rounds``), so the
 invocations that try one at once have exactly one winner. The winner of a close asks the
 round's closing listeners for their figures (its cost) and writes them with the close; the
-invocation that finished a round tells the finished listeners (scoring, the next round).
+invocation that finished a round deletes its update objects (``update_disposal``: nothing
+reads them once the round is CLOSED or ABANDONED) and tells the finished listeners (scoring,
+the next round).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sfl.core.quorum import QuorumView, get_quorum_policy
-from sfl.server import aggregation, liveness
+from sfl.server import aggregation, liveness, update_disposal
 from sfl.server.context import Aggregated
 from sfl.server.participation import count_round
 from sfl.state.rounds import Round, RoundState
@@ -96,6 +98,8 @@ def _aggregate_and_close(ctx: AveragerContext, won: Round) -> bool:
     """The next model version from the round this call holds the lease of, then CLOSED with
     its figures (the closing listeners' with them); ABANDONED if no update could be read."""
     aggregated = aggregation.aggregate(ctx, won)
+    if aggregated is None:
+        aggregated = _written_before(ctx, won)
     if not isinstance(aggregated, Aggregated):  # None, or DP's refusal
         reason = aggregated or "no accepted update could be read back for aggregation"
         return ctx.rounds.abandon(won.experiment, won.round, reason, ctx.clock(), owner=ctx.owner)
@@ -117,6 +121,26 @@ def _aggregate_and_close(ctx: AveragerContext, won: Round) -> bool:
     return closed
 
 
+def _written_before(ctx: AveragerContext, won: Round) -> Aggregated | None:
+    """The round's version if an earlier attempt wrote it, though no update can be read now:
+    that attempt stopped before the close, and the version stands (written once). Abandoning
+    the round instead would leave the next round to make the same version, which it could not
+    write."""
+    version = won.base_version + 1
+    if not ctx.models.has_model(version):
+        return None
+    logger.warning(
+        "updates unreadable; closing with the version an earlier attempt wrote",
+        extra={"round": won.round, "model_version": version},
+    )
+    summary = {
+        "participants": won.num_accepted,
+        "model_already_written": True,
+        "figures_lost": "the updates were gone when this attempt read them",
+    }
+    return Aggregated(version, summary, ctx.clock(), stateful_rule=False)
+
+
 def _finished(ctx: AveragerContext, number: int) -> Round | None:
     finished = ctx.rounds.get(ctx.config.experiment, number)
     if finished is not None:
@@ -128,6 +152,8 @@ def _finished(ctx: AveragerContext, number: int) -> Round | None:
                 "reason": finished.abandon_reason,
             },
         )
+        if finished.status in (RoundState.CLOSED, RoundState.ABANDONED):
+            update_disposal.dispose_answers(ctx, finished.answers.values())
         count_round(ctx, finished)  # loaded from its slots, once per round
         for listener in ctx.on_finished:
             listener(finished)

@@ -117,6 +117,8 @@ class Account:
     account_id: str
     # table name -> its partition key attribute (dynamodb:LeadingKeys)
     partition_keys: Mapping[str, str]
+    # bucket name -> ARN of the KMS key it encrypts objects with by default (SSE-KMS)
+    bucket_keys: Mapping[str, str] = field(default_factory=dict)
 
 
 # DynamoDB expression words that are not attribute names.
@@ -147,10 +149,29 @@ _PUT_CONDITION_KEYS = {
     "IfNoneMatch": "s3:if-none-match",
     "StorageClass": "s3:x-amz-storage-class",
     "SSECustomerAlgorithm": "s3:x-amz-server-side-encryption-customer-algorithm",
+    "ServerSideEncryption": "s3:x-amz-server-side-encryption",
+    "SSEKMSKeyId": "s3:x-amz-server-side-encryption-aws-kms-key-id",
 }
 
 
-def _s3_object(call: Call, action: str) -> list[Request]:
+def _sse_kms(call: Call, account: Account) -> list[Request]:
+    """What S3 asks KMS, as the caller, for an object in a bucket encrypted with a KMS key
+    by default: a data key to store one (single-part PutObject: kms:GenerateDataKey), the
+    object's data key decrypted to return one (GetObject: kms:Decrypt; HeadObject reads
+    only metadata). S3 user guide, "Using server-side encryption with AWS KMS keys"; AWS
+    re:Post, "s3-large-file-encryption-kms-key" (multipart uploads also need kms:Decrypt)."""
+    key = account.bucket_keys.get(str(call.params.get("Bucket", "")))
+    if key is None or call.status >= 300:
+        return []
+    context = {"kms:ViaService": (f"s3.{account.region}.amazonaws.com",)}
+    if call.operation == "PutObject":
+        return [Request("kms:GenerateDataKey", key, context)]
+    if call.operation == "GetObject":
+        return [Request("kms:Decrypt", key, context)]
+    return []
+
+
+def _s3_object(call: Call, action: str, account: Account | None = None) -> list[Request]:
     bucket, key = call.params["Bucket"], call.params["Key"]
     if action == "s3:GetObject" and "VersionId" in call.params:
         action = "s3:GetObjectVersion"  # reading a given version is its own action
@@ -172,6 +193,24 @@ def _s3_object(call: Call, action: str) -> list[Request]:
         # S3 answers 404 for a missing key only to a caller allowed to list the bucket;
         # anyone else gets 403, which the code would not take for "not there yet".
         requests.append(Request("s3:ListBucket", f"arn:aws:s3:::{bucket}"))
+    if account is not None:
+        requests.extend(_sse_kms(call, account))
+    return requests
+
+
+def _s3_delete_objects(call: Call, _account: Account) -> list[Request]:
+    """DeleteObjects is authorised object by object as s3:DeleteObject; an object's ETag is
+    its If-Match (S3 user guide, "Enforce conditional deletes": DeleteObject and
+    DeleteObjects alike), which needs s3:GetObject too."""
+    bucket = call.params["Bucket"]
+    requests = []
+    for item in call.params["Delete"]["Objects"]:
+        resource = f"arn:aws:s3:::{bucket}/{item['Key']}"
+        etag = item.get("ETag")
+        context = {"s3:if-match": (str(etag),)} if etag is not None else {}
+        requests.append(Request("s3:DeleteObject", resource, context))
+        if etag is not None and etag != "*":
+            requests.append(Request("s3:GetObject", resource))
     return requests
 
 
@@ -343,10 +382,11 @@ def _iam_detach_role_policy(call: Call, account: Account) -> list[Request]:
 
 
 _MAPPERS: dict[tuple[str, str], Any] = {
-    ("s3", "GetObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
-    ("s3", "HeadObject"): lambda c, a: _s3_object(c, "s3:GetObject"),
-    ("s3", "PutObject"): lambda c, a: _s3_object(c, "s3:PutObject"),
-    ("s3", "DeleteObject"): lambda c, a: _s3_object(c, "s3:DeleteObject"),
+    ("s3", "GetObject"): lambda c, a: _s3_object(c, "s3:GetObject", a),
+    ("s3", "HeadObject"): lambda c, a: _s3_object(c, "s3:GetObject", a),
+    ("s3", "PutObject"): lambda c, a: _s3_object(c, "s3:PutObject", a),
+    ("s3", "DeleteObject"): lambda c, a: _s3_object(c, "s3:DeleteObject", a),
+    ("s3", "DeleteObjects"): _s3_delete_objects,
     ("s3", "ListObjectsV2"): _s3_list,
     ("s3", "GetBucketLocation"): _s3_bucket_location,
     ("dynamodb", "GetItem"): _dynamodb_item("dynamodb:GetItem"),
@@ -411,6 +451,65 @@ class Policies:
 
     def unused(self, requests: Sequence[tuple[Request, Mapping[str, str]]]) -> list[Grant]:
         return [g for g in self.grants if not any(_matches(g, r, v) for r, v in requests)]
+
+
+class KeyPolicy:
+    """A KMS key's policy. Its statements name principals; "*" as the resource is the key.
+    KMS allows a same-account caller what a statement naming the caller allows, or what a
+    statement naming the account's root allows *and* the caller's IAM policies allow; nothing
+    else (KMS developer guide, "Key policies"; AWS re:Post, "s3-large-file-encryption-kms-key":
+    a same-account role needs the permission in the key policy)."""
+
+    def __init__(self, document: Mapping[str, Any], name: str = "key policy") -> None:
+        self.grants: list[tuple[tuple[str, ...], Grant]] = []
+        statements = document["Statement"]
+        for statement in statements if isinstance(statements, list) else [statements]:
+            unknown = set(statement) - {
+                "Sid", "Effect", "Principal", "Action", "Resource", "Condition",
+            }  # fmt: skip
+            assert statement["Effect"] == "Allow" and not unknown, (name, statement)
+            principals = tuple(str(p) for p in _as_list(statement["Principal"]["AWS"]))
+            for action in _as_list(statement["Action"]):
+                for resource in _as_list(statement["Resource"]):
+                    grant = Grant(action, resource, statement.get("Condition", {}), name)
+                    self.grants.append((principals, grant))
+
+    def allows(
+        self,
+        request: Request,
+        principal: str,
+        *,
+        identity: Policies | None = None,
+        variables: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Whether KMS lets ``principal`` (an ARN) make ``request`` on this key."""
+        variables = variables or {}
+        root = principal.split(":")[:5]  # arn:partition:iam::account
+        account_root = ":".join(root) + ":root"
+        for principals, grant in self.grants:
+            if not _matches(grant, request, variables):
+                continue
+            if principal in principals:
+                return True
+            if (
+                account_root in principals
+                and identity is not None
+                and identity.allows(request, variables)
+            ):
+                return True
+        return False
+
+    def principals(self, action: str) -> set[str]:
+        """Every principal a statement allows ``action`` (a statement may need more)."""
+        return {p for ps, g in self.grants if _like(g.action, action) for p in ps}
+
+    def unused(self, principal: str, requests: Sequence[Request]) -> list[Grant]:
+        """The grants naming ``principal`` that none of its requests needed."""
+        return [
+            g
+            for ps, g in self.grants
+            if principal in ps and not any(_matches(g, r, {}) for r in requests)
+        ]
 
 
 def role_policies(iam: Any, role_name: str) -> Policies:

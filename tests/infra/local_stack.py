@@ -11,7 +11,11 @@ helpers here do in its place, from the template's own data:
   at its place in ``destroy``; its answer at the ResponseURL must be SUCCESS.
 - moto's Lambda without Docker answers an asynchronous Invoke and forgets it: ``LambdaQueue``
   keeps each one's payload (``queued``), and the test runs the function on it, as Lambda would.
-- moto has no CloudFormation model for some types (``NOT_EMULATED``); it skips them.
+- moto has no CloudFormation model for some types (``NOT_EMULATED``); it skips them. Its
+  model of ``AWS::KMS::Key`` reads the key's tags as the KMS API spells them (``TagKey``,
+  ``TagValue``), not as CloudFormation does (``Key``, ``Value``): ``deploy`` respells them;
+  and it keeps the key policy as the template's object, where its KMS expects the JSON text
+  that ``GetKeyPolicy`` returns: ``deploy`` stores the resolved policy so.
 - moto's stack deletion deletes in no particular order and cannot delete IoT resources or
   managed policies: ``destroy`` deletes in CloudFormation's order, derived from the
   template's dependency graph (dependents first), each resource through its service's delete
@@ -280,6 +284,8 @@ class Deployment:
             return f"arn:aws:iam::{self.account}:role/{name}"
         if kind == "AWS::IoT::Policy":
             return f"{prefix.format('iot')}:policy/{self._ref(logical)}"
+        if kind == "AWS::KMS::Key":
+            return f"{prefix.format('kms')}:key/{name}"  # Ref is the key's id
         raise AssertionError(f"no ARN rule for {kind}")
 
     def role_policy_documents(self, role_name: str) -> dict[str, dict[str, Any]]:
@@ -343,6 +349,11 @@ def deploy(
     for logical in removed:
         del deployable["Resources"][logical]
     for resource in deployable["Resources"].values():
+        if resource["Type"] == "AWS::KMS::Key" and "Tags" in resource["Properties"]:
+            resource["Properties"]["Tags"] = [
+                {"TagKey": t["Key"], "TagValue": t["Value"]} for t in resource["Properties"]["Tags"]
+            ]
+    for resource in deployable["Resources"].values():
         depends = resource.get("DependsOn")
         if depends is not None:
             kept = [
@@ -380,6 +391,7 @@ def deploy(
         outputs={o["OutputKey"]: o["OutputValue"] for o in stack["Outputs"]},
         account=account,
     )
+    _store_key_policies(deployment)
     # Nothing in the template needs a custom resource and none needs another, so
     # CloudFormation creates them last, at once: each function gets its Create.
     assert not set(_refs(deployable)) & set(removed)
@@ -392,6 +404,18 @@ def deploy(
         deployment.physical[logical] = answer.physical_id
         deployment.types[logical] = removed[logical]["Type"]
     return deployment
+
+
+def _store_key_policies(deployment: Deployment) -> None:
+    """Each KMS key's policy as KMS holds it: the template's, resolved, as JSON text."""
+    from moto.kms.models import kms_backends
+
+    backend = kms_backends[deployment.account][deployment.aws.region]
+    for logical, kind in deployment.types.items():
+        if kind == "AWS::KMS::Key":
+            policy = deployment.template["Resources"][logical]["Properties"]["KeyPolicy"]
+            key = backend.keys[deployment.physical[logical]]
+            key.policy = json.dumps(deployment.resolve(policy))
 
 
 def _drop_list_references(value: Any, gone: frozenset[str]) -> Any:
@@ -687,6 +711,12 @@ def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str,
         aws.client("iot").delete_policy(policyName=deployment.resolve(props["PolicyName"]))
     elif kind == "AWS::IoT::ThingGroup":
         aws.client("iot").delete_thing_group(thingGroupName=physical)
+    elif kind == "AWS::KMS::Key":
+        # KMS deletes no key at once: CloudFormation schedules it (PendingWindowInDays, 7 to
+        # 30, default 30) and the key is PendingDeletion, unusable, until the window ends.
+        aws.client("kms").schedule_key_deletion(
+            KeyId=physical, PendingWindowInDays=int(props.get("PendingWindowInDays", 30))
+        )
     else:
         raise AssertionError(f"destroy does not know how CloudFormation deletes a {kind}")
 
@@ -719,6 +749,19 @@ def leftovers(aws: Any, stack_name: str) -> dict[str, list[str]]:
         "role aliases": iot.list_role_aliases()["roleAliases"],
         "iot policies": [p["policyName"] for p in iot.list_policies()["policies"]],
         "thing groups": [g["groupName"] for g in iot.list_thing_groups()["thingGroups"]],
+        # A key scheduled for deletion is gone for every purpose but its waiting period.
+        "kms keys": _usable_keys(aws),
     }
     lowered = stack_name.lower()
     return {kind: [n for n in names if lowered in n.lower()] for kind, names in found.items()}
+
+
+def _usable_keys(aws: Any) -> list[str]:
+    """Descriptions of the account's KMS keys not pending deletion (ours name the stack)."""
+    kms = aws.client("kms")
+    found = []
+    for listed in kms.list_keys()["Keys"]:
+        key = kms.describe_key(KeyId=listed["KeyId"])["KeyMetadata"]
+        if key["KeyState"] != "PendingDeletion":
+            found.append(str(key.get("Description", "")))
+    return found

@@ -40,6 +40,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,13 @@ def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
     ]
     assert remaining == {kind: [] for kind in remaining}
     assert deployment.deleted >= set(deployment.physical) - {""}
+    # The updates key is not deleted at once (KMS cannot): scheduled for the end of its
+    # 7-day waiting period, and unusable until then.
+    (key,) = [p for lg, p in deployment.physical.items() if deployment.types[lg] == "AWS::KMS::Key"]
+    metadata = deployment.aws.client("kms").describe_key(KeyId=key)["KeyMetadata"]
+    assert metadata["KeyState"] == "PendingDeletion" and metadata["Enabled"] is False
+    waiting = metadata["DeletionDate"].timestamp() - time.time()
+    assert 6 * 86_400 < waiting <= 7 * 86_400
     # What destroy leaves, as the README says: the device's thing and certificate (holding
     # no policy now), and the policy attached by hand (detached, not deleted).
     assert iot.list_attached_policies(target=certificate)["policies"] == []

@@ -4,7 +4,7 @@ how Allow statements evaluate (IAM's documented rules for the operators the stac
 from __future__ import annotations
 
 import pytest
-from iam_proof import Account, Call, Policies, Request, requests_for
+from iam_proof import Account, Call, KeyPolicy, Policies, Request, requests_for
 
 ACCOUNT = Account("aws", "eu-west-1", "111122223333", {"clients": "client_id"})
 TABLE = "arn:aws:dynamodb:eu-west-1:111122223333:table/clients"
@@ -218,3 +218,82 @@ def test_a_stack_is_read_by_its_arn():
     assert (read.action, read.resource) == ("cloudformation:DescribeStacks", arn)
     with pytest.raises(LookupError, match="name its ARN"):
         requests_for(call("cloudformation", "DescribeStacks", {"StackName": "S"}), ACCOUNT)
+
+
+KEYED = Account(
+    "aws",
+    "eu-west-1",
+    "111122223333",
+    {},
+    bucket_keys={"updates": "arn:aws:kms:eu-west-1:111122223333:key/k1"},
+)
+VIA_S3 = {"kms:ViaService": ("s3.eu-west-1.amazonaws.com",)}
+
+
+def test_an_sse_kms_bucket_s_put_needs_a_data_key_and_its_get_a_decrypt():
+    """HeadObject reads metadata only; a failed GetObject decrypts nothing."""
+    key = KEYED.bucket_keys["updates"]
+    params = {"Bucket": "updates", "Key": "k"}
+    put = requests_for(call("s3", "PutObject", params), KEYED)
+    get = requests_for(call("s3", "GetObject", params), KEYED)
+    head = requests_for(call("s3", "HeadObject", params), KEYED)
+    failed = requests_for(call("s3", "GetObject", params, 412, "PreconditionFailed"), KEYED)
+    assert [(r.action, r.resource, r.context) for r in put[1:]] == [
+        ("kms:GenerateDataKey", key, VIA_S3)
+    ]
+    assert [(r.action, r.resource) for r in get[1:]] == [("kms:Decrypt", key)]
+    assert [r.action for r in head] == [r.action for r in failed] == ["s3:GetObject"]
+    other = requests_for(call("s3", "GetObject", {"Bucket": "models", "Key": "k"}), KEYED)
+    assert [r.action for r in other] == ["s3:GetObject"]
+
+
+def test_delete_objects_is_authorised_object_by_object_with_its_etag():
+    objects = [{"Key": "a", "ETag": '"e1"'}, {"Key": "b"}]
+    requests = requests_for(
+        call("s3", "DeleteObjects", {"Bucket": "b", "Delete": {"Objects": objects}}), ACCOUNT
+    )
+    assert [(r.action, r.resource, dict(r.context)) for r in requests] == [
+        ("s3:DeleteObject", "arn:aws:s3:::b/a", {"s3:if-match": ('"e1"',)}),
+        ("s3:GetObject", "arn:aws:s3:::b/a", {}),
+        ("s3:DeleteObject", "arn:aws:s3:::b/b", {}),
+    ]
+
+
+def test_a_key_policy_allows_the_principals_it_names_and_the_account_only_through_iam():
+    """KMS: a statement naming the caller allows; one naming the account's root allows only
+    what the caller's IAM policies allow too; nothing else does."""
+    reader = "arn:aws:iam::111122223333:role/reader"
+    operator = "arn:aws:iam::111122223333:role/operator"
+    root = "arn:aws:iam::111122223333:root"
+    key = KeyPolicy(
+        {
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": reader},
+                    "Action": "kms:Decrypt",
+                    "Resource": "*",
+                    "Condition": {"StringEquals": {"kms:ViaService": "s3.eu-west-1.amazonaws.com"}},
+                },
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": root},
+                    "Action": ["kms:DescribeKey"],
+                    "Resource": "*",
+                },
+            ]
+        }
+    )
+    everything = Policies(
+        {"admin": {"Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}}
+    )
+    arn = KEYED.bucket_keys["updates"]
+    decrypt = Request("kms:Decrypt", arn, VIA_S3)
+    assert key.allows(decrypt, reader)
+    assert not key.allows(Request("kms:Decrypt", arn), reader)  # not through S3
+    assert not key.allows(decrypt, operator, identity=everything)  # kms:* in IAM: not enough
+    assert key.allows(Request("kms:DescribeKey", arn), operator, identity=everything)
+    assert not key.allows(Request("kms:DescribeKey", arn), operator)  # and IAM must allow it
+    assert key.principals("kms:Decrypt") == {reader}
+    assert [g.action for g in key.unused(reader, [decrypt])] == []
+    assert [g.action for g in key.unused(reader, [])] == ["kms:Decrypt"]

@@ -20,7 +20,10 @@ emitted (active tracing), and the Greengrass nucleus downloads the component's a
 Every call is recorded through botocore's events and turned into the IAM requests AWS makes
 for it (``iam_proof.requests_for``: the operation -> action map is the only fixed list); the
 role's policies, read back from IAM as CloudFormation created them, must allow every request
-and hold no grant that no request needed.
+and hold no grant that no request needed. The KMS requests S3 makes as the caller for the
+updates bucket's objects (a data key to store one, a decrypted one to return it) are KMS's to
+authorise: the updates key's policy must allow each, and name no role for an action its calls
+never needed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iam_proof import Account, CallRecorder, Policies, Request, requests_for, role_policies
+from iam_proof import (
+    Account,
+    CallRecorder,
+    KeyPolicy,
+    Policies,
+    Request,
+    requests_for,
+    role_policies,
+)
 from local_stack import (
     Deployment,
     cleanup_handler,
@@ -112,6 +123,7 @@ def exercise(
                 outputs["ClientsTableName"]: CLIENTS_TABLE.partition_key.name,
                 outputs["RoundsTableName"]: ROUNDS_TABLE.partition_key.name,
             },
+            bucket_keys={outputs["UpdatesBucketName"]: updates_key_arn(deployment)},
         )
         recorder = CallRecorder()
         with recorder.active():
@@ -515,11 +527,19 @@ ROLES = {
 def test_every_call_the_code_makes_is_granted(exercised: Exercised, role: str):
     principals = ROLES[role]
     policies = policies_of(exercised, role)
+    key = key_policy(exercised)
+    arn = role_arn(exercised, role)
+
+    def allowed(request: Request, variables: dict[str, str]) -> bool:
+        if request.action.startswith("kms:"):  # the key policy decides (iam_proof.KeyPolicy)
+            return key.allows(request, arn, identity=policies, variables=variables)
+        return policies.allows(request, variables)
+
     denied = sorted(
         {
             f"{r.call}: {r.describe()}"
             for r, variables in requests_of(exercised, principals)
-            if not policies.allows(r, variables)
+            if not allowed(r, variables)
         }
     )
     assert not denied, f"{role}: calls its policies do not allow:\n" + "\n".join(denied)
@@ -529,8 +549,33 @@ def test_every_call_the_code_makes_is_granted(exercised: Exercised, role: str):
 def test_every_grant_is_used_by_some_call(exercised: Exercised, role: str):
     principals = ROLES[role]
     policies = policies_of(exercised, role)
-    unused = [g.describe() for g in policies.unused(requests_of(exercised, principals))]
+    requests = requests_of(exercised, principals)
+    unused = [g.describe() for g in policies.unused(requests)]
+    unused += [
+        f"key policy: {g.describe()}"
+        for g in key_policy(exercised).unused(role_arn(exercised, role), [r for r, _ in requests])
+    ]
     assert not unused, f"{role}: grants no call needed:\n" + "\n".join(unused)
+
+
+def updates_key_arn(deployment: Deployment) -> str:
+    """The KMS key the deployed updates bucket encrypts with by default."""
+    s3 = deployment.aws.client("s3")
+    encryption = s3.get_bucket_encryption(Bucket=deployment.outputs["UpdatesBucketName"])
+    (rule,) = encryption["ServerSideEncryptionConfiguration"]["Rules"]
+    return str(rule["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"])
+
+
+def key_policy(exercised: Exercised) -> KeyPolicy:
+    """The updates key's policy as the template defines it, resolved against the stack."""
+    deployment = exercised.deployment
+    (logical,) = [lg for lg, kind in deployment.types.items() if kind == "AWS::KMS::Key"]
+    document = deployment.template["Resources"][logical]["Properties"]["KeyPolicy"]
+    return KeyPolicy(deployment.resolve(document))
+
+
+def role_arn(exercised: Exercised, role: str) -> str:
+    return f"arn:aws:iam::{exercised.account.account_id}:role/{exercised.roles[role]}"
 
 
 def policies_of(exercised: Exercised, role: str) -> Policies:
@@ -672,3 +717,62 @@ def test_the_averager_deletes_an_update_only_naming_its_etag(exercised: Exercise
     assert deletes and all(r.context.get("s3:if-match") for r in deletes)
     blind = Request("s3:DeleteObject", f"arn:aws:s3:::{updates}/{layout.update_key('x', 1)}")
     assert not policies.allows(blind, {})
+
+
+def test_only_the_averager_may_decrypt_an_update_and_devices_only_encrypt(exercised: Exercised):
+    """The updates key's policy, resolved: the averager's role is the one principal that may
+    decrypt (no shard function in this stack); the device role may only ask for a data key,
+    through S3; the account may use the key for nothing, so no IAM policy can grant its use."""
+    key = key_policy(exercised)
+    averager, devices = role_arn(exercised, "averager"), role_arn(exercised, "devices")
+    root = f"arn:aws:iam::{exercised.account.account_id}:root"
+    assert key.principals("kms:Decrypt") == {averager}
+    assert key.principals("kms:GenerateDataKey") == {devices}
+    for action in ("kms:Encrypt", "kms:ReEncryptFrom", "kms:CreateGrant", "kms:GenerateDataKey"):
+        assert root not in key.principals(action), action
+    arn = exercised.account.bucket_keys[exercised.deployment.outputs["UpdatesBucketName"]]
+    via_s3 = {"kms:ViaService": (f"s3.{exercised.account.region}.amazonaws.com",)}
+    decrypt = Request("kms:Decrypt", arn, via_s3)
+    assert key.allows(decrypt, averager)
+    assert not key.allows(decrypt, devices)
+    assert not key.allows(Request("kms:Decrypt", arn), averager)  # only through S3
+    assert not key.allows(Request("kms:GenerateDataKey", arn), devices)
+
+
+def test_a_device_may_store_an_update_only_under_the_updates_key(exercised: Exercised):
+    """The device role refuses a PutObject naming SSE-S3 or another KMS key: either would
+    let whoever may read the bucket read the update."""
+    from sfl.core import layout
+
+    policies = policies_of(exercised, "devices")
+    outputs = exercised.deployment.outputs
+    key = exercised.account.bucket_keys[outputs["UpdatesBucketName"]]
+    update = f"arn:aws:s3:::{outputs['UpdatesBucketName']}/{layout.update_key('device-a', 3)}"
+    me = {THING_NAME: "device-a"}
+
+    def put(**headers: str) -> Request:
+        return Request("s3:PutObject", update, {k: (v,) for k, v in headers.items()})
+
+    sse, kms_key = (
+        "s3:x-amz-server-side-encryption",
+        "s3:x-amz-server-side-encryption-aws-kms-key-id",
+    )
+    assert policies.allows(put(), me)  # the bucket's default: its own key
+    assert policies.allows(put(**{sse: "aws:kms", kms_key: key}), me)
+    assert not policies.allows(put(**{sse: "AES256"}), me)
+    other = key.rsplit("/", 1)[0] + "/another-key"
+    assert not policies.allows(put(**{sse: "aws:kms", kms_key: other}), me)
+
+
+def test_devices_store_updates_with_one_put_object_never_multipart(exercised: Exercised):
+    """A multipart upload to an SSE-KMS bucket needs kms:Decrypt (S3 decrypts the parts to
+    assemble them), which devices must not have: the edge client sends each update or decline
+    in one PutObject (up to 5 GB; an update is bounded by sfl.max_update_bytes)."""
+    updates = exercised.deployment.outputs["UpdatesBucketName"]
+    writes = [
+        c.operation
+        for principal in ROLES["devices"]
+        for c in exercised.recorder.of(principal)
+        if c.service == "s3" and c.params.get("Bucket") == updates
+    ]
+    assert writes and set(writes) == {"PutObject"}

@@ -96,3 +96,22 @@ def test_the_shard_function_traces_and_has_its_own_throttle_alarm(
     ]
     dimensions = [d["Value"] for a in throttles for d in a["Dimensions"]]
     assert {"Ref": logical_id(shard)} in dimensions and len(throttles) == 3
+
+
+def test_the_shard_function_may_decrypt_the_updates_it_sums(
+    sharded: tuple[Any, dict[str, Any]],
+) -> None:
+    """It reads its shard's updates: the updates key's policy names its role beside the
+    averager's, for kms:Decrypt through S3 only."""
+    stack, template = sharded
+    key = resource_json(template, stack.storage.updates_key)["Properties"]["KeyPolicy"]
+    decrypting = {
+        s["Principal"]["AWS"]["Fn::GetAtt"][0]: s["Condition"]
+        for s in key["Statement"]
+        if s["Action"] == "kms:Decrypt"
+    }
+    assert set(decrypting) == {
+        logical_id(stack.rounds.averager.role),
+        logical_id(stack.rounds.shard.role),
+    }
+    assert all(set(c["StringEquals"]) == {"kms:ViaService"} for c in decrypting.values())

@@ -1,4 +1,5 @@
-"""The buckets: private, SSL-only, encrypted, logged; models versioned; updates expire."""
+"""The buckets: private, SSL-only, encrypted, logged; models versioned; updates expire, under a
+key of their own that the account administers and nobody uses until the stack says who."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from typing import Any
 
 import pytest
 from aws_cdk import Stack, assertions
-from stack_template import resource_json
+from stack_template import logical_id, resource_json
 
-from infra.storage import FederationStorage
+from infra.storage import KEY_ADMINISTRATION, KEY_PENDING_WINDOW_DAYS, FederationStorage
 from sfl.core import layout
 
 MAX_UPDATE_BYTES = 3 * 1024 * 1024
@@ -44,12 +45,49 @@ def test_three_buckets_all_block_public_access_and_encrypt(storage):
             "IgnorePublicAcls": True,
             "RestrictPublicBuckets": True,
         }
-        assert props["BucketEncryption"] == {
+        assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    construct = storage[0]
+    for bucket in (construct.logs_bucket, construct.models_bucket):
+        assert resource_json(storage[2], bucket)["Properties"]["BucketEncryption"] == {
             "ServerSideEncryptionConfiguration": [
                 {"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
             ]
         }
-        assert props["OwnershipControls"] == {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+
+
+def test_updates_are_encrypted_with_their_own_rotated_key_and_a_bucket_key(storage):
+    construct, template, template_json = storage
+    template.resource_count_is("AWS::KMS::Key", 1)
+    key = logical_id(construct.updates_key)
+    updates = resource_json(template_json, construct.updates_bucket)["Properties"]
+    assert updates["BucketEncryption"] == {
+        "ServerSideEncryptionConfiguration": [
+            {
+                "BucketKeyEnabled": True,  # S3 asks KMS per bucket key, not per object
+                "ServerSideEncryptionByDefault": {
+                    "KMSMasterKeyID": {"Fn::GetAtt": [key, "Arn"]},
+                    "SSEAlgorithm": "aws:kms",
+                },
+            }
+        ]
+    }
+    props = template_json["Resources"][key]["Properties"]
+    assert props["EnableKeyRotation"] is True
+    assert props["PendingWindowInDays"] == KEY_PENDING_WINDOW_DAYS == 7  # KMS's shortest
+
+
+def test_the_account_administers_the_updates_key_but_may_not_use_it(storage):
+    """The key's own policy as the construct makes it: one statement, for the account,
+    naming no cryptographic operation and no CreateGrant. So no IAM policy in the account
+    can let anyone decrypt an update; the stack adds who may (infra.stack)."""
+    construct, _, template_json = storage
+    policy = template_json["Resources"][logical_id(construct.updates_key)]["Properties"]
+    (statement,) = policy["KeyPolicy"]["Statement"]
+    assert statement["Principal"]["AWS"]["Fn::Join"][1][-1] == ":root"
+    assert sorted(statement["Action"]) == sorted(KEY_ADMINISTRATION)
+    using = {"kms:Decrypt", "kms:Encrypt", "kms:CreateGrant", "kms:ReEncryptFrom", "kms:*"}
+    assert not using & set(statement["Action"])
+    assert not [a for a in statement["Action"] if "*" in a or a.startswith("kms:GenerateDataKey")]
 
 
 def test_every_bucket_policy_denies_requests_without_tls(storage):
@@ -155,19 +193,26 @@ def test_models_and_updates_log_access_to_the_logs_bucket(storage):
 
 
 def test_destroy_removes_buckets_and_their_objects_by_default(storage):
+    """And schedules the updates key's deletion: KMS deletes a key only after a waiting
+    period (7 days here), during which it can be used by nobody (docs/deploy.md, Destroy)."""
     _, template, _ = storage
     for bucket in template.find_resources("AWS::S3::Bucket").values():
         assert bucket["DeletionPolicy"] == "Delete"
         assert bucket["UpdateReplacePolicy"] == "Delete"
     template.resource_count_is("Custom::S3AutoDeleteObjects", 3)
+    (key,) = template.find_resources("AWS::KMS::Key").values()
+    assert key["DeletionPolicy"] == "Delete" and key["UpdateReplacePolicy"] == "Delete"
 
 
 def test_retain_flag_keeps_buckets_and_objects(bare_stack):
+    """And the updates key: a retained bucket without it could never be read again."""
     build(bare_stack, retain_data=True)
     template = assertions.Template.from_stack(bare_stack)
     for bucket in template.find_resources("AWS::S3::Bucket").values():
         assert bucket["DeletionPolicy"] == "Retain"
     template.resource_count_is("Custom::S3AutoDeleteObjects", 0)
+    (key,) = template.find_resources("AWS::KMS::Key").values()
+    assert key["DeletionPolicy"] == "Retain"
 
 
 def test_retained_buckets_keep_their_policies(bare_stack):
