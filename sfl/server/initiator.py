@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sfl.core import layout
 from sfl.core.config import FederationConfig
@@ -33,6 +34,9 @@ from sfl.state.lineage import LineageStore
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundState, RoundStore
+
+if TYPE_CHECKING:
+    from sfl.server.notices import NoticePublisher
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +113,11 @@ def start_round(
     config: FederationConfig,
     *,
     clock: Callable[[], float] = time.time,
+    notices: NoticePublisher | None = None,
 ) -> InitiatorResult:
     """Start the next round if the latest one is finished; otherwise say why not. In
-    buffered mode: issue tickets for the free training places (``sfl.server.ticketing``)."""
+    buffered mode: issue tickets for the free training places (``sfl.server.ticketing``).
+    ``notices``: pushes a round notice once the assignment is written (None: devices poll)."""
     if config.mode == "buffered":
         from sfl.server.ticketing import issue_tickets
 
@@ -135,6 +141,7 @@ def start_round(
             and not assignment_published(aws, names, latest)
         ):
             publish_assignment(aws, names, rounds.with_slots(latest))
+            announce(notices, latest)
         return InitiatorResult(
             False,
             latest.round,
@@ -216,11 +223,20 @@ def start_round(
     if plan.rollback_to is not None:
         control.rollback_done(config.experiment, plan.rollback_to)
     publish_assignment(aws, names, new)
+    announce(notices, new)
     logger.info(
         "round started",
         extra={"round": number, "selected": list(selected), "base_version": base_version},
     )
     return InitiatorResult(True, number, "started", selected, active_clients=len(active))
+
+
+def announce(notices: NoticePublisher | None, round_: Round) -> None:
+    """Push the round's notice to subscribed devices; a failure is logged, never raised."""
+    if notices is not None:
+        from sfl.server.notices import announce_round
+
+        announce_round(notices, round_)
 
 
 def _norm_bound_hint(previous: Round | None) -> float:
