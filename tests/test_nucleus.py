@@ -573,8 +573,18 @@ def usable_interpreter(runner: StepRunner) -> str:
 
 
 def project_site_packages() -> str:
+    """This venv's site-packages, and wherever else the device's pins are installed for the
+    tests (a directory on PYTHONPATH holding awsiotsdk, say)."""
+    import importlib.metadata
+
     paths = sysconfig.get_paths()
-    return ":".join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+    found = [paths["purelib"], paths["platlib"]]
+    for name in ("awsiotsdk", "awscrt"):
+        try:
+            found.append(str(importlib.metadata.distribution(name).locate_file("")))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ":".join(dict.fromkeys(found))
 
 
 def client_zip(directory: Path) -> tuple[Path, str]:
