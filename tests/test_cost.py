@@ -286,9 +286,7 @@ def test_docs_list_every_price_and_state_the_idle_day() -> None:
 
 def test_push_prices_the_fleet_by_its_slow_polls_heartbeats_and_notices() -> None:
     devices, rounds = 10_000, 24
-    polling = cost.fleet_usage_per_day(
-        cost.StackShape(push=False), devices, rounds_per_day=rounds
-    )
+    polling = cost.fleet_usage_per_day(cost.StackShape(push=False), devices, rounds_per_day=rounds)
     pushed = cost.fleet_usage_per_day(cost.StackShape(), devices, rounds_per_day=rounds)
     assert polling.s3_get_requests == devices * 86_400 // 10
     assert pushed.s3_get_requests == devices * 86_400 // 300

@@ -580,10 +580,8 @@ def project_site_packages() -> str:
     paths = sysconfig.get_paths()
     found = [paths["purelib"], paths["platlib"]]
     for name in ("awsiotsdk", "awscrt"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found.append(str(importlib.metadata.distribution(name).locate_file("")))
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return ":".join(dict.fromkeys(found))
 
 

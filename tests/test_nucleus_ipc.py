@@ -357,7 +357,9 @@ def _policies(
 ) -> dict[str, Any]:
     return {
         "accessControl": {
-            MQTT_PROXY_SERVICE: {"p": {"operations": list(operations), "resources": list(resources)}}
+            MQTT_PROXY_SERVICE: {
+                "p": {"operations": list(operations), "resources": list(resources)}
+            }
         }
     }
 

@@ -517,11 +517,7 @@ def build_recipe(
         "ComponentConfiguration": {
             "DefaultConfiguration": {
                 **default_configuration(config, names, region=region, device=device),
-                **(
-                    {"accessControl": notice_access_control(notice_topic)}
-                    if notice_topic
-                    else {}
-                ),
+                **({"accessControl": notice_access_control(notice_topic)} if notice_topic else {}),
             }
         },
         "Manifests": [

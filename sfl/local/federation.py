@@ -171,7 +171,7 @@ class LocalFederation:
         module = self.initiator.module
         deployed = module.notice_publisher
         publisher = iot_core.publisher(self.notice_topic)
-        module.notice_publisher = lambda: publisher
+        setattr(module, "notice_publisher", lambda: publisher)  # noqa: B010
         started.callback(setattr, module, "notice_publisher", deployed)
 
     def __exit__(
