@@ -5,7 +5,8 @@ A notice only saves devices a wait: a failed publish is logged and the round goe
 every device still polls, slowly, as the fallback. The data endpoint is the account's own ATS
 endpoint (``iot:DescribeEndpoint``, ``endpointType=iot:Data-ATS``), looked up once per
 container; where the process is pointed at another endpoint (``AWS_ENDPOINT_URL``: an
-emulator that serves every service at one address) the publish goes there.
+emulator that serves every service at one address) the lookup is made all the same and the
+publish goes to that endpoint.
 """
 
 from __future__ import annotations
@@ -42,12 +43,8 @@ class IotCoreNotices:
             import boto3
 
             session = self._session or boto3.session.Session()
-            endpoint = os.environ.get("AWS_ENDPOINT_URL") or (
-                "https://"
-                + session.client("iot").describe_endpoint(endpointType=DATA_ENDPOINT_TYPE)[
-                    "endpointAddress"
-                ]
-            )
+            found = session.client("iot").describe_endpoint(endpointType=DATA_ENDPOINT_TYPE)
+            endpoint = os.environ.get("AWS_ENDPOINT_URL") or f"https://{found['endpointAddress']}"
             self._client = session.client("iot-data", endpoint_url=endpoint)
         return self._client
 
