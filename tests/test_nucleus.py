@@ -835,14 +835,15 @@ def preinstalled_site(
     ensurepip, as on a device whose system Python has torch and no pip), torch's metadata
     saying ``torch_version``. ``torch_source`` replaces torch's ``__init__`` (a broken build)."""
     directory.mkdir(parents=True)
-    site = Path(sysconfig.get_paths()["purelib"])
     skipped = re.compile(
         r"^(torch-.*\.dist-info)$" if pip else r"^(pip|pip-.*\.dist-info|torch-.*\.dist-info)$"
     )
-    for entry in site.iterdir():
-        if skipped.match(entry.name) or (torch_source is not None and entry.name == "torch"):
-            continue
-        (directory / entry.name).symlink_to(entry)
+    for site in project_site_packages().split(":"):
+        for entry in Path(site).iterdir():
+            if skipped.match(entry.name) or (torch_source is not None and entry.name == "torch"):
+                continue
+            if not (directory / entry.name).is_symlink():
+                (directory / entry.name).symlink_to(entry)
     if torch_source is not None:
         (directory / "torch").mkdir()
         (directory / "torch" / "__init__.py").write_text(torch_source)
