@@ -16,7 +16,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sfl.core import layout
 from sfl.core.config import FederationConfig
@@ -28,15 +27,13 @@ from sfl.core.selection import (
     get_selection_strategy,
     select_clients,
 )
+from sfl.server.notices import NoticePublisher, announce_round
 from sfl.state.aws import AwsClients
 from sfl.state.control import ControlStore, plan_round
 from sfl.state.lineage import LineageStore
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundState, RoundStore
-
-if TYPE_CHECKING:
-    from sfl.server.notices import NoticePublisher
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +138,7 @@ def start_round(
             and not assignment_published(aws, names, latest)
         ):
             publish_assignment(aws, names, rounds.with_slots(latest))
-            announce(notices, latest)
+            announce_round(notices, latest)
         return InitiatorResult(
             False,
             latest.round,
@@ -223,20 +220,12 @@ def start_round(
     if plan.rollback_to is not None:
         control.rollback_done(config.experiment, plan.rollback_to)
     publish_assignment(aws, names, new)
-    announce(notices, new)
+    announce_round(notices, new)
     logger.info(
         "round started",
         extra={"round": number, "selected": list(selected), "base_version": base_version},
     )
     return InitiatorResult(True, number, "started", selected, active_clients=len(active))
-
-
-def announce(notices: NoticePublisher | None, round_: Round) -> None:
-    """Push the round's notice to subscribed devices; a failure is logged, never raised."""
-    if notices is not None:
-        from sfl.server.notices import announce_round
-
-        announce_round(notices, round_)
 
 
 def _norm_bound_hint(previous: Round | None) -> float:
