@@ -59,6 +59,7 @@ def connect(settings: ClientSettings, stop: threading.Event) -> AwsClients | Non
 
 def run_client(settings: ClientSettings, stop: threading.Event) -> int:
     from edge_client.client import EdgeClient
+    from edge_client.notices import RoundNotices, greengrass_ipc_subscribe, under_nucleus
     from sfl.learning.tasks import load_task
 
     task = load_task(settings.task, settings.task_params)
@@ -66,7 +67,18 @@ def run_client(settings: ClientSettings, stop: threading.Event) -> int:
     if aws is None:
         logger.info("client stopped", extra={"client_id": settings.client_id})
         return 0
-    return EdgeClient(settings, aws, task, stop=stop).run()
+    # Round notices through the nucleus when the stack named a topic and this runs as a
+    # Greengrass component; elsewhere (python -m edge_client on any machine) it polls.
+    notices = (
+        RoundNotices(
+            settings.notice_topic,
+            greengrass_ipc_subscribe,
+            retry_seconds=settings.push_poll_seconds,
+        )
+        if settings.notice_topic and under_nucleus()
+        else None
+    )
+    return EdgeClient(settings, aws, task, stop=stop, notices=notices).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from botocore.exceptions import ClientError
 
 from edge_client.global_model import ModelRejected, check_global_model, size_limit
+from edge_client.notices import RoundNotices
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.decline import Decline, DeclineReason, clean_detail
@@ -247,9 +248,12 @@ class EdgeClient:
         clock: Callable[[], float] = time.time,
         hooks: RoundHooks | None = None,
         wake: Callable[[float], None] | None = None,
+        notices: RoundNotices | None = None,
     ) -> None:
-        """``wake`` (local mode only): a pause that also ends when the assignment object was
-        written, so a simulated fleet need not poll tightly. A device has none: it polls."""
+        """``notices``: the subscription to round notices (``edge_client.notices``); while it
+        is live a notice ends the pause and polling and heartbeats slow down to the push
+        periods. ``wake`` (local mode only): a pause that also ends when the assignment object
+        was written, used while no subscription is live."""
         self.settings = settings
         self.aws = aws
         self.task = task
@@ -257,6 +261,7 @@ class EdgeClient:
         self.clock = clock
         self.hooks = hooks or RoundHooks()
         self.wake = wake
+        self.notices = notices
         self.registry = ClientRegistry(aws.dynamodb, settings.clients_table)
         self.models = ModelStore(aws.s3, settings.models_bucket)
         self.rounds_answered = 0
@@ -272,9 +277,18 @@ class EdgeClient:
     def run(self) -> int:
         """Poll and answer until stopped (or max_rounds answered). Returns an exit code."""
         logger.info("client started", extra={"client_id": self.settings.client_id})
+        try:
+            return self._run()
+        finally:
+            if self.notices is not None:
+                self.notices.close()
+
+    def _run(self) -> int:
         backoff = self.settings.poll_seconds
         while not self.stop.is_set():
             failed = False
+            if self.notices is not None:
+                self.notices.connect()  # a no-op while live; else retried when due
             try:
                 if self.clock() >= self._next_heartbeat:
                     self.heartbeat()
@@ -284,7 +298,7 @@ class EdgeClient:
                     if self._done():
                         break
                     continue  # poll again right away: the next round may already be open
-                backoff = self.settings.poll_seconds
+                backoff = self._poll_period()
             except RoundInterrupted:
                 break
             except AwsCallFailed as e:
@@ -307,12 +321,25 @@ class EdgeClient:
                 )
             # jitter keeps a fleet from polling in lockstep
             pause = backoff * random.uniform(0.8, 1.2)
-            if self.wake is None or failed:  # a failure's back-off is never cut short
+            if failed:  # a failure's back-off is never cut short
                 self.stop.wait(pause)
-            elif not self.stop.is_set():
+            elif self._pushed():
+                assert self.notices is not None
+                self.notices.wait(pause, self.stop)
+            elif self.wake is not None and not self.stop.is_set():
                 self.wake(pause)
+            else:
+                self.stop.wait(pause)
         logger.info("client stopped", extra={"client_id": self.settings.client_id})
         return 0
+
+    def _pushed(self) -> bool:
+        """Whether round notices reach this client now (a live subscription)."""
+        return self.notices is not None and self.notices.live
+
+    def _poll_period(self) -> float:
+        """Idle polling: a slow fallback while notices arrive, ``poll_seconds`` otherwise."""
+        return self.settings.push_poll_seconds if self._pushed() else self.settings.poll_seconds
 
     def _done(self) -> bool:
         return (
@@ -328,7 +355,12 @@ class EdgeClient:
                 now=self.clock(),
                 active_window_seconds=self.settings.active_window_seconds,
             )
-        self._next_heartbeat = self.clock() + self.settings.heartbeat_seconds
+        period = (
+            self.settings.push_heartbeat_seconds
+            if self._pushed()
+            else self.settings.heartbeat_seconds
+        )
+        self._next_heartbeat = self.clock() + period
 
     def poll(self) -> Assignment | None:
         """Conditional GET of the assignment: a 304 costs almost nothing.

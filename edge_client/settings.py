@@ -12,6 +12,7 @@ from pathlib import Path
 from sfl.core import task_params as task_params_
 from sfl.core.config import FederationConfig
 from sfl.core.layout import validate_client_id
+from sfl.core.notices import NOTICE_TOPIC_ENV
 from sfl.core.params import ParamsError
 
 _DEFAULTS = FederationConfig()
@@ -30,6 +31,11 @@ class ClientSettings:
     region: str | None = None
     poll_seconds: float = _DEFAULTS.poll_seconds
     heartbeat_seconds: float = _DEFAULTS.heartbeat_seconds
+    # Round notices (push): the topic ('' : none, poll only), and the slower poll and
+    # heartbeat periods while the subscription is live.
+    notice_topic: str = ""
+    push_poll_seconds: float = _DEFAULTS.push_poll_seconds
+    push_heartbeat_seconds: float = _DEFAULTS.push_heartbeat_seconds
     active_window_seconds: float = _DEFAULTS.active_window_seconds
     max_backoff_seconds: float = 300.0
     max_rounds: int | None = None  # stop after answering this many rounds (tests, demos)
@@ -64,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", help="AWS region (default from the environment)")
     p.add_argument("--poll-seconds", type=float)
     p.add_argument("--heartbeat-seconds", type=float)
+    p.add_argument(
+        "--notice-topic", help=f"round notices' MQTT topic; defaults to ${NOTICE_TOPIC_ENV}"
+    )
+    p.add_argument("--push-poll-seconds", type=float)
+    p.add_argument("--push-heartbeat-seconds", type=float)
     p.add_argument(
         "--active-window-seconds",
         type=float,
@@ -154,6 +165,15 @@ def parse_settings(
         poll_seconds=number(args.poll_seconds, "SFL_POLL_SECONDS", _DEFAULTS.poll_seconds),
         heartbeat_seconds=number(
             args.heartbeat_seconds, "SFL_HEARTBEAT_SECONDS", _DEFAULTS.heartbeat_seconds
+        ),
+        notice_topic=args.notice_topic or env.get(NOTICE_TOPIC_ENV) or "",
+        push_poll_seconds=number(
+            args.push_poll_seconds, "SFL_PUSH_POLL_SECONDS", _DEFAULTS.push_poll_seconds
+        ),
+        push_heartbeat_seconds=number(
+            args.push_heartbeat_seconds,
+            "SFL_PUSH_HEARTBEAT_SECONDS",
+            _DEFAULTS.push_heartbeat_seconds,
         ),
         active_window_seconds=number(
             args.active_window_seconds,

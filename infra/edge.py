@@ -72,6 +72,7 @@ class FederationEdge(Construct):
         construct_id: str,
         *,
         component_name: str,
+        notice_topic: str,
         federation: FederationConfig,
         resource_names: ResourceNames,
         source_root: Path,
@@ -108,6 +109,9 @@ class FederationEdge(Construct):
                 thing_group_description="Edge clients of the serverless federation"
             ),
         )
+        self.notice_topic = notice_topic
+        iot_arn = f"arn:{stack.partition}:iot:{stack.region}:{stack.account}"
+        self.notice_topic_arn = f"{iot_arn}:topic/{notice_topic}"
         self.device_iot_policy = self._device_iot_policy(stack)
 
         # The client zip is deterministic: the same sources give the same asset hash. It is
@@ -134,6 +138,7 @@ class FederationEdge(Construct):
             artifact_sha256=built.sha256,
             archive_name=None if Token.is_unresolved(key) else key.rsplit("/", 1)[-1],
             component_version="0.0.0",
+            notice_topic=notice_topic,
         )
         # Component versions are immutable: a changed recipe or artifact must carry a new
         # version, or CloudFormation's replace-then-delete collides with the one it replaces.
@@ -178,7 +183,9 @@ class FederationEdge(Construct):
     def _device_iot_policy(self, stack: Stack) -> iot.CfnPolicy:
         """The IoT policy a core device's certificate needs: AWS's minimal Greengrass V2 core
         device policy (MQTT on the thing's own topics, shadows, the deployment and artifact
-        APIs) plus iot:AssumeRoleWithCertificate on this stack's role alias only."""
+        APIs) plus iot:AssumeRoleWithCertificate on this stack's role alias only, and the
+        round notices: subscribe to and receive on the notice topic, never publish to it (a
+        hostile device must not be able to wake the fleet)."""
         arn = f"arn:{stack.partition}:iot:{stack.region}:{stack.account}"
         things = f"$aws/things/{IOT_THING_VARIABLE}"
         document = {
@@ -209,6 +216,16 @@ class FederationEdge(Construct):
                         f"{arn}:topicfilter/{things}/jobs/*",
                         f"{arn}:topicfilter/{things}/shadow/*",
                     ],
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Subscribe",
+                    "Resource": f"{arn}:topicfilter/{self.notice_topic}",
+                },
+                {
+                    "Effect": "Allow",
+                    "Action": "iot:Receive",
+                    "Resource": self.notice_topic_arn,
                 },
                 {
                     "Effect": "Allow",

@@ -31,6 +31,7 @@ from infra.state import FederationState
 from infra.storage import FederationStorage
 from sfl.build import app_code, artifact
 from sfl.core import layout
+from sfl.core.notices import NOTICE_TOPIC_ENV, notice_topic
 from sfl.core.resources import ACTIVE_INDEX, UPDATES_BUCKET, ResourceNames
 from sfl.server.runtime import INITIATOR_SERVICE, METRICS_NAMESPACE, OPEN_ROUND_AGE_METRIC
 from sfl.state.buffers.store import MEMBERS_INFIX, POOL_SUFFIX, TRAINING_SUFFIX
@@ -140,9 +141,14 @@ class FederationStack(Stack):
             if config.federation.aggregation_shard_above > 0
             else None,
         )
+        # Round notices (push): one topic per stack and experiment; the initiator publishes
+        # there, devices subscribe (sfl.core.notices).
+        self.notice_topic = notice_topic(self.stack_name, config.federation.experiment)
+        self.rounds.initiator.add_environment(NOTICE_TOPIC_ENV, self.notice_topic)
         self.edge = FederationEdge(
             self,
             "Edge",
+            notice_topic=self.notice_topic,
             component_name=infra.resolved_component_name,
             federation=config.federation,
             resource_names=self.resource_names,
@@ -293,6 +299,19 @@ class FederationStack(Stack):
                 [models.arn_for_objects(f"{layout.MODELS_PREFIX}*")],
                 conditions={"StringEquals": {"s3:if-none-match": "*"}},
             )
+        # Round notices (sfl.server.notices): the account's IoT data endpoint, looked up once
+        # per container, then one publish per round on this stack's notice topic alone.
+        _allow(role, ["iot:DescribeEndpoint"], ["*"])
+        _allow(role, ["iot:Publish"], [self.edge.notice_topic_arn])
+        acknowledge_nag(
+            role.node.find_child("DefaultPolicy"),
+            "AwsSolutions-IAM5[Resource::*]",
+            "Two actions that support no resource-level permissions, so '*' is the only "
+            "resource IAM accepts: iot:DescribeEndpoint (the account's IoT data endpoint, read "
+            "once per container to publish round notices) and active tracing's "
+            "xray:PutTraceSegments and xray:PutTelemetryRecords. No other action of the role "
+            "has a wildcard resource.",
+        )
         # Selection reads active clients from the registry's active index, one Query per
         # shard; never a Scan of the whole registry.
         _allow(

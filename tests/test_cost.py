@@ -282,3 +282,23 @@ def test_docs_list_every_price_and_state_the_idle_day() -> None:
     stated = f"**${idle.total:.3f} a day"
     assert stated in guide
     assert stated in (REPO / "docs" / "deploy.md").read_text()
+
+
+def test_push_prices_the_fleet_by_its_slow_polls_heartbeats_and_notices() -> None:
+    devices, rounds = 10_000, 24
+    polling = cost.fleet_usage_per_day(cost.StackShape(push=False), devices, rounds_per_day=rounds)
+    pushed = cost.fleet_usage_per_day(cost.StackShape(), devices, rounds_per_day=rounds)
+    assert polling.s3_get_requests == devices * 86_400 // 10
+    assert pushed.s3_get_requests == devices * 86_400 // 300
+    # A heartbeat writes the item and the active index's entry.
+    assert pushed.dynamodb_wru == devices * 86_400 / 600 * 2
+    # Each round: a delivery and its PUBACK per device, and the initiator's publish.
+    assert pushed.iot_messages == rounds * (devices * 2 + 1) and polling.iot_messages == 0
+    assert pushed.iot_connection_minutes == polling.iot_connection_minutes == devices * 1_440
+
+    def beyond_greengrass(usage: cost.RoundUsage) -> float:
+        items = cost.estimate(usage, US_EAST_1).items
+        return sum(v for k, v in items.items() if k != "greengrass_devices")
+
+    # The goal (issue 23): a connected fleet of 10,000 at most $5 a day beyond Greengrass.
+    assert beyond_greengrass(pushed) <= 5.0 < beyond_greengrass(polling)

@@ -106,3 +106,37 @@ def test_its_schedule_starts_rounds_and_leaving_stops_its_own_endpoint(tmp_path:
     assert os.environ.get("AWS_ENDPOINT_URL") == before
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(endpoint, timeout=5)  # noqa: S310 (the stopped local endpoint)
+
+
+def test_the_initiator_s_round_notice_reaches_a_subscribed_client_through_the_broker(
+    federation: LocalFederation,
+) -> None:
+    """Local mode plays IoT Core with a real MQTT broker: the client's subscription (the
+    device's own ``RoundNotices``, over an MQTT connection instead of Greengrass IPC) hears
+    the notice the initiator publishes once the round's assignment is written."""
+    import threading
+
+    settings = federation.client_settings("c1", data_dir=Path("."))
+    assert settings.notice_topic == federation.notice_topic
+    notices = federation.round_notices(settings)
+    assert notices is not None and notices.connect() and notices.live
+    try:
+        ClientRegistry(federation.clients.dynamodb, federation.names.clients_table).heartbeat(
+            "c1", now=time.time(), active_window_seconds=federation.config.active_window_seconds
+        )
+        assert federation.start_round()["started"]
+        assert notices.wait(30, threading.Event())  # woken by the notice, not by the time-out
+        assert notices.heard == 1 and notices.ignored == 0
+    finally:
+        notices.close()
+    assert not notices.live
+
+
+def test_without_push_the_initiator_publishes_nothing_and_clients_only_poll(
+    local_aws: object, tmp_path: Path
+) -> None:
+    config = FederationConfig(experiment="polling")
+    with LocalFederation(config, aws=local_aws, push=False) as federation:  # type: ignore[arg-type]
+        settings = federation.client_settings("c1", data_dir=tmp_path)
+        assert settings.notice_topic == "" and federation.round_notices(settings) is None
+        assert federation.initiator.module.notice_publisher() is None

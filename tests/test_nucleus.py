@@ -573,8 +573,16 @@ def usable_interpreter(runner: StepRunner) -> str:
 
 
 def project_site_packages() -> str:
+    """This venv's site-packages, and wherever else the device's pins are installed for the
+    tests (a directory on PYTHONPATH holding awsiotsdk, say)."""
+    import importlib.metadata
+
     paths = sysconfig.get_paths()
-    return ":".join(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+    found = [paths["purelib"], paths["platlib"]]
+    for name in ("awsiotsdk", "awscrt"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(str(importlib.metadata.distribution(name).locate_file("")))
+    return ":".join(dict.fromkeys(found))
 
 
 def client_zip(directory: Path) -> tuple[Path, str]:
@@ -827,14 +835,15 @@ def preinstalled_site(
     ensurepip, as on a device whose system Python has torch and no pip), torch's metadata
     saying ``torch_version``. ``torch_source`` replaces torch's ``__init__`` (a broken build)."""
     directory.mkdir(parents=True)
-    site = Path(sysconfig.get_paths()["purelib"])
     skipped = re.compile(
         r"^(torch-.*\.dist-info)$" if pip else r"^(pip|pip-.*\.dist-info|torch-.*\.dist-info)$"
     )
-    for entry in site.iterdir():
-        if skipped.match(entry.name) or (torch_source is not None and entry.name == "torch"):
-            continue
-        (directory / entry.name).symlink_to(entry)
+    for site in project_site_packages().split(":"):
+        for entry in Path(site).iterdir():
+            if skipped.match(entry.name) or (torch_source is not None and entry.name == "torch"):
+                continue
+            if not (directory / entry.name).is_symlink():
+                (directory / entry.name).symlink_to(entry)
     if torch_source is not None:
         (directory / "torch").mkdir()
         (directory / "torch" / "__init__.py").write_text(torch_source)

@@ -254,8 +254,35 @@ def test_stack_owned_settings_are_literals_of_each_version_not_device_configurat
         "SFL_TASK_PARAMS": "{}",
         "SFL_POLL_SECONDS": "2.5",
         "SFL_HEARTBEAT_SECONDS": "30",
+        "SFL_NOTICE_TOPIC": "",
+        "SFL_PUSH_POLL_SECONDS": "300.0",
+        "SFL_PUSH_HEARTBEAT_SECONDS": "600",
         "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),
     }
+
+
+def test_a_notice_topic_adds_exactly_its_subscription_to_the_ipc_access_control() -> None:
+    topic = "sfl/Sfl-Prod/default/rounds"
+    recipe = build_recipe(
+        FederationConfig(),
+        NAMES,
+        region="eu-west-1",
+        component_name="com.example.sfl.EdgeClient",
+        artifact_uri="s3://artifacts/edge/sfl-edge-client.zip",
+        artifact_sha256="0" * 64,
+        notice_topic=topic,
+    )
+    jsonschema.validate(recipe, SCHEMA)
+    access = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"]
+    assert list(access) == [recipes.MQTT_PROXY_SERVICE]
+    (policy,) = access[recipes.MQTT_PROXY_SERVICE].values()
+    assert policy["operations"] == ["aws.greengrass#SubscribeToIoTCore"]
+    assert policy["resources"] == [topic]
+    assert lifecycle(recipe)["Run"]["Setenv"]["SFL_NOTICE_TOPIC"] == topic
+    # Without a topic: no access control, and the client only polls.
+    plain = recipe_for(FederationConfig())
+    assert "accessControl" not in plain["ComponentConfiguration"]["DefaultConfiguration"]
+    assert "SFL_NOTICE_TOPIC" not in recipes.run_environment(plain)
 
 
 def test_run_environment_is_what_the_edge_client_reads(tmp_path: Path) -> None:
@@ -497,6 +524,8 @@ def test_edge_requirements_pin_what_runtime_pins_and_no_scikit_learn() -> None:
     runtime = _runtime_pins()
     pins = artifact.edge_pins()
     assert {p.name for p in pins} == {
+        "awscrt",
+        "awsiotsdk",
         "boto3",
         "numpy",
         "pillow",

@@ -5,6 +5,7 @@ Zip-packaged with boto3, Powertools and the X-Ray SDK only; nothing it imports p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics
@@ -13,6 +14,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from sfl.server.initiator import start_round
+from sfl.server.notices import NoticePublisher, deployed_notice_publisher
 from sfl.server.runtime import (
     ACTIVE_DEVICES_METRIC,
     INITIATOR_SERVICE,
@@ -30,6 +32,10 @@ tracer = function_tracer(INITIATOR_SERVICE)
 # The framework's (sfl.*) records go out through this logger's handler, format and level.
 copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 
+#: How this function pushes round notices: IoT Core's data plane on the stack's topic. Local
+#: mode, which runs this module in-process, sets its own broker's publisher while it runs.
+notice_publisher: Callable[[], NoticePublisher | None] = deployed_notice_publisher
+
 
 # The response (every selected client) stays in the log line, not in the trace.
 @tracer.capture_lambda_handler(capture_response=False)
@@ -37,7 +43,7 @@ copy_config_to_registered_loggers(source_logger=logger, include={"sfl"})
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     aws, names, config = services()
-    result = start_round(aws, names, config)
+    result = start_round(aws, names, config, notices=notice_publisher())
     annotate_round(tracer, config.experiment, result.round)
     metrics.add_metric(name="RoundsStarted", unit=MetricUnit.Count, value=int(result.started))
     # 0 when no round is running; alarms fire when a round outlives its hard deadline,

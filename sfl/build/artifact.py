@@ -50,9 +50,10 @@ DEVICE_CONTRACT = "device"
 # uses to log its own epsilon only if it is installed). A new third-party import must be
 # added here, or the build fails.
 EDGE_DISTRIBUTIONS: dict[str, str | None] = {
+    "awsiot": "awsiotsdk",  # round notices through Greengrass IPC (edge_client.notices)
     "boto3": "boto3",
     "botocore": "boto3",
-    "dp_accounting": None,
+    "dp_accounting": None,  # the averager's privacy accountant (sfl.learning.accountant)
     "numpy": "numpy",
     "PIL": "pillow",  # the image_folder task reads images
     "safetensors": "safetensors",

@@ -40,11 +40,16 @@ import sfl
 from sfl.build.artifact import REQUIREMENTS_FILE
 from sfl.core.config import FederationConfig
 from sfl.core.device_settings import CONFIGURATION_KEYS
+from sfl.core.notices import NOTICE_TOPIC_ENV
 from sfl.core.resources import ResourceNames
 
 RECIPE_FORMAT_VERSION = "2020-01-25"
 TES_COMPONENT = "aws.greengrass.TokenExchangeService"
 TES_VERSION_REQUIREMENT = ">=2.0.0 <3.0.0"
+# Greengrass IPC's MQTT proxy (the nucleus's connection to IoT Core) and the one operation the
+# client asks of it (nucleus MqttProxyIPCService, GreengrassCoreIPCService).
+MQTT_PROXY_SERVICE = "aws.greengrass.ipc.mqttproxy"
+SUBSCRIBE_TO_IOT_CORE = "aws.greengrass#SubscribeToIoTCore"
 DEFAULT_COMPONENT_NAME = "Sfl.EdgeClient"
 COMPONENT_PUBLISHER = "serverless-federated-learning"
 # Installing torch on a small device takes a while; Greengrass's default is 120 s. A retry
@@ -150,6 +155,9 @@ STACK_SETTINGS = (
     StackSetting("SFL_TASK_PARAMS", "the task's parameters, a JSON object"),
     StackSetting("SFL_POLL_SECONDS", "idle poll interval"),
     StackSetting("SFL_HEARTBEAT_SECONDS", "heartbeat interval"),
+    StackSetting(NOTICE_TOPIC_ENV, "the round notices' MQTT topic ('' : none, poll only)"),
+    StackSetting("SFL_PUSH_POLL_SECONDS", "idle poll interval while notices arrive"),
+    StackSetting("SFL_PUSH_HEARTBEAT_SECONDS", "heartbeat interval while notices arrive"),
     StackSetting("SFL_ACTIVE_WINDOW_SECONDS", "the federation's active window (registry expiry)"),
 )
 
@@ -342,9 +350,10 @@ def archive_root(archive_name: str) -> str:
 
 
 def stack_settings(
-    config: FederationConfig, names: ClientResourceNames, *, region: str
+    config: FederationConfig, names: ClientResourceNames, *, region: str, notice_topic: str = ""
 ) -> dict[str, str]:
-    """The stack-owned settings as the ``Run`` step's environment, in ``STACK_SETTINGS`` order."""
+    """The stack-owned settings as the ``Run`` step's environment, in ``STACK_SETTINGS`` order
+    (``notice_topic``: where round notices are pushed; '' : devices only poll)."""
     values = {
         _RUN_ENV["models_bucket"]: names.models_bucket,
         _RUN_ENV["updates_bucket"]: names.updates_bucket,
@@ -354,6 +363,9 @@ def stack_settings(
         "SFL_TASK_PARAMS": config.task_params,
         "SFL_POLL_SECONDS": str(config.poll_seconds),
         "SFL_HEARTBEAT_SECONDS": str(config.heartbeat_seconds),
+        NOTICE_TOPIC_ENV: notice_topic,
+        "SFL_PUSH_POLL_SECONDS": str(config.push_poll_seconds),
+        "SFL_PUSH_HEARTBEAT_SECONDS": str(config.push_heartbeat_seconds),
         "SFL_ACTIVE_WINDOW_SECONDS": str(config.active_window_seconds),
     }
     return {s.variable: values[s.variable] for s in STACK_SETTINGS}
@@ -384,6 +396,23 @@ def default_configuration(
         "torchIndexUrl": device.torch_index_url,
     }
     return {k.key: values[k.key] for k in CONFIGURATION_KEYS}
+
+
+def notice_access_control(notice_topic: str) -> dict[str, Any]:
+    """The component's IPC access control: subscribe to IoT Core on exactly the notice topic
+    (no publish, no other topic). The stack's deployment resets ``/accessControl`` to this on
+    every revision (infra.edge), so a device never keeps a topic an earlier version allowed;
+    the policy's id names the topic too (without '/': the nucleus reads configuration paths
+    split at '/'), for deployments made without that reset."""
+    return {
+        MQTT_PROXY_SERVICE: {
+            f"RoundNotices.{notice_topic.replace('/', '.')}": {
+                "policyDescription": "Hear round notices (a wake-up to poll the assignment)",
+                "operations": [SUBSCRIBE_TO_IOT_CORE],
+                "resources": [notice_topic],
+            }
+        }
+    }
 
 
 def _setenv(step: str) -> dict[str, str]:
@@ -430,8 +459,13 @@ def build_recipe(
     device: DeviceDefaults = DeviceDefaults(),
     component_version: str | None = None,
     wheel_bundle: WheelBundle | None = None,
+    notice_topic: str = "",
 ) -> dict[str, Any]:
     """The edge client's recipe.
+
+    ``notice_topic``: the topic round notices are pushed to; the recipe then lets the
+    component subscribe to it (and to nothing else) through Greengrass IPC, and tells the
+    client to. '' : no push, the client polls.
 
     ``artifact_uri`` is the client zip's ``s3://bucket/key``; ``archive_name`` is the key's
     file name, needed when it is not literal in the URI (a CDK token). ``wheel_bundle`` adds
@@ -483,9 +517,10 @@ def build_recipe(
             }
         },
         "ComponentConfiguration": {
-            "DefaultConfiguration": default_configuration(
-                config, names, region=region, device=device
-            )
+            "DefaultConfiguration": {
+                **default_configuration(config, names, region=region, device=device),
+                **({"accessControl": notice_access_control(notice_topic)} if notice_topic else {}),
+            }
         },
         "Manifests": [
             {
@@ -504,7 +539,9 @@ def build_recipe(
                         "Script": _script(_RUN_SCRIPT, root),
                         "RequiresPrivilege": False,
                         "Setenv": {
-                            **stack_settings(config, names, region=region),
+                            **stack_settings(
+                                config, names, region=region, notice_topic=notice_topic
+                            ),
                             **_setenv("Run"),
                         },
                     },

@@ -19,8 +19,9 @@ def _stack_shape(args: argparse.Namespace) -> StackShape:
     """The stack's shape from cdk.json (both context keys, checked as 'cdk synth' checks
     them), or the stack's defaults when there is no cdk.json."""
     region = args.region or cost.stack_region()
+    push = not args.polling
     if args.cdk_json is None or not args.cdk_json.exists():
-        return StackShape(region=region)
+        return StackShape(region=region, push=push)
     config = StackConfig.from_cdk_json(args.cdk_json)
     infra, federation = config.infra, config.federation
     return StackShape(
@@ -32,6 +33,9 @@ def _stack_shape(args: argparse.Namespace) -> StackShape:
         update_expiry_days=infra.update_expiry_days,
         poll_seconds=federation.poll_seconds,
         heartbeat_seconds=federation.heartbeat_seconds,
+        push=push,
+        push_poll_seconds=federation.push_poll_seconds,
+        push_heartbeat_seconds=federation.push_heartbeat_seconds,
     )
 
 
@@ -69,7 +73,11 @@ def _cost(args: argparse.Namespace) -> int:
         cost.idle_usage_per_day(shape, model_versions=args.model_versions, model_bytes=model_bytes),
         prices,
     )
-    fleet = cost.estimate(cost.fleet_usage_per_day(shape, args.clients, assumptions), prices)
+    devices = args.clients if args.devices is None else args.devices
+    fleet = cost.estimate(
+        cost.fleet_usage_per_day(shape, devices, assumptions, rounds_per_day=args.rounds_per_day),
+        prices,
+    )
     day = idle.total + fleet.total + args.rounds_per_day * per_round.total
     item_bytes = cost.round_item_bytes(args.clients, args.clients, assumptions)
     result = {
@@ -83,6 +91,8 @@ def _cost(args: argparse.Namespace) -> int:
         "round_item_fits": item_bytes <= cost.DYNAMODB_ITEM_LIMIT,
         "per_round": per_round.to_dict(),
         "idle_per_day": idle.to_dict(),
+        "devices": devices,
+        "push": shape.push,
         "fleet_per_day": fleet.to_dict(),
         "per_day": day,
         "per_month": day * cost.DAYS_PER_MONTH,
@@ -99,7 +109,11 @@ def _cost(args: argparse.Namespace) -> int:
     for title, part in (
         ("per round", per_round),
         ("idle stack per day", idle),
-        (f"{args.clients} connected devices per day", fleet),
+        (
+            f"{devices} connected devices per day "
+            f"({'round notices pushed' if shape.push else 'polling only'})",
+            fleet,
+        ),
     ):
         print(f"\n{title}: ${part.total:.6f}")
         for name, usd in part.items.items():
@@ -146,6 +160,18 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="price the older protocol (answers inside the round item) instead of the slot "
         "items (one transaction per answer)",
+    )
+    p.add_argument(
+        "--devices",
+        type=whole(1),
+        default=None,
+        help="connected devices in the fleet, picked or not (default: --clients)",
+    )
+    p.add_argument(
+        "--polling",
+        action="store_true",
+        help="price the fleet without round notices: every device polls every poll_seconds "
+        "and heartbeats every heartbeat_seconds",
     )
     p.add_argument("--region", default=None, help="default: AWS_REGION, AWS_DEFAULT_REGION")
     p.add_argument(

@@ -33,7 +33,16 @@ EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: shape, and devices read heartbeat and poll periods from their component configuration.
 #: Every other key may change between rounds (``sfl config set``, ``sfl.state.control``).
 DEPLOY_TIME_KEYS = frozenset(
-    {"experiment", "task", "task_params", "heartbeat_seconds", "poll_seconds", "mode"}
+    {
+        "experiment",
+        "task",
+        "task_params",
+        "heartbeat_seconds",
+        "poll_seconds",
+        "mode",
+        "push_poll_seconds",
+        "push_heartbeat_seconds",
+    }
 )
 
 #: How the federation turns updates into versions (docs/buffered.md): ``rounds`` waits for
@@ -202,6 +211,18 @@ class FederationConfig(Settings):
         10.0,
         allowed=Range(0.05, 3_600),
         doc="how often an idle edge client polls for a round",
+    )
+    push_poll_seconds: float = setting(
+        300.0,
+        allowed=Range(1, 86_400),
+        doc="how often an idle edge client polls while it is subscribed to round notices "
+        "(push): the fallback for a missed notice; poll_seconds while it is not",
+    )
+    push_heartbeat_seconds: int = setting(
+        600,
+        allowed=Range(1, 86_400),
+        doc="how often an edge client heartbeats while it is subscribed to round notices; "
+        "keep it below active_window_seconds",
     )
     local_epochs: int = setting(
         2,

@@ -65,6 +65,11 @@ class StackShape:
     update_expiry_days: int = 30
     poll_seconds: float = 10.0
     heartbeat_seconds: float = 60.0
+    # Round notices (push): devices subscribed to the stack's notice topic poll and heartbeat
+    # at these slower periods; False prices the fleet as polling alone.
+    push: bool = True
+    push_poll_seconds: float = 300.0
+    push_heartbeat_seconds: float = 600.0
     # infra/stack.py _alarms: errors and throttles of both functions, DLQ, overdue round
     alarms: int = 6
     dashboards: int = 1
@@ -116,6 +121,14 @@ class CostAssumptions:
     # Small objects devices fetch.
     assignment_bytes: int = 1_000
     poll_response_bytes: int = 300  # a 304 Not Modified answer to the conditional GET
+    # A heartbeat rewrites last_seen, the sort key of the registry's active index: one write
+    # to the item and one to the index (DynamoDB bills a GSI's writes like the table's).
+    heartbeat_index_writes: int = 1
+    # A round notice: IoT Core meters its delivery to each subscribed device and, at QoS 1
+    # over MQTT 3.1.1, the device's PUBACK as one more message; the initiator's HTTP publish
+    # is one message (its body is under 5 KB).
+    messages_per_notice_delivery: int = 2
+    messages_per_notice_publish: int = 1
 
 
 @dataclass(frozen=True)
@@ -169,6 +182,8 @@ class RoundUsage:
     ecr_gb_months: float = 0.0
     kms_key_months: float = 0.0
     greengrass_device_months: float = 0.0
+    iot_messages: float = 0.0  # IoT Core messages (round notices)
+    iot_connection_minutes: float = 0.0  # devices' MQTT connections to IoT Core
     bytes_out_internet: int = 0  # S3 -> devices
     bytes_in_internet: int = 0  # devices -> S3 (free)
     bytes_s3_to_lambda: int = 0  # within the region (free)
@@ -218,6 +233,8 @@ def estimate(usage: RoundUsage, prices: Mapping[str, Price], region: str = "") -
         "ecr_storage": usage.ecr_gb_months * p("ecr_storage_gb_month"),
         "kms_keys": usage.kms_key_months * p("kms_key_month"),
         "greengrass_devices": usage.greengrass_device_months * p("greengrass_core_device_month"),
+        "iot_messages": usage.iot_messages * p("iot_core_message"),
+        "iot_connectivity": usage.iot_connection_minutes * p("iot_core_connection_minute"),
         "data_transfer_out": usage.bytes_out_internet / GB * p("data_transfer_out_internet_gb"),
         "data_transfer_in": usage.bytes_in_internet / GB * p("data_transfer_in_gb"),
         "data_transfer_s3_to_lambda": usage.bytes_s3_to_lambda
@@ -423,19 +440,33 @@ def idle_usage_per_day(
 
 
 def fleet_usage_per_day(
-    shape: StackShape, devices: int, assumptions: CostAssumptions | None = None
+    shape: StackShape,
+    devices: int,
+    assumptions: CostAssumptions | None = None,
+    *,
+    rounds_per_day: float = 0.0,
 ) -> RoundUsage:
-    """One day of ``devices`` connected devices, rounds or not: each polls the assignment
-    every ``poll_seconds`` (a conditional GET, billed even when it answers 304) and writes a
-    heartbeat every ``heartbeat_seconds``; Greengrass bills each active core device monthly."""
+    """One day of ``devices`` connected devices: each polls the assignment (a conditional
+    GET, billed even when it answers 304) and writes a heartbeat (the item and the active
+    index); Greengrass bills each active core device monthly and IoT Core its connection's
+    minutes. Without push they poll every ``poll_seconds`` and heartbeat every
+    ``heartbeat_seconds``; with push (``shape.push``) every ``push_poll_seconds`` and
+    ``push_heartbeat_seconds``, and each of the ``rounds_per_day`` rounds sends every device
+    a notice, whether the round picked it or not."""
     a = assumptions or CostAssumptions()
-    polls = int(devices * 86_400 / shape.poll_seconds)
-    heartbeats = devices * 86_400 / shape.heartbeat_seconds
+    poll = shape.push_poll_seconds if shape.push else shape.poll_seconds
+    heartbeat = shape.push_heartbeat_seconds if shape.push else shape.heartbeat_seconds
+    polls = int(devices * 86_400 / poll)
+    heartbeats = devices * 86_400 / heartbeat
+    notices = rounds_per_day if shape.push else 0.0
     return RoundUsage(
         s3_get_requests=polls,
-        dynamodb_wru=heartbeats * _wru(a.client_item_bytes),
+        dynamodb_wru=heartbeats * (_wru(a.client_item_bytes) + a.heartbeat_index_writes),
         bytes_out_internet=polls * a.poll_response_bytes,
         greengrass_device_months=devices / DAYS_PER_MONTH,
+        iot_messages=notices
+        * (devices * a.messages_per_notice_delivery + a.messages_per_notice_publish),
+        iot_connection_minutes=devices * 24 * 60,
     )
 
 

@@ -171,6 +171,25 @@ US_EAST_1: Final[dict[str, Price]] = {
         "quoted",
         "S3 to Lambda in the same region is not charged",
     ),
+    # --- IoT Core (round notices) --------------------------------------------------------------
+    "iot_core_message": Price(
+        1.00, 1_000_000, "messages",
+        "https://aws.amazon.com/iot-core/pricing/ (metering rules quoted from "
+        "https://aws.amazon.com/iot-core/pricing/additional-details/: messages are metered in "
+        "5 KB increments; 'MQTT PUBLISH (sent by service)' is metered; 'MQTT PUBACK (received "
+        "from device)' is metered as a single 5 KB message unless MQTT5; PUBACK sent by the "
+        "service, SUBACK, PINGREQ/PINGRESP are not)",
+        "commonly published",
+        "first billion messages a month; an HTTP publish to the data plane is metered by its "
+        "body, in 5 KB messages",
+    ),
+    "iot_core_connection_minute": Price(
+        0.08, 1_000_000, "connection-minutes",
+        "https://aws.amazon.com/iot-core/pricing/ ('Connectivity is metered in one-minute "
+        "increments and is based on the total time your devices are connected')",
+        "commonly published",
+        "a Greengrass core device holds its connection whether or not it hears notices",
+    ),
     # --- Greengrass, ECR ------------------------------------------------------------------------
     "greengrass_core_device_month": Price(
         0.16, 1, "active core device-month",

@@ -18,11 +18,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from edge_client.notices import RoundNotices
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
+from sfl.core.notices import notice_topic
 from sfl.core.resources import ROUNDS_TABLE, ResourceNames
+from sfl.local.broker import LocalIotCore
 from sfl.local.dispatcher import S3EventDispatcher
 from sfl.local.emulator import (
     LocalAws,
@@ -37,6 +40,8 @@ from sfl.state.rounds import RoundState, RoundStore
 
 #: The event an EventBridge schedule rule sends its target.
 SCHEDULED_EVENT = {"detail-type": "Scheduled Event", "source": "aws.events", "detail": {}}
+#: What local mode calls its deployment in the notice topic (a stack's name on AWS).
+LOCAL_DEPLOYMENT = "local"
 #: Statuses a round ends in.
 FINISHED = frozenset(s.value for s in RoundState if s.finished)
 
@@ -106,9 +111,11 @@ class LocalFederation:
         drop_rate: float = 0.0,
         seed: int = 0,
         aws: LocalAws | None = None,
+        push: bool = True,
     ) -> None:
         """``log_path``: where the handlers' JSON log lines go (None: stdout). The delivery
-        options are ``S3EventDispatcher``'s."""
+        options are ``S3EventDispatcher``'s. ``push``: play IoT Core with an MQTT broker, the
+        initiator pushing round notices to it (``round_notices`` subscribes a client)."""
         self.config = config
         self.tick_seconds = tick_seconds
         self._log_path = log_path
@@ -123,6 +130,8 @@ class LocalFederation:
         self._exit = ExitStack()
         self._stop = threading.Event()
         self._schedule: threading.Thread | None = None
+        self.notice_topic = notice_topic(LOCAL_DEPLOYMENT, config.experiment)
+        self.iot_core: LocalIotCore | None = LocalIotCore() if push else None
 
     # -- starting and stopping ---------------------------------------------------------------
 
@@ -139,6 +148,9 @@ class LocalFederation:
                 )
             )
             self.initiator = LocalFunction("initiator", log_path=self._log_path)
+            if self.iot_core is not None:
+                started.enter_context(self.iot_core)
+                self._push_through(self.iot_core, started)
             self.averager = LocalFunction("averager", log_path=self._log_path)
             self.averager.invoke(BOOTSTRAP_EVENT)
             self.clients = self.aws.clients()
@@ -152,6 +164,15 @@ class LocalFederation:
             started.callback(self.dispatcher.stop)
             self._exit = started.pop_all()
         return self
+
+    def _push_through(self, iot_core: LocalIotCore, started: ExitStack) -> None:
+        """The initiator publishes its notices to the local broker while the federation runs
+        (the handler module is shared by the process: put back what it had on the way out)."""
+        module = self.initiator.module
+        deployed = module.notice_publisher
+        publisher = iot_core.publisher(self.notice_topic)
+        setattr(module, "notice_publisher", lambda: publisher)  # noqa: B010
+        started.callback(setattr, module, "notice_publisher", deployed)
 
     def __exit__(
         self,
@@ -281,6 +302,18 @@ class LocalFederation:
             poll_seconds=self.config.poll_seconds if poll_seconds is None else poll_seconds,
             heartbeat_seconds=self.config.heartbeat_seconds,
             active_window_seconds=self.config.active_window_seconds,
+            notice_topic=self.notice_topic if self.iot_core is not None else "",
+            push_poll_seconds=self.config.push_poll_seconds,
+            push_heartbeat_seconds=self.config.push_heartbeat_seconds,
+        )
+
+    def round_notices(self, settings: ClientSettings) -> RoundNotices | None:
+        """One in-process client's subscription to round notices, through its own MQTT
+        connection to the local broker (None without push)."""
+        if self.iot_core is None or not settings.notice_topic:
+            return None
+        return RoundNotices(
+            settings.notice_topic, self.iot_core.subscribe, retry_seconds=settings.push_poll_seconds
         )
 
     def assignment_wake_up(self, stop: threading.Event | None = None) -> Callable[[float], None]:

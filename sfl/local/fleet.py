@@ -141,12 +141,18 @@ class LocalFleet:
         federation.start_schedule(round_seconds=options.schedule_seconds)
 
     def _run_client(self, settings: ClientSettings, task: Any) -> None:
-        # Woken when the assignment is written; the configured poll stays as the fallback.
+        # Woken by the round notices the initiator pushes to the local broker, as a device is
+        # through Greengrass IPC; while not subscribed, when the assignment is written.
         wake = self.federation.assignment_wake_up(self._stop)
         while not self._stop.is_set():
             try:
                 client = EdgeClient(
-                    settings, self.federation.aws.clients(), task, stop=self._stop, wake=wake
+                    settings,
+                    self.federation.aws.clients(),
+                    task,
+                    stop=self._stop,
+                    wake=wake,
+                    notices=self.federation.round_notices(settings),
                 )
                 client.run()
                 return

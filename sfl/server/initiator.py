@@ -28,6 +28,7 @@ from sfl.core.selection import (
     sampling_rate,
     select_clients,
 )
+from sfl.server.notices import NoticePublisher, announce_round
 from sfl.state.aws import AwsClients
 from sfl.state.control import ControlStore, plan_round
 from sfl.state.lineage import LineageStore
@@ -110,9 +111,11 @@ def start_round(
     config: FederationConfig,
     *,
     clock: Callable[[], float] = time.time,
+    notices: NoticePublisher | None = None,
 ) -> InitiatorResult:
     """Start the next round if the latest one is finished; otherwise say why not. In
-    buffered mode: issue tickets for the free training places (``sfl.server.ticketing``)."""
+    buffered mode: issue tickets for the free training places (``sfl.server.ticketing``).
+    ``notices``: pushes a round notice once the assignment is written (None: devices poll)."""
     if config.mode == "buffered":
         from sfl.server.ticketing import issue_tickets
 
@@ -136,6 +139,7 @@ def start_round(
             and not assignment_published(aws, names, latest)
         ):
             publish_assignment(aws, names, rounds.with_slots(latest))
+            announce_round(notices, latest)
         return InitiatorResult(
             False,
             latest.round,
@@ -228,6 +232,7 @@ def start_round(
     if plan.rollback_to is not None:
         control.rollback_done(config.experiment, plan.rollback_to)
     publish_assignment(aws, names, new)
+    announce_round(notices, new)
     logger.info(
         "round started",
         extra={"round": number, "selected": list(selected), "base_version": base_version},

@@ -368,6 +368,18 @@ def _iot_detach_policy(call: Call, _account: Account) -> list[Request]:
     return [Request("iot:DetachPolicy", str(call.params["target"]))]
 
 
+def _iot_describe_endpoint(_call: Call, _account: Account) -> list[Request]:
+    # DescribeEndpoint has no resource-level permissions: IAM authorises it on "*"
+    # (Service Authorization Reference, AWS IoT).
+    return [Request("iot:DescribeEndpoint", "*")]
+
+
+def _iot_data_publish(call: Call, account: Account) -> list[Request]:
+    # The data plane's Publish is authorised on the topic's ARN (AWS IoT Core policy actions).
+    arn = f"arn:{account.partition}:iot:{account.region}:{account.account_id}"
+    return [Request("iot:Publish", f"{arn}:topic/{call.params['topic']}")]
+
+
 def _role_arn(role_name: str, account: Account) -> str:
     return f"arn:{account.partition}:iam::{account.account_id}:role/{role_name}"  # path "/"
 
@@ -407,6 +419,8 @@ _MAPPERS: dict[tuple[str, str], Any] = {
     ("cloudformation", "DescribeStacks"): _stack_read,
     ("iot", "ListTargetsForPolicy"): _iot_policy_targets,
     ("iot", "DetachPolicy"): _iot_detach_policy,
+    ("iot", "DescribeEndpoint"): _iot_describe_endpoint,
+    ("iot-data", "Publish"): _iot_data_publish,
     ("iam", "ListAttachedRolePolicies"): _iam_role_policies,
     ("iam", "DetachRolePolicy"): _iam_detach_role_policy,
 }

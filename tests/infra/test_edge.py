@@ -3,6 +3,7 @@ and the edge client's Greengrass component built by ``sfl.build.recipes``."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from typing import Any
 
@@ -33,6 +34,7 @@ NAMES = ResourceNames(
     clients_table="clients-table",
     rounds_table="rounds-table",
 )
+NOTICE_TOPIC = "sfl/Sfl-Test/default/rounds"
 
 
 def build(stack: Stack, federation: FederationConfig | None = None) -> FederationEdge:
@@ -40,6 +42,7 @@ def build(stack: Stack, federation: FederationConfig | None = None) -> Federatio
         stack,
         "Edge",
         component_name="com.example.sfl.EdgeClient",
+        notice_topic=NOTICE_TOPIC,
         federation=federation or FederationConfig(),
         resource_names=NAMES,
         source_root=REPO_ROOT,
@@ -110,7 +113,10 @@ def test_component_is_the_generated_recipe_with_the_stack_s_names(edge):
         "DependencyType": "HARD",
     }
     expected = recipes.default_configuration(FederationConfig(), NAMES, region="<Ref:AWS::Region>")
-    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == expected
+    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == {
+        **expected,
+        "accessControl": recipes.notice_access_control(NOTICE_TOPIC),
+    }
 
 
 def test_component_artifact_is_the_stack_s_client_zip(edge):
@@ -248,30 +254,42 @@ def test_devices_have_nothing_else(synthesized):
     assert len(attached) == 1
 
 
-def test_core_device_iot_policy_allows_the_role_alias_and_the_device_s_own_topics(synthesized):
+def device_iot_grants(synthesized: Any) -> dict[str, list[str]]:
+    """The core devices' IoT policy: each action and the resources it is allowed on."""
     edge = synthesized.stack.edge
     document = resource_json(synthesized.template_json, edge.device_iot_policy)["Properties"][
         "PolicyDocument"
     ]
-    grants = {
-        action: [render(r) for r in resources_of(s)]
-        for s in document["Statement"]
-        for action in actions_of(s)
-    }
+    grants: dict[str, list[str]] = {}
+    for statement in document["Statement"]:
+        for action in actions_of(statement):
+            grants.setdefault(action, []).extend(render(r) for r in resources_of(statement))
+    return grants
+
+
+def test_core_device_iot_policy_allows_the_role_alias_and_the_device_s_own_topics(synthesized):
+    edge = synthesized.stack.edge
+    grants = device_iot_grants(synthesized)
     assert grants["iot:AssumeRoleWithCertificate"] == [
         f"<GetAtt:{logical_id(edge.role_alias)}.RoleAliasArn>"
     ]
     arn = "arn:<Ref:AWS::Partition>:iot:<Ref:AWS::Region>:<Ref:AWS::AccountId>"
     thing = "${iot:Connection.Thing.ThingName}"
+    notices = synthesized.stack.notice_topic
     # Its own client ID and shadow exactly: a prefix match would let 'dev-1' act as 'dev-10'.
     assert grants["iot:Connect"] == [f"{arn}:client/{thing}"]
     assert grants["iot:GetThingShadow"] == [f"{arn}:thing/{thing}"]
     assert grants["iot:Subscribe"] == [
         f"{arn}:topicfilter/$aws/things/{thing}/jobs/*",
         f"{arn}:topicfilter/$aws/things/{thing}/shadow/*",
+        f"{arn}:topicfilter/{notices}",
     ]
-    for topic in grants["iot:Publish"] + grants["iot:Receive"]:
+    for topic in grants["iot:Publish"]:
         assert topic.startswith(f"{arn}:topic/$aws/things/{thing}/")
+    for topic in grants["iot:Receive"]:
+        assert topic.startswith(f"{arn}:topic/$aws/things/{thing}/") or (
+            topic == f"{arn}:topic/{notices}"
+        )
     assert sorted(a for a in grants if a.startswith("greengrass:")) == [
         "greengrass:GetComponentVersionArtifact",
         "greengrass:GetDeploymentConfiguration",
@@ -279,6 +297,31 @@ def test_core_device_iot_policy_allows_the_role_alias_and_the_device_s_own_topic
         "greengrass:ResolveComponentCandidates",
     ]
     assert not any("*" in action for action in grants)
+
+
+def test_devices_hear_round_notices_but_cannot_send_one(synthesized):
+    """A device may subscribe to and receive the stack's notice topic, exactly, and may not
+    publish to it: a hostile device must not be able to wake the whole fleet."""
+    arn = "arn:<Ref:AWS::Partition>:iot:<Ref:AWS::Region>:<Ref:AWS::AccountId>"
+    notices = synthesized.stack.notice_topic
+    assert notices == f"sfl/{synthesized.stack.stack_name}/default/rounds"
+    grants = device_iot_grants(synthesized)
+    assert f"{arn}:topicfilter/{notices}" in grants["iot:Subscribe"]
+    assert f"{arn}:topic/{notices}" in grants["iot:Receive"]
+    # No publish grant reaches the notice topic (IoT policy wildcards: '*' any run, '?' one).
+    topic = f"{arn}:topic/{notices}"
+    assert not any(
+        fnmatch.fnmatchcase(topic, pattern.replace("[", "[[]")) for pattern in grants["iot:Publish"]
+    )
+    # The component may subscribe to that topic through Greengrass IPC and nothing else.
+    recipe = recipe_of(assertions.Template.from_json(synthesized.template_json))
+    (policy,) = recipe["ComponentConfiguration"]["DefaultConfiguration"]["accessControl"][
+        recipes.MQTT_PROXY_SERVICE
+    ].values()
+    assert policy["operations"] == [recipes.SUBSCRIBE_TO_IOT_CORE]
+    assert policy["resources"] == [notices]
+    run = recipe["Manifests"][0]["Lifecycle"]["Run"]["Setenv"]
+    assert run["SFL_NOTICE_TOPIC"] == notices
 
 
 # --- the fleet's deployment ------------------------------------------------------------------
@@ -318,6 +361,7 @@ def test_the_deployment_merges_the_configured_device_settings_only_when_asked(ed
         stack,
         "Edge",
         component_name="com.example.sfl.EdgeClient",
+        notice_topic=NOTICE_TOPIC,
         federation=FederationConfig(),
         resource_names=NAMES,
         source_root=REPO_ROOT,
@@ -353,6 +397,7 @@ def test_component_version_changes_when_a_referenced_table_would_be_replaced(mon
             stack,
             "Edge",
             component_name="com.example.sfl.EdgeClient",
+            notice_topic=NOTICE_TOPIC,
             federation=FederationConfig(),
             resource_names=names,
             source_root=REPO_ROOT,

@@ -22,6 +22,7 @@ NAMES = ResourceNames(
     clients_table="clients-table",
     rounds_table="rounds-table",
 )
+NOTICE_TOPIC = "sfl/Sfl-Test/default/rounds"
 
 
 def synthesized(device_configuration: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -31,6 +32,7 @@ def synthesized(device_configuration: dict[str, str]) -> tuple[dict[str, Any], d
         stack,
         "Edge",
         component_name="com.example.sfl.EdgeClient",
+        notice_topic=NOTICE_TOPIC,
         federation=FederationConfig(),
         resource_names=NAMES,
         source_root=REPO_ROOT,
@@ -49,10 +51,12 @@ def synthesized(device_configuration: dict[str, str]) -> tuple[dict[str, Any], d
 def test_the_deployment_resets_every_recipe_key_the_stack_does_not_set() -> None:
     update, defaults = synthesized({"dataDir": "/mnt/fl-data", "pipOptions": "--no-index"})
     assert update["merge"] == {"dataDir": "/mnt/fl-data", "pipOptions": "--no-index"}
+    # The IPC access control too: every deployment puts back the recipe's, so a device never
+    # keeps a topic an earlier version allowed.
     assert set(update["reset"]) == {f"/{k.key}" for k in CONFIGURATION_KEYS} - {
         "/dataDir",
         "/pipOptions",
-    }
+    } | {"/accessControl"}
     assert {p.removeprefix("/") for p in update["reset"]} <= set(defaults)
 
     nothing_set, _ = synthesized({})

@@ -167,8 +167,17 @@ def test_lambdas_and_devices_read_one_configuration(synthesized):
     (component,) = synthesized.resources("AWS::GreengrassV2::ComponentVersion").values()
     recipe = json.loads(render(component["Properties"]["InlineRecipe"]))
     placeholders = ResourceNames(**{attr: f"<Ref:{lg}>" for attr, lg in refs.items()})
-    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == (
-        recipes.default_configuration(federation, placeholders, region="<Ref:AWS::Region>")
+    assert recipe["ComponentConfiguration"]["DefaultConfiguration"] == {
+        **recipes.default_configuration(federation, placeholders, region="<Ref:AWS::Region>"),
+        "accessControl": recipes.notice_access_control(stack.notice_topic),
+    }
+    # Round notices: the initiator publishes where the devices subscribe.
+    initiator_env = resource_json(synthesized.template_json, stack.rounds.initiator)["Properties"][
+        "Environment"
+    ]["Variables"]
+    assert initiator_env["SFL_NOTICE_TOPIC"] == stack.notice_topic
+    assert recipe["Manifests"][0]["Lifecycle"]["Run"]["Setenv"]["SFL_NOTICE_TOPIC"] == (
+        stack.notice_topic
     )
 
 
