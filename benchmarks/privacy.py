@@ -137,17 +137,17 @@ SETTINGS = {
     ),
     "digits": Setting(
         dataset="digits",
-        task="digits_mlp",
+        task="digits_linear",
         clients=100,
         examples_per_client=0,
         sampling_rate=0.2,
         versions=50,
         local_epochs=1,
         batch_size=5,
-        lr=0.05,
-        clip=1.0,
+        lr=0.1,
+        clip=0.5,
         server="fedavgm",
-        server_params='{"server_lr": 1.0, "server_momentum": 0.9}',
+        server_params='{"server_lr": 0.5, "server_momentum": 0.9}',
     ),
 }
 # A smoke run: a few clients and versions, the same code.
