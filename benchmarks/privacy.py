@@ -3,10 +3,12 @@
     .venv/bin/python benchmarks/privacy.py          # the sweep (~30 min on 2 cores)
     .venv/bin/python benchmarks/privacy.py --quick  # a smoke run (seconds)
         # writes benchmarks/results/privacy.json and privacy.png
+    .venv/bin/python benchmarks/privacy.py --datasets digits --merge  # one dataset again
 
 For each dataset (MNIST IID, 1,000 virtual clients of 60 examples, Poisson sampling q = 0.05;
-digits, see ``SETTINGS``), each target epsilon in {1, 2, 4, 8, inf} at delta = 1/N**1.1 and
-each clipping (fixed, or adaptive to the median as Andrew et al.), one federated run in
+digits, 100 clients, q = 0.2; the models, training and server rule in ``SETTINGS``), each
+target epsilon in {1, 2, 3, 4, 8, inf} at delta = 1/N**1.1 and each clipping (fixed, or
+adaptive to the median as Andrew et al., starting at the fixed clip), one federated run in
 memory, built from the pieces the averager uses: every version, each device joins with
 probability q (Poisson sampling, what the accountant assumes); each joined device trains the
 base model with the task's own training code; its change is clipped (``clip_scale``) and
