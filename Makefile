@@ -18,7 +18,7 @@ PROGRESS_ONLY := sed -u -n -E -e 's/^(Collecting|Downloading|Installing collecte
 export CDK_DISABLE_VERSION_CHECK := 1
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-async bench-robust bench-noniid bench-aggregate bench-compression bench-scale synth checkov deploy destroy constraints clean
+.PHONY: help setup dev demo test lint typecheck pytest fast bench bench-hostile bench-selection bench-async bench-robust bench-noniid bench-privacy bench-aggregate bench-compression bench-scale synth checkov deploy destroy constraints clean
 
 help:
 	@echo "make demo     set up .venv and run the local simulation (10 clients, digits)"
@@ -30,6 +30,7 @@ help:
 	@echo "make bench-async    buffered vs rounds, same devices training at once: time to accuracy (~60 min)"
 	@echo "make bench-robust   every attack x every aggregation rule (digits, 2 of 10 hostile)"
 	@echo "make bench-noniid   FedAvg / FedAvgM / FedAdam / FedProx on one-label and Dirichlet(0.1)"
+	@echo "make bench-privacy  DP-FedAvg: accuracy vs epsilon 1-8/inf, MNIST (1,000 clients) and digits (~30 min)"
 	@echo "make bench-aggregate  our aggregation vs Flower-style vs a streaming sum, N = 10-400 (10 GB disk)"
 	@echo "make bench-compression  bytes per update vs accuracy for each update codec (~20 min)"
 	@echo "make bench-scale    40 MNIST clients, then 1,000 and 10,000 virtual clients; AWS projection"
@@ -121,6 +122,9 @@ bench-robust: setup
 
 bench-noniid: setup
 	$(PY) benchmarks/noniid.py
+
+bench-privacy: setup $(VENV)/.mnist
+	nice -n 10 $(PY) benchmarks/privacy.py
 
 bench-aggregate: setup
 	nice -n 10 $(PY) benchmarks/aggregate.py

@@ -111,6 +111,14 @@ def test_the_split_costs_what_one_release_at_the_total_costs() -> None:
         split_noise(1.0, 0.5)
 
 
+def test_the_bits_noise_the_split_asks_for_is_enough() -> None:
+    # The changes keep some privacy only if 2 x bits > total: the refusal names total / 2,
+    # and any bits' noise above it is accepted.
+    with pytest.raises(ValueError, match=r"must exceed 1\.5\b"):
+        split_noise(3.0, 1.0)
+    assert split_noise(3.0, 1.5001).changes > 0
+
+
 def test_the_adaptive_clip_moves_towards_the_target_quantile() -> None:
     # 10 of 10 within: the clip is too large and shrinks; 0 of 10: it grows; at the target it
     # stays.

@@ -56,7 +56,7 @@ def split_noise(total: float, bits_stddev: float) -> NoiseSplit:
     if remaining <= 0:
         raise ValueError(
             f"the clip bits' noise {bits_stddev} leaves no privacy for the changes at noise "
-            f"multiplier {total}: it must exceed {1.0 / (2.0 * total):.4g}"
+            f"multiplier {total}: it must exceed {total / 2.0:.4g}"
         )
     return NoiseSplit(changes=remaining**-0.5, bits=bits_stddev)
 
