@@ -180,6 +180,20 @@ class FederationEdge(Construct):
             roles=[self.device_role],
         )
 
+    def _notice_statements(self, arn: str) -> list[dict[str, Any]]:
+        """Subscribe to the round notice topic and receive from it; never publish to it (a
+        device that could would wake the whole fleet). None without push."""
+        if not self.notice_topic:
+            return []
+        return [
+            {
+                "Effect": "Allow",
+                "Action": "iot:Subscribe",
+                "Resource": f"{arn}:topicfilter/{self.notice_topic}",
+            },
+            {"Effect": "Allow", "Action": "iot:Receive", "Resource": self.notice_topic_arn},
+        ]
+
     def _device_iot_policy(self, stack: Stack) -> iot.CfnPolicy:
         """The IoT policy a core device's certificate needs: AWS's minimal Greengrass V2 core
         device policy (MQTT on the thing's own topics, shadows, the deployment and artifact
@@ -217,16 +231,7 @@ class FederationEdge(Construct):
                         f"{arn}:topicfilter/{things}/shadow/*",
                     ],
                 },
-                {
-                    "Effect": "Allow",
-                    "Action": "iot:Subscribe",
-                    "Resource": f"{arn}:topicfilter/{self.notice_topic}",
-                },
-                {
-                    "Effect": "Allow",
-                    "Action": "iot:Receive",
-                    "Resource": self.notice_topic_arn,
-                },
+                *self._notice_statements(arn),
                 {
                     "Effect": "Allow",
                     "Action": [

@@ -142,9 +142,15 @@ class FederationStack(Stack):
             else None,
         )
         # Round notices (push): one topic per stack and experiment; the initiator publishes
-        # there, devices subscribe (sfl.core.notices).
-        self.notice_topic = notice_topic(self.stack_name, config.federation.experiment)
-        self.rounds.initiator.add_environment(NOTICE_TOPIC_ENV, self.notice_topic)
+        # there, devices subscribe (sfl.core.notices). Buffered mode publishes no notice for
+        # a pick yet, so its devices poll at their own period: no topic, no grant.
+        self.notice_topic = (
+            ""
+            if config.federation.mode == "buffered"
+            else notice_topic(self.stack_name, config.federation.experiment)
+        )
+        if self.notice_topic:
+            self.rounds.initiator.add_environment(NOTICE_TOPIC_ENV, self.notice_topic)
         self.edge = FederationEdge(
             self,
             "Edge",
@@ -301,8 +307,9 @@ class FederationStack(Stack):
             )
         # Round notices (sfl.server.notices): the account's IoT data endpoint, looked up once
         # per container, then one publish per round on this stack's notice topic alone.
-        _allow(role, ["iot:DescribeEndpoint"], ["*"])
-        _allow(role, ["iot:Publish"], [self.edge.notice_topic_arn])
+        if self.notice_topic:
+            _allow(role, ["iot:DescribeEndpoint"], ["*"])
+            _allow(role, ["iot:Publish"], [self.edge.notice_topic_arn])
         acknowledge_nag(
             role.node.find_child("DefaultPolicy"),
             "AwsSolutions-IAM5[Resource::*]",

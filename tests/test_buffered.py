@@ -288,6 +288,8 @@ def test_a_users_rule_steps_a_buffer_if_it_streams_and_is_refused_if_it_reads_al
     """The user's own rules, written outside the repository and named by import path."""
     (tmp_path / "my_rules.py").write_text(USER_RULES)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Another test's module of the same name may be imported already: this one's is meant.
+    monkeypatch.delitem(sys.modules, "my_rules", raising=False)
     aws, names = stack.clients, stack.names  # type: ignore[attr-defined]
     start = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}
     stack.put_model(0, start)  # type: ignore[attr-defined]

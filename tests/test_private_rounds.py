@@ -248,7 +248,7 @@ def test_a_retry_after_the_record_and_before_the_model_keeps_the_record(
 def test_a_users_own_rule_that_sums_in_shards_runs_with_dp(
     stack: Stack, averager: LocalFunction, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    package = tmp_path / "my_rules"
+    package = tmp_path / "private_rules"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "halfway.py").write_text(
@@ -289,8 +289,8 @@ def test_a_users_own_rule_that_sums_in_shards_runs_with_dp(
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "my_rules", raising=False)
-    _private(stack, aggregation="my_rules.halfway:Halfway")
+    monkeypatch.delitem(sys.modules, "private_rules", raising=False)
+    _private(stack, aggregation="private_rules.halfway:Halfway")
     stack.put_model(0, TINY_MODEL)
     stack.register(*CLIENTS)
 
@@ -298,7 +298,7 @@ def test_a_users_own_rule_that_sums_in_shards_runs_with_dp(
     assert round_.status is RoundState.CLOSED, round_.abandon_reason
     assert round_.summary["privacy"]["versions"] == 1
 
-    stack.config = stack.config.replace(aggregation="my_rules.whole:Whole")
+    stack.config = stack.config.replace(aggregation="private_rules.whole:Whole")
     refused = _run_round(stack, averager, 2)
     assert refused.status is RoundState.ABANDONED
     assert "does not sum in shards" in refused.abandon_reason

@@ -35,7 +35,7 @@ import sys
 import threading
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -721,8 +721,12 @@ def _delete(deployment: Deployment, logical: str, kind: str, resource: dict[str,
         raise AssertionError(f"destroy does not know how CloudFormation deletes a {kind}")
 
 
-def leftovers(aws: Any, stack_name: str) -> dict[str, list[str]]:
-    """Everything of a stack's still in the account, by kind (its names carry the stack's)."""
+def leftovers(aws: Any, stack_name: str, physical: Collection[str] = ()) -> dict[str, list[str]]:
+    """Everything of a stack's still in the account, by kind (its names carry the stack's).
+
+    A KMS key has no name: its description carries the stack name the template was
+    synthesised with, which other deployments of the same app share, so a key counts only if
+    its id is among the deployment's ``physical`` ids."""
     iam = aws.client("iam")
     iot = aws.client("iot")
     found = {
@@ -750,17 +754,19 @@ def leftovers(aws: Any, stack_name: str) -> dict[str, list[str]]:
         "iot policies": [p["policyName"] for p in iot.list_policies()["policies"]],
         "thing groups": [g["groupName"] for g in iot.list_thing_groups()["thingGroups"]],
         # A key scheduled for deletion is gone for every purpose but its waiting period.
-        "kms keys": _usable_keys(aws),
+        "kms keys": _usable_keys(aws, set(physical)),
     }
     lowered = stack_name.lower()
     return {kind: [n for n in names if lowered in n.lower()] for kind, names in found.items()}
 
 
-def _usable_keys(aws: Any) -> list[str]:
-    """Descriptions of the account's KMS keys not pending deletion (ours name the stack)."""
+def _usable_keys(aws: Any, ids: set[str]) -> list[str]:
+    """Descriptions of the KMS keys among ``ids`` not pending deletion (ours name the stack)."""
     kms = aws.client("kms")
     found = []
     for listed in kms.list_keys()["Keys"]:
+        if listed["KeyId"] not in ids and listed["KeyArn"] not in ids:
+            continue
         key = kms.describe_key(KeyId=listed["KeyId"])["KeyMetadata"]
         if key["KeyState"] != "PendingDeletion":
             found.append(str(key.get("Description", "")))

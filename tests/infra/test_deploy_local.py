@@ -470,7 +470,9 @@ def test_destroy_after_a_device_was_installed_leaves_nothing_of_the_stack(
     role_logical = next(lg for lg, p in deployment.physical.items() if p == role)
     assert order.index(cleanup) < min(order.index(policy), order.index(role_logical))
 
-    remaining = leftovers(deployment.aws, deployment.stack_name)
+    remaining = leftovers(
+        deployment.aws, deployment.stack_name, physical=deployment.physical.values()
+    )
     # moto's Lambda, invoked by the S3 notification, logs to /aws/lambda/<name> whatever the
     # function's LoggingConfig says; on AWS the functions log to the stack's own groups.
     remaining["log groups"] = [

@@ -166,14 +166,20 @@ def test_devices_read_models_and_the_assignment(synthesized):
 
 
 def test_devices_write_updates_only_under_their_own_thing_name(synthesized):
-    """Only its own round keys, and only stored so the averager can read them back."""
+    """Only its own round keys, and only stored so the averager can read them back: under
+    the updates key (never SSE-S3 or another key, which others could read)."""
     updates = logical_id(synthesized.stack.storage.updates_bucket)
+    key = logical_id(synthesized.stack.storage.updates_key)
     writes = [s for s in device_statements(synthesized) if "s3:PutObject" in actions_of(s)]
     assert writes == [
         {
             "Action": "s3:PutObject",
             "Condition": {
-                "StringEqualsIfExists": {"s3:x-amz-storage-class": "STANDARD"},
+                "StringEqualsIfExists": {
+                    "s3:x-amz-storage-class": "STANDARD",
+                    "s3:x-amz-server-side-encryption": "aws:kms",
+                    "s3:x-amz-server-side-encryption-aws-kms-key-id": {"Fn::GetAtt": [key, "Arn"]},
+                },
                 "Null": {"s3:x-amz-server-side-encryption-customer-algorithm": "true"},
             },
             "Effect": "Allow",

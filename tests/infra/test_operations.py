@@ -37,13 +37,21 @@ def test_both_functions_trace_actively(synthesized: Synthesized):
         assert props["TracingConfig"] == {"Mode": "Active"}
 
 
-def test_the_only_wildcard_resource_a_function_role_holds_is_x_ray_s(synthesized: Synthesized):
-    """X-Ray's two write actions take no resource but "*"; nothing else rides on it."""
+def test_the_only_wildcard_resources_a_function_role_holds_take_no_other(
+    synthesized: Synthesized,
+):
+    """X-Ray's two write actions, and the initiator's iot:DescribeEndpoint (round notices),
+    take no resource but "*" (IAM's Service Authorization Reference lists no resource type for
+    them); nothing else rides on it."""
     rounds = synthesized.stack.rounds
-    for function in (rounds.initiator, rounds.averager):
+    expected = {
+        rounds.initiator: sorted(["iot:DescribeEndpoint", *XRAY_ACTIONS]),
+        rounds.averager: XRAY_ACTIONS,
+    }
+    for function, actions in expected.items():
         statements = _role_statements(synthesized.template_json, logical_id(function.role))
         wildcard = [s for s in statements if s["Resource"] == "*"]
-        assert wildcard == [{"Action": XRAY_ACTIONS, "Effect": "Allow", "Resource": "*"}]
+        assert wildcard == [{"Action": actions, "Effect": "Allow", "Resource": "*"}]
 
 
 # --- throttle alarms -------------------------------------------------------------------------
