@@ -9,6 +9,7 @@ virtual clients, serving until stopped); leaving the block stops everything it s
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -18,12 +19,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from edge_client.notices import RoundNotices
 from edge_client.settings import ClientSettings
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.core.events import BOOTSTRAP_EVENT, TICK_EVENT
-from sfl.core.notices import notice_topic
+from sfl.core.notices import RoundNotice, notice_topic
 from sfl.core.resources import ROUNDS_TABLE, ResourceNames
 from sfl.local.broker import LocalIotCore
 from sfl.local.dispatcher import S3EventDispatcher
@@ -167,12 +170,59 @@ class LocalFederation:
 
     def _push_through(self, iot_core: LocalIotCore, started: ExitStack) -> None:
         """The initiator publishes its notices to the local broker while the federation runs
-        (the handler module is shared by the process: put back what it had on the way out)."""
+        (the handler module is shared by the process: put back what it had on the way out).
+
+        A round started by an operator's ``sfl start-round`` runs the initiator in the
+        operator's process, which on AWS invokes the function (and so publishes) but locally
+        has no way to this broker: for a round the federation's own initiator did not announce,
+        the federation publishes the notice once the assignment is written, as the deployed
+        initiator would have."""
         module = self.initiator.module
         deployed = module.notice_publisher
-        publisher = iot_core.publisher(self.notice_topic)
+        publish = iot_core.publisher(self.notice_topic)
+        announced: set[tuple[str, int]] = set()
+
+        def publisher(notice: RoundNotice) -> None:
+            announced.add((notice.experiment, notice.round))
+            publish(notice)
+
         setattr(module, "notice_publisher", lambda: publisher)  # noqa: B010
         started.callback(setattr, module, "notice_publisher", deployed)
+        watcher = threading.Thread(
+            target=self._announce_unannounced,
+            args=(publisher, announced),
+            name="round-notices",
+            daemon=True,
+        )
+        watcher.start()
+        started.callback(watcher.join, 10)
+        started.callback(self._stop.set)
+
+    def _announce_unannounced(
+        self, publisher: Callable[[RoundNotice], None], announced: set[tuple[str, int]]
+    ) -> None:
+        """Publish the notice of each newly written rounds-mode assignment not announced yet."""
+        pause = self.aws.feed.waiter(self.names.models_bucket, layout.ASSIGNMENT_KEY, self._stop)
+        s3 = self.aws.clients().s3
+        while not self._stop.is_set():
+            pause(1.0)
+            # The federation's own initiator publishes right after its write: let it first.
+            if self._stop.wait(0.5):
+                return
+            try:
+                body = s3.get_object(Bucket=self.names.models_bucket, Key=layout.ASSIGNMENT_KEY)[
+                    "Body"
+                ].read()
+                written = json.loads(body)
+                notice = RoundNotice(
+                    str(written["experiment"]), int(written["round"]), int(written["base_version"])
+                )
+            except (BotoCoreError, ClientError, KeyError, TypeError, ValueError):
+                continue  # no assignment yet, a buffered one, or the endpoint stopping
+            if written.get("mode") == "buffered" or written.get("status") != "OPEN":
+                continue
+            if (notice.experiment, notice.round) not in announced:
+                publisher(notice)
 
     def __exit__(
         self,
