@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,14 +46,12 @@ from torch import nn
 from sfl.core.privacy import PrivacySettings, default_bits_stddev, default_delta, next_clip
 from sfl.learning.accountant import Release, dp_event, epsilon
 from sfl.learning.rules.aggregation import (
-    AggregationError,
     FedAvg,
     PartialSum,
-    PartialSums,
     build_rule,
 )
 from sfl.learning.rules.bounds import clip_scale, clip_to_bound, model_norm
-from sfl.learning.rules.privacy import private_step, private_sum
+from sfl.learning.rules.privacy import OneRelease, private_step, private_sum
 from sfl.learning.tasks import load_task
 from sfl.learning.tasks.base import ArrayDataset, TrainConfig
 from sfl.learning.tasks.classification import ClassificationTask
@@ -188,29 +186,6 @@ def pld_epsilon(
     accountant = pld_privacy_accountant.PLDAccountant()
     accountant.compose(dp_event([Release(sampling_rate, noise_multiplier)] * versions))
     return float(accountant.get_epsilon(delta))
-
-
-class ReleasedSums(PartialSums):
-    """The ``UpdateSet`` the server rule gets: the released sum as ``PartialSums`` (one
-    shard); the individual updates are not offered, as in a sharded round."""
-
-    def __init__(self, released: PartialSum) -> None:
-        self.released = released
-
-    def partial_sums(self) -> Iterator[PartialSum]:
-        yield self.released
-
-    def stream(self, indices: Sequence[int] | None = None) -> Iterator[Any]:
-        raise AggregationError("DP releases the noised sum only (FedAvg, FedOpt)")
-
-    def chunks(self, max_elements: int = 0) -> Iterator[Any]:
-        raise AggregationError("DP releases the noised sum only (FedAvg, FedOpt)")
-
-    def weights(self) -> list[float]:
-        raise AggregationError("DP releases the noised sum only (FedAvg, FedOpt)")
-
-    def clients(self) -> list[str]:
-        raise AggregationError("DP releases the noised sum only (FedAvg, FedOpt)")
 
 
 def noiseless_step(
@@ -354,7 +329,7 @@ def run(
             released, clip = noiseless_step(
                 summed.partial(), base, norms, setting, clipping, clip, expected
             )
-        result = rule.aggregate(base, ReleasedSums(released), state)
+        result = rule.aggregate(base, OneRelease(released), state)
         assert result is not None
         state = result.state
         model.load_state_dict(result.model)

@@ -16,23 +16,20 @@ paused with the reason; a release that would pass it is refused before anything 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sfl.core.config import FederationConfig
 from sfl.core.privacy import PrivacySettings, default_delta
 from sfl.core.privacy_ledger import PrivacyRecord, over_budget, with_release
 from sfl.learning.accountant import Release, epsilon
 from sfl.learning.rules.aggregation import (
-    AggregationError,
     AggregationRule,
     FedAvg,
-    PartialSum,
-    PartialSums,
     UpdateSet,
 )
-from sfl.learning.rules.privacy import private_step, secret_generator
+from sfl.learning.rules.privacy import OneRelease, private_step, secret_generator
 from sfl.state.rounds import Answer, Round
 
 if TYPE_CHECKING:
@@ -245,25 +242,3 @@ def after_version(ctx: AveragerContext, config: FederationConfig, record: Privac
     if reason:
         ctx.control.pause(config.experiment, now=ctx.clock(), reason=reason)
         logger.warning("privacy budget reached: experiment paused", extra={"reason": reason})
-
-
-class OneRelease(PartialSums):
-    """The DP step's one released sum, handed to a rule that sums in shards."""
-
-    def __init__(self, released: PartialSum) -> None:
-        self.released = released
-
-    def partial_sums(self) -> Iterator[PartialSum]:
-        yield self.released
-
-    def stream(self, indices: Sequence[int] | None = None) -> Iterator[Any]:
-        raise AggregationError("a DP round offers its one noised sum only (FedAvg, FedOpt)")
-
-    def chunks(self, max_elements: int = 0) -> Iterator[Any]:
-        raise AggregationError("a DP round offers its one noised sum only (FedAvg, FedOpt)")
-
-    def weights(self) -> list[float]:
-        raise AggregationError("a DP round offers its one noised sum only (FedAvg, FedOpt)")
-
-    def clients(self) -> list[str]:
-        raise AggregationError("a DP round offers its one noised sum only (FedAvg, FedOpt)")

@@ -14,13 +14,14 @@ update (``keeps_base_value``) and stay the base model's.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from sfl.core.privacy import NoiseSplit, PrivacySettings, next_clip
-from sfl.learning.rules.aggregation import PartialSum
+from sfl.learning.rules.aggregation import AggregationError, PartialSum, PartialSums
 
 
 def secret_generator() -> torch.Generator:
@@ -124,3 +125,26 @@ def private_step(
         learning_rate=settings.clip_learning_rate,
     )
     return PrivateStep(released, clip, following, noise, bits)
+
+
+class OneRelease(PartialSums):
+    """A DP step's one released sum, as the updates a rule that sums in shards receives;
+    the individual updates are never offered (as in a sharded round)."""
+
+    def __init__(self, released: PartialSum) -> None:
+        self.released = released
+
+    def partial_sums(self) -> Iterator[PartialSum]:
+        yield self.released
+
+    def stream(self, indices: Sequence[int] | None = None) -> Iterator[Any]:
+        raise AggregationError("a DP step offers its one noised sum only (FedAvg, FedOpt)")
+
+    def chunks(self, max_elements: int = 0) -> Iterator[Any]:
+        raise AggregationError("a DP step offers its one noised sum only (FedAvg, FedOpt)")
+
+    def weights(self) -> list[float]:
+        raise AggregationError("a DP step offers its one noised sum only (FedAvg, FedOpt)")
+
+    def clients(self) -> list[str]:
+        raise AggregationError("a DP step offers its one noised sum only (FedAvg, FedOpt)")
