@@ -10,12 +10,11 @@ nothing, and the next run abandons it once its grace period is over.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from sfl.core import layout
 from sfl.core.config import DP_SELECTION, FederationConfig
@@ -28,7 +27,13 @@ from sfl.core.selection import (
     sampling_rate,
     select_clients,
 )
+from sfl.server.assignment import (
+    InitiatorResult,
+    published_assignment,
+    train_config,
+)
 from sfl.server.notices import NoticePublisher, announce_round
+from sfl.server.ticketing import issue_tickets
 from sfl.state.aws import AwsClients
 from sfl.state.control import ControlStore, plan_round
 from sfl.state.lineage import LineageStore
@@ -37,30 +42,6 @@ from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Round, RoundState, RoundStore
 
 logger = logging.getLogger(__name__)
-
-# The assignment the initiator reads back to see whether it is current: 10,000 client ids of
-# at most 128 characters are ~1.3 MB; devices accept up to 4 MB.
-MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class InitiatorResult:
-    started: bool
-    round: int | None
-    reason: str
-    selected: tuple[str, ...] = ()
-    open_for_seconds: float | None = None  # age of a round still unfinished, for alarms
-    active_clients: int | None = None  # clients seen recently, when this run counted them
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "started": self.started,
-            "round": self.round,
-            "reason": self.reason,
-            "selected": list(self.selected),
-            "open_for_seconds": self.open_for_seconds,
-            "active_clients": self.active_clients,
-        }
 
 
 def publish_assignment(aws: AwsClients, names: ResourceNames, round_: Round) -> None:
@@ -71,15 +52,9 @@ def publish_assignment(aws: AwsClients, names: ResourceNames, round_: Round) -> 
 def assignment_published(aws: AwsClients, names: ResourceNames, round_: Round) -> bool:
     """Whether the published assignment already names this round (one small GET), so an
     open round's slots are read again only when the assignment is missing or older."""
-    found = ModelStore(aws.s3, names.models_bucket).assignment(None, MAX_ASSIGNMENT_BYTES)
-    if found is None:
-        return False
-    try:
-        published = json.loads(found[0])
-    except ValueError:
-        return False
+    published = published_assignment(ModelStore(aws.s3, names.models_bucket))
     return (
-        isinstance(published, dict)
+        published is not None
         and published.get("experiment") == round_.experiment
         and published.get("round") == round_.round
         and published.get("created_at") == round_.created_at
@@ -88,21 +63,6 @@ def assignment_published(aws: AwsClients, names: ResourceNames, round_: Round) -
 
 def model_exists(aws: AwsClients, names: ResourceNames, version: int) -> bool:
     return ModelStore(aws.s3, names.models_bucket).has_model(version)
-
-
-def train_config(config: FederationConfig, number: int) -> dict[str, object]:
-    """What a device trains round (or ticket) ``number`` with."""
-    return {
-        "task": config.task,
-        "local_epochs": config.local_epochs,
-        "lr": config.lr,
-        "batch_size": config.batch_size,
-        "seed": config.seed + number,
-        "proximal_mu": config.proximal_mu,
-        "update_codec": config.update_codec,
-        "topk_fraction": config.topk_fraction,
-        "min_examples": config.min_examples,
-    }
 
 
 def start_round(
@@ -117,8 +77,6 @@ def start_round(
     buffered mode: issue tickets for the free training places (``sfl.server.ticketing``).
     ``notices``: pushes a round notice once the assignment is written (None: devices poll)."""
     if config.mode == "buffered":
-        from sfl.server.ticketing import issue_tickets
-
         return issue_tickets(aws, names, config, clock=clock)
     rounds = RoundStore(aws.dynamodb, names.rounds_table)
     latest = rounds.latest(config.experiment, slots=False)

@@ -9,7 +9,6 @@ there as it finds a round today (docs/buffered.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -23,7 +22,7 @@ from sfl.core.selection import (
     get_selection_strategy,
     select_clients,
 )
-from sfl.server.initiator import MAX_ASSIGNMENT_BYTES, InitiatorResult, train_config
+from sfl.server.assignment import InitiatorResult, published_assignment, train_config
 from sfl.state.aws import AwsClients
 from sfl.state.buffers import BufferStore, Pool, Ticket
 from sfl.state.control import ControlStore, plan_round
@@ -54,14 +53,8 @@ def buffered_assignment(
 
 
 def _published_generation(models: ModelStore) -> int | None:
-    found = models.assignment(None, MAX_ASSIGNMENT_BYTES)
-    if found is None:
-        return None
-    try:
-        published = json.loads(found[0])
-    except ValueError:
-        return None
-    if isinstance(published, dict) and published.get("mode") == BUFFERED_ASSIGNMENT:
+    published = published_assignment(models)
+    if published is not None and published.get("mode") == BUFFERED_ASSIGNMENT:
         generation = published.get("generation")
         return generation if isinstance(generation, int) else None
     return None
