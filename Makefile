@@ -86,6 +86,7 @@ dev: $(VENV)/.dev node_modules/.installed
 	bash scripts/flwr_oracle.sh
 
 demo: setup
+	mkdir -p runs
 	$(VENV)/bin/sfl simulate --clients 10 --rounds 20 --partition dirichlet --alpha 0.5 --out runs/demo
 
 lint: $(VENV)/.dev
