@@ -43,7 +43,6 @@ from sfl.state.registry import ClientRegistry
 
 logger = logging.getLogger(__name__)
 
-MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 _MAX_EPOCHS = 10_000
 _MAX_BATCH = 1_000_000
 _MAX_PROXIMAL_MU = 1_000.0
@@ -210,8 +209,8 @@ class Assignment:
 
 
 def _assignment_object(body: bytes) -> dict[str, Any]:
-    if len(body) > MAX_ASSIGNMENT_BYTES:
-        raise AssignmentUnreadable(f"{len(body)} bytes, over {MAX_ASSIGNMENT_BYTES}")
+    if len(body) > layout.MAX_ASSIGNMENT_BYTES:
+        raise AssignmentUnreadable(f"{len(body)} bytes, over {layout.MAX_ASSIGNMENT_BYTES}")
     try:
         d = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -371,7 +370,9 @@ class EdgeClient:
         """
         with aws_call("s3", "GetObject"):
             try:
-                found = self.models.assignment(self._assignment_etag, MAX_ASSIGNMENT_BYTES + 1)
+                found = self.models.assignment(
+                    self._assignment_etag, layout.MAX_ASSIGNMENT_BYTES + 1
+                )
             except ClientError as e:
                 if error_code(e) != "AccessDenied" or self._assignment_etag is not None:
                     raise

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 MODELS_PREFIX = "models/global/"
 ASSIGNMENT_KEY = "rounds/current.json"
+# The most of an assignment anyone reads: 10,000 client ids of at most 128 characters are
+# ~1.3 MB; devices and the initiator read up to 4 MB.
+MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 STATE_PREFIX = "state/"
 UPDATES_PREFIX = "updates/"
 # Partial sums of sharded aggregations (sfl.server.shards), in the models bucket.

@@ -12,12 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.state.model_store import ModelStore
-
-# The assignment the initiator reads back to see whether it is current: 10,000 client ids of
-# at most 128 characters are ~1.3 MB; devices accept up to 4 MB.
-MAX_ASSIGNMENT_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,7 +39,7 @@ class InitiatorResult:
 
 def published_assignment(models: ModelStore) -> dict[str, Any] | None:
     """The assignment devices see now, as a JSON object (None: none, or not an object)."""
-    found = models.assignment(None, MAX_ASSIGNMENT_BYTES)
+    found = models.assignment(None, layout.MAX_ASSIGNMENT_BYTES)
     if found is None:
         return None
     try:
