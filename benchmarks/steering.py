@@ -18,7 +18,10 @@ default) and ``clamped_mean`` (each change's component against the others' remov
   orthogonal to the others' sum: what the clamp cannot see) and ``searched`` (the lowest
   of those and of a seeded random search with hill climbing over directions and norms in
   the span of the round's changes, from each named direction: an adaptive attacker who
-  knows every honest update; a local search, so an upper bound on the true worst case).
+  knows every honest update; a local search, so an upper bound on the true worst case),
+  and ``mimic`` (a copy of another device's honest change, the worst such copy): that
+  round could be an honest one, so no rule that averages honest rounds as FedAvg does can
+  keep more of the step than it, whatever it does against the other attacks.
 
 The rules' arithmetic runs on the changes flattened to vectors, with the library's own
 functions (``bounded_weights``, ``norm_bound``, ``clip_scale``, ``clamp_against_others``).
@@ -132,6 +135,12 @@ def worst_steps(
             "orthogonal": -1000.0 * across / across.norm(),
         }
         steps = {k: step_of(rule, attacked(honest, a, v), hostile, d) for k, v in sent.items()}
+        # A copy of another device's change: a round no rule can tell from an honest one.
+        steps["mimic"] = min(
+            step_of(rule, attacked(honest, a, honest[b]), hostile, d)
+            for b in range(len(honest))
+            if b != a
+        )
         lowest = min(steps.values())
         for start in sent.values():  # a hill climb from each named direction
             current, local = start / start.norm(), math.inf
