@@ -55,6 +55,8 @@ def advance(ctx: AveragerContext) -> list[Buffer]:
         if won is None:
             return closed
         summary = _make_version(ctx, won)
+        for figures in ctx.on_version_closing:  # its cost: stored with the close
+            summary.update(figures(ctx, won, summary))
         if not ctx.buffers.close(won, ctx.owner, ctx.clock(), summary):
             return closed  # the lease was taken over meanwhile: the new holder closes it
         # The version is written and the pool has moved past this buffer: its updates are
@@ -101,4 +103,9 @@ def _unchanged(ctx: AveragerContext, won: Buffer, reason: str) -> dict[str, obje
         "buffer made its version unchanged",
         extra={"buffer": won.number, "model_version": won.version, "reason": reason},
     )
-    return {"participants": 0, "unchanged": reason, "model_already_written": kept}
+    return {
+        "participants": 0,
+        "unchanged": reason,
+        "model_already_written": kept,
+        "model_bytes": len(body),
+    }
