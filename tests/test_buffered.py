@@ -435,5 +435,7 @@ def test_a_local_buffered_run_of_devices_at_different_speeds_learns(tmp_path: Pa
     versions = history["rounds"]
     assert [v["model_version"] for v in versions] == [1, 2, 3, 4, 5]
     assert all(v["participants"] == 2 for v in versions)
+    # Each version's estimated dollars, as a round's (docs/buffered.md, "Cost per version").
+    assert all(v["cost"]["usd"] > 0 and v["cost"]["counted"]["members"] == 2 for v in versions)
     assert all(n == 1 for n in history["model_writes"].values())
     assert versions[-1]["accuracy"] > history["initial_accuracy"] + 0.2

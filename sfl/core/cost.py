@@ -174,13 +174,13 @@ class PoolCounts:
     handling_seconds: float = 0.0  # the averager's measured judging time, summed
 
     def since(self, earlier: PoolCounts) -> PoolCounts:
-        """What was counted after ``earlier`` (each counter only grows)."""
-        return PoolCounts(
-            **{
-                f.name: max(0, getattr(self, f.name) - getattr(earlier, f.name))
-                for f in dataclasses.fields(self)
-            }
-        )
+        """What was counted after ``earlier`` (each counter only grows; seconds to the
+        microsecond the pool adds them in)."""
+        values: dict[str, Any] = {
+            f.name: max(f.default, round(getattr(self, f.name) - getattr(earlier, f.name), 6))
+            for f in dataclasses.fields(self)
+        }
+        return PoolCounts(**values)
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -7,7 +7,8 @@ step writes the version once (``If-None-Match``) and the close moves the pool's 
 the same transaction, so a retry finds the version and keeps it. After ``MAX_STEP_ATTEMPTS``
 failed attempts, or with no update readable, the buffer still makes its version: the current
 model written again, with the reason in the buffer's summary, so versions stay contiguous
-and no buffer waits forever.
+and no buffer waits forever. The closing listeners' figures (its cost, ``sfl.server.pricing``)
+are written with the close.
 """
 
 from __future__ import annotations
