@@ -435,6 +435,8 @@ def test_a_local_buffered_run_of_devices_at_different_speeds_learns(tmp_path: Pa
     versions = history["rounds"]
     assert [v["model_version"] for v in versions] == [1, 2, 3, 4, 5]
     assert all(v["participants"] == 2 for v in versions)
+    # Each version's estimated dollars, as a round's (docs/buffered.md, "Cost per version").
+    assert all(v["cost"]["usd"] > 0 and v["cost"]["counted"]["members"] == 2 for v in versions)
     assert all(n == 1 for n in history["model_writes"].values())
     # Which updates fill each buffer depends on timing, so how far 5 versions get varies
     # (0.28 seen on a loaded machine, from 0.10): clearly learning, whatever the schedule.

@@ -168,6 +168,115 @@ def test_the_round_summary_is_the_estimate_and_never_fails_a_round() -> None:
     assert elsewhere["usd"] is None and "mars-1" in elsewhere["unpriced"]
 
 
+# --- usage from a buffered version's figures --------------------------------------------------
+
+#: One version, by hand: since the version before it, two ticketing runs issued 3 tickets
+#: (reading 10 registry items, 0.2 s up to their issue), 3 answers came (2 accepted, 1
+#: refused; 2,500 bytes; 0.6 s of judging) and 1 ticket expired; its step read 2 updates
+#: (1,800 bytes) trained from one version, in 0.4 s, and wrote a 1,000-byte model.
+VERSION = cost.VersionFigures(
+    model_bytes=1_000,
+    counts=cost.PoolCounts(
+        issue_runs=2,
+        issued=3,
+        candidates=10,
+        select_seconds=0.2,
+        answered=3,
+        accepted=2,
+        rejected=1,
+        expired=1,
+        answer_bytes=2_500,
+        handling_seconds=0.6,
+    ),
+    members=2,
+    member_bytes=1_800,
+    base_versions=1,
+    aggregate_seconds=0.4,
+)
+
+
+def test_a_version_counts_each_request_the_buffered_protocol_makes() -> None:
+    """Hand-counted with the default item sizes (a pool item 1 KB, a buffer 1.5 KB, tickets,
+    places and members 500 B, registry items 300 B: one read unit each; transactional
+    writes 2 units per KB)."""
+    a = cost.CostAssumptions()
+    usage = cost.usage_for_version(VERSION, SHAPE, a)
+    # Runs: assignment x 2. Answers: 3 uploads. Step: the version and its lineage.
+    assert usage.s3_put_requests == 2 + 3 + 2
+    # 3 devices x (assignment + model); 3 answers judged; the container's base header
+    # (2 ranges) + base model; the current model, 1 base version, 2 updates; evaluation x 2.
+    assert usage.s3_get_requests == 3 * 2 + 3 + 3 + (1 + 1 + 2) + 2
+    # Runs: (pool x 2, configuration, places x 2, registry 5 x 300 B) x 2 = 12; answers:
+    # (ticket, pool, next buffer) x 3 + (pool, newest buffer) x 2 = 13; registry for 4 ended
+    # tickets = 4; step: buffer x 4, pool, members query = 6.
+    assert usage.dynamodb_rru == 12 + 13 + 4 + 6
+    # Issue: pool 2 x 2 runs + (ticket + place) 2 x 2 x 3 tickets = 16; ends: (ticket,
+    # place, pool) 6 x 4 = 24; accepted: (buffer 4 + member 2) x 2 = 12; registry 4; step:
+    # lease + close (pool 2 + buffer 4) x 2 = 12.
+    assert usage.dynamodb_wru == 16 + 24 + 12 + 4 + 12
+    initiator, averager = usage.lambdas
+    assert (initiator.invocations, averager.invocations) == (2, 3)
+    assert initiator.gb_seconds == pytest.approx(
+        SHAPE.initiator.memory_mb / 1024 * (0.2 + 2 * 0.5 + a.initiator_init_seconds)
+    )
+    assert averager.gb_seconds == pytest.approx(
+        SHAPE.averager.memory_mb / 1024 * (0.6 + 0.4 + a.averager_init_seconds)
+    )
+    assert usage.bytes_out_internet == 3 * (1_000 + a.assignment_bytes)
+    assert usage.bytes_in_internet == 2_500
+    # Judging reads every answer; the step the base (container), current, 1 base and members.
+    assert usage.bytes_s3_to_lambda == 2_500 + 1_000 + 2 * 1_000 + 1_800
+    assert usage.log_bytes == 2 * 2_000 + 3 * 1_500 + 4_000
+    assert usage.s3_gb_months == pytest.approx(2_500 / cost.GB * 30 / cost.DAYS_PER_MONTH)
+
+
+def test_a_version_summary_has_a_rounds_shape_and_what_it_was_charged_with() -> None:
+    figures = cost.RoundFigures(selected=4, accepted=4, model_bytes=10_000)
+    round_summary = cost.round_cost_summary(figures, SHAPE)
+    summary = cost.version_cost_summary(VERSION, SHAPE)
+    assert set(round_summary) <= set(summary)
+    assert set(round_summary["usage"]) == set(summary["usage"])
+    expected = cost.estimate(cost.usage_for_version(VERSION, SHAPE), US_EAST_1)
+    assert summary["usd"] == pytest.approx(expected.total) and summary["usd"] > 0
+    assert summary["counted"]["issued"] == 3 and summary["counted"]["members"] == 2
+    json.dumps(summary)
+
+    elsewhere = cost.version_cost_summary(VERSION, dataclasses.replace(SHAPE, region="mars-1"))
+    assert elsewhere["usd"] is None and "mars-1" in elsewhere["unpriced"]
+    assert elsewhere["usage"] == summary["usage"]  # the units are counted without prices
+
+
+def test_a_buffer_summary_and_the_pool_counts_become_a_versions_figures() -> None:
+    before = cost.PoolCounts(issue_runs=4, issued=9, answered=6, accepted=5, answer_bytes=600)
+    now = dataclasses.replace(
+        before, issue_runs=5, issued=11, answered=9, accepted=7, rejected=1, answer_bytes=950
+    )
+    summary = {
+        "model_bytes": 500,
+        "participants": 2,
+        "excluded": {"d3#12": "unreadable"},
+        "bytes_up": 300,
+        "staleness": {"0": 1, "2": 1},
+        "aggregate_seconds": 0.25,
+        "stateful_rule": True,
+    }
+    figures = cost.figures_from_version(counts=now, previous=before, summary=summary)
+    assert figures == cost.VersionFigures(
+        model_bytes=500,
+        counts=cost.PoolCounts(
+            issue_runs=1, issued=2, answered=3, accepted=2, rejected=1, answer_bytes=350
+        ),
+        members=3,
+        member_bytes=300,
+        base_versions=2,
+        aggregate_seconds=0.25,
+        stateful_rule=True,
+    )
+    # What the summary stores reads back as it was (a missing counter is 0).
+    assert cost.PoolCounts.from_dict(now.to_dict()) == now
+    assert cost.PoolCounts.from_dict({"issued": 3}) == cost.PoolCounts(issued=3)
+
+
 def test_a_function_reads_its_region_and_memory_from_lambdas_environment() -> None:
     shape = cost.StackShape.from_environment(
         {"AWS_REGION": "us-east-1", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "4096"}

@@ -4,6 +4,8 @@ Three steps, each a pure function: ``usage_for_round`` turns what a round measur
 (:class:`RoundFigures`) into counts of billed units (:class:`RoundUsage`); ``estimate``
 prices those counts with the one price table (:mod:`sfl.core.prices`); ``round_cost_summary`` is
 the small dict the averager stores on the round and ``sfl simulate`` writes to history.json.
+Buffered mode's versions take the same three steps (``usage_for_version`` from
+:class:`VersionFigures`, ``version_cost_summary``), sharing every count the two share.
 Torch-free: the averager, the CLI and the tests all import it.
 
 Every count the round does not measure is an assumption named in :class:`CostAssumptions`
@@ -113,6 +115,9 @@ class CostAssumptions:
     answer_bytes: int = 450  # one answer inside the round item (today's protocol)
     answer_item_bytes: int = 500  # one answer in its own item (answers-table protocol)
     client_item_bytes: int = 300  # one registry item, read by the initiator's scan
+    # Buffered mode: a ticket, its training place and a buffer member are answer-sized items.
+    pool_item_bytes: int = 1_000  # the pool: counters and the counts per reason
+    buffer_item_bytes: int = 1_500  # a buffer with its closing summary
     # Where answers live: False (this protocol) = each client's slot item, one
     # TransactWriteItems (answer + counters on the round) per answer; True = inside the round
     # item as before issue #11 (each write rewrote the whole item), kept for comparison.
@@ -148,6 +153,61 @@ class RoundFigures:
     initiator_seconds: float | None = None  # None: measured selection + assumed rest
     select_seconds: float = 0.0
     stateful_rule: bool = False  # FedAdam & co. read and write server state
+
+
+@dataclass(frozen=True)
+class PoolCounts:
+    """What buffered mode's pool has counted since it opened (the pool item's counters, each
+    grown by the write that does the thing it counts): a version is charged with the
+    difference between these at its step and at the step of the version before it."""
+
+    issue_runs: int = 0  # ticketing runs that issued tickets (one issue transaction each)
+    issued: int = 0  # tickets
+    candidates: int = 0  # registry items those runs read
+    select_seconds: float = 0.0  # those runs' measured time up to the issue
+    answered: int = 0  # answers recorded: accepted + rejected + declined
+    accepted: int = 0
+    rejected: int = 0  # judged and refused (too_stale among them)
+    declined: int = 0
+    expired: int = 0  # tickets whose lease passed without an answer
+    answer_bytes: int = 0  # every recorded answer's object
+    handling_seconds: float = 0.0  # the averager's measured judging time, summed
+
+    def since(self, earlier: PoolCounts) -> PoolCounts:
+        """What was counted after ``earlier`` (each counter only grows; seconds to the
+        microsecond the pool adds them in)."""
+        values: dict[str, Any] = {
+            f.name: max(f.default, round(getattr(self, f.name) - getattr(earlier, f.name), 6))
+            for f in dataclasses.fields(self)
+        }
+        return PoolCounts(**values)
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PoolCounts:
+        """Counts as a buffer's summary or the pool item stored them; a counter missing is 0
+        (its default's type: a count or seconds)."""
+        values: dict[str, Any] = {
+            f.name: (float if isinstance(f.default, float) else int)(d.get(f.name) or 0)
+            for f in dataclasses.fields(cls)
+        }
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class VersionFigures:
+    """What one buffered version caused: what the pool counted since the version before
+    it (``counts``) and what its own step read and wrote (its buffer's summary)."""
+
+    model_bytes: int
+    counts: PoolCounts = PoolCounts()
+    members: int = 0  # updates the step read (its buffer's)
+    member_bytes: int = 0  # their bytes
+    base_versions: int = 0  # distinct versions they trained from, each read by the step
+    aggregate_seconds: float = 0.0
+    stateful_rule: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +322,97 @@ def round_item_bytes(selected: int, answers: int, a: CostAssumptions) -> int:
     return size
 
 
+@dataclass
+class _Tally:
+    """Requests, read and write units, bytes and log lines, as a usage function counts them
+    (the parts both modes share add to it)."""
+
+    gets: int = 0
+    puts: int = 0
+    rru: float = 0.0
+    wru: float = 0.0
+    bytes_out: int = 0  # to devices, over the internet
+    bytes_to_lambda: int = 0  # S3 -> the averager, in region
+    log_bytes: int = 0
+
+    def registry_read(self, candidates: int, a: CostAssumptions) -> None:
+        """The initiator reads ``candidates`` registry items (strongly consistent)."""
+        self.rru += max(1, math.ceil(candidates * a.client_item_bytes / _READ_UNIT))
+
+    def devices_picked(
+        self, picks: int, model_bytes: int, measured: int, a: CostAssumptions
+    ) -> None:
+        """Every picked device fetches the assignment and the model once (``measured``: the
+        model bytes they reported downloading, 0 for one model each)."""
+        self.gets += 2 * picks
+        self.bytes_out += (measured or picks * model_bytes) + picks * a.assignment_bytes
+
+    def registry_counted(self, clients: int, a: CostAssumptions) -> None:
+        """Each picked client's pick folded into its registry item (GetItem + UpdateItem)."""
+        self.rru += clients * _rru(a.client_item_bytes)
+        self.wru += clients * _wru(a.client_item_bytes)
+
+    def containers(self, model_bytes: int, a: CostAssumptions) -> None:
+        """Each averager container reads the base model's header (2 ranges) and the model."""
+        self.gets += 3 * a.averager_cold_starts
+        self.bytes_to_lambda += a.averager_cold_starts * model_bytes
+
+    def version_written(self, stateful_rule: bool) -> None:
+        """The new version and its lineage written, the evaluation data read (HEAD + GET);
+        a stateful rule's state read and written beside it."""
+        self.gets += 2
+        self.puts += 2
+        if stateful_rule:
+            self.gets += 1
+            self.puts += 1
+
+    def usage(
+        self,
+        shape: StackShape,
+        a: CostAssumptions,
+        *,
+        initiator_runs: int,
+        initiator_seconds: float,
+        averager_invocations: int,
+        averager_seconds: float,
+        update_bytes: int,
+    ) -> RoundUsage:
+        """The billed units: both functions' runs with the assumed cold starts (none for a
+        function that did not run), the updates kept until they expire, the logs kept."""
+        initiator_colds = a.initiator_cold_starts if initiator_runs else 0
+        averager_colds = a.averager_cold_starts if averager_invocations else 0
+        lambdas = (
+            LambdaUsage(
+                "initiator",
+                shape.initiator.architecture,
+                shape.initiator.memory_mb,
+                initiator_runs,
+                initiator_seconds + initiator_colds * a.initiator_init_seconds,
+            ),
+            LambdaUsage(
+                "averager",
+                shape.averager.architecture,
+                shape.averager.memory_mb,
+                averager_invocations,
+                averager_seconds + averager_colds * a.averager_init_seconds,
+            ),
+        )
+        months_kept = shape.update_expiry_days / DAYS_PER_MONTH
+        return RoundUsage(
+            lambdas=lambdas,
+            s3_put_requests=self.puts,
+            s3_get_requests=self.gets,
+            s3_gb_months=update_bytes / GB * months_kept,  # updates until they expire
+            dynamodb_rru=self.rru,
+            dynamodb_wru=self.wru,
+            log_bytes=self.log_bytes,
+            log_gb_months=self.log_bytes / GB * shape.log_retention_days / DAYS_PER_MONTH,
+            bytes_out_internet=self.bytes_out,
+            bytes_in_internet=update_bytes,
+            bytes_s3_to_lambda=self.bytes_to_lambda,
+        )
+
+
 def usage_for_round(
     figures: RoundFigures, shape: StackShape, assumptions: CostAssumptions | None = None
 ) -> RoundUsage:
@@ -276,60 +427,47 @@ def usage_for_round(
     """
     a = assumptions or CostAssumptions()
     f = figures
+    t = _Tally()
     judged = f.accepted + f.rejected
     events = judged + f.other_rejections
     closing_size = round_item_bytes(f.selected, events, a)
     previous_size = closing_size  # the previous round had the same shape
 
     # --- DynamoDB ---------------------------------------------------------------------------
-    candidates = f.candidates or f.selected
-    rru = _rru(previous_size)  # latest round (query)
-    rru += 1  # runtime configuration (sfl.state.control)
-    rru += max(1, math.ceil(candidates * a.client_item_bytes / _READ_UNIT))  # registry scan
+    t.rru += _rru(previous_size)  # latest round (query)
+    t.rru += 1  # runtime configuration (sfl.state.control)
+    t.registry_read(f.candidates or f.selected, a)
     # Create: ConditionCheck on round n + Put of round n+1, in one transaction.
-    wru = _wru(previous_size, transactional=True) + _wru(
+    t.wru += _wru(previous_size, transactional=True) + _wru(
         round_item_bytes(f.selected, 0, a), transactional=True
     )
     for i in range(events):
         before = round_item_bytes(f.selected, i, a)
-        rru += _rru(before)  # the averager reads the round
+        t.rru += _rru(before)  # the averager reads the round
         if a.answers_in_round_item:
             # An update is billed on the larger of the item before and after it.
-            wru += _wru(round_item_bytes(f.selected, i + 1, a))
+            t.wru += _wru(round_item_bytes(f.selected, i + 1, a))
         else:
-            wru += _wru(a.answer_item_bytes, transactional=True)
-            wru += _wru(round_item_bytes(f.selected, 0, a), transactional=True)
+            t.wru += _wru(a.answer_item_bytes, transactional=True)
+            t.wru += _wru(round_item_bytes(f.selected, 0, a), transactional=True)
     # Aggregation: read the round, take the lease, close with the summary, the evaluation.
-    rru += _rru(closing_size)
-    wru += 3 * _wru(closing_size)
-    # Registry: each selected client's round counted once.
-    rru += f.selected * _rru(a.client_item_bytes)
-    wru += f.selected * _wru(a.client_item_bytes)
+    t.rru += _rru(closing_size)
+    t.wru += 3 * _wru(closing_size)
+    t.registry_counted(f.selected, a)
 
     # --- S3 ---------------------------------------------------------------------------------
-    gets = 1  # initiator: does the base model exist (HEAD)
-    puts = 1  # initiator: the assignment
-    gets += 2 * f.selected  # devices: assignment + model
-    puts += events  # devices: every answer is an upload
-    gets += judged  # averager: each judged update, once to validate
-    gets += 3 * a.averager_cold_starts  # per container: base header (2 ranges) + base model
-    gets += f.accepted  # aggregation reads the accepted updates again
-    gets += 2  # aggregation: evaluation data HEAD + GET
-    puts += 2  # aggregation: the model version and its lineage
-    if f.stateful_rule:
-        gets += 1
-        puts += 1
+    t.gets += 1  # initiator: does the base model exist (HEAD)
+    t.puts += 1  # initiator: the assignment
+    t.devices_picked(f.selected, f.model_bytes, f.bytes_to_devices, a)
+    t.puts += events  # devices: every answer is an upload
+    t.gets += judged  # averager: each judged update, once to validate
+    t.containers(f.model_bytes, a)
+    t.gets += f.accepted  # aggregation reads the accepted updates again
+    t.version_written(f.stateful_rule)
     update_bytes = f.update_bytes or events * f.model_bytes
-    months_kept = shape.update_expiry_days / DAYS_PER_MONTH
-    s3_gb_months = update_bytes / GB * months_kept  # updates until they expire
-    bytes_to_devices = f.bytes_to_devices or f.selected * f.model_bytes
-    bytes_out = bytes_to_devices + f.selected * a.assignment_bytes
     mean_update = update_bytes / events if events else 0.0
-    # Judged updates are read to validate, accepted ones again to aggregate; the base model
-    # once per container.
-    bytes_to_lambda = int(
-        (judged + f.accepted) * mean_update + a.averager_cold_starts * f.model_bytes
-    )
+    # Judged updates are read to validate, accepted ones again to aggregate.
+    t.bytes_to_lambda += int((judged + f.accepted) * mean_update)
 
     # --- Lambda -----------------------------------------------------------------------------
     handling = (
@@ -337,46 +475,96 @@ def usage_for_round(
         if f.update_handling_seconds is not None
         else events * a.update_handling_seconds
     )
-    averager_seconds = (
-        handling + f.aggregate_seconds + a.averager_cold_starts * a.averager_init_seconds
-    )
     initiator_run = (
         f.initiator_seconds
         if f.initiator_seconds is not None
         else f.select_seconds + a.initiator_seconds
     )
-    initiator_seconds = initiator_run + a.initiator_cold_starts * a.initiator_init_seconds
-    lambdas = (
-        LambdaUsage(
-            "initiator",
-            shape.initiator.architecture,
-            shape.initiator.memory_mb,
-            1,
-            initiator_seconds,
-        ),
-        LambdaUsage(
-            "averager",
-            shape.averager.architecture,
-            shape.averager.memory_mb,
-            events + 1,
-            averager_seconds,
-        ),
-    )
-    log_bytes = (
+    t.log_bytes += (
         events * a.log_bytes_per_update + a.log_bytes_per_aggregation + a.log_bytes_per_initiator
     )
-    return RoundUsage(
-        lambdas=lambdas,
-        s3_put_requests=puts,
-        s3_get_requests=gets,
-        s3_gb_months=s3_gb_months,
-        dynamodb_rru=rru,
-        dynamodb_wru=wru,
-        log_bytes=log_bytes,
-        log_gb_months=log_bytes / GB * shape.log_retention_days / DAYS_PER_MONTH,
-        bytes_out_internet=bytes_out,
-        bytes_in_internet=update_bytes,
-        bytes_s3_to_lambda=bytes_to_lambda,
+    return t.usage(
+        shape,
+        a,
+        initiator_runs=1,
+        initiator_seconds=initiator_run,
+        averager_invocations=events + 1,
+        averager_seconds=handling + f.aggregate_seconds,
+        update_bytes=update_bytes,
+    )
+
+
+def usage_for_version(
+    figures: VersionFigures, shape: StackShape, assumptions: CostAssumptions | None = None
+) -> RoundUsage:
+    """The billed units of one buffered version (docs/buffered.md, "Costs"), from what
+    happened since the version before it and its own step.
+
+    Each ticketing run that issued tickets: the pool, the configuration, the registry's
+    active devices, the open tickets (before and after), one issue transaction (the pool and
+    two items a ticket), the assignment written. Every ticket's device fetches the
+    assignment and the model once. Every answer: an upload and one averager invocation that
+    reads the ticket (an accepted one also the pool and the newest buffer), judges the
+    update (one GET), ends the ticket in one transaction (ticket, place, pool; an accepted
+    one also the buffer and its member item), then reads the pool and the next buffer. Every
+    expired ticket: that transaction without the buffer. Every ended ticket: its device's
+    registry item. The step: the lease and the close (two transactions over the pool and the
+    buffer), the members read (query, then each update), the current model and each base
+    version they trained from, the new version, its lineage (and state) and scoring.
+    """
+    a = assumptions or CostAssumptions()
+    f, c = figures, figures.counts
+    t = _Tally()
+    pool_read, buffer_read = _rru(a.pool_item_bytes), _rru(a.buffer_item_bytes)
+    item_read = _rru(a.answer_item_bytes)
+    pool_write = _wru(a.pool_item_bytes, transactional=True)
+    buffer_write = _wru(a.buffer_item_bytes, transactional=True)
+    item_write = _wru(a.answer_item_bytes, transactional=True)
+
+    # --- ticketing --------------------------------------------------------------------------
+    runs = c.issue_runs
+    per_run = math.ceil(c.candidates / runs) if runs else 0
+    for _ in range(runs):
+        t.rru += 2 * pool_read + 1 + 2 * item_read  # pool twice, configuration, places twice
+        t.registry_read(per_run, a)
+    t.wru += runs * pool_write + c.issued * 2 * item_write  # the ticket and its place
+    t.puts += runs  # the assignment, with the OPEN tickets
+    t.log_bytes += runs * a.log_bytes_per_initiator
+    t.devices_picked(c.issued, f.model_bytes, 0, a)
+
+    # --- answers and expiries ---------------------------------------------------------------
+    answered = c.answered
+    t.puts += answered  # devices: every answer is an upload
+    t.gets += answered  # averager: each answer read once to judge it
+    t.rru += answered * (item_read + pool_read + buffer_read)  # ticket; pool + next buffer
+    t.rru += c.accepted * (pool_read + buffer_read)  # which buffer is filling
+    t.wru += (answered + c.expired) * (2 * item_write + pool_write)  # ticket, place, pool
+    t.wru += c.accepted * (buffer_write + item_write)  # the buffer, its member item
+    t.registry_counted(answered + c.expired, a)
+    t.log_bytes += answered * a.log_bytes_per_update
+    update_bytes = c.answer_bytes or answered * f.model_bytes
+    t.bytes_to_lambda += update_bytes
+
+    # --- the step ---------------------------------------------------------------------------
+    t.rru += 4 * buffer_read + pool_read  # the lease's, the previous, after the close; pricing
+    t.rru += max(1, math.ceil(f.members * a.answer_item_bytes / _READ_UNIT))  # members
+    t.wru += 2 * (pool_write + buffer_write)  # the lease, then the close
+    t.containers(f.model_bytes, a)
+    t.gets += 1 + f.base_versions + f.members  # current model, members' bases, the updates
+    t.bytes_to_lambda += (1 + f.base_versions) * f.model_bytes + f.member_bytes
+    t.version_written(f.stateful_rule)
+    t.log_bytes += a.log_bytes_per_aggregation
+
+    handling = c.handling_seconds or answered * a.update_handling_seconds
+    return t.usage(
+        shape,
+        a,
+        initiator_runs=runs,
+        initiator_seconds=c.select_seconds + runs * a.initiator_seconds,
+        # The step runs in the invocation of the answer that filled the buffer, or a tick's.
+        averager_invocations=max(1, answered),
+        averager_seconds=handling + f.aggregate_seconds,
+        update_bytes=update_bytes,
     )
 
 
@@ -470,7 +658,7 @@ def fleet_usage_per_day(
     )
 
 
-# --- the round record's figure (the averager and simulate call this) ----------------------
+# --- the figure a round or a version records (the averager and simulate call these) ---------
 
 
 def round_cost_summary(
@@ -482,9 +670,32 @@ def round_cost_summary(
 
     Never raises for a region without prices: the round must close regardless, so the
     summary then says why it has no dollars (``usd`` None, ``unpriced``)."""
-    usage = usage_for_round(figures, shape, assumptions)
+    return cost_summary(usage_for_round(figures, shape, assumptions), shape.region)
+
+
+def version_cost_summary(
+    figures: VersionFigures,
+    shape: StackShape,
+    assumptions: CostAssumptions | None = None,
+) -> dict[str, Any]:
+    """The cost a buffered version records (its buffer's summary ``cost``, history.json
+    ``cost``): a round's shape, plus ``counted``, what it was charged with."""
+    return {
+        **cost_summary(usage_for_version(figures, shape, assumptions), shape.region),
+        "counted": {
+            **figures.counts.to_dict(),
+            "members": figures.members,
+            "member_bytes": figures.member_bytes,
+            "base_versions": figures.base_versions,
+        },
+    }
+
+
+def cost_summary(usage: RoundUsage, region: str) -> dict[str, Any]:
+    """What a round or a version records of its cost: the billed units and, where the price
+    table has the region, the dollars per line and in all (else ``usd`` None and why)."""
     base: dict[str, Any] = {
-        "region": shape.region,
+        "region": region,
         "prices_read_on": sorted({p.read_on for t in PRICES.values() for p in t.values()}),
         "usage": {
             "lambda_invocations": {f.function: f.invocations for f in usage.lambdas},
@@ -498,10 +709,10 @@ def round_cost_summary(
         },
     }
     try:
-        prices = prices_for(shape.region)
+        prices = prices_for(region)
     except NoPricesError as e:
         return {**base, "usd": None, "items": {}, "unpriced": str(e)}
-    cost = estimate(usage, prices, shape.region)
+    cost = estimate(usage, prices, region)
     return {**base, "usd": cost.total, "items": {k: v for k, v in cost.items.items() if v}}
 
 
@@ -532,4 +743,28 @@ def figures_from_round(
         update_handling_seconds=update_handling_seconds,
         select_seconds=select_seconds,
         stateful_rule=stateful_rule,
+    )
+
+
+def figures_from_version(
+    *,
+    counts: PoolCounts,
+    previous: PoolCounts,
+    summary: Mapping[str, Any],
+) -> VersionFigures:
+    """VersionFigures from a buffer's step summary (``model_bytes``, ``participants``,
+    ``excluded``, ``bytes_up``, ``staleness``, ``aggregate_seconds``, ``stateful_rule`` as
+    ``sfl.server.buffer_step`` writes them) and the pool's counts at this step and at the
+    previous version's."""
+    staleness = summary.get("staleness")
+    excluded = summary.get("excluded")
+    return VersionFigures(
+        model_bytes=int(summary.get("model_bytes", 0)),
+        counts=counts.since(previous),
+        members=int(summary.get("participants") or 0)
+        + (len(excluded) if isinstance(excluded, Mapping) else 0),
+        member_bytes=int(summary.get("bytes_up", 0)),
+        base_versions=len(staleness) if isinstance(staleness, Mapping) else 0,
+        aggregate_seconds=float(summary.get("aggregate_seconds", 0.0)),
+        stateful_rule=bool(summary.get("stateful_rule", False)),
     )

@@ -465,6 +465,7 @@ def version_row(
         "overhead_seconds": None,
         "aggregation_attempts": buffer.attempts,
         "clipped": list(summary.get("clipped", [])),
+        "cost": summary.get("cost"),  # estimated dollars, as a round's (sfl.core.cost)
     }
 
 

@@ -6,8 +6,8 @@ S3 ObjectCreated events (at least once, out of order, possibly concurrent) go to
 ``sfl.server.buffered_answers`` and ``sfl.server.buffered_watchdog`` instead. In rounds mode
 both reach ``sfl.server.transitions`` (quorum, close, abandon), which
 has ``sfl.server.aggregation`` write the next model. The front only wires them: the stores,
-the shard invoker it is given, and who listens for a round's end (its cost, by default; the
-handler adds scoring and the next round).
+the shard invoker it is given, and who listens for a round's or a version's end (its cost, by
+default; the handler adds scoring and the next round).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from sfl.server.context import (
     ClosingListener,
     FinishedListener,
     PlaceFreedListener,
+    VersionClosingListener,
     VersionListener,
 )
-from sfl.server.pricing import price_round
+from sfl.server.pricing import price_round, price_version
 from sfl.server.watchdog import TickOutcome
 from sfl.state.aws import AwsClients
 from sfl.state.model_store import ModelStore
@@ -57,13 +58,15 @@ class Averager:
         invoke_shard: Invoker | None = None,
         on_round_closing: Sequence[ClosingListener] = (price_round,),
         on_round_finished: Sequence[FinishedListener] = (),
+        on_version_closing: Sequence[VersionClosingListener] = (price_version,),
         on_version: Sequence[VersionListener] = (),
         on_place_freed: Sequence[PlaceFreedListener] = (),
     ) -> None:
         """``invoke_shard``: how a large round's shards are summed (``sfl.server.shards``;
         None: in this invocation). ``on_round_closing``: figures stored with a round's close
         (its cost). ``on_round_finished``: told of each round this averager finished.
-        Buffered mode: ``on_version`` is told of each buffer it closed (its version written),
+        Buffered mode: ``on_version_closing``: figures stored with a buffer's close (its
+        cost); ``on_version`` is told of each buffer it closed (its version written),
         ``on_place_freed`` of each ticket it ended."""
         self.context = AveragerContext.build(
             aws,
@@ -74,6 +77,7 @@ class Averager:
             invoke_shard=invoke_shard,
             on_closing=tuple(on_round_closing),
             on_finished=tuple(on_round_finished),
+            on_version_closing=tuple(on_version_closing),
             on_version=tuple(on_version),
             on_place_freed=tuple(on_place_freed),
         )

@@ -235,6 +235,7 @@ def step(ctx: AveragerContext, buffer: Buffer, members: list[Member]) -> Step | 
         "client_loss": _weighted(used, by_label, "loss", 0.0, 1e6),
         "client_accuracy": _weighted(used, by_label, "accuracy", 0.0, 1.0),
         "aggregation": config.aggregation,
+        "stateful_rule": rule.stateful,  # its state was read and written beside the version
         "staleness_weighting": config.staleness_weighting,
         "staleness": {str(t): used_staleness.count(t) for t in sorted(set(used_staleness))},
         "staleness_mean": statistics.fmean(used_staleness) if used_staleness else None,

@@ -13,6 +13,7 @@ is announced (the handler chains the initiator). Only AWS errors raise.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,7 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     )
     if untimely is not None:
         return refuse_other(ctx, number, event, client, *untimely)
+    judging = time.perf_counter()
     answer = judge(
         ctx,
         event,
@@ -85,12 +87,13 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     )
     if answer is None:
         return UpdateOutcome(event.key, UpdateResult.IGNORED, "object_missing", client, number)
+    handled = time.perf_counter() - judging
     try:
-        recorded, answer = record(ctx, ticket, answer)
+        recorded, answer = record(ctx, ticket, answer, handling_seconds=handled)
     except ClientError as e:
         if error_code(e) != "ValidationException":
             raise
-        recorded, answer = record(ctx, ticket, unstorable(answer, e))
+        recorded, answer = record(ctx, ticket, unstorable(answer, e), handling_seconds=handled)
     if recorded.result is AnswerResult.RECORDED:
         level = logging.WARNING if answer.outcome is Outcome.REJECTED else logging.INFO
         logger.log(
@@ -114,14 +117,19 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
     return refuse_other(ctx, number, event, client, "unknown_round", "no such ticket")
 
 
-def record(ctx: AveragerContext, ticket: Ticket, answer: Answer) -> tuple[AnswerOutcome, Answer]:
+def record(
+    ctx: AveragerContext, ticket: Ticket, answer: Answer, *, handling_seconds: float = 0.0
+) -> tuple[AnswerOutcome, Answer]:
     """Record the ticket's answer; an accepted one joins the filling buffer, or is refused
     ``too_stale`` if that buffer's step is more than ``max_staleness`` versions past the
-    ticket's base. Returns the outcome and the answer as recorded."""
+    ticket's base. Returns the outcome and the answer as recorded (the pool counts the
+    ``handling_seconds`` judging it took with it)."""
     store, experiment = ctx.buffers, ctx.config.experiment
     now = ctx.clock()
     if answer.outcome is not Outcome.ACCEPTED:
-        return store.record_answer(ticket, answer, now=now), answer
+        return store.record_answer(
+            ticket, answer, now=now, handling_seconds=handling_seconds
+        ), answer
     for _ in range(MAX_BUFFER_TRIES):
         pool = store.pool(experiment)
         if pool is None:
@@ -144,7 +152,9 @@ def record(ctx: AveragerContext, ticket: Ticket, answer: Answer) -> tuple[Answer
                     f"behind the step it would join (max_staleness={ctx.config.max_staleness})"
                 ),
             )
-            return store.record_answer(ticket, stale, now=now), stale
+            return store.record_answer(
+                ticket, stale, now=now, handling_seconds=handling_seconds
+            ), stale
         outcome = store.record_answer(
             ticket,
             answer,
@@ -152,6 +162,7 @@ def record(ctx: AveragerContext, ticket: Ticket, answer: Answer) -> tuple[Answer
             buffer=number,
             buffer_base=base,
             buffer_size=ctx.config.buffer_size,
+            handling_seconds=handling_seconds,
         )
         if outcome.result is not AnswerResult.BUFFER_FULL:
             return outcome, answer

@@ -7,7 +7,8 @@ step writes the version once (``If-None-Match``) and the close moves the pool's 
 the same transaction, so a retry finds the version and keeps it. After ``MAX_STEP_ATTEMPTS``
 failed attempts, or with no update readable, the buffer still makes its version: the current
 model written again, with the reason in the buffer's summary, so versions stay contiguous
-and no buffer waits forever.
+and no buffer waits forever. The closing listeners' figures (its cost, ``sfl.server.pricing``)
+are written with the close.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def advance(ctx: AveragerContext) -> list[Buffer]:
         if won is None:
             return closed
         summary = _make_version(ctx, won)
+        for figures in ctx.on_version_closing:  # its cost: stored with the close
+            summary.update(figures(ctx, won, summary))
         if not ctx.buffers.close(won, ctx.owner, ctx.clock(), summary):
             return closed  # the lease was taken over meanwhile: the new holder closes it
         # The version is written and the pool has moved past this buffer: its updates are
@@ -101,4 +104,9 @@ def _unchanged(ctx: AveragerContext, won: Buffer, reason: str) -> dict[str, obje
         "buffer made its version unchanged",
         extra={"buffer": won.number, "model_version": won.version, "reason": reason},
     )
-    return {"participants": 0, "unchanged": reason, "model_already_written": kept}
+    return {
+        "participants": 0,
+        "unchanged": reason,
+        "model_already_written": kept,
+        "model_bytes": len(body),
+    }

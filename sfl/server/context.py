@@ -1,7 +1,8 @@
 """What every step of the averager works with, built once per invocation by its front.
 
 The stores, the configuration the function was deployed with, the clock, this invocation's
-identity as an aggregation lease holder, how shards are summed, and who hears of a round's end.
+identity as an aggregation lease holder, how shards are summed, and who hears of a round's or
+a version's end.
 Judging (``answers``), moving rounds on (``transitions``), aggregating (``aggregation``) and
 the watchdog (``watchdog``) take it as their first argument, so none reaches back to the front.
 """
@@ -42,6 +43,9 @@ class Aggregated:
 ClosingListener = Callable[[Round, Aggregated], Mapping[str, Any]]
 #: Hears of a round this invocation finished, CLOSED or ABANDONED (scoring, the next round).
 FinishedListener = Callable[[Round], None]
+#: Buffered mode: hears of a buffer this invocation is closing, its version written, before
+#: the close is written, and returns the figures it adds to the buffer's summary (its cost).
+VersionClosingListener = Callable[["AveragerContext", Buffer, Mapping[str, Any]], Mapping[str, Any]]
 #: Buffered mode: hears of a buffer this invocation closed, its version written (lineage).
 VersionListener = Callable[[Buffer], None]
 #: Buffered mode: hears of a ticket this invocation ended (answered or expired), so a training
@@ -66,6 +70,7 @@ class AveragerContext:
     invoke_shard: Invoker | None = None  # None: every round is aggregated in this invocation
     on_closing: tuple[ClosingListener, ...] = ()
     on_finished: tuple[FinishedListener, ...] = ()
+    on_version_closing: tuple[VersionClosingListener, ...] = ()
     on_version: tuple[VersionListener, ...] = ()
     on_place_freed: tuple[PlaceFreedListener, ...] = ()
 

@@ -109,8 +109,9 @@ def issue_tickets(
     issued: list[Ticket] = []
     active_count: int | None = None
     if free > 0:
+        started = clock()
         active = ClientRegistry(aws.dynamodb, names.clients_table).active(
-            now=clock(), active_window_seconds=config.active_window_seconds
+            now=started, active_window_seconds=config.active_window_seconds
         )
         active_count = len(active)
         busy = {t.client_id for t in training}
@@ -130,13 +131,16 @@ def issue_tickets(
                 rng,
                 SelectionPolicy.from_config(config, number),
             )
+            now = clock()
             issued = store.issue(
                 pool,
                 picks,
                 base_version=pool.version,
                 concurrency=config.concurrency,
-                now=clock(),
+                now=now,
                 lease_seconds=config.round_deadline_seconds,
+                candidates=active_count,
+                select_seconds=now - started,
             )
     current = store.pool(config.experiment) or pool
     if issued or _published_generation(models) != current.next_ticket:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sfl.core import layout
+from sfl.core.cost import PoolCounts
 from sfl.state.dynamo import from_item
 from sfl.state.rounds.records import Answer
 
@@ -47,6 +48,9 @@ class Pool:
     answer_rejections: Mapping[str, int] = field(default_factory=dict)
     answer_declines: Mapping[str, int] = field(default_factory=dict)
     created_at: float = 0.0
+    # Every counter a version's cost is the difference of (``sfl.core.cost``): the issue
+    # transaction grows the ticketing ones, an answer's transaction the answers' bytes and time.
+    counts: PoolCounts = field(default_factory=PoolCounts)
 
     @property
     def next_buffer(self) -> int:
@@ -71,6 +75,7 @@ class Pool:
             answer_rejections={k: int(v) for k, v in d.get("answer_rejections", {}).items()},
             answer_declines={k: int(v) for k, v in d.get("answer_declines", {}).items()},
             created_at=float(d.get("created_at", 0.0)),
+            counts=PoolCounts.from_dict(d),
         )
 
 

@@ -186,10 +186,14 @@ class BufferStore:
         concurrency: int,
         now: float,
         lease_seconds: float,
+        candidates: int = 0,
+        select_seconds: float = 0.0,
     ) -> list[Ticket]:
         """Tickets ``pool.next_ticket``, ... for ``picks``, in one transaction that takes as
         many places, only while the counter is where ``pool`` read it and places are free;
-        [] if another initiator got there first (its tickets stand, these are not made)."""
+        [] if another initiator got there first (its tickets stand, these are not made).
+        The same write counts the run, the ``candidates`` it read and its ``select_seconds``
+        on the pool (what a version's cost is counted from)."""
         picks = list(picks)[:MAX_TICKETS_PER_ISSUE]
         if not picks:
             return []
@@ -211,13 +215,19 @@ class BufferStore:
                 "Update": {
                     "TableName": self._table,
                     "Key": pool_key(pool.experiment),
-                    "UpdateExpression": "SET next_ticket = :next ADD training :m, issued :m",
+                    "UpdateExpression": (
+                        "SET next_ticket = :next ADD training :m, issued :m, issue_runs :one, "
+                        "candidates :candidates, select_seconds :select"
+                    ),
                     "ConditionExpression": "next_ticket = :first AND training <= :room",
                     "ExpressionAttributeValues": {
                         ":next": {"N": str(first + len(picks))},
                         ":first": {"N": str(first)},
                         ":m": {"N": str(len(picks))},
                         ":room": {"N": str(concurrency - len(picks))},
+                        ":one": {"N": "1"},
+                        ":candidates": {"N": str(max(0, int(candidates)))},
+                        ":select": serialize(max(0.0, round(select_seconds, 6))),
                     },
                 }
             }
@@ -268,7 +278,7 @@ class BufferStore:
         ticket: Ticket,
         *,
         status: TicketState,
-        counters: Mapping[str, int],
+        counters: Mapping[str, int | float],
         answer: Answer | None,
         condition: str,
         values: Mapping[str, Any],
@@ -285,7 +295,7 @@ class BufferStore:
         names: dict[str, str] = {}
         pool_values: dict[str, Any] = {
             ":minus_one": {"N": "-1"},
-            **{f":{name}": {"N": str(int(v))} for name, v in counters.items()},
+            **{f":{name}": serialize(v) for name, v in counters.items()},
         }
         if per_reason:
             update = (
@@ -352,20 +362,24 @@ class BufferStore:
         buffer: int | None = None,
         buffer_base: int = 0,
         buffer_size: int = 0,
+        handling_seconds: float = 0.0,
     ) -> AnswerOutcome:
         """Record an OPEN ticket's one answer. An accepted one joins buffer ``buffer`` in the
         same transaction, only while it has room (the buffer is made by the first update
         that joins it, with its base version and size): ``BUFFER_FULL`` when it had none.
-        ``ENDED`` when the ticket was answered or expired before (the ticket as it is)."""
+        ``ENDED`` when the ticket was answered or expired before (the ticket as it is).
+        The pool counts the answer's bytes and the averager's ``handling_seconds`` with it."""
         accepted = answer.outcome is Outcome.ACCEPTED
         if accepted and buffer is None:
             raise ValueError("an accepted answer joins a buffer")
         declined = answer.outcome is Outcome.DECLINED
-        counters = {
+        counters: dict[str, int | float] = {
             "answered": 1,
             "accepted": int(accepted),
             "rejected": int(not accepted and not declined),
             "declined": int(declined),
+            "answer_bytes": max(0, int(answer.size)),
+            "handling_seconds": max(0.0, round(handling_seconds, 6)),
         }
         extra: list[Any] = []
         values: dict[str, Any] = {}
