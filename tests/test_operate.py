@@ -316,11 +316,17 @@ def test_eval_data_upload_refuses_a_bad_set_and_scores_with_a_new_one(
 def test_report_writes_history_and_charts(fleet: LocalFleet, tmp_path: Path) -> None:
     result = sfl_json(fleet, "report", "--out", str(tmp_path / "report"))
     history = json.loads((tmp_path / "report" / "history.json").read_text())
-    assert history["schema"] == "sfl-report-history/1"
+    assert history["schema"] == "sfl-report-history/2"
     assert len(history["models"]) == len(sfl_json(fleet, "models", "list", "--all"))
     records = rounds(fleet).history("default")
     assert [r["round"] for r in history["rounds"]] == [r.round for r in records]
-    assert all(r["cost"]["usd"] > 0 for r in history["rounds"])
+    # Each round's cost is the one its close recorded, not a second estimate.
+    for row, record in zip(history["rounds"], records, strict=True):
+        if record.status is RoundState.CLOSED:
+            assert row["cost"] == json.loads(json.dumps(record.summary["cost"]))
+            assert row["cost"]["usd"] > 0
+        else:
+            assert row["cost"]["usd"] is None and row["cost"]["unpriced"]
     assert [v["version"] for v in history["config_versions"]] == [1, 2, 3, 4, 5]
     names = sorted(Path(p).name for p in result["charts"])
     assert names == [

@@ -1,75 +1,42 @@
 """``sfl report --out DIR``: the federation's history as ``history.json`` and charts.
 
-Cost per round is an estimate from what each round record counts (requests, bytes,
-aggregation time) at list prices (``PRICES``, us-east-1, USD); the bill is the truth.
+Cost per round is the estimate each round's close recorded (``sfl.core.cost``: what the
+round counted, at the region's list prices); the bill is the truth.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sfl.ops import views
 from sfl.ops.actions import config_history
-from sfl.ops.federation import AVERAGER_OUTPUT, Federation
-
-PRICES = {
-    "lambda_request": 0.20 / 1e6,
-    "lambda_gb_second": 0.0000166667,
-    "s3_put": 0.005 / 1000,
-    "s3_get": 0.0004 / 1000,
-    "dynamodb_write": 0.625 / 1e6,
-    "dynamodb_read": 0.125 / 1e6,
-}
-#: Seconds an averager invocation takes to judge one upload (header, checks, two writes).
-JUDGE_SECONDS = 0.3
-
-
-def round_cost(row: dict[str, Any], averager_memory_mb: int) -> dict[str, float]:
-    """An estimate of one round's AWS cost (USD) and what it counts."""
-    uploads = row["answered"] + row["other_uploads"]
-    invocations = uploads + 2  # one per upload, the initiator, the aggregation's share
-    gb = averager_memory_mb / 1024
-    seconds = uploads * JUDGE_SECONDS + float(row.get("aggregate_seconds") or 0.0)
-    s3_puts = uploads + 3  # updates, the model, its lineage, the assignment
-    s3_gets = row["selected"] + 2 * row["accepted"] + 1  # downloads, judge + aggregate, base
-    ddb_writes = 3 * uploads + 4
-    cost = (
-        invocations * PRICES["lambda_request"]
-        + seconds * gb * PRICES["lambda_gb_second"]
-        + s3_puts * PRICES["s3_put"]
-        + s3_gets * PRICES["s3_get"]
-        + ddb_writes * PRICES["dynamodb_write"]
-        + (uploads + 4) * PRICES["dynamodb_read"]
-    )
-    return {
-        "usd": cost,
-        "lambda_invocations": invocations,
-        "lambda_gb_seconds": seconds * gb,
-        "s3_puts": s3_puts,
-        "s3_gets": s3_gets,
-        "dynamodb_writes": ddb_writes,
-    }
-
+from sfl.ops.federation import Federation
 
 #: What ``sfl report``'s ``history.json`` holds (docs/history-json.md); the number grows when
-#: a field changes meaning or goes, not when one is added.
-REPORT_SCHEMA = "sfl-report-history/1"
+#: a field changes meaning or goes, not when one is added. 2: a round's ``cost`` is the one its
+#: close recorded (``sfl.core.cost``), no longer a second estimate made here.
+REPORT_SCHEMA = "sfl-report-history/2"
+
+
+def recorded_cost(record_summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The cost a round's close recorded (region prices, what the round counted); a round
+    with none (abandoned, or closed before rounds were priced) says so instead of a number."""
+    cost = record_summary.get("cost")
+    if isinstance(cost, dict):
+        return cost
+    return {"usd": None, "unpriced": "no cost recorded for this round (abandoned or older)"}
 
 
 def build_history(fed: Federation) -> dict[str, Any]:
-    memory = 128
-    function = fed.outputs.get(AVERAGER_OUTPUT)
-    if function:
-        memory = int(
-            fed.client("lambda").get_function_configuration(FunctionName=function)["MemorySize"]
-        )
     now = time.time()
-    rows = [views.round_row(r, now) for r in views.rounds_of(fed)]
-    for row in rows:
-        row["cost"] = round_cost(row, memory)
+    records = views.rounds_of(fed)
+    rows = [views.round_row(r, now) for r in records]
+    for row, record in zip(rows, records, strict=True):
+        row["cost"] = recorded_cost(record.summary)
     return {
         "schema": REPORT_SCHEMA,
         "stack": fed.stack,
@@ -77,8 +44,6 @@ def build_history(fed: Federation) -> dict[str, Any]:
         "generated_at": now,
         "deployed_config": fed.deployed_config.to_dict(),
         "config_versions": config_history(fed),
-        "averager_memory_mb": memory,
-        "prices_usd": PRICES,
         "rounds": rows,
         "models": views.models(fed, None),
     }
@@ -154,7 +119,7 @@ def plot(history: dict[str, Any], out: Path) -> list[Path]:
     save(fig, "rejections.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(xs, [r["cost"]["usd"] * 100 for r in rows], color="tab:green")
+    ax.bar(xs, [(r["cost"]["usd"] or 0.0) * 100 for r in rows], color="tab:green")
     ax.set(xlabel="round", ylabel="US cents (estimate)", title="cost per round (list prices)")
     save(fig, "cost.png")
     return charts
