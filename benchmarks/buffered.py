@@ -330,6 +330,14 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE``, checked when the configuration takes it (``with_overrides``)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     task = load_task("digits")
@@ -352,6 +360,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 for mode, rule in MODES:
                     # The buffered settings are the federation keys of the same names.
                     config = FederationConfig(selection=rule, seed=seed, **settings.__dict__)
+                    if mode == "buffered":
+                        config = config.with_overrides(dict(args.buffered_set))
                     turnaround = {
                         cid: CLIENT_OVERHEAD_SECONDS
                         + args.train_cost * len(d.train) * config.local_epochs * slowdowns[cid]
@@ -389,7 +399,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "clients": 20,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
-            "buffered": settings.__dict__,
+            "buffered": {**settings.__dict__, **dict(args.buffered_set)},
             "train_seconds_per_example_epoch": args.train_cost,
             "client_overhead_seconds": CLIENT_OVERHEAD_SECONDS,
             "aggregation_seconds": AGGREGATION_SECONDS,
@@ -493,6 +503,16 @@ def main() -> None:
     parser.add_argument("--staleness-weighting", default=Buffered.staleness_weighting)
     parser.add_argument("--staleness-exponent", type=float, default=Buffered.staleness_exponent)
     parser.add_argument("--train-cost", type=float, default=TRAIN_SECONDS_PER_EXAMPLE_EPOCH)
+    parser.add_argument(
+        "--buffered-set",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a federation key for the buffered modes only, e.g. aggregation=fedavgm with "
+        'aggregation_params={"server_lr": 2, "momentum": 0} (a server learning rate); '
+        "rounds keep the defaults",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "buffered.json")
     parser.add_argument(
         "--combine",
