@@ -1,23 +1,26 @@
 """The operator's views of a federation: ``sfl status``, ``rounds``, ``watch``, ``devices``
-and ``report``; each prints a readable view with rich, or JSON with ``--json``."""
+and ``report``; each prints a readable view with rich, or JSON with ``--json``. What reads
+the federation and draws the views is imported when a command runs, not to build the parser.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
-from sfl.core.privacy_ledger import describe as describe_spending
-from sfl.ops import greengrass, views
-from sfl.ops.buffered_view import recent_versions
-from sfl.ops.federation import Federation, OpsError
+from sfl.ops.defaults import DEFAULT_LAST
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from sfl.ops import greengrass
+    from sfl.ops.federation import Federation
 
 
 def _ago(seconds: float) -> str:
@@ -29,6 +32,9 @@ def _ago(seconds: float) -> str:
 
 
 def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.core.privacy_ledger import describe as describe_spending
+    from sfl.ops import views
+
     s = views.status(fed)
     if args.json:
         return s
@@ -115,6 +121,8 @@ def _buffered_status(b: dict[str, Any], out: Console) -> None:
 
 
 def _rounds_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=None, show_lines=False)
     for column, justify in (
         ("round", "right"), ("status", "left"), ("model", "right"), ("cfg", "right"),
@@ -142,9 +150,11 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import views
+
     if fed.deployed_config.mode == "buffered":
         return _versions(fed, args, out)
-    count = None if args.all else (args.last or views.DEFAULT_LAST)
+    count = None if args.all else (args.last or DEFAULT_LAST)
     rows = [views.round_row(r) for r in views.recent_rounds(fed, count)]
     if args.json:
         return rows
@@ -157,7 +167,11 @@ def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 def _versions(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     """``sfl rounds`` in buffered mode: the newest buffers and the versions they made."""
-    rows = recent_versions(fed, 10**6 if args.all else (args.last or views.DEFAULT_LAST))
+    from rich.table import Table
+
+    from sfl.ops.buffered_view import recent_versions
+
+    rows = recent_versions(fed, 10**6 if args.all else (args.last or DEFAULT_LAST))
     if args.json:
         return rows
     if not rows:
@@ -190,6 +204,11 @@ def _versions(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 
 def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    from sfl.ops import greengrass, views
+
     rows = views.devices(fed)
     if args.device:
         rows = [d for d in rows if d["client_id"] in set(args.device)]
@@ -243,6 +262,10 @@ def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[Tex
     """The columns greengrass (the component's version and state, or why there is none),
     since (its last state change) and last error: AWS's words as plain text (never read as
     markup, so they show as they came) and cut."""
+    from rich.text import Text
+
+    from sfl.ops import greengrass
+
     if state.reading is greengrass.Reading.UNKNOWN:
         return Text("unknown", style="yellow"), "-", _cut(state.reason)
     if state.reading is not greengrass.Reading.REPORTED:  # local, none, not read
@@ -269,6 +292,8 @@ def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[Tex
 
 
 def _cut(text: str | None) -> Text:
+    from rich.text import Text
+
     if not text:
         return Text("-")
     return Text(text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 1] + "…")
@@ -278,6 +303,9 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     """Live progress of the open round and accuracy per round, until ``--until-round`` has
     finished, ``--timeout`` passes or Ctrl-C."""
     from rich.progress import BarColumn, Progress, TextColumn
+
+    from sfl.ops import views
+    from sfl.ops.federation import OpsError
 
     deadline = time.time() + args.timeout if args.timeout else None
     shown: set[int] = set()
@@ -350,7 +378,7 @@ def add_parser(sub: Any) -> None:
     shown.add_argument(
         "--last",
         type=whole(1),
-        default=views.DEFAULT_LAST,
+        default=DEFAULT_LAST,
         help="the newest N rounds",
     )
     shown.add_argument("--all", action="store_true", help="every round (reads the history)")
