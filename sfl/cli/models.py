@@ -74,13 +74,13 @@ def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     from sfl.ops import actions
 
     if args.models_action == "list":
-        from rich.table import Table
-
         from sfl.ops import views
 
         rows = views.models(fed, None if args.all else args.last)
         if args.json:
             return rows
+        from rich.table import Table
+
         table = Table()
         for column in ("version", "kind", "parent", "round", "participants", "cfg",
                        "accuracy", "client acc", "written UTC", "promoted"):  # fmt: skip

@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sfl.cli.errors import FAILED, INTERRUPTED, USAGE, fail
 from sfl.ops.defaults import DEFAULT_STACK, STACK_ENV
@@ -31,6 +31,19 @@ def console() -> Console:
     from rich.console import Console
 
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+class FirstUse:
+    """With ``--json``: stands for the console until a command prints through it, then
+    makes it (``console()``), so that a command printing JSON never loads rich."""
+
+    def __init__(self) -> None:
+        self._made: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._made is None:
+            self._made = console()
+        return getattr(self._made, name)
 
 
 def when(ts: float | None) -> str:
@@ -58,7 +71,7 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     from sfl.core.config import ConfigError
     from sfl.ops.federation import OpsError, connect, translated
 
-    out = console()
+    out = cast("Console", FirstUse()) if getattr(args, "json", False) else console()
     try:
         with translated("aws", args.command, args.endpoint):
             fed = connect(
