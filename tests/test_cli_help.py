@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,8 @@ INTERNAL = re.compile(
 )
 #: Where every line the CLI and the operator's tools print is written.
 USER_FACING = ("sfl/cli", "sfl/ops")
+#: What loads when a command runs that needs it, never to parse a command line.
+HEAVY = ("boto3", "botocore", "awscrt", "rich", "torch", "numpy", "moto")
 
 
 def parsers(
@@ -119,3 +123,26 @@ def test_the_first_pages_speak_the_users_language(doc: str) -> None:
     for number, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
         found = INTERNAL.search(line)
         assert found is None, f"{doc}:{number} says {found.group(0)!r}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["status", "--help"]])
+def test_the_command_line_starts_without_the_aws_sdk_rich_or_torch(argv: list[str]) -> None:
+    """Every command starts by building every parser: what only some commands use (the AWS
+    SDK, rich, torch) is imported when one of those runs, so ``sfl --help`` and
+    ``sfl --version`` stay quick."""
+    code = (
+        "import sys\n"
+        "from sfl.cli.main import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip(), "it printed nothing"
+    loaded = set(done.stderr.split())
+    assert "sfl" in loaded
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))

@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from sfl.core.deployment import FEDERATION_CONTEXT_KEY, context_mapping
-
 
 def import_from(app: Path) -> None:
     """Put the app's folder first on the import path, for this process and its children
@@ -25,6 +23,8 @@ def import_from(app: Path) -> None:
 def federation_keys(app: Path, *, skip: frozenset[str] = frozenset()) -> dict[str, tuple[str, str]]:
     """The app's ``cdk.json`` context ``sfl`` as text keyed like ``--set`` (key -> (text,
     where)), minus ``skip``; the app's folder becomes importable. No cdk.json: nothing."""
+    from sfl.core.deployment import FEDERATION_CONTEXT_KEY, context_mapping
+
     cdk_json = app / "cdk.json"
     if not cdk_json.is_file():
         return {}

@@ -2,7 +2,8 @@
 unset | history`` change a running federation's configuration between rounds.
 
 Also how every command takes configuration keys: ``--set KEY=VALUE``, checked by the one
-settings machinery (:mod:`sfl.core.settings`) with its wording.
+settings machinery (:mod:`sfl.core.settings`) with its wording. What checks and changes the
+configuration is imported when a command runs, not to build the parser.
 """
 
 from __future__ import annotations
@@ -10,21 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterable
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.operator import connection_flags, run, when
-from sfl.core import params as rule_params
-from sfl.core import task_params
-from sfl.core.config import ConfigError, describe
-from sfl.ops import actions
-from sfl.ops.federation import Federation
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sfl.ops.federation import Federation
 
 
 def config_pairs(items: Iterable[str], *, flag: str = "--set") -> tuple[tuple[str, str], ...]:
     """``KEY=VALUE`` items as (key, text) pairs; the values are parsed where they are used."""
+    from sfl.core.config import ConfigError
+
     pairs = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -45,6 +45,10 @@ def add_set_flag(p: argparse._ActionsContainer) -> None:
 
 
 def _reference(args: argparse.Namespace) -> int:
+    from sfl.core import params as rule_params
+    from sfl.core import task_params
+    from sfl.core.config import describe
+
     rows = describe()
     if args.json:
         print(
@@ -66,6 +70,11 @@ def _reference(args: argparse.Namespace) -> int:
 
 
 def _config_action(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from rich.table import Table
+
+    from sfl.core.config import ConfigError
+    from sfl.ops import actions
+
     if args.action == "show":
         shown = actions.config_show(fed)
         if args.json:

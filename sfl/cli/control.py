@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.args import existing_file
 from sfl.cli.operator import NothingDone, command
-from sfl.ops import actions
-from sfl.ops.federation import Federation
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sfl.ops.federation import Federation
 
 
 def _pause(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import actions
+
     result = actions.pause(fed, args.reason)
     if args.json:
         return result
@@ -23,6 +26,8 @@ def _pause(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 
 def _resume(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import actions
+
     result = actions.resume(fed)
     if args.json:
         return result
@@ -31,6 +36,8 @@ def _resume(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 
 def _start_round(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import actions
+
     result = actions.start_round(fed)
     if not result.get("started"):
         raise NothingDone(
@@ -47,6 +54,8 @@ def _start_round(fed: Federation, args: argparse.Namespace, out: Console) -> Any
 
 
 def _eval_data(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import actions
+
     result = actions.eval_upload(fed, task=args.task, path=args.file)
     if args.json:
         return result

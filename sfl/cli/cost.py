@@ -1,23 +1,28 @@
 """``sfl cost``: the estimated AWS cost per round, of the idle stack and of the fleet, from
-the stack's shape in ``cdk.json`` (docs/cost.md). The cost model is :mod:`sfl.core.cost`."""
+the stack's shape in ``cdk.json`` (docs/cost.md). The cost model is :mod:`sfl.core.cost`,
+imported when the command runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.args import number, whole
-from sfl.core import cost
-from sfl.core.cost import StackShape
-from sfl.core.deployment import StackConfig
-from sfl.core.lambda_shapes import FunctionShape
+
+if TYPE_CHECKING:
+    from sfl.core.cost import StackShape
 
 
 def _stack_shape(args: argparse.Namespace) -> StackShape:
     """The stack's shape from cdk.json (both context keys, checked as 'cdk synth' checks
     them), or the stack's defaults when there is no cdk.json."""
+    from sfl.core import cost
+    from sfl.core.cost import StackShape
+    from sfl.core.deployment import StackConfig
+    from sfl.core.lambda_shapes import FunctionShape
+
     region = args.region or cost.stack_region()
     push = not args.polling
     if args.cdk_json is None or not args.cdk_json.exists():
@@ -50,6 +55,8 @@ def _model_bytes(args: argparse.Namespace) -> int:
 
 
 def _cost(args: argparse.Namespace) -> int:
+    from sfl.core import cost
+
     accepted = args.clients if args.accepted is None else args.accepted
     if accepted > args.clients:
         raise ValueError(f"--accepted {accepted} is more than --clients {args.clients}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.config import add_set_flag, config_pairs
-from sfl.ops.federation import DEFAULT_STACK
+from sfl.ops.defaults import DEFAULT_STACK
 
 
 def _local_up(args: argparse.Namespace) -> int:

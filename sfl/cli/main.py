@@ -4,12 +4,15 @@ operator's commands on a running federation, recipes and cost.
 One tree: this module builds the root parser and dispatches; each command group is a module
 of :mod:`sfl.cli` with an ``add_parser(subparsers)``. Configuration keys are set with
 ``--set KEY=VALUE`` (:mod:`sfl.cli.config`).
+
+Every command starts by building the whole tree, so a group module imports at its top only
+what its parsers need; what a command does (boto3, rich, torch, the stores) is imported when
+it runs. ``sfl --help`` and ``sfl --version`` load none of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -53,10 +56,26 @@ GROUPS = (
 
 
 def version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
         return "unknown (not installed)"
+
+
+class VersionAction(argparse._VersionAction):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        self.version = f"sfl {version()}"
+        super().__call__(parser, namespace, values, option_string)
 
 
 def says_its_default(action: argparse.Action) -> bool:
@@ -104,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 failed (or did nothing of what was asked), 2 a usage or "
         "configuration mistake, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"sfl {version()}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parser(sub)

@@ -3,7 +3,8 @@
 ``init --from FILE`` starts a federation from the user's own weights: the file (safetensors,
 or a state dict read with ``torch.load(weights_only=True)``) is checked against the deployed
 task's model and written as version 0, before any round, its lineage naming the file and
-its SHA-256. The same boto3 calls reach AWS and the local endpoint (``--endpoint``).
+its SHA-256. The same boto3 calls reach AWS and the local endpoint (``--endpoint``). What
+reads and writes the versions is imported when a command runs, not to build the parser.
 """
 
 from __future__ import annotations
@@ -11,23 +12,25 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.args import output_path, whole
 from sfl.cli.operator import NothingDone, command, connection_flags, num, when
-from sfl.ops import actions, views
-from sfl.ops.federation import Federation, OpsError
-from sfl.state.lineage import LineageStore
-from sfl.state.rounds import RoundStore
+from sfl.ops.defaults import DEFAULT_LAST
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sfl.ops.federation import Federation
 
 
 def _start_from(fed: Federation, path: Path, *, replace: bool) -> dict[str, Any]:
     """The user's weights in ``path`` become model version 0, if no round has started."""
     from sfl.learning.tasks import load_task
     from sfl.learning.weights import WeightsError, read_weights
+    from sfl.ops.federation import OpsError
+    from sfl.state.lineage import LineageStore
+    from sfl.state.rounds import RoundStore
 
     config = fed.deployed_config
     rounds = RoundStore(fed.aws.dynamodb, fed.names.rounds_table)
@@ -68,10 +71,16 @@ def _start_from(fed: Federation, path: Path, *, replace: bool) -> dict[str, Any]
 
 
 def _models(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import actions
+
     if args.models_action == "list":
+        from sfl.ops import views
+
         rows = views.models(fed, None if args.all else args.last)
         if args.json:
             return rows
+        from rich.table import Table
+
         table = Table()
         for column in ("version", "kind", "parent", "round", "participants", "cfg",
                        "accuracy", "client acc", "written UTC", "promoted"):  # fmt: skip
@@ -134,7 +143,7 @@ def add_parser(sub: Any) -> None:
     count.add_argument(
         "--last",
         type=whole(1),
-        default=views.DEFAULT_LAST,
+        default=DEFAULT_LAST,
         help="the newest N versions",
     )
     count.add_argument("--all", action="store_true", help="every version (lists the bucket)")

@@ -2,7 +2,8 @@
 output as a rich view or JSON, and a failure as one line on stderr.
 
 Each command finds the federation (``sfl.ops.federation.connect``); a failure to connect is
-one clear line and exit code 1, a bad configuration value exit code 2.
+one clear line and exit code 1, a bad configuration value exit code 2. Registering a command
+imports neither boto3 nor rich: they load when a command runs (rich only to print a view).
 """
 
 from __future__ import annotations
@@ -12,20 +13,37 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Any, cast
 
 from sfl.cli.errors import FAILED, INTERRUPTED, USAGE, fail
-from sfl.core.config import ConfigError
-from sfl.ops.federation import DEFAULT_STACK, STACK_ENV, Federation, OpsError, connect, translated
+from sfl.ops.defaults import DEFAULT_STACK, STACK_ENV
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sfl.ops.federation import Federation
 
 #: A command's body: returns JSON-able data to print, or None when it printed its own view.
-Handler = Callable[[Federation, argparse.Namespace, Console], Any]
+Handler = Callable[["Federation", argparse.Namespace, "Console"], Any]
 
 
 def console() -> Console:
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+class FirstUse:
+    """With ``--json``: stands for the console until a command prints through it, then
+    makes it (``console()``), so that a command printing JSON never loads rich."""
+
+    def __init__(self) -> None:
+        self._made: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._made is None:
+            self._made = console()
+        return getattr(self._made, name)
 
 
 def when(ts: float | None) -> str:
@@ -50,7 +68,10 @@ class NothingDone(Exception):
 def run(handler: Handler, args: argparse.Namespace) -> int:
     """Connect, run one command, print; a failure is one line on stderr and exit code 1
     (2 for a configuration mistake)."""
-    out = console()
+    from sfl.core.config import ConfigError
+    from sfl.ops.federation import OpsError, connect, translated
+
+    out = cast("Console", FirstUse()) if getattr(args, "json", False) else console()
     try:
         with translated("aws", args.command, args.endpoint):
             fed = connect(

@@ -14,12 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sfl.cli.app import federation_keys
 from sfl.cli.args import existing_file, number, output_path, share, whole
 from sfl.cli.config import add_set_flag, config_pairs
 from sfl.cli.dataset import partition_flags
 from sfl.core import plugins
-from sfl.core.config import FederationConfig
 from sfl.local.attacks import ATTACKS
 
 #: The configuration keys that also shape the simulation -> the ``SimulationOptions`` field
@@ -49,6 +47,9 @@ DEVICE_TIMING_KEYS = frozenset({"round_soft_deadline_seconds", "round_deadline_s
 def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
     """Every configuration key the run sets: key -> (text, where it was set); the app's
     cdk.json first, then the aliases, so a ``--set`` of the same key wins."""
+    from sfl.cli.app import federation_keys
+    from sfl.core.config import FederationConfig
+
     given = federation_keys(args.app, skip=DEVICE_TIMING_KEYS)
     given.update(
         {
@@ -68,6 +69,7 @@ def config_keys(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from sfl.core.config import FederationConfig
     from sfl.learning.tasks import configured_task
     from sfl.local.simulate import SimulationError, SimulationOptions, run_simulation
 

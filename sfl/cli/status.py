@@ -1,23 +1,28 @@
 """The operator's views of a federation: ``sfl status``, ``rounds``, ``watch``, ``devices``
-and ``report``; each prints a readable view with rich, or JSON with ``--json``."""
+and ``report``; each prints a readable view with rich, or JSON with ``--json``. What reads
+the federation and draws the views is imported when a command runs, not to build the parser.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from sfl.cli.args import number, output_path, whole
 from sfl.cli.operator import command, num, when
-from sfl.core.privacy_ledger import describe as describe_spending
-from sfl.ops import greengrass, views
-from sfl.ops.buffered_view import recent_versions
-from sfl.ops.federation import Federation, OpsError
+from sfl.ops.defaults import DEFAULT_LAST
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+    from rich.text import Text
+
+    from sfl.ops import greengrass
+    from sfl.ops.federation import Federation
 
 
 def _ago(seconds: float) -> str:
@@ -29,6 +34,9 @@ def _ago(seconds: float) -> str:
 
 
 def _status(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.core.privacy_ledger import describe as describe_spending
+    from sfl.ops import views
+
     s = views.status(fed)
     if args.json:
         return s
@@ -115,6 +123,8 @@ def _buffered_status(b: dict[str, Any], out: Console) -> None:
 
 
 def _rounds_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(title=None, show_lines=False)
     for column, justify in (
         ("round", "right"), ("status", "left"), ("model", "right"), ("cfg", "right"),
@@ -142,9 +152,11 @@ def _rounds_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import views
+
     if fed.deployed_config.mode == "buffered":
         return _versions(fed, args, out)
-    count = None if args.all else (args.last or views.DEFAULT_LAST)
+    count = None if args.all else (args.last or DEFAULT_LAST)
     rows = [views.round_row(r) for r in views.recent_rounds(fed, count)]
     if args.json:
         return rows
@@ -157,12 +169,16 @@ def _rounds(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 def _versions(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     """``sfl rounds`` in buffered mode: the newest buffers and the versions they made."""
-    rows = recent_versions(fed, 10**6 if args.all else (args.last or views.DEFAULT_LAST))
+    from sfl.ops.buffered_view import recent_versions
+
+    rows = recent_versions(fed, 10**6 if args.all else (args.last or DEFAULT_LAST))
     if args.json:
         return rows
     if not rows:
         out.print("no buffers yet")
         return None
+    from rich.table import Table
+
     table = Table(title=None, show_lines=False)
     for column in (
         "buffer",
@@ -190,6 +206,8 @@ def _versions(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
 
 
 def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
+    from sfl.ops import greengrass, views
+
     rows = views.devices(fed)
     if args.device:
         rows = [d for d in rows if d["client_id"] in set(args.device)]
@@ -203,6 +221,9 @@ def _devices(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     if not rows:
         out.print("no such device" if args.device else "no devices yet")
         return None
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table()
     table.add_column("device", no_wrap=True)
     for column in ("active", "last seen", "turnaround s", "picked", "answered", "missed",
@@ -243,6 +264,10 @@ def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[Tex
     """The columns greengrass (the component's version and state, or why there is none),
     since (its last state change) and last error: AWS's words as plain text (never read as
     markup, so they show as they came) and cut."""
+    from rich.text import Text
+
+    from sfl.ops import greengrass
+
     if state.reading is greengrass.Reading.UNKNOWN:
         return Text("unknown", style="yellow"), "-", _cut(state.reason)
     if state.reading is not greengrass.Reading.REPORTED:  # local, none, not read
@@ -269,6 +294,8 @@ def _greengrass_cells(state: greengrass.ComponentState, now: float) -> tuple[Tex
 
 
 def _cut(text: str | None) -> Text:
+    from rich.text import Text
+
     if not text:
         return Text("-")
     return Text(text if len(text) <= LAST_ERROR_CHARS else text[: LAST_ERROR_CHARS - 1] + "…")
@@ -277,40 +304,38 @@ def _cut(text: str | None) -> Text:
 def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
     """Live progress of the open round and accuracy per round, until ``--until-round`` has
     finished, ``--timeout`` passes or Ctrl-C."""
-    from rich.progress import BarColumn, Progress, TextColumn
+    from sfl.ops import views
+    from sfl.ops.federation import OpsError
 
     deadline = time.time() + args.timeout if args.timeout else None
     shown: set[int] = set()
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[deadline]}"), console=out, transient=not args.json,
-        disable=args.json,
-    )  # fmt: skip
+    # A line of JSON per finished round, or a live bar per open round (rich).
+    progress = None if args.json else _progress(out)
     task_ids: dict[int, Any] = {}
     # What came before: the newest --history finished rounds are shown, older ones never read.
     window = args.history + 2
     history = views.recent_rounds(fed, window)  # two reads by key a look
     finished = [r.round for r in history if r.status.finished]
     shown.update(finished[: -args.history] if args.history else finished)
-    with progress:
+    with progress if progress is not None else contextlib.nullcontext():
         while True:
             now = time.time()
             for r in history:
                 row = views.round_row(r, now)
                 if r.status.finished and r.round not in shown:
                     shown.add(r.round)
+                    if progress is None:
+                        print(json.dumps(row, default=str, sort_keys=True), flush=True)
+                        continue
                     if r.round in task_ids:
                         progress.remove_task(task_ids.pop(r.round))
-                    if args.json:
-                        print(json.dumps(row, default=str, sort_keys=True), flush=True)
-                    else:
-                        progress.console.print(
-                            f"round {r.round} {row['status']}: {row['accepted']}/{row['selected']}"
-                            f" accepted, {row['duration_seconds']:.1f} s, accuracy "
-                            f"{num(row['accuracy'])} (clients {num(row['client_accuracy'])})"
-                            + (f", {row['abandon_reason']}" if row["abandon_reason"] else "")
-                        )
-                elif not r.status.finished and not args.json:
+                    progress.console.print(
+                        f"round {r.round} {row['status']}: {row['accepted']}/{row['selected']}"
+                        f" accepted, {row['duration_seconds']:.1f} s, accuracy "
+                        f"{num(row['accuracy'])} (clients {num(row['client_accuracy'])})"
+                        + (f", {row['abandon_reason']}" if row["abandon_reason"] else "")
+                    )
+                elif not r.status.finished and progress is not None:
                     left = f"deadline in {max(0.0, r.deadline_at - now):.0f} s"
                     if r.round not in task_ids:
                         task_ids[r.round] = progress.add_task(
@@ -329,6 +354,16 @@ def _watch(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
                 )
             time.sleep(args.interval)
             history = views.recent_rounds(fed, window)
+
+
+def _progress(out: Console) -> Progress:
+    """``watch``'s live bars: one per open round, gone once it finishes."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[deadline]}"), console=out, transient=True,
+    )  # fmt: skip
 
 
 def _report(fed: Federation, args: argparse.Namespace, out: Console) -> Any:
@@ -350,7 +385,7 @@ def add_parser(sub: Any) -> None:
     shown.add_argument(
         "--last",
         type=whole(1),
-        default=views.DEFAULT_LAST,
+        default=DEFAULT_LAST,
         help="the newest N rounds",
     )
     shown.add_argument("--all", action="store_true", help="every round (reads the history)")

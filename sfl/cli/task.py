@@ -9,19 +9,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sfl.cli.app import import_from
-from sfl.core.config import CONTEXT_KEY as FEDERATION_KEY
-from sfl.core.config import FederationConfig
-from sfl.core.deployment import CONTEXT_KEY as INFRA_KEY
-from sfl.core.deployment import InfraConfig, context_mapping, size_averager
-
 if TYPE_CHECKING:
     import torch
+
+    from sfl.core.config import FederationConfig
+    from sfl.core.deployment import InfraConfig
 
 
 def _configs(cdk_json: Path) -> tuple[FederationConfig, InfraConfig]:
     """The project's federation and stack settings, or the defaults without a cdk.json."""
     import json
+
+    from sfl.core.config import CONTEXT_KEY as FEDERATION_KEY
+    from sfl.core.config import FederationConfig
+    from sfl.core.deployment import CONTEXT_KEY as INFRA_KEY
+    from sfl.core.deployment import InfraConfig, context_mapping
 
     if not cdk_json.exists():
         return FederationConfig(), InfraConfig()
@@ -43,6 +45,8 @@ def _device_check(body: bytes, state: Mapping[str, torch.Tensor]) -> str:
 
 
 def _averager_check(federation: FederationConfig, infra: InfraConfig) -> Any:
+    from sfl.core.deployment import size_averager
+
     def check(body: bytes, state: Mapping[str, torch.Tensor]) -> str:
         size = size_averager(federation, infra.replace(model_bytes=len(body)))
         return (
@@ -54,6 +58,7 @@ def _averager_check(federation: FederationConfig, infra: InfraConfig) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from sfl.cli.app import import_from
     from sfl.learning.tasks.check import check_task
 
     federation, infra = _configs(args.cdk_json)

@@ -27,10 +27,10 @@ from sfl.core.config import FederationConfig
 from sfl.learning.splits import default_client_ids, write_client_splits
 from sfl.learning.tasks import configured_task
 from sfl.local.federation import LocalFederation
+from sfl.ops.defaults import DEFAULT_STACK
 from sfl.ops.federation import (
     ALARMS_OUTPUT,
     AVERAGER_OUTPUT,
-    DEFAULT_STACK,
     INITIATOR_OUTPUT,
     LOCAL_OUTPUT,
     OUTPUT_NAMES,

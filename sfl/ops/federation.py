@@ -31,11 +31,8 @@ from botocore.exceptions import (
 from sfl.core.config import FederationConfig
 from sfl.core.resources import ResourceNames
 from sfl.ops import local_endpoint
+from sfl.ops.defaults import DEFAULT_STACK, STACK_ENV
 from sfl.state.aws import RETRY_CONFIG, AwsClients, error_code
-
-#: The stack ``make deploy`` creates (``sfl_infra.stack_prefix`` "Sfl" + "-Federation").
-DEFAULT_STACK = "Sfl-Federation"
-STACK_ENV = "SFL_STACK"
 
 #: Stack outputs the commands read (the stack and local mode both provide them).
 OUTPUT_NAMES = {

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from sfl.core.liveness import HISTORY_PICKS, recent_misses
 from sfl.ops.buffered_view import pool_status
+from sfl.ops.defaults import DEFAULT_LAST
 from sfl.ops.federation import Federation
 from sfl.state.control import ControlStore
 from sfl.state.lineage import PARALLEL_READS, LineageStore, ModelLineage, lineage_of_round
@@ -23,8 +24,6 @@ EVERYONE_SECONDS = 10.0**10
 #: round 10 and round 10,000.
 STATUS_ROUNDS = 100
 DEVICE_ROUNDS = 20
-#: What ``rounds`` and ``models list`` show unless asked for more.
-DEFAULT_LAST = 20
 #: What ``round_row`` reads of a round item (``summary.x``: only that key of its summary):
 #: a round's configuration and its aggregation's report on each client stay where they are.
 ROW_SUMMARY = (
