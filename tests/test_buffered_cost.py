@@ -27,6 +27,7 @@ from sfl.state.buffers import BufferState, BufferStore, Ticket, TicketState
 from sfl.state.model_store import ModelStore
 from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome
+from tests.test_buffered import _wait
 
 
 def _heartbeat(aws: Any, table: str, *ids: str, now: float) -> None:
@@ -47,15 +48,6 @@ def _update(models: ModelStore, ticket: Ticket, shift: float) -> bytes:
         metrics={"loss": 1.0, "accuracy": 0.5},
     )
     return codec.encode(trained, meta.to_header())
-
-
-def _wait(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_each_version_of_a_local_run_records_what_it_caused_and_its_dollars(
