@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from sfl.server import buffered_steps
+from sfl.server import buffered_steps, update_disposal
 from sfl.server.answers import (
     UpdateOutcome,
     UpdateResult,
@@ -102,6 +102,9 @@ def handle_update(ctx: AveragerContext, event: UpdateEvent) -> UpdateOutcome:
             extra={"ticket": number, "client_id": client, "reason": answer.reason},
         )
         count_ticket(ctx, ticket, answer)
+        if answer.outcome is not Outcome.ACCEPTED:
+            # In no buffer, so no step will read it: its bytes go now, not at expiry.
+            update_disposal.dispose_answers(ctx, [answer])
         for listener in ctx.on_place_freed:
             listener(number)
         outcome = UpdateOutcome(
