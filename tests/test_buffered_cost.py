@@ -15,7 +15,6 @@ import torch
 from sfl.core import layout
 from sfl.core.config import FederationConfig
 from sfl.core.cost import CostAssumptions
-from sfl.learning import codec
 from sfl.local.emulator import LocalAws
 from sfl.local.federation import LocalFederation
 from sfl.local.simulate import version_row
@@ -25,29 +24,8 @@ from sfl.server.initiator import start_round
 from sfl.server.notifications import UpdateEvent
 from sfl.state.buffers import BufferState, BufferStore, Ticket, TicketState
 from sfl.state.model_store import ModelStore
-from sfl.state.registry import ClientRegistry
 from sfl.state.rounds import Outcome
-from tests.test_buffered import _wait
-
-
-def _heartbeat(aws: Any, table: str, *ids: str, now: float) -> None:
-    registry = ClientRegistry(aws.dynamodb, table)
-    for cid in ids:
-        registry.heartbeat(cid, now=now, active_window_seconds=1_800)
-
-
-def _update(models: ModelStore, ticket: Ticket, shift: float) -> bytes:
-    """An honest update for ``ticket``: its base version moved by ``shift``."""
-    base = codec.decode(models.model_bytes(ticket.base_version))
-    trained = {k: v + shift if v.dtype.is_floating_point else v.clone() for k, v in base.items()}
-    meta = codec.UpdateMetadata(
-        round=ticket.number,
-        client_id=ticket.client_id,
-        base_version=ticket.base_version,
-        num_examples=20,
-        metrics={"loss": 1.0, "accuracy": 0.5},
-    )
-    return codec.encode(trained, meta.to_header())
+from tests.test_buffered import _heartbeat, _update, _wait
 
 
 def test_each_version_of_a_local_run_records_what_it_caused_and_its_dollars(
